@@ -1,0 +1,93 @@
+"""The backend interface: a tiny key/value contract every storage backend meets.
+
+The store above never knows whether it talks to a directory, memory or S3. Keys
+come from :mod:`apollo_cas.layout`; values are immutable bytes except for refs,
+which only ever change through :meth:`Backend.compare_and_swap`.
+
+Contract (checked for every backend by ``tests/backends/contract.py``):
+
+* ``put`` is atomic: a reader sees the old value or the new one, never a prefix.
+* ``put_if_absent`` creates or leaves alone; it is how chunks and manifests are
+  written, so retries and concurrent writers of the same content are harmless.
+* A put with ``durable=False`` may sit in caches until :meth:`sync`; the store
+  syncs before it writes anything that refers to those keys.
+* ``get`` of a missing key raises :class:`~apollo_cas.errors.ObjectNotFound`.
+* OS and network errors surface as :class:`~apollo_cas.errors.BackendError`
+  subclasses with a message naming the key and location.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """Size in bytes and modification time (seconds since the epoch) of one object."""
+
+    size: int
+    mtime: float
+
+
+class Backend(abc.ABC):
+    """Abstract key/value storage. Subclasses: local directory, memory, S3."""
+
+    #: Human-readable location, used in error messages (a path or an s3:// URL).
+    location: str
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the whole value of ``key``."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Return up to ``length`` bytes of ``key`` starting at ``offset``."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        """Create or replace ``key`` atomically."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
+        """Create ``key`` unless it exists. Returns True if this call wrote it."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+
+    @abc.abstractmethod
+    def info(self, key: str) -> ObjectInfo:
+        """Size and modification time of ``key``."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Yield every key that starts with ``prefix`` (no temporary objects), any order."""
+
+    @abc.abstractmethod
+    def compare_and_swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
+        """Set ``key`` to ``data`` only if it currently holds ``expected``.
+
+        ``expected=None`` means "must not exist"; ``data=None`` deletes. Returns
+        whether the swap happened. Atomic with respect to other callers of this
+        method on the same store, across processes (and hosts, for shared backends).
+        """
+
+    def sync(self) -> None:  # noqa: B027 - optional hook, default no-op
+        """Make every earlier ``durable=False`` put durable."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, default no-op
+        """Release connections and file handles."""
+
+    def remove_temporaries(self, older_than: float) -> int:
+        """Delete leftovers of interrupted writes older than ``older_than`` (epoch s).
+
+        Returns how many were removed. Backends whose writes are atomic by
+        construction (S3, memory) have none.
+        """
+        return 0

@@ -1,0 +1,248 @@
+"""A store in a local directory.
+
+Every write goes temp file -> write -> fsync -> rename -> fsync directory, the
+sequence restic and git use, so a crash leaves either the old object or the
+whole new one plus, at worst, a ``.tmp-*`` leftover that gc removes. For chunk
+writes (``durable=False``) the directory fsync is deferred to :meth:`sync`,
+which the store calls once before it writes a manifest that names the chunks:
+one fsync per directory instead of one per chunk.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import (
+    BackendError,
+    DiskFull,
+    ObjectNotFound,
+    PermissionDenied,
+)
+from .base import Backend, ObjectInfo
+
+_TMP_PREFIX = ".tmp-"
+_CAS_LOCK = ".refs.lock"
+
+
+def os_error(exc: OSError, what: str, where: str) -> BackendError:
+    """Translate an OSError into the package's error with an actionable hint."""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return DiskFull(
+            f"no space left while {what} {where}",
+            "free disk space (apollo-cas gc reclaims unreferenced chunks) and run the command again",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(
+            f"permission denied while {what} {where}",
+            "check the owner and mode of the directory, or use a store you can write",
+        )
+    return BackendError(f"{exc.strerror or exc} while {what} {where}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, chunks: list[bytes | memoryview], *, sync_dir: bool = True) -> None:
+    """Write ``path`` atomically and durably (temp, fsync, rename, fsync dir).
+
+    Also used by restore targets, so outputs appear only when complete.
+    """
+    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+class LocalBackend(Backend):
+    """Objects as files under ``root``; keys map to relative paths."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+        self._dirty: set[Path] = set()
+        self._made: set[Path] = set()
+        self._lock = threading.Lock()
+
+    # -- helpers ---------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        # Keys come from apollo_cas.layout, which validates every component; this
+        # is a second line of defence against a key escaping the root.
+        if key.startswith("/") or ".." in key.split("/") or "\0" in key:
+            raise BackendError(f"refusing key {key!r} outside the store {self.location}")
+        return self.root / key
+
+    def _ensure_parent(self, path: Path) -> None:
+        parent = path.parent
+        if parent in self._made:
+            return
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, "creating", str(parent)) from exc
+        with self._lock:
+            self._made.add(parent)
+
+    # -- Backend ---------------------------------------------------------
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{key} is missing in {self.location}") from None
+        except OSError as exc:
+            raise os_error(exc, "reading", str(path)) from exc
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{key} is missing in {self.location}") from None
+        except OSError as exc:
+            raise os_error(exc, "reading", str(path)) from exc
+
+    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        path = self._path(key)
+        self._ensure_parent(path)
+        try:
+            write_file_atomic(path, [data], sync_dir=durable)
+        except OSError as exc:
+            raise os_error(exc, "writing", str(path)) from exc
+        if not durable:
+            with self._lock:
+                self._dirty.add(path.parent)
+
+    def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
+        path = self._path(key)
+        if path.exists():
+            return False
+        # Content-addressed keys: two writers of one key write the same bytes, so
+        # a lost race is harmless; rename simply replaces equal content.
+        self.put(key, data, durable=durable)
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def info(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{key} is missing in {self.location}") from None
+        except OSError as exc:
+            raise os_error(exc, "inspecting", str(path)) from exc
+        return ObjectInfo(size=st.st_size, mtime=st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error(exc, "deleting", str(path)) from exc
+        with self._lock:
+            self._dirty.add(path.parent)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        # Walk from the deepest directory the prefix names, then filter by prefix.
+        base_dir = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self._path(base_dir) if base_dir else self.root
+        if not start.is_dir():
+            return
+        try:
+            for dirpath, dirnames, filenames in os.walk(start):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel_dir = os.path.relpath(dirpath, self.root)
+                rel_dir = "" if rel_dir == "." else rel_dir + "/"
+                for name in filenames:
+                    if name.startswith("."):
+                        continue
+                    key = rel_dir + name
+                    if key.startswith(prefix):
+                        yield key
+        except OSError as exc:
+            raise os_error(exc, "listing", str(start)) from exc
+
+    @contextmanager
+    def _cas_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / _CAS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # flock is released by the kernel if this process dies, so a crash
+            # can never leave refs locked.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def compare_and_swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
+        try:
+            with self._cas_lock():
+                try:
+                    current: bytes | None = self.get(key)
+                except ObjectNotFound:
+                    current = None
+                if current != expected:
+                    return False
+                if data is None:
+                    self.delete(key)
+                    fsync_dir(self._path(key).parent)
+                else:
+                    self.put(key, data, durable=True)
+                return True
+        except OSError as exc:
+            raise os_error(exc, "updating", key) from exc
+
+    def sync(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for d in dirty:
+            try:
+                fsync_dir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise os_error(exc, "syncing", str(d)) from exc
+
+    def remove_temporaries(self, older_than: float) -> int:
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if not name.startswith(_TMP_PREFIX):
+                    continue
+                p = Path(dirpath) / name
+                try:
+                    if p.stat().st_mtime < older_than:
+                        p.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+

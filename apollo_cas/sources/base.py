@@ -1,0 +1,74 @@
+"""What ``save`` reads: a source is a named set of tensors exposing raw bytes.
+
+Sources hand out byte ranges, never typed arrays, so every dtype (bf16, fp8,
+bool) travels the same way. CPU sources return zero-copy views (mmap'd files,
+tensor storage). Device sources override :meth:`Source.block_digests` to hash
+on the GPU and :meth:`Source.fetch` to copy only the blocks the store lacks
+through pinned buffers.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ..dtypes import DType
+from ..manifest import SourceInfo
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """One block to fetch: tensor index, byte offset and length inside that tensor."""
+
+    tensor: int
+    offset: int
+    length: int
+
+
+class SourceTensor(abc.ABC):
+    """One tensor of a source."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> memoryview:
+        """Host bytes ``[offset, offset+length)`` of the tensor."""
+
+
+class Source(abc.ABC):
+    """A set of tensors to checkpoint."""
+
+    info: SourceInfo
+    #: When the weights were taken (epoch seconds), if the source knows; the
+    #: seed importer keeps the original checkpoints' times.
+    created: float | None = None
+
+    @abc.abstractmethod
+    def tensors(self) -> Sequence[SourceTensor]:
+        """The tensors, in the order they are stored (sorted by name)."""
+
+    def block_digests(self, block_size: int) -> list[list[bytes]] | None:
+        """Chunk ids of every block of every tensor, if the source can compute them
+        cheaper than reading the bytes (on the GPU). None means: read and hash."""
+        return None
+
+    def fetch(self, requests: Sequence[BlockRequest]) -> Iterator[tuple[int, memoryview]]:
+        """Yield ``(i, bytes)`` for ``requests[i]``. A yielded view is valid until
+        the consumer asks for the next item plus one (double buffering), so the
+        consumer must finish using it promptly or copy it."""
+        ts = self.tensors()
+        for i, r in enumerate(requests):
+            yield i, ts[r.tensor].read(r.offset, r.length)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files, mappings and device resources."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

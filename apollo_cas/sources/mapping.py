@@ -1,0 +1,66 @@
+"""In-process tensors: a ``state_dict()`` or any mapping of tensors / numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from ..errors import UnsupportedSource
+from ..layout import check_tensor_name
+from ..manifest import SourceInfo
+from .base import Source, SourceTensor
+
+
+class BufferTensor(SourceTensor):
+    """A tensor whose bytes are a host buffer (a uint8 numpy view)."""
+
+    def __init__(self, name: str, dtype: dtypes.DType, shape: tuple[int, ...], data: np.ndarray,
+                 keepalive: Any = None) -> None:
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self._data = memoryview(data.reshape(-1).view(np.uint8))
+        self.nbytes = len(self._data)
+        self._keepalive = keepalive  # the tensor owning the memory
+
+    def read(self, offset: int, length: int) -> memoryview:
+        return self._data[offset : offset + length]
+
+
+def tensor_from_object(name: str, value: Any) -> SourceTensor:
+    """Wrap a CPU torch tensor or numpy array without copying it (unless non-contiguous)."""
+    if isinstance(value, np.ndarray):
+        dt = dtypes.lookup(value.dtype.name, f"tensor {name}")
+        arr = np.ascontiguousarray(value)
+        return BufferTensor(name, dt, tuple(arr.shape), arr, arr)
+    torch_type = type(value).__module__.split(".")[0] == "torch"
+    if torch_type and hasattr(value, "dtype") and hasattr(value, "is_cuda"):
+        import torch
+
+        t: torch.Tensor = value.detach()
+        dt = dtypes.from_torch(t.dtype, f"tensor {name}")
+        if t.device.type != "cpu":
+            # Off-CPU tensors outside the device path: one copy, bounded by the tensor.
+            t = t.to("cpu")
+        t = t.contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        return BufferTensor(name, dt, tuple(t.shape), raw, t)
+    raise UnsupportedSource(
+        f"value of {name!r} is a {type(value).__name__}, not a tensor or numpy array",
+        "pass a mapping of tensor names to torch tensors or numpy arrays",
+    )
+
+
+class MappingSource(Source):
+    """Tensors passed from Python, e.g. ``model.state_dict()``."""
+
+    def __init__(self, mapping: Mapping[str, Any], info: SourceInfo | None = None) -> None:
+        self.info = info or SourceInfo(kind="mapping")
+        self._tensors = [tensor_from_object(check_tensor_name(str(k)), mapping[k])
+                         for k in sorted(mapping)]
+
+    def tensors(self) -> Sequence[SourceTensor]:
+        return self._tensors
