@@ -32,6 +32,7 @@ class BufferTensor(SourceTensor):
 
 def tensor_from_object(name: str, value: Any) -> SourceTensor:
     """Wrap a CPU torch tensor or numpy array without copying it (unless non-contiguous)."""
+    check_tensor_name(name)
     if isinstance(value, np.ndarray):
         dt = dtypes.lookup(value.dtype.name, f"tensor {name}")
         arr = np.ascontiguousarray(value)
@@ -59,7 +60,7 @@ class MappingSource(Source):
 
     def __init__(self, mapping: Mapping[str, Any], info: SourceInfo | None = None) -> None:
         self.info = info or SourceInfo(kind="mapping")
-        self._tensors = [tensor_from_object(check_tensor_name(str(k)), mapping[k])
+        self._tensors = [tensor_from_object(str(k), mapping[k])
                          for k in sorted(mapping)]
 
     def tensors(self) -> Sequence[SourceTensor]:

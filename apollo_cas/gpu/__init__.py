@@ -1,0 +1,1 @@
+"""GPU helpers (Triton). Import submodules explicitly; this package imports nothing heavy."""

@@ -1,0 +1,403 @@
+"""XXH3-128 (seed 0) of every fixed-size block of a byte buffer, computed on the GPU.
+
+Each digest is bit-exact with ``xxhash.xxh3_128_digest(block)`` (canonical form: the
+high 64 bits then the low 64 bits, both big-endian), so a block id computed where
+the weights live equals the id the CPU path computes from the same bytes.
+
+How the work is split: XXH3 is sequential inside one input (eight 64-bit
+accumulators are updated stripe after stripe), so the parallelism is *across*
+blocks: one program hashes ``GROUP`` blocks side by side, and inside a block the
+eight accumulator lanes are vectorised as four (even, odd) pairs, because the
+algorithm adds each input word into the *neighbouring* lane (``acc[i ^ 1]``).
+With ``GROUP = 8`` and one warp, every thread owns one lane pair of one block and
+loads 16 contiguous bytes per stripe.
+
+Only XXH3's long path (inputs of more than 240 bytes) runs on the device; block
+sizes are therefore required to be at least 256 bytes. The one input that can be
+shorter is the last, partial block; when it is 240 bytes or less it takes one of
+XXH3's five short paths, and it is hashed on the host with ``xxhash`` (it is at
+most 240 bytes, so copying it costs nothing).
+
+This module imports torch and triton at the top; import it only when GPU hashing
+is wanted.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import torch
+import triton
+import triton.language as tl
+import xxhash
+
+__all__ = ["MIN_BLOCK_SIZE", "as_bytes", "available", "block_digests"]
+
+#: Smallest block size accepted: every full block must take XXH3's long path (> 240 bytes).
+MIN_BLOCK_SIZE = 256
+#: Block sizes must be whole stripes so that every stripe load of a full block is aligned.
+BLOCK_SIZE_MULTIPLE = 64
+#: Inputs up to this length take XXH3's short paths (hashed on the host here).
+_MIDSIZE_MAX = 240
+
+# XXH3's default 192-byte secret (from FARSH), as published in the xxHash specification.
+_KSECRET = bytes.fromhex(
+    "b8fe6c3923a44bbe7c01812cf721ad1cded46de9839097db7240a4a4b7b3671f"
+    "cb79e64eccc0e578825ad07dccff7221b8084674f743248ee03590e6813a264c"
+    "3c2852bb91c300cb88d0658b1b532ea371644897a20df94e3819ef46a9deacd8"
+    "a8fa763fe39c343ff9dcbbc7c70b4f1d8a51e04bcdb45931c89f7ec9d9787364"
+    "eac5ac8334d3ebc3c581a0fffa1363eb170ddd51b7f0da49d316552629d4689e"
+    "2b16be587d47a1fc8ff8b8d17ad031ce45cb3a8f95160428afd7fbcabb4b407e"
+)
+_SECRET_SIZE = len(_KSECRET)  # 192: 16 stripes per 1024-byte scramble block
+
+_PRIME32_1 = 0x9E3779B1
+_PRIME32_2 = 0x85EBCA77
+_PRIME32_3 = 0xC2B2AE3D
+_PRIME64_1 = 0x9E3779B185EBCA87
+_PRIME64_2 = 0xC2B2AE3D27D4EB4F
+_PRIME64_3 = 0x165667B19E3779F9
+_PRIME64_4 = 0x85EBCA77C2B2AE63
+_PRIME64_5 = 0x27D4EB2F165667C5
+_PRIME_MX1 = 0x165667919E3779F9
+
+# Offsets (in 64-bit words) into the small table of pre-read secret words that every
+# kernel loads. Pre-reading on the host turns the secret's unaligned reads (offsets 7
+# and 11 bytes from an edge) into aligned word loads on the device.
+_T_STRIPE = 0  # 24 words: stripe s of a scramble block uses words s .. s+7
+_T_SCRAMBLE = 16  # the scramble key is the secret's last 64 bytes = words 16 .. 23
+_T_LAST = 24  # 8 words at byte 192 - 64 - 7 = 121: key of the final stripe
+_T_MERGE_LO = 32  # 8 words at byte 11: merge key of the low half
+_T_MERGE_HI = 40  # 8 words at byte 192 - 64 - 11 = 117: merge key of the high half
+_T_INIT = 48  # the 8 initial accumulator values
+_T_WORDS = 56
+
+# The same constants, visible inside @triton.jit code (which only reads constexpr globals).
+_C_PRIME32_1 = tl.constexpr(_PRIME32_1)
+_C_PRIME64_1 = tl.constexpr(_PRIME64_1)
+_C_PRIME64_2 = tl.constexpr(_PRIME64_2)
+_C_PRIME_MX1 = tl.constexpr(_PRIME_MX1)
+_C_ALL_ONES = tl.constexpr(0xFFFFFFFFFFFFFFFF)
+_C_T_SCRAMBLE = tl.constexpr(_T_SCRAMBLE)
+_C_T_LAST = tl.constexpr(_T_LAST)
+_C_T_MERGE_LO = tl.constexpr(_T_MERGE_LO)
+_C_T_MERGE_HI = tl.constexpr(_T_MERGE_HI)
+_C_T_INIT = tl.constexpr(_T_INIT)
+
+# Launch configuration of the full-block kernel (see docs/GPU_HASH.md for the sweep).
+_GROUP = 8
+_UNROLL = 1
+_NUM_WARPS = 1
+_NUM_STAGES = 1
+
+
+def _secret_table_words() -> list[int]:
+    """The 56 unsigned 64-bit words the kernels read (layout: the ``_T_*`` offsets)."""
+
+    def word(offset: int) -> int:
+        return int(struct.unpack_from("<Q", _KSECRET, offset)[0])
+
+    words = [word(8 * j) for j in range(24)]
+    words += [word(_SECRET_SIZE - 64 - 7 + 8 * i) for i in range(8)]
+    words += [word(11 + 8 * i) for i in range(8)]
+    words += [word(_SECRET_SIZE - 64 - 11 + 8 * i) for i in range(8)]
+    words += [
+        _PRIME32_3,
+        _PRIME64_1,
+        _PRIME64_2,
+        _PRIME64_3,
+        _PRIME64_4,
+        _PRIME32_2,
+        _PRIME64_5,
+        _PRIME32_1,
+    ]
+    assert len(words) == _T_WORDS
+    return words
+
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def _secret_table(device: torch.device) -> torch.Tensor:
+    """The secret table as an int64 tensor on ``device`` (cached; torch has no full uint64)."""
+    with _TABLES_LOCK:
+        table = _TABLES.get(device)
+        if table is None:
+            signed = [w - (1 << 64) if w >= 1 << 63 else w for w in _secret_table_words()]
+            table = torch.tensor(signed, dtype=torch.int64, device=device)
+            _TABLES[device] = table
+        return table
+
+
+# --------------------------------------------------------------------------- device code
+# Every value is tl.uint64 so that shifts are logical and products wrap mod 2**64 like C.
+
+
+@triton.jit
+def _pair_offsets():  # type: ignore[no-untyped-def]
+    """Word offsets of the 8 lanes of a stripe, shaped [1, 4, 2]: lane = 2 * pair + parity."""
+    pair = tl.arange(0, 4)[None, :, None]
+    parity = tl.arange(0, 2)[None, None, :]
+    return pair * 2 + parity
+
+
+@triton.jit
+def _load_pairs(ptr, offs):  # type: ignore[no-untyped-def]
+    """Load int64 words at ``offs`` (last dim 2) and split them into even and odd lanes."""
+    v = tl.load(ptr + offs).to(tl.uint64, bitcast=True)
+    return tl.split(v)
+
+
+@triton.jit
+def _mul32to64(x):  # type: ignore[no-untyped-def]
+    """(x mod 2**32) * (x >> 32): written as a widening 32x32 multiply (one IMAD.WIDE)."""
+    lo = x.to(tl.uint32).to(tl.uint64)
+    hi = (x >> 32).to(tl.uint32).to(tl.uint64)
+    return lo * hi
+
+
+@triton.jit
+def _accumulate_512(acc_e, acc_o, de, do, ke, ko):  # type: ignore[no-untyped-def]
+    """One stripe: acc[i ^ 1] += data[i]; acc[i] += lo32(data[i] ^ key[i]) * hi32(...)."""
+    acc_e = acc_e + do + _mul32to64(de ^ ke)
+    acc_o = acc_o + de + _mul32to64(do ^ ko)
+    return acc_e, acc_o
+
+
+@triton.jit
+def _stripe(acc_e, acc_o, words_ptr, sec_ptr, word_off, sec_off, offs):  # type: ignore[no-untyped-def]
+    de, do = _load_pairs(words_ptr, word_off + offs)
+    ke, ko = _load_pairs(sec_ptr, sec_off + offs)
+    return _accumulate_512(acc_e, acc_o, de, do, ke, ko)
+
+
+@triton.jit
+def _scramble(acc_e, acc_o, sec_ptr, offs):  # type: ignore[no-untyped-def]
+    """After every 1024 bytes: acc = (acc ^ (acc >> 47) ^ key) * PRIME32_1."""
+    ke, ko = _load_pairs(sec_ptr, _C_T_SCRAMBLE + offs)
+    acc_e = (acc_e ^ (acc_e >> 47) ^ ke) * _C_PRIME32_1
+    acc_o = (acc_o ^ (acc_o >> 47) ^ ko) * _C_PRIME32_1
+    return acc_e, acc_o
+
+
+@triton.jit
+def _scramble_block(acc_e, acc_o, words_ptr, sec_ptr, word_off, offs):  # type: ignore[no-untyped-def]
+    """16 stripes (1024 bytes) with keys at secret words 0..22, then a scramble."""
+    for s in tl.static_range(16):
+        acc_e, acc_o = _stripe(acc_e, acc_o, words_ptr, sec_ptr, word_off + s * 8, s, offs)
+    return _scramble(acc_e, acc_o, sec_ptr, offs)
+
+
+@triton.jit
+def _accumulate_all_but_last(  # type: ignore[no-untyped-def]
+    words_ptr, sec_ptr, base, length, offs, GROUP: tl.constexpr, UNROLL: tl.constexpr
+):
+    """XXH3_hashLong's loop up to, not including, the final (overlapping) stripe.
+
+    ``base`` ([GROUP, 1, 1] int64) is each block's first word; ``length`` is the
+    block length in bytes (a constexpr for full blocks, a runtime value for the tail).
+    """
+    init_e, init_o = _load_pairs(sec_ptr, _C_T_INIT + offs)
+    acc_e = tl.zeros((GROUP, 4), dtype=tl.uint64) + init_e
+    acc_o = tl.zeros((GROUP, 4), dtype=tl.uint64) + init_o
+    # (len - 1) / 1024 full scramble blocks: an input of exactly k * 1024 bytes scrambles
+    # only k - 1 times and ends with 15 stripes plus the last stripe.
+    n_scramble = (length - 1) // 1024
+    # UNROLL scramble blocks per iteration puts UNROLL KiB of loads in flight per block.
+    for c in range(n_scramble // UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc_e, acc_o = _scramble_block(
+                acc_e, acc_o, words_ptr, sec_ptr, base + (c * UNROLL + u) * 128, offs
+            )
+    for c in range(n_scramble // UNROLL * UNROLL, n_scramble):
+        acc_e, acc_o = _scramble_block(acc_e, acc_o, words_ptr, sec_ptr, base + c * 128, offs)
+    # Whole stripes of the last, partial scramble block (never including the final byte).
+    n_stripes = ((length - 1) - n_scramble * 1024) // 64
+    for s in range(n_stripes):
+        acc_e, acc_o = _stripe(
+            acc_e, acc_o, words_ptr, sec_ptr, base + n_scramble * 128 + s * 8, s, offs
+        )
+    return acc_e, acc_o
+
+
+@triton.jit
+def _avalanche(h):  # type: ignore[no-untyped-def]
+    h = h ^ (h >> 37)
+    h = h * _C_PRIME_MX1
+    return h ^ (h >> 32)
+
+
+@triton.jit
+def _merge_accs(acc_e, acc_o, sec_ptr, table_off, offs, start):  # type: ignore[no-untyped-def]
+    """start + sum_i fold64((acc[2i] ^ key[2i]) * (acc[2i+1] ^ key[2i+1])), avalanched."""
+    ke, ko = _load_pairs(sec_ptr, table_off + offs)
+    a = acc_e ^ ke
+    b = acc_o ^ ko
+    folded = (a * b) ^ tl.umulhi(a, b)
+    return _avalanche(start + tl.sum(folded, axis=1))
+
+
+@triton.jit
+def _finalize_128(acc_e, acc_o, sec_ptr, length_u64, offs):  # type: ignore[no-untyped-def]
+    lo = _merge_accs(acc_e, acc_o, sec_ptr, _C_T_MERGE_LO, offs, length_u64 * _C_PRIME64_1)
+    hi = _merge_accs(
+        acc_e, acc_o, sec_ptr, _C_T_MERGE_HI, offs, (length_u64 * _C_PRIME64_2) ^ _C_ALL_ONES
+    )
+    return hi, lo
+
+
+@triton.jit
+def _xxh3_full_blocks_kernel(  # type: ignore[no-untyped-def]
+    words_ptr,
+    sec_ptr,
+    out_ptr,
+    n_blocks,
+    BLOCK_WORDS: tl.constexpr,
+    GROUP: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """Hash GROUP consecutive full blocks of BLOCK_WORDS * 8 bytes; write (hi, lo) per block."""
+    pid = tl.program_id(0)
+    blk = pid.to(tl.int64) * GROUP + tl.arange(0, GROUP)
+    valid = blk < n_blocks
+    # Lanes past the end re-hash the last block (their stores are masked), so that no
+    # load needs a mask.
+    base = (tl.minimum(blk, n_blocks - 1) * BLOCK_WORDS)[:, None, None]
+    offs = _pair_offsets()
+    acc_e, acc_o = _accumulate_all_but_last(
+        words_ptr, sec_ptr, base, BLOCK_WORDS * 8, offs, GROUP, UNROLL
+    )
+    # Final stripe: the last 64 bytes, aligned because the block is whole stripes.
+    acc_e, acc_o = _stripe(
+        acc_e, acc_o, words_ptr, sec_ptr, base + (BLOCK_WORDS - 8), _C_T_LAST, offs
+    )
+    length = tl.full((GROUP,), BLOCK_WORDS * 8, dtype=tl.uint64)
+    hi, lo = _finalize_128(acc_e, acc_o, sec_ptr, length, offs)
+    tl.store(out_ptr + blk * 2, hi.to(tl.int64, bitcast=True), mask=valid)
+    tl.store(out_ptr + blk * 2 + 1, lo.to(tl.int64, bitcast=True), mask=valid)
+
+
+@triton.jit
+def _xxh3_tail_kernel(words_ptr, bytes_ptr, sec_ptr, out_ptr, length):  # type: ignore[no-untyped-def]
+    """Hash one input of ``length`` > 240 bytes (any length): the buffer's last block."""
+    offs = _pair_offsets()
+    base = tl.zeros((1, 1, 1), dtype=tl.int64)
+    acc_e, acc_o = _accumulate_all_but_last(words_ptr, sec_ptr, base, length, offs, 1, 1)
+    # The final stripe starts at length - 64, which need not be 8-byte aligned: assemble
+    # its little-endian words from bytes.
+    byte = tl.arange(0, 8)[None, None, None, :]
+    byte_offs = offs[:, :, :, None] * 8 + byte
+    raw = tl.load(bytes_ptr + (length - 64) + byte_offs).to(tl.uint64)
+    words = tl.sum(raw << (byte * 8).to(tl.uint64), axis=3)
+    de, do = tl.split(words)
+    ke, ko = _load_pairs(sec_ptr, _C_T_LAST + offs)
+    acc_e, acc_o = _accumulate_512(acc_e, acc_o, de, do, ke, ko)
+    length_u64 = tl.zeros((1,), dtype=tl.uint64) + length.to(tl.uint64)
+    hi, lo = _finalize_128(acc_e, acc_o, sec_ptr, length_u64, offs)
+    zero = tl.arange(0, 1)
+    tl.store(out_ptr + zero, hi.to(tl.int64, bitcast=True))
+    tl.store(out_ptr + zero + 1, lo.to(tl.int64, bitcast=True))
+
+
+# --------------------------------------------------------------------------- host code
+
+
+def available() -> bool:
+    """True when a CUDA device is usable (triton, imported by this module, is present)."""
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` in row-major order as a 1-D uint8 tensor on the same device.
+
+    A contiguous tensor is viewed (no copy); a non-contiguous one is copied first.
+    """
+    flat = t.reshape(-1)
+    if not flat.is_contiguous():  # pragma: no cover - reshape(-1) already copies then
+        flat = flat.contiguous()
+    if flat.dtype == torch.uint8:
+        return flat
+    if flat.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=t.device)
+    return flat.view(torch.uint8)
+
+
+def check_block_size(block_size: int) -> None:
+    """Raise ValueError unless ``block_size`` is an int, a multiple of 64 and >= 256."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ValueError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size < MIN_BLOCK_SIZE or block_size % BLOCK_SIZE_MULTIPLE:
+        raise ValueError(
+            f"block_size must be a multiple of {BLOCK_SIZE_MULTIPLE} and at least "
+            f"{MIN_BLOCK_SIZE} bytes, got {block_size}"
+        )
+
+
+def block_digests(data: torch.Tensor, block_size: int) -> torch.Tensor:
+    """XXH3-128 (seed 0) of every ``block_size`` block of ``data``, on ``data``'s device.
+
+    ``data`` is a tensor of any dtype (hashed as its row-major bytes, see
+    :func:`as_bytes`) on a CUDA device, or on the CPU under ``TRITON_INTERPRET=1``.
+    Returns a ``(n_blocks, 16)`` uint8 tensor on the same device whose row ``i`` equals
+    ``xxhash.xxh3_128_digest(bytes(data[i * block_size:(i + 1) * block_size]))``;
+    ``n_blocks = ceil(len / block_size)`` and the last block may be shorter. Raises
+    ValueError unless ``block_size`` is a multiple of 64 and at least 256.
+    """
+    return _block_digests(data, block_size, _GROUP, _UNROLL, _NUM_WARPS, _NUM_STAGES)
+
+
+def _block_digests(
+    data: torch.Tensor,
+    block_size: int,
+    group: int,
+    unroll: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """:func:`block_digests` with an explicit launch configuration (tests and benchmarks)."""
+    check_block_size(block_size)
+    buf = as_bytes(data)
+    device = buf.device
+    n = buf.numel()
+    n_blocks = -(-n // block_size)
+    if n_blocks == 0:
+        return torch.empty((0, 16), dtype=torch.uint8, device=device)
+    if buf.data_ptr() % 16:
+        # Stripes are loaded as aligned 16-byte pairs of words; a view that starts
+        # mid-word (e.g. a byte slice) is copied once into fresh, aligned memory.
+        buf = buf.clone()
+    n_full = n // block_size
+    tail = n - n_full * block_size
+    table = _secret_table(device)
+    out = torch.empty((n_blocks, 2), dtype=torch.int64, device=device)
+    if n_full:
+        words = buf[: n_full * block_size].view(torch.int64)
+        grid = (triton.cdiv(n_full, group),)
+        _xxh3_full_blocks_kernel[grid](
+            words,
+            table,
+            out,
+            n_full,
+            BLOCK_WORDS=block_size // 8,
+            GROUP=group,
+            UNROLL=unroll,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    if tail > _MIDSIZE_MAX:
+        tail_bytes = buf[n_full * block_size :]
+        tail_words = tail_bytes[: tail // 8 * 8].view(torch.int64)
+        _xxh3_tail_kernel[(1,)](tail_words, tail_bytes, table, out[n_full:], tail, num_warps=1)
+    # Canonical form: each 64-bit half big-endian, high half first (stored at [i, 0]).
+    digests = out.view(torch.uint8).view(n_blocks, 2, 8).flip(2).reshape(n_blocks, 16)
+    if 0 < tail <= _MIDSIZE_MAX:
+        # Short paths (lengths 1-240) on the host: at most 240 bytes cross to the CPU.
+        host_tail = buf[n_full * block_size :].cpu().numpy().tobytes()
+        row = torch.frombuffer(bytearray(xxhash.xxh3_128_digest(host_tail)), dtype=torch.uint8)
+        digests[n_blocks - 1] = row.to(device)
+    return digests

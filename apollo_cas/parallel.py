@@ -1,0 +1,51 @@
+"""The thread pool every stage shares.
+
+xxhash, zstandard, numpy and file I/O release the GIL, so plain threads use all
+cores without the cost of moving blocks between processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    env = os.environ.get("APOLLO_CAS_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, window: int | None = None
+) -> Iterator[R]:
+    """Apply ``fn`` to ``items`` on ``workers`` threads, yielding results in order.
+
+    At most ``window`` items are in flight, so memory stays bounded however long
+    ``items`` is; an exception in any task is raised here, and remaining tasks are
+    cancelled.
+    """
+    window = window or workers * 4
+    if workers <= 1:
+        for it in items:
+            yield fn(it)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="apollo") as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for it in items:
+                pending.append(pool.submit(fn, it))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()

@@ -1,0 +1,155 @@
+"""The save path: split tensors into blocks, hash, skip known, compress, write.
+
+Blocks are aligned to tensor starts, so a change inside one tensor never shifts
+the blocks of another, and the bytes a save writes are bounded by the bytes of
+the tensors it touched, at any block size.
+
+Two shapes of the same pipeline:
+
+* host sources (files, CPU tensors): one task per block on the shared pool does
+  hash -> existence check -> encode -> write, reading zero-copy views;
+* device sources: the GPU hashes every block in place, only blocks the store
+  lacks are fetched through pinned buffers, then encoded and written.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .chunkstore import ChunkStore, PutResult
+from .manifest import Manifest, SaveStats, TensorEntry
+from .parallel import bounded_map
+from .sources.base import BlockRequest, Source
+
+if TYPE_CHECKING:
+    from . import codecs
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class WriteResult:
+    """Tensor entries and statistics of the blocks of one source."""
+
+    tensors: tuple[TensorEntry, ...]
+    stats: SaveStats
+    bases: dict[bytes, bytes] = field(default_factory=dict)
+    #: Bytes that crossed from the device to the host (device sources).
+    fetched_bytes: int = 0
+
+
+def block_spans(nbytes: int, block_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of every block of a tensor of ``nbytes``."""
+    return [(o, min(block_size, nbytes - o)) for o in range(0, nbytes, block_size)]
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.new_chunks = 0
+        self.new_raw = 0
+        self.new_stored = 0
+        self.bases: dict[bytes, bytes] = {}
+
+    def add(self, r: PutResult, raw_len: int) -> None:
+        if not r.written:
+            return
+        with self.lock:
+            self.new_chunks += 1
+            self.new_raw += raw_len
+            self.new_stored += r.stored_size
+            if r.base is not None:
+                self.bases[r.chunk_id] = r.base
+
+
+BaseFor = Callable[[int, int], "codecs.Base | None"]
+
+
+def write_source(
+    chunks: ChunkStore,
+    source: Source,
+    block_size: int,
+    workers: int,
+    base_for: BaseFor | None = None,
+    progress: ProgressFn | None = None,
+) -> WriteResult:
+    """Store every block of ``source`` that the store lacks."""
+    tensors = source.tensors()
+    spans = [block_spans(t.nbytes, block_size) for t in tensors]
+    ids: list[list[bytes]] = [[b""] * len(s) for s in spans]
+    tally = _Tally()
+    fetched = 0
+    device_ids = source.block_digests(block_size)
+
+    if device_ids is None:
+        def host_task(job: tuple[int, int]) -> int:
+            ti, bi = job
+            t = tensors[ti]
+            off, length = spans[ti][bi]
+            base = base_for(ti, bi) if base_for else None
+            r = chunks.put_block(t.read(off, length), t.dtype.itemsize, base=base)
+            ids[ti][bi] = r.chunk_id
+            tally.add(r, length)
+            return length
+
+        jobs: Iterator[tuple[int, int]] = ((ti, bi) for ti, s in enumerate(spans) for bi in range(len(s)))
+        for n in bounded_map(host_task, jobs, workers):
+            if progress:
+                progress(n)
+    else:
+        wanted: list[BlockRequest] = []
+        where: list[tuple[int, int]] = []
+        seen: set[bytes] = set()
+        for ti, t in enumerate(tensors):
+            if len(device_ids[ti]) != len(spans[ti]):
+                raise RuntimeError(f"device digests for {t.name}: wrong block count")
+            for bi, cid in enumerate(device_ids[ti]):
+                ids[ti][bi] = cid
+                if cid in seen or chunks.exists(cid):
+                    continue
+                seen.add(cid)
+                off, length = spans[ti][bi]
+                wanted.append(BlockRequest(ti, off, length))
+                where.append((ti, bi))
+        if progress:
+            progress(sum(t.nbytes for t in tensors) - sum(r.length for r in wanted))
+
+        def device_task(job: tuple[int, bytes]) -> int:
+            i, data = job
+            ti, bi = where[i]
+            base = base_for(ti, bi) if base_for else None
+            r = chunks.put_block(data, tensors[ti].dtype.itemsize, ids[ti][bi], base)
+            tally.add(r, len(data))
+            return len(data)
+
+        # A fetched view lives in a reusable pinned buffer: copy it before the
+        # source refills that buffer (the copy is cheap next to zstd).
+        copied = ((i, bytes(view)) for i, view in source.fetch(wanted))
+        for n in bounded_map(device_task, copied, workers):
+            fetched += n
+            if progress:
+                progress(n)
+
+    entries = tuple(
+        TensorEntry(t.name, t.dtype.name, tuple(t.shape), t.nbytes, tuple(ids[ti]))
+        for ti, t in enumerate(tensors)
+    )
+    stats = SaveStats(
+        logical_bytes=sum(t.nbytes for t in tensors),
+        chunks=sum(len(s) for s in spans),
+        new_chunks=tally.new_chunks,
+        new_raw_bytes=tally.new_raw,
+        new_stored_bytes=tally.new_stored,
+    )
+    return WriteResult(entries, stats, tally.bases, fetched)
+
+
+def same_content(a: tuple[TensorEntry, ...], parent: Manifest | None) -> bool:
+    """Whether a save would record exactly the parent's tensors."""
+    return parent is not None and a == parent.tensors
+
+

@@ -1,0 +1,71 @@
+"""torch ``.pt`` state_dicts, loaded with ``weights_only=True``.
+
+A checkpoint file must never run code: torch's restricted unpickler accepts
+tensors, containers and primitive types only. Common wrappers
+(``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SourceError, UnsafePickle, UnsupportedSource
+from ..manifest import SourceInfo
+from .base import Source, SourceTensor
+from .mapping import tensor_from_object
+
+_WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+class PtSource(Source):
+    """A state_dict saved with ``torch.save``."""
+
+    def __init__(self, path: Path, info: SourceInfo | None = None) -> None:
+        import pickle
+
+        import torch
+
+        self.info = info or SourceInfo(kind="pt", location=str(path))
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
+            if "weights_only" in str(exc) or "global" in str(exc).lower():
+                raise UnsafePickle(
+                    f"{path} is a pickle that needs code to load ({first[:200]}); it was not run",
+                    "save plain tensors: torch.save(model.state_dict(), path)",
+                ) from exc
+            raise UnsupportedSource(f"{path} is not a torch checkpoint ({first[:200]})") from exc
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise UnsupportedSource(
+                f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})",
+                "pass a .pt state_dict, a .safetensors file or a checkpoint directory",
+            ) from exc
+        if isinstance(obj, Mapping):
+            for w in _WRAPPERS:
+                if isinstance(obj.get(w), Mapping):
+                    obj = obj[w]
+                    break
+        if not isinstance(obj, Mapping):
+            raise UnsupportedSource(f"{path} holds a {type(obj).__name__}, not a state_dict",
+                                    "save model.state_dict() instead of the model")
+        flat = {k: v for k, v in _flatten(obj).items() if isinstance(v, torch.Tensor)}
+        if not flat:
+            raise SourceError(f"{path} contains no tensors")
+        self._tensors = [tensor_from_object(k, flat[k]) for k in sorted(flat)]
+
+    def tensors(self) -> Sequence[SourceTensor]:
+        return self._tensors

@@ -1,0 +1,101 @@
+"""Output files that appear only when complete (promise 5).
+
+Each output is written under a temporary name in the destination directory,
+fsynced, then renamed. Files that *name* other files (weights.json, the
+safetensors index) are removed first and written last, so a failed restore
+never leaves a set of files that looks valid.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..backends.local import fsync_dir, os_error, write_file_atomic
+from ..errors import TargetError
+
+TMP_PREFIX = ".tmp-apollo-"
+
+
+def prepare_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise TargetError(f"{path} exists and is not a directory",
+                          "pass a directory for --to") from None
+    except OSError as exc:
+        raise os_error(exc, "creating", str(path)) from exc
+
+
+class PendingFile:
+    """A temporary output of a known size, committed by :meth:`commit`."""
+
+    def __init__(self, final: Path, size: int) -> None:
+        self.final = final
+        self.tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}")
+        try:
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            # Reserve the space up front: a full disk fails here, before hours of work.
+            if size:
+                os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            self.discard()
+            raise os_error(exc, "creating", str(self.tmp)) from exc
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise os_error(exc, "writing", str(self.tmp)) from exc
+
+    def commit(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.tmp, self.final)
+
+    def discard(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def pending_files(specs: list[tuple[Path, int]]) -> Iterator[list[PendingFile]]:
+    """Temporary outputs that are discarded if the block raises."""
+    files: list[PendingFile] = []
+    try:
+        for final, size in specs:
+            files.append(PendingFile(final, size))
+        yield files
+    except BaseException:
+        for f in files:
+            f.discard()
+        raise
+
+
+def commit_all(
+    files: list[PendingFile],
+    remove_first: Sequence[Path],
+    index: tuple[Path, bytes] | None,
+    remove_after: Sequence[Path] = (),
+) -> None:
+    """fsync everything, drop stale naming files, rename data files in, write the index last."""
+    for f in files:
+        f.sync()
+    try:
+        for p in remove_first:
+            p.unlink(missing_ok=True)
+        for f in files:
+            f.commit()
+        for p in remove_after:
+            p.unlink(missing_ok=True)
+        if index is not None:
+            write_file_atomic(index[0], [index[1]])
+        elif files:
+            fsync_dir(files[0].final.parent)
+    except OSError as exc:
+        raise os_error(exc, "finishing", str(files[0].final.parent if files else "")) from exc
