@@ -1,0 +1,1 @@
+"""The command line: parse, call the store, render; errors become exit codes."""

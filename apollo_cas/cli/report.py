@@ -1,0 +1,141 @@
+"""Read-only commands: ``list``, ``stats``, ``diff``, and ``tag``."""
+
+from __future__ import annotations
+
+import click
+
+from .. import reports
+from ..store import Store
+from .common import (
+    emit_json,
+    human_bytes,
+    human_time,
+    json_option,
+    need_store,
+    ratio,
+    series_option,
+    store_option,
+    table,
+)
+
+
+def _source_text(src: dict[str, object]) -> str:
+    text = str(src["kind"])
+    if src.get("rank") is not None:
+        text += f" rank {src['rank']}/{src.get('world_size') or '?'}"
+    meta = src.get("metadata") or {}
+    if isinstance(meta, dict) and meta:
+        text += " " + ",".join(f"{k}={v}" for k, v in sorted(meta.items()))
+    return text
+
+
+@click.command("list")
+@store_option
+@json_option
+def list_cmd(store: str | None, as_json: bool) -> None:
+    """List checkpoints, oldest first: id, time, series, tags, size, new bytes, dedup ratio."""
+    with Store.open(need_store(store)) as st:
+        rows = reports.list_rows(st)
+    if as_json:
+        emit_json([r.to_json() for r in rows])
+        return
+    if not rows:
+        click.echo("no checkpoints")
+        return
+    body = [[r.id[:12], human_time(r.created), r.series,
+             ",".join(r.tags + (["latest"] if r.latest else [])), human_bytes(r.logical_bytes),
+             human_bytes(r.new_stored_bytes), ratio(r.dedup_ratio), _source_text(r.source)]
+            for r in rows]
+    click.echo(table(body, ["ID", "TIME", "SERIES", "REFS", "SIZE", "NEW", "DEDUP", "SOURCE"]))
+
+
+@click.command()
+@click.argument("ref", required=False)
+@store_option
+@series_option
+@json_option
+def stats(ref: str | None, store: str | None, series: str, as_json: bool) -> None:
+    """Store totals (logical vs stored bytes, dedup and compression), or one checkpoint's."""
+    with Store.open(need_store(store)) as st:
+        if ref is not None:
+            cid = st.resolve(ref, series)
+            cp = next(c for c in st.checkpoints() if c.checkpoint_id == cid)
+            row = reports.CheckpointRow.of(cp)
+            if as_json:
+                emit_json(row.to_json())
+                return
+            m = cp.manifest
+            click.echo(f"checkpoint {cid}\n"
+                       f"  created     {human_time(m.created)}\n"
+                       f"  series      {m.series}   parent {(m.parent or '-')[:12]}\n"
+                       f"  tensors     {len(m.tensors)}   block size {human_bytes(m.block_size)}\n"
+                       f"  size        {human_bytes(m.logical_bytes)} in {m.stats.chunks} blocks\n"
+                       f"  new         {m.stats.new_chunks} blocks, {human_bytes(m.stats.new_raw_bytes)} "
+                       f"raw -> {human_bytes(m.stats.new_stored_bytes)} stored\n"
+                       f"  source      {_source_text(row.source)}")
+            return
+        s = reports.store_stats(st)
+    if as_json:
+        emit_json(s.to_json())
+        return
+    click.echo(
+        f"checkpoints        {s.checkpoints}\n"
+        f"logical size       {human_bytes(s.logical_bytes)} (sum of all checkpoints)\n"
+        f"unique data        {human_bytes(s.unique_raw_bytes)} in {s.unique_chunks} chunks\n"
+        f"stored             {human_bytes(s.stored_bytes)} in {s.stored_chunks} chunk objects"
+        f" ({s.unreferenced_chunks} unreferenced)\n"
+        f"dedup ratio        {ratio(s.dedup_ratio)}\n"
+        f"compression ratio  {ratio(s.compression_ratio)}\n"
+        f"overall            {ratio(s.total_ratio)}"
+    )
+    if s.per_checkpoint:
+        click.echo("")
+        body = [[r.id[:12], human_time(r.created), human_bytes(r.logical_bytes), str(r.new_chunks),
+                 human_bytes(r.new_stored_bytes), ratio(r.dedup_ratio)] for r in s.per_checkpoint]
+        click.echo(table(body, ["ID", "TIME", "SIZE", "NEW CHUNKS", "NEW STORED", "DEDUP"]))
+
+
+@click.command()
+@click.argument("ref_a")
+@click.argument("ref_b")
+@store_option
+@series_option
+@json_option
+def diff(ref_a: str, ref_b: str, store: str | None, series: str, as_json: bool) -> None:
+    """Which tensors changed from REF_A to REF_B, by how many blocks and bytes."""
+    with Store.open(need_store(store)) as st:
+        d = reports.diff(st, ref_a, ref_b, series)
+    if as_json:
+        emit_json(d.to_json())
+        return
+    click.echo(f"{d.a[:12]} -> {d.b[:12]}: {d.tensors_changed} of {d.tensors_total} tensors differ, "
+               f"{human_bytes(d.bytes_changed)} of {human_bytes(d.bytes_total)} in changed blocks")
+    if d.changes:
+        body = [[c.name, c.status, f"{c.blocks_changed}/{c.blocks_total}", human_bytes(c.bytes_changed)]
+                for c in d.changes]
+        click.echo(table(body, ["TENSOR", "STATUS", "BLOCKS", "BYTES"]))
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("name")
+@store_option
+@series_option
+@click.option("--force", is_flag=True, help="Move the tag if it already names another checkpoint.")
+@click.option("--delete", is_flag=True, help="Delete tag NAME instead (REF is ignored; pass '-').")
+@json_option
+def tag(ref: str, name: str, store: str | None, series: str, force: bool, delete: bool,
+        as_json: bool) -> None:
+    """Name checkpoint REF with tag NAME; gc never removes a tagged checkpoint."""
+    with Store.open(need_store(store)) as st:
+        if delete:
+            st.untag(name)
+            target = None
+        else:
+            target = st.tag(ref, name, force=force, series=series)
+    if as_json:
+        emit_json({"tag": name, "checkpoint": target, "deleted": delete})
+    elif delete:
+        click.echo(f"deleted tag {name}")
+    else:
+        click.echo(f"tagged {target[:12] if target else ''} as {name}")

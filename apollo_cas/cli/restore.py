@@ -1,0 +1,51 @@
+"""``apollo-cas restore``: a checkpoint back to files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..store import Store
+from .common import emit_json, human_bytes, json_option, need_store, parse_size, progress, series_option, store_option
+
+
+@click.command()
+@click.argument("ref", required=False, default="latest")
+@store_option
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path), metavar="PATH",
+              help="Directory to write into (created if missing).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "flat"]), default="safetensors",
+              show_default=True,
+              help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json.")
+@click.option("--max-shard-size", metavar="SIZE", default="5GB", show_default=True,
+              help="Largest safetensors shard; bigger checkpoints get shards and an index.")
+@click.option("--layout", "st_layout", type=click.Choice(["auto", "hf", "vllm-sharded"]), default="auto",
+              show_default=True,
+              help="safetensors naming: hf (model-0000i-of-n) or vLLM's per-rank "
+                   "model-rank-R-part-P (auto: vllm-sharded for handles saved with --rank).")
+@series_option
+@json_option
+def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str, st_layout: str,
+            series: str, as_json: bool) -> None:
+    """Write checkpoint REF (default: latest) into PATH, bit-exactly.
+
+    Files appear only when complete; the file that names the others
+    (weights.json, model.safetensors.index.json) is written last.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    with Store.open(need_store(store)) as st:
+        cid = st.resolve(ref, series)
+        manifest = st.manifest(cid)
+        with progress(manifest.logical_bytes, f"restore {cid[:12]}", not as_json) as bar:
+            paths = st.restore(cid, to, format=fmt, max_shard_size=parse_size(max_shard_size, "shard size"),
+                               safetensors_layout=st_layout, progress=bar)
+    seconds = time.perf_counter() - t0
+    if as_json:
+        emit_json({"checkpoint": cid, "files": paths, "bytes": manifest.logical_bytes,
+                   "seconds": round(seconds, 4)})
+    else:
+        click.echo(f"restored {cid[:12]} ({human_bytes(manifest.logical_bytes)}) to {to} "
+                   f"in {seconds:.2f}s: " + ", ".join(Path(p).name for p in paths))

@@ -1,0 +1,191 @@
+"""``apollo-cas save``: checkpoint one or more sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..manifest import DEFAULT_BLOCK_SIZE, SourceInfo
+from ..store import SaveResult, Store
+from .common import (
+    emit_json,
+    human_bytes,
+    json_option,
+    need_store,
+    note,
+    parse_size,
+    progress,
+    series_option,
+    store_option,
+)
+from .options import codec_options, make_policy
+
+#: Below this, the object count gets large enough to hurt (4 KiB, the original
+#: tool's default, makes 256 objects per MiB of weights).
+SMALL_BLOCK_WARNING = 64 * 1024
+
+
+def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--meta {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def block_size_option(default: str = "1MiB") -> click.Option:  # type: ignore[type-arg]
+    return click.option("--block-size", default=default, show_default=True, metavar="SIZE",
+                        help="Block size (bytes, or with K/M suffix). 1 MiB balances dedup "
+                             "granularity against object count.")
+
+
+def checked_block_size(text: str) -> int:
+    bs = parse_size(text, "block size")
+    if bs < SMALL_BLOCK_WARNING:
+        note(f"warning: block size {bs} makes {(1 << 30) // max(bs, 1):,} objects per GiB of weights; "
+             f"the default {human_bytes(DEFAULT_BLOCK_SIZE)} is much cheaper to store and list")
+    return bs
+
+
+def print_result(r: SaveResult, label: str, as_json: bool) -> None:
+    if as_json:
+        return
+    if r.unchanged:
+        click.echo(f"{label}: no changes since {(r.checkpoint_id or '')[:12]}; no checkpoint added "
+                   "(--force adds one anyway)")
+        return
+    st = r.stats
+    click.echo(
+        f"{label}: saved {(r.checkpoint_id or '')[:12]} ({r.series}) "
+        f"{human_bytes(st.logical_bytes)} in {r.seconds:.2f}s: "
+        f"{st.new_chunks}/{st.chunks} blocks new, {human_bytes(st.new_stored_bytes)} written"
+    )
+
+
+def save_sources(
+    store: Store, paths: list[Path], *, kind: str | None, series: str, tag: str | None,
+    block_size: int, force: bool, meta: dict[str, str], rank: int | None,
+    world_size: int | None, as_json: bool, max_age: float | None = None,
+) -> list[SaveResult]:
+    """Save each source path in order; a seed root imports its whole history."""
+    from ..sources import detect_kind, open_path
+    from ..sources.seed import SeedSource, is_checkpoint_root, scan_root
+
+    results: list[SaveResult] = []
+    for i, path in enumerate(paths):
+        k = kind or detect_kind(path)
+        last = i == len(paths) - 1
+        if k == "seed" and is_checkpoint_root(path):
+            good, skipped = scan_root(path)
+            for s in skipped:
+                note(f"skipped {s.path}: {s.reason}")
+            for j, cp in enumerate(good):
+                with SeedSource(cp) as src:
+                    r = store.save(src, series=series, block_size=block_size, force=force,
+                                   metadata=meta, tag=tag if (last and j == len(good) - 1) else None)
+                results.append(r)
+                print_result(r, f"import {cp.name}", as_json)
+            continue
+        info = SourceInfo(kind=k, location=str(path), rank=rank, world_size=world_size)
+        options = {"max_age": max_age} if k == "handles" and max_age is not None else {}
+        with open_path(path, k, info, **options) as src:
+            check = None
+            if k == "handles":
+                from ..sources.handles import check_against
+
+                check = check_against
+            total = sum(t.nbytes for t in src.tensors())
+            with progress(total, f"save {path.name}", not as_json) as bar:
+                r = store.save(src, series=series, block_size=block_size, force=force,
+                               metadata=meta, tag=tag if last else None, progress=bar, check=check)
+        results.append(r)
+        print_result(r, str(path), as_json)
+    return results
+
+
+@click.command()
+@click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
+@store_option
+@click.option("--tag", metavar="NAME", help="Tag the new checkpoint (gc never removes tagged ones).")
+@block_size_option()
+@json_option
+@click.option("--source-kind", type=click.Choice(["safetensors", "pt", "handles", "seed"]),
+              help="Override the detected kind of SOURCE.")
+@series_option
+@click.option("--force", is_flag=True, help="Add a checkpoint even if nothing changed; save stale-looking handles.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to record (repeatable).")
+@click.option("--rank", type=int, help="Tensor-parallel rank of these weights (recorded in the manifest).")
+@click.option("--world-size", type=int, help="Tensor-parallel world size (recorded in the manifest).")
+@click.option("--handles", "handles", type=click.Path(path_type=Path),
+              help="The original tool's CUDA IPC handles file (same as SOURCE with --source-kind handles).")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path),
+              help="The original tool's checkpoint directory: used as the store; its old "
+                   "checkpoints are imported on first use.")
+@click.option("--max-age", type=float, metavar="SECONDS",
+              help="Refuse a handles file older than this (stale handles).")
+@codec_options
+def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_size: str,
+         as_json: bool, source_kind: str | None, series: str, force: bool, meta: tuple[str, ...],
+         rank: int | None, world_size: int | None, handles: Path | None,
+         checkpoint_dir: Path | None, max_age: float | None, codec: str, level: int,
+         delta: bool | None) -> None:
+    """Save SOURCE... as checkpoints: only blocks the store lacks are written.
+
+    SOURCE is a safetensors file or directory, a .pt state_dict, a handles file,
+    or a checkpoint directory of the original tool (a directory of them imports
+    the whole history with its timestamps). Several SOURCEs are saved in order.
+    A save that changes nothing adds no checkpoint unless --force.
+    """
+    paths = list(sources)
+    kind = source_kind
+    if handles is not None:
+        paths.append(handles)
+        kind = kind or "handles"
+    if not paths:
+        raise UsageError("nothing to save", "name a SOURCE (or --handles FILE)")
+    if checkpoint_dir is not None:
+        if store and Path(store) != checkpoint_dir:
+            raise UsageError("--store and --checkpoint-dir name different places", "pass one of them")
+        store = str(checkpoint_dir)
+    bs = checked_block_size(block_size)
+    with Store.open(need_store(store), create=True, policy=make_policy(codec, level, delta)) as st:
+        if checkpoint_dir is not None:
+            results = import_seed_history(st, checkpoint_dir, series, as_json)
+        else:
+            results = []
+        results += save_sources(st, paths, kind=kind, series=series, tag=tag, block_size=bs,
+                                force=force, meta=_parse_meta(meta), rank=rank,
+                                world_size=world_size, as_json=as_json, max_age=max_age)
+    if as_json:
+        emit_json(results[0].to_json() if len(results) == 1 else [r.to_json() for r in results])
+
+
+def import_seed_history(store: Store, root: Path, series: str, as_json: bool) -> list[SaveResult]:
+    """First use of an original-tool checkpoint dir as a store: import its history once."""
+    from ..sources.seed import SeedSource, is_checkpoint_root, scan_root
+
+    if store.latest(series) is not None or not root.is_dir() or not is_checkpoint_root(root):
+        return []
+    good, skipped = scan_root(root)
+    note(f"importing {len(good)} checkpoints of the original tool from {root} "
+         f"(their directories are left in place; delete them after 'apollo-cas verify')")
+    for s in skipped:
+        note(f"skipped {s.path}: {s.reason}")
+    results = []
+    for cp in good:
+        with SeedSource(cp) as src:
+            r = store.save(src, series=series, block_size=store_block_size(store, series))
+        results.append(r)
+        print_result(r, f"import {cp.name}", as_json)
+    return results
+
+
+def store_block_size(store: Store, series: str) -> int:
+    latest = store.latest(series)
+    return store.manifest(latest).block_size if latest else DEFAULT_BLOCK_SIZE
+
+

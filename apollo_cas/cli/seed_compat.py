@@ -1,0 +1,78 @@
+"""``apollo-checkpoint``: the original tool's command line, kept for cron lines.
+
+``save --handles FILE --checkpoint-dir DIR --block-size N`` and
+``list --checkpoint-dir DIR`` with the original defaults. DIR becomes the
+store; the original tool's checkpoints in it are imported on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..store import Store
+from .common import human_bytes, human_time, note
+from .main import run
+from .options import make_policy
+from .save import checked_block_size, import_seed_history, save_sources
+
+DEFAULT_HANDLES = "/tmp/vllm_weight_handles.pt"
+DEFAULT_DIR = "/home/ubuntu/checkpoints"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def compat() -> None:
+    """Efficient GPU weight checkpointing (apollo_cas, compatible with apollo-checkpoint)."""
+
+
+@compat.command()
+@click.option("--handles", default=DEFAULT_HANDLES, show_default=True, type=click.Path(path_type=Path),
+              help="Path to vLLM weight IPC handles.")
+@click.option("--checkpoint-dir", default=DEFAULT_DIR, show_default=True,
+              type=click.Path(path_type=Path), help="Checkpoint directory (the store).")
+@click.option("--block-size", default=None, type=str,
+              help="Block size in bytes (default 1 MiB; the original 4096 is honoured with a warning).")
+def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
+    """Save a checkpoint (only changed blocks are written)."""
+    with Store.open(checkpoint_dir, create=True, policy=make_policy("auto", 1, None)) as st:
+        import_seed_history(st, checkpoint_dir, "default", as_json=False)
+        bs = checked_block_size(block_size) if block_size else None
+        if bs is None:
+            from .save import store_block_size
+
+            bs = store_block_size(st, "default")
+        save_sources(st, [handles], kind="handles", series="default", tag=None, block_size=bs,
+                     force=False, meta={}, rank=None, world_size=None, as_json=False)
+
+
+@compat.command("list")
+@click.option("--checkpoint-dir", default=DEFAULT_DIR, show_default=True,
+              type=click.Path(path_type=Path), help="Checkpoint directory (the store).")
+def list_cmd(checkpoint_dir: Path) -> None:
+    """List checkpoints."""
+    if not checkpoint_dir.exists():
+        click.echo("No checkpoints directory")
+        return
+    from ..sources.seed import scan_root
+
+    good, skipped = scan_root(checkpoint_dir)
+    for p in good:
+        size = (p / "weights.bin").stat().st_size if (p / "weights.bin").exists() else 0
+        click.echo(f" {p.name} ({size / 1e9:.1f} GB) [original tool, not yet imported]")
+    for s in skipped:
+        note(f" {s.path.name}: {s.reason}")
+    try:
+        st = Store.open(checkpoint_dir)
+    except Exception:
+        return
+    with st:
+        for c in st.checkpoints():
+            marker = " ← latest" if c.latest_of else ""
+            click.echo(f" {human_time(c.manifest.created)} {c.checkpoint_id[:12]} "
+                       f"({human_bytes(c.manifest.logical_bytes)}){marker}")
+
+
+def main() -> None:
+    sys.exit(run(compat, prog="apollo-checkpoint"))
