@@ -13,7 +13,7 @@ import traceback
 import click
 
 from ..errors import ApolloError
-from . import maintenance, report, restore, save
+from . import demo, maintenance, report, restore, save
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,7 +32,7 @@ def cli() -> None:
 
 
 for command in (save.save, restore.restore, report.list_cmd, report.stats, report.diff,
-                report.tag, *maintenance.COMMANDS):
+                report.tag, *maintenance.COMMANDS, demo.demo):
     cli.add_command(command)
 
 

@@ -1,119 +1,388 @@
 """Chunk codecs: how a block's raw bytes become a stored chunk and back.
 
 A codec is chosen per chunk and recorded in its envelope, so stores may mix
-codecs freely and old chunks stay readable when defaults change. Payloads are
-standard zstd frames (or raw bytes), so a GPU decoder can read them later.
+codecs freely and old chunks stay readable when defaults change. The chunk id
+is always the hash of the *raw* block, never of the stored bytes, so changing
+the codec never breaks dedup. Payload pieces are standard zstd frames or raw
+bytes, so a GPU decoder (nvCOMP) can read them later.
 
-Codec ids (stable; part of the store format):
+Codec ids (stable; part of the store format, byte layouts in docs/CODECS.md):
 
 ====  ======  ==============================================================
 id    name    payload
 ====  ======  ==============================================================
 0     raw     the raw bytes (incompressible blocks)
 1     zstd    one zstd frame of the raw bytes
+2     planes  byte planes of w-byte elements, each a zstd frame or raw
+3     delta   (planes or zstd of) the block XOR a base block, named by id
 ====  ======  ==============================================================
+
+Thread safety: :func:`encode` and :func:`decode` may run in many threads at
+once; zstd contexts are per thread, and the heavy work (numpy transposes and
+XORs, zstd) releases the GIL.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Union
 
-import zstandard
+import numpy as np
 
-from ..errors import CorruptChunk, UsageError
-from . import envelope
+from ..errors import CorruptChunk, CorruptObject, ObjectNotFound, UsageError
+from . import _zstd, delta, envelope, planes
 
 RAW = 0
 ZSTD = 1
-CODEC_NAMES = {RAW: "raw", ZSTD: "zstd"}
+PLANES = 2
+DELTA = 3
+CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", PLANES: "planes", DELTA: "delta"}
 CODEC_IDS = {v: k for k, v in CODEC_NAMES.items()}
+#: Codecs a policy may name ("delta" is not one: it is switched on by
+#: ``CodecPolicy.delta`` and used per block when a base makes it pay).
+POLICY_CODECS = ("auto", "raw", "zstd", "planes")
 
 #: Store a compressed payload only if it saves at least this fraction.
 MIN_SAVING = 0.02
 
+#: A delta is kept only if it is smaller than this fraction of the best full
+#: encoding of the same block. A delta costs a second chunk read and decode on
+#: every restore and pins its base against gc, so a marginal win is not worth
+#: it; on measured dense steps deltas land far below this (0.05-0.5) and on
+#: unrelated blocks far above it (~1.0), so the exact value rarely matters.
+DELTA_MAX_RATIO = 0.8
+
+#: Default bound on delta chains. A chunk at depth d costs d+1 chunk reads and
+#: decodes to restore; see docs/CODECS.md for the measurement behind it.
+DEFAULT_MAX_DELTA_DEPTH = 8
+
+_HINT = "run apollo-cas verify --read-data to list what it breaks"
+
+Buffer = Union[bytes, bytearray, memoryview]
+
 
 @dataclass(frozen=True)
 class CodecPolicy:
-    """How new chunks are encoded. Reading never depends on it."""
+    """How new chunks are encoded. Reading never depends on it.
 
-    codec: str = "zstd"
+    ``codec``: "auto" (byte planes for 2/4/8-byte elements, zstd for 1-byte
+    ones), "planes", "zstd" or "raw". ``level``: the zstd level. ``delta``:
+    store a block as an XOR delta against the base the caller offers when that
+    is clearly smaller (see :data:`DELTA_MAX_RATIO`); ``max_delta_depth``: the
+    longest chain allowed (0 disables deltas too).
+    """
+
+    codec: str = "auto"
     level: int = 1
+    delta: bool = True
+    max_delta_depth: int = DEFAULT_MAX_DELTA_DEPTH
+    delta_max_ratio: float = DELTA_MAX_RATIO
 
     def __post_init__(self) -> None:
-        if self.codec not in CODEC_IDS and self.codec != "auto":
+        if self.codec not in POLICY_CODECS:
             raise UsageError(
-                f"unknown codec {self.codec!r}",
-                "choose one of: auto, " + ", ".join(sorted(CODEC_IDS)),
+                f"unknown codec {self.codec!r}", "choose one of: " + ", ".join(POLICY_CODECS)
             )
         if not -7 <= self.level <= 22:
             raise UsageError(f"zstd level {self.level} out of range", "use -7..22")
+        if not 0 <= self.max_delta_depth <= delta.MAX_DEPTH:
+            raise UsageError(
+                f"delta chain depth {self.max_delta_depth} out of range",
+                f"use 0..{delta.MAX_DEPTH}",
+            )
+        if not 0.0 < self.delta_max_ratio <= 1.0:
+            raise UsageError(f"delta ratio {self.delta_max_ratio} out of range", "use (0, 1]")
 
 
-_tls = threading.local()
+@dataclass(frozen=True)
+class Base:
+    """A candidate delta base: the parent checkpoint's block at the same place.
+
+    ``raw`` is the base's raw bytes, or a zero-argument callable returning them,
+    so the base is read only if a delta will actually be tried. ``depth`` is the
+    base's own chain depth (0 for a full chunk).
+    """
+
+    chunk_id: bytes
+    raw: Buffer | Callable[[], Buffer]
+    depth: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.chunk_id) != delta.BASE_ID_SIZE:
+            raise ValueError(f"base chunk id must be 16 bytes, got {len(self.chunk_id)}")
+        if self.depth < 0:
+            raise ValueError(f"base depth {self.depth} < 0")
+
+    def load(self) -> memoryview:
+        """The base's raw bytes (calls the loader if one was given)."""
+        data = self.raw() if callable(self.raw) else self.raw
+        return _bytes_view(data)
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    # zstd contexts are not thread-safe; one per thread and level, reused.
-    cache = getattr(_tls, "c", None)
-    if cache is None:
-        cache = _tls.c = {}
-    c = cache.get(level)
-    if c is None:
-        c = cache[level] = zstandard.ZstdCompressor(level=level)
-    return c
+def _bytes_view(data: Buffer | np.ndarray) -> memoryview:
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        mv = mv.cast("B")
+    return mv
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "d", None)
-    if d is None:
-        d = _tls.d = zstandard.ZstdDecompressor()
-    return d
+# ---------------------------------------------------------------- encoding
 
 
-def zstd_compress(data: bytes | memoryview, level: int) -> bytes:
-    return _compressor(level).compress(data)
+def _method(policy: CodecPolicy, itemsize: int, n: int) -> int:
+    """The full (non-delta) codec for a block: the per-dtype default lives here.
+
+    "auto" = planes for 2-, 4- and 8-byte elements (floats and ints alike; the
+    measurement in docs/CODECS.md shows planes beat plain zstd on every such
+    dtype at level 1), zstd for 1-byte elements (nothing to split).
+    """
+    if policy.codec == "raw":
+        return RAW
+    if policy.codec in ("planes", "auto") and planes.usable(n, itemsize):
+        return PLANES
+    return ZSTD
 
 
-def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
-    return _decompressor().decompress(data, max_output_size=size)
+Pieces = list[Union[bytes, memoryview]]
 
 
-def encode(raw: bytes | memoryview, policy: CodecPolicy, itemsize: int = 1) -> bytes:
-    """Encode one block into a stored chunk (envelope + payload)."""
-    n = len(raw)
-    if policy.codec == "raw" or n == 0:
-        return envelope.pack(RAW, n, b"", raw)
-    payload = zstd_compress(raw, policy.level)
-    if len(payload) > n * (1 - MIN_SAVING):
-        return envelope.pack(RAW, n, b"", raw)
-    return envelope.pack(ZSTD, n, b"", payload)
+def _encode_as(
+    method: int, data: memoryview | np.ndarray, level: int, itemsize: int
+) -> tuple[int, bytes, Pieces, int]:
+    """(codec id, params, payload pieces, params+payload size); RAW if nothing pays."""
+    n = len(data)
+    if method == PLANES:
+        params, pieces = planes.encode(data, itemsize, level)
+    elif method == ZSTD:
+        params, pieces = b"", [_zstd.compress(data, level)]
+    else:
+        return RAW, b"", [memoryview(data)], n
+    size = len(params) + sum(len(p) for p in pieces)
+    if size > n * (1 - MIN_SAVING):
+        return RAW, b"", [memoryview(data)], n
+    return method, params, pieces, size
+
+
+def _load_base(base: Base) -> memoryview | None:
+    try:
+        return base.load()
+    except (ObjectNotFound, FileNotFoundError, CorruptObject):
+        # A base we cannot read is no reason to fail the save: store the block
+        # in full (the damage itself is verify's business).
+        return None
+
+
+def encode(
+    raw: Buffer,
+    policy: CodecPolicy,
+    itemsize: int = 1,
+    base: Base | None = None,
+) -> bytes:
+    """Encode one block into a stored chunk (envelope + params + payload).
+
+    ``itemsize`` is the element width of the tensor the block comes from (it
+    picks the byte-plane width). ``base`` offers a delta base; it is loaded
+    only if deltas are enabled, the chain would stay within
+    ``policy.max_delta_depth``, and the lengths match. The delta is kept only
+    if it is smaller than ``policy.delta_max_ratio`` x the best full encoding.
+    """
+    view = _bytes_view(raw)
+    n = len(view)
+    if n == 0:
+        return envelope.pack(RAW, 0, b"", b"")
+    method = _method(policy, itemsize, n)
+    codec, params, pieces, size = _encode_as(method, view, policy.level, itemsize)
+    if (
+        base is not None
+        and policy.delta
+        and method != RAW
+        and base.depth + 1 <= policy.max_delta_depth
+    ):
+        base_raw = _load_base(base)
+        if base_raw is not None and len(base_raw) == n:
+            x = delta.xor(view, base_raw)
+            inner, iparams, ipieces, isize = _encode_as(method, x, policy.level, itemsize)
+            dparams = delta.pack_params(base.chunk_id, base.depth + 1, inner, iparams)
+            dsize = len(dparams) + isize - len(iparams)
+            if dsize < policy.delta_max_ratio * size:
+                return _pack(DELTA, n, dparams, ipieces)
+    return _pack(codec, n, params, pieces)
+
+
+def _pack(codec: int, n: int, params: bytes, pieces: Sequence[bytes | memoryview]) -> bytes:
+    if len(pieces) == 1:
+        return envelope.pack(codec, n, params, pieces[0])
+    return envelope.pack(codec, n, params, b"".join(pieces))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _unpack(blob: Buffer, name: str) -> envelope.Envelope:
+    env = envelope.unpack(blob, name)
+    if env.codec not in CODEC_NAMES:
+        raise CorruptChunk(
+            f"{name}: unknown codec id {env.codec}",
+            "the chunk was written by a newer apollo_cas; upgrade, or run apollo-cas verify",
+        )
+    return env
+
+
+def _decode_plain(
+    codec: int, params: memoryview, payload: memoryview, raw_size: int
+) -> np.ndarray | bytes | memoryview:
+    """Decode a non-delta payload (raises ValueError on inconsistency)."""
+    if codec == PLANES:
+        return planes.decode(params, payload, raw_size)
+    if len(params):
+        raise ValueError(
+            f"{CODEC_NAMES.get(codec, codec)} chunk has {len(params)} parameter bytes, expected none"
+        )
+    if codec == RAW:
+        if len(payload) != raw_size:
+            raise ValueError(f"raw payload is {len(payload)} bytes, header says {raw_size}")
+        return payload
+    if codec == ZSTD:
+        return _zstd.decompress_exact(payload, raw_size)
+    raise ValueError(f"codec id {codec} cannot be nested in a delta")
 
 
 def decode(
-    blob: bytes | memoryview, name: str = "chunk", load_base: Callable[[str], bytes] | None = None
+    blob: Buffer,
+    name: str = "chunk",
+    load_base: Callable[[str], bytes] | None = None,
 ) -> bytes:
-    """Decode a stored chunk to its raw bytes (the caller verifies the hash)."""
-    env = envelope.unpack(blob, name)
+    """Decode a stored chunk to its raw bytes (the caller verifies the hash).
+
+    ``load_base(hex_id)`` returns a delta base's raw bytes (verified by the
+    caller's store); it is called only for delta chunks. Raises
+    :class:`CorruptChunk` naming ``name`` on any inconsistency: bad header or
+    parameters, unknown codec, damaged or mis-sized zstd frames, wrong raw
+    size, or a delta base that is missing, damaged or of the wrong length.
+    Flips inside raw bytes cannot be seen here; the store's hash check does.
+    """
+    env = _unpack(blob, name)
     try:
-        if env.codec == RAW:
-            out = bytes(env.payload)
-        elif env.codec == ZSTD:
-            out = zstd_decompress(env.payload, env.raw_size)
-        else:
-            raise CorruptChunk(f"{name}: unknown codec id {env.codec}", "upgrade apollo_cas")
-    except zstandard.ZstdError as exc:
-        raise CorruptChunk(f"{name}: cannot decompress ({exc})", "run apollo-cas verify --read-data") from exc
-    if len(out) != env.raw_size:
+        if env.codec != DELTA:
+            return _to_bytes(_decode_plain(env.codec, env.params, env.payload, env.raw_size))
+        base_id, depth, inner, iparams = delta.parse_params(env.params)
+    except (ValueError, _zstd.FrameError) as exc:
+        raise CorruptChunk(f"{name}: {exc}", _HINT) from exc
+    base_hex = base_id.hex()
+    base_raw = _resolve_base(name, base_hex, load_base)
+    if len(base_raw) != env.raw_size:
         raise CorruptChunk(
-            f"{name}: decoded {len(out)} bytes, header says {env.raw_size}",
-            "run apollo-cas verify --read-data",
+            f"{name}: delta base {base_hex} is {len(base_raw)} bytes, the chunk needs {env.raw_size}",
+            _HINT,
         )
-    return out
+    try:
+        x = _decode_plain(inner, iparams, env.payload, env.raw_size)
+    except (ValueError, _zstd.FrameError) as exc:
+        raise CorruptChunk(
+            f"{name}: delta (depth {depth}) against {base_hex}: {exc}", _HINT
+        ) from exc
+    if isinstance(x, np.ndarray):
+        return delta.xor_into(x, base_raw).tobytes()
+    return delta.xor(x, base_raw).tobytes()
 
 
-def base_of(blob: bytes | memoryview, name: str = "chunk") -> str | None:
-    """The chunk id a delta-coded chunk depends on, or None."""
-    envelope.unpack(blob, name)
-    return None
+def _to_bytes(x: np.ndarray | bytes | memoryview) -> bytes:
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, np.ndarray):
+        return x.tobytes()
+    return bytes(x)
+
+
+def _resolve_base(name: str, base_hex: str, load_base: Callable[[str], bytes] | None) -> memoryview:
+    if load_base is None:
+        raise CorruptChunk(
+            f"{name}: is a delta against chunk {base_hex}, and no base loader was given",
+            "read it through the store, which resolves delta bases",
+        )
+    try:
+        return _bytes_view(load_base(base_hex))
+    except (ObjectNotFound, FileNotFoundError, KeyError) as exc:
+        raise CorruptChunk(
+            f"{name}: its delta base chunk {base_hex} is missing",
+            "the chunk cannot be rebuilt; run apollo-cas verify to list the checkpoints it breaks",
+        ) from exc
+    except CorruptObject as exc:
+        # The store reports a missing base as CorruptChunk too; keep its words.
+        raise CorruptChunk(
+            f"{name}: its delta base chunk {base_hex} cannot be read ({exc.message})",
+            "the chunk cannot be rebuilt; run apollo-cas verify to list the checkpoints it breaks",
+        ) from exc
+
+
+# ---------------------------------------------------------------- headers
+
+
+def base_of(blob: Buffer, name: str = "chunk") -> str | None:
+    """The hex id of the chunk a delta-coded chunk depends on, or None.
+
+    Needs only the envelope and parameters (the first 80 bytes are always
+    enough), so a store can answer it from a ranged read.
+    """
+    env = _unpack(blob, name)
+    if env.codec != DELTA:
+        return None
+    try:
+        base_id, _depth, _inner, _ip = delta.parse_params(env.params)
+    except ValueError as exc:
+        raise CorruptChunk(f"{name}: {exc}", _HINT) from exc
+    return base_id.hex()
+
+
+def delta_depth(blob: Buffer, name: str = "chunk") -> int:
+    """The chain depth of a chunk: 0 for a full chunk, 1 + its base's for a delta."""
+    env = _unpack(blob, name)
+    if env.codec != DELTA:
+        return 0
+    try:
+        return delta.parse_params(env.params)[1]
+    except ValueError as exc:
+        raise CorruptChunk(f"{name}: {exc}", _HINT) from exc
+
+
+def info(blob: Buffer, name: str = "chunk") -> tuple[str, int, int]:
+    """(codec name, raw size, stored size) of a stored chunk, for stats and verify."""
+    env = _unpack(blob, name)
+    return CODEC_NAMES[env.codec], env.raw_size, len(memoryview(blob))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def zstd_compress(data: Buffer, level: int) -> bytes:
+    """One zstd frame of ``data`` with this thread's compressor for ``level``."""
+    return _zstd.compress(data, level)
+
+
+def zstd_decompress(data: Buffer, size: int) -> bytes:
+    """Decode one zstd frame that must give exactly ``size`` bytes."""
+    return _zstd.decompress_exact(data, size)
+
+
+__all__ = [
+    "CODEC_IDS",
+    "CODEC_NAMES",
+    "DEFAULT_MAX_DELTA_DEPTH",
+    "DELTA",
+    "DELTA_MAX_RATIO",
+    "MIN_SAVING",
+    "PLANES",
+    "POLICY_CODECS",
+    "RAW",
+    "ZSTD",
+    "Base",
+    "CodecPolicy",
+    "base_of",
+    "decode",
+    "delta_depth",
+    "encode",
+    "info",
+    "zstd_compress",
+    "zstd_decompress",
+]

@@ -67,6 +67,7 @@ def unpack(blob: bytes | memoryview, name: str = "chunk") -> Envelope:
         )
     end = HEADER_SIZE + plen
     if end > len(view):
-        raise CorruptChunk(f"{name}: parameters run past the end of the chunk",
-                           "run apollo-cas verify --read-data")
+        raise CorruptChunk(
+            f"{name}: parameters run past the end of the chunk", "run apollo-cas verify --read-data"
+        )
     return Envelope(codec, raw_size, view[HEADER_SIZE:end], view[end:])

@@ -26,13 +26,22 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 import xxhash
 
-__all__ = ["MIN_BLOCK_SIZE", "as_bytes", "available", "block_digests"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "MIN_BLOCK_SIZE",
+    "LaunchConfig",
+    "as_bytes",
+    "available",
+    "block_digests",
+    "check_block_size",
+]
 
 #: Smallest block size accepted: every full block must take XXH3's long path (> 240 bytes).
 MIN_BLOCK_SIZE = 256
@@ -85,11 +94,24 @@ _C_T_MERGE_LO = tl.constexpr(_T_MERGE_LO)
 _C_T_MERGE_HI = tl.constexpr(_T_MERGE_HI)
 _C_T_INIT = tl.constexpr(_T_INIT)
 
-# Launch configuration of the full-block kernel (see docs/GPU_HASH.md for the sweep).
-_GROUP = 8
-_UNROLL = 1
-_NUM_WARPS = 1
-_NUM_STAGES = 1
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the full-block kernel is launched (docs/GPU_HASH.md has the measured sweep).
+
+    ``group`` blocks per program (8 with one warp gives every thread one lane pair of
+    one block); ``unroll`` 1024-byte scramble blocks per loop iteration (more bytes in
+    flight per block); ``evict_first`` streams the input past L2.
+    """
+
+    group: int = 8
+    unroll: int = 1
+    num_warps: int = 1
+    num_stages: int = 1
+    evict_first: bool = False
+
+
+DEFAULT_CONFIG = LaunchConfig()
 
 
 def _secret_table_words() -> list[int]:
@@ -151,6 +173,13 @@ def _load_pairs(ptr, offs):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _load_data_pairs(ptr, offs, EVICTION: tl.constexpr):  # type: ignore[no-untyped-def]
+    """:func:`_load_pairs` for input data (read once; EVICTION is "" or "evict_first")."""
+    v = tl.load(ptr + offs, eviction_policy=EVICTION)
+    return tl.split(v.to(tl.uint64, bitcast=True))
+
+
+@triton.jit
 def _mul32to64(x):  # type: ignore[no-untyped-def]
     """(x mod 2**32) * (x >> 32): written as a widening 32x32 multiply (one IMAD.WIDE)."""
     lo = x.to(tl.uint32).to(tl.uint64)
@@ -167,39 +196,56 @@ def _accumulate_512(acc_e, acc_o, de, do, ke, ko):  # type: ignore[no-untyped-de
 
 
 @triton.jit
-def _stripe(acc_e, acc_o, words_ptr, sec_ptr, word_off, sec_off, offs):  # type: ignore[no-untyped-def]
-    de, do = _load_pairs(words_ptr, word_off + offs)
-    ke, ko = _load_pairs(sec_ptr, sec_off + offs)
+def _stripe(  # type: ignore[no-untyped-def]
+    acc_e, acc_o, words_ptr, sec_ptr, word_off, sec_off, offs, sec_offs, EVICTION: tl.constexpr
+):
+    """One stripe of input at word ``word_off`` keyed with table words from ``sec_off``."""
+    de, do = _load_data_pairs(words_ptr, word_off + offs, EVICTION)
+    ke, ko = _load_pairs(sec_ptr, sec_off + sec_offs)
     return _accumulate_512(acc_e, acc_o, de, do, ke, ko)
 
 
 @triton.jit
-def _scramble(acc_e, acc_o, sec_ptr, offs):  # type: ignore[no-untyped-def]
+def _scramble(acc_e, acc_o, sec_ptr, sec_offs):  # type: ignore[no-untyped-def]
     """After every 1024 bytes: acc = (acc ^ (acc >> 47) ^ key) * PRIME32_1."""
-    ke, ko = _load_pairs(sec_ptr, _C_T_SCRAMBLE + offs)
+    ke, ko = _load_pairs(sec_ptr, _C_T_SCRAMBLE + sec_offs)
     acc_e = (acc_e ^ (acc_e >> 47) ^ ke) * _C_PRIME32_1
     acc_o = (acc_o ^ (acc_o >> 47) ^ ko) * _C_PRIME32_1
     return acc_e, acc_o
 
 
 @triton.jit
-def _scramble_block(acc_e, acc_o, words_ptr, sec_ptr, word_off, offs):  # type: ignore[no-untyped-def]
+def _scramble_block(  # type: ignore[no-untyped-def]
+    acc_e, acc_o, words_ptr, sec_ptr, word_off, offs, sec_offs, EVICTION: tl.constexpr
+):
     """16 stripes (1024 bytes) with keys at secret words 0..22, then a scramble."""
     for s in tl.static_range(16):
-        acc_e, acc_o = _stripe(acc_e, acc_o, words_ptr, sec_ptr, word_off + s * 8, s, offs)
-    return _scramble(acc_e, acc_o, sec_ptr, offs)
+        acc_e, acc_o = _stripe(
+            acc_e, acc_o, words_ptr, sec_ptr, word_off + s * 8, s, offs, sec_offs, EVICTION
+        )
+    return _scramble(acc_e, acc_o, sec_ptr, sec_offs)
 
 
 @triton.jit
 def _accumulate_all_but_last(  # type: ignore[no-untyped-def]
-    words_ptr, sec_ptr, base, length, offs, GROUP: tl.constexpr, UNROLL: tl.constexpr
+    words_ptr,
+    sec_ptr,
+    base,
+    length,
+    offs,
+    sec_offs,
+    GROUP: tl.constexpr,
+    UNROLL: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
     """XXH3_hashLong's loop up to, not including, the final (overlapping) stripe.
 
     ``base`` ([GROUP, 1, 1] int64) is each block's first word; ``length`` is the
     block length in bytes (a constexpr for full blocks, a runtime value for the tail).
+    ``offs`` are the lane offsets [1, 4, 2]; ``sec_offs`` the same broadcast to
+    [GROUP, 4, 2], so that key loads get the data's register layout (no shuffles).
     """
-    init_e, init_o = _load_pairs(sec_ptr, _C_T_INIT + offs)
+    init_e, init_o = _load_pairs(sec_ptr, _C_T_INIT + sec_offs)
     acc_e = tl.zeros((GROUP, 4), dtype=tl.uint64) + init_e
     acc_o = tl.zeros((GROUP, 4), dtype=tl.uint64) + init_o
     # (len - 1) / 1024 full scramble blocks: an input of exactly k * 1024 bytes scrambles
@@ -209,15 +255,32 @@ def _accumulate_all_but_last(  # type: ignore[no-untyped-def]
     for c in range(n_scramble // UNROLL):
         for u in tl.static_range(UNROLL):
             acc_e, acc_o = _scramble_block(
-                acc_e, acc_o, words_ptr, sec_ptr, base + (c * UNROLL + u) * 128, offs
+                acc_e,
+                acc_o,
+                words_ptr,
+                sec_ptr,
+                base + (c * UNROLL + u) * 128,
+                offs,
+                sec_offs,
+                EVICTION,
             )
     for c in range(n_scramble // UNROLL * UNROLL, n_scramble):
-        acc_e, acc_o = _scramble_block(acc_e, acc_o, words_ptr, sec_ptr, base + c * 128, offs)
+        acc_e, acc_o = _scramble_block(
+            acc_e, acc_o, words_ptr, sec_ptr, base + c * 128, offs, sec_offs, EVICTION
+        )
     # Whole stripes of the last, partial scramble block (never including the final byte).
     n_stripes = ((length - 1) - n_scramble * 1024) // 64
     for s in range(n_stripes):
         acc_e, acc_o = _stripe(
-            acc_e, acc_o, words_ptr, sec_ptr, base + n_scramble * 128 + s * 8, s, offs
+            acc_e,
+            acc_o,
+            words_ptr,
+            sec_ptr,
+            base + n_scramble * 128 + s * 8,
+            s,
+            offs,
+            sec_offs,
+            EVICTION,
         )
     return acc_e, acc_o
 
@@ -257,6 +320,7 @@ def _xxh3_full_blocks_kernel(  # type: ignore[no-untyped-def]
     BLOCK_WORDS: tl.constexpr,
     GROUP: tl.constexpr,
     UNROLL: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
     """Hash GROUP consecutive full blocks of BLOCK_WORDS * 8 bytes; write (hi, lo) per block."""
     pid = tl.program_id(0)
@@ -266,15 +330,24 @@ def _xxh3_full_blocks_kernel(  # type: ignore[no-untyped-def]
     # load needs a mask.
     base = (tl.minimum(blk, n_blocks - 1) * BLOCK_WORDS)[:, None, None]
     offs = _pair_offsets()
+    sec_offs = offs + tl.zeros((GROUP, 1, 1), dtype=tl.int32)
     acc_e, acc_o = _accumulate_all_but_last(
-        words_ptr, sec_ptr, base, BLOCK_WORDS * 8, offs, GROUP, UNROLL
+        words_ptr, sec_ptr, base, BLOCK_WORDS * 8, offs, sec_offs, GROUP, UNROLL, EVICTION
     )
     # Final stripe: the last 64 bytes, aligned because the block is whole stripes.
     acc_e, acc_o = _stripe(
-        acc_e, acc_o, words_ptr, sec_ptr, base + (BLOCK_WORDS - 8), _C_T_LAST, offs
+        acc_e,
+        acc_o,
+        words_ptr,
+        sec_ptr,
+        base + (BLOCK_WORDS - 8),
+        _C_T_LAST,
+        offs,
+        sec_offs,
+        EVICTION,
     )
     length = tl.full((GROUP,), BLOCK_WORDS * 8, dtype=tl.uint64)
-    hi, lo = _finalize_128(acc_e, acc_o, sec_ptr, length, offs)
+    hi, lo = _finalize_128(acc_e, acc_o, sec_ptr, length, sec_offs)
     tl.store(out_ptr + blk * 2, hi.to(tl.int64, bitcast=True), mask=valid)
     tl.store(out_ptr + blk * 2 + 1, lo.to(tl.int64, bitcast=True), mask=valid)
 
@@ -284,7 +357,7 @@ def _xxh3_tail_kernel(words_ptr, bytes_ptr, sec_ptr, out_ptr, length):  # type: 
     """Hash one input of ``length`` > 240 bytes (any length): the buffer's last block."""
     offs = _pair_offsets()
     base = tl.zeros((1, 1, 1), dtype=tl.int64)
-    acc_e, acc_o = _accumulate_all_but_last(words_ptr, sec_ptr, base, length, offs, 1, 1)
+    acc_e, acc_o = _accumulate_all_but_last(words_ptr, sec_ptr, base, length, offs, offs, 1, 1, "")
     # The final stripe starts at length - 64, which need not be 8-byte aligned: assemble
     # its little-endian words from bytes.
     byte = tl.arange(0, 8)[None, None, None, :]
@@ -348,17 +421,10 @@ def block_digests(data: torch.Tensor, block_size: int) -> torch.Tensor:
     ``n_blocks = ceil(len / block_size)`` and the last block may be shorter. Raises
     ValueError unless ``block_size`` is a multiple of 64 and at least 256.
     """
-    return _block_digests(data, block_size, _GROUP, _UNROLL, _NUM_WARPS, _NUM_STAGES)
+    return _block_digests(data, block_size, DEFAULT_CONFIG)
 
 
-def _block_digests(
-    data: torch.Tensor,
-    block_size: int,
-    group: int,
-    unroll: int,
-    num_warps: int,
-    num_stages: int,
-) -> torch.Tensor:
+def _block_digests(data: torch.Tensor, block_size: int, config: LaunchConfig) -> torch.Tensor:
     """:func:`block_digests` with an explicit launch configuration (tests and benchmarks)."""
     check_block_size(block_size)
     buf = as_bytes(data)
@@ -377,17 +443,18 @@ def _block_digests(
     out = torch.empty((n_blocks, 2), dtype=torch.int64, device=device)
     if n_full:
         words = buf[: n_full * block_size].view(torch.int64)
-        grid = (triton.cdiv(n_full, group),)
+        grid = (triton.cdiv(n_full, config.group),)
         _xxh3_full_blocks_kernel[grid](
             words,
             table,
             out,
             n_full,
             BLOCK_WORDS=block_size // 8,
-            GROUP=group,
-            UNROLL=unroll,
-            num_warps=num_warps,
-            num_stages=num_stages,
+            GROUP=config.group,
+            UNROLL=config.unroll,
+            EVICTION="evict_first" if config.evict_first else "",
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
     if tail > _MIDSIZE_MAX:
         tail_bytes = buf[n_full * block_size :]

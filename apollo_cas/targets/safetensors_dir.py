@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import UsageError
 from ..manifest import Manifest, TensorEntry
@@ -37,8 +38,15 @@ DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default ("5GB")
 _HF_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
-def header_bytes(tensors: list[TensorEntry], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
-    """The 8-byte length + JSON header, and each tensor's data offset."""
+class TensorLike(Protocol):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def header_bytes(tensors: Sequence[TensorLike], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    """The 8-byte length + JSON header, and each tensor's data offset (in order)."""
     header: dict[str, object] = {"__metadata__": metadata}
     offsets, pos = [], 0
     for t in tensors:

@@ -103,14 +103,21 @@ def test_many_blocks_not_multiple_of_group() -> None:
 
 
 @pytest.mark.parametrize(
-    ("group", "unroll", "num_warps"),
-    [(1, 1, 1), (2, 2, 1), (4, 3, 2), (8, 2, 1), (16, 1, 4)],
+    "config",
+    [
+        xk.LaunchConfig(group=1),
+        xk.LaunchConfig(group=2, unroll=2),
+        xk.LaunchConfig(group=4, unroll=3, num_warps=2),
+        xk.LaunchConfig(group=8, unroll=2, evict_first=True),
+        xk.LaunchConfig(group=16, num_warps=4, num_stages=3),
+    ],
+    ids=repr,
 )
-def test_launch_configurations(group: int, unroll: int, num_warps: int) -> None:
+def test_launch_configurations(config: xk.LaunchConfig) -> None:
     # 5 * 4096-byte blocks = 3 scramble blocks each, so unroll 2 and 3 leave remainders.
     block_size = 4096
-    data = _random_bytes(5 * block_size + 500, group * 100 + unroll)
-    got = xk._block_digests(data.to(DEVICE), block_size, group, unroll, num_warps, 1)
+    data = _random_bytes(5 * block_size + 500, config.group * 100 + config.unroll)
+    got = xk._block_digests(data.to(DEVICE), block_size, config)
     assert _rows(got) == _expected(data.numpy().tobytes(), block_size)
 
 
