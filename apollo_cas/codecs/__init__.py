@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -59,7 +58,8 @@ DEFAULT_MAX_DELTA_DEPTH = 8
 
 _HINT = "run apollo-cas verify --read-data to list what it breaks"
 
-Buffer = Union[bytes, bytearray, memoryview]
+#: Anything with contiguous bytes that callers hand us.
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Base:
         return _bytes_view(data)
 
 
-def _bytes_view(data: Buffer | np.ndarray) -> memoryview:
+def _bytes_view(data: Buffer) -> memoryview:
     mv = memoryview(data)
     if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
         mv = mv.cast("B")
@@ -144,11 +144,11 @@ def _method(policy: CodecPolicy, itemsize: int, n: int) -> int:
     return ZSTD
 
 
-Pieces = list[Union[bytes, memoryview]]
+Pieces = list[bytes | memoryview]
 
 
 def _encode_as(
-    method: int, data: memoryview | np.ndarray, level: int, itemsize: int
+    method: int, data: memoryview, level: int, itemsize: int
 ) -> tuple[int, bytes, Pieces, int]:
     """(codec id, params, payload pieces, params+payload size); RAW if nothing pays."""
     n = len(data)
@@ -157,10 +157,10 @@ def _encode_as(
     elif method == ZSTD:
         params, pieces = b"", [_zstd.compress(data, level)]
     else:
-        return RAW, b"", [memoryview(data)], n
+        return RAW, b"", [data], n
     size = len(params) + sum(len(p) for p in pieces)
     if size > n * (1 - MIN_SAVING):
-        return RAW, b"", [memoryview(data)], n
+        return RAW, b"", [data], n
     return method, params, pieces, size
 
 
@@ -202,7 +202,7 @@ def encode(
         base_raw = _load_base(base)
         if base_raw is not None and len(base_raw) == n:
             x = delta.xor(view, base_raw)
-            inner, iparams, ipieces, isize = _encode_as(method, x, policy.level, itemsize)
+            inner, iparams, ipieces, isize = _encode_as(method, x.data, policy.level, itemsize)
             dparams = delta.pack_params(base.chunk_id, base.depth + 1, inner, iparams)
             dsize = len(dparams) + isize - len(iparams)
             if dsize < policy.delta_max_ratio * size:

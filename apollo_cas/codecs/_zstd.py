@@ -70,12 +70,12 @@ def decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def compress(data: bytes | memoryview, level: int) -> bytes:
+def compress(data: bytes | bytearray | memoryview, level: int) -> bytes:
     """One zstd frame of ``data`` (content size recorded in the frame header)."""
     return compressor(level).compress(data)
 
 
-def compress_plane(data: bytes | memoryview, level: int) -> bytes:
+def compress_plane(data: bytes | bytearray | memoryview, level: int) -> bytes:
     """One zstd frame of a byte plane (see module doc for the parameters)."""
     return plane_compressor(level).compress(data)
 
@@ -84,13 +84,47 @@ class FrameError(ValueError):
     """A zstd frame that is damaged or not exactly the expected size."""
 
 
-def decompress_exact(frame: bytes | memoryview, size: int) -> bytes:
+_BLOCK_RAW, _BLOCK_RLE, _BLOCK_COMPRESSED = 0, 1, 2
+
+
+def frame_size(frame: bytes | bytearray | memoryview) -> int:
+    """Length in bytes of the zstd frame at the start of ``frame``.
+
+    Walks the 3-byte block headers (one per 128 KiB of output at most, so a few
+    per chunk); python-zstandard has no call for this, and its ``decompress``
+    silently ignores bytes after the frame.
+    """
+    view = memoryview(frame)
+    try:
+        pos = zstandard.frame_header_size(view)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"bad zstd frame header ({exc})") from exc
+    checksum = bool(view[4] & 0x04)
+    end = len(view)
+    while True:
+        if pos + 3 > end:
+            raise FrameError("zstd frame is truncated")
+        head = view[pos] | (view[pos + 1] << 8) | (view[pos + 2] << 16)
+        pos += 3
+        kind = (head >> 1) & 3
+        size = head >> 3
+        if kind == _BLOCK_RLE:
+            pos += 1
+        elif kind in (_BLOCK_RAW, _BLOCK_COMPRESSED):
+            pos += size
+        else:
+            raise FrameError("reserved zstd block type")
+        if head & 1:
+            break
+    return pos + (4 if checksum else 0)
+
+
+def decompress_exact(frame: bytes | bytearray | memoryview, size: int) -> bytes:
     """Decode one zstd frame that must fill exactly ``frame`` and give ``size`` bytes.
 
     The frame header's content size is checked *before* decoding, so a damaged
-    header cannot make us allocate gigabytes; trailing bytes after the frame
-    and a short frame are errors too (``ZstdDecompressor.decompress`` would
-    silently ignore the first).
+    header cannot make us allocate gigabytes; bytes after the frame and a short
+    frame are errors too.
     """
     try:
         declared = zstandard.frame_content_size(frame)
@@ -98,15 +132,16 @@ def decompress_exact(frame: bytes | memoryview, size: int) -> bytes:
         raise FrameError(f"bad zstd frame header ({exc})") from exc
     if declared != size:
         raise FrameError(f"zstd frame declares {declared} bytes, expected {size}")
+    length = frame_size(frame)
+    if length != len(frame):
+        what = (
+            "truncated" if length > len(frame) else f"followed by {len(frame) - length} stray bytes"
+        )
+        raise FrameError(f"zstd frame is {what}")
     try:
-        obj = decompressor().decompressobj(write_size=max(size, 1))
-        out = obj.decompress(frame)
+        out = decompressor().decompress(frame, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise FrameError(f"cannot decompress ({exc})") from exc
-    if not obj.eof:
-        raise FrameError("zstd frame is truncated")
-    if obj.unused_data:
-        raise FrameError(f"{len(obj.unused_data)} stray bytes after the zstd frame")
     if len(out) != size:
         raise FrameError(f"zstd frame gave {len(out)} bytes, expected {size}")
     return out

@@ -40,13 +40,15 @@ class Envelope:
     payload: memoryview
 
 
-def pack(codec: int, raw_size: int, params: bytes, payload: bytes | memoryview) -> bytes:
+def pack(
+    codec: int, raw_size: int, params: bytes, payload: bytes | bytearray | memoryview
+) -> bytes:
     """Build a stored chunk from its parts."""
     head = _HEAD.pack(MAGIC, ENVELOPE_VERSION, codec, 0, raw_size, len(params))
     return b"".join((head, params, payload))
 
 
-def unpack(blob: bytes | memoryview, name: str = "chunk") -> Envelope:
+def unpack(blob: bytes | bytearray | memoryview, name: str = "chunk") -> Envelope:
     """Parse a stored chunk; raises CorruptChunk naming ``name`` on any inconsistency."""
     view = memoryview(blob)
     if len(view) < HEADER_SIZE:
