@@ -43,6 +43,18 @@ class ChunkStore:
         self._claimed: set[bytes] = set()
         self._lock = threading.Lock()
 
+    def forget_known(self) -> None:
+        """Drop the cache of chunks believed to exist.
+
+        Called at the start of every save, under its shared lock: between two
+        saves of a long-lived process, gc may have deleted chunks this process
+        wrote or saw earlier, and trusting the cache would then record a
+        manifest that names missing chunks.
+        """
+        with self._lock:
+            self.known.clear()
+            self._claimed.clear()
+
     def exists(self, chunk_id: bytes) -> bool:
         if chunk_id in self.known:
             return True

@@ -188,15 +188,19 @@ class Store:
             series: str = layout.DEFAULT_SERIES) -> str:
         """Point tag ``name`` at ``ref``. An existing tag moves only with ``force``."""
         key = layout.tag_key(name)
-        target = self.resolve(ref, series)
-        for _ in range(_CAS_RETRIES):
-            current = self._read_ref(key)
-            if current is not None and current != target and not force:
-                raise UsageError(f"tag {name!r} already names {current[:12]}",
-                                 "pick another name, or pass --force to move it")
-            expected = self.backend.get(key) if current is not None else None
-            if self.backend.compare_and_swap(key, expected, target.encode()):
-                return target
+        # A shared lock, like a save: gc and forget delete manifests only under
+        # the exclusive lock, so the checkpoint resolved here still exists when
+        # the tag is written (no dangling tag).
+        with self.locks.hold("shared", f"tag {name}"):
+            target = self.resolve(ref, series)
+            for _ in range(_CAS_RETRIES):
+                current = self._read_ref(key)
+                if current is not None and current != target and not force:
+                    raise UsageError(f"tag {name!r} already names {current[:12]}",
+                                     "pick another name, or pass --force to move it")
+                expected = self.backend.get(key) if current is not None else None
+                if self.backend.compare_and_swap(key, expected, target.encode()):
+                    return target
         raise ConcurrentUpdate(f"tag {name!r} kept changing", "retry")
 
     def untag(self, name: str) -> None:
@@ -302,6 +306,9 @@ class Store:
             source = open_mapping(source, SourceInfo(kind="mapping"))
         self._check_config(create=True)
         with self.locks.hold("shared", f"save {series}"):
+            # Only what is known *now*, under the lock, may be trusted: gc may have
+            # swept chunks this process saw in an earlier save.
+            self.chunks.forget_known()
             parent_id = self.latest(series)
             parent = self.manifest(parent_id) if parent_id else None
             if check is not None:
@@ -331,8 +338,10 @@ class Store:
                 bases=self._bases_closure(res, parent),
             )
             cid, manifest, unchanged = self._commit(manifest, parent_id, force)
-        if tag and cid:
-            self.tag(cid, tag, series=series, force=True)
+            if tag and cid:
+                # Still under the shared lock: once released, a concurrent save may
+                # move latest past cid and gc could forget it before it is tagged.
+                self.tag(cid, tag, series=series, force=True)
         return SaveResult(cid, manifest.parent, series, unchanged, manifest, manifest.stats,
                           time.perf_counter() - t0, res.fetched_bytes)
 
