@@ -1,0 +1,274 @@
+"""Garbage collection: forget checkpoints by retention policy, sweep unreferenced chunks.
+
+Two phases, so saves are stalled only for the deletions themselves (restic's
+most-voted complaint is an exclusive lock held through a whole prune):
+
+1. **Mark, without an exclusive lock.** Load every manifest, choose the
+   checkpoints to forget (:mod:`apollo_cas.retention`), compute the set of
+   chunks reachable from every kept manifest (``Manifest.chunk_ids()``, which
+   includes delta bases), and list the chunks present. Saves run meanwhile.
+2. **Sweep, under the exclusive lock.** No save runs now (saves hold a shared
+   lock from before they look at the store until after their ref moved). Re-read
+   the refs and the manifest list: a manifest that appeared since phase 1 is a
+   save that finished meanwhile, and its chunks join the reachable set; a
+   checkpoint that got a tag meanwhile is kept. Then delete, in this order:
+   forgotten manifests (no ref names them, so the store stays consistent if we
+   die here), unreferenced chunks (no remaining manifest names them), and
+   leftovers of interrupted writes older than a grace period.
+
+A save that dedups against a chunk gc considers garbage either finished before
+phase 2 (its manifest is re-listed, the chunk is kept) or starts after phase 2
+(the chunk is gone and ``exists()`` says so, so the save writes it again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import layout
+from .errors import CorruptManifest, ObjectNotFound, UsageError
+from .manifest import Manifest
+from .parallel import bounded_map
+from .retention import RetentionPolicy, select
+from .store import Store
+
+#: Leftover temporary files younger than this are left alone: on a shared
+#: backend another host's write may still be in flight even though we hold the
+#: exclusive lock (clock skew, a lock that expired under a stalled writer).
+DEFAULT_GRACE = 3600.0
+
+#: How long the sweep waits for running saves to release their shared locks.
+DEFAULT_LOCK_TIMEOUT = 600.0
+
+#: The longest the sweep holds the exclusive lock at a time; saves that wait
+#: for it give up after a minute (locks.hold's default timeout).
+DEFAULT_MAX_HOLD = 20.0
+_YIELD_SECONDS = 3.5
+_BATCH = 512
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class GcReport:
+    """What gc did (or, with ``dry_run``, would do)."""
+
+    dry_run: bool
+    policy: str
+    kept: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+    manifests_deleted: int = 0
+    manifest_bytes: int = 0
+    chunks_deleted: int = 0
+    chunk_bytes: int = 0
+    chunks_kept: int = 0
+    temporaries_removed: int = 0
+    rescued_chunks: int = 0  # candidates protected by saves that finished during phase 1
+    seconds: float = 0.0
+    lock_wait_seconds: float = 0.0
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.manifest_bytes + self.chunk_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "policy": self.policy,
+            "kept": self.kept,
+            "forgotten": self.forgotten,
+            "reasons": {k: v for k, v in self.reasons.items() if k in set(self.kept)},
+            "manifests_deleted": self.manifests_deleted,
+            "chunks_deleted": self.chunks_deleted,
+            "chunks_kept": self.chunks_kept,
+            "bytes_freed": self.bytes_freed,
+            "temporaries_removed": self.temporaries_removed,
+            "rescued_chunks": self.rescued_chunks,
+            "seconds": round(self.seconds, 4),
+            "lock_wait_seconds": round(self.lock_wait_seconds, 4),
+        }
+
+
+def _chunk_ids_present(store: Store) -> set[bytes]:
+    out = set()
+    for key in store.backend.list(layout.CHUNKS_PREFIX):
+        hex_id = layout.chunk_id_from_key(key)
+        if hex_id is not None:
+            out.add(bytes.fromhex(hex_id))
+    return out
+
+
+def _load_manifests(store: Store, ids: Iterable[str]) -> dict[str, Manifest]:
+    """Load manifests on the store's threads (S3 gets are latency-bound)."""
+    ids = list(ids)
+    return dict(zip(ids, bounded_map(store.manifest, ids, store.workers), strict=True))
+
+
+def _reachable(manifests: Iterable[Manifest]) -> set[bytes]:
+    out: set[bytes] = set()
+    for m in manifests:
+        out |= m.chunk_ids()
+    return out
+
+
+def _sizes(store: Store, keys: list[str]) -> list[int]:
+    """Stored size of each key (0 if it is gone), in order."""
+
+    def size(key: str) -> int:
+        try:
+            return store.backend.info(key).size
+        except ObjectNotFound:
+            return 0
+
+    return list(bounded_map(size, keys, store.workers))
+
+
+def _referenced(store: Store) -> set[str]:
+    return set(store.tags().values()) | set(store.series().values())
+
+
+def gc(
+    store: Store,
+    policy: RetentionPolicy | None = None,
+    *,
+    dry_run: bool = False,
+    grace: float = DEFAULT_GRACE,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    max_hold: float = DEFAULT_MAX_HOLD,
+    progress: ProgressFn | None = None,
+    now: float | None = None,
+) -> GcReport:
+    """Forget checkpoints that ``policy`` does not keep, then sweep unreferenced chunks.
+
+    Never deletes a chunk reachable from a kept manifest, nor one a concurrent
+    save will reference (see the module docstring). A manifest that cannot be
+    read stops gc before anything is deleted: without it we cannot know which
+    chunks it needs (run ``verify``, then ``forget`` it). The exclusive lock is
+    held at most about ``max_hold`` seconds at a time; a longer sweep lets
+    waiting saves in between batches.
+    """
+    t0 = time.perf_counter()
+    policy = policy or RetentionPolicy()
+    report = GcReport(dry_run=dry_run, policy=policy.describe())
+    step = progress or (lambda stage, done, total: None)
+
+    # -- phase 1: mark, concurrently with saves ----------------------------------
+    step("mark", 0, 1)
+    checkpoints = store.checkpoints()
+    sel = select(checkpoints, policy, time.time() if now is None else now)
+    manifests = {c.checkpoint_id: c.manifest for c in checkpoints}
+    forget_ids = set(sel.forget)
+    reachable = _reachable(m for cid, m in manifests.items() if cid not in forget_ids)
+    present = _chunk_ids_present(store)
+    candidates = present - reachable
+    # Sizes are gathered now, outside the lock (one stat or HEAD per object).
+    ordered = sorted(candidates)
+    chunk_size = dict(zip(ordered, _sizes(store, [layout.chunk_key(c.hex()) for c in ordered]),
+                          strict=True))
+    manifest_size = dict(zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]),
+                             strict=True))
+    step("mark", 1, 1)
+
+    if dry_run:
+        report.kept, report.forgotten, report.reasons = sel.keep, sel.forget, sel.reasons
+        report.manifests_deleted = len(sel.forget)
+        report.manifest_bytes = sum(manifest_size.values())
+        report.chunks_deleted = len(candidates)
+        report.chunk_bytes = sum(chunk_size.values())
+        report.chunks_kept = len(present) - len(candidates)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # -- phase 2: sweep, with no save running ----------------------------------
+    seen = set(manifests)
+    pending = ordered
+    forget_sorted: list[str] = []
+    first = True
+    while True:
+        t_lock = time.perf_counter()
+        with store.locks.hold("exclusive", "gc", timeout=lock_timeout):
+            report.lock_wait_seconds += time.perf_counter() - t_lock
+            held_since = time.monotonic()
+            # Saves that finished since we last looked: whatever they reference
+            # stays, including chunks they deduplicated against our candidates.
+            new_ids = set(store.checkpoint_ids()) - seen
+            if new_ids:
+                needed = _reachable(_load_manifests(store, new_ids).values())
+                seen |= new_ids
+                kept = [c for c in pending if c not in needed]
+                report.rescued_chunks += len(pending) - len(kept)
+                pending = kept
+            if first:
+                first = False
+                # Refs may have moved and tags may have been added since phase 1:
+                # never delete what a ref names now, nor the chunks it needs.
+                rescued = forget_ids & _referenced(store)
+                if rescued:
+                    forget_ids -= rescued
+                    needed = _reachable(manifests[c] for c in rescued)
+                    pending = [c for c in pending if c not in needed]
+                forget_sorted = [c for c in sel.forget if c in forget_ids]
+                # Manifests first: once they are gone nothing names the chunks
+                # below, so a kill at any point of the sweep leaves a consistent store.
+                for i, cid in enumerate(forget_sorted):
+                    store.backend.delete(layout.manifest_key(cid))
+                    step("forget", i + 1, len(forget_sorted))
+                store.backend.sync()
+                report.manifests_deleted = len(forget_sorted)
+                report.manifest_bytes = sum(manifest_size.get(c, 0) for c in forget_sorted)
+            while pending and time.monotonic() - held_since < max_hold:
+                batch, pending = pending[:_BATCH], pending[_BATCH:]
+                keys = [layout.chunk_key(c.hex()) for c in batch]
+                for _ in bounded_map(store.backend.delete, keys, store.workers):
+                    pass
+                report.chunks_deleted += len(batch)
+                report.chunk_bytes += sum(chunk_size.get(c, 0) for c in batch)
+                step("sweep", report.chunks_deleted, report.chunks_deleted + len(pending))
+            store.backend.sync()
+            if not pending:
+                report.temporaries_removed = store.backend.remove_temporaries(
+                    older_than=time.time() - grace)
+                break
+        # Let saves that queued up behind us in before the next batch: their lock
+        # retries back off up to ~3 s.
+        time.sleep(_YIELD_SECONDS)
+
+    report.chunks_kept = len(present) - report.chunks_deleted
+    report.kept = [c.checkpoint_id for c in checkpoints if c.checkpoint_id not in forget_ids]
+    report.kept += sorted(seen - set(manifests))
+    report.forgotten = forget_sorted
+    report.reasons = sel.reasons
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+    """Drop one checkpoint's manifest; its chunks go at the next ``gc``.
+
+    Refuses a checkpoint a ref names (a tag, or a series' latest). Runs under the
+    exclusive lock so a concurrent ``tag`` cannot point at it while it goes.
+    """
+    layout.check_hex_id(checkpoint_id, "checkpoint id")
+    with store.locks.hold("exclusive", f"forget {checkpoint_id[:12]}", timeout=lock_timeout):
+        tags = sorted(t for t, c in store.tags().items() if c == checkpoint_id)
+        if tags:
+            raise UsageError(
+                f"checkpoint {checkpoint_id[:12]} is tagged {', '.join(tags)}",
+                f"delete the tag first: apollo-cas tag - {tags[0]} --delete",
+            )
+        latest = sorted(s for s, c in store.series().items() if c == checkpoint_id)
+        if latest:
+            raise UsageError(
+                f"checkpoint {checkpoint_id[:12]} is the latest of series {', '.join(latest)}",
+                "the latest checkpoint of a series is always kept; save a newer one first",
+            )
+        key = layout.manifest_key(checkpoint_id)
+        if not store.backend.exists(key):
+            raise CorruptManifest(f"checkpoint {checkpoint_id} has no manifest in {store.location}",
+                                  "see 'apollo-cas list'")
+        store.backend.delete(key)
+        store.backend.sync()
