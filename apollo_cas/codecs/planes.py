@@ -113,8 +113,6 @@ def decode(params: memoryview | bytes, payload: memoryview, raw_size: int) -> np
     stored = sum(length for _kind, length in layout)
     if stored + tail != len(payload):
         raise ValueError(f"planes need {stored} + {tail} tail bytes, payload has {len(payload)}")
-    out = np.empty(raw_size, dtype=np.uint8)
-    body = out[: m * w].reshape(m, w)
     pos = 0
     decoded: list[np.ndarray] = []
     for k, (kind, length) in enumerate(layout):
@@ -126,6 +124,10 @@ def decode(params: memoryview | bytes, payload: memoryview, raw_size: int) -> np
             decoded.append(np.frombuffer(piece, dtype=np.uint8))
         else:
             decoded.append(np.frombuffer(_zstd.decompress_exact(piece, m), dtype=np.uint8))
+    # Allocate only now: every plane has proved it holds m bytes, so a damaged
+    # raw size in the header cannot make us allocate what the chunk cannot fill.
+    out = np.empty(raw_size, dtype=np.uint8)
+    body = out[: m * w].reshape(m, w)
     if w == 2:
         # Shift-and-or on little-endian 16-bit lanes: ~3x faster than a strided
         # byte copy (and still byte-exact on a big-endian host, only slower).

@@ -107,7 +107,7 @@ class DeviceTensor(SourceTensor):
         self.nbytes = int(self.bytes.numel())
         self.on_device = self.bytes.device.type != "cpu"
         # CPU tensors: one zero-copy memoryview for every read.
-        self._host = None if self.on_device else memoryview(self.bytes.numpy())
+        self._host = None if self.on_device else self.bytes.numpy().data
 
     def read(self, offset: int, length: int) -> memoryview:
         """Host bytes ``[offset, offset+length)``. Off the hot path for device tensors:
@@ -116,7 +116,7 @@ class DeviceTensor(SourceTensor):
             return self._host[offset : offset + length]
         out = torch.empty(length, dtype=torch.uint8, pin_memory=True)
         out.copy_(self.bytes[offset : offset + length])
-        return memoryview(out.numpy())
+        return out.numpy().data
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -291,7 +291,7 @@ def device_block_digests(
     for grp, host, ev in pending_gathers:
         if ev is not None:
             ev.synchronize()
-        mv = memoryview(host.numpy())
+        mv = host.numpy().data
         pos = 0
         for ti, _o, n in grp:
             out[ti].append(xxhash.xxh3_128_digest(mv[pos : pos + n]))
@@ -479,7 +479,7 @@ class DeviceSource(Source):
             for k, batch in enumerate(batches):
                 for ev in events[k]:
                     ev.synchronize()
-                host = memoryview(self._buffers[k % 2].numpy()) if batch.copies else None
+                host = self._buffers[k % 2].numpy().data if batch.copies else None
                 for j, (i, ti, off, length, dst) in enumerate(batch.items):
                     if dst < 0:
                         view = _host_view(ts[ti])[off : off + length]
