@@ -53,8 +53,11 @@ def tensor_specs(draw: st.DrawFn) -> tuple[str, tuple[int, ...], bytes]:
     if draw(st.booleans()) and ndim == 1:  # sometimes a large 1-d tensor
         shape = [draw(st.integers(0, max_elems))]
         count = shape[0]
-    raw = _fill(draw(st.sampled_from(["random", "zeros", "pattern"])), count * item,
-                draw(st.integers(0, 2**32 - 1)))
+    raw = _fill(
+        draw(st.sampled_from(["random", "zeros", "pattern"])),
+        count * item,
+        draw(st.integers(0, 2**32 - 1)),
+    )
     if name == "BOOL":
         raw = bytes(b & 1 for b in raw)
     return name, tuple(shape), raw
