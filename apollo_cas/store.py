@@ -348,8 +348,8 @@ class Store:
     def _base_finder(self, source: Source, parent: Manifest | None,
                      block_size: int) -> Callable[[int, int], codecs.Base | None] | None:
         """Delta bases: the parent's block at the same place of the same tensor."""
-        base_cls = getattr(codecs, "Base", None)
-        if (parent is None or base_cls is None or not getattr(self.chunks.policy, "delta", False)
+        policy = self.chunks.policy
+        if (parent is None or not policy.delta or policy.max_delta_depth == 0
                 or parent.block_size != block_size):
             return None
         by_name = {t.name: t for t in parent.tensors}
@@ -373,7 +373,7 @@ class Store:
             if p is None:
                 return None
             cid = p.chunks[bi]
-            return base_cls(chunk_id=cid, raw=lambda: self.chunks.read(cid), depth=depth(cid))
+            return codecs.Base(chunk_id=cid, raw=lambda: self.chunks.read(cid), depth=depth(cid))
 
         return find
 
@@ -392,7 +392,7 @@ class Store:
             seen.add(cid)
             if cid in known:
                 base: bytes | None = known[cid]
-            elif cid in parent_ids or cid in res.bases or not getattr(codecs, "Base", None):
+            elif cid in parent_ids or cid in res.bases:
                 base = None
             else:
                 base = self.chunks.base_of(cid)  # a dedup hit outside the parent: read its header

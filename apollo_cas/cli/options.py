@@ -26,8 +26,6 @@ def codec_options(fn: F) -> F:
 
 
 def make_policy(codec: str, level: int, delta: bool | None) -> codecs.CodecPolicy:
-    fields = {f.name for f in dataclasses.fields(codecs.CodecPolicy)}
-    kwargs: dict[str, Any] = {"codec": codec, "level": level}
-    if delta is not None and "delta" in fields:
-        kwargs["delta"] = delta
-    return codecs.CodecPolicy(**kwargs)
+    """The codec policy the options describe (``delta=None``: the default)."""
+    policy = codecs.CodecPolicy(codec=codec, level=level)
+    return policy if delta is None else dataclasses.replace(policy, delta=delta)
