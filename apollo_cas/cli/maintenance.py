@@ -1,11 +1,28 @@
-"""Maintenance commands: ``unlock`` (gc, verify and forget join them)."""
+"""Maintenance commands: ``unlock``, ``gc``, ``verify`` and ``forget``."""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import click
 
+from ..errors import DamageFound
 from ..store import Store
-from .common import emit_json, json_option, need_store, note, store_option
+from .common import (
+    emit_json,
+    human_bytes,
+    human_time,
+    json_option,
+    need_store,
+    note,
+    series_option,
+    store_option,
+    table,
+)
 
 
 @click.command()
@@ -26,4 +43,174 @@ def unlock(store: str | None, force: bool, as_json: bool) -> None:
         note(f"still held: {lk.describe()} (use --force if that process is gone)")
 
 
-COMMANDS = [unlock]
+class _StageBar:
+    """A progress callback ``(stage, done, total)`` drawing one bar per stage on a
+    terminal's stderr; silent when stderr is not a terminal (cron, pipes)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = (enabled and sys.stderr.isatty()
+                        and not os.environ.get("APOLLO_CAS_NO_PROGRESS"))
+        self.stage = ""
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled or total <= 1:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage, self.done = stage, 0
+            self.bar = click.progressbar(length=total, label=stage, file=sys.stderr,
+                                         show_pos=True, show_eta=True)
+            self.bar.__enter__()
+        if self.bar is not None and done > self.done:
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@contextmanager
+def _stage_bar(enabled: bool) -> Iterator[_StageBar]:
+    bar = _StageBar(enabled)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@click.command()
+@store_option
+@click.option("--keep-last", type=click.IntRange(min=0), metavar="N",
+              help="Keep the N newest checkpoints of each series.")
+@click.option("--keep-hourly", type=click.IntRange(min=0), metavar="N",
+              help="Keep the newest checkpoint of each of the last N hours that have one.")
+@click.option("--keep-daily", type=click.IntRange(min=0), metavar="N",
+              help="Keep the newest checkpoint of each of the last N days that have one.")
+@click.option("--keep-within", metavar="DURATION",
+              help="Keep every checkpoint younger than DURATION (30m, 12h, 2d, 1w).")
+@click.option("--dry-run", is_flag=True,
+              help="Show what would be forgotten and how many bytes it frees; delete nothing.")
+@click.option("--grace", default="1h", show_default=True, metavar="DURATION",
+              help="Leave leftovers of interrupted writes younger than this.")
+@json_option
+def gc(store: str | None, keep_last: int | None, keep_hourly: int | None, keep_daily: int | None,
+       keep_within: str | None, dry_run: bool, grace: str, as_json: bool) -> None:
+    """Forget checkpoints outside the retention policy, then delete unreferenced chunks.
+
+    Tagged checkpoints and every series' latest are always kept. Without any
+    --keep-* option no checkpoint is forgotten: only chunks no checkpoint uses
+    (and leftovers of interrupted saves) are removed. Saves keep running during
+    the mark phase; they wait only for the short sweep.
+    """
+    from ..gc import gc as run_gc
+    from ..retention import RetentionPolicy, parse_duration
+
+    policy = RetentionPolicy(
+        keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily,
+        keep_within=parse_duration(keep_within) if keep_within is not None else None,
+    )
+    grace_s = parse_duration(grace)
+    with Store.open(need_store(store)) as st, _stage_bar(not as_json) as bar:
+        checkpoints = {c.checkpoint_id: c for c in st.checkpoints()}
+        r = run_gc(st, policy, dry_run=dry_run, grace=grace_s, progress=bar)
+    if as_json:
+        emit_json(r.to_json())
+        return
+    verb = "would forget" if dry_run else "forgot"
+    if r.forgotten:
+        rows = []
+        for cid in r.forgotten:
+            cp = checkpoints.get(cid)
+            rows.append([cid[:12], human_time(cp.manifest.created) if cp else "-",
+                         cp.manifest.series if cp else "-"])
+        click.echo(f"{verb} {len(r.forgotten)} checkpoint(s):")
+        click.echo(table(rows, ["ID", "TIME", "SERIES"]))
+    if dry_run:
+        click.echo(f"dry run ({r.policy}): would keep {len(r.kept)} checkpoint(s), delete "
+                   f"{r.manifests_deleted} manifest(s) and {r.chunks_deleted} chunk(s), "
+                   f"freeing {human_bytes(r.bytes_freed)}; nothing was deleted")
+        return
+    click.echo(f"gc ({r.policy}): kept {len(r.kept)} checkpoint(s), deleted {r.manifests_deleted} "
+               f"manifest(s) and {r.chunks_deleted} chunk(s), freed {human_bytes(r.bytes_freed)}, "
+               f"removed {r.temporaries_removed} leftover(s) in {r.seconds:.2f}s")
+
+
+@click.command()
+@store_option
+@click.option("--read-data", is_flag=True,
+              help="Also read, decompress and re-hash every chunk (reads the whole store).")
+@click.option("--read-data-subset", metavar="10%|N",
+              help="Read a random subset: a percentage, a fraction or a number of chunks.")
+@click.option("--no-lock", is_flag=True,
+              help="Take no lock (read-only stores); a gc running meanwhile may cause false alarms.")
+@json_option
+def verify(store: str | None, read_data: bool, read_data_subset: str | None, no_lock: bool,
+           as_json: bool) -> None:
+    """Check that every ref, manifest and chunk is present and intact (exit 3 on damage).
+
+    Without --read-data, checks that every manifest decodes and every chunk it
+    needs exists. Each damaged chunk is listed with the checkpoints and tensors
+    it breaks.
+    """
+    from ..verify import parse_subset
+    from ..verify import verify as run_verify
+
+    subset = parse_subset(read_data_subset) if read_data_subset is not None else None
+    with Store.open(need_store(store)) as st, _stage_bar(not as_json) as bar:
+        r = run_verify(st, read_data=read_data, subset=subset, progress=bar, lock=not no_lock)
+    if as_json:
+        emit_json(r.to_json())
+    else:
+        for d in r.damaged_refs:
+            click.echo(f"damaged ref {d.ref} -> {d.target[:12] or '?'}: {d.reason}")
+        for m in r.damaged_manifests:
+            refs = f" (named by {', '.join(m.refs)})" if m.refs else ""
+            click.echo(f"damaged manifest {m.checkpoint}{refs}: {m.reason}")
+        for c in r.damaged_chunks:
+            click.echo(f"damaged chunk {c.chunk}: {c.reason}")
+            for cid, tensors in sorted(c.breaks.items()):
+                refs = r.broken_checkpoints.get(cid) or []
+                shown = ", ".join(sorted(tensors)[:5]) + (" ..." if len(tensors) > 5 else "")
+                click.echo(f"  breaks {cid[:12]}{' (' + ', '.join(refs) + ')' if refs else ''}: "
+                           f"{shown}")
+        if r.ok:
+            click.echo(r.summary() + (f" ({r.unreferenced_chunks} unreferenced chunk(s): "
+                                      "'apollo-cas gc' reclaims them)" if r.unreferenced_chunks
+                                      else ""))
+    if not r.ok:
+        raise DamageFound(r.summary(), "restore a checkpoint it does not break; see "
+                                       "docs/CONCURRENCY.md for repairs")
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@store_option
+@series_option
+@json_option
+def forget(refs: tuple[str, ...], store: str | None, series: str, as_json: bool) -> None:
+    """Drop checkpoints REF...; their chunks are reclaimed by the next gc.
+
+    A tagged checkpoint or a series' latest is refused: delete the tag first
+    (apollo-cas tag - NAME --delete) or save a newer checkpoint.
+    """
+    from ..gc import forget as run_forget
+
+    done = []
+    with Store.open(need_store(store)) as st:
+        for ref in refs:
+            cid = st.resolve(ref, series)
+            run_forget(st, cid)
+            done.append(cid)
+            if not as_json:
+                click.echo(f"forgot {cid[:12]}")
+    if as_json:
+        emit_json({"forgotten": done})
+    else:
+        note("run 'apollo-cas gc' to reclaim the chunks only they used")
+
+
+COMMANDS = [unlock, gc, verify, forget]

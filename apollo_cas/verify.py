@@ -1,0 +1,319 @@
+"""``verify``: prove that every checkpoint a ref or manifest names can be restored.
+
+Checks, in order:
+
+1. the store config is readable and of a known format (``Store.open`` already
+   refuses an unknown version with :class:`~apollo_cas.errors.FormatVersionError`);
+2. every ref (series ``latest``, tags) holds a checkpoint id whose manifest
+   exists, hashes to its id and decodes;
+3. every manifest hashes to its id and decodes;
+4. every chunk a manifest needs (delta bases included) exists;
+5. with ``read_data`` (or a random subset), every such chunk is read, decoded
+   and re-hashed (``Store.read_chunk`` raises ``CorruptChunk`` on a mismatch).
+
+Each damaged chunk is reported with the checkpoints and tensors it breaks. A
+chunk nothing references and leftovers of interrupted writes are garbage for
+gc, not damage. verify holds a shared lock (like a save), so a concurrent gc
+cannot delete a manifest under it and make healthy data look missing.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import layout
+from .errors import ApolloError, ObjectNotFound, UsageError
+from .hashing import digest_hex
+from .manifest import Manifest, StoreConfig
+from .parallel import bounded_map
+from .store import Store
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def parse_subset(text: str) -> float | int:
+    """``"10%"`` -> 0.1, ``"0.25"`` -> 0.25 (a fraction), ``"500"`` -> 500 chunks."""
+    t = str(text).strip()
+    try:
+        if t.endswith("%"):
+            pct = float(t[:-1])
+            if 0 < pct <= 100:
+                return pct / 100
+        elif re.fullmatch(r"\d+", t):
+            if int(t) > 0:
+                return int(t)
+        else:
+            frac = float(t)
+            if 0 < frac <= 1:
+                return frac
+    except ValueError:
+        pass
+    raise UsageError(f"cannot read --read-data-subset {text!r}",
+                     "use a percentage (10%), a fraction (0.1) or a number of chunks (500)")
+
+
+@dataclass
+class ChunkDamage:
+    """A chunk that is missing or does not decode to the bytes its id names."""
+
+    chunk: str
+    reason: str
+    breaks: dict[str, list[str]] = field(default_factory=dict)  # checkpoint -> tensors
+
+    def to_json(self) -> dict[str, Any]:
+        tensors = sorted({t for ts in self.breaks.values() for t in ts})
+        return {"chunk": self.chunk, "reason": self.reason, "checkpoints": sorted(self.breaks),
+                "tensors": tensors, "breaks": {k: sorted(v) for k, v in sorted(self.breaks.items())}}
+
+
+@dataclass
+class ManifestDamage:
+    """A manifest that is unreadable, of an unknown version, or not what its id says."""
+
+    checkpoint: str
+    reason: str
+    refs: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "reason": self.reason, "refs": self.refs}
+
+
+@dataclass
+class RefDamage:
+    """A ref whose value is not an id, or names a missing or damaged manifest."""
+
+    ref: str
+    target: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ref": self.ref, "target": self.target, "reason": self.reason}
+
+
+@dataclass
+class VerifyReport:
+    """What verify checked and what it found."""
+
+    location: str
+    config: dict[str, Any] = field(default_factory=dict)
+    refs_checked: int = 0
+    manifests_checked: int = 0
+    chunks_referenced: int = 0
+    chunks_present: int = 0
+    chunks_read: int = 0
+    bytes_read: int = 0
+    read_data: bool = False
+    unreferenced_chunks: int = 0
+    damaged_refs: list[RefDamage] = field(default_factory=list)
+    damaged_manifests: list[ManifestDamage] = field(default_factory=list)
+    damaged_chunks: list[ChunkDamage] = field(default_factory=list)
+    #: checkpoint id -> refs naming it, for every checkpoint some damage breaks
+    broken_checkpoints: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged_refs or self.damaged_manifests or self.damaged_chunks)
+
+    def summary(self) -> str:
+        """One line: the verdict."""
+        if self.ok:
+            what = (f"{self.chunks_read} chunks read and re-hashed" if self.read_data
+                    else f"{self.chunks_referenced} chunks present")
+            return (f"store {self.location} is healthy: {self.refs_checked} refs, "
+                    f"{self.manifests_checked} manifests, {what}")
+        parts = []
+        if self.damaged_chunks:
+            parts.append(f"{len(self.damaged_chunks)} damaged chunk(s)")
+        if self.damaged_manifests:
+            parts.append(f"{len(self.damaged_manifests)} damaged manifest(s)")
+        if self.damaged_refs:
+            parts.append(f"{len(self.damaged_refs)} damaged ref(s)")
+        return (f"store {self.location} is damaged: {', '.join(parts)}, breaking "
+                f"{len(self.broken_checkpoints)} checkpoint(s)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "location": self.location,
+            "config": self.config,
+            "refs_checked": self.refs_checked,
+            "manifests_checked": self.manifests_checked,
+            "chunks_referenced": self.chunks_referenced,
+            "chunks_present": self.chunks_present,
+            "read_data": self.read_data,
+            "chunks_read": self.chunks_read,
+            "bytes_read": self.bytes_read,
+            "unreferenced_chunks": self.unreferenced_chunks,
+            "damaged_refs": [d.to_json() for d in self.damaged_refs],
+            "damaged_manifests": [d.to_json() for d in self.damaged_manifests],
+            "damaged_chunks": [d.to_json() for d in self.damaged_chunks],
+            "broken_checkpoints": {k: v for k, v in sorted(self.broken_checkpoints.items())},
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def _ref_names(store: Store) -> list[tuple[str, str]]:
+    """(display name, key) of every ref."""
+    out = []
+    for key in sorted(store.backend.list(layout.SERIES_PREFIX)):
+        out.append((f"latest@{key[len(layout.SERIES_PREFIX):]}", key))
+    for key in sorted(store.backend.list(layout.TAGS_PREFIX)):
+        out.append((f"tag {key[len(layout.TAGS_PREFIX):]}", key))
+    return out
+
+
+def _load(store: Store, cid: str) -> Manifest | str:
+    """The manifest, or the reason it cannot be used."""
+    try:
+        data = store.backend.get(layout.manifest_key(cid))
+    except ObjectNotFound:
+        return "manifest is missing"
+    if digest_hex(data) != cid:
+        return "content does not hash to its id (corrupt)"
+    try:
+        return Manifest.decode(data, layout.manifest_key(cid))
+    except ApolloError as exc:  # CorruptManifest, FormatVersionError
+        return exc.message
+
+
+def verify(
+    store: Store,
+    *,
+    read_data: bool = False,
+    subset: float | int | None = None,
+    progress: ProgressFn | None = None,
+    seed: int | None = None,
+    lock: bool = True,
+) -> VerifyReport:
+    """Check the whole store; see the module docstring. Never modifies the store.
+
+    ``subset`` (a fraction in (0, 1] or a number of chunks) reads a random sample
+    of the chunks and implies ``read_data``.
+    """
+    if lock:
+        with store.locks.hold("shared", "verify"):
+            return _verify(store, read_data, subset, progress, seed)
+    return _verify(store, read_data, subset, progress, seed)
+
+
+def _verify(store: Store, read_data: bool, subset: float | int | None,
+            progress: ProgressFn | None, seed: int | None) -> VerifyReport:
+    t0 = time.perf_counter()
+    step = progress or (lambda stage, done, total: None)
+    report = VerifyReport(location=store.location, read_data=read_data or subset is not None)
+    cfg = StoreConfig.decode(store.backend.get(layout.CONFIG_KEY), store.location)
+    report.config = {"store_id": cfg.store_id, "format": cfg.format, "chunk_hash": cfg.chunk_hash,
+                     "created": cfg.created}
+
+    # -- manifests ---------------------------------------------------------------
+    ids = store.checkpoint_ids()
+    step("manifests", 0, len(ids))
+    manifests: dict[str, Manifest] = {}
+    bad_manifest: dict[str, str] = {}
+    for i, (cid, got) in enumerate(zip(ids, bounded_map(lambda c: _load(store, c), ids,
+                                                          store.workers), strict=True)):
+        if isinstance(got, Manifest):
+            manifests[cid] = got
+        else:
+            bad_manifest[cid] = got
+        step("manifests", i + 1, len(ids))
+    report.manifests_checked = len(ids)
+
+    # -- refs --------------------------------------------------------------------
+    refs_of: dict[str, list[str]] = {}
+    for name, key in _ref_names(store):
+        report.refs_checked += 1
+        try:
+            raw = store.backend.get(key)
+        except ObjectNotFound:
+            continue  # deleted while we listed (untag)
+        target = raw.decode("ascii", "replace").strip()
+        try:
+            layout.check_hex_id(target, "ref target")
+        except UsageError:
+            report.damaged_refs.append(RefDamage(name, target[:64], "not a checkpoint id"))
+            continue
+        refs_of.setdefault(target, []).append(name)
+        if target in bad_manifest:
+            report.damaged_refs.append(RefDamage(name, target, f"its manifest is damaged: "
+                                                              f"{bad_manifest[target]}"))
+        elif target not in manifests:
+            got = _load(store, target)  # not listed: missing (or named oddly)
+            if isinstance(got, Manifest):
+                manifests[target] = got
+            else:
+                bad_manifest[target] = got
+                report.damaged_refs.append(RefDamage(name, target, f"names a checkpoint whose {got}"))
+    for cid, reason in sorted(bad_manifest.items()):
+        if reason == "manifest is missing" and cid not in refs_of:
+            continue
+        report.damaged_manifests.append(ManifestDamage(cid, reason, sorted(refs_of.get(cid, []))))
+        report.broken_checkpoints[cid] = sorted(refs_of.get(cid, []))
+
+    # -- chunks: existence ---------------------------------------------------------
+    needed: set[bytes] = set()
+    for m in manifests.values():
+        needed |= m.chunk_ids()
+    present: set[bytes] = set()
+    for key in store.backend.list(layout.CHUNKS_PREFIX):
+        hex_id = layout.chunk_id_from_key(key)
+        if hex_id is not None:
+            present.add(bytes.fromhex(hex_id))
+    report.chunks_referenced = len(needed)
+    report.chunks_present = len(present & needed)
+    report.unreferenced_chunks = len(present - needed)
+    damaged: dict[bytes, str] = {c: "missing" for c in needed - present}
+
+    # -- chunks: content -----------------------------------------------------------
+    if report.read_data:
+        to_read = sorted(needed & present)
+        if subset is not None:
+            n = subset if isinstance(subset, int) else max(1, round(len(to_read) * subset))
+            if n < len(to_read):
+                to_read = sorted(random.Random(seed).sample(to_read, n))
+
+        def check(cid: bytes) -> tuple[bytes, int, str | None]:
+            try:
+                return cid, len(store.read_chunk(cid)), None
+            except ApolloError as exc:  # CorruptChunk, or an I/O error on this chunk
+                return cid, 0, exc.message
+
+        step("read", 0, len(to_read))
+        for i, (chunk, size, err) in enumerate(bounded_map(check, to_read, store.workers)):
+            report.chunks_read += 1
+            report.bytes_read += size
+            if err is not None:
+                damaged[chunk] = err
+            if i % 256 == 0 or i + 1 == len(to_read):
+                step("read", i + 1, len(to_read))
+
+    # -- what the damage breaks -----------------------------------------------------
+    if damaged:
+        by_id = {cid: ChunkDamage(cid.hex(), reason) for cid, reason in sorted(damaged.items())}
+        for cp, m in manifests.items():
+            for t in m.tensors:
+                for c in t.chunks:
+                    # A chunk is broken if it, or any base in its delta chain, is damaged.
+                    link: bytes | None = c
+                    hops = 0
+                    while link is not None and hops <= 64:
+                        hit = by_id.get(link)
+                        if hit is not None:
+                            names = hit.breaks.setdefault(cp, [])
+                            if t.name not in names:
+                                names.append(t.name)
+                            report.broken_checkpoints[cp] = sorted(refs_of.get(cp, []))
+                        link = m.bases.get(link)
+                        hops += 1
+        report.damaged_chunks = list(by_id.values())
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+__all__ = ["ChunkDamage", "ManifestDamage", "RefDamage", "VerifyReport", "parse_subset", "verify"]
