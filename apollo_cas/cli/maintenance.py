@@ -173,10 +173,9 @@ def verify(store: str | None, read_data: bool, read_data_subset: str | None, no_
         for c in r.damaged_chunks:
             click.echo(f"damaged chunk {c.chunk}: {c.reason}")
             for cid, tensors in sorted(c.breaks.items()):
-                refs = r.broken_checkpoints.get(cid) or []
+                named = ", ".join(r.broken_checkpoints.get(cid) or [])
                 shown = ", ".join(sorted(tensors)[:5]) + (" ..." if len(tensors) > 5 else "")
-                click.echo(f"  breaks {cid[:12]}{' (' + ', '.join(refs) + ')' if refs else ''}: "
-                           f"{shown}")
+                click.echo(f"  breaks {cid[:12]}{f' ({named})' if named else ''}: {shown}")
         if r.ok:
             click.echo(r.summary() + (f" ({r.unreferenced_chunks} unreferenced chunk(s): "
                                       "'apollo-cas gc' reclaims them)" if r.unreferenced_chunks
