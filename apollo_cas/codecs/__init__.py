@@ -233,6 +233,8 @@ def _decode_plain(
     codec: int, params: memoryview, payload: memoryview, raw_size: int
 ) -> np.ndarray | bytes | memoryview:
     """Decode a non-delta payload (raises ValueError on inconsistency)."""
+    if codec not in (RAW, ZSTD, PLANES):
+        raise ValueError(f"codec id {codec} cannot be nested in a delta")
     if codec == PLANES:
         return planes.decode(params, payload, raw_size)
     if len(params):
@@ -243,9 +245,7 @@ def _decode_plain(
         if len(payload) != raw_size:
             raise ValueError(f"raw payload is {len(payload)} bytes, header says {raw_size}")
         return payload
-    if codec == ZSTD:
-        return _zstd.decompress_exact(payload, raw_size)
-    raise ValueError(f"codec id {codec} cannot be nested in a delta")
+    return _zstd.decompress_exact(payload, raw_size)
 
 
 def decode(

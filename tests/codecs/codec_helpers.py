@@ -53,8 +53,9 @@ class MemStore:
         self.blobs: dict[bytes, bytes] = {}
         self.reads = 0
 
-    def put(self, raw: bytes, policy: codecs.CodecPolicy, itemsize: int,
-            base: codecs.Base | None = None) -> bytes:
+    def put(
+        self, raw: bytes, policy: codecs.CodecPolicy, itemsize: int, base: codecs.Base | None = None
+    ) -> bytes:
         cid = digest(raw)
         self.blobs.setdefault(cid, codecs.encode(raw, policy, itemsize, base=base))
         return cid
@@ -72,5 +73,6 @@ class MemStore:
         return lambda h: self.read(bytes.fromhex(h))
 
     def base(self, cid: bytes) -> codecs.Base:
-        return codecs.Base(chunk_id=cid, raw=lambda: self.read(cid),
-                           depth=codecs.delta_depth(self.blobs[cid]))
+        return codecs.Base(
+            chunk_id=cid, raw=lambda: self.read(cid), depth=codecs.delta_depth(self.blobs[cid])
+        )

@@ -7,13 +7,12 @@ import threading
 
 import numpy as np
 import pytest
+from codec_helpers import WIDTHS, f32_to_bf16, weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apollo_cas import codecs
 from apollo_cas.codecs import envelope, planes
-
-from codec_helpers import WIDTHS, f32_to_bf16, weights
 
 POLICIES = [codecs.CodecPolicy(codec=c, level=lv) for c in codecs.POLICY_CODECS for lv in (1, 3)]
 
@@ -49,8 +48,9 @@ def test_roundtrip_arbitrary_bytes(data: bytes, itemsize: int, policy: codecs.Co
     extra=st.integers(0, 7),
     policy=st.sampled_from(POLICIES),
 )
-def test_roundtrip_compressible(values: list[int], itemsize: int, extra: int,
-                                policy: codecs.CodecPolicy) -> None:
+def test_roundtrip_compressible(
+    values: list[int], itemsize: int, extra: int, policy: codecs.CodecPolicy
+) -> None:
     """Low-entropy data (planes and zstd actually compress) with ragged tails."""
     raw = bytes(values) * 3 + bytes(extra)
     roundtrip(raw, policy, itemsize)
@@ -60,8 +60,18 @@ def test_roundtrip_compressible(values: list[int], itemsize: int, extra: int,
 @pytest.mark.parametrize("codec", codecs.POLICY_CODECS)
 def test_odd_lengths(itemsize: int, codec: str) -> None:
     policy = codecs.CodecPolicy(codec=codec)
-    for n in sorted({0, 1, max(itemsize - 1, 0), itemsize, itemsize + 1, 3 * itemsize + 1,
-                     4097, 64 * itemsize + itemsize - 1}):
+    for n in sorted(
+        {
+            0,
+            1,
+            max(itemsize - 1, 0),
+            itemsize,
+            itemsize + 1,
+            3 * itemsize + 1,
+            4097,
+            64 * itemsize + itemsize - 1,
+        }
+    ):
         zeros_then_noise = bytes(n // 2) + os.urandom(n - n // 2)
         for raw in (os.urandom(n), bytes(n), zeros_then_noise):
             roundtrip(raw, policy, itemsize)
@@ -123,8 +133,12 @@ def test_auto_uses_zstd_for_bytes_and_planes_for_wider_elements() -> None:
 def test_accepts_memoryview_bytearray_and_numpy_views() -> None:
     arr = np.frombuffer(weights(4096, "fp32"), dtype=np.float32)
     expected = arr.tobytes()
-    for raw in (memoryview(arr), bytearray(expected), memoryview(expected)[0:],
-                memoryview(arr.view(np.uint8))):
+    for raw in (
+        memoryview(arr),
+        bytearray(expected),
+        memoryview(expected)[0:],
+        memoryview(arr.view(np.uint8)),
+    ):
         blob = codecs.encode(raw, codecs.CodecPolicy(), 4)  # type: ignore[arg-type]
         assert codecs.decode(blob) == expected
 
@@ -139,10 +153,15 @@ def test_bf16_helper_matches_torch() -> None:
 
 def test_threads_share_nothing() -> None:
     """Many threads encoding and decoding at once, at several levels, agree with one thread."""
-    blocks = [weights(30_000, d, seed=i) for i, d in enumerate(["bf16", "fp32", "fp16", "bf16"] * 3)]
+    blocks = [
+        weights(30_000, d, seed=i) for i, d in enumerate(["bf16", "fp32", "fp16", "bf16"] * 3)
+    ]
     policies = [codecs.CodecPolicy(codec=c, level=lv) for c in ("planes", "zstd") for lv in (1, 3)]
-    expected = {(i, j): codecs.encode(b, p, 4 if i % 4 == 1 else 2)
-                for i, b in enumerate(blocks) for j, p in enumerate(policies)}
+    expected = {
+        (i, j): codecs.encode(b, p, 4 if i % 4 == 1 else 2)
+        for i, b in enumerate(blocks)
+        for j, p in enumerate(policies)
+    }
     errors: list[BaseException] = []
 
     def work(offset: int) -> None:
