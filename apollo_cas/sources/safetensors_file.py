@@ -91,7 +91,7 @@ class SafetensorsSource(Source):
                 count = 1
                 for s in shape:
                     count *= s
-                if end - begin != count * dt.itemsize or data_start + end > size or begin > end:
+                if end - begin != count * dt.itemsize or data_start + end > size or not 0 <= begin <= end:
                     raise SourceError(f"{path}: tensor {name!r} has inconsistent offsets (file truncated?)",
                                       "re-export the file")
                 tensors[name] = MappedTensor(name, dt, shape,
