@@ -7,7 +7,7 @@ Keys are ``/``-separated relative names; backends map them to files or objects.
     config                          StoreConfig (msgpack), written once by the first save
     chunks/<ab>/<32 hex>            one chunk, named by XXH3-128 of its raw bytes
     manifests/<32 hex>              one checkpoint manifest, named by XXH3-128 of its bytes
-    groups/<32 hex>                 a multi-rank checkpoint: the manifests of its ranks
+    groups/<series>/<name>          a multi-rank checkpoint: rank -> checkpoint id
     refs/series/<series>            id of the newest checkpoint of a series ("latest")
     refs/tags/<tag>                 id of a tagged checkpoint; gc keeps it
     locks/<lock id>                 shared / exclusive locks (JSON, with owner and expiry)
@@ -67,8 +67,14 @@ def manifest_key(hex_id: str) -> str:
     return MANIFESTS_PREFIX + check_hex_id(hex_id, "checkpoint id")
 
 
-def group_key(hex_id: str) -> str:
-    return GROUPS_PREFIX + check_hex_id(hex_id, "group id")
+def group_key(series: str, name: str) -> str:
+    return f"{GROUPS_PREFIX}{check_name(series, 'series')}/{check_name(name, 'group')}"
+
+
+def rank_series(series: str, rank: int) -> str:
+    """The series one tensor-parallel rank saves into: each rank has its own
+    tensors, so its own ``latest`` and parent chain."""
+    return check_name(f"{series}.rank{rank}", "series")
 
 
 def series_key(series: str) -> str:

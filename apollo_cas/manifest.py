@@ -21,6 +21,7 @@ from .hashing import digest_hex
 
 STORE_FORMAT = 1
 MANIFEST_FORMAT = 1
+GROUP_FORMAT = 1
 DEFAULT_BLOCK_SIZE = 1 << 20
 
 
@@ -212,3 +213,45 @@ class Manifest:
         except Exception as exc:
             raise CorruptManifest(f"{where}: malformed manifest ({exc})",
                                   "run apollo-cas verify; restore an older checkpoint") from exc
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """A checkpoint saved by several tensor-parallel ranks: one manifest per rank.
+
+    Stored at ``groups/<series>/<name>``; each rank adds itself by
+    compare-and-swap, so ranks on different hosts can save concurrently.
+    """
+
+    series: str
+    name: str
+    world_size: int
+    members: dict[int, str]  # rank -> checkpoint id
+    created: float = field(default_factory=time.time)
+    format: int = GROUP_FORMAT
+
+    @property
+    def complete(self) -> bool:
+        return sorted(self.members) == list(range(self.world_size))
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"format": self.format, "series": self.series, "name": self.name,
+                              "world_size": self.world_size, "created": self.created,
+                              "members": {int(r): c for r, c in sorted(self.members.items())}})
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> GroupRecord:
+        try:
+            d = msgpack.unpackb(data, strict_map_key=False)
+        except Exception as exc:
+            raise CorruptManifest(f"{where}: unreadable group record ({exc})",
+                                  "delete it; the rank checkpoints are intact") from exc
+        if not isinstance(d, dict):
+            raise CorruptManifest(f"{where}: group record is not a map")
+        _check_format(d.get("format"), GROUP_FORMAT, "group", where)
+        try:
+            return cls(series=str(d["series"]), name=str(d["name"]), world_size=int(d["world_size"]),
+                       members={int(r): str(c) for r, c in d["members"].items()},
+                       created=float(d["created"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptManifest(f"{where}: malformed group record ({exc})") from exc

@@ -29,6 +29,7 @@ from .hashing import digest_hex
 from .locks import Locks
 from .manifest import (
     DEFAULT_BLOCK_SIZE,
+    GroupRecord,
     Manifest,
     SaveStats,
     SourceInfo,
@@ -289,21 +290,29 @@ class Store:
         created: float | None = None,
         progress: ProgressFn | None = None,
         check: Callable[[Manifest | None, Source], None] | None = None,
+        group: str | None = None,
     ) -> SaveResult:
         """Checkpoint ``source`` (a Source, or a mapping of tensors / arrays).
 
         Only blocks the store lacks are compressed and written. If nothing changed
         since the series' latest checkpoint, no checkpoint is added unless
         ``force``. ``check(parent_manifest, source)`` may refuse the save (stale
-        handles) before anything is written.
+        handles) before anything is written. A source with a rank and a world
+        size above 1 saves into the series ``<series>.rank<r>``; ``group`` joins
+        its checkpoint to the multi-rank checkpoint of that name.
         """
         t0 = time.perf_counter()
         layout.check_name(series, "series")
-        if tag is not None:
-            layout.check_name(tag, "tag")
+        for name in (tag, group):
+            if name is not None:
+                layout.check_name(name, "tag" if name is tag else "group")
         check_block_size(block_size)
         if not isinstance(source, Source):
             source = open_mapping(source, SourceInfo(kind="mapping"))
+        info = source.info
+        if metadata:
+            info = replace(info, metadata={**info.metadata, **dict(metadata)})
+        series = self._series_for(series, info, group)
         self._check_config(create=True)
         with self.locks.hold("shared", f"save {series}"):
             # Only what is known *now*, under the lock, may be trusted: gc may have
@@ -318,32 +327,82 @@ class Store:
             res = write_source(self.chunks, source, block_size, self.workers,
                                self._base_finder(source, parent, block_size), progress)
             self.backend.sync()
-            info = source.info
-            if metadata:
-                info = replace(info, metadata={**info.metadata, **dict(metadata)})
             elapsed = time.perf_counter() - t0
             if same_content(res.tensors, parent) and not force:
-                if tag:
-                    self.tag(parent_id or "", tag, series=series)
-                return SaveResult(parent_id, parent.parent if parent else None, series, True,
-                                  parent, res.stats, elapsed, res.fetched_bytes)
-            manifest = Manifest(
-                series=series,
-                created=created if created is not None else (source.created or time.time()),
-                block_size=block_size,
-                tensors=res.tensors,
-                source=info,
-                parent=parent_id,
-                stats=replace(res.stats, seconds=round(elapsed, 6)),
-                bases=self._bases_closure(res, parent),
-            )
-            cid, manifest, unchanged = self._commit(manifest, parent_id, force)
+                cid, manifest, unchanged = parent_id, parent, True
+            else:
+                manifest = Manifest(
+                    series=series,
+                    created=created if created is not None else (source.created or time.time()),
+                    block_size=block_size,
+                    tensors=res.tensors,
+                    source=info,
+                    parent=parent_id,
+                    stats=replace(res.stats, seconds=round(elapsed, 6)),
+                    bases=self._bases_closure(res, parent),
+                )
+                cid, manifest, unchanged = self._commit(manifest, parent_id, force)
+            # Still under the shared lock: once released, a concurrent save may
+            # move latest past cid and gc could forget it before it is named.
             if tag and cid:
-                # Still under the shared lock: once released, a concurrent save may
-                # move latest past cid and gc could forget it before it is tagged.
-                self.tag(cid, tag, series=series, force=True)
-        return SaveResult(cid, manifest.parent, series, unchanged, manifest, manifest.stats,
-                          time.perf_counter() - t0, res.fetched_bytes)
+                self.tag(cid, tag, series=series, force=not unchanged)
+            if group and cid:
+                self._join_group(group, series, info, cid)
+        stats = res.stats if unchanged else manifest.stats if manifest else res.stats
+        return SaveResult(cid, manifest.parent if manifest else None, series, unchanged, manifest,
+                          stats, time.perf_counter() - t0, res.fetched_bytes)
+
+    @staticmethod
+    def _series_for(series: str, info: SourceInfo, group: str | None) -> str:
+        """Ranks of a tensor-parallel model save into one series each."""
+        if info.rank is not None and (info.world_size or 1) > 1:
+            if not 0 <= info.rank < (info.world_size or 1):
+                raise UsageError(f"rank {info.rank} outside world size {info.world_size}")
+            return layout.rank_series(series, info.rank)
+        if group is not None:
+            raise UsageError("--group needs --rank and --world-size",
+                             "a group joins the checkpoints of several ranks")
+        return series
+
+    # -- multi-rank groups ---------------------------------------------------------
+    def _join_group(self, name: str, series: str, info: SourceInfo, cid: str) -> GroupRecord:
+        """Add this rank's checkpoint to group ``name`` by compare-and-swap."""
+        base_series = series.rsplit(".rank", 1)[0]
+        key = layout.group_key(base_series, name)
+        world = info.world_size or 1
+        rank = info.rank or 0
+        for _ in range(_CAS_RETRIES):
+            try:
+                old: bytes | None = self.backend.get(key)
+            except ObjectNotFound:
+                old = None
+            rec = (GroupRecord.decode(old, key) if old is not None
+                   else GroupRecord(series=base_series, name=name, world_size=world, members={}))
+            if rec.world_size != world:
+                raise UsageError(f"group {name!r} has world size {rec.world_size}, this rank says {world}",
+                                 "use another --group name for a different parallel layout")
+            rec = replace(rec, members={**rec.members, rank: cid})
+            if self.backend.compare_and_swap(key, old, rec.encode()):
+                return rec
+        raise ConcurrentUpdate(f"group {name!r} kept changing", "retry")
+
+    def groups(self) -> list[GroupRecord]:
+        """Every multi-rank checkpoint, oldest first."""
+        out = []
+        for key in self.backend.list(layout.GROUPS_PREFIX):
+            try:
+                out.append(GroupRecord.decode(self.backend.get(key), key))
+            except ObjectNotFound:
+                continue
+        return sorted(out, key=lambda g: (g.created, g.series, g.name))
+
+    def group(self, name: str, series: str = layout.DEFAULT_SERIES) -> GroupRecord:
+        key = layout.group_key(series, name)
+        try:
+            return GroupRecord.decode(self.backend.get(key), key)
+        except ObjectNotFound:
+            raise RefNotFound(f"no group {name!r} in series {series!r} of {self.location}",
+                              "see 'apollo-cas list'") from None
 
     def _base_finder(self, source: Source, parent: Manifest | None,
                      block_size: int) -> Callable[[int, int], codecs.Base | None] | None:
@@ -467,6 +526,42 @@ class Store:
         else:
             raise UsageError(f"unknown restore format {format!r}", "use flat or safetensors")
         return [str(p) for p in paths]
+
+    def restore_group(
+        self,
+        name: str,
+        to: str | os.PathLike[str],
+        *,
+        format: str = "safetensors",
+        series: str = layout.DEFAULT_SERIES,
+        rank: int | None = None,
+        max_shard_size: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[str]:
+        """Restore every rank of a multi-rank checkpoint (or one ``rank``) into ``to``.
+
+        safetensors: vLLM's per-rank layout (``model-rank-R-part-P``), all ranks in
+        one directory; flat: ``rank-R/weights.bin`` + ``weights.json`` per rank.
+        """
+        from pathlib import Path
+
+        rec = self.group(name, series)
+        if not rec.complete:
+            missing = sorted(set(range(rec.world_size)) - set(rec.members))
+            if rank is None or rank not in rec.members:
+                raise RefNotFound(f"group {name!r} is incomplete: ranks {missing} never saved",
+                                  "restore the ranks that exist with --rank, or an older group")
+        ranks = [rank] if rank is not None else sorted(rec.members)
+        paths: list[str] = []
+        for r in ranks:
+            if r not in rec.members:
+                raise RefNotFound(f"group {name!r} has no rank {r}",
+                                  f"ranks present: {sorted(rec.members)}")
+            dest = Path(to) / f"rank-{r}" if format == "flat" else Path(to)
+            paths += self.restore(rec.members[r], dest, format=format, series=series,
+                                  max_shard_size=max_shard_size, safetensors_layout="vllm-sharded",
+                                  progress=progress)
+        return paths
 
     def load(self, ref: str | None = None, *, device: str | None = None,
              series: str = layout.DEFAULT_SERIES) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def list_cmd(store: str | None, as_json: bool) -> None:
     """List checkpoints, oldest first: id, time, series, tags, size, new bytes, dedup ratio."""
     with Store.open(need_store(store)) as st:
         rows = reports.list_rows(st)
+        groups = st.groups()
     if as_json:
         emit_json([r.to_json() for r in rows])
         return
@@ -47,6 +48,12 @@ def list_cmd(store: str | None, as_json: bool) -> None:
              human_bytes(r.new_stored_bytes), ratio(r.dedup_ratio), _source_text(r.source)]
             for r in rows]
     click.echo(table(body, ["ID", "TIME", "SERIES", "REFS", "SIZE", "NEW", "DEDUP", "SOURCE"]))
+    if groups:
+        click.echo("")
+        gbody = [[g.name, g.series, human_time(g.created),
+                  f"{len(g.members)}/{g.world_size}" + ("" if g.complete else " incomplete"),
+                  " ".join(f"{r}:{c[:12]}" for r, c in sorted(g.members.items()))] for g in groups]
+        click.echo(table(gbody, ["GROUP", "SERIES", "TIME", "RANKS", "CHECKPOINTS"]))
 
 
 @click.command()

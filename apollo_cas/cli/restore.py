@@ -24,10 +24,12 @@ from .common import emit_json, human_bytes, json_option, need_store, parse_size,
               show_default=True,
               help="safetensors naming: hf (model-0000i-of-n) or vLLM's per-rank "
                    "model-rank-R-part-P (auto: vllm-sharded for handles saved with --rank).")
+@click.option("--group", metavar="NAME", help="Restore the multi-rank checkpoint NAME (REF is ignored).")
+@click.option("--rank", type=int, help="With --group: only this rank.")
 @series_option
 @json_option
 def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str, st_layout: str,
-            series: str, as_json: bool) -> None:
+            group: str | None, rank: int | None, series: str, as_json: bool) -> None:
     """Write checkpoint REF (default: latest) into PATH, bit-exactly.
 
     Files appear only when complete; the file that names the others
@@ -36,11 +38,22 @@ def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str
     import time
 
     t0 = time.perf_counter()
+    shard = parse_size(max_shard_size, "shard size")
+    if group is not None:
+        with Store.open(need_store(store)) as st:
+            paths = st.restore_group(group, to, format=fmt, series=series, rank=rank,
+                                     max_shard_size=shard)
+        seconds = time.perf_counter() - t0
+        if as_json:
+            emit_json({"group": group, "files": paths, "seconds": round(seconds, 4)})
+        else:
+            click.echo(f"restored group {group} to {to} in {seconds:.2f}s: {len(paths)} files")
+        return
     with Store.open(need_store(store)) as st:
         cid = st.resolve(ref, series)
         manifest = st.manifest(cid)
         with progress(manifest.logical_bytes, f"restore {cid[:12]}", not as_json) as bar:
-            paths = st.restore(cid, to, format=fmt, max_shard_size=parse_size(max_shard_size, "shard size"),
+            paths = st.restore(cid, to, format=fmt, max_shard_size=shard,
                                safetensors_layout=st_layout, progress=bar)
     seconds = time.perf_counter() - t0
     if as_json:

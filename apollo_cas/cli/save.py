@@ -70,6 +70,7 @@ def save_sources(
     store: Store, paths: list[Path], *, kind: str | None, series: str, tag: str | None,
     block_size: int, force: bool, meta: dict[str, str], rank: int | None,
     world_size: int | None, as_json: bool, max_age: float | None = None,
+    group: str | None = None,
 ) -> list[SaveResult]:
     """Save each source path in order; a seed root imports its whole history."""
     from ..sources import detect_kind, open_path
@@ -101,7 +102,8 @@ def save_sources(
             total = sum(t.nbytes for t in src.tensors())
             with progress(total, f"save {path.name}", not as_json) as bar:
                 r = store.save(src, series=series, block_size=block_size, force=force,
-                               metadata=meta, tag=tag if last else None, progress=bar, check=check)
+                               metadata=meta, tag=tag if last else None, progress=bar, check=check,
+                               group=group)
         results.append(r)
         print_result(r, str(path), as_json)
     return results
@@ -120,6 +122,9 @@ def save_sources(
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to record (repeatable).")
 @click.option("--rank", type=int, help="Tensor-parallel rank of these weights (recorded in the manifest).")
 @click.option("--world-size", type=int, help="Tensor-parallel world size (recorded in the manifest).")
+@click.option("--group", metavar="NAME",
+              help="Join this rank's checkpoint to the multi-rank checkpoint NAME (with --rank, "
+                   "--world-size); each rank saves into series SERIES.rankR.")
 @click.option("--handles", "handles", type=click.Path(path_type=Path),
               help="The original tool's CUDA IPC handles file (same as SOURCE with --source-kind handles).")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
@@ -132,7 +137,7 @@ def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_si
          as_json: bool, source_kind: str | None, series: str, force: bool, meta: tuple[str, ...],
          rank: int | None, world_size: int | None, handles: Path | None,
          checkpoint_dir: Path | None, max_age: float | None, codec: str, level: int,
-         delta: bool | None) -> None:
+         delta: bool | None, group: str | None) -> None:
     """Save SOURCE... as checkpoints: only blocks the store lacks are written.
 
     SOURCE is a safetensors file or directory, a .pt state_dict, a handles file,
@@ -159,7 +164,8 @@ def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_si
             results = []
         results += save_sources(st, paths, kind=kind, series=series, tag=tag, block_size=bs,
                                 force=force, meta=_parse_meta(meta), rank=rank,
-                                world_size=world_size, as_json=as_json, max_age=max_age)
+                                world_size=world_size, as_json=as_json, max_age=max_age,
+                                group=group)
     if as_json:
         emit_json(results[0].to_json() if len(results) == 1 else [r.to_json() for r in results])
 
