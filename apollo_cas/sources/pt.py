@@ -35,17 +35,24 @@ class PtSource(Source):
 
     def __init__(self, path: Path, info: SourceInfo | None = None) -> None:
         import pickle
+        import re
+        import zipfile
 
         import torch
 
         self.info = info or SourceInfo(kind="pt", location=str(path))
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format; legacy (pre-1.6) files load without it.
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
             if "weights_only" in str(exc) or "global" in str(exc).lower():
+                # torch's first lines advise weights_only=False; name the global instead.
+                named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                what = f"it names {named.group(1)}" if named else "refused by the weights-only loader"
                 raise UnsafePickle(
-                    f"{path} is a pickle that needs code to load ({first[:200]}); it was not run",
+                    f"{path} is a pickle that needs code to load ({what}); it was not run",
                     "save plain tensors: torch.save(model.state_dict(), path)",
                 ) from exc
             raise UnsupportedSource(f"{path} is not a torch checkpoint ({first[:200]})") from exc
