@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
-from .errors import CorruptManifest, ObjectNotFound, UsageError
+from .errors import ApolloError, CorruptManifest, ObjectNotFound, UsageError
 from .manifest import Manifest
 from .parallel import bounded_map
 from .retention import RetentionPolicy, select
@@ -67,6 +67,7 @@ class GcReport:
     chunk_bytes: int = 0
     chunks_kept: int = 0
     temporaries_removed: int = 0
+    groups_deleted: int = 0
     rescued_chunks: int = 0  # candidates protected by saves that finished during phase 1
     seconds: float = 0.0
     lock_wait_seconds: float = 0.0
@@ -87,6 +88,7 @@ class GcReport:
             "chunks_kept": self.chunks_kept,
             "bytes_freed": self.bytes_freed,
             "temporaries_removed": self.temporaries_removed,
+            "groups_deleted": self.groups_deleted,
             "rescued_chunks": self.rescued_chunks,
             "seconds": round(self.seconds, 4),
             "lock_wait_seconds": round(self.lock_wait_seconds, 4),
@@ -127,8 +129,73 @@ def _sizes(store: Store, keys: list[str]) -> list[int]:
     return list(bounded_map(size, keys, store.workers))
 
 
+def _dependents_first(store: Store, candidates: set[bytes],
+                      manifests: Iterable[Manifest]) -> list[bytes]:
+    """Candidates ordered so that a delta chunk goes before the chunk it is a delta
+    against.
+
+    The sweep may release its lock between batches; a save that runs in such a
+    gap may deduplicate against a candidate not yet deleted, and its manifest
+    then rescues that chunk *and its base chain*. That is only possible if no
+    base was deleted before its dependents, hence this order (deepest first).
+    Edges come from the manifests' ``bases``; chunks no manifest names
+    (leftovers of interrupted saves) have their header read.
+    """
+    bases: dict[bytes, bytes] = {}
+    for m in manifests:
+        bases.update(m.bases)
+    covered = set(bases)
+    for m in manifests:
+        covered |= m.chunk_ids()
+    orphans = sorted(candidates - covered)
+
+    def base_of(cid: bytes) -> bytes | None:
+        try:
+            return store.chunks.base_of(cid)
+        except ApolloError:  # an unreadable leftover: nothing can depend on it
+            return None
+
+    for cid, base in zip(orphans, bounded_map(base_of, orphans, store.workers), strict=True):
+        if base is not None:
+            bases[cid] = base
+
+    def depth(cid: bytes) -> int:
+        d = 0
+        while cid in bases and d < 1024:
+            cid = bases[cid]
+            d += 1
+        return d
+
+    return sorted(candidates, key=lambda c: (-depth(c), c))
+
+
 def _referenced(store: Store) -> set[str]:
     return set(store.tags().values()) | set(store.series().values())
+
+
+def _groups(store: Store) -> list[Any]:
+    """Multi-rank group records (``GroupRecord``), if this store version has them."""
+    fn = getattr(store, "groups", None)
+    return list(fn()) if fn is not None else []
+
+
+def _apply_groups(groups: list[Any], keep: set[str], reasons: dict[str, list[str]]) -> list[Any]:
+    """A group is restored as a whole: keep every member of a group any of whose
+    members is kept (adds to ``keep``). Returns the groups none of whose members
+    is kept: their records go too."""
+    dead = []
+    for g in groups:
+        members = set(g.members.values())
+        if members & keep:
+            for cid in members - keep:
+                if cid in reasons:
+                    keep.add(cid)
+                    why = f"group {g.series}/{g.name}"
+                    if why not in reasons[cid]:
+                        reasons[cid].append(why)
+        else:
+            dead.append(g)
+    return dead
 
 
 def gc(
@@ -161,12 +228,16 @@ def gc(
     checkpoints = store.checkpoints()
     sel = select(checkpoints, policy, time.time() if now is None else now)
     manifests = {c.checkpoint_id: c.manifest for c in checkpoints}
-    forget_ids = set(sel.forget)
+    keep_ids = set(sel.keep)
+    dead_groups = _apply_groups(_groups(store), keep_ids, sel.reasons)
+    forget_ids = set(sel.forget) - keep_ids
+    sel = sel._replace(keep=[c for c in manifests if c in keep_ids],
+                       forget=[c for c in sel.forget if c in forget_ids])
     reachable = _reachable(m for cid, m in manifests.items() if cid not in forget_ids)
     present = _chunk_ids_present(store)
     candidates = present - reachable
     # Sizes are gathered now, outside the lock (one stat or HEAD per object).
-    ordered = sorted(candidates)
+    ordered = _dependents_first(store, candidates, manifests.values())
     chunk_size = dict(zip(ordered, _sizes(store, [layout.chunk_key(c.hex()) for c in ordered]),
                           strict=True))
     manifest_size = dict(zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]),
@@ -175,6 +246,7 @@ def gc(
 
     if dry_run:
         report.kept, report.forgotten, report.reasons = sel.keep, sel.forget, sel.reasons
+        report.groups_deleted = len(dead_groups)
         report.manifests_deleted = len(sel.forget)
         report.manifest_bytes = sum(manifest_size.values())
         report.chunks_deleted = len(candidates)
@@ -207,11 +279,19 @@ def gc(
                 # Refs may have moved and tags may have been added since phase 1:
                 # never delete what a ref names now, nor the chunks it needs.
                 rescued = forget_ids & _referenced(store)
+                live = seen - forget_ids - rescued
+                dead_groups = _apply_groups(_groups(store), live, sel.reasons)
+                rescued |= forget_ids & live
                 if rescued:
                     forget_ids -= rescued
                     needed = _reachable(manifests[c] for c in rescued)
                     pending = [c for c in pending if c not in needed]
                 forget_sorted = [c for c in sel.forget if c in forget_ids]
+                # Group records name manifests like refs do: they go before the
+                # manifests they name.
+                for g in dead_groups:
+                    store.backend.delete(layout.group_key(g.series, g.name))
+                report.groups_deleted = len(dead_groups)
                 # Manifests first: once they are gone nothing names the chunks
                 # below, so a kill at any point of the sweep leaves a consistent store.
                 for i, cid in enumerate(forget_sorted):
@@ -260,6 +340,14 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
                 f"checkpoint {checkpoint_id[:12]} is tagged {', '.join(tags)}",
                 f"delete the tag first: apollo-cas tag - {tags[0]} --delete",
             )
+        for g in _groups(store):
+            ranks = sorted(r for r, c in g.members.items() if c == checkpoint_id)
+            if ranks:
+                raise UsageError(
+                    f"checkpoint {checkpoint_id[:12]} is rank {ranks[0]} of group "
+                    f"{g.series}/{g.name}",
+                    "a group is kept or forgotten as a whole by gc's retention policy",
+                )
         latest = sorted(s for s, c in store.series().items() if c == checkpoint_id)
         if latest:
             raise UsageError(
