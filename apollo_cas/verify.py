@@ -4,7 +4,7 @@ Checks, in order:
 
 1. the store config is readable and of a known format (``Store.open`` already
    refuses an unknown version with :class:`~apollo_cas.errors.FormatVersionError`);
-2. every ref (series ``latest``, tags) holds a checkpoint id whose manifest
+2. every ref (series ``latest``, tags, members of multi-rank groups) holds a checkpoint id whose manifest
    exists, hashes to its id and decodes;
 3. every manifest hashes to its id and decodes;
 4. every chunk a manifest needs (delta bases included) exists;
@@ -29,7 +29,7 @@ from typing import Any
 from . import layout
 from .errors import ApolloError, ObjectNotFound, UsageError
 from .hashing import digest_hex
-from .manifest import Manifest, StoreConfig
+from .manifest import GroupRecord, Manifest, StoreConfig
 from .parallel import bounded_map
 from .store import Store
 
@@ -158,13 +158,31 @@ class VerifyReport:
         }
 
 
-def _ref_names(store: Store) -> list[tuple[str, str]]:
-    """(display name, key) of every ref."""
+def _ref_targets(store: Store, report: VerifyReport) -> list[tuple[str, str]]:
+    """(display name, raw target) of every ref: series, tags, and each member of
+    a multi-rank group. Unreadable refs are reported here."""
     out = []
-    for key in sorted(store.backend.list(layout.SERIES_PREFIX)):
-        out.append((f"latest@{key[len(layout.SERIES_PREFIX):]}", key))
-    for key in sorted(store.backend.list(layout.TAGS_PREFIX)):
-        out.append((f"tag {key[len(layout.TAGS_PREFIX):]}", key))
+    keys = [(f"latest@{k[len(layout.SERIES_PREFIX):]}", k)
+            for k in sorted(store.backend.list(layout.SERIES_PREFIX))]
+    keys += [(f"tag {k[len(layout.TAGS_PREFIX):]}", k)
+             for k in sorted(store.backend.list(layout.TAGS_PREFIX))]
+    for name, key in keys:
+        try:
+            raw = store.backend.get(key)
+        except ObjectNotFound:
+            continue  # deleted while we listed (untag)
+        out.append((name, raw.decode("ascii", "replace").strip()))
+    for key in sorted(store.backend.list(layout.GROUPS_PREFIX)):
+        name = f"group {key[len(layout.GROUPS_PREFIX):]}"
+        try:
+            rec = GroupRecord.decode(store.backend.get(key), key)
+        except ObjectNotFound:
+            continue
+        except ApolloError as exc:
+            report.refs_checked += 1
+            report.damaged_refs.append(RefDamage(name, "", exc.message))
+            continue
+        out += [(f"{name} rank {r}", cid) for r, cid in sorted(rec.members.items())]
     return out
 
 
@@ -227,13 +245,8 @@ def _verify(store: Store, read_data: bool, subset: float | int | None,
 
     # -- refs --------------------------------------------------------------------
     refs_of: dict[str, list[str]] = {}
-    for name, key in _ref_names(store):
+    for name, target in _ref_targets(store, report):
         report.refs_checked += 1
-        try:
-            raw = store.backend.get(key)
-        except ObjectNotFound:
-            continue  # deleted while we listed (untag)
-        target = raw.decode("ascii", "replace").strip()
         try:
             layout.check_hex_id(target, "ref target")
         except UsageError:
