@@ -124,6 +124,8 @@ class DeviceTensor(SourceTensor):
 
 def _kernel_module() -> ModuleType | None:
     """The Triton kernel module when it can run here, else None (host hashing)."""
+    if not torch.cuda.is_available():
+        return None  # and do not import triton on a CPU-only machine
     try:
         from ..gpu import xxh3_kernel
     except Exception as exc:  # triton missing or broken: fall back, do not fail the save
@@ -328,7 +330,9 @@ class DeviceSource(Source):
     file, the IPC mappings stay open) until :meth:`close`. ``buffer_bytes`` bounds
     the host memory ``fetch`` uses: two pinned buffers of at most that size
     (smaller when the request is smaller). ``streams`` is the number of CUDA
-    streams the hash launches are spread over.
+    streams the hash launches are spread over. ``stage_host`` (tests only) sends
+    CPU tensors through the buffers too, so CI exercises the batching and the
+    view-validity rules of the device path.
     """
 
     def __init__(
@@ -339,6 +343,7 @@ class DeviceSource(Source):
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         streams: int = DEFAULT_STREAMS,
         keepalive: Any = None,
+        stage_host: bool = False,
     ) -> None:
         if buffer_bytes <= 0:
             raise ValueError("buffer_bytes must be positive")
@@ -349,6 +354,7 @@ class DeviceSource(Source):
         self.buffer_bytes = int(buffer_bytes)
         self.streams = int(streams)
         self._keepalive = keepalive
+        self._stage_host = stage_host
         self._buffers: list[torch.Tensor] = []
         self._copy_streams: dict[int, Any] = {}
         self._fetch_lock = threading.Lock()
@@ -444,23 +450,28 @@ class DeviceSource(Source):
             t = ts[r.tensor]
             if r.offset < 0 or r.length < 0 or r.offset + r.length > t.nbytes:
                 raise ValueError(f"block request out of range for {t.name}: {r}")
-            if t.on_device:
+            if t.on_device or self._stage_host:
                 dev_total += r.length
                 biggest = max(biggest, r.length)
         # Buffers no bigger than needed: an incremental save fetching 80 MB should not
         # pay for pinning 512 MiB (pinning costs ~20 ms per GiB).
         cap = max(biggest, min(self.buffer_bytes, -(-dev_total // 2)), 1)
-        batches = _batches(requests, ts, cap)
+        batches = _batches(requests, ts, cap, self._stage_host)
         if dev_total:
             self._ensure_buffers(cap)
         events: list[list[Any]] = [[] for _ in batches]
         issued = 0
 
         def issue(k: int) -> None:
+            if not batches[k].copies:
+                return  # host views only
             buf = self._buffers[k % 2]
             used: dict[int, Any] = {}
             for ti, src_off, length, dst in batches[k].copies:
                 dev_bytes = ts[ti].bytes
+                if not ts[ti].on_device:  # stage_host (tests): same path, no CUDA
+                    buf[dst : dst + length].copy_(dev_bytes[src_off : src_off + length])
+                    continue
                 dev = _device_index(dev_bytes.device)
                 stream = self._copy_stream(dev, used)
                 with torch.cuda.stream(stream):
@@ -508,7 +519,8 @@ class DeviceSource(Source):
     def _ensure_buffers(self, cap: int) -> None:
         if len(self._buffers) == 2 and self._buffers[0].numel() >= cap:
             return
-        self._buffers = [torch.empty(cap, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        pin = torch.cuda.is_available()  # False only in stage_host tests on CPU machines
+        self._buffers = [torch.empty(cap, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
 
     def _copy_stream(self, dev: int, used: dict[int, Any]) -> Any:
         s = used.get(dev)
@@ -532,7 +544,7 @@ class _Batch:
 
 
 def _batches(
-    requests: Sequence[BlockRequest], ts: Sequence[DeviceTensor], cap: int
+    requests: Sequence[BlockRequest], ts: Sequence[DeviceTensor], cap: int, stage_host: bool = False
 ) -> list[_Batch]:
     """Group requests, in order, into batches of at most ``cap`` device bytes."""
     batches: list[_Batch] = []
@@ -540,7 +552,7 @@ def _batches(
     used = 0
     for i, r in enumerate(requests):
         t = ts[r.tensor]
-        if not t.on_device:
+        if not (t.on_device or stage_host):
             cur.items.append((i, r.tensor, r.offset, r.length, -1))
             continue
         if used + r.length > cap and cur.items:

@@ -56,6 +56,7 @@ import torch
 
 from .. import dtypes
 from ..errors import (
+    InvalidName,
     SourceError,
     SourceNotFound,
     StaleHandles,
@@ -152,31 +153,46 @@ def _unpickle(path: Path) -> Any:
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+# Phrases of torch's weights_only refusals (a global or call outside the allowlist),
+# as opposed to a file that is simply not a pickle.
+_REFUSAL_WORDS = (
+    "unrecognized function",
+    "Can only",
+    "blocked",
+    "Unsupported operand",
+    "allowlist",
+    "allowed global",
+)
+_BOILERPLATE = (
+    "Weights only load failed",
+    "Check the documentation",
+    "(1)",
+    "(2)",
+    "In PyTorch 2.6",
+    "Please file an issue",
+)
 
 
 def _unpickling_error(path: Path, text: str) -> Exception:
     """Map torch's multi-paragraph weights_only error to one line."""
-    detail = (
-        text.split("WeightsUnpickler error:", 1)[1].strip()
-        if "WeightsUnpickler error:" in text
-        else ""
-    )
     hint = (
         "a handles file only names torch's rebuild_cuda_tensor, tensor and storage classes "
         "and dtypes; nothing in it was executed. Regenerate it with reduce_tensor; never "
         "load it with weights_only=False"
     )
-    m = _GLOBAL_RE.search(detail)
+    m = _GLOBAL_RE.search(text)
     if m:
         return UnsafePickle(
             f"{path}: refused to load: it names the global {m.group(1)}, which is not allowlisted",
             hint,
         )
-    if detail:
-        return UnsafePickle(f"{path}: refused to load: {detail.splitlines()[0][:200]}", hint)
-    first = text.strip().splitlines()[0] if text.strip() else "unreadable pickle"
+    paragraphs = [p.strip() for p in text.split("\n") if p.strip()]
+    detail = next((p for p in paragraphs if not p.startswith(_BOILERPLATE)), "")
+    detail = detail.removeprefix("WeightsUnpickler error:").strip()
+    if any(w in text for w in _REFUSAL_WORDS):
+        return UnsafePickle(f"{path}: refused to load: {detail[:200]}", hint)
     return UnsupportedSource(
-        f"{path} is not a handles file ({first[:200]})",
+        f"{path} is not a handles file ({(detail or 'unreadable pickle')[:200]})",
         "pass the handles file written by the server, or use --source-kind",
     )
 
@@ -387,7 +403,7 @@ def read_handles(path: str | Path) -> HandlesFile:
         try:
             check_tensor_name(key)
             entries.append(_parse_entry(key, value))
-        except ValueError as exc:
+        except (ValueError, InvalidName) as exc:
             raise UnsupportedSource(
                 f"{p}: entry {key!r} is not a CUDA tensor handle ({exc})",
                 "regenerate the handles file with reduce_tensor of CUDA tensors",
@@ -888,11 +904,12 @@ def differences(manifest: Manifest, source: Source) -> list[str]:
         out.append(f"{name!r} is new")
     for name in sorted(old.keys() & new.keys()):
         a, b = old[name], new[name]
-        if dtypes.lookup(a.dtype).name != b.dtype.name:
+        same_dtype = dtypes.lookup(a.dtype).name == b.dtype.name
+        if not same_dtype:
             out.append(f"{name!r} dtype {a.dtype} -> {b.dtype.name}")
         if tuple(a.shape) != tuple(b.shape):
             out.append(f"{name!r} shape {tuple(a.shape)} -> {tuple(b.shape)}")
-        elif a.nbytes != b.nbytes:
+        elif same_dtype and a.nbytes != b.nbytes:
             out.append(f"{name!r} size {a.nbytes} -> {b.nbytes} bytes")
     for what, x, y in (
         ("rank", manifest.source.rank, source.info.rank),
