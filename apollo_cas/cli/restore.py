@@ -6,15 +6,29 @@ from pathlib import Path
 
 import click
 
+from ..errors import UsageError
 from ..store import Store
-from .common import emit_json, human_bytes, json_option, need_store, parse_size, progress, series_option, store_option
+from .common import (
+    emit_json,
+    human_bytes,
+    json_option,
+    need_store,
+    note,
+    parse_size,
+    progress,
+    series_option,
+    store_option,
+)
 
 
 @click.command()
 @click.argument("ref", required=False, default="latest")
 @store_option
-@click.option("--to", "to", required=True, type=click.Path(path_type=Path), metavar="PATH",
+@click.option("--to", "to", type=click.Path(path_type=Path), metavar="PATH",
               help="Directory to write into (created if missing).")
+@click.option("--live", "live", type=click.Path(path_type=Path), metavar="HANDLES",
+              help="Hot restore: write into the running tensors behind this handles file only "
+                   "the blocks that differ, then verify on the device. Pause serving first.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "flat"]), default="safetensors",
               show_default=True,
               help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json.")
@@ -29,7 +43,8 @@ from .common import emit_json, human_bytes, json_option, need_store, parse_size,
 @series_option
 @json_option
 def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str, st_layout: str,
-            group: str | None, rank: int | None, series: str, as_json: bool) -> None:
+            group: str | None, rank: int | None, series: str, as_json: bool,
+            live: Path | None) -> None:
     """Write checkpoint REF (default: latest) into PATH, bit-exactly.
 
     Files appear only when complete; the file that names the others
@@ -38,6 +53,11 @@ def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str
     import time
 
     t0 = time.perf_counter()
+    if live is not None:
+        restore_live_handles(need_store(store), ref, series, live, as_json)
+        return
+    if to is None:
+        raise UsageError("missing --to PATH", "name the directory to restore into, or use --live HANDLES")
     shard = parse_size(max_shard_size, "shard size")
     if group is not None:
         with Store.open(need_store(store)) as st:
@@ -62,3 +82,23 @@ def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str
     else:
         click.echo(f"restored {cid[:12]} ({human_bytes(manifest.logical_bytes)}) to {to} "
                    f"in {seconds:.2f}s: " + ", ".join(Path(p).name for p in paths))
+
+
+def restore_live_handles(store: str, ref: str, series: str, handles: Path, as_json: bool) -> None:
+    """Roll the weights of a running server back to REF, in place."""
+    from ..sources.handles import open_handles
+    from ..targets.live import SERVING_NOTICE, restore_live
+
+    note(SERVING_NOTICE)
+    with Store.open(store) as st:
+        cid = st.resolve(ref, series)
+        manifest = st.manifest(cid)
+        with open_handles(handles) as src:
+            report = restore_live(src.live_tensors(), manifest, st.read_chunk, workers=st.workers)
+    if as_json:
+        emit_json({"checkpoint": cid, **report.to_dict()})
+    else:
+        click.echo(f"hot-restored {cid[:12]} into {handles}: {report.blocks_written}/"
+                   f"{report.blocks_checked} blocks differed, {human_bytes(report.bytes_written)} "
+                   f"written in {report.seconds:.2f}s; verified on the device: "
+                   f"{'yes' if report.verified else 'no'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -98,7 +99,7 @@ def save_sources(
             if k == "handles":
                 from ..sources.handles import check_against
 
-                check = check_against
+                check = functools.partial(check_against, force=force)
             total = sum(t.nbytes for t in src.tensors())
             with progress(total, f"save {path.name}", not as_json) as bar:
                 r = store.save(src, series=series, block_size=block_size, force=force,
