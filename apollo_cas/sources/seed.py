@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import SourceError, UnsupportedSource
+from ..errors import InvalidName, SourceError, UnsupportedSource
 from ..layout import check_tensor_name
 from ..manifest import SourceInfo
 from .base import Source, SourceTensor
@@ -148,7 +148,20 @@ def scan_root(root: Path) -> tuple[list[Path], list[Skipped]]:
         if not (p / INDEX).exists():
             skipped.append(Skipped(p, f"no {INDEX}: half-written checkpoint"))
             continue
+        reason = _not_whole(p)
+        if reason:  # e.g. a short weights.bin or a torn weights.json
+            skipped.append(Skipped(p, reason))
+            continue
         ts = _timestamp(p)
         good.append((ts if ts is not None else p.stat().st_mtime, p.name, p))
     good.sort()
     return [p for _, _, p in good], skipped
+
+
+def _not_whole(path: Path) -> str | None:
+    """Why a checkpoint directory cannot be imported as it is, or None if it can."""
+    try:
+        SeedSource(path).close()
+    except (SourceError, InvalidName) as exc:
+        return exc.message
+    return None
