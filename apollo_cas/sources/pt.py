@@ -46,16 +46,23 @@ class PtSource(Source):
             obj = torch.load(path, map_location="cpu", weights_only=True,
                              mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
-            if "weights_only" in str(exc) or "global" in str(exc).lower():
-                # torch's first lines advise weights_only=False; name the global instead.
-                named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-                what = f"it names {named.group(1)}" if named else "refused by the weights-only loader"
+            # torch's first lines advise weights_only=False: report the line that
+            # names what was refused instead.
+            text = str(exc)
+            named = re.search(r"GLOBAL ([\w.]+)", text)
+            if named or "Can only create" in text or "Can only build" in text:
+                what = f"it names {named.group(1)}" if named else "it builds non-tensor objects"
                 raise UnsafePickle(
                     f"{path} is a pickle that needs code to load ({what}); it was not run",
                     "save plain tensors: torch.save(model.state_dict(), path)",
                 ) from exc
-            raise UnsupportedSource(f"{path} is not a torch checkpoint ({first[:200]})") from exc
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if ln.startswith("Unsupported operand")),
+                          lines[0] if lines else "unreadable pickle")
+            raise UnsupportedSource(
+                f"{path} is not a torch checkpoint ({detail[:200]})",
+                "pass a .pt state_dict, a .safetensors file or a checkpoint directory",
+            ) from exc
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise UnsupportedSource(
                 f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})",
