@@ -129,10 +129,16 @@ def test_fetch_view_validity_window() -> None:
 
 
 def test_fetch_batches_and_coalescing() -> None:
-    src = DeviceSource({"a": torch.zeros(1000, dtype=torch.uint8), "b": torch.zeros(10)},
-                       stage_host=True)
-    reqs = [BlockRequest(0, 0, 100), BlockRequest(0, 100, 100), BlockRequest(1, 0, 40),
-            BlockRequest(0, 300, 100), BlockRequest(0, 400, 100)]
+    src = DeviceSource(
+        {"a": torch.zeros(1000, dtype=torch.uint8), "b": torch.zeros(10)}, stage_host=True
+    )
+    reqs = [
+        BlockRequest(0, 0, 100),
+        BlockRequest(0, 100, 100),
+        BlockRequest(1, 0, 40),
+        BlockRequest(0, 300, 100),
+        BlockRequest(0, 400, 100),
+    ]
     bs = _batches(reqs, src.tensors(), 250, stage_host=True)
     assert [[it[0] for it in b.items] for b in bs] == [[0, 1, 2], [3, 4]]
     assert bs[0].copies == [(0, 0, 200, 0), (1, 0, 40, 200)]  # adjacent blocks: one copy

@@ -83,12 +83,17 @@ def write(path: Path, obj: object) -> Path:
     return path
 
 
-def handles_file(tmp_path: Path, tensors: dict[str, tuple[int, ...]] | None = None,
-                 meta: dict[str, Any] | None = None, name: str = "handles.pt",
-                 **kw: Any) -> Path:
+def handles_file(
+    tmp_path: Path,
+    tensors: dict[str, tuple[int, ...]] | None = None,
+    meta: dict[str, Any] | None = None,
+    name: str = "handles.pt",
+    **kw: Any,
+) -> Path:
     tensors = tensors or {"model.layers.0.qkv_proj.weight": (6, 8), "model.norm.weight": (8,)}
-    obj: dict[str, Any] = {n: {"handle": (rebuild_cuda_tensor, handle_args(s, **kw))}
-                           for n, s in tensors.items()}
+    obj: dict[str, Any] = {
+        n: {"handle": (rebuild_cuda_tensor, handle_args(s, **kw))} for n, s in tensors.items()
+    }
     if meta is not None:
         obj[handles.META_KEY] = meta
     return write(tmp_path / name, obj)
@@ -204,8 +209,10 @@ def test_cpu_tensor_handles_are_refused(tmp_path: Path) -> None:
         ({"a/b": {"handle": (rebuild_cuda_tensor, handle_args())}}, "not a CUDA tensor handle"),
         ({"w": {"handle": (rebuild_cuda_tensor, handle_args()[:-1])}}, "expected 15"),
         ({"w": {"handle": (rebuild_cuda_tensor, handle_args(storage_bytes=10))}}, "overruns"),
-        ({"w": {"handle": (rebuild_cuda_tensor, handle_args(offset=2, storage_bytes=64))}},
-         "overruns"),
+        (
+            {"w": {"handle": (rebuild_cuda_tensor, handle_args(offset=2, storage_bytes=64))}},
+            "overruns",
+        ),
         ({"w": {"handle": (rebuild_cuda_tensor, handle_args(device=-1))}}, "device index"),
         ({"w": {"handle": (rebuild_cuda_tensor, handle_args(cls=torch.Size))}}, "tensor class"),
     ],
@@ -217,8 +224,10 @@ def test_foreign_content_is_unsupported(tmp_path: Path, obj: object, match: str)
 
 
 def test_unsupported_dtype(tmp_path: Path) -> None:
-    p = write(tmp_path / "c.pt", {"w": {"handle": (rebuild_cuda_tensor,
-                                                   handle_args(dtype=torch.complex64))}})
+    p = write(
+        tmp_path / "c.pt",
+        {"w": {"handle": (rebuild_cuda_tensor, handle_args(dtype=torch.complex64))}},
+    )
     with pytest.raises(UnsupportedDtype):
         handles.read_handles(p)
 
@@ -246,8 +255,11 @@ def test_huge_file_is_not_a_handles_file(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_reserved_keys_are_ignored_and_meta_read(tmp_path: Path) -> None:
-    obj = {"w": {"handle": (rebuild_cuda_tensor, handle_args()), "extra": 1},
-           "__future__": {"x": 1}, "__meta__": {"rank": 1, "world_size": 2}}
+    obj = {
+        "w": {"handle": (rebuild_cuda_tensor, handle_args()), "extra": 1},
+        "__future__": {"x": 1},
+        "__meta__": {"rank": 1, "world_size": 2},
+    }
     hf = handles.read_handles(write(tmp_path / "m.pt", obj))
     assert [e.name for e in hf.entries] == ["w"]
     assert hf.meta == {"rank": 1, "world_size": 2}
@@ -318,8 +330,8 @@ def test_map_devices_rules() -> None:
     md = handles.map_devices
     assert md([0, 1], {}, None, UUIDS, None) == ({0: 0, 1: 1}, "same index (no metadata)")
     assert md([0], {}, {0: 3}, UUIDS, None)[0] == {0: 3}
-    assert md([0, 1], {"device_uuids": {"0": "GPU-cccc", "1": "GPU-AAAA"}}, None, UUIDS, "2,0")[0] \
-        == {0: 2, 1: 0}
+    by_uuid = {"device_uuids": {"0": "GPU-cccc", "1": "GPU-AAAA"}}
+    assert md([0, 1], by_uuid, None, UUIDS, "2,0") == ({0: 2, 1: 0}, "GPU UUID")
     # The server saw GPUs 2,3 as 0,1; we see them all.
     assert md([1], {"cuda_visible_devices": "2,3"}, None, UUIDS, None)[0] == {1: 3}
     # ... or we see 3,2.
@@ -399,7 +411,9 @@ def test_rank_options(tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]) -> N
         handles.open_handles(p, rank=3, world_size=2)
 
 
-def test_open_through_source_detection(tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]) -> None:
+def test_open_through_source_detection(
+    tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]
+) -> None:
     from apollo_cas.sources import detect_kind, open_path
 
     p = handles_file(tmp_path)
@@ -422,7 +436,9 @@ def test_open_failure_is_stale_with_hints(tmp_path: Path, monkeypatch: pytest.Mo
         handles.open_handles(handles_file(tmp_path, kind=b"e"))
 
 
-def test_dead_owner_refused_before_opening(tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]) -> None:
+def test_dead_owner_refused_before_opening(
+    tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]
+) -> None:
     with pytest.raises(StaleHandles):
         handles.open_handles(handles_file(tmp_path, pid=_dead_pid()))
     assert cpu_rebuild == {}
@@ -439,13 +455,22 @@ def test_write_handles_needs_cuda(tmp_path: Path) -> None:
 
 def _manifest(tensors: dict[str, torch.Tensor], rank: int | None = None) -> Manifest:
     entries = tuple(
-        TensorEntry(n, "BF16" if t.dtype == torch.bfloat16 else "F32", tuple(t.shape),
-                    t.numel() * t.element_size(), (b"\0" * 16,) * max(1, -(-t.numel() // 512)))
+        TensorEntry(
+            n,
+            "BF16" if t.dtype == torch.bfloat16 else "F32",
+            tuple(t.shape),
+            t.numel() * t.element_size(),
+            (b"\0" * 16,) * max(1, -(-t.numel() // 512)),
+        )
         for n, t in sorted(tensors.items())
     )
-    return Manifest(series="default", created=0.0, block_size=1024, tensors=entries,
-                    source=SourceInfo(kind="handles", rank=rank, world_size=2 if rank is not None
-                                      else None))
+    return Manifest(
+        series="default",
+        created=0.0,
+        block_size=1024,
+        tensors=entries,
+        source=SourceInfo(kind="handles", rank=rank, world_size=2 if rank is not None else None),
+    )
 
 
 def test_check_against() -> None:
