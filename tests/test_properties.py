@@ -121,8 +121,8 @@ def _check_restores(st_: Store, cid: str, specs: dict, out: Path, tensor_bytes) 
 
 @PROPS
 @given(specs=mappings, block_size=block_sizes)
-def test_save_then_load_and_restore_are_bit_exact(specs, block_size, tensor_bytes):
-    with tempfile.TemporaryDirectory() as tmp:
+def test_save_then_load_and_restore_are_bit_exact(specs, block_size, tensor_bytes, fast_tmp_base):
+    with tempfile.TemporaryDirectory(dir=fast_tmp_base) as tmp:
         tmp_path = Path(tmp)
         with Store.open(tmp_path / "store", create=True) as s:
             r = s.save({k: to_tensor(v) for k, v in specs.items()}, block_size=block_size)
@@ -166,9 +166,11 @@ def related_pairs(draw: st.DrawFn) -> tuple[dict, dict]:
 
 @PROPS
 @given(pair=related_pairs(), block_size=block_sizes)
-def test_a_save_stores_exactly_the_blocks_the_store_lacks(pair, block_size, tensor_bytes):
+def test_a_save_stores_exactly_the_blocks_the_store_lacks(
+    pair, block_size, tensor_bytes, fast_tmp_base
+):
     a, b = pair
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=fast_tmp_base) as tmp:
         root = Path(tmp) / "store"
         with Store.open(root, create=True) as s:
             ra = s.save({k: to_tensor(v) for k, v in a.items()}, block_size=block_size)

@@ -175,8 +175,8 @@ def test_scan_root_orders_whole_checkpoints_and_reports_the_rest(history):
     assert detect_kind(history.root) == "seed"
 
 
-def test_import_history_keeps_timestamps_and_order(history, tmp_path, capsys, assert_same_tensors):
-    with Store.open(tmp_path / "store", create=True) as st:
+def test_import_history_keeps_timestamps_and_order(history, tmp_store, capsys, assert_same_tensors):
+    with Store.open(tmp_store, create=True) as st:
         results = save_sources(
             st,
             [history.root],
