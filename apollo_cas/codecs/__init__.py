@@ -54,7 +54,7 @@ DELTA_MAX_RATIO = 0.8
 
 #: Default bound on delta chains. A chunk at depth d costs d+1 chunk reads and
 #: decodes to restore; see docs/CODECS.md for the measurement behind it.
-DEFAULT_MAX_DELTA_DEPTH = 8
+DEFAULT_MAX_DELTA_DEPTH = 4
 
 _HINT = "run apollo-cas verify --read-data to list what it breaks"
 
