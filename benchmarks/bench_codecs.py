@@ -296,8 +296,11 @@ def dense_sequence(
         versions = [cast(m, dtype) for m in masters]
         store = ChainStore()  # the default policy: chains bounded at max_delta_depth
         chain = ChainStore()  # unbounded chain: decode cost per depth
+        rstore = ChainStore()  # default policy + the chain's root offered as fallback
         prev: list[memoryview] | None = None
         prev_ids: list[bytes] = []
+        prev_rids: list[bytes] = []
+        root_of: dict[bytes, bytes] = {}
         per_step = []
         for step, v in enumerate(versions):
             blocks = split_blocks([v])
@@ -315,6 +318,20 @@ def dense_sequence(
                     )
                 ids.append(store.put(b, policy, w, base))
             t_store = time.perf_counter() - t0
+            rids: list[bytes] = []
+            for i, b in enumerate(blocks):
+                rbase = None
+                if prev is not None:
+                    pid, rid = prev_rids[i], root_of[prev_rids[i]]
+                    rbase = codecs.Base(
+                        pid,
+                        (lambda pid=pid, rs=rstore: rs.read(pid)),
+                        rstore.depth(pid),
+                        root=codecs.Base(rid, (lambda rid=rid, rs=rstore: rs.read(rid)), 0),
+                    )
+                cid = rstore.put(b, policy, w, rbase)
+                root_of[cid] = cid if rstore.depth(cid) == 0 else root_of[prev_rids[i]]
+                rids.append(cid)
             for i, b in enumerate(blocks):
                 cbase = (
                     None
@@ -334,6 +351,8 @@ def dense_sequence(
                 "full_planes_fraction": full / raw,
                 "zstd1_fraction": z1 / raw,
                 "depth": store.depth(ids[0]),
+                "stored_fraction_root_fallback": sum(len(rstore.blobs[c]) for c in rids) / raw,
+                "depth_root_fallback": rstore.depth(rids[0]),
                 "save_GBps_base_decoded_from_store": raw / t_store / 1e9,
             }
             if prev is not None:
@@ -364,7 +383,7 @@ def dense_sequence(
                 row["encode_GBps_delta_base_in_memory"] = raw / t_delta / 1e9
                 row["encode_GBps_no_delta"] = raw / t_full / 1e9
             per_step.append(row)
-            prev, prev_ids = blocks, ids
+            prev, prev_ids, prev_rids = blocks, ids, rids
             ch = row["changed_elements"]
             log(
                 f"  dense {dtype} step {step}: changed {'-' if ch is None else f'{ch:.4f}'} "
@@ -518,6 +537,7 @@ def machine() -> dict[str, Any]:
         "numpy": np.__version__,
         "zstandard": zstandard.__version__,
         "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
+        "loadavg_at_start": os.getloadavg()[0],
     }
     try:
         from importlib.metadata import version
@@ -534,7 +554,8 @@ def markdown(res: dict[str, Any]) -> str:
         "# Codec benchmark",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; python {m['python']}, numpy {m['numpy']}, "
-        f"zstandard {m['zstandard']} (zstd {m['zstd']}), zipnn {m['zipnn'] or 'not installed'}. "
+        f"zstandard {m['zstandard']} (zstd {m['zstd']}), zipnn {m['zipnn'] or 'not installed'}; "
+        f"load average {m.get('loadavg_at_start', 0):.1f} at start (shared machine). "
         f"Block size 1 MiB (per tensor). Speeds are GB/s of raw bytes per core: one thread, "
         f"process CPU time (the machine is shared), best of {res['reps']}. "
         "Command: `python benchmarks/bench_codecs.py`.",
@@ -568,8 +589,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"{d['policy']['max_delta_depth']}, delta kept if < {d['policy']['delta_max_ratio']} x full)",
         "",
         "| dtype | step | values changed | stored % of raw | chain depth | full planes % | zstd-1 % | "
-        "delta vs step 0 % | encode GB/s, delta (base in memory) | encode GB/s, no delta |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "delta vs step 0 % | with root fallback: stored %, depth | "
+        "encode GB/s, delta (base in memory) | encode GB/s, no delta |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dtype in ("bf16", "fp16", "fp32"):
         for r in d[dtype]["per_step"]:
@@ -581,6 +603,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {dtype} | {r['step']} | {ch} | {100 * r['stored_fraction']:.2f} | {r['depth']} | "
                 f"{100 * r['full_planes_fraction']:.1f} | {100 * r['zstd1_fraction']:.1f} | "
                 f"{'-' if vr is None else f'{100 * vr:.1f}'} | "
+                f"{100 * r['stored_fraction_root_fallback']:.2f}, {r['depth_root_fallback']} | "
                 f"{'-' if ed is None else f'{ed:.2f}'} | {'-' if en is None else f'{en:.2f}'} |"
             )
     lines += [
@@ -647,7 +670,7 @@ def main() -> None:
     ap.add_argument(
         "--dense-mib", type=int, default=16, help="MiB of fp32 master for the dense steps"
     )
-    ap.add_argument("--steps", type=int, default=8, help="dense steps")
+    ap.add_argument("--steps", type=int, default=12, help="dense steps")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-zipnn", action="store_true")
     ap.add_argument("--no-adam", action="store_true")

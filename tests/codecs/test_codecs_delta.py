@@ -257,3 +257,45 @@ def test_base_validation() -> None:
         codecs.Base(b"short", b"")
     with pytest.raises(ValueError):
         codecs.Base(bytes(16), b"", depth=-1)
+
+
+def test_root_fallback_keeps_chains_short_without_full_chunks() -> None:
+    """Parent at the depth limit: the chain's root is tried instead of storing in full."""
+    versions = bf16_versions(7, seed=11, n=1 << 15)
+    policy = codecs.CodecPolicy(max_delta_depth=2)
+    store = MemStore()
+    ids = [store.put(versions[0], policy, 2)]
+    roots = {ids[0]: ids[0]}
+    for v in versions[1:]:
+        parent = ids[-1]
+        root = roots[parent]
+        base = codecs.Base(
+            parent,
+            lambda p=parent: store.read(p),
+            codecs.delta_depth(store.blobs[parent]),
+            root=store.base(root),
+        )
+        cid = store.put(v, policy, 2, base=base)
+        ids.append(cid)
+        roots[cid] = cid if codecs.delta_depth(store.blobs[cid]) == 0 else root
+    depths = [codecs.delta_depth(store.blobs[c]) for c in ids]
+    assert depths == [0, 1, 2, 1, 2, 1, 2, 1]
+    assert {codecs.base_of(store.blobs[c]) for c in ids[1:]} <= {c.hex() for c in ids}
+    assert codecs.base_of(store.blobs[ids[3]]) == ids[0].hex()  # the root, not the parent
+    for cid, v in zip(ids, versions, strict=True):
+        assert store.read(cid) == v
+        assert len(store.blobs[cid]) < 0.2 * len(v) or cid == ids[0]
+
+
+def test_root_is_ignored_while_the_base_is_usable() -> None:
+    v0, v1 = bf16_versions(1, n=1 << 12)
+    calls: list[int] = []
+
+    def root_loader() -> bytes:
+        calls.append(1)
+        return v0
+
+    base = codecs.Base(digest(v0), v0, 0, root=codecs.Base(bytes(16), root_loader, 0))
+    blob = codecs.encode(v1, codecs.CodecPolicy(), 2, base=base)
+    assert codecs.base_of(blob) == digest(v0).hex()
+    assert calls == []
