@@ -300,7 +300,7 @@ def gc(
                 store.backend.sync()
                 report.manifests_deleted = len(forget_sorted)
                 report.manifest_bytes = sum(manifest_size.get(c, 0) for c in forget_sorted)
-            while pending and time.monotonic() - held_since < max_hold:
+            while pending:  # at least one batch per hold, then until max_hold
                 batch, pending = pending[:_BATCH], pending[_BATCH:]
                 keys = [layout.chunk_key(c.hex()) for c in batch]
                 for _ in bounded_map(store.backend.delete, keys, store.workers):
@@ -308,6 +308,8 @@ def gc(
                 report.chunks_deleted += len(batch)
                 report.chunk_bytes += sum(chunk_size.get(c, 0) for c in batch)
                 step("sweep", report.chunks_deleted, report.chunks_deleted + len(pending))
+                if time.monotonic() - held_since >= max_hold:
+                    break
             store.backend.sync()
             if not pending:
                 report.temporaries_removed = store.backend.remove_temporaries(
