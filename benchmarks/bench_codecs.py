@@ -574,7 +574,7 @@ def markdown(res: dict[str, Any]) -> str:
         t = res["threads"]
         lines += [
             "",
-            "## Threads (planes, bf16, aggregate GB/s)",
+            "## Threads (planes, generated bf16, aggregate wall-clock GB/s; meaningless while the shared machine is loaded)",
             "",
             "| threads | encode | decode |",
             "|---:|---:|---:|",

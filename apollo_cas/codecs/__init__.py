@@ -52,6 +52,14 @@ MIN_SAVING = 0.02
 #: unrelated blocks far above it (~1.0), so the exact value rarely matters.
 DELTA_MAX_RATIO = 0.8
 
+#: A delta at most this fraction of the raw size is kept without computing the
+#: full encoding to compare (halves the CPU cost of a dense-step save). The
+#: full encoding could only win the comparison if it were below 1/0.8 of this,
+#: i.e. a block compressing 8x or better on its own, which weights do not
+#: (1.2-1.5x); the worst case is a delta kept where a full chunk would have
+#: been a few percent of raw smaller.
+DELTA_ACCEPT_FRACTION = 0.10
+
 #: Default bound on delta chains. A chunk at depth d costs d+1 chunk reads and
 #: decodes to restore; see docs/CODECS.md for the measurement behind it.
 DEFAULT_MAX_DELTA_DEPTH = 4
@@ -192,15 +200,15 @@ def encode(
     picks the byte-plane width). ``base`` offers a delta base; it is loaded
     only if deltas are enabled, the chain would stay within
     ``policy.max_delta_depth`` (else ``base.root``, if given, is tried
-    instead), and the lengths match. The delta is kept only
-    if it is smaller than ``policy.delta_max_ratio`` x the best full encoding.
+    instead), and the lengths match. The delta is kept if it is at most
+    :data:`DELTA_ACCEPT_FRACTION` of the raw size, or smaller than
+    ``policy.delta_max_ratio`` x the best full encoding.
     """
     view = _bytes_view(raw)
     n = len(view)
     if n == 0:
         return envelope.pack(RAW, 0, b"", b"")
     method = _method(policy, itemsize, n)
-    codec, params, pieces, size = _encode_as(method, view, policy.level, itemsize)
     if base is not None and base.depth + 1 > policy.max_delta_depth:
         base = base.root
     if (
@@ -215,8 +223,15 @@ def encode(
             inner, iparams, ipieces, isize = _encode_as(method, x.data, policy.level, itemsize)
             dparams = delta.pack_params(base.chunk_id, base.depth + 1, inner, iparams)
             dsize = len(dparams) + isize - len(iparams)
+            if dsize <= DELTA_ACCEPT_FRACTION * n:
+                # Small enough to take without the full encoding (which would
+                # cost as much again): see DELTA_ACCEPT_FRACTION.
+                return _pack(DELTA, n, dparams, ipieces)
+            codec, params, pieces, size = _encode_as(method, view, policy.level, itemsize)
             if dsize < policy.delta_max_ratio * size:
                 return _pack(DELTA, n, dparams, ipieces)
+            return _pack(codec, n, params, pieces)
+    codec, params, pieces, size = _encode_as(method, view, policy.level, itemsize)
     return _pack(codec, n, params, pieces)
 
 
@@ -380,6 +395,7 @@ __all__ = [
     "CODEC_NAMES",
     "DEFAULT_MAX_DELTA_DEPTH",
     "DELTA",
+    "DELTA_ACCEPT_FRACTION",
     "DELTA_MAX_RATIO",
     "MIN_SAVING",
     "PLANES",
