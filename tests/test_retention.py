@@ -128,7 +128,7 @@ def test_keep_hourly_skips_empty_hours() -> None:
 def test_keep_daily() -> None:
     times = [NOW - d * DAY - k * 600 for d in (0, 1, 3, 4, 10) for k in range(3)]
     cps = history(times)
-    keep, forget, reasons = select(cps, RetentionPolicy(keep_daily=3), NOW)
+    keep, forget, _reasons = select(cps, RetentionPolicy(keep_daily=3), NOW)
     newest_per_day: dict[tuple[int, int], RetainItem] = {}
     for c in sorted(cps, key=lambda c: c.created):
         newest_per_day[_bucket_day(c.created)] = c
