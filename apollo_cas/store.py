@@ -472,11 +472,16 @@ class Store:
         for _ in range(_CAS_RETRIES):
             data = manifest.encode()
             cid = digest_hex(data)
-            self.backend.put_if_absent(layout.manifest_key(cid), data)
+            wrote = self.backend.put_if_absent(layout.manifest_key(cid), data)
             expected = parent_id.encode() if parent_id else None
             if self.backend.compare_and_swap(key, expected, cid.encode()):
                 self._manifests[cid] = manifest
                 return cid, manifest, False
+            if wrote:
+                # Lost the race: this manifest names the old parent and no ref
+                # names it. Left in place it would list as a second copy of this
+                # checkpoint; the re-parented one below replaces it.
+                self.backend.delete(layout.manifest_key(cid))
             parent_id = self.latest(manifest.series)
             if parent_id is None:
                 continue
