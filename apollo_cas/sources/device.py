@@ -224,15 +224,20 @@ def device_block_digests(
     when given, receives ``gathered_bytes`` (bytes copied to the host for
     hashing) and ``launches``.
     """
+    if not views:
+        return []
+    device = views[0].device
+    cuda = device.type == "cuda"
     if kernel is None:
         k = _kernel_module()
         if k is None:
             raise RuntimeError("the Triton XXH3 kernel is not available")
         kernel = k.block_digests
-    if not views:
-        return []
-    device = views[0].device
-    cuda = device.type == "cuda"
+        table = getattr(k, "_secret_table", None)
+        if cuda and table is not None:
+            # The kernel uploads its constant table on first use; do it here, on the
+            # current stream, which every side stream waits for below.
+            table(device)
     plan = plan_hashing([int(v.numel()) for v in views], block_size)
     out: list[list[bytes]] = [[] for _ in views]
 

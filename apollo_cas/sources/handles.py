@@ -86,6 +86,7 @@ __all__ = [
     "allowlist",
     "check_against",
     "differences",
+    "export_meta",
     "open_handle_tensors",
     "open_handles",
     "parse_device_map",
@@ -825,6 +826,26 @@ def _self_gpu_uuids(devices: Sequence[int]) -> dict[str, str]:
     return out
 
 
+def export_meta(
+    devices: Sequence[int], *, rank: int | None = None, world_size: int | None = None
+) -> dict[str, Any]:
+    """The ``__meta__`` dict of this process. Plain str/int/float/None values only:
+    anything else (``torch.__version__`` is a ``TorchVersion``) would be a global
+    that the reader's allowlist refuses."""
+    return {
+        "format": META_FORMAT,
+        "pid": os.getpid(),
+        "pid_start": _proc_start_ticks(os.getpid()),
+        "created": time.time(),
+        "hostname": socket.gethostname(),
+        "rank": None if rank is None else int(rank),
+        "world_size": None if world_size is None else int(world_size),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device_uuids": _self_gpu_uuids(devices),
+        "torch": str(torch.__version__),
+    }
+
+
 def write_handles(
     path: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -858,18 +879,7 @@ def write_handles(
         obj[name] = {"handle": reduce_tensor(t.detach())}
         devices.add(t.device.index if t.device.index is not None else torch.cuda.current_device())
     if include_meta:
-        obj[META_KEY] = {
-            "format": META_FORMAT,
-            "pid": os.getpid(),
-            "pid_start": _proc_start_ticks(os.getpid()),
-            "created": time.time(),
-            "hostname": socket.gethostname(),
-            "rank": rank,
-            "world_size": world_size,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "device_uuids": _self_gpu_uuids(sorted(devices)),
-            "torch": torch.__version__,
-        }
+        obj[META_KEY] = export_meta(sorted(devices), rank=rank, world_size=world_size)
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

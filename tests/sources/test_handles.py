@@ -265,6 +265,18 @@ def test_reserved_keys_are_ignored_and_meta_read(tmp_path: Path) -> None:
     assert hf.meta == {"rank": 1, "world_size": 2}
 
 
+def test_exported_meta_loads_with_the_allowlist(tmp_path: Path) -> None:
+    meta = handles.export_meta([0], rank=1, world_size=2)
+    hf = handles.read_handles(handles_file(tmp_path, meta=meta))
+    assert (
+        hf.meta["pid"] == PID
+        and hf.meta["rank"] == 1
+        and hf.meta["torch"] == str(torch.__version__)
+    )
+    assert hf.meta["pid_start"] == handles._proc_start_ticks(PID)
+    handles.check_owner(hf)
+
+
 def test_expandable_segment_handle_is_recognised(tmp_path: Path) -> None:
     hf = handles.read_handles(handles_file(tmp_path, kind=b"e"))
     assert {e.handle_kind for e in hf.entries} == {"expandable_segment"}
