@@ -1,0 +1,1 @@
+"""Backend tests: one contract suite (contract.py) run on every backend, plus each backend's own."""
