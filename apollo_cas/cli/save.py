@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
+from .. import codecs
+from ..backends import open_backend
+from ..errors import SourceNotFound, StoreNotFound, UsageError
 from ..manifest import DEFAULT_BLOCK_SIZE, SourceInfo
-from ..store import SaveResult, Store
+from ..store import SaveResult, Store, check_block_size
 from .common import (
     emit_json,
     human_bytes,
@@ -44,12 +46,40 @@ def block_size_option(default: str = "1MiB") -> click.Option:  # type: ignore[ty
                              "granularity against object count.")
 
 
-def checked_block_size(text: str) -> int:
-    bs = parse_size(text, "block size")
+def checked_block_size(text: str, warn: bool = True) -> int:
+    bs = check_block_size(parse_size(text, "block size"))  # a usage error before any warning
+    if warn:
+        warn_block_size(bs)
+    return bs
+
+
+def warn_block_size(bs: int) -> None:
     if bs < SMALL_BLOCK_WARNING:
         note(f"warning: block size {bs} makes {(1 << 30) // max(bs, 1):,} objects per GiB of weights; "
              f"the default {human_bytes(DEFAULT_BLOCK_SIZE)} is much cheaper to store and list")
-    return bs
+
+
+def precheck_sources(paths: list[Path], kind: str | None) -> None:
+    """Refuse a missing or foreign source before the store is touched, so a
+    failed save leaves the store (and the history import) as it was."""
+    from ..sources import detect_kind
+
+    for path in paths:
+        if (kind or detect_kind(path)) == "handles":
+            from ..sources.handles import read_handles
+
+            read_handles(path)  # parses and checks the file; opens no CUDA memory
+        elif not path.exists():
+            raise SourceNotFound(f"{path} does not exist", "check the path of the source")
+
+
+def open_for_save(location: str, policy: codecs.CodecPolicy) -> Store:
+    """The store at ``location``; a missing one is created by its first successful
+    save (inside Store.save), not before, so a failed first save leaves nothing."""
+    try:
+        return Store.open(location, policy=policy)
+    except StoreNotFound:
+        return Store(open_backend(location), policy)
 
 
 def print_result(r: SaveResult, label: str, as_json: bool) -> None:
@@ -157,14 +187,18 @@ def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_si
         if store and Path(store) != checkpoint_dir:
             raise UsageError("--store and --checkpoint-dir name different places", "pass one of them")
         store = str(checkpoint_dir)
-    bs = checked_block_size(block_size)
-    with Store.open(need_store(store), create=True, policy=make_policy(codec, level, delta)) as st:
+    location = need_store(store)
+    bs = checked_block_size(block_size, warn=False)
+    meta_map = _parse_meta(meta)
+    precheck_sources(paths, kind)
+    warn_block_size(bs)
+    with open_for_save(location, make_policy(codec, level, delta)) as st:
         if checkpoint_dir is not None:
             results = import_seed_history(st, checkpoint_dir, series, as_json)
         else:
             results = []
         results += save_sources(st, paths, kind=kind, series=series, tag=tag, block_size=bs,
-                                force=force, meta=_parse_meta(meta), rank=rank,
+                                force=force, meta=meta_map, rank=rank,
                                 world_size=world_size, as_json=as_json, max_age=max_age,
                                 group=group)
     if as_json:

@@ -16,7 +16,14 @@ from ..store import Store
 from .common import human_bytes, human_time, note
 from .main import run
 from .options import make_policy
-from .save import checked_block_size, import_seed_history, save_sources
+from .save import (
+    checked_block_size,
+    import_seed_history,
+    open_for_save,
+    precheck_sources,
+    save_sources,
+    warn_block_size,
+)
 
 DEFAULT_HANDLES = "/tmp/vllm_weight_handles.pt"
 DEFAULT_DIR = "/home/ubuntu/checkpoints"
@@ -36,9 +43,12 @@ def compat() -> None:
               help="Block size in bytes (default 1 MiB; the original 4096 is honoured with a warning).")
 def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
     """Save a checkpoint (only changed blocks are written)."""
-    with Store.open(checkpoint_dir, create=True, policy=make_policy("auto", 1, None)) as st:
+    bs = checked_block_size(block_size, warn=False) if block_size else None
+    precheck_sources([handles], "handles")  # before the history import touches DIR
+    if bs is not None:
+        warn_block_size(bs)
+    with open_for_save(str(checkpoint_dir), make_policy("auto", 1, None)) as st:
         import_seed_history(st, checkpoint_dir, "default", as_json=False)
-        bs = checked_block_size(block_size) if block_size else None
         if bs is None:
             from .save import store_block_size
 
