@@ -68,17 +68,24 @@ def list_cmd(checkpoint_dir: Path) -> None:
     from ..sources.seed import scan_root
 
     good, skipped = scan_root(checkpoint_dir)
+    try:
+        st: Store | None = Store.open(checkpoint_dir)
+    except Exception:
+        st = None
+    checkpoints = st.checkpoints() if st is not None else []
+    imported = {Path(c.manifest.source.location).resolve() for c in checkpoints
+                if c.manifest.source.kind == "seed"}
     for p in good:
+        if p.resolve() in imported:
+            continue  # listed below as a checkpoint of the store
         size = (p / "weights.bin").stat().st_size if (p / "weights.bin").exists() else 0
         click.echo(f" {p.name} ({size / 1e9:.1f} GB) [original tool, not yet imported]")
     for s in skipped:
         note(f" {s.path.name}: {s.reason}")
-    try:
-        st = Store.open(checkpoint_dir)
-    except Exception:
+    if st is None:
         return
     with st:
-        for c in st.checkpoints():
+        for c in checkpoints:
             marker = " ← latest" if c.latest_of else ""
             click.echo(f" {human_time(c.manifest.created)} {c.checkpoint_id[:12]} "
                        f"({human_bytes(c.manifest.logical_bytes)}){marker}")
