@@ -254,7 +254,26 @@ def fast_tmp_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def fast_mkdtemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Path]]:
+    """``fast_mkdtemp(prefix)``: a new directory on tmpfs (for module-scoped fixtures),
+    removed at the end of the session."""
+    made: list[Path] = []
+
+    def mk(prefix: str = "tmp") -> Path:
+        base = _fast_base()
+        if base is None:
+            return tmp_path_factory.mktemp(prefix)
+        d = Path(tempfile.mkdtemp(prefix=f"apollo-test-{prefix}-", dir=base))
+        made.append(d)
+        return d
+
+    yield mk
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def fast_tmp_base() -> str | None:
     """Directory for ``tempfile.TemporaryDirectory(dir=...)`` in hypothesis examples."""
     return _fast_base()
@@ -266,49 +285,49 @@ def tmp_store(fast_tmp_dir: Path) -> str:
     return str(fast_tmp_dir / "store")
 
 
-@pytest.fixture(name="make_model")
+@pytest.fixture(scope="session", name="make_model")
 def _make_model() -> Callable[..., dict[str, torch.Tensor]]:
     """``make_model(layers=2, hidden=64, vocab=96, dtype=torch.bfloat16, seed=0)``."""
     return make_model
 
 
-@pytest.fixture(name="write_safetensors")
+@pytest.fixture(scope="session", name="write_safetensors")
 def _write_safetensors() -> Callable[..., Path]:
     return write_safetensors
 
 
-@pytest.fixture(name="write_pt")
+@pytest.fixture(scope="session", name="write_pt")
 def _write_pt() -> Callable[..., Path]:
     return write_pt
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_seed() -> Callable[..., SeedRoot]:
     """``write_seed(root, models, half_written=False, dangling_latest=False)``."""
     return write_seed_root
 
 
-@pytest.fixture(name="write_seed_checkpoint")
+@pytest.fixture(scope="session", name="write_seed_checkpoint")
 def _write_seed_checkpoint() -> Callable[..., Path]:
     return write_seed_checkpoint
 
 
-@pytest.fixture(name="snapshot")
+@pytest.fixture(scope="session", name="snapshot")
 def _snapshot() -> Callable[[str | Path], dict[str, bytes]]:
     return snapshot
 
 
-@pytest.fixture(name="tensor_bytes")
+@pytest.fixture(scope="session", name="tensor_bytes")
 def _tensor_bytes() -> Callable[[torch.Tensor], bytes]:
     return tensor_bytes
 
 
-@pytest.fixture(name="assert_same_tensors")
+@pytest.fixture(scope="session", name="assert_same_tensors")
 def _assert_same_tensors() -> Callable[..., None]:
     return assert_same_tensors
 
 
-@pytest.fixture(name="random_tensor")
+@pytest.fixture(scope="session", name="random_tensor")
 def _random_tensor() -> Callable[..., torch.Tensor]:
     return random_tensor
 
@@ -323,7 +342,7 @@ def _cli_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return full
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """``run_cli(*args, env=None, prog="apollo-cas")``: the real command line in a
     subprocess with ``APOLLO_CAS_NO_PROGRESS=1`` (``APOLLO_CAS_STORE`` unset unless
