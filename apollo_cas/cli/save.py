@@ -115,7 +115,13 @@ def save_sources(
             good, skipped = scan_root(path)
             for s in skipped:
                 note(f"skipped {s.path}: {s.reason}")
+            # Importing a history twice must not record it twice.
+            done = {Path(c.manifest.source.location).resolve() for c in store.checkpoints()
+                    if c.manifest.source.kind == "seed" and c.manifest.series == series}
             for j, cp in enumerate(good):
+                if cp.resolve() in done:
+                    note(f"skipped {cp}: already imported")
+                    continue
                 with SeedSource(cp) as src:
                     r = store.save(src, series=series, block_size=block_size, force=force,
                                    metadata=meta, tag=tag if (last and j == len(good) - 1) else None)
