@@ -211,3 +211,28 @@ def test_import_history_keeps_timestamps_and_order(history, tmp_store, capsys, a
     assert os.readlink(history.root / "latest") == "2025-03-01-1240"
     for d in history.dirs:
         assert (d / "weights.bin").is_file() and (d / "weights.json").is_file()
+
+
+def test_importing_the_same_history_twice_adds_nothing(history, tmp_store, capsys):
+    def run():
+        return save_sources(
+            st,
+            [history.root],
+            kind=None,
+            series="default",
+            tag=None,
+            block_size=4096,
+            force=False,
+            meta={},
+            rank=None,
+            world_size=None,
+            as_json=True,
+        )
+
+    with Store.open(tmp_store, create=True) as st:
+        first = run()
+        ids = st.checkpoint_ids()
+        assert run() == []
+        assert st.checkpoint_ids() == ids
+        assert st.latest() == first[-1].checkpoint_id
+    assert "already imported" in capsys.readouterr().err
