@@ -36,14 +36,38 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if TYPE_CHECKING:
+    from apollo_cas.gpu.xxh3_kernel import LaunchConfig
 
-from apollo_cas.gpu import xxh3_kernel as xk  # noqa: E402
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_kernel_module() -> Any:
+    """apollo_cas.gpu.xxh3_kernel; loaded by path if the package's other dependencies
+    (zstandard, msgpack, ...) are missing, as on a bare GPU box with torch and triton."""
+    sys.path.insert(0, str(_REPO))
+    try:
+        from apollo_cas.gpu import xxh3_kernel
+
+        return xxh3_kernel
+    except ImportError:
+        import importlib.util
+
+        path = _REPO / "apollo_cas" / "gpu" / "xxh3_kernel.py"
+        spec = importlib.util.spec_from_file_location("apollo_cas_gpu_xxh3_kernel", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and triton look the module up
+        spec.loader.exec_module(module)
+        return module
+
+
+xk = _import_kernel_module()
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -90,9 +114,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_all_blocks(
-    buf: torch.Tensor, block_size: int, config: xk.LaunchConfig
-) -> dict[str, Any]:
+def check_all_blocks(buf: torch.Tensor, block_size: int, config: LaunchConfig) -> dict[str, Any]:
     """Compare every block's digest with xxhash (the buffer is copied to the host once)."""
     host = buf.cpu().numpy().tobytes()
     got = xk._block_digests(buf, block_size, config).cpu().numpy()
@@ -131,7 +153,7 @@ def check_sample(
     return {"blocks_checked": len(rows), "mismatches": len(bad), "ok": not bad}
 
 
-def time_call(buf: torch.Tensor, block_size: int, config: xk.LaunchConfig, device: str) -> float:
+def time_call(buf: torch.Tensor, block_size: int, config: LaunchConfig, device: str) -> float:
     """Median seconds per block_digests call."""
     if device.startswith("cuda"):
         from triton.testing import do_bench
@@ -195,7 +217,7 @@ def main() -> int:
     cfg0 = xk.DEFAULT_CONFIG
 
     # ---- 1. correctness ---------------------------------------------------------------
-    base_len = 64 * MiB if scale else 64 * KiB
+    base_len = 64 * MiB if scale else 16 * KiB
     sizes = [256, 4 * KiB, 64 * KiB, MiB] if scale else [256, 1024, 4 * KiB]
     src = _random_buffer(base_len + 2 * max(sizes), device, seed=1)
     for bs in sizes:
@@ -207,7 +229,7 @@ def main() -> int:
             save()
     del src
 
-    mid_len = GiB if scale else 256 * KiB
+    mid_len = GiB if scale else 64 * KiB
     mid = _random_buffer(mid_len, device, seed=2)
     for bs in [64 * KiB, MiB, 4 * MiB] if scale else [1024, 4 * KiB]:
         digests = xk._block_digests(mid, bs, cfg0)
@@ -218,8 +240,8 @@ def main() -> int:
         save()
 
     # ---- 2. sweep ---------------------------------------------------------------------
-    big_len = int(args.big_gib * GiB) if scale else 1 * MiB
-    big_len -= big_len % MiB
+    big_len = int(args.big_gib * GiB) if scale else 256 * KiB
+    big_len -= big_len % (MiB if scale else 64 * KiB)
     del mid
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -227,7 +249,7 @@ def main() -> int:
     _sync(device)
     result["big_bytes"] = big_len
 
-    def bench(bs: int, cfg: xk.LaunchConfig, buf: torch.Tensor, tag: str) -> dict[str, Any]:
+    def bench(bs: int, cfg: LaunchConfig, buf: torch.Tensor, tag: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         digests = xk._block_digests(buf, bs, cfg)  # compiles
         _sync(device)
@@ -252,9 +274,9 @@ def main() -> int:
         return row
 
     sweep_sizes = [MiB, 64 * KiB, 4 * MiB] if scale else [4 * KiB, 64 * KiB]
-    best: dict[int, xk.LaunchConfig] = {}
-    configs = [cfg0] if args.no_sweep else SWEEP
-    ranked: list[xk.LaunchConfig] = []
+    best: dict[int, LaunchConfig] = {}
+    configs = [cfg0] if args.no_sweep else SWEEP if scale else SWEEP[:2]
+    ranked: list[LaunchConfig] = []
     for k, bs in enumerate(sweep_sizes):
         # Every candidate on the first block size, the best four on the others.
         cands = configs if k == 0 else ranked[:4]
@@ -279,7 +301,7 @@ def main() -> int:
     # ---- 3. throughput per block size -------------------------------------------------
     overall = ranked[0] if ranked else cfg0
     result["best_config_1MiB"] = dataclasses.asdict(overall)
-    table_sizes = [4 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB] if scale else [4 * KiB, 64 * KiB]
+    table_sizes = [4 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB] if scale else [4 * KiB]
     for bs in table_sizes:
         for cfg, tag in ((cfg0, "default"), (best.get(bs, overall), "best")):
             if tag == "best" and cfg == cfg0:
@@ -291,7 +313,7 @@ def main() -> int:
                     {"tag": tag, "block_size": bs, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 )
             save()
-    small_len = GiB if scale else 256 * KiB
+    small_len = GiB if scale else 64 * KiB
     small = big[:small_len]
     small_bs = MiB if scale else 4 * KiB
     for cfg, tag in ((cfg0, "default-1GiB"), (overall, "best-1GiB")):
