@@ -140,3 +140,22 @@ def test_target_that_is_a_file(saved, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(TargetError, match="not a directory"):
         st.restore(cid, tmp_path / "file", format="flat")
+
+
+def test_weights_json_is_written_after_weights_bin(saved, tmp_path, monkeypatch, make_model):
+    """If weights.bin cannot be put in place, no weights.json describes it (the
+    old one is gone too: it would describe the wrong bytes)."""
+    from apollo_cas.targets import files as files_mod
+
+    st, cid, _ = saved
+    out = tmp_path / "out"
+    old = st.save(make_model(layers=1, seed=9), block_size=BS).checkpoint_id
+    st.restore(old, out, format="flat")
+
+    def commit(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files_mod.PendingFile, "commit", commit)
+    with pytest.raises(Exception, match="space"):
+        st.restore(cid, out, format="flat")
+    assert not (out / "weights.json").exists()

@@ -258,3 +258,31 @@ def test_output_appears_only_when_complete(
     with pytest.raises(Boom):
         store.restore(cid, out, max_shard_size=shard_size)
     assert snapshot(out) == before  # no new or temporary file; old ones untouched
+
+
+def test_index_is_written_after_every_shard(store, model, tmp_path, monkeypatch):
+    """A failure while the shards are renamed into place leaves no index: a
+    half-new set of shards never looks like a valid checkpoint."""
+    from apollo_cas.targets import files as files_mod
+
+    out = tmp_path / "out"
+    store.save(model, block_size=BS)
+    store.restore(None, out, max_shard_size=30_000)
+    assert (out / INDEX).exists()  # an index from an earlier restore
+
+    real_commit = files_mod.PendingFile.commit
+    calls = [0]
+
+    def commit(self):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(28, "No space left on device")
+        return real_commit(self)
+
+    monkeypatch.setattr(files_mod.PendingFile, "commit", commit)
+    other = dict(model)
+    other["model.norm.weight"] = model["model.norm.weight"] + 1
+    store.save(other, block_size=BS)
+    with pytest.raises(Exception, match="space"):
+        store.restore(None, out, max_shard_size=30_000)
+    assert not (out / INDEX).exists()
