@@ -16,9 +16,13 @@ This is the hot path of a checkpoint of live weights (a handles file, or a
 
 Why kernels run on several streams: XXH3 is sequential inside a block, so the
 kernel's parallelism is across blocks, and one tensor of ~70 MiB holds only ~70
-blocks of 1 MiB — a few warps. One launch per tensor on a single stream would
-leave the GPU nearly idle; spreading the launches over ``streams`` CUDA streams
-lets many tensors hash at once. Tensors smaller than one block, and trailing
+blocks of 1 MiB — a few warps. One launch per tensor on a single stream leaves
+the GPU nearly idle; spreading the launches over ``streams`` CUDA streams lets
+many tensors hash at once. Measured on an H200 (16 GiB, 218 tensors, 1 MiB
+blocks): 202 ms on 1 stream, 31 ms on 8-64 streams (0.56 TB/s; raising
+CUDA_DEVICE_MAX_CONNECTIONS to 32 gains ~10%), against 4.6 ms (3.7 TB/s) for the
+same bytes in one contiguous buffer. Closing that gap needs a kernel entry point
+that takes every tensor in one launch (a table of pointers), not more streams. Tensors smaller than one block, and trailing
 blocks of 240 bytes or less (XXH3's short paths, which the kernel leaves to the
 host), are gathered on the device into one buffer, copied once and hashed with
 ``xxhash`` on the host; they are a few MB in a transformer.
