@@ -227,21 +227,28 @@ class S3Server:
             log.close()
 
     def _wait_ready(self, deadline: float) -> bool:
-        """Poll until create_bucket succeeds; False if the process died or time ran out."""
+        """Poll until the bucket exists and takes a write; False if the process died or time ran out."""
         import botocore.exceptions
 
         client = self.client()
+        bucket_made = False
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 return False
             try:
-                client.create_bucket(Bucket=BUCKET)
+                if not bucket_made:
+                    client.create_bucket(Bucket=BUCKET)
+                    bucket_made = True
+                # The first write into a bucket grows its volumes (seconds):
+                # pay for it here, not in whichever test comes first.
+                client.put_object(Bucket=BUCKET, Key="warm-up", Body=b"x")
+                client.delete_object(Bucket=BUCKET, Key="warm-up")
                 return True
             except botocore.exceptions.ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    return True
+                    bucket_made = True
             except botocore.exceptions.BotoCoreError:
                 pass  # not listening yet
             time.sleep(0.2)

@@ -68,6 +68,18 @@ class TestS3BackendLockProtocol(TestS3Backend):
         monkeypatch.setenv("APOLLO_CAS_S3_CAS", "lock")
         return s3_location
 
+    # Only what the lock protocol changes runs twice; plain reads and writes do
+    # not depend on it (and CI time is short).
+    test_missing_key_is_object_not_found = None  # type: ignore[assignment]
+    test_put_get_replace = None  # type: ignore[assignment]
+    test_put_accepts_memoryview_and_non_durable = None  # type: ignore[assignment]
+    test_binary_values_empty_and_large = None  # type: ignore[assignment]
+    test_put_is_atomic_for_readers = None  # type: ignore[assignment]
+    test_get_range = None  # type: ignore[assignment]
+    test_list_by_prefix = None  # type: ignore[assignment]
+    test_delete_is_idempotent = None  # type: ignore[assignment]
+    test_info = None  # type: ignore[assignment]
+
     def test_uses_lock_objects(self, backend: Backend) -> None:
         assert isinstance(backend, S3Backend)
         assert backend.cas_method == "lock"
@@ -148,6 +160,50 @@ def test_seaweedfs_takes_the_conditional_write_path(s3: S3Backend) -> None:
     assert s3.cas_method == "conditional"
     raw = list(s3._list_raw(s3.prefix))
     assert raw == []
+
+
+def _race(client: Any, key: str, cond: dict[str, str], threads: int) -> list[int]:
+    """``threads`` conditional PUTs of ``key`` at once; returns who succeeded."""
+    import botocore.exceptions
+
+    wins: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def put(i: int) -> None:
+        barrier.wait()
+        try:
+            client.put_object(Bucket=BUCKET, Key=key, Body=str(i).encode(), **cond)
+            wins.append(i)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response["ResponseMetadata"]["HTTPStatusCode"] not in (409, 412):
+                errors.append(exc)
+
+    ts = [threading.Thread(target=put, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    return wins
+
+
+def test_seaweedfs_conditional_writes_are_atomic(s3_server: S3Server) -> None:
+    """The conditional path is only as good as the server's conditional writes:
+    racing PUTs with If-None-Match: * (or If-Match on one ETag) have one winner."""
+    client = raw_client(s3_server)
+    for condition in ("IfNoneMatch", "IfMatch"):
+        for _round in range(3):
+            key = f"race/{uuid.uuid4().hex}"
+            cond = {"IfNoneMatch": "*"}
+            if condition == "IfMatch":
+                client.put_object(Bucket=BUCKET, Key=key, Body=b"base")
+                cond = {"IfMatch": client.head_object(Bucket=BUCKET, Key=key)["ETag"]}
+            wins = _race(client, key, cond, threads=4)
+            assert len(wins) == 1, (condition, wins)
+            body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            assert body == str(wins[0]).encode()
+            client.delete_object(Bucket=BUCKET, Key=key)
 
 
 def test_stale_lock_of_a_dead_writer_expires(
