@@ -19,11 +19,12 @@ How the store's promises hold on S3 (see docs/S3.md):
   carries the same bytes.
 * Refs change only through :meth:`S3Backend.compare_and_swap`. Where the server
   honours conditional writes (``If-Match`` / ``If-None-Match`` on PUT and
-  ``If-Match`` on DELETE; probed once per endpoint and bucket, SeaweedFS 4.x and
-  AWS do) the swap is one conditional request. Elsewhere a lock protocol like
+  ``If-Match`` on DELETE; probed once per endpoint and bucket; SeaweedFS 4.x
+  does) the swap is one conditional request. Elsewhere a lock protocol like
   restic's serialises writers: each writer creates its own lock object
-  ``locks/cas-<key hash>.<owner>``, lists its competitors, and only the oldest
-  live lock proceeds; a lock whose holder died expires after ``lock_ttl``
+  ``locks/cas-<key hash>.<owner>``, lists its competitors, and proceeds only
+  when it sees none (of several that see each other, the oldest waits and the
+  others withdraw); a lock whose holder died expires after ``lock_ttl``
   seconds (judged by the server's clock), and a holder never writes after a
   third of that time.
 * Durability: S3 acknowledges a PUT only once it is stored, so every put is
