@@ -422,3 +422,73 @@ def test_errors_are_apollo_errors_with_one_line(s3: S3Backend) -> None:
     with pytest.raises(ObjectNotFound) as info:
         s3.get("manifests/" + HEX_A)
     assert isinstance(info.value, ApolloError) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# compare-and-swap when a request's fate is unknown (faults injected into the
+# real client: the request does or does not reach the real server)
+
+
+def _inject(client: Any, event: str, exc_factory: Callable[[], Exception], times: int) -> None:
+    left = {"n": times}
+
+    def hook(**_kwargs: Any) -> None:
+        if left["n"] > 0:
+            left["n"] -= 1
+            raise exc_factory()
+
+    client.meta.events.register(event, hook)
+
+
+@pytest.mark.parametrize("mode", ["conditional", "lock"])
+def test_cas_write_applied_but_response_lost(s3_location: str, mode: str) -> None:
+    """The swap reached the server, the answer did not: read back, counted as done
+    (not reported as a lost race, which would make the caller redo its update)."""
+    import botocore.exceptions
+
+    b = S3Backend.from_url(s3_location, cas_mode=mode)
+    key = "refs/series/default"
+    assert b.compare_and_swap(key, None, b"1")
+    _inject(
+        b._client_once,
+        "after-call.s3.PutObject",  # after the server applied the PUT
+        lambda: botocore.exceptions.ReadTimeoutError(endpoint_url=b.endpoint),
+        times=1,
+    )
+    assert b.compare_and_swap(key, b"1", b"2") is True
+    assert b.get(key) == b"2"
+    assert b.compare_and_swap(key, b"1", b"3") is False
+
+
+@pytest.mark.parametrize("mode", ["conditional", "lock"])
+def test_cas_write_never_sent_is_retried(s3_location: str, mode: str) -> None:
+    import botocore.exceptions
+
+    b = S3Backend.from_url(s3_location, cas_mode=mode)
+    key = "refs/series/default"
+    assert b.compare_and_swap(key, None, b"1")
+    _inject(
+        b._client_once,
+        "before-send.s3.PutObject",
+        lambda: botocore.exceptions.EndpointConnectionError(endpoint_url=b.endpoint),
+        times=2,
+    )
+    assert b.compare_and_swap(key, b"1", b"2") is True
+    assert b.get(key) == b"2"
+
+
+def test_cas_gives_up_when_the_server_stays_unreachable(s3_location: str) -> None:
+    import botocore.exceptions
+
+    b = S3Backend.from_url(s3_location, cas_mode="conditional")
+    key = "refs/series/default"
+    assert b.compare_and_swap(key, None, b"1")
+    _inject(
+        b._client_once,
+        "before-send.s3.PutObject",
+        lambda: botocore.exceptions.EndpointConnectionError(endpoint_url=b.endpoint),
+        times=100,
+    )
+    with pytest.raises(BackendUnavailable, match="cannot reach"):
+        b.compare_and_swap(key, b"1", b"2")
+    assert b.get(key) == b"1"
