@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -29,6 +30,9 @@ from dataclasses import asdict, dataclass
 from .backends.base import Backend
 from .errors import ObjectNotFound, StoreLocked
 from .layout import LOCKS_PREFIX, lock_key
+
+#: Names of store lock objects: "s-" (shared) or "e-" (exclusive) and a uuid4.
+_LOCK_NAME = re.compile(r"^[se]-[0-9a-f]{32}$")
 
 #: A lock not refreshed for this long is considered abandoned (other hosts).
 LOCK_TTL = 30 * 60.0
@@ -86,6 +90,11 @@ class Locks:
     def all(self) -> list[LockInfo]:
         out = []
         for key in self.backend.list(LOCKS_PREFIX):
+            # Only our own lock objects: other objects live under locks/ too (the
+            # S3 backend's per-ref CAS locks, locks/cas-*), and deleting one of
+            # those as "unreadable" would break their mutual exclusion.
+            if not _LOCK_NAME.match(key[len(LOCKS_PREFIX):]):
+                continue
             try:
                 d = json.loads(self.backend.get(key))
                 out.append(LockInfo(**d))
