@@ -241,6 +241,20 @@ def test_unlock_force_breaks_a_foreign_lock(tmp_path: Path, store_with_one: tupl
     assert run_cli("save", src, "--store", root).returncode == 0
 
 
+def test_other_objects_under_locks_are_left_alone(store_with_one: tuple[str, str],
+                                                   run_cli: Callable[..., Any]) -> None:
+    """The S3 backend keeps its per-ref CAS locks under locks/cas-*: taking,
+    clearing or breaking store locks must not delete them."""
+    root, _ = store_with_one
+    cas = Path(root) / "locks" / ("cas-" + "0" * 32 + ".1234")
+    cas.parent.mkdir(exist_ok=True)
+    cas.write_text(json.dumps({"key": "refs/series/default", "owner": "x"}))
+    with Store.open(root) as st, st.locks.hold("exclusive", "probe", timeout=5):
+        pass
+    assert run_cli("unlock", "--store", root, "--force").returncode == 0
+    assert cas.exists()
+
+
 # ---------------------------------------------------------------------------
 # gc against saves
 

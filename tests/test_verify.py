@@ -240,8 +240,9 @@ def test_leftovers_of_an_interrupted_save_are_not_damage(two: tuple[str, str, st
     os.utime(tmp, (time.time() - 7200, time.time() - 7200))
     with Store.open(root) as st:
         orphan = st.chunks.put_block(b"\x07" * BS).chunk_id
-    (Path(root) / "locks" / "s-deadbeef").write_text(json.dumps({
-        "lock_id": "s-deadbeef", "kind": "shared", "host": os.uname().nodename, "pid": 2**22 + 7,
+    dead = "s-" + "deadbeef" * 4
+    (Path(root) / "locks" / dead).write_text(json.dumps({
+        "lock_id": dead, "kind": "shared", "host": os.uname().nodename, "pid": 2**22 + 7,
         "start": "1", "created": time.time() - 60, "expires": time.time() + 600,
         "purpose": "save default"}))
     r = run_verify(root, read_data=True)
@@ -253,7 +254,7 @@ def test_leftovers_of_an_interrupted_save_are_not_damage(two: tuple[str, str, st
     out = json.loads(p.stdout)
     assert out["chunks_deleted"] == 1 and out["temporaries_removed"] == 1
     assert not tmp.exists() and not chunk_path(root, orphan).exists()
-    assert not (Path(root) / "locks" / "s-deadbeef").exists()  # the dead process's lock
+    assert not (Path(root) / "locks" / dead).exists()  # the dead process's lock
     assert run_verify(root, read_data=True).ok
 
 
