@@ -1,0 +1,192 @@
+"""The comparison benchmark's building blocks at a tiny size (no restic or borg needed).
+
+Checks that each update pattern of ``benchmarks/sequences.py`` changes what it
+claims to change, that the original tool's re-implemented 4 KiB diff matches a
+plain block-by-block comparison, that restores are verified against the right
+digests, and that the targets are judged as issue 6 states them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from apollo_cas import examples
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SIZE = 2 << 20  # 2 MiB models: every pattern, in well under a second
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[tuple[ModuleType, ModuleType, ModuleType]]:
+    """benchmarks/{sequences,tools,compare}.py, imported the way compare.py imports them."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield (
+            importlib.import_module("sequences"),
+            importlib.import_module("tools"),
+            importlib.import_module("compare"),
+        )
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _versions(seqs: ModuleType, dtype: str) -> dict[str, dict[str, np.ndarray]]:
+    seq = seqs.generated(SIZE, dtype)
+    out = {v.label: v.weights for v in seq.versions()}
+    assert tuple(out) == seq.labels == ("full", "a", "b", "c", "d")
+    return out
+
+
+def _changed(prev: dict[str, np.ndarray], cur: dict[str, np.ndarray]) -> set[str]:
+    assert prev.keys() == cur.keys()
+    return {n for n in cur if prev[n].tobytes() != cur[n].tobytes()}
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_patterns_change_what_they_claim(bench: tuple[ModuleType, ...], dtype: str) -> None:
+    seqs = bench[0]
+    v = _versions(seqs, dtype)
+    shape = examples.ModelShape.for_bytes(SIZE, 2 if dtype == "BF16" else 4)
+    want_np = np.uint16 if dtype == "BF16" else np.float32
+    assert all(a.dtype == want_np for w in v.values() for a in w.values())
+
+    # (a) only q_proj / v_proj weights of the fine-tuned layers.
+    layers = seqs.finetuned_layers(shape.layers)
+    assert _changed(v["full"], v["a"]) == {
+        f"model.layers.{n}.self_attn.{p}.weight" for n in layers for p in ("q_proj", "v_proj")
+    }
+    # (b) every norm and bias, nothing else.
+    changed_b = _changed(v["a"], v["b"])
+    assert changed_b == {n for n in v["b"] if seqs.is_norm_or_bias(n)}
+    assert any(n.endswith(".bias") for n in changed_b) and any("norm" in n for n in changed_b)
+    # (c) a dense step: every tensor; a few % of bf16 elements, ~all fp32 elements.
+    stats = seqs.change_stats(v["b"], v["c"])
+    assert _changed(v["b"], v["c"]) == set(v["c"])
+    if dtype == "BF16":
+        assert 0.01 < stats["elements"] < 0.15, stats
+    else:
+        assert stats["elements"] > 0.99, stats
+    assert stats["blocks"] == 1.0
+    # (d) identical bytes.
+    assert _changed(v["c"], v["d"]) == set()
+    assert seqs.change_stats(v["c"], v["d"])["elements"] == 0.0
+
+
+def test_bf16_is_the_cast_of_the_examples_model(bench: tuple[ModuleType, ...]) -> None:
+    """The fast torch cast equals examples.to_bf16_bits, so 'full' is examples.generate's model."""
+    seqs = bench[0]
+    shape = examples.ModelShape.for_bytes(SIZE, 2)
+    full = next(iter(seqs.generated(SIZE, "BF16").versions())).weights
+    ref = examples.generate(shape, "BF16")
+    for name, arr in ref.items():
+        np.testing.assert_array_equal(full[name], arr)
+    x = np.random.default_rng(3).standard_normal(4097).astype(np.float32) * 3
+    np.testing.assert_array_equal(seqs.cast(x, "BF16"), examples.to_bf16_bits(x))
+
+
+def test_change_stats_counts_blocks(bench: tuple[ModuleType, ...]) -> None:
+    seqs = bench[0]
+    a = {"x": np.zeros(3 * 1024, np.float32), "y": np.zeros(1000, np.float32)}  # 12 KiB + 4000 B
+    b = {"x": a["x"].copy(), "y": a["y"].copy()}
+    b["x"][1500] = 1.0  # second 4 KiB block of x
+    b["y"][999] = 1.0  # last element of y: flat bytes 12288 + 3996 -> flat block 3
+    s = seqs.change_stats(a, b, block_size=4096, flat_block=4096)
+    assert s["tensors"] == 2
+    assert s["elements"] == pytest.approx(2 / 4072)
+    assert s["blocks"] == pytest.approx(2 / 4)  # x has 3 blocks, y has 1
+    assert s["flat_blocks"] == pytest.approx(2 / 4)  # 16288 bytes -> 4 flat blocks
+
+
+def test_seed_diff_matches_block_by_block(bench: tuple[ModuleType, ...]) -> None:
+    tools = bench[1]
+    rng = np.random.default_rng(0)
+    old = rng.integers(0, 256, 70_000 + 123, dtype=np.uint8)
+    new = old.copy()
+    for pos in (0, 4095, 4096, 20_000, 20_001, 70_100):
+        new[pos] ^= 1
+    bs = 4096
+    naive = [
+        i for i in range(0, len(old), bs) if old[i : i + bs].tobytes() != new[i : i + bs].tobytes()
+    ]
+    ranges = tools.diff_blocks(old.tobytes(), new.tobytes(), bs)
+    covered = [i for s, e in ranges for i in range(s, e, bs)]
+    assert covered == naive
+    assert ranges[0] == (0, 2 * bs)  # contiguous changed blocks merge into one range
+    assert ranges[-1][1] == len(old)  # the short last block
+    assert tools.diff_blocks(old.tobytes(), old.tobytes(), bs) == []
+
+
+def test_seed_method_keeps_or_deletes_and_reads_back(
+    bench: tuple[ModuleType, ...], tmp_path: Path
+) -> None:
+    tools = bench[1]
+    w = {"a.weight": torch.randn(64, 64).to(torch.bfloat16), "b.bias": torch.randn(64)}
+    ck = tmp_path / "ck"
+    assert tools._seed_save(w, ck, 1)["kept"] is True
+    assert tools._seed_save(w, ck, 2) == {"kept": False, "changed_bytes": 0}
+    w2 = dict(w, **{"b.bias": w["b.bias"] + 1})
+    r = tools._seed_save(w2, ck, 3)
+    assert r["kept"] is True and 0 < r["changed_bytes"] <= 4096
+    back = tools._seed_load(ck)
+    assert tools.digest_torch(back) == tools.digest_torch(w2)
+    assert back["a.weight"].dtype == torch.bfloat16
+    assert len([d for d in ck.iterdir() if d.is_dir() and not d.is_symlink()]) == 2
+
+
+def test_digests_agree_across_representations(
+    bench: tuple[ModuleType, ...], tmp_path: Path
+) -> None:
+    """numpy bf16 bit patterns, torch bf16 tensors and a safetensors file digest alike."""
+    seqs, tools = bench[0], bench[1]
+    w = next(iter(seqs.generated(SIZE, "BF16").versions())).weights
+    path = tmp_path / "m.safetensors"
+    examples.write_safetensors(w, str(path), "BF16")
+    loaded = tools.load_source(path)
+    assert loaded["model.norm.weight"].dtype == torch.bfloat16
+    assert tools.digest_arrays(w) == tools.digest_torch(loaded) == tools.digest_safetensors(path)
+
+
+def test_targets_are_judged_as_stated(bench: tuple[ModuleType, ...]) -> None:
+    compare = bench[2]
+
+    def saves(secs: list[float], sizes: list[int]) -> list[dict[str, object]]:
+        return [
+            {"label": lab, "seconds": s, "bytes_on_disk": b}
+            for lab, s, b in zip(("full", "a", "c"), secs, sizes, strict=True)
+        ]
+
+    small, dense = {"blocks": 0.02}, {"blocks": 1.0}
+    results = {
+        "sequences": [
+            {
+                "name": "s",
+                "versions": [{"changes": None}, {"changes": small}, {"changes": dense}],
+                "tools": {
+                    "apollo-cli": {
+                        "saves": saves([1, 1, 1], [10, 11, 20]),
+                        "restore": {"warm": {"seconds": 1}},
+                    },
+                    "restic": {
+                        "saves": saves([2, 4, 2], [12, 13, 19]),
+                        "restore": {"warm": {"seconds": 3}},
+                    },
+                },
+            }
+        ]
+    }
+    rows = compare.evaluate(results)
+    by = {(r["target"], r.get("step")): r for r in rows}
+    assert by[("bytes", None)]["met"] is False  # 19 < 20 after the last save
+    assert by[("save", "full")]["met"] is True  # 2x, 1x needed
+    assert by[("save", "a")]["need"] == 5.0 and by[("save", "a")]["met"] is False  # 4x < 5x
+    assert by[("save", "c")]["need"] == 1.0  # dense: only "faster" is required
+    assert by[("restore", None)]["ratio"] == 3.0 and by[("restore", None)]["met"] is True
+    assert "| save | s | restic |" in "\n".join(compare.target_lines(rows))
