@@ -15,6 +15,7 @@ from typing import Any
 from . import codecs, layout
 from .backends import Backend, open_backend
 from .chunkstore import ChunkStore
+from .decoding import Decoder
 from .errors import (
     AmbiguousRef,
     ConcurrentUpdate,
@@ -516,15 +517,16 @@ class Store:
 
         manifest = self.manifest(self.resolve(ref, series))
         dest = Path(to)
+        decoder = Decoder.for_store(self, manifest.logical_bytes)
         if format == "flat":
             from .targets.flat import restore_flat
 
-            paths = restore_flat(self.read_chunk, manifest, dest, self.workers, progress)
+            paths = restore_flat(decoder, manifest, dest, progress)
         elif format == "safetensors":
             from .targets.safetensors_dir import DEFAULT_SHARD_SIZE, restore_safetensors
 
             paths = restore_safetensors(
-                self.read_chunk, manifest, dest, self.workers,
+                decoder, manifest, dest,
                 max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
                 layout=safetensors_layout, progress=progress,
             )

@@ -1,15 +1,15 @@
-"""Parallel reassembly: every chunk decoded and verified on the pool, then
-written at its final offset, so restore runs at the speed of the disk and
-memory stays at a few blocks per thread."""
+"""Reassembly: every chunk decoded and verified in parallel (threads or worker
+processes, see :mod:`apollo_cas.decoding`), then written at its final offset,
+so restore runs at the speed of the disk and memory stays at a few blocks per
+worker."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..manifest import Manifest, TensorEntry
-from ..parallel import bounded_map
+from ..decoding import Decoder, Output
 
 
 @dataclass(frozen=True)
@@ -29,30 +29,14 @@ def chunk_jobs(placements: Iterable[Placement], block_size: int) -> Iterator[tup
 
 
 def write_chunks(
-    read_chunk: Callable[[bytes], bytes],
-    fds: list[int],
+    decoder: Decoder,
+    outputs: list[Output],
     placements: Iterable[Placement],
     block_size: int,
-    workers: int,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Decode every chunk and ``pwrite`` it into place; returns bytes written."""
-
-    def task(job: tuple[int, int, bytes]) -> int:
-        out, offset, cid = job
-        data = read_chunk(cid)
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fds[out], view, offset)
-            view, offset = view[n:], offset + n
-        return len(data)
-
-    total = 0
-    for n in bounded_map(task, chunk_jobs(placements, block_size), workers):
-        total += n
-        if progress:
-            progress(n)
-    return total
+    """Decode every chunk of the placed tensors into ``outputs``; returns bytes written."""
+    return decoder.write(outputs, chunk_jobs(placements, block_size), progress)
 
 
 def total_bytes(manifest: Manifest) -> int:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..backends.local import fsync_dir, os_error, write_file_atomic
+from ..decoding import Output
 from ..errors import TargetError
 
 TMP_PREFIX = ".tmp-apollo-"
@@ -44,6 +45,11 @@ class PendingFile:
         except OSError as exc:
             self.discard()
             raise os_error(exc, "creating", str(self.tmp)) from exc
+
+    @property
+    def output(self) -> Output:
+        """Where decoders write: the open descriptor and the temporary path."""
+        return Output(self.fd, str(self.tmp))
 
     def sync(self) -> None:
         try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import dtypes
+from ..decoding import Decoder
 from ..manifest import Manifest
 from .assemble import Placement, write_chunks
 from .files import commit_all, pending_files, prepare_dir
@@ -31,10 +32,9 @@ def flat_index(manifest: Manifest) -> tuple[list[Placement], dict[str, dict[str,
 
 
 def restore_flat(
-    read_chunk: Callable[[bytes], bytes],
+    decoder: Decoder,
     manifest: Manifest,
     to: Path,
-    workers: int,
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
     """Write ``weights.bin`` then ``weights.json`` into directory ``to``."""
@@ -42,7 +42,7 @@ def restore_flat(
     placements, index = flat_index(manifest)
     size = sum(t.nbytes for t in manifest.tensors)
     with pending_files([(to / WEIGHTS, size)]) as files:
-        write_chunks(read_chunk, [files[0].fd], placements, manifest.block_size, workers, progress)
+        write_chunks(decoder, [files[0].output], placements, manifest.block_size, progress)
         # The old index would describe the new weights.bin wrongly: drop it first.
         commit_all(files, remove_first=[to / INDEX],
                    index=(to / INDEX, json.dumps(index, indent=1).encode()))

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from ..decoding import Decoder, pwrite_all
 from ..errors import UsageError
 from ..manifest import Manifest, TensorEntry
 from .assemble import Placement, write_chunks
@@ -75,10 +76,9 @@ def plan_shards(tensors: list[TensorEntry], max_size: int) -> list[list[TensorEn
 
 
 def restore_safetensors(
-    read_chunk: Callable[[bytes], bytes],
+    decoder: Decoder,
     manifest: Manifest,
     to: Path,
-    workers: int,
     *,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     layout: str = "auto",
@@ -116,9 +116,8 @@ def restore_safetensors(
     stale = [p for p in to.iterdir() if stale_pattern.match(p.name) and p.name not in names]
     with pending_files(specs) as files:
         for f, head in zip(files, headers):
-            _pwrite_all(f.fd, head, 0)
-        write_chunks(read_chunk, [f.fd for f in files], placements, manifest.block_size, workers,
-                     progress)
+            pwrite_all(f.fd, head, 0)
+        write_chunks(decoder, [f.output for f in files], placements, manifest.block_size, progress)
         index = None
         if layout == "hf" and len(groups) > 1:
             weight_map = {t.name: names[i] for i, g in enumerate(groups) for t in g}
@@ -129,12 +128,3 @@ def restore_safetensors(
         # lists, so it goes first and the new one (if any) comes last.
         commit_all(files, remove_first=[to / INDEX], index=index, remove_after=stale)
     return [to / n for n in names] + ([to / INDEX] if index else [])
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    import os
-
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
