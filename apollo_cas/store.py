@@ -575,5 +575,5 @@ class Store:
         """Checkpoint ``ref`` as a dict of torch tensors (on ``device`` if given)."""
         from .targets.tensors import load_tensors
 
-        return load_tensors(self.read_chunk, self.manifest(self.resolve(ref, series)),
-                            self.workers, device)
+        manifest = self.manifest(self.resolve(ref, series))
+        return load_tensors(Decoder.for_store(self, manifest.logical_bytes), manifest, device)

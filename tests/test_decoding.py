@@ -52,3 +52,18 @@ def test_memory_stores_stay_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
     st = Store.open("memory://x", create=True)
     assert not Decoder.for_store(st, 1 << 40).processes
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_load_through_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       device: str | None) -> None:
+    import torch
+
+    st = _store(tmp_path)
+    monkeypatch.setenv("APOLLO_CAS_PROCESSES", "0")
+    ref = st.load()
+    monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
+    got = st.load(device=device)
+    assert list(got) == list(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype

@@ -1,54 +1,79 @@
 """Tensors in memory or on a GPU, decoded in parallel straight into their buffers.
 
-For a GPU target the bytes land in pinned host memory, tensor by tensor, and
-are copied to the device asynchronously, so decoding the next tensor overlaps
-the copy of the previous one.
+Two paths, chosen by the :class:`~apollo_cas.decoding.Decoder`:
+
+* threads (small checkpoints, few cores): chunks are decoded into host buffers
+  (pinned when the target is a GPU) and copied to the device;
+* worker processes (large checkpoints): workers ``pwrite`` verified chunks into
+  one file in ``/dev/shm`` that this process maps; each tensor is handed to the
+  GPU as soon as its last chunk lands, so copies overlap decoding. For a CPU
+  target the tensors are views of that mapping (no copy at all).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import mmap
+import os
+import queue
+import tempfile
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import dtypes
-from ..manifest import Manifest
+from ..decoding import Decoder, Output
+from ..manifest import Manifest, TensorEntry
 from ..parallel import bounded_map
 
 if TYPE_CHECKING:
     import torch
 
+SHM_DIR = "/dev/shm"
+_ALIGN = 64  # every tensor starts 64-byte aligned in the shared file
+
 
 def load_tensors(
-    read_chunk: Callable[[bytes], bytes],
+    decoder: Decoder,
     manifest: Manifest,
-    workers: int,
     device: str | None = None,
     names: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of ``manifest`` (or those in ``names``) as torch tensors."""
+    entries = [t for t in manifest.tensors if names is None or t.name in names]
+    total = sum(t.nbytes + _ALIGN for t in entries)
+    if decoder.processes and _shm_has_room(total):
+        return _load_via_shm(decoder, entries, manifest.block_size, device, total)
+    return _load_via_threads(decoder, entries, manifest.block_size, device)
+
+
+def _torch_dtype(t: TensorEntry) -> torch.dtype:
     import torch
 
-    bs = manifest.block_size
-    entries = [t for t in manifest.tensors if names is None or t.name in names]
+    dt: torch.dtype = getattr(torch, dtypes.lookup(t.dtype).torch_name)
+    return dt
+
+
+def _load_via_threads(decoder: Decoder, entries: list[TensorEntry], bs: int,
+                      device: str | None) -> dict[str, torch.Tensor]:
+    import torch
+
     on_gpu = device is not None and str(device).startswith("cuda")
-    hosts: list[torch.Tensor] = []
-    for t in entries:
-        hosts.append(torch.empty(t.nbytes, dtype=torch.uint8, pin_memory=on_gpu))
+    hosts = [torch.empty(t.nbytes, dtype=torch.uint8, pin_memory=on_gpu) for t in entries]
     views = [h.numpy() for h in hosts]
 
     def task(job: tuple[int, int, bytes]) -> None:
         ti, i, cid = job
-        data = read_chunk(cid)
+        data = decoder.read_chunk(cid)
         views[ti][i * bs : i * bs + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
     jobs = ((ti, i, c) for ti, t in enumerate(entries) for i, c in enumerate(t.chunks))
-    for _ in bounded_map(task, jobs, workers):
+    for _ in bounded_map(task, jobs, decoder.workers):
         pass
     out: dict[str, torch.Tensor] = {}
     for t, h in zip(entries, hosts):
-        dt = getattr(torch, dtypes.lookup(t.dtype).torch_name)
+        dt = _torch_dtype(t)
         tensor = h.view(dt).reshape(t.shape) if t.nbytes else torch.empty(t.shape, dtype=dt)
         if device is not None:
             tensor = tensor.to(device, non_blocking=on_gpu)
@@ -56,3 +81,73 @@ def load_tensors(
     if on_gpu:
         torch.cuda.synchronize()
     return out
+
+
+def _shm_has_room(nbytes: int) -> bool:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize > nbytes * 1.1
+
+
+def _load_via_shm(decoder: Decoder, entries: list[TensorEntry], bs: int, device: str | None,
+                  total: int) -> dict[str, torch.Tensor]:
+    import torch
+
+    offsets, pos = [], 0
+    for t in entries:
+        offsets.append(pos)
+        pos += t.nbytes + (-t.nbytes % _ALIGN)
+    fd, path = tempfile.mkstemp(prefix="apollo-load-", dir=SHM_DIR)
+    try:
+        os.ftruncate(fd, max(pos, 1))
+        mm = mmap.mmap(fd, max(pos, 1))
+    finally:
+        os.close(fd)
+    out: dict[str, torch.Tensor] = {}
+    remaining = [t.nbytes for t in entries]
+    ready: queue.Queue[int | None] = queue.Queue()
+    failed: list[BaseException] = []
+
+    def tensor_at(ti: int) -> torch.Tensor:
+        t = entries[ti]
+        dt = _torch_dtype(t)
+        if not t.nbytes:
+            return torch.empty(t.shape, dtype=dt)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=offsets[ti])
+        return raw.view(dt).reshape(t.shape)
+
+    def copier() -> None:
+        # Hands each finished tensor to the GPU while workers decode the rest.
+        while (ti := ready.get()) is not None:
+            try:
+                out[entries[ti].name] = tensor_at(ti).to(device)
+            except BaseException as exc:
+                failed.append(exc)
+
+    def on_done(_out: int, offset: int, n: int) -> None:
+        ti = bisect.bisect_right(offsets, offset) - 1
+        remaining[ti] -= n
+        if remaining[ti] == 0 and device is not None:
+            ready.put(ti)
+
+    thread = threading.Thread(target=copier, daemon=True) if device is not None else None
+    if thread:
+        thread.start()
+    jobs = ((0, offsets[ti] + i * bs, c) for ti, t in enumerate(entries) for i, c in enumerate(t.chunks))
+    try:
+        decoder.write([Output(-1, path)], jobs, on_done=on_done)
+    finally:
+        os.unlink(path)  # the mapping stays valid; the memory goes with the last view
+        if thread:
+            ready.put(None)
+            thread.join()
+    if failed:
+        raise failed[0]
+    for ti, t in enumerate(entries):
+        if t.name not in out:
+            out[t.name] = tensor_at(ti) if device is None or not t.nbytes else tensor_at(ti).to(device)
+    if device is not None and str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return {t.name: out[t.name] for t in entries}
