@@ -421,19 +421,25 @@ class Store:
             matches.append(p if ok else None)
         bases = parent.bases
 
-        def depth(cid: bytes) -> int:
+        def root_of(cid: bytes) -> tuple[bytes, int]:
             d = 0
             while cid in bases:
                 cid = bases[cid]
                 d += 1
-            return d
+            return cid, d
 
         def find(ti: int, bi: int) -> codecs.Base | None:
             p = matches[ti]
             if p is None:
                 return None
             cid = p.chunks[bi]
-            return codecs.Base(chunk_id=cid, raw=lambda: self.chunks.read(cid), depth=depth(cid))
+            root, d = root_of(cid)
+            # When the parent's chain is at the depth limit the codec deltas
+            # against the chain's full root instead of storing a full chunk.
+            root_base = (codecs.Base(chunk_id=root, raw=lambda: self.chunks.read(root), depth=0)
+                         if d else None)
+            return codecs.Base(chunk_id=cid, raw=lambda: self.chunks.read(cid), depth=d,
+                               root=root_base)
 
         return find
 
