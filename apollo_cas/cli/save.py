@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -100,7 +101,7 @@ def print_result(r: SaveResult, label: str, as_json: bool) -> None:
 def save_sources(
     store: Store, paths: list[Path], *, kind: str | None, series: str, tag: str | None,
     block_size: int, force: bool, meta: dict[str, str], rank: int | None,
-    world_size: int | None, as_json: bool, max_age: float | None = None,
+    world_size: int | None, as_json: bool, handle_options: dict[str, Any] | None = None,
     group: str | None = None,
 ) -> list[SaveResult]:
     """Save each source path in order; a seed root imports its whole history."""
@@ -129,7 +130,7 @@ def save_sources(
                 print_result(r, f"import {cp.name}", as_json)
             continue
         info = SourceInfo(kind=k, location=str(path), rank=rank, world_size=world_size)
-        options = {"max_age": max_age} if k == "handles" and max_age is not None else {}
+        options = dict(handle_options or {}) if k == "handles" else {}
         with open_path(path, k, info, **options) as src:
             check = None
             if k == "handles":
@@ -167,13 +168,19 @@ def save_sources(
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="The original tool's checkpoint directory: used as the store; its old "
                    "checkpoints are imported on first use.")
-@click.option("--max-age", type=float, metavar="SECONDS",
-              help="Refuse a handles file older than this (stale handles).")
+@click.option("--max-handles-age", type=float, metavar="SECONDS",
+              help="Refuse a handles file older than this (its handles may be stale).")
+@click.option("--no-owner-check", is_flag=True,
+              help="Do not require the process that exported the handles to be alive.")
+@click.option("--device-map", metavar="FROM:TO,...",
+              help="Map the GPU indices recorded in the handles file to this process's "
+                   "(when CUDA_VISIBLE_DEVICES differs from the exporter's).")
 @codec_options
 def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_size: str,
          as_json: bool, source_kind: str | None, series: str, force: bool, meta: tuple[str, ...],
          rank: int | None, world_size: int | None, handles: Path | None,
-         checkpoint_dir: Path | None, max_age: float | None, codec: str, level: int,
+         checkpoint_dir: Path | None, max_handles_age: float | None, no_owner_check: bool,
+         device_map: str | None, codec: str, level: int,
          delta: bool | None, group: str | None) -> None:
     """Save SOURCE... as checkpoints: only blocks the store lacks are written.
 
@@ -205,7 +212,10 @@ def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_si
             results = []
         results += save_sources(st, paths, kind=kind, series=series, tag=tag, block_size=bs,
                                 force=force, meta=meta_map, rank=rank,
-                                world_size=world_size, as_json=as_json, max_age=max_age,
+                                world_size=world_size, as_json=as_json,
+                                handle_options={"max_age": max_handles_age,
+                                                "check_owner_pid": not no_owner_check,
+                                                "device_map": device_map},
                                 group=group)
     if as_json:
         emit_json(results[0].to_json() if len(results) == 1 else [r.to_json() for r in results])
