@@ -129,8 +129,9 @@ def _sizes(store: Store, keys: list[str]) -> list[int]:
     return list(bounded_map(size, keys, store.workers))
 
 
-def _dependents_first(store: Store, candidates: set[bytes],
-                      manifests: Iterable[Manifest]) -> list[bytes]:
+def _dependents_first(
+    store: Store, candidates: set[bytes], manifests: Iterable[Manifest]
+) -> list[bytes]:
     """Candidates ordered so that a delta chunk goes before the chunk it is a delta
     against.
 
@@ -231,17 +232,21 @@ def gc(
     keep_ids = set(sel.keep)
     dead_groups = _apply_groups(_groups(store), keep_ids, sel.reasons)
     forget_ids = set(sel.forget) - keep_ids
-    sel = sel._replace(keep=[c for c in manifests if c in keep_ids],
-                       forget=[c for c in sel.forget if c in forget_ids])
+    sel = sel._replace(
+        keep=[c for c in manifests if c in keep_ids],
+        forget=[c for c in sel.forget if c in forget_ids],
+    )
     reachable = _reachable(m for cid, m in manifests.items() if cid not in forget_ids)
     present = _chunk_ids_present(store)
     candidates = present - reachable
     # Sizes are gathered now, outside the lock (one stat or HEAD per object).
     ordered = _dependents_first(store, candidates, manifests.values())
-    chunk_size = dict(zip(ordered, _sizes(store, [layout.chunk_key(c.hex()) for c in ordered]),
-                          strict=True))
-    manifest_size = dict(zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]),
-                             strict=True))
+    chunk_size = dict(
+        zip(ordered, _sizes(store, [layout.chunk_key(c.hex()) for c in ordered]), strict=True)
+    )
+    manifest_size = dict(
+        zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
+    )
     step("mark", 1, 1)
 
     if dry_run:
@@ -313,7 +318,8 @@ def gc(
             store.backend.sync()
             if not pending:
                 report.temporaries_removed = store.backend.remove_temporaries(
-                    older_than=time.time() - grace)
+                    older_than=time.time() - grace
+                )
                 break
         # Let saves that queued up behind us in before the next batch: their lock
         # retries back off up to ~3 s.
@@ -358,7 +364,9 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
             )
         key = layout.manifest_key(checkpoint_id)
         if not store.backend.exists(key):
-            raise CorruptManifest(f"checkpoint {checkpoint_id} has no manifest in {store.location}",
-                                  "see 'apollo-cas list'")
+            raise CorruptManifest(
+                f"checkpoint {checkpoint_id} has no manifest in {store.location}",
+                "see 'apollo-cas list'",
+            )
         store.backend.delete(key)
         store.backend.sync()

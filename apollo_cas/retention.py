@@ -74,8 +74,12 @@ class RetentionPolicy:
     @property
     def empty(self) -> bool:
         """True when no rule is given: gc forgets nothing."""
-        return (self.keep_last is None and self.keep_hourly is None
-                and self.keep_daily is None and self.keep_within is None)
+        return (
+            self.keep_last is None
+            and self.keep_hourly is None
+            and self.keep_daily is None
+            and self.keep_within is None
+        )
 
     def describe(self) -> str:
         parts = []
@@ -125,9 +129,13 @@ def _day(ts: float) -> tuple[int, ...]:
     return (t.tm_year, t.tm_yday)
 
 
-def _keep_buckets(newest_first: Sequence[RetainItem], n: int,
-                  bucket: Callable[[float], tuple[int, ...]], label: str,
-                  reasons: dict[str, list[str]]) -> None:
+def _keep_buckets(
+    newest_first: Sequence[RetainItem],
+    n: int,
+    bucket: Callable[[float], tuple[int, ...]],
+    label: str,
+    reasons: dict[str, list[str]],
+) -> None:
     """restic's rule: walking newest first, keep the first checkpoint of each new
     bucket until ``n`` buckets are used (empty buckets do not count)."""
     last: tuple[int, ...] | None = None
@@ -142,14 +150,19 @@ def _keep_buckets(newest_first: Sequence[RetainItem], n: int,
             left -= 1
 
 
-def select(checkpoints: Iterable[Checkpoint | RetainItem], policy: RetentionPolicy,
-           now: float | None = None) -> Selection:
+def select(
+    checkpoints: Iterable[Checkpoint | RetainItem],
+    policy: RetentionPolicy,
+    now: float | None = None,
+) -> Selection:
     """Split ``checkpoints`` into those to keep and those to forget under ``policy``.
 
     Rules apply per series (each series is one writer: a host, a rank, a run).
     """
     now = time.time() if now is None else now
-    cps = sorted((RetainItem.of(c) for c in checkpoints), key=lambda c: (c.created, c.checkpoint_id))
+    cps = sorted(
+        (RetainItem.of(c) for c in checkpoints), key=lambda c: (c.created, c.checkpoint_id)
+    )
     reasons: dict[str, list[str]] = {c.checkpoint_id: [] for c in cps}
     for c in cps:
         if c.tags:
@@ -169,11 +182,13 @@ def select(checkpoints: Iterable[Checkpoint | RetainItem], policy: RetentionPoli
                 for c in newest_first[: policy.keep_last]:
                     reasons[c.checkpoint_id].append(f"last {policy.keep_last}")
             if policy.keep_hourly:
-                _keep_buckets(newest_first, policy.keep_hourly, _hour,
-                              f"hourly {policy.keep_hourly}", reasons)
+                _keep_buckets(
+                    newest_first, policy.keep_hourly, _hour, f"hourly {policy.keep_hourly}", reasons
+                )
             if policy.keep_daily:
-                _keep_buckets(newest_first, policy.keep_daily, _day,
-                              f"daily {policy.keep_daily}", reasons)
+                _keep_buckets(
+                    newest_first, policy.keep_daily, _day, f"daily {policy.keep_daily}", reasons
+                )
             if policy.keep_within is not None:
                 cutoff = now - policy.keep_within
                 for c in group:

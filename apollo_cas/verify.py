@@ -53,8 +53,10 @@ def parse_subset(text: str) -> float | int:
                 return frac
     except ValueError:
         pass
-    raise UsageError(f"cannot read --read-data-subset {text!r}",
-                     "use a percentage (10%), a fraction (0.1) or a number of chunks (500)")
+    raise UsageError(
+        f"cannot read --read-data-subset {text!r}",
+        "use a percentage (10%), a fraction (0.1) or a number of chunks (500)",
+    )
 
 
 @dataclass
@@ -67,8 +69,13 @@ class ChunkDamage:
 
     def to_json(self) -> dict[str, Any]:
         tensors = sorted({t for ts in self.breaks.values() for t in ts})
-        return {"chunk": self.chunk, "reason": self.reason, "checkpoints": sorted(self.breaks),
-                "tensors": tensors, "breaks": {k: sorted(v) for k, v in sorted(self.breaks.items())}}
+        return {
+            "chunk": self.chunk,
+            "reason": self.reason,
+            "checkpoints": sorted(self.breaks),
+            "tensors": tensors,
+            "breaks": {k: sorted(v) for k, v in sorted(self.breaks.items())},
+        }
 
 
 @dataclass
@@ -123,10 +130,15 @@ class VerifyReport:
     def summary(self) -> str:
         """One line: the verdict."""
         if self.ok:
-            what = (f"{self.chunks_read} chunks read and re-hashed" if self.read_data
-                    else f"{self.chunks_referenced} chunks present")
-            return (f"store {self.location} is healthy: {self.refs_checked} refs, "
-                    f"{self.manifests_checked} manifests, {what}")
+            what = (
+                f"{self.chunks_read} chunks read and re-hashed"
+                if self.read_data
+                else f"{self.chunks_referenced} chunks present"
+            )
+            return (
+                f"store {self.location} is healthy: {self.refs_checked} refs, "
+                f"{self.manifests_checked} manifests, {what}"
+            )
         parts = []
         if self.damaged_chunks:
             parts.append(f"{len(self.damaged_chunks)} damaged chunk(s)")
@@ -134,8 +146,10 @@ class VerifyReport:
             parts.append(f"{len(self.damaged_manifests)} damaged manifest(s)")
         if self.damaged_refs:
             parts.append(f"{len(self.damaged_refs)} damaged ref(s)")
-        return (f"store {self.location} is damaged: {', '.join(parts)}, breaking "
-                f"{len(self.broken_checkpoints)} checkpoint(s)")
+        return (
+            f"store {self.location} is damaged: {', '.join(parts)}, breaking "
+            f"{len(self.broken_checkpoints)} checkpoint(s)"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,10 +176,14 @@ def _ref_targets(store: Store, report: VerifyReport) -> list[tuple[str, str]]:
     """(display name, raw target) of every ref: series, tags, and each member of
     a multi-rank group. Unreadable refs are reported here."""
     out = []
-    keys = [(f"latest@{k[len(layout.SERIES_PREFIX):]}", k)
-            for k in sorted(store.backend.list(layout.SERIES_PREFIX))]
-    keys += [(f"tag {k[len(layout.TAGS_PREFIX):]}", k)
-             for k in sorted(store.backend.list(layout.TAGS_PREFIX))]
+    keys = [
+        (f"latest@{k[len(layout.SERIES_PREFIX) :]}", k)
+        for k in sorted(store.backend.list(layout.SERIES_PREFIX))
+    ]
+    keys += [
+        (f"tag {k[len(layout.TAGS_PREFIX) :]}", k)
+        for k in sorted(store.backend.list(layout.TAGS_PREFIX))
+    ]
     for name, key in keys:
         try:
             raw = store.backend.get(key)
@@ -173,7 +191,7 @@ def _ref_targets(store: Store, report: VerifyReport) -> list[tuple[str, str]]:
             continue  # deleted while we listed (untag)
         out.append((name, raw.decode("ascii", "replace").strip()))
     for key in sorted(store.backend.list(layout.GROUPS_PREFIX)):
-        name = f"group {key[len(layout.GROUPS_PREFIX):]}"
+        name = f"group {key[len(layout.GROUPS_PREFIX) :]}"
         try:
             rec = GroupRecord.decode(store.backend.get(key), key)
         except ObjectNotFound:
@@ -220,22 +238,32 @@ def verify(
     return _verify(store, read_data, subset, progress, seed)
 
 
-def _verify(store: Store, read_data: bool, subset: float | int | None,
-            progress: ProgressFn | None, seed: int | None) -> VerifyReport:
+def _verify(
+    store: Store,
+    read_data: bool,
+    subset: float | int | None,
+    progress: ProgressFn | None,
+    seed: int | None,
+) -> VerifyReport:
     t0 = time.perf_counter()
     step = progress or (lambda stage, done, total: None)
     report = VerifyReport(location=store.location, read_data=read_data or subset is not None)
     cfg = StoreConfig.decode(store.backend.get(layout.CONFIG_KEY), store.location)
-    report.config = {"store_id": cfg.store_id, "format": cfg.format, "chunk_hash": cfg.chunk_hash,
-                     "created": cfg.created}
+    report.config = {
+        "store_id": cfg.store_id,
+        "format": cfg.format,
+        "chunk_hash": cfg.chunk_hash,
+        "created": cfg.created,
+    }
 
     # -- manifests ---------------------------------------------------------------
     ids = store.checkpoint_ids()
     step("manifests", 0, len(ids))
     manifests: dict[str, Manifest] = {}
     bad_manifest: dict[str, str] = {}
-    for i, (cid, got) in enumerate(zip(ids, bounded_map(lambda c: _load(store, c), ids,
-                                                          store.workers), strict=True)):
+    for i, (cid, got) in enumerate(
+        zip(ids, bounded_map(lambda c: _load(store, c), ids, store.workers), strict=True)
+    ):
         if isinstance(got, Manifest):
             manifests[cid] = got
         else:
@@ -254,15 +282,18 @@ def _verify(store: Store, read_data: bool, subset: float | int | None,
             continue
         refs_of.setdefault(target, []).append(name)
         if target in bad_manifest:
-            report.damaged_refs.append(RefDamage(name, target, f"its manifest is damaged: "
-                                                              f"{bad_manifest[target]}"))
+            report.damaged_refs.append(
+                RefDamage(name, target, f"its manifest is damaged: {bad_manifest[target]}")
+            )
         elif target not in manifests:
             got = _load(store, target)  # not listed: missing (or named oddly)
             if isinstance(got, Manifest):
                 manifests[target] = got
             else:
                 bad_manifest[target] = got
-                report.damaged_refs.append(RefDamage(name, target, f"names a checkpoint whose {got}"))
+                report.damaged_refs.append(
+                    RefDamage(name, target, f"names a checkpoint whose {got}")
+                )
     for cid, reason in sorted(bad_manifest.items()):
         if reason == "manifest is missing" and cid not in refs_of:
             continue

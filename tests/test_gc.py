@@ -97,8 +97,8 @@ def orphan_chunk(store: Store, seed: int) -> bytes:
 
 
 def test_without_policy_gc_only_sweeps_unreferenced_chunks(store: Store, tmp_store: str) -> None:
-    a = store.save(model([0, 1, 2]), block_size=BS).checkpoint_id
-    b = store.save(model([3, 4, 5]), block_size=BS).checkpoint_id
+    a = store.save(model([0, 1, 2]), block_size=BS).checkpoint_id or ""
+    b = store.save(model([3, 4, 5]), block_size=BS).checkpoint_id or ""
     orphan = orphan_chunk(store, 1)
     assert orphan in chunk_ids_on_disk(tmp_store)
     r = gc(store)
@@ -112,6 +112,7 @@ def test_without_policy_gc_only_sweeps_unreferenced_chunks(store: Store, tmp_sto
 def test_keep_last_forgets_old_checkpoints_and_their_chunks(store: Store, tmp_store: str) -> None:
     ids = [
         store.save(model([i, i + 1], tail=i * 7), block_size=BS, created=1000.0 + i).checkpoint_id
+        or ""
         for i in range(5)
     ]
     r = gc(store, RetentionPolicy(keep_last=2))
@@ -142,11 +143,11 @@ def test_dry_run_deletes_nothing_and_predicts_the_real_run(store: Store, tmp_sto
 
 def test_tags_and_every_series_latest_are_always_kept(store: Store, tmp_store: str) -> None:
     a = [
-        store.save(model([i]), series="a", block_size=BS, created=100.0 + i).checkpoint_id
+        store.save(model([i]), series="a", block_size=BS, created=100.0 + i).checkpoint_id or ""
         for i in range(4)
     ]
     b = [
-        store.save(model([i + 4]), series="b", block_size=BS, created=200.0 + i).checkpoint_id
+        store.save(model([i + 4]), series="b", block_size=BS, created=200.0 + i).checkpoint_id or ""
         for i in range(3)
     ]
     store.tag(a[0], "first")
@@ -160,8 +161,10 @@ def test_tags_and_every_series_latest_are_always_kept(store: Store, tmp_store: s
 
 
 def test_gc_keeps_delta_bases_of_kept_checkpoints(store: Store, tmp_store: str) -> None:
-    base = store.save(model(list(range(6))), block_size=BS, created=1.0).checkpoint_id
-    child = store.save(model(list(range(6)), poke=17), block_size=BS, created=2.0).checkpoint_id
+    base = store.save(model(list(range(6))), block_size=BS, created=1.0).checkpoint_id or ""
+    child = (
+        store.save(model(list(range(6)), poke=17), block_size=BS, created=2.0).checkpoint_id or ""
+    )
     m = store.manifest(child)
     if not m.bases:
         pytest.skip("this codec policy stored no deltas")
@@ -188,7 +191,7 @@ def test_gc_removes_old_leftovers_of_interrupted_writes_only(store: Store, tmp_s
 
 
 def test_gc_refuses_to_sweep_when_a_manifest_is_unreadable(store: Store, tmp_store: str) -> None:
-    a = store.save(model([1, 2]), block_size=BS, created=1.0).checkpoint_id
+    a = store.save(model([1, 2]), block_size=BS, created=1.0).checkpoint_id or ""
     store.save(model([3, 4]), block_size=BS, created=2.0)
     orphan_chunk(store, 3)
     p = Path(tmp_store) / "manifests" / a
@@ -209,7 +212,7 @@ def test_a_long_lived_process_saves_correctly_after_another_process_gcs(tmp_stor
     trainer.save(b, block_size=BS)
     with Store.open(tmp_store) as other:
         assert gc(other, RetentionPolicy(keep_last=1)).chunks_deleted > 0
-    c = trainer.save(a, block_size=BS).checkpoint_id  # the weights went back to a
+    c = trainer.save(a, block_size=BS).checkpoint_id or ""  # the weights went back to a
     with Store.open(tmp_store) as fresh:
         assert read_back(fresh, c) == as_bytes(a)
         assert verify(fresh, read_data=True).ok
@@ -326,13 +329,8 @@ def test_groups_are_kept_or_forgotten_whole(tmp_store: str) -> None:
                 src = open_mapping(
                     model([step * 2 + rank]), SourceInfo(kind="mapping", rank=rank, world_size=2)
                 )
-                r = st.save(
-                    src,
-                    block_size=BS,
-                    group=f"step{step}",  # type: ignore[call-arg]
-                    created=10.0 * step + rank,
-                )
-                ids[step, rank] = r.checkpoint_id or ""
+                saved = st.save(src, block_size=BS, group=f"step{step}", created=10.0 * step + rank)
+                ids[step, rank] = saved.checkpoint_id or ""
         # Rank 1 keeps its last 1, but a tag keeps rank 0 of step 0: that group
         # stays whole; group step1 has no kept member and goes.
         st.tag(ids[0, 0], "pinned")
@@ -340,7 +338,7 @@ def test_groups_are_kept_or_forgotten_whole(tmp_store: str) -> None:
         assert ids[0, 1] in r.kept and ids[0, 0] in r.kept
         assert set(r.forgotten) == {ids[1, 0], ids[1, 1]}
         assert r.groups_deleted == 1
-        names = {g.name for g in st.groups()}  # type: ignore[attr-defined]
+        names = {g.name for g in st.groups()}
         assert names == {"step0", "step2"}
         assert verify(st, read_data=True).ok
         with pytest.raises(UsageError, match="group"):

@@ -49,8 +49,10 @@ def env() -> dict[str, str]:
 
 def tensors(seed: int, mib: int = 4) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"a": rng.integers(0, 256, mib << 20, dtype=np.uint8),
-            "b": rng.standard_normal(4096).astype(np.float32)}
+    return {
+        "a": rng.integers(0, 256, mib << 20, dtype=np.uint8),
+        "b": rng.standard_normal(4096).astype(np.float32),
+    }
 
 
 def write_model(path: Path, seed: int, mib: int = 4) -> dict[str, np.ndarray]:
@@ -72,8 +74,12 @@ class Holder:
     """A separate process holding a lock of ``kind`` for ``seconds``."""
 
     def __init__(self, store: str, kind: str, seconds: float) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, store, kind, str(seconds)],
-                                     stdout=subprocess.PIPE, text=True, env=env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, store, kind, str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "held"
         self.since = time.monotonic()
@@ -106,18 +112,25 @@ def lock_files(root: str) -> list[str]:
 # concurrent saves
 
 
-def test_two_processes_saving_to_one_series(tmp_path: Path,
-                                            store_with_one: tuple[str, str]) -> None:
+def test_two_processes_saving_to_one_series(
+    tmp_path: Path, store_with_one: tuple[str, str]
+) -> None:
     """Overlapping cron runs: both checkpoints recorded once, chain intact."""
     root, first = store_with_one
     parent = first
     for rnd in range(3):
         srcs = [tmp_path / f"m{rnd}-{i}.safetensors" for i in range(2)]
         models = [write_model(p, seed=100 * rnd + i, mib=6) for i, p in enumerate(srcs)]
-        procs = [subprocess.Popen(cli("save", p, "--store", root, "--block-size", "64KiB",
-                                      "--json"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env()) for p in srcs]
+        procs = [
+            subprocess.Popen(
+                cli("save", p, "--store", root, "--block-size", "64KiB", "--json"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env(),
+            )
+            for p in srcs
+        ]
         outs = [p.communicate(timeout=120) for p in procs]
         for p, (_, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, err
@@ -125,7 +138,7 @@ def test_two_processes_saving_to_one_series(tmp_path: Path,
         assert len(set(ids)) == 2
         with Store.open(root) as st:
             assert len(st.checkpoint_ids()) == 1 + 2 * (rnd + 1)  # nothing twice, nothing lost
-            latest = st.latest()
+            latest = st.latest() or ""
             assert latest in ids
             other = ids[1 - ids.index(latest)]
             assert st.manifest(latest).parent == other
@@ -145,7 +158,7 @@ def test_a_save_that_loses_the_ref_race(tmp_path: Path, same_content: bool) -> N
     content, adds nothing); no orphan copy of A's checkpoint is left."""
     root = str(tmp_path / "s")
     a, b = Store.open(root, create=True), Store.open(root)
-    p = a.save(tensors(1, 1), block_size=BS).checkpoint_id
+    p = a.save(tensors(1, 1), block_size=BS).checkpoint_id or ""
     x = tensors(2, 1)
     y = x if same_content else tensors(3, 1)
     real = a.backend.compare_and_swap
@@ -174,20 +187,30 @@ def test_a_save_that_loses_the_ref_race(tmp_path: Path, same_content: bool) -> N
 
 
 def test_a_lock_of_a_sigkilled_process_is_cleared_automatically(
-        tmp_path: Path, store_with_one: tuple[str, str]) -> None:
+    tmp_path: Path, store_with_one: tuple[str, str]
+) -> None:
     root, _ = store_with_one
     h = Holder(root, "exclusive", 600)
     assert len(lock_files(root)) == 1
-    with (Store.open(root) as st, pytest.raises(StoreLocked, match="exclusive lock by pid"),
-          st.locks.hold("shared", "probe", timeout=0.5)):
+    with (
+        Store.open(root) as st,
+        pytest.raises(StoreLocked, match="exclusive lock by pid"),
+        st.locks.hold("shared", "probe", timeout=0.5),
+    ):
         pass
     h.kill()  # what a crash (OOM killer, power cut of the process) leaves
     assert len(lock_files(root)) == 1
     src = tmp_path / "m.safetensors"
     write_model(src, 7, 1)
     t0 = time.monotonic()
-    p = subprocess.run(cli("save", src, "--store", root), capture_output=True, text=True,
-                       env=env(), timeout=60, check=False)
+    p = subprocess.run(
+        cli("save", src, "--store", root),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr
     assert time.monotonic() - t0 < 20  # no waiting for an expiry
     assert lock_files(root) == []
@@ -205,9 +228,20 @@ def _foreign_lock(root: str, kind: str, expires_in: float) -> Path:
     lock_id = f"{kind[0]}-{'ab' * 16}"
     path = Path(root) / "locks" / lock_id
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"lock_id": lock_id, "kind": kind, "host": "other-host.example",
-                                "pid": 4242, "start": "1", "created": now - 10,
-                                "expires": now + expires_in, "purpose": "gc"}))
+    path.write_text(
+        json.dumps(
+            {
+                "lock_id": lock_id,
+                "kind": kind,
+                "host": "other-host.example",
+                "pid": 4242,
+                "start": "1",
+                "created": now - 10,
+                "expires": now + expires_in,
+                "purpose": "gc",
+            }
+        )
+    )
     return path
 
 
@@ -221,12 +255,16 @@ def test_a_lock_of_another_host_blocks_until_it_expires(store_with_one: tuple[st
     assert lock_files(root) == []
 
 
-def test_unlock_force_breaks_a_foreign_lock(tmp_path: Path, store_with_one: tuple[str, str],
-                                            run_cli: Callable[..., Any]) -> None:
+def test_unlock_force_breaks_a_foreign_lock(
+    tmp_path: Path, store_with_one: tuple[str, str], run_cli: Callable[..., Any]
+) -> None:
     root, _ = store_with_one
     path = _foreign_lock(root, "exclusive", expires_in=3600)
-    with (Store.open(root) as st, pytest.raises(StoreLocked) as exc,
-          st.locks.hold("shared", "save", timeout=0.3)):
+    with (
+        Store.open(root) as st,
+        pytest.raises(StoreLocked) as exc,
+        st.locks.hold("shared", "save", timeout=0.3),
+    ):
         pass
     msg = str(exc.value)
     assert "other-host.example" in msg and "apollo-cas unlock" in msg
@@ -241,8 +279,9 @@ def test_unlock_force_breaks_a_foreign_lock(tmp_path: Path, store_with_one: tupl
     assert run_cli("save", src, "--store", root).returncode == 0
 
 
-def test_other_objects_under_locks_are_left_alone(store_with_one: tuple[str, str],
-                                                   run_cli: Callable[..., Any]) -> None:
+def test_other_objects_under_locks_are_left_alone(
+    store_with_one: tuple[str, str], run_cli: Callable[..., Any]
+) -> None:
     """The S3 backend keeps its per-ref CAS locks under locks/cas-*: taking,
     clearing or breaking store locks must not delete them."""
     root, _ = store_with_one
@@ -313,10 +352,13 @@ def test_concurrent_save_and_gc_never_lose_a_chunk(tmp_path: Path) -> None:
             st.save(tensors(2, 8), block_size=BS, created=time.time() - 10, force=True)
             st.save(old, block_size=BS, force=True)  # old's chunks: alive again
             st.save(tensors(2, 8), block_size=BS, force=True)  # ... and garbage after gc
-        proc = subprocess.Popen(cli("save", old_src, "--store", root, "--block-size", "64KiB",
-                                    "--force", "--json"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env())
+        proc = subprocess.Popen(
+            cli("save", old_src, "--store", root, "--block-size", "64KiB", "--force", "--json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
         time.sleep(float(rng.uniform(0.0, 0.8)))
         errors: list[BaseException] = []
 

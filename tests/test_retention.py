@@ -18,8 +18,9 @@ DAY = 86400.0
 NOW = 1_750_000_000.0
 
 
-def item(i: int, created: float, series: str = "s", tags: tuple[str, ...] = (),
-         latest: bool = False) -> RetainItem:
+def item(
+    i: int, created: float, series: str = "s", tags: tuple[str, ...] = (), latest: bool = False
+) -> RetainItem:
     return RetainItem(f"{i:032x}", series, created, tags, (series,) if latest else ())
 
 
@@ -33,10 +34,21 @@ def history(times: list[float], series: str = "s") -> list[RetainItem]:
 # parse_duration
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("2d", 2 * DAY), ("12h", 12 * HOUR), ("30m", 1800), ("1w", 7 * DAY), ("90s", 90),
-    ("45", 45), ("1d12h", 1.5 * DAY), ("1.5h", 1.5 * HOUR), (" 2D ", 2 * DAY), ("0", 0),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("2d", 2 * DAY),
+        ("12h", 12 * HOUR),
+        ("30m", 1800),
+        ("1w", 7 * DAY),
+        ("90s", 90),
+        ("45", 45),
+        ("1d12h", 1.5 * DAY),
+        ("1.5h", 1.5 * HOUR),
+        (" 2D ", 2 * DAY),
+        ("0", 0),
+    ],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -72,8 +84,10 @@ def test_no_policy_forgets_nothing() -> None:
 
 def test_keep_last_per_series() -> None:
     a = history([NOW - i * 60 for i in range(5)], "a")
-    b = [RetainItem(f"{100 + i:032x}", "b", NOW - i * 61, (), ("b",) if i == 0 else ())
-         for i in range(4)]
+    b = [
+        RetainItem(f"{100 + i:032x}", "b", NOW - i * 61, (), ("b",) if i == 0 else ())
+        for i in range(4)
+    ]
     keep, forget, _ = select(a + b, RetentionPolicy(keep_last=2), NOW)
     kept = set(keep)
     assert kept == {a[0].checkpoint_id, a[1].checkpoint_id, b[0].checkpoint_id, b[1].checkpoint_id}
@@ -96,8 +110,10 @@ def test_tags_and_latest_always_kept() -> None:
 def test_keep_within() -> None:
     cps = history([NOW - h * HOUR for h in (0, 1, 5, 23, 25, 49)])
     keep, forget, _ = select(cps, RetentionPolicy(keep_within=parse_duration("1d")), NOW)
-    assert keep == sorted((c.checkpoint_id for c in cps[:4]),
-                          key=lambda i: next(c.created for c in cps if c.checkpoint_id == i))
+    assert keep == sorted(
+        (c.checkpoint_id for c in cps[:4]),
+        key=lambda i: next(c.created for c in cps if c.checkpoint_id == i),
+    )
     assert set(forget) == {cps[4].checkpoint_id, cps[5].checkpoint_id}
 
 
@@ -159,9 +175,11 @@ def _reference(cps: list[RetainItem], p: RetentionPolicy, now: float) -> set[str
     if p.empty:
         return {c.checkpoint_id for c in cps}
     for s in {c.series for c in cps}:
-        group = sorted((c for c in cps if c.series == s), key=lambda c: (c.created, c.checkpoint_id))
+        group = sorted(
+            (c for c in cps if c.series == s), key=lambda c: (c.created, c.checkpoint_id)
+        )
         if p.keep_last:
-            keep |= {c.checkpoint_id for c in group[-p.keep_last:]}
+            keep |= {c.checkpoint_id for c in group[-p.keep_last :]}
         for n, bucket in ((p.keep_hourly, _bucket_hour), (p.keep_daily, _bucket_day)):
             if n:
                 newest: dict[tuple[int, ...], RetainItem] = {}
@@ -178,23 +196,47 @@ opt_n = st.none() | st.integers(0, 6)
 
 @settings(max_examples=300, deadline=None)
 @given(
-    offsets=st.lists(st.tuples(st.integers(0, 20 * 24 * 3600), st.sampled_from(["a", "b"]),
-                               st.booleans()), min_size=1, max_size=30),
-    last=opt_n, hourly=opt_n, daily=opt_n,
+    offsets=st.lists(
+        st.tuples(st.integers(0, 20 * 24 * 3600), st.sampled_from(["a", "b"]), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    last=opt_n,
+    hourly=opt_n,
+    daily=opt_n,
     within=st.none() | st.integers(0, 10 * 24 * 3600),
 )
-def test_select_matches_reference(offsets: list[tuple[int, str, bool]], last: int | None,
-                                  hourly: int | None, daily: int | None, within: int | None) -> None:
-    items = [RetainItem(f"{i:032x}", s, NOW - off, ("t",) if tagged else ())
-             for i, (off, s, tagged) in enumerate(offsets)]
+def test_select_matches_reference(
+    offsets: list[tuple[int, str, bool]],
+    last: int | None,
+    hourly: int | None,
+    daily: int | None,
+    within: int | None,
+) -> None:
+    items = [
+        RetainItem(f"{i:032x}", s, NOW - off, ("t",) if tagged else ())
+        for i, (off, s, tagged) in enumerate(offsets)
+    ]
     # Mark each series' newest as latest, as the store would.
     newest: dict[str, RetainItem] = {}
     for c in sorted(items, key=lambda c: (c.created, c.checkpoint_id)):
         newest[c.series] = c
-    items = [RetainItem(c.checkpoint_id, c.series, c.created, c.tags,
-                        (c.series,) if newest[c.series] is c else ()) for c in items]
-    p = RetentionPolicy(keep_last=last, keep_hourly=hourly, keep_daily=daily,
-                        keep_within=None if within is None else float(within))
+    items = [
+        RetainItem(
+            c.checkpoint_id,
+            c.series,
+            c.created,
+            c.tags,
+            (c.series,) if newest[c.series] is c else (),
+        )
+        for c in items
+    ]
+    p = RetentionPolicy(
+        keep_last=last,
+        keep_hourly=hourly,
+        keep_daily=daily,
+        keep_within=None if within is None else float(within),
+    )
     keep, forget, _ = select(items, p, NOW)
     assert set(keep) == _reference(items, p, NOW)
     assert set(keep) | set(forget) == {c.checkpoint_id for c in items}

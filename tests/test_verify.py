@@ -27,8 +27,10 @@ BS = 4096
 
 def weights(seed: int, n_blocks: int = 4) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"embed": rng.integers(0, 256, n_blocks * BS, dtype=np.uint8),
-            "head": rng.integers(0, 256, BS + 100, dtype=np.uint8)}
+    return {
+        "embed": rng.integers(0, 256, n_blocks * BS, dtype=np.uint8),
+        "head": rng.integers(0, 256, BS + 100, dtype=np.uint8),
+    }
 
 
 def chunk_path(root: str, cid: bytes) -> Path:
@@ -37,8 +39,11 @@ def chunk_path(root: str, cid: bytes) -> Path:
 
 def objects(root: str) -> dict[str, bytes]:
     """The store's objects, locks aside (verify takes and drops a shared lock)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
-            if p.is_file() and "locks" not in p.parts and not p.name.startswith(".refs")}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file() and "locks" not in p.parts and not p.name.startswith(".refs")
+    }
 
 
 @pytest.fixture
@@ -103,15 +108,18 @@ def test_missing_chunk(two: tuple[str, str, str], run_cli: Callable[..., Any]) -
     assert f"damaged chunk {cid.hex()}" in p.stdout and "embed" in p.stdout
     assert objects(root) == before  # verify changes nothing
     # The other checkpoint is intact and restores; the damaged one fails clearly.
-    p = run_cli("restore", "latest", "--store", root, "--to", Path(root).parent / "out",
-                "--format", "flat")
+    p = run_cli(
+        "restore", "latest", "--store", root, "--to", Path(root).parent / "out", "--format", "flat"
+    )
     assert p.returncode == 0, p.stderr
     p = run_cli("restore", "old", "--store", root, "--to", Path(root).parent / "out2")
     assert p.returncode == 1 and cid.hex() in p.stderr and p.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("damage", ["bitflip", "truncate", "empty", "swap"])
-def test_damaged_chunk_content_is_found_by_read_data(two: tuple[str, str, str], damage: str) -> None:
+def test_damaged_chunk_content_is_found_by_read_data(
+    two: tuple[str, str, str], damage: str
+) -> None:
     root, a, b = two
     victim = first_chunk(root, b, "head")
     path = chunk_path(root, victim)
@@ -175,8 +183,9 @@ def test_corrupted_manifest(two: tuple[str, str, str], run_cli: Callable[..., An
     assert p2.returncode == 3 and f"damaged manifest {a}" in p2.stdout
 
 
-def test_manifest_named_by_a_ref_but_missing(two: tuple[str, str, str],
-                                             run_cli: Callable[..., Any]) -> None:
+def test_manifest_named_by_a_ref_but_missing(
+    two: tuple[str, str, str], run_cli: Callable[..., Any]
+) -> None:
     root, _a, b = two
     (Path(root) / layout.manifest_key(b)).unlink()
     r = run_verify(root)
@@ -196,8 +205,9 @@ def test_a_ref_that_is_not_an_id(two: tuple[str, str, str]) -> None:
     assert ref.ref == "tag old" and "not a checkpoint id" in ref.reason
 
 
-def test_unknown_store_format_version(two: tuple[str, str, str],
-                                      run_cli: Callable[..., Any]) -> None:
+def test_unknown_store_format_version(
+    two: tuple[str, str, str], run_cli: Callable[..., Any]
+) -> None:
     root, _a, _b = two
     cfg = msgpack.unpackb((Path(root) / "config").read_bytes())
     cfg["format"] = 99
@@ -215,8 +225,9 @@ def test_unknown_store_format_version(two: tuple[str, str, str],
 
 def test_manifest_of_an_unknown_format_version_is_reported(two: tuple[str, str, str]) -> None:
     root, a, _b = two
-    d = msgpack.unpackb((Path(root) / layout.manifest_key(a)).read_bytes(), raw=False,
-                        strict_map_key=False)
+    d = msgpack.unpackb(
+        (Path(root) / layout.manifest_key(a)).read_bytes(), raw=False, strict_map_key=False
+    )
     d["format"] = 7
     data = msgpack.packb(d, use_bin_type=True)
     cid = digest_hex(data)
@@ -228,8 +239,9 @@ def test_manifest_of_an_unknown_format_version_is_reported(two: tuple[str, str, 
     assert m.checkpoint == cid and "format version 7" in m.reason and m.refs == ["tag future"]
 
 
-def test_leftovers_of_an_interrupted_save_are_not_damage(two: tuple[str, str, str],
-                                                         run_cli: Callable[..., Any]) -> None:
+def test_leftovers_of_an_interrupted_save_are_not_damage(
+    two: tuple[str, str, str], run_cli: Callable[..., Any]
+) -> None:
     root, _a, _b = two
     # What a killed save leaves: a half-written temporary, whole chunks that no
     # manifest names yet, and its lock.
@@ -241,10 +253,20 @@ def test_leftovers_of_an_interrupted_save_are_not_damage(two: tuple[str, str, st
     with Store.open(root) as st:
         orphan = st.chunks.put_block(b"\x07" * BS).chunk_id
     dead = "s-" + "deadbeef" * 4
-    (Path(root) / "locks" / dead).write_text(json.dumps({
-        "lock_id": dead, "kind": "shared", "host": os.uname().nodename, "pid": 2**22 + 7,
-        "start": "1", "created": time.time() - 60, "expires": time.time() + 600,
-        "purpose": "save default"}))
+    (Path(root) / "locks" / dead).write_text(
+        json.dumps(
+            {
+                "lock_id": dead,
+                "kind": "shared",
+                "host": os.uname().nodename,
+                "pid": 2**22 + 7,
+                "start": "1",
+                "created": time.time() - 60,
+                "expires": time.time() + 600,
+                "purpose": "save default",
+            }
+        )
+    )
     r = run_verify(root, read_data=True)
     assert r.ok and r.unreferenced_chunks == 1
     p = run_cli("verify", "--store", root)
@@ -270,8 +292,9 @@ def test_read_data_subset(two: tuple[str, str, str], run_cli: Callable[..., Any]
     assert p.returncode == 2 and "10%" in p.stderr
 
 
-@pytest.mark.parametrize(("text", "value"), [("10%", 0.1), ("100%", 1.0), ("0.25", 0.25),
-                                             ("500", 500), ("1", 1)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("10%", 0.1), ("100%", 1.0), ("0.25", 0.25), ("500", 500), ("1", 1)]
+)
 def test_parse_subset(text: str, value: float) -> None:
     assert parse_subset(text) == value
 
@@ -289,7 +312,7 @@ def test_group_member_missing_is_damage(tmp_store: str) -> None:
         ids = []
         for rank in range(2):
             src = open_mapping(weights(rank), SourceInfo(kind="mapping", rank=rank, world_size=2))
-            ids.append(st.save(src, block_size=BS, group="g").checkpoint_id or "")  # type: ignore[call-arg]
+            ids.append(st.save(src, block_size=BS, group="g").checkpoint_id or "")
         assert verify(st).ok
     # Rank 1 saved again: its series moved on, the group still names the old one.
     with Store.open(tmp_store) as st:

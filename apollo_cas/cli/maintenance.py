@@ -27,8 +27,11 @@ from .common import (
 
 @click.command()
 @store_option
-@click.option("--force", is_flag=True,
-              help="Also remove locks of live processes and other hosts (make sure none runs).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also remove locks of live processes and other hosts (make sure none runs).",
+)
 @json_option
 def unlock(store: str | None, force: bool, as_json: bool) -> None:
     """Remove stale locks (of dead processes on this host, or expired); --force removes all."""
@@ -48,8 +51,9 @@ class _StageBar:
     terminal's stderr; silent when stderr is not a terminal (cron, pipes)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = (enabled and sys.stderr.isatty()
-                        and not os.environ.get("APOLLO_CAS_NO_PROGRESS"))
+        self.enabled = (
+            enabled and sys.stderr.isatty() and not os.environ.get("APOLLO_CAS_NO_PROGRESS")
+        )
         self.stage = ""
         self.bar: Any = None
         self.done = 0
@@ -60,8 +64,9 @@ class _StageBar:
         if stage != self.stage:
             self.close()
             self.stage, self.done = stage, 0
-            self.bar = click.progressbar(length=total, label=stage, file=sys.stderr,
-                                         show_pos=True, show_eta=True)
+            self.bar = click.progressbar(
+                length=total, label=stage, file=sys.stderr, show_pos=True, show_eta=True
+            )
             self.bar.__enter__()
         if self.bar is not None and done > self.done:
             self.bar.update(done - self.done)
@@ -84,21 +89,52 @@ def _stage_bar(enabled: bool) -> Iterator[_StageBar]:
 
 @click.command()
 @store_option
-@click.option("--keep-last", type=click.IntRange(min=0), metavar="N",
-              help="Keep the N newest checkpoints of each series.")
-@click.option("--keep-hourly", type=click.IntRange(min=0), metavar="N",
-              help="Keep the newest checkpoint of each of the last N hours that have one.")
-@click.option("--keep-daily", type=click.IntRange(min=0), metavar="N",
-              help="Keep the newest checkpoint of each of the last N days that have one.")
-@click.option("--keep-within", metavar="DURATION",
-              help="Keep every checkpoint younger than DURATION (30m, 12h, 2d, 1w).")
-@click.option("--dry-run", is_flag=True,
-              help="Show what would be forgotten and how many bytes it frees; delete nothing.")
-@click.option("--grace", default="1h", show_default=True, metavar="DURATION",
-              help="Leave leftovers of interrupted writes younger than this.")
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Keep the N newest checkpoints of each series.",
+)
+@click.option(
+    "--keep-hourly",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Keep the newest checkpoint of each of the last N hours that have one.",
+)
+@click.option(
+    "--keep-daily",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Keep the newest checkpoint of each of the last N days that have one.",
+)
+@click.option(
+    "--keep-within",
+    metavar="DURATION",
+    help="Keep every checkpoint younger than DURATION (30m, 12h, 2d, 1w).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show what would be forgotten and how many bytes it frees; delete nothing.",
+)
+@click.option(
+    "--grace",
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    help="Leave leftovers of interrupted writes younger than this.",
+)
 @json_option
-def gc(store: str | None, keep_last: int | None, keep_hourly: int | None, keep_daily: int | None,
-       keep_within: str | None, dry_run: bool, grace: str, as_json: bool) -> None:
+def gc(
+    store: str | None,
+    keep_last: int | None,
+    keep_hourly: int | None,
+    keep_daily: int | None,
+    keep_within: str | None,
+    dry_run: bool,
+    grace: str,
+    as_json: bool,
+) -> None:
     """Forget checkpoints outside the retention policy, then delete unreferenced chunks.
 
     Tagged checkpoints and every series' latest are always kept. Without any
@@ -110,7 +146,9 @@ def gc(store: str | None, keep_last: int | None, keep_hourly: int | None, keep_d
     from ..retention import RetentionPolicy, parse_duration
 
     policy = RetentionPolicy(
-        keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily,
+        keep_last=keep_last,
+        keep_hourly=keep_hourly,
+        keep_daily=keep_daily,
         keep_within=parse_duration(keep_within) if keep_within is not None else None,
     )
     grace_s = parse_duration(grace)
@@ -125,31 +163,50 @@ def gc(store: str | None, keep_last: int | None, keep_hourly: int | None, keep_d
         rows = []
         for cid in r.forgotten:
             cp = checkpoints.get(cid)
-            rows.append([cid[:12], human_time(cp.manifest.created) if cp else "-",
-                         cp.manifest.series if cp else "-"])
+            rows.append(
+                [
+                    cid[:12],
+                    human_time(cp.manifest.created) if cp else "-",
+                    cp.manifest.series if cp else "-",
+                ]
+            )
         click.echo(f"{verb} {len(r.forgotten)} checkpoint(s):")
         click.echo(table(rows, ["ID", "TIME", "SERIES"]))
     if dry_run:
-        click.echo(f"dry run ({r.policy}): would keep {len(r.kept)} checkpoint(s), delete "
-                   f"{r.manifests_deleted} manifest(s) and {r.chunks_deleted} chunk(s), "
-                   f"freeing {human_bytes(r.bytes_freed)}; nothing was deleted")
+        click.echo(
+            f"dry run ({r.policy}): would keep {len(r.kept)} checkpoint(s), delete "
+            f"{r.manifests_deleted} manifest(s) and {r.chunks_deleted} chunk(s), "
+            f"freeing {human_bytes(r.bytes_freed)}; nothing was deleted"
+        )
         return
-    click.echo(f"gc ({r.policy}): kept {len(r.kept)} checkpoint(s), deleted {r.manifests_deleted} "
-               f"manifest(s) and {r.chunks_deleted} chunk(s), freed {human_bytes(r.bytes_freed)}, "
-               f"removed {r.temporaries_removed} leftover(s) in {r.seconds:.2f}s")
+    click.echo(
+        f"gc ({r.policy}): kept {len(r.kept)} checkpoint(s), deleted {r.manifests_deleted} "
+        f"manifest(s) and {r.chunks_deleted} chunk(s), freed {human_bytes(r.bytes_freed)}, "
+        f"removed {r.temporaries_removed} leftover(s) in {r.seconds:.2f}s"
+    )
 
 
 @click.command()
 @store_option
-@click.option("--read-data", is_flag=True,
-              help="Also read, decompress and re-hash every chunk (reads the whole store).")
-@click.option("--read-data-subset", metavar="10%|N",
-              help="Read a random subset: a percentage, a fraction or a number of chunks.")
-@click.option("--no-lock", is_flag=True,
-              help="Take no lock (read-only stores); a gc running meanwhile may cause false alarms.")
+@click.option(
+    "--read-data",
+    is_flag=True,
+    help="Also read, decompress and re-hash every chunk (reads the whole store).",
+)
+@click.option(
+    "--read-data-subset",
+    metavar="10%|N",
+    help="Read a random subset: a percentage, a fraction or a number of chunks.",
+)
+@click.option(
+    "--no-lock",
+    is_flag=True,
+    help="Take no lock (read-only stores); a gc running meanwhile may cause false alarms.",
+)
 @json_option
-def verify(store: str | None, read_data: bool, read_data_subset: str | None, no_lock: bool,
-           as_json: bool) -> None:
+def verify(
+    store: str | None, read_data: bool, read_data_subset: str | None, no_lock: bool, as_json: bool
+) -> None:
     """Check that every ref, manifest and chunk is present and intact (exit 3 on damage).
 
     Without --read-data, checks that every manifest decodes and every chunk it
@@ -177,12 +234,20 @@ def verify(store: str | None, read_data: bool, read_data_subset: str | None, no_
                 shown = ", ".join(sorted(tensors)[:5]) + (" ..." if len(tensors) > 5 else "")
                 click.echo(f"  breaks {cid[:12]}{f' ({named})' if named else ''}: {shown}")
         if r.ok:
-            click.echo(r.summary() + (f" ({r.unreferenced_chunks} unreferenced chunk(s): "
-                                      "'apollo-cas gc' reclaims them)" if r.unreferenced_chunks
-                                      else ""))
+            click.echo(
+                r.summary()
+                + (
+                    f" ({r.unreferenced_chunks} unreferenced chunk(s): "
+                    "'apollo-cas gc' reclaims them)"
+                    if r.unreferenced_chunks
+                    else ""
+                )
+            )
     if not r.ok:
-        raise DamageFound(r.summary(), "restore a checkpoint it does not break; see "
-                                       "docs/CONCURRENCY.md for repairs")
+        raise DamageFound(
+            r.summary(),
+            "restore a checkpoint it does not break; see docs/CONCURRENCY.md for repairs",
+        )
 
 
 @click.command()

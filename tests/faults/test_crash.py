@@ -61,9 +61,17 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run(*args: object, prefix: tuple[str, ...] = (), timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, *apollo(), *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(), timeout=timeout, check=False)
+def run(
+    *args: object, prefix: tuple[str, ...] = (), timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, *apollo(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+        check=False,
+    )
 
 
 def run_ok(*args: object) -> subprocess.CompletedProcess[str]:
@@ -81,8 +89,13 @@ def timed(*args: object) -> float:
 def run_killed(at: float, *args: object) -> bool:
     """Start the command, SIGKILL it after ``at`` seconds. False if it had already
     finished (the kill came too late)."""
-    proc = subprocess.Popen([*apollo(), *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=cli_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        [*apollo(), *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(),
+        start_new_session=True,
+    )
     try:
         proc.wait(timeout=at)
         return False
@@ -117,12 +130,18 @@ class Weights:
     def version(self, k: int, fresh: bool) -> dict[str, np.ndarray]:
         if fresh:
             rng = np.random.default_rng(10_000 + k)
-            return {n: rng.integers(0, 256, a.nbytes, dtype=np.uint8).view(a.dtype).reshape(a.shape)
-                    for n, a in self.base.items()}
+            return {
+                n: rng.integers(0, 256, a.nbytes, dtype=np.uint8).view(a.dtype).reshape(a.shape)
+                for n, a in self.base.items()
+            }
         out = {}
         for n, a in self.base.items():
-            word = np.uint8(k * 37 % 251 + 1) if a.itemsize == 1 else np.uint32((k * 0x9E3779B1) & 0x007FFFFF)
-            view = a.view(np.uint8 if a.itemsize == 1 else np.uint32)
+            word = (
+                np.uint8(k * 37 % 251 + 1)
+                if a.itemsize == 1
+                else np.uint32((k * 0x9E3779B1) & 0x007FFFFF)
+            )
+            view: Any = a.view(np.uint8 if a.itemsize == 1 else np.uint32)
             out[n] = (view ^ word).view(a.dtype)
         return out
 
@@ -192,7 +211,9 @@ def referenced_chunks(store: Path) -> set[str]:
 
 
 def chunks_on_disk(store: Path) -> set[str]:
-    return {p.name for p in (store / "chunks").rglob("*") if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.name for p in (store / "chunks").rglob("*") if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def assert_verifies(store: Path) -> None:
@@ -226,8 +247,9 @@ def checkpoint_digest(store: Path, cid: str) -> str:
 # SIGKILL during save
 
 
-def test_kill_during_save(tmp_path: Path, weights: Weights, rng: random.Random,
-                          fault_stats: dict[str, Counter[str]]) -> None:
+def test_kill_during_save(
+    tmp_path: Path, weights: Weights, rng: random.Random, fault_stats: dict[str, Counter[str]]
+) -> None:
     stats = fault_stats.setdefault("save killed", Counter())
     store, src = tmp_path / "store", tmp_path / "model.safetensors"
     weights.write(0, True, src)
@@ -240,8 +262,9 @@ def test_kill_during_save(tmp_path: Path, weights: Weights, rng: random.Random,
         weights.write(*version, src)
         before_ref = latest_ref(store)
         m0, c0, t0 = count_objects(store)
-        killed = run_killed(rng.uniform(0, duration), "save", src, "--store", store,
-                            "--block-size", BLOCK)
+        killed = run_killed(
+            rng.uniform(0, duration), "save", src, "--store", store, "--block-size", BLOCK
+        )
         after_ref = latest_ref(store)
         m1, c1, t1 = count_objects(store)
         committed = after_ref != before_ref
@@ -261,9 +284,9 @@ def test_kill_during_save(tmp_path: Path, weights: Weights, rng: random.Random,
         # The next save of the same weights completes, re-using what the killed one
         # wrote. Its time is the next kill window: the machine's load varies, and a
         # stale window would put most kills into start-up.
-        t0 = time.monotonic()
+        started = time.monotonic()
         p = run_ok("save", src, "--store", store, "--block-size", BLOCK, "--json")
-        duration = max(base_duration, time.monotonic() - t0)
+        duration = max(base_duration, time.monotonic() - started)
         cid = json.loads(p.stdout)["checkpoint"]
         assert latest_ref(store) == cid
         assert checkpoint_digest(store, cid) == weights.flat_digest(*version)
@@ -281,8 +304,9 @@ def test_kill_during_save(tmp_path: Path, weights: Weights, rng: random.Random,
 # SIGKILL during gc
 
 
-def test_kill_during_gc(tmp_path: Path, weights: Weights, rng: random.Random,
-                        fault_stats: dict[str, Counter[str]]) -> None:
+def test_kill_during_gc(
+    tmp_path: Path, weights: Weights, rng: random.Random, fault_stats: dict[str, Counter[str]]
+) -> None:
     stats = fault_stats.setdefault("gc killed", Counter())
     store = tmp_path / "store"
     pinned = tmp_path / "pinned.safetensors"
@@ -303,8 +327,9 @@ def test_kill_during_gc(tmp_path: Path, weights: Weights, rng: random.Random,
         run_ok("save", srcs[k - 1], "--store", store, "--block-size", BLOCK, "--force")
         m0, c0, _ = count_objects(store)
         start = 0.0 if i % 4 == 0 else min(marking * 0.8, duration * 0.8)
-        killed = run_killed(rng.uniform(start, duration), "gc", "--store", store,
-                            "--keep-last", "1")
+        killed = run_killed(
+            rng.uniform(start, duration), "gc", "--store", store, "--keep-last", "1"
+        )
         m1, c1, _ = count_objects(store)
         if not killed:
             stats["finished before the kill"] += 1
@@ -327,7 +352,11 @@ def test_kill_during_gc(tmp_path: Path, weights: Weights, rng: random.Random,
     weights.write(99, False, srcs[0])
     run_ok("save", srcs[0], "--store", store, "--block-size", BLOCK)
     assert_verifies(store)
-    assert stats["killed during the sweep"] + stats["killed after forgetting manifests, before the sweep"] > 0
+    assert (
+        stats["killed during the sweep"]
+        + stats["killed after forgetting manifests, before the sweep"]
+        > 0
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -362,8 +391,9 @@ def _output_state(out: Path, fmt: str, valid: dict[str, str]) -> str:
     return "empty"
 
 
-def test_kill_during_restore(tmp_path: Path, weights: Weights, rng: random.Random,
-                             fault_stats: dict[str, Counter[str]]) -> None:
+def test_kill_during_restore(
+    tmp_path: Path, weights: Weights, rng: random.Random, fault_stats: dict[str, Counter[str]]
+) -> None:
     stats = fault_stats.setdefault("restore killed", Counter())
     store, src = tmp_path / "store", tmp_path / "model.safetensors"
     weights.write(0, True, src)
@@ -375,7 +405,9 @@ def test_kill_during_restore(tmp_path: Path, weights: Weights, rng: random.Rando
     for fmt in ("flat", "safetensors"):
         for ref in ("a", "b"):
             ref_dir = tmp_path / f"ref-{fmt}-{ref}"
-            duration[fmt] = timed("restore", ref, "--store", store, "--to", ref_dir, "--format", fmt)
+            duration[fmt] = timed(
+                "restore", ref, "--store", store, "--to", ref_dir, "--format", fmt
+            )
             name = "weights.bin" if fmt == "flat" else "model.safetensors"
             valid[fmt][file_digest(ref_dir / name)] = ref
             shutil.rmtree(ref_dir)
@@ -387,8 +419,17 @@ def test_kill_during_restore(tmp_path: Path, weights: Weights, rng: random.Rando
     for i in range(ITERATIONS):
         fmt = "flat" if i % 2 == 0 else "safetensors"
         target = "b" if current[fmt] == "a" else "a"  # always replace one checkpoint by another
-        killed = run_killed(rng.uniform(0, duration[fmt]), "restore", target, "--store", store,
-                            "--to", outs[fmt], "--format", fmt)
+        killed = run_killed(
+            rng.uniform(0, duration[fmt]),
+            "restore",
+            target,
+            "--store",
+            store,
+            "--to",
+            outs[fmt],
+            "--format",
+            fmt,
+        )
         which, _, rest = _output_state(outs[fmt], fmt, valid[fmt]).partition(" ")
         held = "nothing" if which == "empty" else f"{'new' if which == target else 'old'} {rest}"
         stats[f"{fmt}: {'killed' if killed else 'finished'}, left {held}"] += 1
@@ -483,8 +524,14 @@ sys.exit(run(cli, sys.argv[3:]))
 
 
 def run_until(point: str, after: int, *args: object) -> int:
-    p = subprocess.run([sys.executable, "-c", KILLER, point, str(after), *map(str, args)],
-                       capture_output=True, text=True, env=cli_env(), timeout=300, check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", KILLER, point, str(after), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+        check=False,
+    )
     return p.returncode
 
 
@@ -499,8 +546,9 @@ SAVE_POINTS = {
 
 
 @pytest.mark.parametrize("point", sorted(SAVE_POINTS))
-def test_save_killed_at_each_step(point: str, tmp_path: Path,
-                                  fault_stats: dict[str, Counter[str]]) -> None:
+def test_save_killed_at_each_step(
+    point: str, tmp_path: Path, fault_stats: dict[str, Counter[str]]
+) -> None:
     after, moves = SAVE_POINTS[point]
     weights = Weights(8, seed=1)
     store, src = tmp_path / "store", tmp_path / "model.safetensors"
@@ -508,8 +556,9 @@ def test_save_killed_at_each_step(point: str, tmp_path: Path,
     run_ok("save", src, "--store", store, "--block-size", BLOCK)
     before = latest_ref(store)
     weights.write(1, point != "half-a-chunk", src)
-    rc = run_until(point, after, "save", src, "--store", store, "--block-size", BLOCK,
-                   "--tag", "new")
+    rc = run_until(
+        point, after, "save", src, "--store", store, "--block-size", BLOCK, "--tag", "new"
+    )
     assert rc == -signal.SIGKILL
     fault_stats.setdefault("save killed at", Counter())[point] += 1
     assert (latest_ref(store) != before) == moves
@@ -527,10 +576,13 @@ def test_save_killed_at_each_step(point: str, tmp_path: Path,
             assert len(st.checkpoint_ids()) == 3
 
 
-@pytest.mark.parametrize(("point", "after"), [("lock-written", 1), ("manifest-deleted", 1),
-                                              ("chunk-deleted", 1), ("chunk-deleted", 100)])
-def test_gc_killed_at_each_step(point: str, after: int, tmp_path: Path,
-                                fault_stats: dict[str, Counter[str]]) -> None:
+@pytest.mark.parametrize(
+    ("point", "after"),
+    [("lock-written", 1), ("manifest-deleted", 1), ("chunk-deleted", 1), ("chunk-deleted", 100)],
+)
+def test_gc_killed_at_each_step(
+    point: str, after: int, tmp_path: Path, fault_stats: dict[str, Counter[str]]
+) -> None:
     weights = Weights(8, seed=2)
     store, src = tmp_path / "store", tmp_path / "model.safetensors"
     for k in range(3):
@@ -550,7 +602,9 @@ def test_gc_killed_at_each_step(point: str, after: int, tmp_path: Path,
     assert_verifies(store)
 
 
-def test_restore_killed_before_its_index(tmp_path: Path, fault_stats: dict[str, Counter[str]]) -> None:
+def test_restore_killed_before_its_index(
+    tmp_path: Path, fault_stats: dict[str, Counter[str]]
+) -> None:
     """Killed after weights.bin is in place, before weights.json is written: the
     directory must not look like a valid restore of either checkpoint."""
     weights = Weights(8, seed=3)
@@ -560,8 +614,9 @@ def test_restore_killed_before_its_index(tmp_path: Path, fault_stats: dict[str, 
     weights.write(1, True, src)
     run_ok("save", src, "--store", store, "--block-size", BLOCK)
     run_ok("restore", "old", "--store", store, "--to", out, "--format", "flat")
-    rc = run_until("index-pending", 1, "restore", "latest", "--store", store, "--to", out,
-                   "--format", "flat")
+    rc = run_until(
+        "index-pending", 1, "restore", "latest", "--store", store, "--to", out, "--format", "flat"
+    )
     assert rc == -signal.SIGKILL
     fault_stats.setdefault("restore killed at", Counter())["index-pending"] += 1
     assert not (out / "weights.json").exists()  # the old index went first
@@ -580,8 +635,11 @@ def small_fs(tmp_path: Path) -> Iterator[Path | None]:
     """A 20 MiB tmpfs, or None where mounting is not permitted."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
-                       capture_output=True, check=False)
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
     if p.returncode != 0:
         yield None
         return
@@ -597,8 +655,13 @@ def _random_model(path: Path, mib: int, seed: int) -> str:
     return xxhash.xxh3_128_hexdigest(data.tobytes())
 
 
-def test_disk_full(tmp_path: Path, small_fs: Path | None, fault_stats: dict[str, Counter[str]],
-                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full(
+    tmp_path: Path,
+    small_fs: Path | None,
+    fault_stats: dict[str, Counter[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     stats = fault_stats.setdefault("disk full", Counter())
     small, big = tmp_path / "small.safetensors", tmp_path / "big.safetensors"
     small_digest = _random_model(small, 6, 1)
@@ -608,8 +671,9 @@ def test_disk_full(tmp_path: Path, small_fs: Path | None, fault_stats: dict[str,
         stats["ENOSPC injected in-process (mount not permitted)"] += 1
         return
     store = small_fs / "store"
-    first = json.loads(run_ok("save", small, "--store", store, "--block-size", BLOCK,
-                              "--json").stdout)["checkpoint"]
+    first = json.loads(
+        run_ok("save", small, "--store", store, "--block-size", BLOCK, "--json").stdout
+    )["checkpoint"]
     p = run("save", big, "--store", store, "--block-size", BLOCK)
     assert p.returncode == 1, p.stderr
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: no space left")
@@ -634,8 +698,14 @@ def test_disk_full(tmp_path: Path, small_fs: Path | None, fault_stats: dict[str,
     assert_restores(store, first, small_digest, tmp_path)
 
 
-def _disk_full_injected(tmp_path: Path, small: Path, big: Path, small_digest: str,
-                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def _disk_full_injected(
+    tmp_path: Path,
+    small: Path,
+    big: Path,
+    small_digest: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Fallback: the same checks with ENOSPC raised by the local backend's writes
     once 20 MiB have been written (the CLI runs in-process)."""
     from apollo_cas.backends import local
@@ -712,21 +782,26 @@ def test_permission_denied(tmp_path: Path, fault_stats: dict[str, Counter[str]])
                 os.chown(p, 54321, 54321, follow_symlinks=False)
         store.chmod(0o700)
         before = {str(p): p.read_bytes() for p in store.rglob("*") if p.is_file()}
-        for args in (("list",), ("verify", "--read-data"), ("save", src, "--force"),
-                     ("restore", "--to", parent / "out"), ("gc",)):
-            p = run(*args, "--store", store, prefix=prefix)
-            assert p.returncode == 1, (args, p.stderr)
-            assert p.stderr.count("\n") == 1, p.stderr
-            assert p.stderr.startswith("error: permission denied"), p.stderr
+        for args in (
+            ("list",),
+            ("verify", "--read-data"),
+            ("save", src, "--force"),
+            ("restore", "--to", parent / "out"),
+            ("gc",),
+        ):
+            r = run(*args, "--store", store, prefix=prefix)
+            assert r.returncode == 1, (args, r.stderr)
+            assert r.stderr.count("\n") == 1, r.stderr
+            assert r.stderr.startswith("error: permission denied"), r.stderr
             stats[f"{args[0]} on a 0700 store ({mode}): exit 1, one line"] += 1
         # Readable but not writable: reading works, a save is refused, nothing changes.
         store.chmod(0o755)
-        for p in store.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
+        for f in store.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         assert run("list", "--store", store, prefix=prefix).returncode == 0
-        p = run("save", src, "--store", store, "--force", prefix=prefix)
-        assert p.returncode == 1 and p.stderr.count("\n") == 1
-        assert "permission denied" in p.stderr
+        r = run("save", src, "--store", store, "--force", prefix=prefix)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1
+        assert "permission denied" in r.stderr
         stats[f"save to a read-only store ({mode}): exit 1, one line"] += 1
         after = {str(p): p.read_bytes() for p in store.rglob("*") if p.is_file()}
         assert after == before
