@@ -88,14 +88,21 @@ class ChunkStore:
             )
         if not self._claim(actual) or self.exists(actual):
             return PutResult(actual, False, 0, None)
-        blob = (codecs.encode(data, self.policy, itemsize, base=base) if base is not None
-                else codecs.encode(data, self.policy, itemsize))
+        blob = (
+            codecs.encode(data, self.policy, itemsize, base=base)
+            if base is not None
+            else codecs.encode(data, self.policy, itemsize)
+        )
         written = self.backend.put_if_absent(chunk_key(actual.hex()), blob, durable=False)
         with self._lock:
             self.known.add(actual)
         base_hex = codecs.base_of(blob) if written else None
-        return PutResult(actual, written, len(blob) if written else 0,
-                         bytes.fromhex(base_hex) if base_hex else None)
+        return PutResult(
+            actual,
+            written,
+            len(blob) if written else 0,
+            bytes.fromhex(base_hex) if base_hex else None,
+        )
 
     def get_blob(self, chunk_id: bytes) -> bytes:
         hex_id = chunk_id.hex()
@@ -111,7 +118,9 @@ class ChunkStore:
         """The raw bytes of a chunk, decoded (delta bases resolved) and verified."""
         hex_id = chunk_id.hex()
         blob = self.get_blob(chunk_id)
-        raw = codecs.decode(blob, f"chunk {hex_id}", load_base=lambda h: self.read(bytes.fromhex(h)))
+        raw = codecs.decode(
+            blob, f"chunk {hex_id}", load_base=lambda h: self.read(bytes.fromhex(h))
+        )
         if digest(raw) != chunk_id:
             raise CorruptChunk(
                 f"chunk {hex_id} is corrupt: its content does not hash to its name",

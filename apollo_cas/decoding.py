@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any
 
 from . import errors as errors_module
 from .errors import ApolloError, BackendError
@@ -57,8 +57,13 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 class Decoder:
     """Writes verified chunks at their offsets in output files."""
 
-    def __init__(self, read_chunk: Callable[[bytes], bytes], workers: int,
-                 location: str | None = None, processes: bool = False) -> None:
+    def __init__(
+        self,
+        read_chunk: Callable[[bytes], bytes],
+        workers: int,
+        location: str | None = None,
+        processes: bool = False,
+    ) -> None:
         self.read_chunk = read_chunk
         self.workers = workers
         self.location = location
@@ -73,9 +78,13 @@ class Decoder:
         use = shareable and (env == "1" or (env == "auto" and big))
         return cls(store.read_chunk, store.workers, store.location, use)
 
-    def write(self, outputs: list[Output], jobs: Iterable[Job],
-              progress: Callable[[int], None] | None = None,
-              on_done: DoneFn | None = None) -> int:
+    def write(
+        self,
+        outputs: list[Output],
+        jobs: Iterable[Job],
+        progress: Callable[[int], None] | None = None,
+        on_done: DoneFn | None = None,
+    ) -> int:
         """Decode every job's chunk into ``outputs``; returns the bytes written.
 
         ``on_done(output, offset, length)`` is called (from the caller's thread)
@@ -99,9 +108,13 @@ class Decoder:
                 on_done(out, offset, n)
         return total
 
-    def _write_processes(self, outputs: list[Output], jobs: Iterable[Job],
-                         progress: Callable[[int], None] | None,
-                         on_done: DoneFn | None) -> int:
+    def _write_processes(
+        self,
+        outputs: list[Output],
+        jobs: Iterable[Job],
+        progress: Callable[[int], None] | None,
+        on_done: DoneFn | None,
+    ) -> int:
         assert self.location is not None
         paths = [o.path for o in outputs]
         total = 0
@@ -158,7 +171,8 @@ class _Worker:
     def __init__(self, location: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "apollo_cas.decode_worker", location],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
 
     def call(self, paths: list[str], batch: list[Job]) -> list[tuple[int, int, int]]:
@@ -176,7 +190,7 @@ class _Worker:
             if not (isinstance(cls, type) and issubclass(cls, ApolloError)):
                 cls = ApolloError
             raise cls(str(reply.get("message")), reply.get("hint"))
-        return [tuple(x) for x in reply]  # type: ignore[misc]
+        return [tuple(x) for x in reply]
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -188,7 +202,7 @@ class _Worker:
             self.proc.wait()
 
 
-def send_frame(stream: BinaryIO, obj: object) -> None:
+def send_frame(stream: IO[bytes], obj: object) -> None:
     """One message: a 4-byte length, then msgpack (pipes need explicit framing)."""
     import msgpack
 
@@ -197,7 +211,7 @@ def send_frame(stream: BinaryIO, obj: object) -> None:
     stream.flush()
 
 
-def recv_frame(stream: BinaryIO) -> Any:
+def recv_frame(stream: IO[bytes]) -> Any:
     """The next message, or EOFError at the end of the stream."""
     import msgpack
 
@@ -205,7 +219,7 @@ def recv_frame(stream: BinaryIO) -> Any:
     return msgpack.unpackb(_read_exact(stream, struct.unpack("<I", head)[0]), raw=False)
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
+def _read_exact(stream: IO[bytes], n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         piece = stream.read(n - len(buf))

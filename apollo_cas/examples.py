@@ -29,10 +29,23 @@ class ModelShape:
     @classmethod
     def for_bytes(cls, target: int, itemsize: int = 2) -> ModelShape:
         """A shape whose weights take about ``target`` bytes (hidden grows with size)."""
-        hidden = (4096 if target >= 8 << 30 else 2048 if target >= 1 << 30
-                  else 1024 if target >= 128 << 20 else 512 if target >= 16 << 20 else 256)
-        base = cls(vocab=32000 if hidden >= 2048 else 8192 if hidden >= 512 else 4096, hidden=hidden,
-                   intermediate=int(hidden * 2.75) // 64 * 64, layers=1)
+        hidden = (
+            4096
+            if target >= 8 << 30
+            else 2048
+            if target >= 1 << 30
+            else 1024
+            if target >= 128 << 20
+            else 512
+            if target >= 16 << 20
+            else 256
+        )
+        base = cls(
+            vocab=32000 if hidden >= 2048 else 8192 if hidden >= 512 else 4096,
+            hidden=hidden,
+            intermediate=int(hidden * 2.75) // 64 * 64,
+            layers=1,
+        )
         per_layer = base.layer_elements() * itemsize
         fixed = base.fixed_elements() * itemsize
         layers = max(1, round((target - fixed) / per_layer))
@@ -54,17 +67,19 @@ class ModelShape:
         }
         for n in range(self.layers):
             p = f"model.layers.{n}."
-            shapes.update({
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (h, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, h),
-                p + "mlp.gate_proj.weight": (i, h),
-                p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-            })
+            shapes.update(
+                {
+                    p + "input_layernorm.weight": (h,),
+                    p + "post_attention_layernorm.weight": (h,),
+                    p + "self_attn.q_proj.weight": (h, h),
+                    p + "self_attn.k_proj.weight": (kv, h),
+                    p + "self_attn.v_proj.weight": (kv, h),
+                    p + "self_attn.o_proj.weight": (h, h),
+                    p + "mlp.gate_proj.weight": (i, h),
+                    p + "mlp.up_proj.weight": (i, h),
+                    p + "mlp.down_proj.weight": (h, i),
+                }
+            )
         return shapes
 
 
@@ -92,8 +107,9 @@ def generate(shape: ModelShape, dtype: str = BF16, seed: int = 0) -> dict[str, n
     return out
 
 
-def perturb_layers(weights: dict[str, np.ndarray], layers: list[int], fraction: float = 1.0,
-                   seed: int = 1) -> dict[str, np.ndarray]:
+def perturb_layers(
+    weights: dict[str, np.ndarray], layers: list[int], fraction: float = 1.0, seed: int = 1
+) -> dict[str, np.ndarray]:
     """A fine-tuning step touching only ``layers``' attention projections.
 
     ``fraction`` of each touched tensor's rows change (from the start), the
@@ -102,8 +118,10 @@ def perturb_layers(weights: dict[str, np.ndarray], layers: list[int], fraction: 
     rng = np.random.default_rng(seed)
     out = dict(weights)
     for name, w in weights.items():
-        if any(f"layers.{n}.self_attn.q_proj" in name or f"layers.{n}.self_attn.k_proj" in name
-               for n in layers):
+        if any(
+            f"layers.{n}.self_attn.q_proj" in name or f"layers.{n}.self_attn.k_proj" in name
+            for n in layers
+        ):
             w = w.copy()
             rows = max(1, int(w.shape[0] * fraction))
             w[:rows] ^= rng.integers(1, 4, size=(rows, *w.shape[1:]), dtype=w.dtype)
@@ -116,8 +134,15 @@ def write_safetensors(weights: dict[str, np.ndarray], path: str, dtype: str = BF
     from .targets.safetensors_dir import header_bytes
 
     names = sorted(weights)
-    entries = [_Entry(n, BF16 if dtype == BF16 and weights[n].dtype == np.uint16 else F32,
-                      tuple(weights[n].shape), weights[n].nbytes) for n in names]
+    entries = [
+        _Entry(
+            n,
+            BF16 if dtype == BF16 and weights[n].dtype == np.uint16 else F32,
+            tuple(weights[n].shape),
+            weights[n].nbytes,
+        )
+        for n in names
+    ]
     head, _ = header_bytes(entries, {"format": "pt"})
     with open(path, "wb") as f:
         f.write(head)

@@ -44,8 +44,12 @@ class StoreConfig:
 
     def encode(self) -> bytes:
         return msgpack.packb(
-            {"format": self.format, "store_id": self.store_id, "created": self.created,
-             "chunk_hash": self.chunk_hash}
+            {
+                "format": self.format,
+                "store_id": self.store_id,
+                "created": self.created,
+                "chunk_hash": self.chunk_hash,
+            }
         )
 
     @classmethod
@@ -55,14 +59,21 @@ class StoreConfig:
             if not isinstance(d, dict):
                 raise TypeError("not a map")
         except Exception as exc:
-            raise StoreError(f"{where}: unreadable store config ({exc})",
-                             "the directory is not an apollo_cas store, or its config is damaged") from exc
+            raise StoreError(
+                f"{where}: unreadable store config ({exc})",
+                "the directory is not an apollo_cas store, or its config is damaged",
+            ) from exc
         _check_format(d.get("format"), STORE_FORMAT, "store", where)
         if d.get("chunk_hash") != "xxh3-128":
-            raise FormatVersionError(f"{where}: unknown chunk hash {d.get('chunk_hash')!r}",
-                                     "upgrade apollo_cas")
-        return cls(store_id=str(d["store_id"]), created=float(d["created"]),
-                   chunk_hash=str(d["chunk_hash"]), format=int(d["format"]))
+            raise FormatVersionError(
+                f"{where}: unknown chunk hash {d.get('chunk_hash')!r}", "upgrade apollo_cas"
+            )
+        return cls(
+            store_id=str(d["store_id"]),
+            created=float(d["created"]),
+            chunk_hash=str(d["chunk_hash"]),
+            format=int(d["format"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -76,19 +87,31 @@ class TensorEntry:
     chunks: tuple[bytes, ...]
 
     def to_wire(self) -> dict[str, Any]:
-        return {"n": self.name, "d": self.dtype, "s": list(self.shape), "b": self.nbytes,
-                "c": list(self.chunks)}
+        return {
+            "n": self.name,
+            "d": self.dtype,
+            "s": list(self.shape),
+            "b": self.nbytes,
+            "c": list(self.chunks),
+        }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], block_size: int) -> TensorEntry:
-        t = cls(name=str(d["n"]), dtype=str(d["d"]), shape=tuple(int(x) for x in d["s"]),
-                nbytes=int(d["b"]), chunks=tuple(bytes(c) for c in d["c"]))
+        t = cls(
+            name=str(d["n"]),
+            dtype=str(d["d"]),
+            shape=tuple(int(x) for x in d["s"]),
+            nbytes=int(d["b"]),
+            chunks=tuple(bytes(c) for c in d["c"]),
+        )
         dt = dtypes.lookup(t.dtype)
         count = 1
         for s in t.shape:
             count *= s
         if count * dt.itemsize != t.nbytes:
-            raise ValueError(f"tensor {t.name}: shape {t.shape} x {dt.itemsize} != {t.nbytes} bytes")
+            raise ValueError(
+                f"tensor {t.name}: shape {t.shape} x {dt.itemsize} != {t.nbytes} bytes"
+            )
         if len(t.chunks) != -(-t.nbytes // block_size) or any(len(c) != 16 for c in t.chunks):
             raise ValueError(f"tensor {t.name}: wrong number or size of chunk ids")
         return t
@@ -106,12 +129,20 @@ class SaveStats:
     seconds: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"lb": self.logical_bytes, "ch": self.chunks, "nc": self.new_chunks,
-                "nr": self.new_raw_bytes, "ns": self.new_stored_bytes, "t": self.seconds}
+        return {
+            "lb": self.logical_bytes,
+            "ch": self.chunks,
+            "nc": self.new_chunks,
+            "nr": self.new_raw_bytes,
+            "ns": self.new_stored_bytes,
+            "t": self.seconds,
+        }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> SaveStats:
-        return cls(int(d["lb"]), int(d["ch"]), int(d["nc"]), int(d["nr"]), int(d["ns"]), float(d["t"]))
+        return cls(
+            int(d["lb"]), int(d["ch"]), int(d["nc"]), int(d["nr"]), int(d["ns"]), float(d["t"])
+        )
 
 
 @dataclass(frozen=True)
@@ -125,15 +156,23 @@ class SourceInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"k": self.kind, "l": self.location, "r": self.rank, "w": self.world_size,
-                "m": dict(self.metadata)}
+        return {
+            "k": self.kind,
+            "l": self.location,
+            "r": self.rank,
+            "w": self.world_size,
+            "m": dict(self.metadata),
+        }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> SourceInfo:
-        return cls(kind=str(d["k"]), location=str(d["l"]),
-                   rank=None if d["r"] is None else int(d["r"]),
-                   world_size=None if d["w"] is None else int(d["w"]),
-                   metadata={str(k): str(v) for k, v in d["m"].items()})
+        return cls(
+            kind=str(d["k"]),
+            location=str(d["l"]),
+            rank=None if d["r"] is None else int(d["r"]),
+            world_size=None if d["w"] is None else int(d["w"]),
+            metadata={str(k): str(v) for k, v in d["m"].items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -195,8 +234,10 @@ class Manifest:
             if not isinstance(d, dict):
                 raise TypeError("not a map")
         except Exception as exc:
-            raise CorruptManifest(f"{where}: unreadable manifest ({exc})",
-                                  "run apollo-cas verify; restore an older checkpoint") from exc
+            raise CorruptManifest(
+                f"{where}: unreadable manifest ({exc})",
+                "run apollo-cas verify; restore an older checkpoint",
+            ) from exc
         _check_format(d.get("format"), MANIFEST_FORMAT, "manifest", where)
         try:
             bs = int(d["block_size"])
@@ -211,8 +252,10 @@ class Manifest:
                 bases={bytes(k): bytes(v) for k, v in d["bases"].items()},
             )
         except Exception as exc:
-            raise CorruptManifest(f"{where}: malformed manifest ({exc})",
-                                  "run apollo-cas verify; restore an older checkpoint") from exc
+            raise CorruptManifest(
+                f"{where}: malformed manifest ({exc})",
+                "run apollo-cas verify; restore an older checkpoint",
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -235,23 +278,36 @@ class GroupRecord:
         return sorted(self.members) == list(range(self.world_size))
 
     def encode(self) -> bytes:
-        return msgpack.packb({"format": self.format, "series": self.series, "name": self.name,
-                              "world_size": self.world_size, "created": self.created,
-                              "members": {int(r): c for r, c in sorted(self.members.items())}})
+        return msgpack.packb(
+            {
+                "format": self.format,
+                "series": self.series,
+                "name": self.name,
+                "world_size": self.world_size,
+                "created": self.created,
+                "members": {int(r): c for r, c in sorted(self.members.items())},
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> GroupRecord:
         try:
             d = msgpack.unpackb(data, strict_map_key=False)
         except Exception as exc:
-            raise CorruptManifest(f"{where}: unreadable group record ({exc})",
-                                  "delete it; the rank checkpoints are intact") from exc
+            raise CorruptManifest(
+                f"{where}: unreadable group record ({exc})",
+                "delete it; the rank checkpoints are intact",
+            ) from exc
         if not isinstance(d, dict):
             raise CorruptManifest(f"{where}: group record is not a map")
         _check_format(d.get("format"), GROUP_FORMAT, "group", where)
         try:
-            return cls(series=str(d["series"]), name=str(d["name"]), world_size=int(d["world_size"]),
-                       members={int(r): str(c) for r, c in d["members"].items()},
-                       created=float(d["created"]))
+            return cls(
+                series=str(d["series"]),
+                name=str(d["name"]),
+                world_size=int(d["world_size"]),
+                members={int(r): str(c) for r, c in d["members"].items()},
+                created=float(d["created"]),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptManifest(f"{where}: malformed group record ({exc})") from exc

@@ -15,7 +15,6 @@ Two shapes of the same pipeline:
 from __future__ import annotations
 
 import threading
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -86,6 +85,7 @@ def write_source(
     device_ids = source.block_digests(block_size)
 
     if device_ids is None:
+
         def host_task(job: tuple[int, int]) -> int:
             ti, bi = job
             t = tensors[ti]
@@ -96,7 +96,9 @@ def write_source(
             tally.add(r, length)
             return length
 
-        jobs: Iterator[tuple[int, int]] = ((ti, bi) for ti, s in enumerate(spans) for bi in range(len(s)))
+        jobs: Iterator[tuple[int, int]] = (
+            (ti, bi) for ti, s in enumerate(spans) for bi in range(len(s))
+        )
         for n in bounded_map(host_task, jobs, workers):
             if progress:
                 progress(n)
@@ -151,5 +153,3 @@ def write_source(
 def same_content(a: tuple[TensorEntry, ...], parent: Manifest | None) -> bool:
     """Whether a save would record exactly the parent's tensors."""
     return parent is not None and a == parent.tensors
-
-

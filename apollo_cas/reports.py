@@ -21,7 +21,7 @@ def _raw_sizes(manifests: list[Manifest]) -> dict[bytes, int]:
     sizes: dict[bytes, int] = {}
     for m in manifests:
         for t in m.tensors:
-            for cid, n in zip(t.chunks, chunk_sizes(t, m.block_size)):
+            for cid, n in zip(t.chunks, chunk_sizes(t, m.block_size), strict=True):
                 sizes[cid] = n
     return sizes
 
@@ -48,12 +48,25 @@ class CheckpointRow:
         m = c.manifest
         st = m.stats
         return cls(
-            id=c.checkpoint_id, created=m.created, series=m.series, tags=list(c.tags),
-            latest=bool(c.latest_of), tensors=len(m.tensors), logical_bytes=m.logical_bytes,
-            new_chunks=st.new_chunks, new_stored_bytes=st.new_stored_bytes,
-            dedup_ratio=(m.logical_bytes / st.new_stored_bytes) if st.new_stored_bytes else float("inf"),
-            source={"kind": m.source.kind, "location": m.source.location, "rank": m.source.rank,
-                    "world_size": m.source.world_size, "metadata": m.source.metadata},
+            id=c.checkpoint_id,
+            created=m.created,
+            series=m.series,
+            tags=list(c.tags),
+            latest=bool(c.latest_of),
+            tensors=len(m.tensors),
+            logical_bytes=m.logical_bytes,
+            new_chunks=st.new_chunks,
+            new_stored_bytes=st.new_stored_bytes,
+            dedup_ratio=(m.logical_bytes / st.new_stored_bytes)
+            if st.new_stored_bytes
+            else float("inf"),
+            source={
+                "kind": m.source.kind,
+                "location": m.source.location,
+                "rank": m.source.rank,
+                "world_size": m.source.world_size,
+                "metadata": m.source.metadata,
+            },
             parent=m.parent,
         )
 
@@ -105,8 +118,12 @@ def store_stats(store: Store) -> StoreStats:
     logical = sum(m.logical_bytes for m in manifests)
     unique_raw = sum(raw.values())
     return StoreStats(
-        checkpoints=len(cps), logical_bytes=logical, unique_chunks=len(raw),
-        unique_raw_bytes=unique_raw, stored_bytes=stored, stored_chunks=len(keys),
+        checkpoints=len(cps),
+        logical_bytes=logical,
+        unique_chunks=len(raw),
+        unique_raw_bytes=unique_raw,
+        stored_bytes=stored,
+        stored_chunks=len(keys),
         unreferenced_chunks=len(present - referenced_hex),
         dedup_ratio=logical / unique_raw if unique_raw else 1.0,
         compression_ratio=unique_raw / stored if stored else 1.0,
@@ -160,12 +177,24 @@ def diff(store: Store, ref_a: str, ref_b: str, series: str = layout.DEFAULT_SERI
                 changes.append(TensorChange(name, "retyped", n, n, b.nbytes, b.nbytes))
                 continue
             sizes = chunk_sizes(b, mb.block_size)
-            diffs = [i for i, (x, y) in enumerate(zip(a.chunks, b.chunks)) if x != y]
+            diffs = [i for i, (x, y) in enumerate(zip(a.chunks, b.chunks, strict=True)) if x != y]
             if diffs:
-                changes.append(TensorChange(name, "changed", len(diffs), len(b.chunks),
-                                            sum(sizes[i] for i in diffs), b.nbytes))
+                changes.append(
+                    TensorChange(
+                        name,
+                        "changed",
+                        len(diffs),
+                        len(b.chunks),
+                        sum(sizes[i] for i in diffs),
+                        b.nbytes,
+                    )
+                )
     return Diff(
-        a=ia, b=ib, tensors_total=len(set(ta) | set(tb)), tensors_changed=len(changes),
+        a=ia,
+        b=ib,
+        tensors_total=len(set(ta) | set(tb)),
+        tensors_changed=len(changes),
         bytes_changed=sum(c.bytes_changed for c in changes),
-        bytes_total=mb.logical_bytes, changes=changes,
+        bytes_total=mb.logical_bytes,
+        changes=changes,
     )

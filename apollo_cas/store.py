@@ -162,8 +162,10 @@ class Store:
         try:
             return layout.check_hex_id(value, "ref target")
         except InvalidName:
-            raise CorruptManifest(f"ref {key} in {self.location} is damaged ({value[:40]!r})",
-                                  "point it at a good checkpoint with 'apollo-cas tag'") from None
+            raise CorruptManifest(
+                f"ref {key} in {self.location} is damaged ({value[:40]!r})",
+                "point it at a good checkpoint with 'apollo-cas tag'",
+            ) from None
 
     def latest(self, series: str = layout.DEFAULT_SERIES) -> str | None:
         """The id of the newest checkpoint of ``series``, or None."""
@@ -172,7 +174,7 @@ class Store:
     def series(self) -> dict[str, str]:
         out = {}
         for key in self.backend.list(layout.SERIES_PREFIX):
-            name = key[len(layout.SERIES_PREFIX):]
+            name = key[len(layout.SERIES_PREFIX) :]
             target = self._read_ref(key)
             if target:
                 out[name] = target
@@ -183,11 +185,12 @@ class Store:
         for key in self.backend.list(layout.TAGS_PREFIX):
             target = self._read_ref(key)
             if target:
-                out[key[len(layout.TAGS_PREFIX):]] = target
+                out[key[len(layout.TAGS_PREFIX) :]] = target
         return out
 
-    def tag(self, ref: str, name: str, *, force: bool = False,
-            series: str = layout.DEFAULT_SERIES) -> str:
+    def tag(
+        self, ref: str, name: str, *, force: bool = False, series: str = layout.DEFAULT_SERIES
+    ) -> str:
         """Point tag ``name`` at ``ref``. An existing tag moves only with ``force``."""
         key = layout.tag_key(name)
         # A shared lock, like a save: gc and forget delete manifests only under
@@ -198,8 +201,10 @@ class Store:
             for _ in range(_CAS_RETRIES):
                 current = self._read_ref(key)
                 if current is not None and current != target and not force:
-                    raise UsageError(f"tag {name!r} already names {current[:12]}",
-                                     "pick another name, or pass --force to move it")
+                    raise UsageError(
+                        f"tag {name!r} already names {current[:12]}",
+                        "pick another name, or pass --force to move it",
+                    )
                 expected = self.backend.get(key) if current is not None else None
                 if self.backend.compare_and_swap(key, expected, target.encode()):
                     return target
@@ -211,13 +216,18 @@ class Store:
         try:
             old = self.backend.get(key)
         except ObjectNotFound:
-            raise RefNotFound(f"no tag {name!r} in {self.location}", "see 'apollo-cas list'") from None
+            raise RefNotFound(
+                f"no tag {name!r} in {self.location}", "see 'apollo-cas list'"
+            ) from None
         self.backend.compare_and_swap(key, old, None)
 
     # -- manifests -----------------------------------------------------------
     def checkpoint_ids(self) -> list[str]:
-        return [k[len(layout.MANIFESTS_PREFIX):] for k in self.backend.list(layout.MANIFESTS_PREFIX)
-                if len(k) == len(layout.MANIFESTS_PREFIX) + 32]
+        return [
+            k[len(layout.MANIFESTS_PREFIX) :]
+            for k in self.backend.list(layout.MANIFESTS_PREFIX)
+            if len(k) == len(layout.MANIFESTS_PREFIX) + 32
+        ]
 
     def manifest(self, checkpoint_id: str) -> Manifest:
         """Load and check one manifest (its bytes must hash to its id)."""
@@ -228,11 +238,15 @@ class Store:
         try:
             data = self.backend.get(key)
         except ObjectNotFound:
-            raise CorruptManifest(f"checkpoint {checkpoint_id} is referenced but its manifest is missing",
-                                  "run 'apollo-cas verify'") from None
+            raise CorruptManifest(
+                f"checkpoint {checkpoint_id} is referenced but its manifest is missing",
+                "run 'apollo-cas verify'",
+            ) from None
         if digest_hex(data) != checkpoint_id:
-            raise CorruptManifest(f"manifest {checkpoint_id} is corrupt (content does not match its id)",
-                                  "run 'apollo-cas verify'; restore another checkpoint")
+            raise CorruptManifest(
+                f"manifest {checkpoint_id} is corrupt (content does not match its id)",
+                "run 'apollo-cas verify'; restore another checkpoint",
+            )
         m = Manifest.decode(data, key)
         self._manifests[checkpoint_id] = m
         return m
@@ -244,8 +258,10 @@ class Store:
             s = ref.split("@", 1)[1] if "@" in ref else series
             target = self.latest(s)
             if target is None:
-                raise RefNotFound(f"series {s!r} in {self.location} has no checkpoint yet",
-                                  "save one first, or name a checkpoint id or tag")
+                raise RefNotFound(
+                    f"series {s!r} in {self.location} has no checkpoint yet",
+                    "save one first, or name a checkpoint id or tag",
+                )
             return target
         try:
             target = self._read_ref(layout.tag_key(ref))
@@ -259,10 +275,13 @@ class Store:
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise AmbiguousRef(f"{ref!r} matches {len(hits)} checkpoints",
-                                   "give more characters of the id")
-        raise RefNotFound(f"no checkpoint or tag {ref!r} in {self.location}",
-                          "see 'apollo-cas list' for ids and tags")
+                raise AmbiguousRef(
+                    f"{ref!r} matches {len(hits)} checkpoints", "give more characters of the id"
+                )
+        raise RefNotFound(
+            f"no checkpoint or tag {ref!r} in {self.location}",
+            "see 'apollo-cas list' for ids and tags",
+        )
 
     def checkpoints(self) -> list[Checkpoint]:
         """Every checkpoint, oldest first, with the refs naming it."""
@@ -272,9 +291,15 @@ class Store:
         latest: dict[str, list[str]] = {}
         for s, cid in self.series().items():
             latest.setdefault(cid, []).append(s)
-        out = [Checkpoint(cid, self.manifest(cid), tuple(sorted(tags.get(cid, []))),
-                          tuple(sorted(latest.get(cid, []))))
-               for cid in self.checkpoint_ids()]
+        out = [
+            Checkpoint(
+                cid,
+                self.manifest(cid),
+                tuple(sorted(tags.get(cid, []))),
+                tuple(sorted(latest.get(cid, []))),
+            )
+            for cid in self.checkpoint_ids()
+        ]
         out.sort(key=lambda c: (c.manifest.created, c.checkpoint_id))
         return out
 
@@ -325,8 +350,14 @@ class Store:
                 check(parent, source)
             if parent is not None and parent.block_size == block_size:
                 self.chunks.known.update(parent.chunk_ids())
-            res = write_source(self.chunks, source, block_size, self.workers,
-                               self._base_finder(source, parent, block_size), progress)
+            res = write_source(
+                self.chunks,
+                source,
+                block_size,
+                self.workers,
+                self._base_finder(source, parent, block_size),
+                progress,
+            )
             self.backend.sync()
             elapsed = time.perf_counter() - t0
             if same_content(res.tensors, parent) and not force:
@@ -350,8 +381,16 @@ class Store:
             if group and cid:
                 self._join_group(group, series, info, cid)
         stats = res.stats if unchanged else manifest.stats if manifest else res.stats
-        return SaveResult(cid, manifest.parent if manifest else None, series, unchanged, manifest,
-                          stats, time.perf_counter() - t0, res.fetched_bytes)
+        return SaveResult(
+            cid,
+            manifest.parent if manifest else None,
+            series,
+            unchanged,
+            manifest,
+            stats,
+            time.perf_counter() - t0,
+            res.fetched_bytes,
+        )
 
     @staticmethod
     def _series_for(series: str, info: SourceInfo, group: str | None) -> str:
@@ -361,8 +400,10 @@ class Store:
                 raise UsageError(f"rank {info.rank} outside world size {info.world_size}")
             return layout.rank_series(series, info.rank)
         if group is not None:
-            raise UsageError("--group needs --rank and --world-size",
-                             "a group joins the checkpoints of several ranks")
+            raise UsageError(
+                "--group needs --rank and --world-size",
+                "a group joins the checkpoints of several ranks",
+            )
         return series
 
     # -- multi-rank groups ---------------------------------------------------------
@@ -377,11 +418,16 @@ class Store:
                 old: bytes | None = self.backend.get(key)
             except ObjectNotFound:
                 old = None
-            rec = (GroupRecord.decode(old, key) if old is not None
-                   else GroupRecord(series=base_series, name=name, world_size=world, members={}))
+            rec = (
+                GroupRecord.decode(old, key)
+                if old is not None
+                else GroupRecord(series=base_series, name=name, world_size=world, members={})
+            )
             if rec.world_size != world:
-                raise UsageError(f"group {name!r} has world size {rec.world_size}, this rank says {world}",
-                                 "use another --group name for a different parallel layout")
+                raise UsageError(
+                    f"group {name!r} has world size {rec.world_size}, this rank says {world}",
+                    "use another --group name for a different parallel layout",
+                )
             rec = replace(rec, members={**rec.members, rank: cid})
             if self.backend.compare_and_swap(key, old, rec.encode()):
                 return rec
@@ -402,15 +448,22 @@ class Store:
         try:
             return GroupRecord.decode(self.backend.get(key), key)
         except ObjectNotFound:
-            raise RefNotFound(f"no group {name!r} in series {series!r} of {self.location}",
-                              "see 'apollo-cas list'") from None
+            raise RefNotFound(
+                f"no group {name!r} in series {series!r} of {self.location}",
+                "see 'apollo-cas list'",
+            ) from None
 
-    def _base_finder(self, source: Source, parent: Manifest | None,
-                     block_size: int) -> Callable[[int, int], codecs.Base | None] | None:
+    def _base_finder(
+        self, source: Source, parent: Manifest | None, block_size: int
+    ) -> Callable[[int, int], codecs.Base | None] | None:
         """Delta bases: the parent's block at the same place of the same tensor."""
         policy = self.chunks.policy
-        if (parent is None or not policy.delta or policy.max_delta_depth == 0
-                or parent.block_size != block_size):
+        if (
+            parent is None
+            or not policy.delta
+            or policy.max_delta_depth == 0
+            or parent.block_size != block_size
+        ):
             return None
         by_name = {t.name: t for t in parent.tensors}
         tensors = source.tensors()
@@ -436,10 +489,14 @@ class Store:
             root, d = root_of(cid)
             # When the parent's chain is at the depth limit the codec deltas
             # against the chain's full root instead of storing a full chunk.
-            root_base = (codecs.Base(chunk_id=root, raw=lambda: self.chunks.read(root), depth=0)
-                         if d else None)
-            return codecs.Base(chunk_id=cid, raw=lambda: self.chunks.read(cid), depth=d,
-                               root=root_base)
+            root_base = (
+                codecs.Base(chunk_id=root, raw=lambda: self.chunks.read(root), depth=0)
+                if d
+                else None
+            )
+            return codecs.Base(
+                chunk_id=cid, raw=lambda: self.chunks.read(cid), depth=d, root=root_base
+            )
 
         return find
 
@@ -467,8 +524,9 @@ class Store:
                 todo.append(base)
         return out
 
-    def _commit(self, manifest: Manifest, parent_id: str | None,
-                force: bool) -> tuple[str, Manifest, bool]:
+    def _commit(
+        self, manifest: Manifest, parent_id: str | None, force: bool
+    ) -> tuple[str, Manifest, bool]:
         """Write the manifest durably, then move the series ref by compare-and-swap.
 
         If another save moved the ref first, re-parent onto it (or, if it
@@ -496,8 +554,10 @@ class Store:
             if other.tensors == manifest.tensors and not force:
                 return parent_id, other, True
             manifest = replace(manifest, parent=parent_id)
-        raise ConcurrentUpdate(f"series {manifest.series!r} kept moving while saving",
-                               "too many concurrent saves to one series; retry")
+        raise ConcurrentUpdate(
+            f"series {manifest.series!r} kept moving while saving",
+            "too many concurrent saves to one series; retry",
+        )
 
     # -- reading -------------------------------------------------------------
     def read_chunk(self, chunk_id: bytes) -> bytes:
@@ -532,9 +592,12 @@ class Store:
             from .targets.safetensors_dir import DEFAULT_SHARD_SIZE, restore_safetensors
 
             paths = restore_safetensors(
-                decoder, manifest, dest,
+                decoder,
+                manifest,
+                dest,
                 max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
-                layout=safetensors_layout, progress=progress,
+                layout=safetensors_layout,
+                progress=progress,
             )
         else:
             raise UsageError(f"unknown restore format {format!r}", "use flat or safetensors")
@@ -562,22 +625,36 @@ class Store:
         if not rec.complete:
             missing = sorted(set(range(rec.world_size)) - set(rec.members))
             if rank is None or rank not in rec.members:
-                raise RefNotFound(f"group {name!r} is incomplete: ranks {missing} never saved",
-                                  "restore the ranks that exist with --rank, or an older group")
+                raise RefNotFound(
+                    f"group {name!r} is incomplete: ranks {missing} never saved",
+                    "restore the ranks that exist with --rank, or an older group",
+                )
         ranks = [rank] if rank is not None else sorted(rec.members)
         paths: list[str] = []
         for r in ranks:
             if r not in rec.members:
-                raise RefNotFound(f"group {name!r} has no rank {r}",
-                                  f"ranks present: {sorted(rec.members)}")
+                raise RefNotFound(
+                    f"group {name!r} has no rank {r}", f"ranks present: {sorted(rec.members)}"
+                )
             dest = Path(to) / f"rank-{r}" if format == "flat" else Path(to)
-            paths += self.restore(rec.members[r], dest, format=format, series=series,
-                                  max_shard_size=max_shard_size, safetensors_layout="vllm-sharded",
-                                  progress=progress)
+            paths += self.restore(
+                rec.members[r],
+                dest,
+                format=format,
+                series=series,
+                max_shard_size=max_shard_size,
+                safetensors_layout="vllm-sharded",
+                progress=progress,
+            )
         return paths
 
-    def load(self, ref: str | None = None, *, device: str | None = None,
-             series: str = layout.DEFAULT_SERIES) -> dict[str, Any]:
+    def load(
+        self,
+        ref: str | None = None,
+        *,
+        device: str | None = None,
+        series: str = layout.DEFAULT_SERIES,
+    ) -> dict[str, Any]:
         """Checkpoint ``ref`` as a dict of torch tensors (on ``device`` if given)."""
         from .targets.tensors import load_tensors
 

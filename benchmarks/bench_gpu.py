@@ -68,8 +68,10 @@ def change_fraction(model: dict[str, torch.Tensor], fraction: float, step: int) 
     i = step * 3
     while changed < budget:
         layer = layers[i % len(layers)]
-        for n in (f"model.layers.{layer}.self_attn.q_proj.weight",
-                  f"model.layers.{layer}.self_attn.k_proj.weight"):
+        for n in (
+            f"model.layers.{layer}.self_attn.q_proj.weight",
+            f"model.layers.{layer}.self_attn.k_proj.weight",
+        ):
             t = model[n]
             row_bytes = t.shape[1] * t.element_size()
             rows = min(t.shape[0], max(1, (budget - changed) // row_bytes))
@@ -103,8 +105,12 @@ def original_dump(model: dict[str, torch.Tensor], out: Path) -> float:
             t = model[name]
             data = t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
             f.write(data)
-            index[name] = {"offset": offset, "size": len(data), "shape": list(t.shape),
-                           "dtype": str(t.dtype)}
+            index[name] = {
+                "offset": offset,
+                "size": len(data),
+                "shape": list(t.shape),
+                "dtype": str(t.dtype),
+            }
             offset += len(data)
     (out / "weights.json").write_text(json.dumps(index))
     return time.perf_counter() - t0
@@ -140,13 +146,23 @@ def timed_save(st: Store, src: DeviceSource, label: str, rows: list[dict[str, An
     r = st.save(src)
     dt = time.perf_counter() - t0
     s = r.stats
-    row = {"save": label, "seconds": round(dt, 4), "new_chunks": s.new_chunks, "chunks": s.chunks,
-           "new_raw_bytes": s.new_raw_bytes, "new_stored_bytes": s.new_stored_bytes,
-           "device_to_host_bytes": r.fetched_bytes, "hash_seconds": src.hash_seconds,
-           "host_peak_rss_gb": round(rss_peak_gb(), 2)}
+    row = {
+        "save": label,
+        "seconds": round(dt, 4),
+        "new_chunks": s.new_chunks,
+        "chunks": s.chunks,
+        "new_raw_bytes": s.new_raw_bytes,
+        "new_stored_bytes": s.new_stored_bytes,
+        "device_to_host_bytes": r.fetched_bytes,
+        "hash_seconds": src.hash_seconds,
+        "host_peak_rss_gb": round(rss_peak_gb(), 2),
+    }
     rows.append(row)
-    print(f"apollo save {label:18s} {dt:8.3f}s  {s.new_chunks:6d}/{s.chunks} blocks new  "
-          f"PCIe {r.fetched_bytes / GB:7.3f} GB  stored {s.new_stored_bytes / GB:7.3f} GB", flush=True)
+    print(
+        f"apollo save {label:18s} {dt:8.3f}s  {s.new_chunks:6d}/{s.chunks} blocks new  "
+        f"PCIe {r.fetched_bytes / GB:7.3f} GB  stored {s.new_stored_bytes / GB:7.3f} GB",
+        flush=True,
+    )
 
 
 def write_handles(model: dict[str, torch.Tensor], path: Path) -> None:
@@ -159,7 +175,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="16GiB")
     ap.add_argument("--dir", default="/root/apollo-bench")
-    ap.add_argument("--restore-dir", default=None, help="default: /dev/shm if large enough, else --dir")
+    ap.add_argument(
+        "--restore-dir", default=None, help="default: /dev/shm if large enough, else --dir"
+    )
     ap.add_argument("--out", default="benchmarks/results/gpu.json")
     ap.add_argument("--skip-original", action="store_true")
     args = ap.parse_args()
@@ -170,8 +188,13 @@ def main() -> None:
     dev = "cuda"
     props = torch.cuda.get_device_properties(0)
     result: dict[str, Any] = {
-        "device": {"name": props.name, "memory_gb": round(props.total_memory / GB, 1),
-                   "cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
+        "device": {
+            "name": props.name,
+            "memory_gb": round(props.total_memory / GB, 1),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
     }
 
     model = build_model(size, dev)
@@ -189,10 +212,16 @@ def main() -> None:
         src.block_digests(1 << 20)
         hash_times.append(time.perf_counter() - t0)
     hash_s = float(np.median(hash_times))
-    result["gpu_hash"] = {"seconds_median": round(hash_s, 5), "tb_per_s": round(logical / hash_s / 1e12, 3),
-                          "block_size": 1 << 20}
-    print(f"GPU hash of the whole model: {hash_s * 1e3:.1f} ms = {logical / hash_s / 1e12:.2f} TB/s "
-          "(block_digests incl. digest copy and host short paths)", flush=True)
+    result["gpu_hash"] = {
+        "seconds_median": round(hash_s, 5),
+        "tb_per_s": round(logical / hash_s / 1e12, 3),
+        "block_size": 1 << 20,
+    }
+    print(
+        f"GPU hash of the whole model: {hash_s * 1e3:.1f} ms = {logical / hash_s / 1e12:.2f} TB/s "
+        "(block_digests incl. digest copy and host short paths)",
+        flush=True,
+    )
 
     # ---- apollo_cas, in-process (the save call of a process that holds the tensors)
     rows: list[dict[str, Any]] = []
@@ -209,13 +238,34 @@ def main() -> None:
     change_fraction(model, 0.005, 7)
     env = dict(os.environ, APOLLO_CAS_NO_PROGRESS="1")
     t0 = time.perf_counter()
-    cp = subprocess.run([sys.executable, "-m", "apollo_cas.cli.main", "save", "--handles", str(handles),
-                         "--store", str(work / "store"), "--json"], capture_output=True, text=True, env=env)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apollo_cas.cli.main",
+            "save",
+            "--handles",
+            str(handles),
+            "--store",
+            str(work / "store"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     cli_s = time.perf_counter() - t0
-    result["cli_incremental_save"] = {"wall_seconds": round(cli_s, 3), "returncode": cp.returncode,
-                                      "output": cp.stdout[-2000:], "stderr": cp.stderr[-2000:]}
-    print(f"CLI incremental save via handles file: {cli_s:.2f}s wall (rc {cp.returncode}) "
-          f"{cp.stderr.strip()[-300:]}", flush=True)
+    result["cli_incremental_save"] = {
+        "wall_seconds": round(cli_s, 3),
+        "returncode": cp.returncode,
+        "output": cp.stdout[-2000:],
+        "stderr": cp.stderr[-2000:],
+    }
+    print(
+        f"CLI incremental save via handles file: {cli_s:.2f}s wall (rc {cp.returncode}) "
+        f"{cp.stderr.strip()[-300:]}",
+        flush=True,
+    )
 
     dense_step(model)
     timed_save(st, src, "dense (all blocks)", rows)
@@ -226,8 +276,15 @@ def main() -> None:
 
     # ---- restores
     latest = st.manifest(st.resolve("latest"))
-    rdir = Path(args.restore_dir) if args.restore_dir else (
-        Path("/dev/shm/apollo-restore") if shutil.disk_usage("/dev/shm").free > 2 * logical else work / "restore")
+    rdir = (
+        Path(args.restore_dir)
+        if args.restore_dir
+        else (
+            Path("/dev/shm/apollo-restore")
+            if shutil.disk_usage("/dev/shm").free > 2 * logical
+            else work / "restore"
+        )
+    )
     t0 = time.perf_counter()
     st.restore("latest", rdir)
     rs = time.perf_counter() - t0
@@ -245,45 +302,70 @@ def main() -> None:
     hot_back = restore_live(model, previous, st.read_chunk)
     hot_fwd = restore_live(model, latest, st.read_chunk)
     result["restore"] = {
-        "safetensors_seconds": round(rs, 3), "safetensors_gb_per_s": round(logical / rs / GB, 3),
+        "safetensors_seconds": round(rs, 3),
+        "safetensors_gb_per_s": round(logical / rs / GB, 3),
         "safetensors_dir": str(rdir),
-        "load_to_gpu_seconds": round(ls, 3), "load_to_gpu_gb_per_s": round(logical / ls / GB, 3),
+        "load_to_gpu_seconds": round(ls, 3),
+        "load_to_gpu_gb_per_s": round(logical / ls / GB, 3),
         "load_bit_exact": ok,
-        "hot_restore_back": hot_back.to_dict(), "hot_restore_forward": hot_fwd.to_dict(),
+        "hot_restore_back": hot_back.to_dict(),
+        "hot_restore_forward": hot_fwd.to_dict(),
     }
-    print(f"restore latest -> safetensors {rs:.2f}s ({logical / rs / GB:.2f} GB/s) in {rdir}; "
-          f"load to GPU {ls:.2f}s ({logical / ls / GB:.2f} GB/s), bit-exact {ok}", flush=True)
-    print(f"hot restore back one step: {hot_back.blocks_written}/{hot_back.blocks_checked} blocks, "
-          f"{hot_back.seconds:.2f}s, verified {hot_back.verified}; forward: {hot_fwd.blocks_written} blocks, "
-          f"{hot_fwd.seconds:.2f}s, verified {hot_fwd.verified}", flush=True)
+    print(
+        f"restore latest -> safetensors {rs:.2f}s ({logical / rs / GB:.2f} GB/s) in {rdir}; "
+        f"load to GPU {ls:.2f}s ({logical / ls / GB:.2f} GB/s), bit-exact {ok}",
+        flush=True,
+    )
+    print(
+        f"hot restore back one step: {hot_back.blocks_written}/{hot_back.blocks_checked} blocks, "
+        f"{hot_back.seconds:.2f}s, verified {hot_back.verified}; forward: {hot_fwd.blocks_written} blocks, "
+        f"{hot_fwd.seconds:.2f}s, verified {hot_fwd.verified}",
+        flush=True,
+    )
 
     # ---- original method (last: its mmap diff maps two whole weights.bin files)
     if not args.skip_original:
         full = original_dump(model, work / "orig-0")
         change_fraction(model, 0.005, step=11)
         dump2 = original_dump(model, work / "orig-1")
-        diff_s, diff_bytes = original_diff(work / "orig-0" / "weights.bin", work / "orig-1" / "weights.bin")
-        result["original"] = {"full_dump_seconds": round(full, 3), "incremental_seconds": round(dump2 + diff_s, 3),
-                              "incremental_dump_seconds": round(dump2, 3), "diff_seconds": round(diff_s, 3),
-                              "diff_changed_bytes": diff_bytes, "bytes_written_per_save": logical}
-        print(f"original: full dump {full:.2f}s; incremental {dump2 + diff_s:.2f}s "
-              f"(dump {dump2:.2f}s + diff {diff_s:.2f}s), writes {logical / GB:.1f} GB every time", flush=True)
+        diff_s, diff_bytes = original_diff(
+            work / "orig-0" / "weights.bin", work / "orig-1" / "weights.bin"
+        )
+        result["original"] = {
+            "full_dump_seconds": round(full, 3),
+            "incremental_seconds": round(dump2 + diff_s, 3),
+            "incremental_dump_seconds": round(dump2, 3),
+            "diff_seconds": round(diff_s, 3),
+            "diff_changed_bytes": diff_bytes,
+            "bytes_written_per_save": logical,
+        }
+        print(
+            f"original: full dump {full:.2f}s; incremental {dump2 + diff_s:.2f}s "
+            f"(dump {dump2:.2f}s + diff {diff_s:.2f}s), writes {logical / GB:.1f} GB every time",
+            flush=True,
+        )
         shutil.rmtree(work / "orig-0")
         shutil.rmtree(work / "orig-1")
 
     inc = [r["seconds"] for r in rows if r["save"].startswith("0.5%")]
     if "original" in result:
         result["ratios"] = {
-            "incremental_vs_original": round(result["original"]["incremental_seconds"] / max(inc), 1),
-            "full_vs_original_full_dump": round(result["original"]["full_dump_seconds"] / rows[0]["seconds"], 2),
+            "incremental_vs_original": round(
+                result["original"]["incremental_seconds"] / max(inc), 1
+            ),
+            "full_vs_original_full_dump": round(
+                result["original"]["full_dump_seconds"] / rows[0]["seconds"], 2
+            ),
         }
     result["host_peak_rss_gb"] = round(rss_peak_gb(), 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print("\n| save | seconds | blocks new | PCIe GB | stored GB |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['save']} | {r['seconds']:.3f} | {r['new_chunks']}/{r['chunks']} | "
-              f"{r['device_to_host_bytes'] / GB:.3f} | {r['new_stored_bytes'] / GB:.3f} |")
+        print(
+            f"| {r['save']} | {r['seconds']:.3f} | {r['new_chunks']}/{r['chunks']} | "
+            f"{r['device_to_host_bytes'] / GB:.3f} | {r['new_stored_bytes'] / GB:.3f} |"
+        )
     print(json.dumps(result.get("ratios", {})), f"host peak RSS {result['host_peak_rss_gb']} GB")
     shutil.rmtree(work, ignore_errors=True)
 

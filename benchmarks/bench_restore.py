@@ -86,7 +86,9 @@ def main() -> None:
         batches = [ids[i : i + 64] for i in range(0, len(ids), 64)]
         pres = {}
         for n in counts:
-            with mp.get_context("fork").Pool(n, initializer=_init, initargs=(str(work / "store"),)) as pool:
+            with mp.get_context("fork").Pool(
+                n, initializer=_init, initargs=(str(work / "store"),)
+            ) as pool:
                 t0 = time.perf_counter()
                 pool.map(_read_batch, batches)
                 pres[n] = round(logical / (time.perf_counter() - t0) / 1e9, 3)
@@ -113,7 +115,9 @@ def main() -> None:
         s2 = Store.open(work / "store", workers=n)
         t0 = time.perf_counter()
         s2.restore(delta, work / f"r{n}", format="flat")
-        out.setdefault("restore_flat_delta_gb_s", {})[n] = round(logical / (time.perf_counter() - t0) / 1e9, 3)  # type: ignore[union-attr]
+        out.setdefault("restore_flat_delta_gb_s", {})[n] = round(
+            logical / (time.perf_counter() - t0) / 1e9, 3
+        )  # type: ignore[union-attr]
         shutil.rmtree(work / f"r{n}")
     print("restore flat (delta ckpt) GB/s:", out["restore_flat_delta_gb_s"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

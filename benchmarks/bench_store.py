@@ -28,7 +28,6 @@ from apollo_cas.sources import open_path
 from apollo_cas.store import Store
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2GiB")
@@ -49,7 +48,9 @@ def main() -> None:
     sequence = [("full", weights)]
     cur = weights
     for step, layers in enumerate([[1], [2, 3], [shape.layers - 1]], start=1):
-        cur = examples.perturb_layers(cur, [n % shape.layers for n in layers], fraction=0.1, seed=step)
+        cur = examples.perturb_layers(
+            cur, [n % shape.layers for n in layers], fraction=0.1, seed=step
+        )
         sequence.append((f"layers {layers}", cur))
     sequence.append(("unchanged", cur))
 
@@ -63,11 +64,22 @@ def main() -> None:
                 r = st.save(src, block_size=bs)
                 dt = time.perf_counter() - t0
             s = r.stats
-            rows.append({"save": label, "seconds": round(dt, 3), "gb_per_s": round(logical / dt / 1e9, 3),
-                         "new_chunks": s.new_chunks, "chunks": s.chunks,
-                         "new_stored_bytes": s.new_stored_bytes, "unchanged": r.unchanged})
-            print(f"save {label:14s} {dt:7.2f}s {logical / dt / 1e9:6.2f} GB/s  "
-                  f"{s.new_chunks:6d}/{s.chunks} new  {human_bytes(s.new_stored_bytes)}", flush=True)
+            rows.append(
+                {
+                    "save": label,
+                    "seconds": round(dt, 3),
+                    "gb_per_s": round(logical / dt / 1e9, 3),
+                    "new_chunks": s.new_chunks,
+                    "chunks": s.chunks,
+                    "new_stored_bytes": s.new_stored_bytes,
+                    "unchanged": r.unchanged,
+                }
+            )
+            print(
+                f"save {label:14s} {dt:7.2f}s {logical / dt / 1e9:6.2f} GB/s  "
+                f"{s.new_chunks:6d}/{s.chunks} new  {human_bytes(s.new_stored_bytes)}",
+                flush=True,
+            )
         stats = reports.store_stats(st)
 
         restores = {}
@@ -89,25 +101,52 @@ def main() -> None:
 
     # The CLI's own wall time for an unchanged save (start-up included).
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "apollo_cas.cli.main", "save", str(model), "--store",
-                    str(store_dir), "--json"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apollo_cas.cli.main",
+            "save",
+            str(model),
+            "--store",
+            str(store_dir),
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+    )
     cli_unchanged = time.perf_counter() - t0
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "apollo_cas.cli.main", "list", "--store", str(store_dir)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "apollo_cas.cli.main", "list", "--store", str(store_dir)],
+        check=True,
+        capture_output=True,
+    )
     cli_list = time.perf_counter() - t0
     print(f"cli: unchanged save {cli_unchanged:.2f}s, list {cli_list:.2f}s")
 
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": default_workers()},
-        "model": {"tensors": len(weights), "logical_bytes": logical, "dtype": "BF16",
-                  "shape": shape.__dict__, "block_size": bs},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": default_workers(),
+        },
+        "model": {
+            "tensors": len(weights),
+            "logical_bytes": logical,
+            "dtype": "BF16",
+            "shape": shape.__dict__,
+            "block_size": bs,
+        },
         "saves": rows,
         "restores": restores,
-        "store": {"stored_bytes": stats.stored_bytes, "logical_bytes": stats.logical_bytes,
-                  "dedup_ratio": round(stats.dedup_ratio, 3),
-                  "compression_ratio": round(stats.compression_ratio, 3),
-                  "total_ratio": round(stats.total_ratio, 3)},
+        "store": {
+            "stored_bytes": stats.stored_bytes,
+            "logical_bytes": stats.logical_bytes,
+            "dedup_ratio": round(stats.dedup_ratio, 3),
+            "compression_ratio": round(stats.compression_ratio, 3),
+            "total_ratio": round(stats.total_ratio, 3),
+        },
         "cli_seconds": {"unchanged_save": round(cli_unchanged, 3), "list": round(cli_list, 3)},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

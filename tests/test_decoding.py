@@ -16,14 +16,17 @@ from apollo_cas.layout import chunk_key
 def _store(tmp_path: Path) -> Store:
     rng = np.random.default_rng(0)
     st = Store.open(tmp_path / "s", create=True, workers=2)
-    st.save({f"t{i}": rng.standard_normal(40_000 + i).astype(np.float32) for i in range(4)},
-            block_size=16384)
+    st.save(
+        {f"t{i}": rng.standard_normal(40_000 + i).astype(np.float32) for i in range(4)},
+        block_size=16384,
+    )
     return st
 
 
 @pytest.mark.parametrize("fmt", ["flat", "safetensors"])
-def test_processes_restore_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          fmt: str) -> None:
+def test_processes_restore_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
     st = _store(tmp_path)
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "0")
     a = st.restore("latest", tmp_path / "threads", format=fmt)
@@ -31,7 +34,7 @@ def test_processes_restore_the_same_bytes(tmp_path: Path, monkeypatch: pytest.Mo
     assert Decoder.for_store(st, 1).processes
     b = st.restore("latest", tmp_path / "procs", format=fmt)
     assert [Path(p).name for p in a] == [Path(p).name for p in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert Path(x).read_bytes() == Path(y).read_bytes()
 
 
@@ -55,8 +58,9 @@ def test_memory_stores_stay_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])
-def test_load_through_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       device: str | None) -> None:
+def test_load_through_worker_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str | None
+) -> None:
     import torch
 
     st = _store(tmp_path)

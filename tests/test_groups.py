@@ -17,8 +17,10 @@ from apollo_cas.sources import open_mapping
 
 
 def rank_source(rank: int, world: int, value: float) -> object:
-    weights = {"qkv_proj.weight": torch.full((64, 32), value + rank, dtype=torch.bfloat16),
-               "norm.weight": torch.ones(32)}
+    weights = {
+        "qkv_proj.weight": torch.full((64, 32), value + rank, dtype=torch.bfloat16),
+        "norm.weight": torch.ones(32),
+    }
     return open_mapping(weights, SourceInfo(kind="mapping", rank=rank, world_size=world))
 
 
@@ -40,11 +42,15 @@ def test_group_restore_writes_vllm_rank_layout(tmp_path: Path) -> None:
     st.restore_group("g", out)
     for r in (0, 1):
         with safe_open(str(out / f"model-rank-{r}-part-0.safetensors"), "pt") as f:
-            assert torch.equal(f.get_tensor("qkv_proj.weight"),
-                               torch.full((64, 32), 5.0 + r, dtype=torch.bfloat16))
+            assert torch.equal(
+                f.get_tensor("qkv_proj.weight"), torch.full((64, 32), 5.0 + r, dtype=torch.bfloat16)
+            )
     flat = tmp_path / "flat"
     st.restore_group("g", flat, format="flat", rank=1)
-    assert json.loads((flat / "rank-1" / "weights.json").read_text())["norm.weight"]["dtype"] == "torch.float32"
+    assert (
+        json.loads((flat / "rank-1" / "weights.json").read_text())["norm.weight"]["dtype"]
+        == "torch.float32"
+    )
     assert not (flat / "rank-0").exists()
 
 
@@ -68,11 +74,32 @@ def test_concurrent_rank_processes_all_join(tmp_path: Path) -> None:
     store = tmp_path / "s"
     world = 3
     for r in range(world):
-        torch.save({"w": torch.full((4096,), float(r)), "shared": torch.ones(4096)}, tmp_path / f"r{r}.pt")
-    procs = [subprocess.Popen([sys.executable, "-m", "apollo_cas.cli.main", "save", str(tmp_path / f"r{r}.pt"),
-                               "--store", str(store), "--rank", str(r), "--world-size", str(world),
-                               "--group", "step-7", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for r in range(world)]
+        torch.save(
+            {"w": torch.full((4096,), float(r)), "shared": torch.ones(4096)}, tmp_path / f"r{r}.pt"
+        )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "apollo_cas.cli.main",
+                "save",
+                str(tmp_path / f"r{r}.pt"),
+                "--store",
+                str(store),
+                "--rank",
+                str(r),
+                "--world-size",
+                str(world),
+                "--group",
+                "step-7",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(world)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     g = Store.open(store).group("step-7")

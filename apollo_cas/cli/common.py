@@ -21,12 +21,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 STORE_ENV = "APOLLO_CAS_STORE"
 
 store_option = click.option(
-    "--store", "store", envvar=STORE_ENV, metavar="STORE",
+    "--store",
+    "store",
+    envvar=STORE_ENV,
+    metavar="STORE",
     help=f"Store directory or s3://bucket/prefix (default: ${STORE_ENV}).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
+)
 series_option = click.option(
-    "--series", default="default", show_default=True, metavar="NAME",
+    "--series",
+    default="default",
+    show_default=True,
+    metavar="NAME",
     help="Checkpoint series (one per writer: host, rank, run); each has its own 'latest'.",
 )
 
@@ -44,7 +52,9 @@ def parse_size(text: str, what: str = "size") -> int:
     """'1M', '1MiB', '4096', '512k' -> bytes (binary multiples; 'MB' means MiB too)."""
     m = _SIZE.match(str(text))
     if not m:
-        raise UsageError(f"cannot read {what} {text!r}", "use a number with an optional K/M/G suffix")
+        raise UsageError(
+            f"cannot read {what} {text!r}", "use a number with an optional K/M/G suffix"
+        )
     scale = 1024 ** ("kmgt".index(m.group(2).lower()) + 1) if m.group(2) else 1
     return int(float(m.group(1)) * scale)
 
@@ -73,8 +83,10 @@ def emit_json(obj: Any) -> None:
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -84,11 +96,19 @@ def note(message: str) -> None:
 
 
 @contextmanager
-def progress(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int], None] | None]:
+def progress(
+    total: int, label: str, enabled: bool = True
+) -> Iterator[Callable[[int], None] | None]:
     """A byte progress bar on stderr, only when stderr is a terminal."""
-    if not enabled or total <= 0 or not sys.stderr.isatty() or os.environ.get("APOLLO_CAS_NO_PROGRESS"):
+    if (
+        not enabled
+        or total <= 0
+        or not sys.stderr.isatty()
+        or os.environ.get("APOLLO_CAS_NO_PROGRESS")
+    ):
         yield None
         return
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False,
-                           show_percent=True, show_eta=True) as bar:
+    with click.progressbar(
+        length=total, label=label, file=sys.stderr, show_pos=False, show_percent=True, show_eta=True
+    ) as bar:
         yield bar.update

@@ -31,8 +31,16 @@ def cli() -> None:
     """
 
 
-for command in (save.save, restore.restore, report.list_cmd, report.stats, report.diff,
-                report.tag, *maintenance.COMMANDS, demo.demo):
+for command in (
+    save.save,
+    restore.restore,
+    report.list_cmd,
+    report.stats,
+    report.diff,
+    report.tag,
+    *maintenance.COMMANDS,
+    demo.demo,
+):
     cli.add_command(command)
 
 
@@ -59,8 +67,11 @@ def run(group: click.Group, args: list[str] | None = None, prog: str = "apollo-c
     except BrokenPipeError:
         return 1
     except Exception as exc:  # a bug: still one line, with the way to get details
-        click.echo(f"internal error: {type(exc).__name__}: {exc} "
-                   "(set APOLLO_CAS_DEBUG=1 for a traceback and report it)", err=True)
+        click.echo(
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(set APOLLO_CAS_DEBUG=1 for a traceback and report it)",
+            err=True,
+        )
         if os.environ.get("APOLLO_CAS_DEBUG"):
             traceback.print_exc()
         return 1

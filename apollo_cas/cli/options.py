@@ -14,14 +14,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def codec_options(fn: F) -> F:
-    fn = click.option("--delta/--no-delta", default=None,
-                      help="Store changed blocks as XOR deltas against the parent's block "
-                           "when smaller (default: the codec policy's).")(fn)
-    fn = click.option("--level", type=int, default=1, show_default=True,
-                      help="zstd level (-7..22).")(fn)
-    fn = click.option("--codec", default="auto", show_default=True,
-                      type=click.Choice(["auto", "zstd", "planes", "raw"]),
-                      help="Chunk codec: auto picks byte planes for floats, zstd otherwise.")(fn)
+    fn = click.option(
+        "--delta/--no-delta",
+        default=None,
+        help="Store changed blocks as XOR deltas against the parent's block "
+        "when smaller (default: the codec policy's).",
+    )(fn)
+    fn = click.option(
+        "--level", type=int, default=1, show_default=True, help="zstd level (-7..22)."
+    )(fn)
+    fn = click.option(
+        "--codec",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "zstd", "planes", "raw"]),
+        help="Chunk codec: auto picks byte planes for floats, zstd otherwise.",
+    )(fn)
     return fn
 
 

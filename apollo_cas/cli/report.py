@@ -43,16 +43,32 @@ def list_cmd(store: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no checkpoints")
         return
-    body = [[r.id[:12], human_time(r.created), r.series,
-             ",".join(r.tags + (["latest"] if r.latest else [])), human_bytes(r.logical_bytes),
-             human_bytes(r.new_stored_bytes), ratio(r.dedup_ratio), _source_text(r.source)]
-            for r in rows]
+    body = [
+        [
+            r.id[:12],
+            human_time(r.created),
+            r.series,
+            ",".join(r.tags + (["latest"] if r.latest else [])),
+            human_bytes(r.logical_bytes),
+            human_bytes(r.new_stored_bytes),
+            ratio(r.dedup_ratio),
+            _source_text(r.source),
+        ]
+        for r in rows
+    ]
     click.echo(table(body, ["ID", "TIME", "SERIES", "REFS", "SIZE", "NEW", "DEDUP", "SOURCE"]))
     if groups:
         click.echo("")
-        gbody = [[g.name, g.series, human_time(g.created),
-                  f"{len(g.members)}/{g.world_size}" + ("" if g.complete else " incomplete"),
-                  " ".join(f"{r}:{c[:12]}" for r, c in sorted(g.members.items()))] for g in groups]
+        gbody = [
+            [
+                g.name,
+                g.series,
+                human_time(g.created),
+                f"{len(g.members)}/{g.world_size}" + ("" if g.complete else " incomplete"),
+                " ".join(f"{r}:{c[:12]}" for r, c in sorted(g.members.items())),
+            ]
+            for g in groups
+        ]
         click.echo(table(gbody, ["GROUP", "SERIES", "TIME", "RANKS", "CHECKPOINTS"]))
 
 
@@ -72,14 +88,16 @@ def stats(ref: str | None, store: str | None, series: str, as_json: bool) -> Non
                 emit_json(row.to_json())
                 return
             m = cp.manifest
-            click.echo(f"checkpoint {cid}\n"
-                       f"  created     {human_time(m.created)}\n"
-                       f"  series      {m.series}   parent {(m.parent or '-')[:12]}\n"
-                       f"  tensors     {len(m.tensors)}   block size {human_bytes(m.block_size)}\n"
-                       f"  size        {human_bytes(m.logical_bytes)} in {m.stats.chunks} blocks\n"
-                       f"  new         {m.stats.new_chunks} blocks, {human_bytes(m.stats.new_raw_bytes)} "
-                       f"raw -> {human_bytes(m.stats.new_stored_bytes)} stored\n"
-                       f"  source      {_source_text(row.source)}")
+            click.echo(
+                f"checkpoint {cid}\n"
+                f"  created     {human_time(m.created)}\n"
+                f"  series      {m.series}   parent {(m.parent or '-')[:12]}\n"
+                f"  tensors     {len(m.tensors)}   block size {human_bytes(m.block_size)}\n"
+                f"  size        {human_bytes(m.logical_bytes)} in {m.stats.chunks} blocks\n"
+                f"  new         {m.stats.new_chunks} blocks, {human_bytes(m.stats.new_raw_bytes)} "
+                f"raw -> {human_bytes(m.stats.new_stored_bytes)} stored\n"
+                f"  source      {_source_text(row.source)}"
+            )
             return
         s = reports.store_stats(st)
     if as_json:
@@ -97,8 +115,17 @@ def stats(ref: str | None, store: str | None, series: str, as_json: bool) -> Non
     )
     if s.per_checkpoint:
         click.echo("")
-        body = [[r.id[:12], human_time(r.created), human_bytes(r.logical_bytes), str(r.new_chunks),
-                 human_bytes(r.new_stored_bytes), ratio(r.dedup_ratio)] for r in s.per_checkpoint]
+        body = [
+            [
+                r.id[:12],
+                human_time(r.created),
+                human_bytes(r.logical_bytes),
+                str(r.new_chunks),
+                human_bytes(r.new_stored_bytes),
+                ratio(r.dedup_ratio),
+            ]
+            for r in s.per_checkpoint
+        ]
         click.echo(table(body, ["ID", "TIME", "SIZE", "NEW CHUNKS", "NEW STORED", "DEDUP"]))
 
 
@@ -115,11 +142,15 @@ def diff(ref_a: str, ref_b: str, store: str | None, series: str, as_json: bool) 
     if as_json:
         emit_json(d.to_json())
         return
-    click.echo(f"{d.a[:12]} -> {d.b[:12]}: {d.tensors_changed} of {d.tensors_total} tensors differ, "
-               f"{human_bytes(d.bytes_changed)} of {human_bytes(d.bytes_total)} in changed blocks")
+    click.echo(
+        f"{d.a[:12]} -> {d.b[:12]}: {d.tensors_changed} of {d.tensors_total} tensors differ, "
+        f"{human_bytes(d.bytes_changed)} of {human_bytes(d.bytes_total)} in changed blocks"
+    )
     if d.changes:
-        body = [[c.name, c.status, f"{c.blocks_changed}/{c.blocks_total}", human_bytes(c.bytes_changed)]
-                for c in d.changes]
+        body = [
+            [c.name, c.status, f"{c.blocks_changed}/{c.blocks_total}", human_bytes(c.bytes_changed)]
+            for c in d.changes
+        ]
         click.echo(table(body, ["TENSOR", "STATUS", "BLOCKS", "BYTES"]))
 
 
@@ -131,8 +162,9 @@ def diff(ref_a: str, ref_b: str, store: str | None, series: str, as_json: bool) 
 @click.option("--force", is_flag=True, help="Move the tag if it already names another checkpoint.")
 @click.option("--delete", is_flag=True, help="Delete tag NAME instead (REF is ignored; pass '-').")
 @json_option
-def tag(ref: str, name: str, store: str | None, series: str, force: bool, delete: bool,
-        as_json: bool) -> None:
+def tag(
+    ref: str, name: str, store: str | None, series: str, force: bool, delete: bool, as_json: bool
+) -> None:
     """Name checkpoint REF with tag NAME; gc never removes a tagged checkpoint."""
     with Store.open(need_store(store)) as st:
         if delete:

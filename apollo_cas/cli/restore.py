@@ -24,27 +24,64 @@ from .common import (
 @click.command()
 @click.argument("ref", required=False, default="latest")
 @store_option
-@click.option("--to", "to", type=click.Path(path_type=Path), metavar="PATH",
-              help="Directory to write into (created if missing).")
-@click.option("--live", "live", type=click.Path(path_type=Path), metavar="HANDLES",
-              help="Hot restore: write into the running tensors behind this handles file only "
-                   "the blocks that differ, then verify on the device. Pause serving first.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "flat"]), default="safetensors",
-              show_default=True,
-              help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json.")
-@click.option("--max-shard-size", metavar="SIZE", default="5GB", show_default=True,
-              help="Largest safetensors shard; bigger checkpoints get shards and an index.")
-@click.option("--layout", "st_layout", type=click.Choice(["auto", "hf", "vllm-sharded"]), default="auto",
-              show_default=True,
-              help="safetensors naming: hf (model-0000i-of-n) or vLLM's per-rank "
-                   "model-rank-R-part-P (auto: vllm-sharded for handles saved with --rank).")
-@click.option("--group", metavar="NAME", help="Restore the multi-rank checkpoint NAME (REF is ignored).")
+@click.option(
+    "--to",
+    "to",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="Directory to write into (created if missing).",
+)
+@click.option(
+    "--live",
+    "live",
+    type=click.Path(path_type=Path),
+    metavar="HANDLES",
+    help="Hot restore: write into the running tensors behind this handles file only "
+    "the blocks that differ, then verify on the device. Pause serving first.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "flat"]),
+    default="safetensors",
+    show_default=True,
+    help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json.",
+)
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    default="5GB",
+    show_default=True,
+    help="Largest safetensors shard; bigger checkpoints get shards and an index.",
+)
+@click.option(
+    "--layout",
+    "st_layout",
+    type=click.Choice(["auto", "hf", "vllm-sharded"]),
+    default="auto",
+    show_default=True,
+    help="safetensors naming: hf (model-0000i-of-n) or vLLM's per-rank "
+    "model-rank-R-part-P (auto: vllm-sharded for handles saved with --rank).",
+)
+@click.option(
+    "--group", metavar="NAME", help="Restore the multi-rank checkpoint NAME (REF is ignored)."
+)
 @click.option("--rank", type=int, help="With --group: only this rank.")
 @series_option
 @json_option
-def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str, st_layout: str,
-            group: str | None, rank: int | None, series: str, as_json: bool,
-            live: Path | None) -> None:
+def restore(
+    ref: str,
+    store: str | None,
+    to: Path,
+    fmt: str,
+    max_shard_size: str,
+    st_layout: str,
+    group: str | None,
+    rank: int | None,
+    series: str,
+    as_json: bool,
+    live: Path | None,
+) -> None:
     """Write checkpoint REF (default: latest) into PATH, bit-exactly.
 
     Files appear only when complete; the file that names the others
@@ -57,12 +94,15 @@ def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str
         restore_live_handles(need_store(store), ref, series, live, as_json)
         return
     if to is None:
-        raise UsageError("missing --to PATH", "name the directory to restore into, or use --live HANDLES")
+        raise UsageError(
+            "missing --to PATH", "name the directory to restore into, or use --live HANDLES"
+        )
     shard = parse_size(max_shard_size, "shard size")
     if group is not None:
         with Store.open(need_store(store)) as st:
-            paths = st.restore_group(group, to, format=fmt, series=series, rank=rank,
-                                     max_shard_size=shard)
+            paths = st.restore_group(
+                group, to, format=fmt, series=series, rank=rank, max_shard_size=shard
+            )
         seconds = time.perf_counter() - t0
         if as_json:
             emit_json({"group": group, "files": paths, "seconds": round(seconds, 4)})
@@ -73,15 +113,29 @@ def restore(ref: str, store: str | None, to: Path, fmt: str, max_shard_size: str
         cid = st.resolve(ref, series)
         manifest = st.manifest(cid)
         with progress(manifest.logical_bytes, f"restore {cid[:12]}", not as_json) as bar:
-            paths = st.restore(cid, to, format=fmt, max_shard_size=shard,
-                               safetensors_layout=st_layout, progress=bar)
+            paths = st.restore(
+                cid,
+                to,
+                format=fmt,
+                max_shard_size=shard,
+                safetensors_layout=st_layout,
+                progress=bar,
+            )
     seconds = time.perf_counter() - t0
     if as_json:
-        emit_json({"checkpoint": cid, "files": paths, "bytes": manifest.logical_bytes,
-                   "seconds": round(seconds, 4)})
+        emit_json(
+            {
+                "checkpoint": cid,
+                "files": paths,
+                "bytes": manifest.logical_bytes,
+                "seconds": round(seconds, 4),
+            }
+        )
     else:
-        click.echo(f"restored {cid[:12]} ({human_bytes(manifest.logical_bytes)}) to {to} "
-                   f"in {seconds:.2f}s: " + ", ".join(Path(p).name for p in paths))
+        click.echo(
+            f"restored {cid[:12]} ({human_bytes(manifest.logical_bytes)}) to {to} "
+            f"in {seconds:.2f}s: " + ", ".join(Path(p).name for p in paths)
+        )
 
 
 def restore_live_handles(store: str, ref: str, series: str, handles: Path, as_json: bool) -> None:
@@ -98,7 +152,9 @@ def restore_live_handles(store: str, ref: str, series: str, handles: Path, as_js
     if as_json:
         emit_json({"checkpoint": cid, **report.to_dict()})
     else:
-        click.echo(f"hot-restored {cid[:12]} into {handles}: {report.blocks_written}/"
-                   f"{report.blocks_checked} blocks differed, {human_bytes(report.bytes_written)} "
-                   f"written in {report.seconds:.2f}s; verified on the device: "
-                   f"{'yes' if report.verified else 'no'}")
+        click.echo(
+            f"hot-restored {cid[:12]} into {handles}: {report.blocks_written}/"
+            f"{report.blocks_checked} blocks differed, {human_bytes(report.bytes_written)} "
+            f"written in {report.seconds:.2f}s; verified on the device: "
+            f"{'yes' if report.verified else 'no'}"
+        )

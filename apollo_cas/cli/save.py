@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -26,6 +27,8 @@ from .common import (
 )
 from .options import codec_options, make_policy
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 #: Below this, the object count gets large enough to hurt (4 KiB, the original
 #: tool's default, makes 256 objects per MiB of weights).
 SMALL_BLOCK_WARNING = 64 * 1024
@@ -41,10 +44,15 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def block_size_option(default: str = "1MiB") -> click.Option:  # type: ignore[type-arg]
-    return click.option("--block-size", default=default, show_default=True, metavar="SIZE",
-                        help="Block size (bytes, or with K/M suffix). 1 MiB balances dedup "
-                             "granularity against object count.")
+def block_size_option(default: str = "1MiB") -> Callable[[F], F]:
+    return click.option(
+        "--block-size",
+        default=default,
+        show_default=True,
+        metavar="SIZE",
+        help="Block size (bytes, or with K/M suffix). 1 MiB balances dedup "
+        "granularity against object count.",
+    )
 
 
 def checked_block_size(text: str, warn: bool = True) -> int:
@@ -56,8 +64,10 @@ def checked_block_size(text: str, warn: bool = True) -> int:
 
 def warn_block_size(bs: int) -> None:
     if bs < SMALL_BLOCK_WARNING:
-        note(f"warning: block size {bs} makes {(1 << 30) // max(bs, 1):,} objects per GiB of weights; "
-             f"the default {human_bytes(DEFAULT_BLOCK_SIZE)} is much cheaper to store and list")
+        note(
+            f"warning: block size {bs} makes {(1 << 30) // max(bs, 1):,} objects per GiB of weights; "
+            f"the default {human_bytes(DEFAULT_BLOCK_SIZE)} is much cheaper to store and list"
+        )
 
 
 def precheck_sources(paths: list[Path], kind: str | None) -> None:
@@ -87,8 +97,10 @@ def print_result(r: SaveResult, label: str, as_json: bool) -> None:
     if as_json:
         return
     if r.unchanged:
-        click.echo(f"{label}: no changes since {(r.checkpoint_id or '')[:12]}; no checkpoint added "
-                   "(--force adds one anyway)")
+        click.echo(
+            f"{label}: no changes since {(r.checkpoint_id or '')[:12]}; no checkpoint added "
+            "(--force adds one anyway)"
+        )
         return
     st = r.stats
     click.echo(
@@ -99,9 +111,19 @@ def print_result(r: SaveResult, label: str, as_json: bool) -> None:
 
 
 def save_sources(
-    store: Store, paths: list[Path], *, kind: str | None, series: str, tag: str | None,
-    block_size: int, force: bool, meta: dict[str, str], rank: int | None,
-    world_size: int | None, as_json: bool, handle_options: dict[str, Any] | None = None,
+    store: Store,
+    paths: list[Path],
+    *,
+    kind: str | None,
+    series: str,
+    tag: str | None,
+    block_size: int,
+    force: bool,
+    meta: dict[str, str],
+    rank: int | None,
+    world_size: int | None,
+    as_json: bool,
+    handle_options: dict[str, Any] | None = None,
     group: str | None = None,
 ) -> list[SaveResult]:
     """Save each source path in order; a seed root imports its whole history."""
@@ -117,15 +139,24 @@ def save_sources(
             for s in skipped:
                 note(f"skipped {s.path}: {s.reason}")
             # Importing a history twice must not record it twice.
-            done = {Path(c.manifest.source.location).resolve() for c in store.checkpoints()
-                    if c.manifest.source.kind == "seed" and c.manifest.series == series}
+            done = {
+                Path(c.manifest.source.location).resolve()
+                for c in store.checkpoints()
+                if c.manifest.source.kind == "seed" and c.manifest.series == series
+            }
             for j, cp in enumerate(good):
                 if cp.resolve() in done:
                     note(f"skipped {cp}: already imported")
                     continue
                 with SeedSource(cp) as src:
-                    r = store.save(src, series=series, block_size=block_size, force=force,
-                                   metadata=meta, tag=tag if (last and j == len(good) - 1) else None)
+                    r = store.save(
+                        src,
+                        series=series,
+                        block_size=block_size,
+                        force=force,
+                        metadata=meta,
+                        tag=tag if (last and j == len(good) - 1) else None,
+                    )
                 results.append(r)
                 print_result(r, f"import {cp.name}", as_json)
             continue
@@ -139,9 +170,17 @@ def save_sources(
                 check = functools.partial(check_against, force=force)
             total = sum(t.nbytes for t in src.tensors())
             with progress(total, f"save {path.name}", not as_json) as bar:
-                r = store.save(src, series=series, block_size=block_size, force=force,
-                               metadata=meta, tag=tag if last else None, progress=bar, check=check,
-                               group=group)
+                r = store.save(
+                    src,
+                    series=series,
+                    block_size=block_size,
+                    force=force,
+                    metadata=meta,
+                    tag=tag if last else None,
+                    progress=bar,
+                    check=check,
+                    group=group,
+                )
         results.append(r)
         print_result(r, str(path), as_json)
     return results
@@ -150,38 +189,89 @@ def save_sources(
 @click.command()
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @store_option
-@click.option("--tag", metavar="NAME", help="Tag the new checkpoint (gc never removes tagged ones).")
+@click.option(
+    "--tag", metavar="NAME", help="Tag the new checkpoint (gc never removes tagged ones)."
+)
 @block_size_option()
 @json_option
-@click.option("--source-kind", type=click.Choice(["safetensors", "pt", "handles", "seed"]),
-              help="Override the detected kind of SOURCE.")
+@click.option(
+    "--source-kind",
+    type=click.Choice(["safetensors", "pt", "handles", "seed"]),
+    help="Override the detected kind of SOURCE.",
+)
 @series_option
-@click.option("--force", is_flag=True, help="Add a checkpoint even if nothing changed; save stale-looking handles.")
-@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to record (repeatable).")
-@click.option("--rank", type=int, help="Tensor-parallel rank of these weights (recorded in the manifest).")
-@click.option("--world-size", type=int, help="Tensor-parallel world size (recorded in the manifest).")
-@click.option("--group", metavar="NAME",
-              help="Join this rank's checkpoint to the multi-rank checkpoint NAME (with --rank, "
-                   "--world-size); each rank saves into series SERIES.rankR.")
-@click.option("--handles", "handles", type=click.Path(path_type=Path),
-              help="The original tool's CUDA IPC handles file (same as SOURCE with --source-kind handles).")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path),
-              help="The original tool's checkpoint directory: used as the store; its old "
-                   "checkpoints are imported on first use.")
-@click.option("--max-handles-age", type=float, metavar="SECONDS",
-              help="Refuse a handles file older than this (its handles may be stale).")
-@click.option("--no-owner-check", is_flag=True,
-              help="Do not require the process that exported the handles to be alive.")
-@click.option("--device-map", metavar="FROM:TO,...",
-              help="Map the GPU indices recorded in the handles file to this process's "
-                   "(when CUDA_VISIBLE_DEVICES differs from the exporter's).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Add a checkpoint even if nothing changed; save stale-looking handles.",
+)
+@click.option(
+    "--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to record (repeatable)."
+)
+@click.option(
+    "--rank", type=int, help="Tensor-parallel rank of these weights (recorded in the manifest)."
+)
+@click.option(
+    "--world-size", type=int, help="Tensor-parallel world size (recorded in the manifest)."
+)
+@click.option(
+    "--group",
+    metavar="NAME",
+    help="Join this rank's checkpoint to the multi-rank checkpoint NAME (with --rank, "
+    "--world-size); each rank saves into series SERIES.rankR.",
+)
+@click.option(
+    "--handles",
+    "handles",
+    type=click.Path(path_type=Path),
+    help="The original tool's CUDA IPC handles file (same as SOURCE with --source-kind handles).",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(path_type=Path),
+    help="The original tool's checkpoint directory: used as the store; its old "
+    "checkpoints are imported on first use.",
+)
+@click.option(
+    "--max-handles-age",
+    type=float,
+    metavar="SECONDS",
+    help="Refuse a handles file older than this (its handles may be stale).",
+)
+@click.option(
+    "--no-owner-check",
+    is_flag=True,
+    help="Do not require the process that exported the handles to be alive.",
+)
+@click.option(
+    "--device-map",
+    metavar="FROM:TO,...",
+    help="Map the GPU indices recorded in the handles file to this process's "
+    "(when CUDA_VISIBLE_DEVICES differs from the exporter's).",
+)
 @codec_options
-def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_size: str,
-         as_json: bool, source_kind: str | None, series: str, force: bool, meta: tuple[str, ...],
-         rank: int | None, world_size: int | None, handles: Path | None,
-         checkpoint_dir: Path | None, max_handles_age: float | None, no_owner_check: bool,
-         device_map: str | None, codec: str, level: int,
-         delta: bool | None, group: str | None) -> None:
+def save(
+    sources: tuple[Path, ...],
+    store: str | None,
+    tag: str | None,
+    block_size: str,
+    as_json: bool,
+    source_kind: str | None,
+    series: str,
+    force: bool,
+    meta: tuple[str, ...],
+    rank: int | None,
+    world_size: int | None,
+    handles: Path | None,
+    checkpoint_dir: Path | None,
+    max_handles_age: float | None,
+    no_owner_check: bool,
+    device_map: str | None,
+    codec: str,
+    level: int,
+    delta: bool | None,
+    group: str | None,
+) -> None:
     """Save SOURCE... as checkpoints: only blocks the store lacks are written.
 
     SOURCE is a safetensors file or directory, a .pt state_dict, a handles file,
@@ -198,7 +288,9 @@ def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_si
         raise UsageError("nothing to save", "name a SOURCE (or --handles FILE)")
     if checkpoint_dir is not None:
         if store and Path(store) != checkpoint_dir:
-            raise UsageError("--store and --checkpoint-dir name different places", "pass one of them")
+            raise UsageError(
+                "--store and --checkpoint-dir name different places", "pass one of them"
+            )
         store = str(checkpoint_dir)
     location = need_store(store)
     bs = checked_block_size(block_size, warn=False)
@@ -210,13 +302,25 @@ def save(sources: tuple[Path, ...], store: str | None, tag: str | None, block_si
             results = import_seed_history(st, checkpoint_dir, series, as_json)
         else:
             results = []
-        results += save_sources(st, paths, kind=kind, series=series, tag=tag, block_size=bs,
-                                force=force, meta=meta_map, rank=rank,
-                                world_size=world_size, as_json=as_json,
-                                handle_options={"max_age": max_handles_age,
-                                                "check_owner_pid": not no_owner_check,
-                                                "device_map": device_map},
-                                group=group)
+        results += save_sources(
+            st,
+            paths,
+            kind=kind,
+            series=series,
+            tag=tag,
+            block_size=bs,
+            force=force,
+            meta=meta_map,
+            rank=rank,
+            world_size=world_size,
+            as_json=as_json,
+            handle_options={
+                "max_age": max_handles_age,
+                "check_owner_pid": not no_owner_check,
+                "device_map": device_map,
+            },
+            group=group,
+        )
     if as_json:
         emit_json(results[0].to_json() if len(results) == 1 else [r.to_json() for r in results])
 
@@ -228,8 +332,10 @@ def import_seed_history(store: Store, root: Path, series: str, as_json: bool) ->
     if store.latest(series) is not None or not root.is_dir() or not is_checkpoint_root(root):
         return []
     good, skipped = scan_root(root)
-    note(f"importing {len(good)} checkpoints of the original tool from {root} "
-         f"(their directories are left in place; delete them after 'apollo-cas verify')")
+    note(
+        f"importing {len(good)} checkpoints of the original tool from {root} "
+        f"(their directories are left in place; delete them after 'apollo-cas verify')"
+    )
     for s in skipped:
         note(f"skipped {s.path}: {s.reason}")
     results = []
@@ -244,5 +350,3 @@ def import_seed_history(store: Store, root: Path, series: str, as_json: bool) ->
 def store_block_size(store: Store, series: str) -> int:
     latest = store.latest(series)
     return store.manifest(latest).block_size if latest else DEFAULT_BLOCK_SIZE
-
-

@@ -35,12 +35,26 @@ def compat() -> None:
 
 
 @compat.command()
-@click.option("--handles", default=DEFAULT_HANDLES, show_default=True, type=click.Path(path_type=Path),
-              help="Path to vLLM weight IPC handles.")
-@click.option("--checkpoint-dir", default=DEFAULT_DIR, show_default=True,
-              type=click.Path(path_type=Path), help="Checkpoint directory (the store).")
-@click.option("--block-size", default=None, type=str,
-              help="Block size in bytes (default 1 MiB; the original 4096 is honoured with a warning).")
+@click.option(
+    "--handles",
+    default=DEFAULT_HANDLES,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Path to vLLM weight IPC handles.",
+)
+@click.option(
+    "--checkpoint-dir",
+    default=DEFAULT_DIR,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory (the store).",
+)
+@click.option(
+    "--block-size",
+    default=None,
+    type=str,
+    help="Block size in bytes (default 1 MiB; the original 4096 is honoured with a warning).",
+)
 def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
     """Save a checkpoint (only changed blocks are written)."""
     bs = checked_block_size(block_size, warn=False) if block_size else None
@@ -53,13 +67,29 @@ def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
             from .save import store_block_size
 
             bs = store_block_size(st, "default")
-        save_sources(st, [handles], kind="handles", series="default", tag=None, block_size=bs,
-                     force=False, meta={}, rank=None, world_size=None, as_json=False)
+        save_sources(
+            st,
+            [handles],
+            kind="handles",
+            series="default",
+            tag=None,
+            block_size=bs,
+            force=False,
+            meta={},
+            rank=None,
+            world_size=None,
+            as_json=False,
+        )
 
 
 @compat.command("list")
-@click.option("--checkpoint-dir", default=DEFAULT_DIR, show_default=True,
-              type=click.Path(path_type=Path), help="Checkpoint directory (the store).")
+@click.option(
+    "--checkpoint-dir",
+    default=DEFAULT_DIR,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory (the store).",
+)
 def list_cmd(checkpoint_dir: Path) -> None:
     """List checkpoints."""
     if not checkpoint_dir.exists():
@@ -73,8 +103,11 @@ def list_cmd(checkpoint_dir: Path) -> None:
     except Exception:
         st = None
     checkpoints = st.checkpoints() if st is not None else []
-    imported = {Path(c.manifest.source.location).resolve() for c in checkpoints
-                if c.manifest.source.kind == "seed"}
+    imported = {
+        Path(c.manifest.source.location).resolve()
+        for c in checkpoints
+        if c.manifest.source.kind == "seed"
+    }
     for p in good:
         if p.resolve() in imported:
             continue  # listed below as a checkpoint of the store
@@ -87,8 +120,10 @@ def list_cmd(checkpoint_dir: Path) -> None:
     with st:
         for c in checkpoints:
             marker = " ← latest" if c.latest_of else ""
-            click.echo(f" {human_time(c.manifest.created)} {c.checkpoint_id[:12]} "
-                       f"({human_bytes(c.manifest.logical_bytes)}){marker}")
+            click.echo(
+                f" {human_time(c.manifest.created)} {c.checkpoint_id[:12]} "
+                f"({human_bytes(c.manifest.logical_bytes)}){marker}"
+            )
 
 
 def main() -> None:

@@ -67,8 +67,9 @@ def _looks_like_handles(path: Path) -> bool:
     return False
 
 
-def open_path(path: str | Path, kind: str | None = None, info: SourceInfo | None = None,
-              **options: Any) -> Source:
+def open_path(
+    path: str | Path, kind: str | None = None, info: SourceInfo | None = None, **options: Any
+) -> Source:
     """Open one source of a known or detected kind."""
     p = Path(path)
     if kind is not None and kind not in KINDS:
@@ -97,8 +98,10 @@ def open_path(path: str | Path, kind: str | None = None, info: SourceInfo | None
 def open_mapping(mapping: Mapping[str, Any], info: SourceInfo | None = None) -> Source:
     """A source over in-process tensors; CUDA tensors take the device path."""
     info = info or SourceInfo(kind="mapping")
-    on_device = any(getattr(getattr(v, "device", None), "type", "cpu") not in ("cpu", None)
-                    for v in mapping.values())
+    on_device = any(
+        getattr(getattr(v, "device", None), "type", "cpu") not in ("cpu", None)
+        for v in mapping.values()
+    )
     if on_device:
         from .device import open_tensors
 
@@ -108,5 +111,12 @@ def open_mapping(mapping: Mapping[str, Any], info: SourceInfo | None = None) -> 
     return MappingSource(mapping, info)
 
 
-__all__ = ["KINDS", "BlockRequest", "Source", "SourceTensor", "detect_kind", "open_mapping",
-           "open_path"]
+__all__ = [
+    "KINDS",
+    "BlockRequest",
+    "Source",
+    "SourceTensor",
+    "detect_kind",
+    "open_mapping",
+    "open_path",
+]

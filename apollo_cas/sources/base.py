@@ -12,9 +12,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..dtypes import DType
 from ..manifest import SourceInfo
+
+S = TypeVar("S", bound="Source")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Source(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files, mappings and device resources."""
 
-    def __enter__(self) -> Source:
+    def __enter__(self: S) -> S:
         return self
 
     def __exit__(self, *exc: object) -> None:

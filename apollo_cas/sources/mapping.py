@@ -17,12 +17,18 @@ from .base import Source, SourceTensor
 class BufferTensor(SourceTensor):
     """A tensor whose bytes are a host buffer (a uint8 numpy view)."""
 
-    def __init__(self, name: str, dtype: dtypes.DType, shape: tuple[int, ...], data: np.ndarray,
-                 keepalive: Any = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        dtype: dtypes.DType,
+        shape: tuple[int, ...],
+        data: np.ndarray,
+        keepalive: Any = None,
+    ) -> None:
         self.name = name
         self.dtype = dtype
         self.shape = shape
-        self._data = memoryview(data.reshape(-1).view(np.uint8))
+        self._data: memoryview = data.reshape(-1).view(np.uint8).data
         self.nbytes = len(self._data)
         self._keepalive = keepalive  # the tensor owning the memory
 
@@ -60,8 +66,7 @@ class MappingSource(Source):
 
     def __init__(self, mapping: Mapping[str, Any], info: SourceInfo | None = None) -> None:
         self.info = info or SourceInfo(kind="mapping")
-        self._tensors = [tensor_from_object(str(k), mapping[k])
-                         for k in sorted(mapping)]
+        self._tensors = [tensor_from_object(str(k), mapping[k]) for k in sorted(mapping)]
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors

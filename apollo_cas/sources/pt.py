@@ -43,8 +43,9 @@ class PtSource(Source):
         self.info = info or SourceInfo(kind="pt", location=str(path))
         try:
             # mmap needs the zip format; legacy (pre-1.6) files load without it.
-            obj = torch.load(path, map_location="cpu", weights_only=True,
-                             mmap=zipfile.is_zipfile(path))
+            obj = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
         except pickle.UnpicklingError as exc:
             # torch's first lines advise weights_only=False: report the line that
             # names what was refused instead.
@@ -57,8 +58,10 @@ class PtSource(Source):
                     "save plain tensors: torch.save(model.state_dict(), path)",
                 ) from exc
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            detail = next((ln for ln in lines if ln.startswith("Unsupported operand")),
-                          lines[0] if lines else "unreadable pickle")
+            detail = next(
+                (ln for ln in lines if ln.startswith("Unsupported operand")),
+                lines[0] if lines else "unreadable pickle",
+            )
             raise UnsupportedSource(
                 f"{path} is not a torch checkpoint ({detail[:200]})",
                 "pass a .pt state_dict, a .safetensors file or a checkpoint directory",
@@ -74,8 +77,10 @@ class PtSource(Source):
                     obj = obj[w]
                     break
         if not isinstance(obj, Mapping):
-            raise UnsupportedSource(f"{path} holds a {type(obj).__name__}, not a state_dict",
-                                    "save model.state_dict() instead of the model")
+            raise UnsupportedSource(
+                f"{path} holds a {type(obj).__name__}, not a state_dict",
+                "save model.state_dict() instead of the model",
+            )
         flat = {k: v for k, v in _flatten(obj).items() if isinstance(v, torch.Tensor)}
         if not flat:
             raise SourceError(f"{path} contains no tensors")

@@ -8,12 +8,14 @@ zero-copy views of every dtype, bf16 and fp8 included, with no torch import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import dtypes
 from ..errors import SourceError, UnsupportedSource
@@ -26,8 +28,9 @@ _MAX_HEADER = 100 << 20
 
 
 class MappedTensor(SourceTensor):
-    def __init__(self, name: str, dtype: dtypes.DType, shape: tuple[int, ...],
-                 view: memoryview) -> None:
+    def __init__(
+        self, name: str, dtype: dtypes.DType, shape: tuple[int, ...], view: memoryview
+    ) -> None:
         self.name, self.dtype, self.shape = name, dtype, shape
         self._view = view
         self.nbytes = len(view)
@@ -42,16 +45,22 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise UnsupportedSource(f"{path} is not a safetensors file (too short)",
-                                        "pass a .safetensors file, a .pt state_dict or a checkpoint directory")
+                raise UnsupportedSource(
+                    f"{path} is not a safetensors file (too short)",
+                    "pass a .safetensors file, a .pt state_dict or a checkpoint directory",
+                )
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or n > os.fstat(f.fileno()).st_size - 8:
-                raise UnsupportedSource(f"{path} is not a safetensors file (bad header length)",
-                                        "pass a .safetensors file, a .pt state_dict or a checkpoint directory")
+                raise UnsupportedSource(
+                    f"{path} is not a safetensors file (bad header length)",
+                    "pass a .safetensors file, a .pt state_dict or a checkpoint directory",
+                )
             header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsupportedSource(f"{path} is not a safetensors file (header is not JSON)",
-                                "pass a .safetensors file, a .pt state_dict or a checkpoint directory") from exc
+        raise UnsupportedSource(
+            f"{path} is not a safetensors file (header is not JSON)",
+            "pass a .safetensors file, a .pt state_dict or a checkpoint directory",
+        ) from exc
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
     if not isinstance(header, dict):
@@ -80,22 +89,31 @@ class SafetensorsSource(Source):
                     continue
                 check_tensor_name(name)
                 if name in tensors:
-                    raise SourceError(f"tensor {name!r} appears twice ({path})",
-                                      "remove the duplicate shard")
+                    raise SourceError(
+                        f"tensor {name!r} appears twice ({path})", "remove the duplicate shard"
+                    )
                 try:
-                    dt = dtypes.lookup(str(meta["dtype"]), f"{path}:{name}")  # type: ignore[index]
-                    shape = tuple(int(x) for x in meta["shape"])  # type: ignore[index, union-attr]
-                    begin, end = (int(x) for x in meta["data_offsets"])  # type: ignore[index, union-attr]
+                    entry: Any = meta
+                    dt = dtypes.lookup(str(entry["dtype"]), f"{path}:{name}")
+                    shape = tuple(int(x) for x in entry["shape"])
+                    begin, end = (int(x) for x in entry["data_offsets"])
                 except (KeyError, TypeError, ValueError) as exc:
                     raise UnsupportedSource(f"{path}: malformed entry for {name!r}") from exc
                 count = 1
                 for s in shape:
                     count *= s
-                if end - begin != count * dt.itemsize or data_start + end > size or not 0 <= begin <= end:
-                    raise SourceError(f"{path}: tensor {name!r} has inconsistent offsets (file truncated?)",
-                                      "re-export the file")
-                tensors[name] = MappedTensor(name, dt, shape,
-                                             view[data_start + begin : data_start + end])
+                if (
+                    end - begin != count * dt.itemsize
+                    or data_start + end > size
+                    or not 0 <= begin <= end
+                ):
+                    raise SourceError(
+                        f"{path}: tensor {name!r} has inconsistent offsets (file truncated?)",
+                        "re-export the file",
+                    )
+                tensors[name] = MappedTensor(
+                    name, dt, shape, view[data_start + begin : data_start + end]
+                )
         self._tensors = [tensors[k] for k in sorted(tensors)]
 
     def tensors(self) -> Sequence[SourceTensor]:
@@ -105,10 +123,8 @@ class SafetensorsSource(Source):
         # Views into the maps must be gone before the maps can close.
         self._tensors = []
         for m in self._maps:
-            try:
+            with contextlib.suppress(BufferError):  # still referenced: the GC closes it
                 m.close()
-            except BufferError:
-                pass  # still referenced; the GC will close it
         self._maps = []
 
 
@@ -124,8 +140,10 @@ def safetensors_files(path: Path) -> list[Path]:
         return _from_index(index)
     files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
-        raise UnsupportedSource(f"no .safetensors files in {path}",
-                                "pass a directory with model.safetensors or shards and an index")
+        raise UnsupportedSource(
+            f"no .safetensors files in {path}",
+            "pass a directory with model.safetensors or shards and an index",
+        )
     return files
 
 
@@ -141,7 +159,9 @@ def _from_index(index: Path) -> list[Path]:
             raise UnsupportedSource(f"{index}: shard name {n!r} escapes the directory")
         p = index.parent / n
         if not p.is_file():
-            raise SourceError(f"{index} lists {n}, which does not exist",
-                              "copy the missing shard or fix the index")
+            raise SourceError(
+                f"{index} lists {n}, which does not exist",
+                "copy the missing shard or fix the index",
+            )
         files.append(p)
     return files

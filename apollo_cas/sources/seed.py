@@ -10,6 +10,7 @@ dangling ``latest`` are reported and skipped, never imported as checkpoints.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import json
 import mmap
 import time
@@ -71,8 +72,10 @@ class SeedSource(Source):
         try:
             index = json.loads(index_path.read_text())
         except FileNotFoundError:
-            raise UnsupportedSource(f"{path} has no {INDEX} (half-written checkpoint?)",
-                                    "skip it; the original tool wrote the index last") from None
+            raise UnsupportedSource(
+                f"{path} has no {INDEX} (half-written checkpoint?)",
+                "skip it; the original tool wrote the index last",
+            ) from None
         except (OSError, ValueError) as exc:
             raise UnsupportedSource(f"{index_path} is unreadable ({exc})") from exc
         if not isinstance(index, dict):
@@ -96,7 +99,9 @@ class SeedSource(Source):
                 shape = tuple(int(x) for x in e["shape"])
                 dt = dtypes.lookup(str(e["dtype"]), f"{index_path}:{name}")
             except (KeyError, TypeError, ValueError) as exc:
-                raise UnsupportedSource(f"{index_path}: malformed entry for {name!r} ({exc})") from exc
+                raise UnsupportedSource(
+                    f"{index_path}: malformed entry for {name!r} ({exc})"
+                ) from exc
             count = 1
             for s in shape:
                 count *= s
@@ -107,8 +112,10 @@ class SeedSource(Source):
                     "skip it; the newest complete checkpoint is older",
                 )
             if count * dt.itemsize != n:
-                raise SourceError(f"{index_path}: {name!r} has shape {shape} of {dt.name} "
-                                  f"but size {n}", "the index is inconsistent; skip it")
+                raise SourceError(
+                    f"{index_path}: {name!r} has shape {shape} of {dt.name} but size {n}",
+                    "the index is inconsistent; skip it",
+                )
             tensors.append(MappedTensor(name, dt, shape, view[off : off + n]))
         self._tensors = tensors
 
@@ -118,10 +125,8 @@ class SeedSource(Source):
     def close(self) -> None:
         self._tensors = []
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):  # still referenced: the GC closes it
                 self._map.close()
-            except BufferError:
-                pass
 
 
 @dataclass(frozen=True)

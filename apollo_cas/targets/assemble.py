@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ..manifest import Manifest, TensorEntry
 from ..decoding import Decoder, Output
+from ..manifest import Manifest, TensorEntry
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,9 @@ class Placement:
     offset: int
 
 
-def chunk_jobs(placements: Iterable[Placement], block_size: int) -> Iterator[tuple[int, int, bytes]]:
+def chunk_jobs(
+    placements: Iterable[Placement], block_size: int
+) -> Iterator[tuple[int, int, bytes]]:
     """(output, offset, chunk id) for every chunk of every placed tensor."""
     for p in placements:
         for i, cid in enumerate(p.tensor.chunks):

@@ -25,8 +25,9 @@ def prepare_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise TargetError(f"{path} exists and is not a directory",
-                          "pass a directory for --to") from None
+        raise TargetError(
+            f"{path} exists and is not a directory", "pass a directory for --to"
+        ) from None
     except OSError as exc:
         raise os_error(exc, "creating", str(path)) from exc
 

@@ -25,8 +25,12 @@ def flat_index(manifest: Manifest) -> tuple[list[Placement], dict[str, dict[str,
     placements, index, offset = [], {}, 0
     for t in sorted(manifest.tensors, key=lambda t: t.name):
         placements.append(Placement(t, 0, offset))
-        index[t.name] = {"offset": offset, "size": t.nbytes, "shape": list(t.shape),
-                         "dtype": dtypes.lookup(t.dtype).torch_str}
+        index[t.name] = {
+            "offset": offset,
+            "size": t.nbytes,
+            "shape": list(t.shape),
+            "dtype": dtypes.lookup(t.dtype).torch_str,
+        }
         offset += t.nbytes
     return placements, index
 
@@ -44,6 +48,9 @@ def restore_flat(
     with pending_files([(to / WEIGHTS, size)]) as files:
         write_chunks(decoder, [files[0].output], placements, manifest.block_size, progress)
         # The old index would describe the new weights.bin wrongly: drop it first.
-        commit_all(files, remove_first=[to / INDEX],
-                   index=(to / INDEX, json.dumps(index, indent=1).encode()))
+        commit_all(
+            files,
+            remove_first=[to / INDEX],
+            index=(to / INDEX, json.dumps(index, indent=1).encode()),
+        )
     return [to / WEIGHTS, to / INDEX]

@@ -40,18 +40,30 @@ _HF_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 class TensorLike(Protocol):
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
+    """What a header needs of a tensor (TensorEntry has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
 
 
-def header_bytes(tensors: Sequence[TensorLike], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+def header_bytes(
+    tensors: Sequence[TensorLike], metadata: dict[str, str]
+) -> tuple[bytes, list[int]]:
     """The 8-byte length + JSON header, and each tensor's data offset (in order)."""
     header: dict[str, object] = {"__metadata__": metadata}
     offsets, pos = [], 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
         offsets.append(pos)
         pos += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -105,25 +117,31 @@ def restore_safetensors(
     else:
         n = len(groups)
         names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        stale_pattern = re.compile(rf"^(model\.safetensors|model-\d{{5}}-of-\d{{5}}\.safetensors)$")
+        stale_pattern = re.compile(r"^(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors)$")
     metadata = {"format": "pt"}
     specs, placements, headers = [], [], []
     for i, group in enumerate(groups):
         head, offsets = header_bytes(group, metadata)
         headers.append(head)
         specs.append((to / names[i], len(head) + sum(t.nbytes for t in group)))
-        placements += [Placement(t, i, len(head) + off) for t, off in zip(group, offsets)]
+        placements += [
+            Placement(t, i, len(head) + off) for t, off in zip(group, offsets, strict=True)
+        ]
     stale = [p for p in to.iterdir() if stale_pattern.match(p.name) and p.name not in names]
     with pending_files(specs) as files:
-        for f, head in zip(files, headers):
+        for f, head in zip(files, headers, strict=True):
             pwrite_all(f.fd, head, 0)
         write_chunks(decoder, [f.output for f in files], placements, manifest.block_size, progress)
         index = None
         if layout == "hf" and len(groups) > 1:
             weight_map = {t.name: names[i] for i, g in enumerate(groups) for t in g}
             total = sum(t.nbytes for t in tensors)
-            index = (to / INDEX, json.dumps({"metadata": {"total_size": total},
-                                             "weight_map": weight_map}, indent=2).encode())
+            index = (
+                to / INDEX,
+                json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
+                ).encode(),
+            )
         # The old index names the old shards; vLLM loads only what an index
         # lists, so it goes first and the new one (if any) comes last.
         commit_all(files, remove_first=[to / INDEX], index=index, remove_after=stale)

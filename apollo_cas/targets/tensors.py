@@ -55,8 +55,9 @@ def _torch_dtype(t: TensorEntry) -> torch.dtype:
     return dt
 
 
-def _load_via_threads(decoder: Decoder, entries: list[TensorEntry], bs: int,
-                      device: str | None) -> dict[str, torch.Tensor]:
+def _load_via_threads(
+    decoder: Decoder, entries: list[TensorEntry], bs: int, device: str | None
+) -> dict[str, torch.Tensor]:
     import torch
 
     on_gpu = device is not None and str(device).startswith("cuda")
@@ -72,7 +73,7 @@ def _load_via_threads(decoder: Decoder, entries: list[TensorEntry], bs: int,
     for _ in bounded_map(task, jobs, decoder.workers):
         pass
     out: dict[str, torch.Tensor] = {}
-    for t, h in zip(entries, hosts):
+    for t, h in zip(entries, hosts, strict=True):
         dt = _torch_dtype(t)
         tensor = h.view(dt).reshape(t.shape) if t.nbytes else torch.empty(t.shape, dtype=dt)
         if device is not None:
@@ -91,8 +92,9 @@ def _shm_has_room(nbytes: int) -> bool:
     return st.f_bavail * st.f_frsize > nbytes * 1.1
 
 
-def _load_via_shm(decoder: Decoder, entries: list[TensorEntry], bs: int, device: str | None,
-                  total: int) -> dict[str, torch.Tensor]:
+def _load_via_shm(
+    decoder: Decoder, entries: list[TensorEntry], bs: int, device: str | None, total: int
+) -> dict[str, torch.Tensor]:
     import torch
 
     offsets, pos = [], 0
@@ -135,7 +137,9 @@ def _load_via_shm(decoder: Decoder, entries: list[TensorEntry], bs: int, device:
     thread = threading.Thread(target=copier, daemon=True) if device is not None else None
     if thread:
         thread.start()
-    jobs = ((0, offsets[ti] + i * bs, c) for ti, t in enumerate(entries) for i, c in enumerate(t.chunks))
+    jobs = (
+        (0, offsets[ti] + i * bs, c) for ti, t in enumerate(entries) for i, c in enumerate(t.chunks)
+    )
     try:
         decoder.write([Output(-1, path)], jobs, on_done=on_done)
     finally:
@@ -147,7 +151,9 @@ def _load_via_shm(decoder: Decoder, entries: list[TensorEntry], bs: int, device:
         raise failed[0]
     for ti, t in enumerate(entries):
         if t.name not in out:
-            out[t.name] = tensor_at(ti) if device is None or not t.nbytes else tensor_at(ti).to(device)
+            out[t.name] = (
+                tensor_at(ti) if device is None or not t.nbytes else tensor_at(ti).to(device)
+            )
     if device is not None and str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return {t.name: out[t.name] for t in entries}
