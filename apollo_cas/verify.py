@@ -23,11 +23,12 @@ import random
 import re
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
-from .errors import ApolloError, ObjectNotFound, UsageError
+from .errors import ApolloError, ObjectNotFound, PermissionDenied, UsageError
 from .hashing import digest_hex
 from .manifest import GroupRecord, Manifest, StoreConfig
 from .parallel import bounded_map
@@ -122,6 +123,7 @@ class VerifyReport:
     #: checkpoint id -> refs naming it, for every checkpoint some damage breaks
     broken_checkpoints: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    locked: bool = False  # whether it ran under a shared lock
 
     @property
     def ok(self) -> bool:
@@ -168,6 +170,7 @@ class VerifyReport:
             "damaged_manifests": [d.to_json() for d in self.damaged_manifests],
             "damaged_chunks": [d.to_json() for d in self.damaged_chunks],
             "broken_checkpoints": {k: v for k, v in sorted(self.broken_checkpoints.items())},
+            "locked": self.locked,
             "seconds": round(self.seconds, 4),
         }
 
@@ -232,10 +235,20 @@ def verify(
     ``subset`` (a fraction in (0, 1] or a number of chunks) reads a random sample
     of the chunks and implies ``read_data``.
     """
-    if lock:
-        with store.locks.hold("shared", "verify"):
-            return _verify(store, read_data, subset, progress, seed)
-    return _verify(store, read_data, subset, progress, seed)
+    with ExitStack() as stack:
+        locked = False
+        if lock:
+            try:
+                stack.enter_context(store.locks.hold("shared", "verify"))
+                locked = True
+            except PermissionDenied:
+                # A store we may read but not write (a read-only mount, read-only
+                # credentials): check it anyway; only a concurrent gc could cause
+                # a false alarm, and the report says it ran unlocked.
+                pass
+        report = _verify(store, read_data, subset, progress, seed)
+        report.locked = locked
+        return report
 
 
 def _verify(

@@ -794,11 +794,15 @@ def test_permission_denied(tmp_path: Path, fault_stats: dict[str, Counter[str]])
             assert r.stderr.count("\n") == 1, r.stderr
             assert r.stderr.startswith("error: permission denied"), r.stderr
             stats[f"{args[0]} on a 0700 store ({mode}): exit 1, one line"] += 1
-        # Readable but not writable: reading works, a save is refused, nothing changes.
+        # Readable but not writable: reading and verifying work, a save is refused,
+        # nothing changes.
         store.chmod(0o755)
         for f in store.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
         assert run("list", "--store", store, prefix=prefix).returncode == 0
+        r = run("verify", "--store", store, "--read-data", "--json", prefix=prefix)
+        assert r.returncode == 0, r.stderr  # it cannot take its lock, and says so
+        assert json.loads(r.stdout)["locked"] is False
         r = run("save", src, "--store", store, "--force", prefix=prefix)
         assert r.returncode == 1 and r.stderr.count("\n") == 1
         assert "permission denied" in r.stderr
