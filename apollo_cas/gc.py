@@ -325,6 +325,7 @@ def gc(
         # retries back off up to ~3 s.
         time.sleep(_YIELD_SECONDS)
 
+    store.chunks.forget_known()  # this process's cache may name chunks just swept
     report.chunks_kept = len(present) - report.chunks_deleted
     report.kept = [c.checkpoint_id for c in checkpoints if c.checkpoint_id not in forget_ids]
     report.kept += sorted(seen - set(manifests))

@@ -527,3 +527,38 @@ TestGcMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# ---------------------------------------------------------------------------
+# the same on S3
+
+
+@pytest.mark.s3
+def test_gc_forget_and_verify_on_s3(s3_location: str) -> None:
+    """gc's listing, sizes, locks and deletes, and verify, through the S3 backend."""
+    with Store.open(s3_location, create=True, workers=4) as st:
+        ids = [
+            st.save(model([i, i + 1]), block_size=BS, created=10.0 + i).checkpoint_id or ""
+            for i in range(4)
+        ]
+        st.tag(ids[0], "first")
+        orphan = orphan_chunk(st, 42)
+        dry = gc(st, RetentionPolicy(keep_last=1), dry_run=True)
+        assert dry.forgotten == ids[1:3]
+        r = gc(st, RetentionPolicy(keep_last=1))
+        assert r.forgotten == ids[1:3] and r.chunks_deleted == dry.chunks_deleted
+        assert r.bytes_freed == dry.bytes_freed
+        assert set(st.checkpoint_ids()) == {ids[0], ids[3]}
+        assert not st.chunks.exists(orphan)
+        assert read_back(st, ids[0]) == as_bytes(model([0, 1]))
+        assert read_back(st, ids[3]) == as_bytes(model([3, 4]))
+        report = verify(st, read_data=True)
+        assert report.ok and report.unreferenced_chunks == 0
+        with pytest.raises(UsageError):
+            forget(st, ids[3])
+        st.untag("first")
+        forget(st, ids[0])
+        assert gc(st).chunks_deleted == 2  # blocks 0 and 1: only ids[0] used them
+        assert list(st.backend.list("locks/")) == [] or all(
+            k.startswith("locks/cas-") for k in st.backend.list("locks/")
+        )
