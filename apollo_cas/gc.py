@@ -12,13 +12,19 @@ most-voted complaint is an exclusive lock held through a whole prune):
    the refs and the manifest list: a manifest that appeared since phase 1 is a
    save that finished meanwhile, and its chunks join the reachable set; a
    checkpoint that got a tag meanwhile is kept. Then delete, in this order:
-   forgotten manifests (no ref names them, so the store stays consistent if we
-   die here), unreferenced chunks (no remaining manifest names them), and
-   leftovers of interrupted writes older than a grace period.
+   dead multi-rank group records, forgotten manifests (no ref names them, so
+   the store stays consistent if we die here), unreferenced chunks (no
+   remaining manifest names them), and leftovers of interrupted writes older
+   than a grace period.
 
-A save that dedups against a chunk gc considers garbage either finished before
-phase 2 (its manifest is re-listed, the chunk is kept) or starts after phase 2
-(the chunk is gone and ``exists()`` says so, so the save writes it again).
+The sweep holds the lock at most ``max_hold`` seconds at a time: a long sweep
+releases it between batches so queued saves get in, then re-lists manifests
+before the next batch. A save that dedups against a chunk gc considers garbage
+either finished before a batch (its manifest is re-listed, the chunk and its
+delta bases are kept) or runs after the chunk was deleted (``exists()`` says
+so, and the save writes it again). Chunks are deleted dependents first, so a
+delta's base is never gone while the delta can still be found. The full
+argument is in docs/CONCURRENCY.md.
 """
 
 from __future__ import annotations
