@@ -42,8 +42,12 @@ class WriteResult:
 
 
 def block_spans(nbytes: int, block_size: int) -> list[tuple[int, int]]:
-    """(offset, length) of every block of a tensor of ``nbytes``."""
-    return [(o, min(block_size, nbytes - o)) for o in range(0, nbytes, block_size)]
+    """(offset, length) of every block of a tensor of ``nbytes`` (the last may be short)."""
+    full = nbytes - nbytes % block_size
+    spans = [(o, block_size) for o in range(0, full, block_size)]
+    if full < nbytes:
+        spans.append((full, nbytes - full))
+    return spans
 
 
 class _Tally:
