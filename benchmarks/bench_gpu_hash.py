@@ -21,6 +21,17 @@ Throughput is bytes hashed per second of the median call (``triton.testing.do_be
 which flushes L2 between calls) of the public entry point, launch overhead included.
 GB/s are 1e9 bytes per second.
 
+4. the whole-model case (``whole_model`` in the JSON): a transformer-shaped bf16 model
+   of ``--model-gib`` GiB (``ModelShape.for_bytes``: ~420 separate tensors on the GPU),
+   hashed through ``DeviceSource(model).block_digests(block_size)``, the call a save
+   makes: wall-clock median of several calls after warm-up (digests copied to the host
+   and split into ``bytes`` included). Against it: the older method (one launch per
+   tensor over 16 streams), the GPU time of the single ``block_digests_many`` launch
+   per launch configuration, one contiguous buffer of the same size, and the same
+   model with every tensor ending in a long tail (tail kernel). Every digest of the
+   new path is compared with the old path's, and a sample with ``xxhash``.
+
+``--model-only`` runs only step 4 and merges it into an existing ``--out`` file.
 ``--smoke`` runs every step on tiny sizes (works on the CPU with TRITON_INTERPRET=1),
 to check the script itself.
 """
@@ -173,12 +184,204 @@ def time_call(buf: torch.Tensor, block_size: int, config: LaunchConfig, device: 
     return sorted(times)[1]
 
 
+def _wall_median(fn: Any, device: str, reps: int, warmup: int = 2) -> tuple[float, list[float]]:
+    """Median wall-clock seconds of ``fn()`` (the device synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], times
+
+
+# Launch configurations tried for the single many-tensor launch (GPU time only).
+MANY_SWEEP = [
+    (8, 1, 1, 1),
+    (8, 1, 1, 3),
+    (16, 1, 2, 1),
+]
+
+
+def whole_model(gib: float, device: str, smoke: bool, block_sizes: list[int]) -> dict[str, Any]:
+    """Step 4: a whole model of separate tensors through DeviceSource.block_digests."""
+    from apollo_cas.examples import ModelShape
+    from apollo_cas.sources.device import (
+        DeviceSource,
+        device_block_digests,
+        plan_hashing,
+    )
+
+    # Smoke: a toy shape small enough for the interpreter (MB/s), with odd tensor sizes.
+    shape = (
+        ModelShape.for_bytes(int(gib * GiB))
+        if not smoke
+        else ModelShape(vocab=100, hidden=64, intermediate=160, layers=2)
+    )
+    shapes = shape.tensor_shapes()
+    gen = torch.Generator(device=device).manual_seed(4)
+    model = {}
+    for name, dims in shapes.items():
+        t = torch.empty(dims, dtype=torch.bfloat16, device=device)
+        t.normal_(generator=gen)
+        model[name] = t
+    src = DeviceSource(model)
+    views = [t.bytes for t in src.tensors()]
+    total = sum(v.numel() for v in views)
+    res: dict[str, Any] = {
+        "model_bytes": total,
+        "tensors": len(views),
+        "shape": str(shape),
+        "runs": [],
+    }
+    _log(f"whole model: {len(views)} tensors, {total / 1e9:.2f} GB on {device}")
+    reps = 3 if smoke else 15
+    cuda = device.startswith("cuda")
+
+    def new_path(vs: list[torch.Tensor], bs: int) -> Any:
+        if cuda:
+            return lambda: device_block_digests(vs, bs)
+        return lambda: device_block_digests(vs, bs, many=xk.block_digests_many)
+
+    def old_path(vs: list[torch.Tensor], bs: int) -> Any:
+        return lambda: device_block_digests(vs, bs, kernel=xk.block_digests, streams=16)
+
+    def sample_ok(vs: list[torch.Tensor], digests: list[list[bytes]], bs: int) -> dict[str, Any]:
+        rng = random.Random(bs)
+        picks = {0, len(vs) - 1, *(rng.randrange(len(vs)) for _ in range(40))}
+        checked = bad = 0
+        for ti in sorted(picks):
+            n_blocks = len(digests[ti])
+            for b in {0, n_blocks - 1, rng.randrange(max(1, n_blocks))}:
+                if n_blocks == 0:
+                    continue
+                raw = vs[ti][b * bs : (b + 1) * bs].cpu().numpy().tobytes()
+                checked += 1
+                bad += digests[ti][b] != xxhash.xxh3_128_digest(raw)
+        return {"blocks_checked": checked, "mismatches": bad, "ok": bad == 0}
+
+    for k, bs in enumerate(block_sizes):
+        # The first block size gets everything; the others only the save's own call
+        # (each block size is a new compile of every kernel: the device time is short).
+        full = k == 0
+        row: dict[str, Any] = {"block_size": bs, "blocks": total // bs}
+        plan = plan_hashing([v.numel() for v in views], bs)
+        row["kernel_tensors"] = len(plan.launches)
+        row["host_pieces"] = len(plan.gathers)
+        # New path: the call a save makes. The first call compiles and builds the plan.
+        t0 = time.perf_counter()
+        got = src.block_digests(bs) if cuda else new_path(views, bs)()
+        row["first_call_s"] = time.perf_counter() - t0
+        assert got is not None
+        if full:
+            row["same_as_per_tensor_path"] = got == old_path(views, bs)()
+        row.update({f"sample_{key}": v for key, v in sample_ok(views, got, bs).items()})
+        del got
+        fn = (lambda b=bs, s=src: s.block_digests(b)) if cuda else new_path(views, bs)
+        sec, times = _wall_median(fn, device, reps)
+        row["median_ms"] = sec * 1e3
+        row["times_ms"] = [round(x * 1e3, 3) for x in times]
+        row["TB_per_s"] = total / sec / 1e12
+        msg = f"whole model bs={bs}: DeviceSource.block_digests {sec * 1e3:.2f} ms = "
+        msg += f"{row['TB_per_s']:.2f} TB/s, sample ok={row['sample_ok']}"
+        if full:
+            osec, _ = _wall_median(old_path(views, bs), device, max(3, reps // 2))
+            row["per_tensor_16_streams_ms"] = osec * 1e3
+            row["per_tensor_16_streams_TB_per_s"] = total / osec / 1e12
+            msg += f"; per-tensor launches on 16 streams {osec * 1e3:.2f} ms = "
+            msg += f"{row['per_tensor_16_streams_TB_per_s']:.2f} TB/s; "
+            msg += f"same digests={row['same_as_per_tensor_path']}"
+        _log(msg)
+        if not full:
+            res["runs"].append(row)
+            continue
+        # GPU time of the single launch alone, per launch configuration.
+        parts = [views[ti][:n] for ti, n in plan.launches]
+        kernel_bytes = sum(p.numel() for p in parts)
+        row["many_launch"] = []
+        for group, unroll, warps, stages in MANY_SWEEP if cuda else MANY_SWEEP[:1]:
+            cfg = xk.LaunchConfig(group=group, unroll=unroll, num_warps=warps, num_stages=stages)
+            try:
+                xk._block_digests_many(parts, bs, cfg)
+                if cuda:
+                    from triton.testing import do_bench
+
+                    ms = float(
+                        do_bench(
+                            lambda c=cfg, p=parts, b=bs: xk._block_digests_many(p, b, c),
+                            warmup=25,
+                            rep=100,
+                            return_mode="median",
+                        )
+                    )
+                else:
+                    ms = (
+                        1e3
+                        * _wall_median(
+                            lambda c=cfg, p=parts, b=bs: xk._block_digests_many(p, b, c), device, 1
+                        )[0]
+                    )
+                entry = {
+                    "config": dataclasses.asdict(cfg),
+                    "median_ms": ms,
+                    "TB_per_s": kernel_bytes / ms / 1e9,
+                }
+            except Exception as exc:  # one bad config must not lose the run
+                entry = {"config": dataclasses.asdict(cfg), "error": f"{exc!r}"[:300]}
+            row["many_launch"].append(entry)
+            _log(f"  one launch {entry}")
+        # Long tails: every kernel tensor cut 777 bytes short of a block boundary.
+        cut = [v[: v.numel() - 777] if v.numel() > bs else v for v in views]
+        row["tails_same_as_per_tensor_path"] = new_path(cut, bs)() == old_path(cut, bs)()
+        tsec, _ = _wall_median(new_path(cut, bs), device, reps)
+        row["tails_median_ms"] = tsec * 1e3
+        row["tails_TB_per_s"] = sum(v.numel() for v in cut) / tsec / 1e12
+        _log(
+            f"  every tensor with a long tail: {tsec * 1e3:.2f} ms, same digests="
+            f"{row['tails_same_as_per_tensor_path']}"
+        )
+        del cut, parts
+        res["runs"].append(row)
+    # The same bytes in one contiguous buffer: the kernel's ceiling on this card.
+    del src, views, model, fn, t
+    if cuda:
+        torch.cuda.empty_cache()
+    flat = _random_buffer(total, device, seed=5)
+    for bs in block_sizes:
+        if cuda:
+            from triton.testing import do_bench
+
+            xk.block_digests(flat, bs)
+            ms = float(do_bench(lambda b=bs: xk.block_digests(flat, b), return_mode="median"))
+        else:
+            ms = _wall_median(lambda b=bs: xk.block_digests(flat, b), device, 1)[0] * 1e3
+        res[f"contiguous_bs{bs}_ms"] = ms
+        res[f"contiguous_bs{bs}_TB_per_s"] = total / ms / 1e9
+        _log(f"  one contiguous buffer bs={bs}: {ms:.2f} ms = {total / ms / 1e9:.2f} TB/s")
+    res["ok"] = all(
+        r["sample_ok"]
+        and r.get("same_as_per_tensor_path", True)
+        and r.get("tails_same_as_per_tensor_path", True)
+        for r in res["runs"]
+    )
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/gpu_hash.json")
     ap.add_argument("--big-gib", type=float, default=16.0, help="size of the large buffer")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to test the script")
     ap.add_argument("--no-sweep", action="store_true", help="only the default configuration")
+    ap.add_argument("--model-gib", type=float, default=16.0, help="size of the whole model")
+    ap.add_argument(
+        "--model-only",
+        action="store_true",
+        help="only the whole-model case, merged into an existing --out file",
+    )
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,6 +414,21 @@ def main() -> int:
 
     def save() -> None:
         out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    model_sizes = [MiB, 64 * KiB] if not smoke else [4 * KiB]
+    if args.model_only:
+        if out_path.exists():
+            result = json.loads(out_path.read_text())
+        # The other steps' results (and their "env") stay as they were measured.
+        result["whole_model_env"] = {
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        result["whole_model"] = whole_model(args.model_gib, device, smoke, model_sizes)
+        save()
+        return 0 if result["whole_model"]["ok"] else 1
 
     save()
     t_start = time.perf_counter()
@@ -322,9 +540,17 @@ def main() -> int:
         result["throughput"].append(bench(small_bs, cfg, small, tag))
         save()
 
+    del big, small
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    result["whole_model"] = whole_model(args.model_gib, device, smoke, model_sizes)
+    save()
+
     result["elapsed_s"] = time.perf_counter() - t_start
-    result["all_correct"] = all(r.get("ok") for r in result["correctness"]) and all(
-        r.get("sample_ok", True) for r in result["sweep"] + result["throughput"]
+    result["all_correct"] = (
+        result["whole_model"]["ok"]
+        and all(r.get("ok") for r in result["correctness"])
+        and all(r.get("sample_ok", True) for r in result["sweep"] + result["throughput"])
     )
     save()
     _log(f"done in {result['elapsed_s']:.0f} s; all_correct={result['all_correct']}")

@@ -14,18 +14,18 @@ This is the hot path of a checkpoint of live weights (a handles file, or a
   compresses and writes batch k. No ``.cpu()`` of whole tensors, no pageable
   copies (pageable device-to-host runs at ~1.3 GB/s on an H100, pinned at ~54).
 
-Why kernels run on several streams: XXH3 is sequential inside a block, so the
+Why all tensors go to one launch: XXH3 is sequential inside a block, so the
 kernel's parallelism is across blocks, and one tensor of ~70 MiB holds only ~70
-blocks of 1 MiB — a few warps. One launch per tensor on a single stream leaves
-the GPU nearly idle; spreading the launches over ``streams`` CUDA streams lets
-many tensors hash at once. Measured on an H200 (16 GiB, 218 tensors, 1 MiB
-blocks): 202 ms on 1 stream, 31 ms on 8-64 streams (0.56 TB/s; raising
-CUDA_DEVICE_MAX_CONNECTIONS to 32 gains ~10%), against 4.6 ms (3.7 TB/s) for the
-same bytes in one contiguous buffer. Closing that gap needs a kernel entry point
-that takes every tensor in one launch (a table of pointers), not more streams. Tensors smaller than one block, and trailing
-blocks of 240 bytes or less (XXH3's short paths, which the kernel leaves to the
-host), are gathered on the device into one buffer, copied once and hashed with
-``xxhash`` on the host; they are a few MB in a transformer.
+blocks of 1 MiB — a few warps. One launch per tensor left the GPU nearly idle,
+even spread over 16 streams. :func:`device_block_digests` therefore hands every
+tensor's full blocks to :func:`~apollo_cas.gpu.xxh3_kernel.block_digests_many`,
+one launch per device over a (cached) table of block addresses. Measured on an
+H200 (17.1 GB, 417 bf16 tensors, 1 MiB blocks, ``DeviceSource.block_digests``):
+46 ms (0.37 TB/s) per tensor on 16 streams, 6.7 ms (2.57 TB/s) in one launch,
+of which the launch itself is 4.3 ms (docs/GPU_HASH.md). Tensors smaller than one block, and
+trailing blocks of 240 bytes or less (XXH3's short paths, which the kernel leaves
+to the host), are gathered on the device into one buffer, copied once and hashed
+with ``xxhash`` on the host; they are a few MB in a transformer.
 
 CPU fallback: tensors on the CPU are read through zero-copy views, and
 ``block_digests`` returns ``None`` when every tensor is on the CPU (the pipeline
@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Size of each of the two pinned buffers that ``fetch`` streams through.
 DEFAULT_BUFFER_BYTES = 256 << 20
-#: CUDA streams the per-tensor hash launches are spread over.
+#: CUDA streams a per-tensor ``kernel`` of :func:`device_block_digests` is spread over
+#: (the default one-launch path uses none).
 DEFAULT_STREAMS = 16
 #: XXH3 inputs of this length or less take the short paths (hashed on the host).
 SHORT_INPUT_MAX = 240
@@ -218,40 +219,101 @@ def device_block_digests(
     *,
     streams: int = DEFAULT_STREAMS,
     kernel: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    many: Callable[[Sequence[torch.Tensor], int], torch.Tensor] | None = None,
     stats: dict[str, int] | None = None,
 ) -> list[list[bytes]]:
     """Chunk ids of every block of 1-D ``uint8`` tensors that share one device.
 
-    ``kernel(data, block_size) -> (n, 16) uint8`` defaults to the Triton kernel;
-    tests pass an xxhash-backed stand-in to run the same bookkeeping on the CPU.
+    By default every tensor's kernel work goes to one call of ``many(views,
+    block_size) -> (rows, 16) uint8`` (the Triton
+    :func:`~apollo_cas.gpu.xxh3_kernel.block_digests_many`: one launch for all
+    full blocks). ``kernel(data, block_size) -> (n, 16) uint8``, when given instead,
+    is called once per tensor, round-robin over ``streams`` CUDA streams: the
+    older, slower method, kept as the benchmarks' baseline and for tests that pass
+    an xxhash-backed stand-in to run the same bookkeeping on the CPU.
     Only the digests and the small gathered pieces cross to the host. ``stats``,
     when given, receives ``gathered_bytes`` (bytes copied to the host for
-    hashing) and ``launches``.
+    hashing) and ``launches`` (kernel calls made from here).
     """
     if not views:
         return []
+    if kernel is not None and many is not None:
+        raise ValueError("pass kernel or many, not both")
     device = views[0].device
     cuda = device.type == "cuda"
-    if kernel is None:
+    if kernel is None and many is None:
         k = _kernel_module()
         if k is None:
             raise RuntimeError("the Triton XXH3 kernel is not available")
-        kernel = k.block_digests
+        many = k.block_digests_many
         table = getattr(k, "_secret_table", None)
         if cuda and table is not None:
-            # The kernel uploads its constant table on first use; do it here, on the
-            # current stream, which every side stream waits for below.
+            # The kernel uploads its constant table on first use; do it here, before
+            # the gather below is queued, so the upload does not wait behind it.
             table(device)
     plan = plan_hashing([int(v.numel()) for v in views], block_size)
     out: list[list[bytes]] = [[] for _ in views]
 
     # 1. Host gather of small pieces, issued first on the current stream so its
     #    copy overlaps the kernels below.
-    pending_gathers: list[tuple[list[tuple[int, int, int]], torch.Tensor, Any]] = []
+    pending_gathers = _issue_gathers(views, plan.gathers, cuda)
+
+    # 2. The kernel: one call for every tensor, or (a given per-tensor kernel) one
+    #    per tensor spread over side streams.
+    launches = plan.launches
+    all_d: torch.Tensor | None = None
+    n_calls = 0
+    if many is not None and launches:
+        # Slice only tensors that end in a short tail: a slice is a new tensor object
+        # (microseconds each, hundreds per model), and most weights end on a block.
+        parts = [views[ti] if n == views[ti].numel() else views[ti][:n] for ti, n in launches]
+        all_d = many(parts, block_size)
+        n_calls = 1
+    elif kernel is not None and launches:
+        results = _per_tensor(views, launches, block_size, kernel, streams, cuda)
+        all_d = torch.cat(results) if len(results) > 1 else results[0]
+        n_calls = len(results)
+
+    # 3. One device-to-host copy of every kernel digest, split into one ``bytes`` per
+    #    block by numpy (a 16-byte void dtype's tolist() gives bytes, ~7x faster than
+    #    slicing a bytes object in a Python loop).
+    if all_d is not None:
+        host = np.ascontiguousarray(all_d.cpu().numpy())
+        rows: list[bytes] = host.view(np.dtype("V16")).reshape(-1).tolist()
+        pos = 0
+        for ti, n in launches:
+            nb = -(-n // block_size)
+            out[ti] = rows[pos : pos + nb]
+            pos += nb
+        if pos != len(rows):
+            raise RuntimeError(f"the kernel returned {len(rows)} digests, expected {pos}")
+
+    # 4. Host hashing of the gathered pieces (each is one block, or a tensor's tail).
+    gathered = 0
+    for grp, host_buf, ev in pending_gathers:
+        if ev is not None:
+            ev.synchronize()
+        mv = host_buf.numpy().data
+        pos = 0
+        for ti, _o, n in grp:
+            out[ti].append(xxhash.xxh3_128_digest(mv[pos : pos + n]))
+            pos += n
+        gathered += pos
+    if stats is not None:
+        stats["gathered_bytes"] = stats.get("gathered_bytes", 0) + gathered
+        stats["launches"] = stats.get("launches", 0) + n_calls
+    return out
+
+
+def _issue_gathers(
+    views: Sequence[torch.Tensor], gathers: Sequence[tuple[int, int, int]], cuda: bool
+) -> list[tuple[list[tuple[int, int, int]], torch.Tensor, Any]]:
+    """Queue device-to-host copies of the small pieces, in groups of at most
+    ``_GATHER_BYTES``: (pieces, host buffer, CUDA event or None) per group."""
+    groups: list[list[tuple[int, int, int]]] = []
     group: list[tuple[int, int, int]] = []
     size = 0
-    groups: list[list[tuple[int, int, int]]] = []
-    for g in plan.gathers:
+    for g in gathers:
         if group and size + g[2] > _GATHER_BYTES:
             groups.append(group)
             group, size = [], 0
@@ -259,6 +321,7 @@ def device_block_digests(
         size += g[2]
     if group:
         groups.append(group)
+    pending: list[tuple[list[tuple[int, int, int]], torch.Tensor, Any]] = []
     for grp in groups:
         parts = [views[ti][o : o + n] for ti, o, n in grp]
         joined = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -268,50 +331,33 @@ def device_block_digests(
         if cuda:
             ev = torch.cuda.Event()
             ev.record()
-        pending_gathers.append((grp, host, ev))
+        pending.append((grp, host, ev))
+    return pending
 
-    # 2. Kernel launches, round-robin over side streams (see the module docstring).
-    results: list[tuple[int, torch.Tensor]] = []
-    if cuda and plan.launches:
-        pool = _stream_pool(device, max(1, streams))
-        current = torch.cuda.current_stream(device)
-        for s in pool:
-            s.wait_stream(current)  # writes queued before us (hot restore) come first
-        for j, (ti, n) in enumerate(plan.launches):
-            s = pool[j % len(pool)]
-            with torch.cuda.stream(s):
-                results.append((ti, kernel(views[ti][:n], block_size)))
-        for s in pool:
-            current.wait_stream(s)
-    else:
-        for ti, n in plan.launches:
-            results.append((ti, kernel(views[ti][:n], block_size)))
 
-    # 3. One device-to-host copy of every kernel digest.
-    if results:
-        all_d = torch.cat([d for _, d in results]) if len(results) > 1 else results[0][1]
-        raw = all_d.cpu().numpy().tobytes()
-        pos = 0
-        for ti, d in results:
-            nb = int(d.shape[0])
-            out[ti] = [raw[i : i + 16] for i in range(pos, pos + 16 * nb, 16)]
-            pos += 16 * nb
-
-    # 4. Host hashing of the gathered pieces (each is one block, or a tensor's tail).
-    gathered = 0
-    for grp, host, ev in pending_gathers:
-        if ev is not None:
-            ev.synchronize()
-        mv = host.numpy().data
-        pos = 0
-        for ti, _o, n in grp:
-            out[ti].append(xxhash.xxh3_128_digest(mv[pos : pos + n]))
-            pos += n
-        gathered += pos
-    if stats is not None:
-        stats["gathered_bytes"] = stats.get("gathered_bytes", 0) + gathered
-        stats["launches"] = stats.get("launches", 0) + len(plan.launches)
-    return out
+def _per_tensor(
+    views: Sequence[torch.Tensor],
+    launches: Sequence[tuple[int, int]],
+    block_size: int,
+    kernel: Callable[[torch.Tensor, int], torch.Tensor],
+    streams: int,
+    cuda: bool,
+) -> list[torch.Tensor]:
+    """One ``kernel`` call per tensor, round-robin over ``streams`` side streams on CUDA."""
+    if not cuda:
+        return [kernel(views[ti][:n], block_size) for ti, n in launches]
+    results: list[torch.Tensor] = []
+    device = views[0].device
+    pool = _stream_pool(device, max(1, streams))
+    current = torch.cuda.current_stream(device)
+    for s in pool:
+        s.wait_stream(current)  # writes queued before us (hot restore) come first
+    for j, (ti, n) in enumerate(launches):
+        with torch.cuda.stream(pool[j % len(pool)]):
+            results.append(kernel(views[ti][:n], block_size))
+    for s in pool:
+        current.wait_stream(s)
+    return results
 
 
 _STREAMS: dict[tuple[int, int], list[Any]] = {}
@@ -338,8 +384,9 @@ class DeviceSource(Source):
     ``tensors`` maps names to tensors; they are kept alive (and, for a handles
     file, the IPC mappings stay open) until :meth:`close`. ``buffer_bytes`` bounds
     the host memory ``fetch`` uses: two pinned buffers of at most that size
-    (smaller when the request is smaller). ``streams`` is the number of CUDA
-    streams the hash launches are spread over. ``stage_host`` (tests only) sends
+    (smaller when the request is smaller). ``streams`` is kept for callers of
+    the older per-tensor hashing; the default path hashes each device's tensors in
+    one launch and needs no side streams. ``stage_host`` (tests only) sends
     CPU tensors through the buffers too, so CI exercises the batching and the
     view-validity rules of the device path.
     """

@@ -189,3 +189,162 @@ def test_secret_table_matches_spec_constants() -> None:
         0x27D4EB2F165667C5,
         0x9E3779B1,
     ]
+
+
+# ------------------------------------------------------------------ block_digests_many
+
+
+def _expected_many(views: list[torch.Tensor], block_size: int) -> list[bytes]:
+    rows: list[bytes] = []
+    for v in views:
+        rows += _expected(xk.as_bytes(v.cpu()).numpy().tobytes(), block_size)
+    return rows
+
+
+def _check_many(views: list[torch.Tensor], block_size: int) -> torch.Tensor:
+    got = xk.block_digests_many(views, block_size)
+    assert got.dtype == torch.uint8 and got.device.type == DEVICE
+    assert _rows(got) == _expected_many(views, block_size)
+    return got
+
+
+# Every kind of view in one launch: empty, short single blocks (host), a long single
+# partial block (tail kernel), exact multiples, and full blocks followed by tails of
+# 1-240 bytes (host) and of more than 240 bytes (tail kernel, unaligned final stripe).
+MANY_SIZES_256 = [0, 1, 17, 100, 240, 241, 255, 256, 257, 300, 512, 512 + 240, 512 + 241, 1000]
+MANY_SIZES_1024 = [7, 240, 241, 1023, 1024, 1025, 2048 + 100, 3 * 1024 + 1000, 5 * 1024]
+
+
+@pytest.mark.parametrize(
+    ("block_size", "sizes"), [(256, MANY_SIZES_256), (1024, MANY_SIZES_1024)], ids=str
+)
+def test_many_odd_sizes(block_size: int, sizes: list[int]) -> None:
+    views = [_random_bytes(n, 1000 + n).to(DEVICE) for n in sizes]
+    _check_many(views, block_size)
+    # Reversed and shuffled orders: the lowest address (the kernels' base) moves around,
+    # and full blocks, long tails and short tails interleave differently.
+    _check_many(views[::-1], block_size)
+    order = torch.randperm(len(views), generator=torch.Generator().manual_seed(5)).tolist()
+    _check_many([views[i] for i in order], block_size)
+
+
+def test_many_equals_per_tensor_block_digests() -> None:
+    views = [_random_bytes(n, n).to(DEVICE) for n in (700, 256 * 3 + 5, 1300)]
+    many = xk.block_digests_many(views, 256)
+    assert torch.equal(many, torch.cat([xk.block_digests(v, 256) for v in views]))
+
+
+def test_many_views_of_one_storage() -> None:
+    # Slices of one buffer at 16-byte multiples, listed high address first: offsets are
+    # relative to the lowest view, wherever it sits in the list.
+    buf = _random_bytes(8192, 21).to(DEVICE)
+    views = [buf[4096:6000], buf[1024 : 1024 + 777], buf[16 : 16 + 256 * 4], buf[6016:8192]]
+    _check_many(views, 256)
+
+
+def test_many_only_short_views() -> None:
+    # Nothing for the kernels: every digest comes from the host path.
+    views = [_random_bytes(n, n).to(DEVICE) for n in (5, 240, 0, 129)]
+    _check_many(views, 256)
+
+
+def test_many_single_view_needs_no_reordering() -> None:
+    view = _random_bytes(4 * 256 + 250, 3).to(DEVICE)
+    _check_many([view], 256)
+    plan = xk._plan_for([view], 256, view.device, cache=False)
+    assert plan.perm is None and plan.n_full == 4 and plan.n_tail == 1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        xk.LaunchConfig(group=1),
+        xk.LaunchConfig(group=4, unroll=3, num_warps=2),
+        xk.LaunchConfig(group=8, unroll=2, evict_first=True),
+        xk.LaunchConfig(group=16, num_warps=4, num_stages=3),
+    ],
+    ids=repr,
+)
+def test_many_launch_configurations(config: xk.LaunchConfig) -> None:
+    # 4096-byte blocks = 3 scramble blocks each (remainders for unroll 2 and 3); 11 full
+    # blocks in all, not a multiple of any group, so spare lanes re-hash the last one.
+    sizes = [4096 * 3 + 500, 4096 * 2, 100, 4096 * 6 + 4000]
+    views = [_random_bytes(n, config.group + n).to(DEVICE) for n in sizes]
+    got = xk._block_digests_many(views, 4096, config)
+    assert _rows(got) == _expected_many(views, 4096)
+
+
+def test_many_other_dtypes_and_shapes() -> None:
+    gen = torch.Generator().manual_seed(9)
+    views = [
+        torch.randn(3, 200, generator=gen).to(DEVICE),  # fp32, 2400 bytes
+        torch.randn(17, 31, generator=gen).to(torch.bfloat16).to(DEVICE),  # 1054 bytes
+        torch.arange(300, dtype=torch.int64).to(DEVICE),
+    ]
+    _check_many(views, 1024)
+
+
+def test_many_unaligned_view_is_copied_and_not_cached() -> None:
+    data = _random_bytes(3 * 512 + 300, 11).to(DEVICE)
+    other = _random_bytes(1000, 12).to(DEVICE)
+    xk._PLANS.clear()
+    _check_many([other, data[3:]], 512)
+    assert len(xk._PLANS) == 0  # the copy's address changes every call
+    _check_many([other, data[16:]], 512)
+    assert len(xk._PLANS) == 1
+
+
+def test_many_plan_is_cached_and_sees_new_contents(monkeypatch: pytest.MonkeyPatch) -> None:
+    xk._PLANS.clear()
+    views = [_random_bytes(n, n).to(DEVICE) for n in (1024 + 300, 2048, 600)]
+    _check_many(views, 256)
+    plan = next(iter(xk._PLANS.values()))
+    # Same tensors, new bytes (a training step): same plan, new digests.
+    for v in views:
+        v.copy_(_random_bytes(v.numel(), v.numel() + 1).to(DEVICE))
+    _check_many(views, 256)
+    assert len(xk._PLANS) == 1 and next(iter(xk._PLANS.values())) is plan
+    # Another block size is another plan; the cache stays bounded (block sizes the
+    # other tests use, so a compiled run compiles nothing new here).
+    monkeypatch.setattr(xk, "_PLAN_CACHE_SIZE", 2)
+    for bs in (512, 1024, 256):
+        _check_many(views, bs)
+    assert [k[1] for k in xk._PLANS] == [1024, 256]
+
+
+def test_many_base_not_viewable_as_words_falls_back() -> None:
+    if DEVICE != "cpu":
+        pytest.skip("builds an odd-offset CPU storage")
+    # A storage that starts 1 byte into a buffer: a view 16-byte aligned in memory has a
+    # storage offset that is not a multiple of 8, so it cannot alias int64 words.
+    raw = bytearray(_random_bytes(4096, 31).numpy().tobytes())
+    storage = torch.frombuffer(raw, dtype=torch.uint8, offset=1)
+    skip = (-storage.data_ptr()) % 16
+    view = storage[skip : skip + 1500]
+    assert view.data_ptr() % 16 == 0 and view.storage_offset() % 8 != 0
+    _check_many([view, _random_bytes(700, 32)], 256)
+
+
+def test_many_empty() -> None:
+    assert xk.block_digests_many([], 1024).shape == (0, 16)
+    empty = torch.empty(0, dtype=torch.uint8, device=DEVICE)
+    got = xk.block_digests_many([empty, empty], 1024)
+    assert got.shape == (0, 16) and got.device.type == DEVICE
+
+
+@pytest.mark.parametrize("block_size", [0, 128, 300])
+def test_many_bad_block_size(block_size: int) -> None:
+    with pytest.raises(ValueError):
+        xk.block_digests_many([torch.zeros(4096, dtype=torch.uint8, device=DEVICE)], block_size)
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_many_refuses_mixed_devices() -> None:  # pragma: no cover - GPU only
+    with pytest.raises(ValueError, match="different devices"):
+        xk.block_digests_many(
+            [
+                torch.zeros(512, dtype=torch.uint8, device="cuda"),
+                torch.zeros(512, dtype=torch.uint8),
+            ],
+            256,
+        )

@@ -193,6 +193,51 @@ def test_device_block_digests_bookkeeping(bs: int) -> None:
     assert stats["gathered_bytes"] == sum(n for _, _, n in plan_hashing(sizes, bs).gathers)
 
 
+def fake_many(views: list[torch.Tensor], block_size: int) -> torch.Tensor:
+    """What ``block_digests_many`` returns: every view's rows, in order."""
+    return torch.cat([fake_kernel(v, block_size) for v in views])
+
+
+@pytest.mark.parametrize("bs", [256, 1024])
+def test_device_block_digests_one_call(bs: int) -> None:
+    """The default path: one ``many`` call for every tensor, rows mapped back."""
+    rng = random.Random(8)
+    sizes = [0, 1, 240, 241, bs - 1, bs, bs + 1, bs + 240, bs + 241, 3 * bs, 5 * bs + 77]
+    sizes += [rng.randrange(0, 8 * bs) for _ in range(20)]
+    views = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in sizes]
+    calls: list[list[int]] = []
+
+    def many(vs: list[torch.Tensor], b: int) -> torch.Tensor:
+        calls.append([int(v.numel()) for v in vs])
+        return fake_many(vs, b)
+
+    stats: dict[str, int] = {}
+    got = device_block_digests(views, bs, many=many, stats=stats)
+    assert got == host_block_digests([v.numpy().data for v in views], bs, workers=2)
+    assert len(calls) == 1 and stats["launches"] == 1
+    assert sorted(calls[0], reverse=True) == [n for _, n in plan_hashing(sizes, bs).launches]
+    # Only tensors ending in a short tail are sliced; the others are passed as they are.
+    assert all(n % bs == 0 or n % bs > SHORT_INPUT_MAX for n in calls[0])
+
+
+def test_device_block_digests_checks_row_count() -> None:
+    views = [torch.zeros(1024, dtype=torch.uint8)]
+    with pytest.raises(RuntimeError, match="digests"):
+        device_block_digests(views, 256, many=lambda vs, b: torch.zeros((3, 16), dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        device_block_digests(views, 256, many=fake_many, kernel=fake_kernel)
+
+
+def test_device_block_digests_keeps_zero_bytes() -> None:
+    """Digests that end in zero bytes stay 16 bytes long (no string stripping)."""
+
+    def zeros(vs: list[torch.Tensor], b: int) -> torch.Tensor:
+        return torch.zeros((sum(-(-v.numel() // b) for v in vs), 16), dtype=torch.uint8)
+
+    got = device_block_digests([torch.zeros(600, dtype=torch.uint8)], 256, many=zeros)
+    assert got[0][:2] == [bytes(16), bytes(16)] and len(got[0]) == 3
+
+
 def test_host_block_digests() -> None:
     data = bytes(range(256)) * 10
     got = host_block_digests([memoryview(data), memoryview(b"")], 1000, workers=3)
@@ -209,8 +254,9 @@ def test_real_kernel_under_interpreter() -> None:
     bs = 256
     sizes = [100, 256, 256 + 17, 512 + 241, 1000]
     views = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in sizes]
-    got = device_block_digests(views, bs, kernel=xxh3_kernel.block_digests)
-    assert got == host_block_digests([v.numpy().data for v in views], bs, workers=1)
+    want = host_block_digests([v.numpy().data for v in views], bs, workers=1)
+    assert device_block_digests(views, bs, kernel=xxh3_kernel.block_digests) == want
+    assert device_block_digests(views, bs, many=xxh3_kernel.block_digests_many) == want
 
 
 # -------------------------------------------------------------------- open_tensors
