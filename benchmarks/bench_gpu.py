@@ -232,6 +232,18 @@ def main() -> None:
         timed_save(st, src, f"0.5% changed #{step}", rows)
     timed_save(st, src, "unchanged", rows)
 
+    # Hot restore: roll the last 0.5% step back in place, then forward again.
+    latest = st.manifest(st.resolve("latest"))
+    previous = st.manifest(latest.parent) if latest.parent else latest
+    hot_back = restore_live(model, previous, st.read_chunk)
+    hot_fwd = restore_live(model, latest, st.read_chunk)
+    print(
+        f"hot restore back one step: {hot_back.blocks_written}/{hot_back.blocks_checked} blocks, "
+        f"{hot_back.seconds:.3f}s, verified {hot_back.verified}; forward: "
+        f"{hot_fwd.blocks_written} blocks, {hot_fwd.seconds:.3f}s, verified {hot_fwd.verified}",
+        flush=True,
+    )
+
     # ---- the CLI, start-up included, through a handles file (CUDA IPC into a new process)
     handles = work / "handles.pt"
     write_handles(model, handles)
@@ -297,10 +309,6 @@ def main() -> None:
     ok = all(torch.equal(loaded[n].view(torch.uint8), model[n].view(torch.uint8)) for n in model)
     del loaded
     torch.cuda.empty_cache()
-    # Hot restore: roll a step back in place, then forward again.
-    previous = st.manifest(latest.parent) if latest.parent else latest
-    hot_back = restore_live(model, previous, st.read_chunk)
-    hot_fwd = restore_live(model, latest, st.read_chunk)
     result["restore"] = {
         "safetensors_seconds": round(rs, 3),
         "safetensors_gb_per_s": round(logical / rs / GB, 3),
