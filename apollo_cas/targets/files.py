@@ -8,6 +8,7 @@ never leaves a set of files that looks valid.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,39 @@ def prepare_dir(path: Path) -> None:
         raise os_error(exc, "creating", str(path)) from exc
 
 
+def _on_tmpfs(directory: Path) -> bool:
+    """Whether ``directory`` lives on tmpfs (by the longest matching mount point)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    target = str(directory.resolve())
+    best, fstype = "", ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3 or len(parts[1]) <= len(best):
+            continue
+        if target == parts[1] or target.startswith(parts[1].rstrip("/") + "/"):
+            best, fstype = parts[1], parts[2]
+    return fstype == "tmpfs"
+
+
+def reserve(fd: int, directory: Path, size: int) -> None:
+    """Reserve ``size`` bytes up front, so a full disk fails before hours of work.
+
+    On tmpfs, fallocate zeroes every page on one thread (0.87 s for 4.3 GB,
+    measured), work the decoders then repeat; there a free-space check and a
+    sparse file give the same early failure for free.
+    """
+    if _on_tmpfs(directory):
+        st = os.statvfs(directory)
+        if st.f_bavail * st.f_frsize < size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.ftruncate(fd, size)
+    else:
+        os.posix_fallocate(fd, 0, size)
+
+
 class PendingFile:
     """A temporary output of a known size, committed by :meth:`commit`."""
 
@@ -40,9 +74,8 @@ class PendingFile:
         self.tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}")
         try:
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            # Reserve the space up front: a full disk fails here, before hours of work.
             if size:
-                os.posix_fallocate(self.fd, 0, size)
+                reserve(self.fd, self.tmp.parent, size)
         except OSError as exc:
             self.discard()
             raise os_error(exc, "creating", str(self.tmp)) from exc
