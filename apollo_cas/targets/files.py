@@ -23,6 +23,7 @@ TMP_PREFIX = ".tmp-apollo-"
 
 
 def prepare_dir(path: Path) -> None:
+    """Create the output directory and drop what killed restores left in it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -31,6 +32,31 @@ def prepare_dir(path: Path) -> None:
         ) from None
     except OSError as exc:
         raise os_error(exc, "creating", str(path)) from exc
+    remove_dead_temporaries(path)
+
+
+def remove_dead_temporaries(path: Path) -> int:
+    """Delete ``.tmp-apollo-<pid>-...`` files of processes that no longer run.
+
+    A killed restore leaves its preallocated temporary (as large as the output)
+    behind; the next restore into the same directory reclaims it. Files of a
+    live process (a concurrent restore) are left alone.
+    """
+    removed = 0
+    for p in path.glob(TMP_PREFIX + "*"):
+        pid_text = p.name[len(TMP_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _on_tmpfs(directory: Path) -> bool:
@@ -71,7 +97,7 @@ class PendingFile:
 
     def __init__(self, final: Path, size: int) -> None:
         self.final = final
-        self.tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}")
+        self.tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
         try:
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             if size:

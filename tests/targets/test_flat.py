@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +162,29 @@ def test_weights_json_is_written_after_weights_bin(saved, tmp_path, monkeypatch,
     with pytest.raises(Exception, match="space"):
         st.restore(cid, out, format="flat")
     assert not (out / "weights.json").exists()
+
+
+def test_restore_reclaims_temporaries_of_killed_restores(tmp_path: Path) -> None:
+    """A killed restore's preallocated temporary is removed by the next restore."""
+    import subprocess
+    import sys
+
+    from apollo_cas import Store
+    from apollo_cas.targets.files import TMP_PREFIX
+
+    st = Store.open(tmp_path / "s", create=True)
+    st.save({"w": np.arange(1000, dtype=np.float32)})
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    stale = out / f"{TMP_PREFIX}{dead}-abcd1234-weights.bin"
+    stale.write_bytes(b"x" * 4096)
+    mine = out / f"{TMP_PREFIX}{os.getpid()}-abcd1234-weights.bin"  # a live process's
+    mine.write_bytes(b"y")
+    st.restore("latest", out, format="flat")
+    assert not stale.exists() and mine.exists()
