@@ -370,3 +370,6 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+from s3server import s3_env, s3_location, s3_server  # noqa: E402, F401

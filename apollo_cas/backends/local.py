@@ -14,7 +14,6 @@ import errno
 import fcntl
 import os
 import threading
-
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,7 +55,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: Path, chunks: list[bytes | memoryview], *, sync_dir: bool = True) -> None:
+def write_file_atomic(
+    path: Path, chunks: list[bytes | memoryview], *, sync_dir: bool = True
+) -> None:
     """Write ``path`` atomically and durably (temp, fsync, rename, fsync dir).
 
     Also used by restore targets, so outputs appear only when complete.
@@ -210,6 +211,11 @@ class LocalBackend(Backend):
                 if current != expected:
                     return False
                 if data is None:
+                    if current is None:
+                        # "Delete if absent": already the requested state. Its
+                        # directory may not exist (a tag never made), and
+                        # there is nothing to make durable.
+                        return True
                     self.delete(key)
                     fsync_dir(self._path(key).parent)
                 else:
@@ -251,5 +257,3 @@ class LocalBackend(Backend):
                 except FileNotFoundError:
                     continue
         return removed
-
-

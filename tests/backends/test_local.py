@@ -11,7 +11,6 @@ import pytest
 
 from apollo_cas.backends import Backend, open_backend
 from apollo_cas.backends.local import LocalBackend
-from apollo_cas.errors import BackendError
 
 from .contract import HEX_A, BackendContract
 
@@ -24,15 +23,6 @@ class TestLocalBackend(BackendContract):
     @pytest.fixture
     def make_backend(self, location: str) -> Callable[[], Backend]:
         return lambda: LocalBackend(location)
-
-    @pytest.mark.xfail(
-        reason="LocalBackend.compare_and_swap(key, None, None) fsyncs the parent directory "
-        "of a key that never existed and raises BackendError (No such file or directory)",
-        raises=BackendError,
-        strict=False,
-    )
-    def test_compare_and_swap_delete_if_absent(self, backend: Backend) -> None:
-        super().test_compare_and_swap_delete_if_absent(backend)
 
 
 def test_open_backend_local(tmp_path: Path) -> None:
