@@ -43,6 +43,7 @@ overrides the probe (all writers of one store must agree).
 
 from __future__ import annotations
 
+import base64
 import builtins
 import functools
 import hashlib
@@ -136,6 +137,16 @@ _OK, _CONFLICTED, _UNKNOWN, _NOT_SENT, _UNSUPPORTED_OUTCOME = (
     "not-sent",
     "unsupported",
 )
+
+
+def content_md5(body: bytes) -> str:
+    """Content-MD5 for a PUT: the server then refuses a body cut short.
+
+    Without it SeaweedFS (4.48) stores a 0-byte object when the client dies
+    after sending the headers, which left empty chunks under their final names
+    after a killed save (tests/faults/test_s3_crash.py).
+    """
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
 def _env_float(name: str, default: float) -> float:
@@ -599,7 +610,9 @@ class S3Backend(Backend):
         self._call(
             "writing",
             key,
-            lambda: self._client.put_object(Bucket=self.bucket, Key=k, Body=body),
+            lambda: self._client.put_object(
+                Bucket=self.bucket, Key=k, Body=body, ContentMD5=content_md5(body)
+            ),
         )
 
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
@@ -610,7 +623,13 @@ class S3Backend(Backend):
             for _ in range(10):
                 try:
                     self._ensure_ready()
-                    self._client.put_object(Bucket=self.bucket, Key=k, Body=body, IfNoneMatch="*")
+                    self._client.put_object(
+                        Bucket=self.bucket,
+                        Key=k,
+                        Body=body,
+                        IfNoneMatch="*",
+                        ContentMD5=content_md5(body),
+                    )
                     return True
                 except bexc.ClientError as exc:
                     code = self._code(exc)
@@ -714,7 +733,11 @@ class S3Backend(Backend):
         def put(body: bytes, **cond: str) -> str:
             return outcome(
                 self._attempt(
-                    "probing", key, lambda: c.put_object(Bucket=bucket, Key=k, Body=body, **cond)
+                    "probing",
+                    key,
+                    lambda: c.put_object(
+                        Bucket=bucket, Key=k, Body=body, ContentMD5=content_md5(body), **cond
+                    ),
                 )
             )
 
@@ -800,11 +823,21 @@ class S3Backend(Backend):
                 op = functools.partial(c.delete_object, Bucket=self.bucket, Key=k, IfMatch=etag)
             elif current is None:
                 op = functools.partial(
-                    c.put_object, Bucket=self.bucket, Key=k, Body=data, IfNoneMatch="*"
+                    c.put_object,
+                    Bucket=self.bucket,
+                    Key=k,
+                    Body=data,
+                    IfNoneMatch="*",
+                    ContentMD5=content_md5(data),
                 )
             else:
                 op = functools.partial(
-                    c.put_object, Bucket=self.bucket, Key=k, Body=data, IfMatch=etag
+                    c.put_object,
+                    Bucket=self.bucket,
+                    Key=k,
+                    Body=data,
+                    IfMatch=etag,
+                    ContentMD5=content_md5(data),
                 )
 
             outcome, exc = self._attempt("updating", key, op)
@@ -859,7 +892,7 @@ class S3Backend(Backend):
         def op() -> Any:
             if data is None:
                 return c.delete_object(Bucket=self.bucket, Key=k)
-            return c.put_object(Bucket=self.bucket, Key=k, Body=data)
+            return c.put_object(Bucket=self.bucket, Key=k, Body=data, ContentMD5=content_md5(data))
 
         # The write is idempotent while we hold the lock, so it may be retried,
         # but only while the lease is young: a request sent after that could land
@@ -908,7 +941,11 @@ class S3Backend(Backend):
                 "locking",
                 mine,
                 functools.partial(
-                    self._client.put_object, Bucket=self.bucket, Key=mine_full, Body=record
+                    self._client.put_object,
+                    Bucket=self.bucket,
+                    Key=mine_full,
+                    Body=record,
+                    ContentMD5=content_md5(record),
                 ),
             )
             lease = _Lease(started, self.lock_ttl)

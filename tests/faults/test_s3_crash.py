@@ -146,22 +146,15 @@ def empty_objects(client: Any, location: str) -> list[str]:
 
 
 def check_no_empty_object(client: Any, location: str) -> None:
-    """Known defect: SeaweedFS 4.48 stores an *empty* object when a PUT's
-    connection closes after its headers and before its first body byte (even
-    with a signed payload hash; with ``Content-MD5`` or a CRC32 checksum header
-    it refuses the PUT). A save killed at that instant leaves a 0-byte chunk
-    under its final name; the next save of the same block finds it "present"
-    and fails reading it ("truncated (0 bytes)"), and verify does not see it
-    (unreferenced). The fix belongs in apollo_cas/backends/s3.py (send
-    ``ContentMD5`` with every PUT); until then this is an expected failure.
+    """SeaweedFS 4.48 stores an *empty* object when a PUT's connection closes
+    after its headers and before its first body byte, unless the PUT carries
+    ``Content-MD5``. A save killed at that instant would leave a 0-byte chunk
+    under its final name that the next save trips over. The S3 backend sends
+    ``Content-MD5`` with every PUT; this check makes sure no kill ever leaves
+    an empty object behind.
     """
     empty = empty_objects(client, location)
-    if empty:
-        pytest.xfail(
-            f"a killed PUT left empty objects under final names: {empty[:3]} "
-            "(SeaweedFS keeps a PUT whose body never arrived; apollo_cas/backends/s3.py "
-            "should send Content-MD5)"
-        )
+    assert not empty, f"a killed PUT left empty objects under final names: {empty[:3]}"
 
 
 def assert_verifies(location: str) -> dict[str, object]:
