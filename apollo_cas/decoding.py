@@ -183,7 +183,8 @@ class _Worker:
         except (BrokenPipeError, EOFError):
             raise BackendError(
                 f"a restore worker process died (exit code {self.proc.poll()})",
-                "run again with APOLLO_CAS_PROCESSES=0 to decode on threads",
+                "check that the output's filesystem has room (a full tmpfs kills writers), "
+                "or run again with APOLLO_CAS_PROCESSES=0 to decode on threads",
             ) from None
         if isinstance(reply, dict):
             cls = getattr(errors_module, str(reply.get("type")), ApolloError)
