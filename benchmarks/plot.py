@@ -70,7 +70,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax_t.plot(x[: len(saves)], [max(s["seconds"], 1e-3) for s in saves], **kw)
             handles.setdefault(rec["label"], h)
             if rec["restore"]:
-                restore_names.append(key)
+                restore_names.append(key + ("*" if rec.get("restore_to") == "memory" else ""))
                 warm.append(rec["restore"].get("warm", {}).get("seconds", 0.0))
                 cold.append(rec["restore"].get("cold", {}).get("seconds", 0.0))
         ax_b.set_title(
@@ -84,9 +84,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if col == 0:
             ax_b.set_ylabel("stored on disk after each save (MiB)")
             ax_t.set_ylabel("save time (s, log)")
-            ax_r.set_ylabel("restore latest (s)")
+            ax_r.set_ylabel("restore latest (s; * into memory)")
         pos = list(range(len(restore_names)))
-        colors = [STYLE.get(k, {}).get("color", "grey") for k in restore_names]
+        colors = [STYLE.get(k.rstrip("*"), {}).get("color", "grey") for k in restore_names]
         ax_r.bar([p - 0.2 for p in pos], warm, width=0.4, color=colors, label="warm")
         if any(cold):
             ax_r.bar(

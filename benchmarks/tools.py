@@ -538,13 +538,12 @@ class Worker:
     def __init__(self) -> None:
         # Closed in close(); a file, not a pipe, so a chatty worker never blocks on stderr.
         self._err = tempfile.TemporaryFile()  # noqa: SIM115
-        # A fixed mmap threshold: glibc otherwise raises it after the first large
-        # free, and freed tensors then stay resident in the heap, hiding the next
-        # op's allocations from its peak-memory measurement.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        # No malloc tuning here (a fixed mmap threshold made every 1 MiB buffer of
+        # apollo_cas' pipeline a fresh mmap: 2x its CPU time, measured); the worker
+        # calls malloc_trim after each op instead, so freed tensors do not hide the
+        # next op's allocations from its peak-memory measurement.
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE), "worker"],
-            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._err,
