@@ -128,37 +128,23 @@ def save_sources(
 ) -> list[SaveResult]:
     """Save each source path in order; a seed root imports its whole history."""
     from ..sources import detect_kind, open_path
-    from ..sources.seed import SeedSource, is_checkpoint_root, scan_root
+    from ..sources.seed import is_checkpoint_root
 
     results: list[SaveResult] = []
     for i, path in enumerate(paths):
         k = kind or detect_kind(path)
         last = i == len(paths) - 1
         if k == "seed" and is_checkpoint_root(path):
-            good, skipped = scan_root(path)
-            for s in skipped:
-                note(f"skipped {s.path}: {s.reason}")
-            # Importing a history twice must not record it twice.
-            done = {
-                Path(c.manifest.source.location).resolve()
-                for c in store.checkpoints()
-                if c.manifest.source.kind == "seed" and c.manifest.series == series
-            }
-            for j, cp in enumerate(good):
-                if cp.resolve() in done:
-                    note(f"skipped {cp}: already imported")
-                    continue
-                with SeedSource(cp) as src:
-                    r = store.save(
-                        src,
-                        series=series,
-                        block_size=block_size,
-                        force=force,
-                        metadata=meta,
-                        tag=tag if (last and j == len(good) - 1) else None,
-                    )
-                results.append(r)
-                print_result(r, f"import {cp.name}", as_json)
+            results += import_history(
+                store,
+                path,
+                series=series,
+                block_size=block_size,
+                force=force,
+                meta=meta,
+                tag=tag if last else None,
+                as_json=as_json,
+            )
             continue
         info = SourceInfo(kind=k, location=str(path), rank=rank, world_size=world_size)
         options = dict(handle_options or {}) if k == "handles" else {}
@@ -325,26 +311,63 @@ def save(
         emit_json(results[0].to_json() if len(results) == 1 else [r.to_json() for r in results])
 
 
-def import_seed_history(store: Store, root: Path, series: str, as_json: bool) -> list[SaveResult]:
-    """First use of an original-tool checkpoint dir as a store: import its history once."""
-    from ..sources.seed import SeedSource, is_checkpoint_root, scan_root
+def import_history(
+    store: Store,
+    root: Path,
+    *,
+    series: str,
+    block_size: int,
+    force: bool = False,
+    meta: dict[str, str] | None = None,
+    tag: str | None = None,
+    as_json: bool = False,
+) -> list[SaveResult]:
+    """Import the original tool's checkpoints under ``root``, oldest first, keeping
+    their times; half-written ones are reported, ones already imported skipped,
+    and ``tag`` names the newest."""
+    from ..sources.seed import SeedSource, scan_root
 
-    if store.latest(series) is not None or not root.is_dir() or not is_checkpoint_root(root):
-        return []
     good, skipped = scan_root(root)
-    note(
-        f"importing {len(good)} checkpoints of the original tool from {root} "
-        f"(their directories are left in place; delete them after 'apollo-cas verify')"
-    )
     for s in skipped:
         note(f"skipped {s.path}: {s.reason}")
+    # Importing a history twice must not record it twice.
+    done = {
+        Path(c.manifest.source.location).resolve()
+        for c in store.checkpoints()
+        if c.manifest.source.kind == "seed" and c.manifest.series == series
+    }
     results = []
-    for cp in good:
+    for j, cp in enumerate(good):
+        if cp.resolve() in done:
+            note(f"skipped {cp}: already imported")
+            continue
         with SeedSource(cp) as src:
-            r = store.save(src, series=series, block_size=store_block_size(store, series))
+            r = store.save(
+                src,
+                series=series,
+                block_size=block_size,
+                force=force,
+                metadata=meta,
+                tag=tag if j == len(good) - 1 else None,
+            )
         results.append(r)
         print_result(r, f"import {cp.name}", as_json)
     return results
+
+
+def import_seed_history(store: Store, root: Path, series: str, as_json: bool) -> list[SaveResult]:
+    """First use of an original-tool checkpoint dir as a store: import its history once."""
+    from ..sources.seed import is_checkpoint_root
+
+    if store.latest(series) is not None or not root.is_dir() or not is_checkpoint_root(root):
+        return []
+    note(
+        f"importing the original tool's checkpoints from {root} "
+        f"(their directories are left in place; delete them after 'apollo-cas verify')"
+    )
+    return import_history(
+        store, root, series=series, block_size=store_block_size(store, series), as_json=as_json
+    )
 
 
 def store_block_size(store: Store, series: str) -> int:
