@@ -1,6 +1,6 @@
 """apollo_cas side by side with the tools users would pick instead, on the same work.
 
-    python benchmarks/compare.py                 # ~1 GiB models, about 20 minutes on 2 cores
+    python benchmarks/compare.py                 # ~1 GiB models, 10-20 minutes on 2 cores
     python benchmarks/compare.py --size 4GiB     # scale up
     python benchmarks/compare.py --quick         # tiny smoke run (< 2 minutes), results in --dir
 
