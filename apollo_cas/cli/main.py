@@ -14,6 +14,7 @@ import click
 
 from ..errors import ApolloError
 from . import demo, maintenance, report, restore, save
+from .allocator import keep_freed_memory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -79,6 +80,7 @@ def run(group: click.Group, args: list[str] | None = None, prog: str = "apollo-c
 
 
 def main() -> None:
+    keep_freed_memory()
     sys.exit(run(cli))
 
 

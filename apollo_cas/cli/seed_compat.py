@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..store import Store
+from .allocator import keep_freed_memory
 from .common import human_bytes, human_time, note
 from .main import run
 from .options import make_policy
@@ -127,4 +128,5 @@ def list_cmd(checkpoint_dir: Path) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()
     sys.exit(run(compat, prog="apollo-checkpoint"))
