@@ -508,9 +508,10 @@ def _block_digests(data: torch.Tensor, block_size: int, config: LaunchConfig) ->
     n_blocks = -(-n // block_size)
     if n_blocks == 0:
         return torch.empty((0, 16), dtype=torch.uint8, device=device)
-    if buf.data_ptr() % 16:
+    if buf.data_ptr() % 16 or buf.storage_offset() % 8:
         # Stripes are loaded as aligned 16-byte pairs of words; a view that starts
-        # mid-word (e.g. a byte slice) is copied once into fresh, aligned memory.
+        # mid-word (e.g. a byte slice), or whose storage offset torch cannot
+        # reinterpret as int64, is copied once into fresh, aligned memory.
         buf = buf.clone()
     n_full = n // block_size
     tail = n - n_full * block_size
