@@ -34,7 +34,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,23 +47,13 @@ from apollo_cas.backends import Backend, open_backend
 from apollo_cas.examples import write_safetensors
 from apollo_cas.store import Store
 
+from .test_crash import apollo, cli_env
+
 MODEL_MB = int(os.environ.get("APOLLO_CAS_S3_FAULT_MODEL_MB", "4"))
 KILLS = int(os.environ.get("APOLLO_CAS_S3_FAULT_KILLS", "6"))
 GC_KILLS = 2
 SEED = int(os.environ.get("APOLLO_CAS_FAULT_SEED", str(int(time.time()) % 100_000)))
 BLOCK = "64KiB"  # many objects per save: kills land between uploads
-
-
-def apollo() -> list[str]:
-    exe = shutil.which("apollo-cas")
-    return [exe] if exe else [sys.executable, "-m", "apollo_cas.cli.main"]
-
-
-def cli_env() -> dict[str, str]:
-    """The test's environment (S3 endpoint and keys included), two worker threads."""
-    env = {k: v for k, v in os.environ.items() if k not in ("APOLLO_CAS_STORE", "APOLLO_CAS_DEBUG")}
-    env.update(APOLLO_CAS_THREADS="2", APOLLO_CAS_NO_PROGRESS="1")
-    return env
 
 
 def run_ok(*args: object) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ import torch
 from apollo_cas.errors import CorruptChunk, TargetError
 from apollo_cas.sources.seed import SeedSource
 from apollo_cas.store import Store
+
+from .failures import Boom, failing_after
 
 BS = 4096
 
@@ -79,25 +80,6 @@ def test_restore_replaces_an_older_restore(saved, tmp_path, make_model, tensor_b
     index = json.loads((out / "weights.json").read_text())
     assert sorted(index) == sorted(model)
     assert (out / "weights.bin").stat().st_size == sum(len(tensor_bytes(t)) for t in model.values())
-
-
-class Boom(RuntimeError):
-    pass
-
-
-def failing_after(st: Store, n: int):
-    real = st.read_chunk
-    count = [0]
-    lock = threading.Lock()
-
-    def read_chunk(cid: bytes) -> bytes:
-        with lock:
-            count[0] += 1
-            if count[0] > n:
-                raise Boom(f"read {n} chunks, then the disk went away")
-        return real(cid)
-
-    return read_chunk
 
 
 @pytest.mark.parametrize("after", [0, 3])

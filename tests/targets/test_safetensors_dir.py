@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from apollo_cas.errors import UsageError
 from apollo_cas.manifest import SourceInfo
 from apollo_cas.sources import open_mapping, open_path
 from apollo_cas.store import Store
+
+from .failures import Boom, failing_after
 
 BS = 4096
 INDEX = "model.safetensors.index.json"
@@ -220,25 +221,6 @@ def test_only_empty_tensors(store, tmp_path, assert_same_tensors):
     store.save(m, block_size=BS)
     files = store.restore(None, tmp_path / "out")
     assert_same_tensors(read_dir(files), m)
-
-
-class Boom(RuntimeError):
-    pass
-
-
-def failing_after(st: Store, n: int):
-    real = st.read_chunk
-    count = [0]
-    lock = threading.Lock()
-
-    def read_chunk(cid: bytes) -> bytes:
-        with lock:
-            count[0] += 1
-            if count[0] > n:
-                raise Boom(f"failed after {n} chunks")
-        return real(cid)
-
-    return read_chunk
 
 
 @pytest.mark.parametrize("shard_size", [None, 30_000], ids=["single", "sharded"])
