@@ -1,0 +1,512 @@
+"""The vLLM worker extension: the glue between a vLLM worker and :mod:`.ops`.
+
+vLLM appends the class named by ``--worker-extension-cls`` (or
+``LLM(worker_extension_cls=...)``) to its worker class's bases, so these
+methods run inside every worker process with ``self`` the worker, and
+``collective_rpc("apollo_save", kwargs={...})`` calls them on every rank.
+vLLM refuses an extension attribute that its worker already has, so every
+attribute here starts with ``apollo_`` (methods) or ``_apollo_`` (state kept
+in the worker's ``__dict__``, created on first use: the extension's
+``__init__`` is never called).
+
+What this reads from the worker (vLLM's documented names): ``model_runner.model``
+(the model, possibly inside the CUDA-graph wrapper), ``device``, ``rank``,
+``parallel_config`` (``tensor_parallel_size``, ``pipeline_parallel_size``,
+``data_parallel_size``, ``data_parallel_rank``), and, when vLLM is importable,
+``vllm.distributed.parallel_state``'s tensor- and pipeline-parallel rank and
+size. Every reply is a JSON-serialisable ``dict`` with ``"ok"``; errors are
+replies (``"ok": false, "error": ...``), so the dev-mode HTTP
+``POST /collective_rpc`` returns them as JSON. Arguments arrive as strings over
+HTTP and are converted here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ApolloCasWorkerExtension", "worker_placement"]
+
+_STATE_ATTR = "_apollo_state"
+#: Worker methods that change the weights, wrapped by ``apollo_watch_updates``.
+_BEGIN_END = ("reload_weights", "update_weights", "load_weights")
+
+
+@dataclass
+class _State:
+    guard: Any  # UpdateGuard (imported lazily: this module loads in vLLM's config phase)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stores: dict[str, Any] = field(default_factory=dict)
+    default_store: str | None = None
+    saver: Any = None
+    watched: list[str] = field(default_factory=list)
+    session_open: bool = False
+    sleep_level: int = 0
+    awaiting_reload: bool = False
+
+
+def _state(worker: Any) -> _State:
+    st = worker.__dict__.get(_STATE_ATTR)
+    if st is None:
+        from .periodic import UpdateGuard
+
+        st = worker.__dict__.setdefault(_STATE_ATTR, _State(guard=UpdateGuard()))
+    return st
+
+
+# ------------------------------------------------------------------------ arguments
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None or v == "" else str(v)
+
+
+def _store(worker: Any, location: Any) -> Any:
+    from ...errors import UsageError
+    from ...store import Store
+
+    st = _state(worker)
+    loc = _opt_str(location) or st.default_store or os.environ.get("APOLLO_CAS_STORE")
+    if not loc:
+        raise UsageError(
+            "no store given", "pass store=PATH or s3://bucket/prefix, or set APOLLO_CAS_STORE"
+        )
+    with st.lock:
+        store = st.stores.get(loc)
+        if store is None:
+            store = st.stores[loc] = Store.open(loc, create=True)
+        st.default_store = st.default_store or loc
+    return store
+
+
+def worker_placement(worker: Any) -> tuple[int, int, dict[str, str], str]:
+    """(rank, world size, metadata, series suffix) of a worker in its model-parallel group.
+
+    The rank counts tensor- and pipeline-parallel workers of one model copy
+    (``pp_rank * tp_size + tp_rank``). Data-parallel replicas save into series
+    of their own (suffix ``.dp<r>``); their identical weights share chunks.
+    """
+    pc = getattr(worker, "parallel_config", None)
+    tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+    pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
+    rank = int(getattr(worker, "rank", 0) or 0) % (tp * pp)
+    tp_rank, pp_rank = rank % tp, rank // tp
+    try:  # inside vLLM: the parallel state is the authority
+        from vllm.distributed import parallel_state as ps
+
+        tp_rank = int(ps.get_tensor_model_parallel_rank())
+        tp = int(ps.get_tensor_model_parallel_world_size())
+        pp_group = ps.get_pp_group()
+        pp_rank, pp = int(pp_group.rank_in_group), int(pp_group.world_size)
+    except Exception:  # not in vLLM (tests) or an older layout: the worker's attributes
+        pass
+    dp = int(getattr(pc, "data_parallel_size", 1) or 1)
+    dp_rank = int(getattr(pc, "data_parallel_rank", 0) or 0)
+    meta = {
+        "tp_rank": str(tp_rank),
+        "tp_size": str(tp),
+        "pp_rank": str(pp_rank),
+        "pp_size": str(pp),
+    }
+    suffix = ""
+    if dp > 1:
+        meta.update(dp_rank=str(dp_rank), dp_size=str(dp))
+        suffix = f".dp{dp_rank}"
+    return pp_rank * tp + tp_rank, tp * pp, meta, suffix
+
+
+def _reply(worker: Any, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``fn``; an error becomes a JSON reply (and a log line), never a crash."""
+    from ...errors import ApolloError
+
+    try:
+        return fn()
+    except ApolloError as exc:
+        log.warning("apollo_cas %s failed: %s", what, exc)
+        return {"ok": False, "error": str(exc), "error_type": type(exc).__name__}
+    except Exception as exc:
+        log.exception("apollo_cas %s failed", what)
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "error_type": "internal"}
+
+
+# --------------------------------------------------------------- watching updates
+
+
+def _wrap(worker: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    orig = getattr(worker, name, None)
+    if orig is None or getattr(orig, "_apollo_wrapped", False):
+        return False
+    wrapper = functools.wraps(orig)(make(orig))
+    wrapper._apollo_wrapped = True  # type: ignore[attr-defined]
+    setattr(worker, name, wrapper)  # an instance attribute: collective_rpc finds it first
+    return True
+
+
+def _watch_updates(worker: Any) -> list[str]:
+    """Make vLLM's weight-update entry points hold the update guard."""
+    st = _state(worker)
+    g = st.guard
+
+    def settle() -> None:  # a level-2 sleep's weights are garbage until reloaded
+        if st.awaiting_reload:
+            st.awaiting_reload = False
+            g.end_update()
+
+    def start(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            g.begin_update()
+            try:
+                out = orig(*a, **k)
+            except BaseException:
+                g.end_update()
+                raise
+            st.session_open = True
+            return out
+
+        return run
+
+    def finish(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            try:
+                return orig(*a, **k)
+            finally:
+                if st.session_open:
+                    st.session_open = False
+                    g.end_update()
+                    settle()
+
+        return run
+
+    def around(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            if st.session_open:  # a chunk of a start..finish session: already held
+                return orig(*a, **k)
+            with g.updating():
+                out = orig(*a, **k)
+            settle()
+            return out
+
+        return run
+
+    def sleep(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            level = int(k.get("level", a[0] if a else 1))
+            g.begin_update()  # offloaded or discarded weights: no snapshot until awake
+            st.sleep_level = level
+            try:
+                return orig(*a, **k)
+            except BaseException:
+                st.sleep_level = 0
+                g.end_update()
+                raise
+
+        return run
+
+    def wake(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            out = orig(*a, **k)
+            tags = k.get("tags", a[0] if a else None)
+            if st.sleep_level and (tags is None or "weights" in tags):
+                if st.sleep_level >= 2:
+                    st.awaiting_reload = True  # held until the next finished update
+                else:
+                    g.end_update()
+                st.sleep_level = 0
+            return out
+
+        return run
+
+    done = []
+    for name, make in (
+        ("start_weight_update", start),
+        ("start_draft_weight_update", start),
+        ("finish_weight_update", finish),
+        *((n, around) for n in _BEGIN_END),
+        ("sleep", sleep),
+        ("wake_up", wake),
+    ):
+        if _wrap(worker, name, make):
+            done.append(name)
+    st.watched += done
+    return st.watched
+
+
+# ------------------------------------------------------------------------- the class
+
+
+class ApolloCasWorkerExtension:
+    """apollo_cas inside a vLLM worker: save, restore, export, list, stats, periodic.
+
+    Use ``--worker-extension-cls apollo_cas.integrations.vllm.ApolloCasWorkerExtension``
+    (or ``LLM(worker_extension_cls=...)``) and call the methods through
+    ``collective_rpc``; docs/VLLM.md has the recipes.
+    """
+
+    # -- helpers bound to the worker -------------------------------------------------
+    def apollo_placement(self) -> dict[str, Any]:
+        """This worker's rank, world size and parallel layout, as the store records them."""
+        rank, world, meta, suffix = worker_placement(self)
+        return {"ok": True, "rank": rank, "world_size": world, "series_suffix": suffix, **meta}
+
+    def _apollo_common(self) -> tuple[Any, int, int, dict[str, str], str]:
+        rank, world, meta, suffix = worker_placement(self)
+        return self.model_runner.model, rank, world, meta, suffix  # type: ignore[attr-defined]
+
+    # -- save / restore / export -----------------------------------------------------
+    def apollo_save(
+        self,
+        store: str | None = None,
+        tag: str | None = None,
+        group: str | None = None,
+        weight_version: str | None = None,
+        series: str = "default",
+        block_size: int | str | None = None,
+    ) -> dict[str, Any]:
+        """Save this rank's weights (parameters, buffers, tensor attributes) in process."""
+
+        def run() -> dict[str, Any]:
+            from ...manifest import DEFAULT_BLOCK_SIZE
+            from .ops import save_module
+
+            model, rank, world, meta, suffix = self._apollo_common()
+            return save_module(
+                _store(self, store),
+                model,
+                rank=rank,
+                world_size=world,
+                series=series + suffix,
+                tag=_opt_str(tag),
+                group=_opt_str(group),
+                weight_version=_opt_str(weight_version),
+                guard=_state(self).guard,
+                block_size=int(block_size or DEFAULT_BLOCK_SIZE),
+                metadata={**meta, "trigger": "rpc"},
+            )
+
+        return _reply(self, "save", run)
+
+    def apollo_restore(
+        self,
+        store: str | None = None,
+        ref: str | None = None,
+        group: str | None = None,
+        series: str = "default",
+        dry_run: bool | str = False,
+    ) -> dict[str, Any]:
+        """Write a checkpoint (or this rank's member of a group) into the live weights.
+
+        Pause serving first; the reply's ``must_pause`` says what and why.
+        """
+
+        def run() -> dict[str, Any]:
+            from .ops import restore_module
+
+            model, rank, world, _meta, suffix = self._apollo_common()
+            return restore_module(
+                _store(self, store),
+                model,
+                rank=rank,
+                world_size=world,
+                ref=_opt_str(ref),
+                group=_opt_str(group),
+                series=series + suffix,
+                guard=_state(self).guard,
+                dry_run=_bool(dry_run),
+            )
+
+        return _reply(self, "restore", run)
+
+    def apollo_export_handles(
+        self, path: str = "/tmp/vllm_weight_handles.pt", include_meta: bool | str = True
+    ) -> dict[str, Any]:
+        """Write this rank's CUDA IPC handles file for the cron path (docs/HANDLES.md)."""
+
+        def run() -> dict[str, Any]:
+            from .ops import export_handles_module
+
+            model, rank, world, _meta, _suffix = self._apollo_common()
+            return export_handles_module(
+                model, path, rank=rank, world_size=world, include_meta=_bool(include_meta)
+            )
+
+        return _reply(self, "export_handles", run)
+
+    # -- list / stats -----------------------------------------------------------------
+    def apollo_list(self, store: str | None = None, series: str = "default") -> dict[str, Any]:
+        """This rank's checkpoints and the store's groups."""
+
+        def run() -> dict[str, Any]:
+            from .ops import list_store
+
+            rank, world, _meta, suffix = worker_placement(self)
+            return list_store(
+                _store(self, store), rank=rank, world_size=world, series=series + suffix
+            )
+
+        return _reply(self, "list", run)
+
+    def apollo_stats(
+        self,
+        store: str | None = None,
+        ref: str | None = None,
+        series: str = "default",
+        totals: bool | str = False,
+    ) -> dict[str, Any]:
+        """One checkpoint of this rank (default latest); with ``totals`` the whole store."""
+
+        def run() -> dict[str, Any]:
+            from .ops import stats_store
+
+            rank, world, _meta, suffix = worker_placement(self)
+            return stats_store(
+                _store(self, store),
+                ref=_opt_str(ref),
+                rank=rank,
+                world_size=world,
+                series=series + suffix,
+                totals=_bool(totals),
+            )
+
+        return _reply(self, "stats", run)
+
+    # -- weight updates ---------------------------------------------------------------
+    def apollo_watch_updates(self) -> dict[str, Any]:
+        """Wrap vLLM's weight-update entry points present on this worker with the guard."""
+        return _reply(self, "watch_updates", lambda: {"ok": True, "watched": _watch_updates(self)})
+
+    def apollo_begin_update(self) -> dict[str, Any]:
+        """Weights are about to change (an update path apollo_cas does not wrap)."""
+
+        def run() -> dict[str, Any]:
+            _state(self).guard.begin_update()
+            return {"ok": True}
+
+        return _reply(self, "begin_update", run)
+
+    def apollo_end_update(self, weight_version: str | None = None) -> dict[str, Any]:
+        """The update is done; ``weight_version`` is recorded by the saves after it."""
+
+        def run() -> dict[str, Any]:
+            _state(self).guard.end_update(_opt_str(weight_version))
+            return {"ok": True, "weight_version": _state(self).guard.weight_version}
+
+        return _reply(self, "end_update", run)
+
+    def apollo_set_weight_version(self, weight_version: str | None) -> dict[str, Any]:
+        """Record the version vLLM's ``finish_weight_update(weight_version=...)`` set
+        (the engine keeps it; workers are not told)."""
+
+        def run() -> dict[str, Any]:
+            _state(self).guard.set_weight_version(_opt_str(weight_version))
+            return {"ok": True, "weight_version": _state(self).guard.weight_version}
+
+        return _reply(self, "set_weight_version", run)
+
+    # -- periodic mode ----------------------------------------------------------------
+    def apollo_start_periodic(
+        self,
+        store: str | None = None,
+        interval_minutes: float | str = 10,
+        series: str = "default",
+        block_size: int | str | None = None,
+        backoff_seconds: float | str = 30,
+    ) -> dict[str, Any]:
+        """Save every ``interval_minutes`` from a background thread (see docs/VLLM.md)."""
+
+        def run() -> dict[str, Any]:
+            from ...manifest import DEFAULT_BLOCK_SIZE
+            from .periodic import PeriodicSaver
+
+            st = _state(self)
+            target = _store(self, store)
+            bs = int(block_size or DEFAULT_BLOCK_SIZE)
+            watched = _watch_updates(self)
+            save = functools.partial(_periodic_save, self, target, series, bs)
+            with st.lock:
+                if st.saver is not None:
+                    st.saver.stop()
+                st.saver = PeriodicSaver(
+                    save, float(interval_minutes) * 60, backoff=float(backoff_seconds)
+                )
+                st.saver.start()
+            return {"ok": True, "watched": watched, **st.saver.status().to_dict()}
+
+        return _reply(self, "start_periodic", run)
+
+    def apollo_stop_periodic(self) -> dict[str, Any]:
+        """Stop the periodic saver after the save in progress."""
+
+        def run() -> dict[str, Any]:
+            st = _state(self)
+            with st.lock:
+                saver, st.saver = st.saver, None
+            stopped = saver.stop() if saver is not None else True
+            return {"ok": True, "stopped": stopped}
+
+        return _reply(self, "stop_periodic", run)
+
+    def apollo_periodic_now(self) -> dict[str, Any]:
+        """Ask the periodic saver for a save now, on its thread (returns at once)."""
+
+        def run() -> dict[str, Any]:
+            from ...errors import UsageError
+
+            saver = _state(self).saver
+            if saver is None:
+                raise UsageError("the periodic saver is not running", "call apollo_start_periodic")
+            saver.trigger()
+            return {"ok": True, "triggered": True}
+
+        return _reply(self, "periodic_now", run)
+
+    def apollo_periodic_status(self) -> dict[str, Any]:
+        """Saves, failures, last error and next attempt of the periodic saver."""
+
+        def run() -> dict[str, Any]:
+            saver = _state(self).saver
+            if saver is None:
+                return {"ok": True, "running": False}
+            return {"ok": True, **saver.status().to_dict()}
+
+        return _reply(self, "periodic_status", run)
+
+
+def _periodic_save(
+    worker: Any, store: Any, series: str, block_size: int, slot: float
+) -> dict[str, Any]:
+    """One periodic save; raises on failure (the saver logs and retries)."""
+    from .ops import save_module
+
+    model, rank, world, meta, suffix = worker._apollo_common()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(slot))
+    kwargs: dict[str, Any] = dict(
+        rank=rank,
+        world_size=world,
+        series=series + suffix,
+        group=f"periodic-{stamp}" if world > 1 else None,
+        guard=_state(worker).guard,
+        block_size=block_size,
+        metadata={**meta, "trigger": "periodic", "slot": stamp},
+    )
+    device = getattr(worker, "device", None)
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        # Our own stream: the hash does not queue behind the model's kernels.
+        with torch.cuda.stream(torch.cuda.Stream(device=device)):
+            return save_module(store, model, **kwargs)
+    return save_module(store, model, **kwargs)
