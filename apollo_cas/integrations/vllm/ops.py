@@ -71,13 +71,19 @@ class _SnapshotSource(Source):
         self._generation = generation
         #: Seconds the guard was held while hashing (what an update may wait).
         self.guard_seconds = 0.0
+        #: Seconds the block digests took (GPU kernel, or host xxhash for CPU weights).
+        self.hash_seconds = 0.0
+        #: Seconds the snapshot waited for an update to finish.
+        self.wait_seconds = 0.0
 
     def tensors(self) -> list[SourceTensor]:
         return list(self.inner.tensors())
 
     def block_digests(self, block_size: int) -> list[list[bytes]] | None:
+        t_wait = time.perf_counter()
         with self._guard.snapshot() as gen:
             t0 = time.perf_counter()
+            self.wait_seconds = t0 - t_wait
             try:
                 if gen != self._generation:
                     raise _UpdatedDuringSave()
@@ -89,7 +95,8 @@ class _SnapshotSource(Source):
                     )
                 return digests
             finally:
-                self.guard_seconds += time.perf_counter() - t0
+                self.hash_seconds = time.perf_counter() - t0
+                self.guard_seconds += self.hash_seconds
 
     def fetch(self, requests: list[BlockRequest]) -> Any:  # type: ignore[override]
         return self.inner.fetch(requests)
@@ -161,7 +168,9 @@ def save_module(
     attempts = 0
     while True:
         attempts += 1
+        t_wait = time.perf_counter()
         with guard.snapshot() as gen:
+            t_held = time.perf_counter()
             # The version of the weights this snapshot sees: read under the guard.
             version = str(weight_version) if weight_version is not None else guard.weight_version
             store_tag, group_name = _names(world_size, tag, group, version)
@@ -180,7 +189,10 @@ def save_module(
                 metadata={**meta, **_collected_meta(collected)},
             )
             inner = DeviceSource(collected.tensors, info)
+            held = time.perf_counter() - t_held
         src = _SnapshotSource(inner, guard, gen)
+        src.guard_seconds = held  # taking the tensors is under the guard too
+        waited = t_held - t_wait
         try:
             if inner.on_device and not kernel_accepts(block_size):
                 # No GPU hash here: the snapshot is the whole save (updates wait for it).
@@ -211,8 +223,9 @@ def save_module(
         tensors=len(collected.tensors),
         module_attributes=len(collected.attributes),
         aliases=len(collected.aliases),
-        hash_seconds=inner.hash_seconds,
+        hash_seconds=round(src.hash_seconds, 6),
         guard_seconds=round(src.guard_seconds, 6),
+        guard_wait_seconds=round(waited + src.wait_seconds, 6),
         attempts=attempts,
     )
     return out
