@@ -299,9 +299,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = w.apollo_export_handles(path=str(handles))
         assert r["ok"], r
         t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "apollo_cas.cli.main", "save", str(handles)]
+        cmd += ["--store", str(work / "store-cron"), "--json"]
         cli = subprocess.run(
-            [sys.executable, "-m", "apollo_cas.cli.main", "save", str(handles)]
-            + ["--store", str(work / "store-cron"), "--json"],
+            cmd,
             capture_output=True,
             text=True,
         )
