@@ -382,3 +382,16 @@ def test_errors_are_json_replies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert not missing["ok"] and missing["error_type"] == "RefNotFound"
     placement = call(Worker(Model(), rank=3, tp=4), "apollo_placement")
     assert (placement["rank"], placement["world_size"], placement["tp_rank"]) == (3, 4, "3")
+
+
+def test_an_rpc_save_during_an_open_update_refuses_at_once(tmp_path: Path) -> None:
+    # collective_rpc runs on the worker's main thread, which also runs the update:
+    # waiting for finish_weight_update there would wait forever.
+    w = Worker(Model())
+    store = str(tmp_path / "s")
+    call(w, "apollo_watch_updates")
+    w.start_weight_update()
+    out = call(w, "apollo_save", store=store)
+    assert not out["ok"] and "being updated" in out["error"], out
+    w.finish_weight_update()
+    assert call(w, "apollo_save", store=store)["ok"]

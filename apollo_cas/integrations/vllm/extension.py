@@ -47,6 +47,7 @@ class _State:
     stores: dict[str, Any] = field(default_factory=dict)
     default_store: str | None = None
     saver: Any = None
+    saver_interval: float = 600.0
     watched: list[str] = field(default_factory=list)
     session_open: bool = False
     sleep_level: int = 0
@@ -295,6 +296,9 @@ class ApolloCasWorkerExtension:
                 guard=_state(self).guard,
                 block_size=int(block_size or DEFAULT_BLOCK_SIZE),
                 metadata={**meta, "trigger": "rpc"},
+                # This runs on the worker's main thread, which also runs the updates:
+                # waiting for one to finish would wait for ourselves.
+                snapshot_timeout=0,
             )
 
         return _reply(self, "save", run)
@@ -439,9 +443,8 @@ class ApolloCasWorkerExtension:
             with st.lock:
                 if st.saver is not None:
                     st.saver.stop()
-                st.saver = PeriodicSaver(
-                    save, float(interval_minutes) * 60, backoff=float(backoff_seconds)
-                )
+                st.saver_interval = float(interval_minutes) * 60
+                st.saver = PeriodicSaver(save, st.saver_interval, backoff=float(backoff_seconds))
                 st.saver.start()
             return {"ok": True, "watched": watched, **st.saver.status().to_dict()}
 
@@ -501,6 +504,9 @@ def _periodic_save(
         guard=_state(worker).guard,
         block_size=block_size,
         metadata={**meta, "trigger": "periodic", "slot": stamp},
+        # A long update (or a sleep) fails this attempt instead of blocking the
+        # thread forever; the saver logs it and retries with backoff.
+        snapshot_timeout=_state(worker).saver_interval,
     )
     device = getattr(worker, "device", None)
     if getattr(device, "type", None) == "cuda":

@@ -9,18 +9,19 @@ CI runs these on CPU modules; docs/VLLM.md says what that leaves unverified.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ... import layout
-from ...errors import CorruptChunk, RefNotFound, TargetError, UsageError
+from ...errors import CorruptChunk, RefNotFound, SourceError, TargetError, UsageError
 from ...manifest import DEFAULT_BLOCK_SIZE, SourceInfo
 from ...sources.base import BlockRequest, Source, SourceTensor
 from ...sources.device import DeviceSource, byte_view, host_block_digests, kernel_accepts
@@ -64,8 +65,17 @@ class _SnapshotSource(Source):
     update after the snapshot cannot put bytes under a wrong id.
     """
 
-    def __init__(self, inner: DeviceSource, guard: UpdateGuard, generation: int) -> None:
+    def __init__(
+        self,
+        inner: DeviceSource,
+        guard: UpdateGuard,
+        generation: int,
+        timeout: float | None = None,
+        rank: int = 0,
+    ) -> None:
         self.inner = inner
+        self._timeout = timeout
+        self._rank = rank
         self.info = inner.info
         self._guard = guard
         self._generation = generation
@@ -81,7 +91,7 @@ class _SnapshotSource(Source):
 
     def block_digests(self, block_size: int) -> list[list[bytes]] | None:
         t_wait = time.perf_counter()
-        with self._guard.snapshot() as gen:
+        with _snapshot(self._guard, self._timeout, self._rank) as gen:
             t0 = time.perf_counter()
             self.wait_seconds = t0 - t_wait
             try:
@@ -103,6 +113,25 @@ class _SnapshotSource(Source):
 
     def close(self) -> None:
         self.inner.close()
+
+
+@contextlib.contextmanager
+def _snapshot(guard: UpdateGuard, timeout: float | None, rank: int) -> Iterator[int]:
+    try:
+        cm = guard.snapshot(timeout)
+        gen = cm.__enter__()
+    except TimeoutError:
+        raise SourceError(
+            f"the weights of rank {rank} are being updated (an update began and has not finished)",
+            "save after the update ends (finish_weight_update or apollo_end_update)",
+        ) from None
+    try:
+        yield gen
+    except BaseException as exc:
+        if not cm.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        cm.__exit__(None, None, None)
 
 
 def _check_placement(rank: int, world_size: int) -> None:
@@ -151,6 +180,7 @@ def save_module(
     retries: int = 3,
     exclude: str | None = None,
     include_attributes: bool = True,
+    snapshot_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Checkpoint this rank's tensors of ``model`` into ``store``; a JSON-ready summary.
 
@@ -158,7 +188,9 @@ def save_module(
     save that loses a race with an update (the host hash of a fetched block
     differs from its digest) is retried up to ``retries`` times, taking the
     tensors again. With ``world_size > 1`` the checkpoint joins ``group``
-    (default: the tag, else ``wv-<weight_version>``).
+    (default: the tag, else ``wv-<weight_version>``). ``snapshot_timeout``
+    bounds the wait for an update to finish (``SourceError`` after it); a
+    save on the thread that runs updates must pass 0, or it waits for itself.
     """
     _check_placement(rank, world_size)
     guard = guard or UpdateGuard()
@@ -169,7 +201,7 @@ def save_module(
     while True:
         attempts += 1
         t_wait = time.perf_counter()
-        with guard.snapshot() as gen:
+        with _snapshot(guard, snapshot_timeout, rank) as gen:
             t_held = time.perf_counter()
             # The version of the weights this snapshot sees: read under the guard.
             version = str(weight_version) if weight_version is not None else guard.weight_version
@@ -190,7 +222,7 @@ def save_module(
             )
             inner = DeviceSource(collected.tensors, info)
             held = time.perf_counter() - t_held
-        src = _SnapshotSource(inner, guard, gen)
+        src = _SnapshotSource(inner, guard, gen, snapshot_timeout, rank)
         src.guard_seconds = held  # taking the tensors is under the guard too
         waited = t_held - t_wait
         try:

@@ -273,6 +273,7 @@ class PeriodicSaver:
                     self._last_error = f"{type(exc).__name__}: {exc}"
                     delay = min(self.interval, self.backoff * 2 ** (self._consecutive - 1))
                     due = self._clock() + delay
+                    self._next = due
                     self._cond.notify_all()
                 log.warning(
                     "apollo_cas periodic save failed (%s); retrying in %.1f s",
@@ -289,4 +290,5 @@ class PeriodicSaver:
                 self._last_result = result
                 slot = self._slot_after(self._clock())
                 due = slot
+                self._next = due
                 self._cond.notify_all()
