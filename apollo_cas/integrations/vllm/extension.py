@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ApolloCasWorkerExtension", "worker_placement"]
 
 _STATE_ATTR = "_apollo_state"
-#: Worker methods that change the weights, wrapped by ``apollo_watch_updates``.
-_BEGIN_END = ("reload_weights", "update_weights", "load_weights")
 
 
 @dataclass
@@ -142,108 +140,6 @@ def _reply(worker: Any, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str
     except Exception as exc:
         log.exception("apollo_cas %s failed", what)
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "error_type": "internal"}
-
-
-# --------------------------------------------------------------- watching updates
-
-
-def _wrap(worker: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
-    orig = getattr(worker, name, None)
-    if orig is None or getattr(orig, "_apollo_wrapped", False):
-        return False
-    wrapper = functools.wraps(orig)(make(orig))
-    wrapper._apollo_wrapped = True  # type: ignore[attr-defined]
-    setattr(worker, name, wrapper)  # an instance attribute: collective_rpc finds it first
-    return True
-
-
-def _watch_updates(worker: Any) -> list[str]:
-    """Make vLLM's weight-update entry points hold the update guard."""
-    st = _state(worker)
-    g = st.guard
-
-    def settle() -> None:  # a level-2 sleep's weights are garbage until reloaded
-        if st.awaiting_reload:
-            st.awaiting_reload = False
-            g.end_update()
-
-    def start(orig: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*a: Any, **k: Any) -> Any:
-            g.begin_update()
-            try:
-                out = orig(*a, **k)
-            except BaseException:
-                g.end_update()
-                raise
-            st.session_open = True
-            return out
-
-        return run
-
-    def finish(orig: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*a: Any, **k: Any) -> Any:
-            try:
-                return orig(*a, **k)
-            finally:
-                if st.session_open:
-                    st.session_open = False
-                    g.end_update()
-                    settle()
-
-        return run
-
-    def around(orig: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*a: Any, **k: Any) -> Any:
-            if st.session_open:  # a chunk of a start..finish session: already held
-                return orig(*a, **k)
-            with g.updating():
-                out = orig(*a, **k)
-            settle()
-            return out
-
-        return run
-
-    def sleep(orig: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*a: Any, **k: Any) -> Any:
-            level = int(k.get("level", a[0] if a else 1))
-            g.begin_update()  # offloaded or discarded weights: no snapshot until awake
-            st.sleep_level = level
-            try:
-                return orig(*a, **k)
-            except BaseException:
-                st.sleep_level = 0
-                g.end_update()
-                raise
-
-        return run
-
-    def wake(orig: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*a: Any, **k: Any) -> Any:
-            out = orig(*a, **k)
-            tags = k.get("tags", a[0] if a else None)
-            if st.sleep_level and (tags is None or "weights" in tags):
-                if st.sleep_level >= 2:
-                    st.awaiting_reload = True  # held until the next finished update
-                else:
-                    g.end_update()
-                st.sleep_level = 0
-            return out
-
-        return run
-
-    done = []
-    for name, make in (
-        ("start_weight_update", start),
-        ("start_draft_weight_update", start),
-        ("finish_weight_update", finish),
-        *((n, around) for n in _BEGIN_END),
-        ("sleep", sleep),
-        ("wake_up", wake),
-    ):
-        if _wrap(worker, name, make):
-            done.append(name)
-    st.watched += done
-    return st.watched
 
 
 # ------------------------------------------------------------------------- the class
@@ -390,7 +286,13 @@ class ApolloCasWorkerExtension:
     # -- weight updates ---------------------------------------------------------------
     def apollo_watch_updates(self) -> dict[str, Any]:
         """Wrap vLLM's weight-update entry points present on this worker with the guard."""
-        return _reply(self, "watch_updates", lambda: {"ok": True, "watched": _watch_updates(self)})
+
+        def run() -> dict[str, Any]:
+            from .updates import watch_updates
+
+            return {"ok": True, "watched": watch_updates(self, _state(self))}
+
+        return _reply(self, "watch_updates", run)
 
     def apollo_begin_update(self) -> dict[str, Any]:
         """Weights are about to change (an update path apollo_cas does not wrap)."""
@@ -438,7 +340,9 @@ class ApolloCasWorkerExtension:
             st = _state(self)
             target = _store(self, store)
             bs = int(block_size or DEFAULT_BLOCK_SIZE)
-            watched = _watch_updates(self)
+            from .updates import watch_updates
+
+            watched = watch_updates(self, st)
             save = functools.partial(_periodic_save, self, target, series, bs)
             with st.lock:
                 if st.saver is not None:
