@@ -347,7 +347,7 @@ class RacingGuard(UpdateGuard):
             def __exit__(self, *exc: Any) -> None:
                 inner.__exit__(*exc)
                 guard.snapshots += 1
-                if guard.snapshots == 2:  # 1: collect, 2: digests of the first attempt
+                if guard.snapshots == 1:  # right after the first attempt's digests
                     guard.change()
 
         return _Ctx()
@@ -395,3 +395,41 @@ def test_an_rpc_save_during_an_open_update_refuses_at_once(tmp_path: Path) -> No
     assert not out["ok"] and "being updated" in out["error"], out
     w.finish_weight_update()
     assert call(w, "apollo_save", store=store)["ok"]
+
+
+class UpdateAfterCollect(UpdateGuard):
+    """An update that runs after the save found the weights stable and before its hash."""
+
+    def __init__(self, change: Any) -> None:
+        super().__init__()
+        self.calls = 0
+        self.change = change
+
+    def stable(self, timeout: float | None = None) -> tuple[int, str | None]:
+        out = super().stable(timeout)
+        self.calls += 1
+        if self.calls == 1:
+            threading.Thread(target=self._update).start()
+            assert self.wait_for_generation(out[0] + 1)
+        return out
+
+    def _update(self) -> None:
+        with self.updating(weight_version="after"):
+            self.change()
+
+    def wait_for_generation(self, n: int) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.generation >= n and not self._updating, 10)
+
+
+def test_tensors_taken_before_an_update_are_taken_again() -> None:
+    model = Model()
+
+    def change() -> None:
+        with torch.no_grad():
+            model.norm.weight.add_(3)
+
+    store = Store(MemoryBackend())
+    out = save_module(store, model, guard=UpdateAfterCollect(change), block_size=4096)
+    assert out["ok"] and out["attempts"] == 2 and out["weight_version"] == "after"
+    assert raw(store.load()["norm.weight"]) == raw(model.norm.weight)

@@ -115,16 +115,27 @@ class _SnapshotSource(Source):
         self.inner.close()
 
 
+def _busy(rank: int) -> SourceError:
+    return SourceError(
+        f"the weights of rank {rank} are being updated (an update began and has not finished)",
+        "save after the update ends (finish_weight_update or apollo_end_update)",
+    )
+
+
+def _stable(guard: UpdateGuard, timeout: float | None, rank: int) -> tuple[int, str | None]:
+    try:
+        return guard.stable(timeout)
+    except TimeoutError:
+        raise _busy(rank) from None
+
+
 @contextlib.contextmanager
 def _snapshot(guard: UpdateGuard, timeout: float | None, rank: int) -> Iterator[int]:
     try:
         cm = guard.snapshot(timeout)
         gen = cm.__enter__()
     except TimeoutError:
-        raise SourceError(
-            f"the weights of rank {rank} are being updated (an update began and has not finished)",
-            "save after the update ends (finish_weight_update or apollo_end_update)",
-        ) from None
+        raise _busy(rank) from None
     try:
         yield gen
     except BaseException as exc:
@@ -201,30 +212,26 @@ def save_module(
     while True:
         attempts += 1
         t_wait = time.perf_counter()
-        with _snapshot(guard, snapshot_timeout, rank) as gen:
-            t_held = time.perf_counter()
-            # The version of the weights this snapshot sees: read under the guard.
-            version = str(weight_version) if weight_version is not None else guard.weight_version
-            store_tag, group_name = _names(world_size, tag, group, version)
-            meta = {"engine": "vllm", "hostname": socket.gethostname(), "pid": str(os.getpid())}
-            meta.update(metadata or {})
-            if version is not None:
-                meta["weight_version"] = version
-            collected = collect_tensors(
-                model, include_attributes=include_attributes, exclude=exclude
-            )
-            info = SourceInfo(
-                kind="vllm",
-                location=f"{socket.gethostname()}:{os.getpid()}",
-                rank=rank,
-                world_size=world_size,
-                metadata={**meta, **_collected_meta(collected)},
-            )
-            inner = DeviceSource(collected.tensors, info)
-            held = time.perf_counter() - t_held
+        # Take the tensors while no update runs, without holding the guard: the
+        # digest snapshot below refuses them if an update began since.
+        gen, known_version = _stable(guard, snapshot_timeout, rank)
+        waited = time.perf_counter() - t_wait
+        version = str(weight_version) if weight_version is not None else known_version
+        store_tag, group_name = _names(world_size, tag, group, version)
+        meta = {"engine": "vllm", "hostname": socket.gethostname(), "pid": str(os.getpid())}
+        meta.update(metadata or {})
+        if version is not None:
+            meta["weight_version"] = version
+        collected = collect_tensors(model, include_attributes=include_attributes, exclude=exclude)
+        info = SourceInfo(
+            kind="vllm",
+            location=f"{socket.gethostname()}:{os.getpid()}",
+            rank=rank,
+            world_size=world_size,
+            metadata={**meta, **_collected_meta(collected)},
+        )
+        inner = DeviceSource(collected.tensors, info)
         src = _SnapshotSource(inner, guard, gen, snapshot_timeout, rank)
-        src.guard_seconds = held  # taking the tensors is under the guard too
-        waited = t_held - t_wait
         try:
             if inner.on_device and not kernel_accepts(block_size):
                 # No GPU hash here: the snapshot is the whole save (updates wait for it).

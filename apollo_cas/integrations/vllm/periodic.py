@@ -5,8 +5,11 @@ Two pieces, both free of vLLM:
 * :class:`UpdateGuard`: weight updates and snapshots exclude each other. An
   update (vLLM's ``start_weight_update`` .. ``finish_weight_update``, a
   ``reload_weights``, a hot restore) holds the guard from begin to end; a save
-  holds it only while it takes the snapshot of block digests (the GPU hash:
-  milliseconds, measured in benchmarks/results/vllm_extension.json). Fetching
+  takes the tensors while no update runs (:meth:`UpdateGuard.stable`, holding
+  nothing) and holds the guard only while it takes the snapshot of block
+  digests (the GPU hash: milliseconds, measured in
+  benchmarks/results/vllm_extension.json), after checking that no update
+  began in between. Fetching
   the changed blocks, compressing and writing happen after the guard is
   released, so an update never waits for more than one hash. If an update
   starts while blocks are still being fetched, the host re-hashes every
@@ -125,6 +128,24 @@ class UpdateGuard:
             with self._cond:
                 self._snapshotting = False
                 self._cond.notify_all()
+
+    def stable(self, timeout: float | None = None) -> tuple[int, str | None]:
+        """Wait until no update runs; (generation, weight version) at that moment.
+
+        Nothing is held: a reader takes the tensors after this, then checks
+        inside :meth:`snapshot` that the generation is unchanged (no update
+        began since), so only the hash itself runs under the guard.
+        """
+        with self._cond:
+            self._waiters += 1
+            self._cond.notify_all()
+            try:
+                ok = self._cond.wait_for(lambda: self._updating == 0, timeout)
+            finally:
+                self._waiters -= 1
+            if not ok:
+                raise TimeoutError("weights were being updated for the whole wait")
+            return self.generation, self.weight_version
 
     def wait_for_waiters(self, n: int, timeout: float = 10.0) -> bool:
         """Block until ``n`` threads wait on the guard (tests: no sleeps as sync)."""
