@@ -95,9 +95,10 @@ class Worker(ApolloCasWorkerExtension):
 
 
 def call(worker: Worker, method: str, **kwargs: Any) -> dict[str, Any]:
-    """collective_rpc's view of one worker: the method by name, the reply as JSON."""
+    """collective_rpc's view of one worker: the method by name, the reply as JSON
+    (strict, as the HTTP endpoint's JSONResponse: no NaN or infinity)."""
     reply = getattr(worker, method)(**kwargs)
-    return json.loads(json.dumps(reply))
+    return json.loads(json.dumps(reply, allow_nan=False))
 
 
 def raw(t: torch.Tensor) -> bytes:
@@ -433,3 +434,21 @@ def test_tensors_taken_before_an_update_are_taken_again() -> None:
     out = save_module(store, model, guard=UpdateAfterCollect(change), block_size=4096)
     assert out["ok"] and out["attempts"] == 2 and out["weight_version"] == "after"
     assert raw(store.load()["norm.weight"]) == raw(model.norm.weight)
+
+
+def test_a_restore_sets_the_version_of_the_weights_it_wrote(tmp_path: Path) -> None:
+    model = Model()
+    w = Worker(model)
+    store = str(tmp_path / "s")
+    assert call(w, "apollo_save", store=store, tag="v5", weight_version="5")["ok"]
+    call(w, "apollo_begin_update")
+    with torch.no_grad():
+        model.norm.weight.add_(1)
+    call(w, "apollo_end_update", weight_version="9")
+    assert call(w, "apollo_save", store=store)["weight_version"] == "9"
+    assert call(w, "apollo_restore", store=store, ref="v5", dry_run="true")["ok"]
+    assert w.__dict__["_apollo_state"].guard.weight_version == "9"  # a dry run changes nothing
+    assert call(w, "apollo_restore", store=store, ref="v5")["weight_version"] == "5"
+    after = call(w, "apollo_save", store=store, tag="again")
+    # The restored weights are the v5 checkpoint's again (no new chunk), and say so.
+    assert after["ok"] and after["weight_version"] == "5" and after["new_chunks"] == 0

@@ -366,16 +366,29 @@ def restore_module(
                 f"checkpoint {cid[:12]} was saved by {what} {saved}, this worker is {what} {live}",
                 "name this rank's checkpoint (a group restores every rank its own)",
             )
-    with guard.updating(weight_version=src.metadata.get("weight_version")):
+    version = src.metadata.get("weight_version")
+    if dry_run:  # compares only: not an update
         collected = collect_tensors(model, include_attributes=include_attributes, exclude=exclude)
-        report = hot_restore(store, cid, collected.tensors, dry_run=dry_run)
+        report = hot_restore(store, cid, collected.tensors, dry_run=True)
+    else:
+        with guard.updating():
+            try:
+                collected = collect_tensors(
+                    model, include_attributes=include_attributes, exclude=exclude
+                )
+                report = hot_restore(store, cid, collected.tensors)
+            except BaseException:
+                guard.set_weight_version(None)  # whatever the weights are now, not that
+                raise
+            # Later saves record the version of the weights just written (or none).
+            guard.set_weight_version(version)
     return {
         "ok": True,
         "checkpoint": cid,
         "rank": rank,
         "world_size": world_size,
         "group": group,
-        "weight_version": src.metadata.get("weight_version"),
+        "weight_version": version,
         **report,
         "must_pause": MUST_PAUSE,
     }
