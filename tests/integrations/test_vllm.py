@@ -452,3 +452,17 @@ def test_a_restore_sets_the_version_of_the_weights_it_wrote(tmp_path: Path) -> N
     after = call(w, "apollo_save", store=store, tag="again")
     # The restored weights are the v5 checkpoint's again (no new chunk), and say so.
     assert after["ok"] and after["weight_version"] == "5" and after["new_chunks"] == 0
+
+
+def test_excluded_tensors_are_neither_saved_nor_restored(tmp_path: Path) -> None:
+    model = Model()
+    w = Worker(model)
+    store = str(tmp_path / "s")
+    out = call(w, "apollo_save", store=store, exclude=r"rope_cache$")
+    assert out["ok"] and "rope_cache" not in Store.open(store).load()
+    with torch.no_grad():
+        model.rope_cache.zero_()
+    assert call(w, "apollo_restore", store=store, exclude=r"rope_cache$")["ok"]
+    assert not model.rope_cache.any()  # left as it was
+    refused = call(w, "apollo_restore", store=store)  # without it: a name mismatch
+    assert not refused["ok"] and "rope_cache" in refused["error"]

@@ -172,8 +172,12 @@ class ApolloCasWorkerExtension:
         weight_version: str | None = None,
         series: str = "default",
         block_size: int | str | None = None,
+        exclude: str | None = None,
     ) -> dict[str, Any]:
-        """Save this rank's weights (parameters, buffers, tensor attributes) in process."""
+        """Save this rank's weights (parameters, buffers, tensor attributes) in process.
+
+        ``exclude``: a regular expression; tensors whose names match are left out
+        (use the same one to restore)."""
 
         def run() -> dict[str, Any]:
             from ...manifest import DEFAULT_BLOCK_SIZE
@@ -192,6 +196,7 @@ class ApolloCasWorkerExtension:
                 guard=_state(self).guard,
                 block_size=int(block_size or DEFAULT_BLOCK_SIZE),
                 metadata={**meta, "trigger": "rpc"},
+                exclude=_opt_str(exclude),
                 # This runs on the worker's main thread, which also runs the updates:
                 # waiting for one to finish would wait for ourselves.
                 snapshot_timeout=0,
@@ -206,6 +211,7 @@ class ApolloCasWorkerExtension:
         group: str | None = None,
         series: str = "default",
         dry_run: bool | str = False,
+        exclude: str | None = None,
     ) -> dict[str, Any]:
         """Write a checkpoint (or this rank's member of a group) into the live weights.
 
@@ -226,12 +232,16 @@ class ApolloCasWorkerExtension:
                 series=series + suffix,
                 guard=_state(self).guard,
                 dry_run=_bool(dry_run),
+                exclude=_opt_str(exclude),
             )
 
         return _reply(self, "restore", run)
 
     def apollo_export_handles(
-        self, path: str = "/tmp/vllm_weight_handles.pt", include_meta: bool | str = True
+        self,
+        path: str = "/tmp/vllm_weight_handles.pt",
+        include_meta: bool | str = True,
+        exclude: str | None = None,
     ) -> dict[str, Any]:
         """Write this rank's CUDA IPC handles file for the cron path (docs/HANDLES.md)."""
 
@@ -240,7 +250,12 @@ class ApolloCasWorkerExtension:
 
             model, rank, world, _meta, _suffix = self._apollo_common()
             return export_handles_module(
-                model, path, rank=rank, world_size=world, include_meta=_bool(include_meta)
+                model,
+                path,
+                rank=rank,
+                world_size=world,
+                include_meta=_bool(include_meta),
+                exclude=_opt_str(exclude),
             )
 
         return _reply(self, "export_handles", run)
