@@ -466,3 +466,20 @@ def test_excluded_tensors_are_neither_saved_nor_restored(tmp_path: Path) -> None
     assert not model.rope_cache.any()  # left as it was
     refused = call(w, "apollo_restore", store=store)  # without it: a name mismatch
     assert not refused["ok"] and "rope_cache" in refused["error"]
+
+
+def test_stopping_the_saver_does_not_wait_for_an_open_update(tmp_path: Path) -> None:
+    # The stop RPC runs on the thread that would finish the update: it must not
+    # wait for the saver, which waits for the update.
+    w = Worker(Model())
+    store = str(tmp_path / "s")
+    assert call(w, "apollo_start_periodic", store=store, interval_minutes="600")["ok"]
+    guard = w.__dict__["_apollo_state"].guard
+    saver = w.__dict__["_apollo_state"].saver
+    w.start_weight_update()
+    call(w, "apollo_periodic_now")
+    assert guard.wait_for_waiters(1)
+    assert call(w, "apollo_stop_periodic")["stopped"]
+    assert not saver.running and saver.status().saves == 0
+    w.finish_weight_update()
+    assert Store.open(store).latest() is None

@@ -361,9 +361,11 @@ class ApolloCasWorkerExtension:
             save = functools.partial(_periodic_save, self, target, series, bs)
             with st.lock:
                 if st.saver is not None:
-                    st.saver.stop()
+                    st.saver.stop(timeout=2.0)
                 st.saver_interval = float(interval_minutes) * 60
-                st.saver = PeriodicSaver(save, st.saver_interval, backoff=float(backoff_seconds))
+                st.saver = PeriodicSaver(
+                    save, st.saver_interval, backoff=float(backoff_seconds), guard=st.guard
+                )
                 st.saver.start()
             return {"ok": True, "watched": watched, **st.saver.status().to_dict()}
 
@@ -376,7 +378,9 @@ class ApolloCasWorkerExtension:
             st = _state(self)
             with st.lock:
                 saver, st.saver = st.saver, None
-            stopped = saver.stop() if saver is not None else True
+            # Short: this is the worker's main thread. A save being written finishes
+            # on its own ("stopped": false until then).
+            stopped = saver.stop(timeout=2.0) if saver is not None else True
             return {"ok": True, "stopped": stopped}
 
         return _reply(self, "stop_periodic", run)

@@ -23,6 +23,7 @@ Two pieces, both free of vLLM:
   tensor-parallel model, each with its own saver, agree on the slot that
   names their group). A failure is logged and retried with exponential
   backoff (capped at the interval); nothing is raised into the caller.
+  Stopping it interrupts a save that still waits for an update to end.
 
 Tests drive both deterministically: :meth:`PeriodicSaver.trigger` runs a save
 now, and :meth:`UpdateGuard.wait_for_waiters` / :meth:`PeriodicSaver.wait_for`
@@ -53,6 +54,7 @@ class UpdateGuard:
         self._updating = 0
         self._snapshotting = False
         self._waiters = 0
+        self._interrupts = 0
         #: Incremented at every update's begin: a save can tell whether one started.
         self.generation = 0
         #: The weight version the last finished update announced (vLLM's, when known).
@@ -112,13 +114,17 @@ class UpdateGuard:
         with self._cond:
             self._waiters += 1
             self._cond.notify_all()
+            mark = self._interrupts
             try:
                 ok = self._cond.wait_for(
-                    lambda: self._updating == 0 and not self._snapshotting, timeout
+                    lambda: (
+                        (self._updating == 0 and not self._snapshotting) or self._interrupts != mark
+                    ),
+                    timeout,
                 )
             finally:
                 self._waiters -= 1
-            if not ok:
+            if not ok or self._interrupts != mark:
                 raise TimeoutError("weights were being updated for the whole wait")
             self._snapshotting = True
             gen = self.generation
@@ -139,13 +145,24 @@ class UpdateGuard:
         with self._cond:
             self._waiters += 1
             self._cond.notify_all()
+            mark = self._interrupts
             try:
-                ok = self._cond.wait_for(lambda: self._updating == 0, timeout)
+                ok = self._cond.wait_for(
+                    lambda: self._updating == 0 or self._interrupts != mark, timeout
+                )
             finally:
                 self._waiters -= 1
-            if not ok:
+            if not ok or self._interrupts != mark:
                 raise TimeoutError("weights were being updated for the whole wait")
             return self.generation, self.weight_version
+
+    def interrupt_waits(self) -> None:
+        """Make every snapshot or stable wait in progress give up (``TimeoutError``):
+        a saver being stopped must not wait for an update to end. Updates are not
+        affected."""
+        with self._cond:
+            self._interrupts += 1
+            self._cond.notify_all()
 
     def wait_for_waiters(self, n: int, timeout: float = 10.0) -> bool:
         """Block until ``n`` threads wait on the guard (tests: no sleeps as sync)."""
@@ -189,6 +206,7 @@ class PeriodicSaver:
         backoff: float = 5.0,
         clock: Callable[[], float] = time.time,
         name: str = "apollo-cas-periodic",
+        guard: UpdateGuard | None = None,
     ) -> None:
         if not interval > 0:
             raise ValueError("interval must be positive")
@@ -197,6 +215,7 @@ class PeriodicSaver:
         self.backoff = max(0.0, float(backoff))
         self._clock = clock
         self._name = name
+        self._guard = guard
         self._cond = threading.Condition()
         self._stop = False
         self._kick = False
@@ -220,11 +239,14 @@ class PeriodicSaver:
             self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> bool:
-        """Stop after the save in progress (if any); True if the thread ended."""
+        """Stop after the save in progress (if any); True if the thread ended within
+        ``timeout``. A save still waiting for an update to end (on ``guard``) gives up."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
             t = self._thread
+        if self._guard is not None:
+            self._guard.interrupt_waits()
         if t is None:
             return True
         t.join(timeout)
@@ -287,6 +309,9 @@ class PeriodicSaver:
             try:
                 result = self._save(slot)
             except Exception as exc:  # never into the server: log, back off, retry
+                if self._stop:
+                    log.debug("apollo_cas periodic save abandoned at stop: %s", exc)
+                    return
                 with self._cond:
                     self._failures += 1
                     self._consecutive += 1
