@@ -483,3 +483,19 @@ def test_stopping_the_saver_does_not_wait_for_an_open_update(tmp_path: Path) -> 
     assert not saver.running and saver.status().saves == 0
     w.finish_weight_update()
     assert Store.open(store).latest() is None
+
+
+def test_a_save_that_may_not_wait_for_updates_still_waits_for_another_snapshot() -> None:
+    # An RPC save (snapshot_timeout=0) meeting the periodic saver's hash: wait for it.
+    guard = UpdateGuard()
+    store = Store(MemoryBackend())
+    model = Model()
+    out: list[Any] = []
+    t = threading.Thread(
+        target=lambda: out.append(save_module(store, model, guard=guard, snapshot_timeout=0))
+    )
+    with guard.snapshot():
+        t.start()
+        assert guard.wait_for_waiters(1)
+    t.join(30)
+    assert out and out[0]["ok"]

@@ -116,16 +116,19 @@ class UpdateGuard:
             self._cond.notify_all()
             mark = self._interrupts
             try:
-                ok = self._cond.wait_for(
-                    lambda: (
-                        (self._updating == 0 and not self._snapshotting) or self._interrupts != mark
-                    ),
-                    timeout,
-                )
+                while True:
+                    # ``timeout`` bounds the wait for updates; another snapshot
+                    # takes milliseconds and is always waited for.
+                    ok = self._cond.wait_for(
+                        lambda: self._updating == 0 or self._interrupts != mark, timeout
+                    )
+                    if not ok or self._interrupts != mark:
+                        raise TimeoutError("weights were being updated for the whole wait")
+                    if not self._snapshotting:
+                        break
+                    self._cond.wait_for(lambda: not self._snapshotting or self._interrupts != mark)
             finally:
                 self._waiters -= 1
-            if not ok or self._interrupts != mark:
-                raise TimeoutError("weights were being updated for the whole wait")
             self._snapshotting = True
             gen = self.generation
         try:
