@@ -265,7 +265,7 @@ class ApolloCasWorkerExtension:
         """This rank's checkpoints and the store's groups."""
 
         def run() -> dict[str, Any]:
-            from .ops import list_store
+            from .listing import list_store
 
             rank, world, _meta, suffix = worker_placement(self)
             return list_store(
@@ -284,7 +284,7 @@ class ApolloCasWorkerExtension:
         """One checkpoint of this rank (default latest); with ``totals`` the whole store."""
 
         def run() -> dict[str, Any]:
-            from .ops import stats_store
+            from .listing import stats_store
 
             rank, world, _meta, suffix = worker_placement(self)
             return stats_store(
