@@ -271,16 +271,27 @@ def test_periodic_save_waits_for_an_update_and_records_its_version(tmp_path: Pat
 
 
 class FlakyBackend(MemoryBackend):
-    """Fails the first ``failures`` chunk writes, as a full disk or a dropped S3 PUT would."""
+    """Fails the first ``failures`` writes of checkpoint data (chunks, packs or
+    manifests: whichever the store format writes), as a full disk or a dropped
+    S3 PUT would."""
+
+    DATA = ("chunks/", "packs/", "manifests/")
 
     def __init__(self, failures: int) -> None:
         super().__init__()
         self.failures = failures
 
-    def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
-        if key.startswith("chunks/") and self.failures > 0:
+    def _maybe_fail(self, key: str) -> None:
+        if key.startswith(self.DATA) and self.failures > 0:
             self.failures -= 1
             raise OSError("injected write failure")
+
+    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        self._maybe_fail(key)
+        super().put(key, data, durable=durable)
+
+    def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
+        self._maybe_fail(key)
         return super().put_if_absent(key, data, durable=durable)
 
 

@@ -285,18 +285,23 @@ def hot_restore(
 ) -> dict[str, Any]:
     """Write checkpoint ``checkpoint_id`` into ``tensors`` in place; verified.
 
-    The one call into the in-place restore: today
-    :func:`apollo_cas.targets.live.restore_live`; re-point it to
-    ``Store.restore_into(ref, tensors, only_changed=True)`` once that lands.
+    The one call into the in-place restore: ``Store.restore_into(ref, tensors,
+    only_changed=True)`` (the GPU restore pipeline) where the store has it, else
+    :func:`apollo_cas.targets.live.restore_live`, the hot restore it replaces.
     Non-contiguous tensors (vLLM's transposed fp8 weights) are restored into
     contiguous copies and copied back, then compared byte for byte.
     """
     from ...targets.live import restore_live
 
-    manifest = store.manifest(checkpoint_id)
     staged = {n: t.contiguous() for n, t in tensors.items() if not t.is_contiguous()}
     targets = {n: staged.get(n, t) for n, t in tensors.items()}
-    report = restore_live(targets, manifest, store.read_chunk, dry_run=dry_run)
+    restore_into = getattr(store, "restore_into", None)  # the GPU restore pipeline's entry
+    if restore_into is not None:
+        report = restore_into(checkpoint_id, targets, only_changed=True, dry_run=dry_run)
+    else:
+        report = restore_live(
+            targets, store.manifest(checkpoint_id), store.read_chunk, dry_run=dry_run
+        )
     if staged and not dry_run:
         for n, copy in staged.items():
             tensors[n].copy_(copy)
