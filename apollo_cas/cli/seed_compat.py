@@ -12,12 +12,14 @@ from pathlib import Path
 
 import click
 
+from .. import frontend
 from ..store import Store
 from .allocator import keep_freed_memory
 from .common import human_bytes, human_time, note
 from .main import run
 from .options import make_policy
 from .save import (
+    announce_created,
     checked_block_size,
     import_seed_history,
     open_for_save,
@@ -62,7 +64,8 @@ def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
     precheck_sources([handles], "handles")  # before the history import touches DIR
     if bs is not None:
         warn_block_size(bs)
-    with open_for_save(str(checkpoint_dir), make_policy("auto", 1, None)) as st:
+    st, created = open_for_save(str(checkpoint_dir), make_policy("auto", 1, None))
+    with st:
         import_seed_history(st, checkpoint_dir, "default", as_json=False)
         if bs is None:
             from .save import store_block_size
@@ -81,6 +84,7 @@ def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
             world_size=None,
             as_json=False,
         )
+        announce_created(st, created)
 
 
 @compat.command("list")
@@ -129,4 +133,4 @@ def list_cmd(checkpoint_dir: Path) -> None:
 
 def main() -> None:
     keep_freed_memory()
-    sys.exit(run(compat, prog="apollo-checkpoint"))
+    sys.exit(run(compat, prog="apollo-checkpoint", fe=frontend.APOLLO_CHECKPOINT))
