@@ -141,7 +141,9 @@ def run(
                 emit_json(error_json(exc, code))
             return code
         except KeyboardInterrupt:
-            click.echo("interrupted; the store is unchanged up to the last completed step", err=True)
+            click.echo(
+                "interrupted; the store is unchanged up to the last completed step", err=True
+            )
             return exits.INTERRUPTED
         except Terminated:
             click.echo(

@@ -379,7 +379,8 @@ def save(
         store, origin = str(checkpoint_dir), "--checkpoint-dir"
     if not paths and checkpoint_dir is None:
         raise UsageError(
-            "nothing to save", "name a SOURCE (or --handles FILE, or --checkpoint-dir DIR to import)"
+            "nothing to save",
+            "name a SOURCE (or --handles FILE, or --checkpoint-dir DIR to import)",
         )
     location = need_store(store, origin)
     bs = checked_block_size(block_size, warn=False)
