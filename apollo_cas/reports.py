@@ -156,7 +156,12 @@ def store_stats(store: Store) -> StoreStats:
     stored = sum(sizes)
     used_stored = sum(by_id.get(c.hex(), 0) for c in raw)
     bases_stored = sum(by_id.get(c.hex(), 0) for c in bases)
-    compressed = sum(by_id.get(c.hex(), 0) for m in manifests for t in m.tensors for c in t.chunks)
+    # Each checkpoint on its own: its chunks, plus the delta bases only it needs.
+    compressed = sum(
+        sum(by_id.get(c.hex(), 0) for t in m.tensors for c in t.chunks)
+        + sum(by_id.get(c.hex(), 0) for c in base_only([m]))
+        for m in manifests
+    )
     needed_hex = {c.hex() for c in raw} | {c.hex() for c in bases}
     logical = sum(m.logical_bytes for m in manifests)
     unique_raw = sum(raw.values())

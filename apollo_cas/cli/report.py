@@ -118,19 +118,11 @@ def stats(ref: str | None, store: str | None, series: str, as_json: bool) -> Non
     if as_json:
         emit_json(s.to_json())
         return
-    click.echo(f"checkpoints        {s.checkpoints}")
+    sizes = [human_bytes(n) for n in (s.logical_bytes, s.compressed_bytes, s.deduplicated_bytes)]
     click.echo(
-        table(
-            [
-                [
-                    "all checkpoints",
-                    human_bytes(s.logical_bytes),
-                    human_bytes(s.compressed_bytes),
-                    human_bytes(s.deduplicated_bytes),
-                ]
-            ],
-            ["", "ORIGINAL", "COMPRESSED", "DEDUPLICATED"],
-        )
+        f"checkpoints        {s.checkpoints}\n"
+        f"{'':19s}{'original':12s}{'compressed':12s}deduplicated\n"
+        f"{'all checkpoints':19s}{sizes[0]:12s}{sizes[1]:12s}{sizes[2]}"
     )
     bases = (
         f"\ndelta bases        {s.base_only_chunks} chunks, {human_bytes(s.base_only_stored_bytes)}"

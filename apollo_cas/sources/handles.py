@@ -610,6 +610,11 @@ def parse_device_map(text: str) -> dict[int, int]:
     return out
 
 
+def _env_text(env: str | None) -> str:
+    """How this process's CUDA_VISIBLE_DEVICES reads in a message ("unset", not None)."""
+    return "CUDA_VISIBLE_DEVICES unset" if env is None else f"CUDA_VISIBLE_DEVICES={env!r}"
+
+
 def _norm_uuid(u: str) -> str:
     u = str(u).strip().lower()
     return u[4:] if u.startswith("gpu-") else u
@@ -654,9 +659,10 @@ def map_devices(
     def check_local(mapping: dict[int, int], rule: str) -> tuple[dict[int, int], str]:
         for o, loc in mapping.items():
             if loc >= n:
+                seen = f"{n} GPU(s)" if n else "no GPU"
                 raise StaleHandles(
                     f"handles name GPU {o} of the server, mapped to local GPU {loc}, but this "
-                    f"process sees {n} GPU(s) (CUDA_VISIBLE_DEVICES={local_env!r}, rule: {rule})",
+                    f"process sees {seen} ({_env_text(local_env)}, rule: {rule})",
                     "run on the server's machine with its GPUs visible, or pass a device map",
                 )
         return mapping, rule
@@ -677,7 +683,7 @@ def map_devices(
             if u not in local_uuids:
                 raise StaleHandles(
                     f"the server's GPU {o} (GPU-{u}) is not visible to this process "
-                    f"(CUDA_VISIBLE_DEVICES={local_env!r})",
+                    f"({_env_text(local_env)})",
                     "CUDA IPC needs the same physical GPU: run on the server's machine with that "
                     "GPU visible",
                 )
@@ -705,7 +711,7 @@ def map_devices(
             else:
                 raise StaleHandles(
                     f"the server's GPU {o} ({token!r} in its CUDA_VISIBLE_DEVICES) is not "
-                    f"visible to this process (CUDA_VISIBLE_DEVICES={local_env!r})",
+                    f"visible to this process ({_env_text(local_env)})",
                     "run with the server's CUDA_VISIBLE_DEVICES, or pass a device map",
                 )
         return check_local(mapping, "CUDA_VISIBLE_DEVICES")
