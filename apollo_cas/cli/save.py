@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from .. import codecs, frontend, layout
-from ..backends import open_backend
-from ..errors import ApolloError, Refused, SourceNotFound, StoreNotFound, UsageError
+from .. import codecs
+from ..errors import ApolloError, SourceNotFound, UsageError
 from ..manifest import DEFAULT_BLOCK_SIZE, SourceInfo
 from ..store import SaveResult, Store, check_block_size
 from .common import (
@@ -27,6 +25,7 @@ from .common import (
     series_option,
     store_option,
 )
+from .opening import announce_created, open_for_save
 from .options import codec_options, make_policy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -91,50 +90,6 @@ def precheck_sources(paths: list[Path], kind: str | None) -> None:
             read_handles(path)  # parses and checks the file; opens no CUDA memory
         elif not path.exists():
             raise SourceNotFound(f"{path} does not exist", "check the path of the source")
-
-
-def open_for_save(
-    location: str, policy: codecs.CodecPolicy, *, allow_non_empty: bool = False
-) -> tuple[Store, bool]:
-    """The store at ``location`` and whether it is new. A missing one is created
-    by its first successful save (inside Store.save), not before, so a failed
-    first save leaves nothing. A new store is not made inside a directory that
-    already holds other files (a typo of the store path, or the wrong directory)
-    unless ``allow_non_empty`` (``--force``); the original tool's checkpoint
-    directory is the exception, since it is meant to become the store."""
-    try:
-        return Store.open(location, policy=policy), False
-    except StoreNotFound:
-        pass
-    if not allow_non_empty:
-        refuse_foreign_directory(location)
-    return Store(open_backend(location), policy), True
-
-
-def refuse_foreign_directory(location: str) -> None:
-    from ..sources.seed import is_checkpoint_root
-
-    if "://" in location or not os.path.isdir(location):
-        return
-    root = Path(location)
-    others = [p.name for p in root.iterdir() if not (p.name == "latest" and p.is_symlink())]
-    if others and not is_checkpoint_root(root):
-        shown = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
-        raise Refused(
-            f"{location} is not an apollo_cas store and is not empty (holds {shown})",
-            frontend.offer(
-                "--force",
-                "name a new or empty directory for a new store, or pass --force to create "
-                "the store among these files",
-                otherwise="name a new or empty directory for the store",
-            ),
-        )
-
-
-def announce_created(store: Store, created: bool) -> None:
-    """Say so when this command made a new store (a typo in a path makes one too)."""
-    if created and store.backend.exists(layout.CONFIG_KEY):
-        note(f"created store at {store.location}")
 
 
 def print_result(r: SaveResult, label: str, as_json: bool) -> None:

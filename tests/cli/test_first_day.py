@@ -22,6 +22,7 @@ from apollo_cas.store import Store
 
 CHANGED = "model.layers.1.self_attn.q_proj.weight"
 ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "apollo_cas.cli.main"]
 
 
 def ok(res: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -77,7 +78,9 @@ def three(files, tmp_store, run_cli):
     ids = []
     for i, name in enumerate("abc"):
         extra = ["--tag", "base"] if i == 0 else []
-        r = as_json(save(run_cli, tmp_store, files / f"{name}.safetensors", extra=[*extra, "--json"]))
+        r = as_json(
+            save(run_cli, tmp_store, files / f"{name}.safetensors", extra=[*extra, "--json"])
+        )
         ids.append(r["checkpoint"])
     return Path(tmp_store), ids
 
@@ -86,9 +89,7 @@ def three(files, tmp_store, run_cli):
 # a store is recognised as a store
 
 
-def test_apollo_checkpoint_list_of_a_store_reports_no_broken_checkpoints(
-    files, seed_root, run_cli
-):
+def test_apollo_checkpoint_list_of_a_store_reports_no_broken_checkpoints(files, seed_root, run_cli):
     root = seed_root.root
     ok(run_cli("save", files / "a.safetensors", "--checkpoint-dir", root))  # DIR becomes the store
     res = ok(run_cli("list", "--checkpoint-dir", root, prog="apollo-checkpoint"))
@@ -253,7 +254,9 @@ def test_store_naming_a_file(files, run_cli):
     err = one_error(run_cli("list", "--store", files / "notes.txt"), 1)
     assert "is a file, not an apollo_cas store" in err and "directory" in err
     err = one_error(
-        run_cli("save", files / "a.safetensors", env={"APOLLO_CAS_STORE": str(files / "notes.txt")}),
+        run_cli(
+            "save", files / "a.safetensors", env={"APOLLO_CAS_STORE": str(files / "notes.txt")}
+        ),
         1,
     )
     assert "$APOLLO_CAS_STORE" in err
@@ -468,8 +471,7 @@ def test_sigterm_prints_one_line_exits_143_and_releases_its_lock(three, files, r
         before = sorted(p.name for p in (store / "locks").iterdir())
         env = {k: v for k, v in os.environ.items() if k != "APOLLO_CAS_STORE"}
         p = subprocess.Popen(
-            [sys.executable, "-m", "apollo_cas.cli.main", "save", str(files / "b.safetensors")]
-            + ["--store", str(store), "--force"],
+            [*CLI, "save", str(files / "b.safetensors"), "--store", str(store), "--force"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
