@@ -80,11 +80,15 @@ class PartialFailure(ApolloError):
         failed: list[tuple[object, ApolloError]],
         done_json: dict[str, Any],
         total: int,
+        not_tried: list[str] | None = None,
     ) -> PartialFailure:
         names = ", ".join(str(item) for item, _ in failed)
         message = f"{len(failed)} of {total} {what}s failed ({names}); " + (
             f"done: {', '.join(done_names)}" if done_names else "none was done"
         )
+        if not_tried:
+            message += f"; not tried: {', '.join(not_tried)}"
+            done_json = {**done_json, "not_tried": not_tried}
         failures = [
             {what: str(item), "type": type(e).__name__, "message": e.message, "hint": e.hint}
             for item, e in failed

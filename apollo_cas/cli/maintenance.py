@@ -320,13 +320,14 @@ def forget(refs: tuple[str, ...], store: str | None, series: str, as_json: bool)
     REFs, one that fails does not stop the others; the summary says which
     were forgotten and which not (exit 1).
     """
-    from ..errors import ApolloError
+    from ..errors import AmbiguousRef, ApolloError, InvalidName, RefNotFound, Refused
     from ..gc import forget as run_forget
 
     done: list[str] = []
     failed: list[tuple[object, ApolloError]] = []
+    not_tried: list[str] = []
     with Store.open(need_store(store)) as st:
-        for ref in refs:
+        for i, ref in enumerate(refs):
             try:
                 cid = st.resolve(ref, series)
                 run_forget(st, cid)
@@ -335,6 +336,9 @@ def forget(refs: tuple[str, ...], store: str | None, series: str, as_json: bool)
                     raise
                 note(f"failed: {exc}")
                 failed.append((ref, exc))
+                if not isinstance(exc, (RefNotFound, AmbiguousRef, Refused, InvalidName)):
+                    not_tried = list(refs[i + 1 :])  # the store failed: so would the rest
+                    break
                 continue
             done.append(cid)
             if not as_json:
@@ -343,7 +347,12 @@ def forget(refs: tuple[str, ...], store: str | None, series: str, as_json: bool)
         note("run 'apollo-cas gc' to reclaim the chunks only they used")
     if failed:
         raise PartialFailure.of(
-            "ref", [c[:12] for c in done], failed, {"forgotten": done}, total=len(refs)
+            "ref",
+            [c[:12] for c in done],
+            failed,
+            {"forgotten": done},
+            total=len(refs),
+            not_tried=not_tried,
         )
     if as_json:
         emit_json({"forgotten": done})

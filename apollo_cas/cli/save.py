@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from .. import codecs
-from ..errors import ApolloError, SourceNotFound, UsageError
+from ..errors import ApolloError, InvalidName, SourceError, SourceNotFound, UsageError
 from ..manifest import DEFAULT_BLOCK_SIZE, SourceInfo
 from ..store import SaveResult, Store, check_block_size
 from .common import (
@@ -128,9 +128,10 @@ def save_sources(
     """Save each source path in order; a seed root imports its whole history.
 
     Each source is its own checkpoint, so one that fails while being read does
-    not stop the others: every failure is reported as it happens, and if any
-    failed the call ends with :class:`PartialFailure` listing what was saved and
-    what was not (exit 1). A single source's error is raised as it is.
+    not stop the others (an error of the store itself does): every failure is
+    reported as it happens, and if any failed the call ends with
+    :class:`PartialFailure` listing what was saved and what was not (exit 1).
+    A single source's error is raised as it is.
     """
     results: list[SaveResult] = []
     saved: list[str] = []
@@ -158,6 +159,13 @@ def save_sources(
                 raise
             note(f"failed: {exc}")
             failed.append((path, exc))
+            if not isinstance(exc, (SourceError, InvalidName)):
+                # The store itself failed (locked, full, unreachable): the next
+                # sources would fail the same way.
+                not_tried = [str(p) for p in paths[i + 1 :]]
+                break
+    else:
+        not_tried = []
     if failed:
         raise PartialFailure.of(
             "source",
@@ -165,6 +173,7 @@ def save_sources(
             failed,
             {"results": [r.to_json() for r in results]},
             total=len(paths),
+            not_tried=not_tried,
         )
     return results
 

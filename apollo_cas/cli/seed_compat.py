@@ -66,25 +66,27 @@ def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
         warn_block_size(bs)
     st, created = open_for_save(str(checkpoint_dir), make_policy("auto", 1, None))
     with st:
-        import_seed_history(st, checkpoint_dir, "default", as_json=False)
-        if bs is None:
-            from .save import store_block_size
+        try:
+            import_seed_history(st, checkpoint_dir, "default", as_json=False)
+            if bs is None:
+                from .save import store_block_size
 
-            bs = store_block_size(st, "default")
-        save_sources(
-            st,
-            [handles],
-            kind="handles",
-            series="default",
-            tag=None,
-            block_size=bs,
-            force=False,
-            meta={},
-            rank=None,
-            world_size=None,
-            as_json=False,
-        )
-        announce_created(st, created)
+                bs = store_block_size(st, "default")
+            save_sources(
+                st,
+                [handles],
+                kind="handles",
+                series="default",
+                tag=None,
+                block_size=bs,
+                force=False,
+                meta={},
+                rank=None,
+                world_size=None,
+                as_json=False,
+            )
+        finally:
+            announce_created(st, created)
 
 
 @compat.command("list")
