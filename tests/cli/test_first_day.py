@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,17 +73,25 @@ def save(run_cli, store, *sources, **kw):
     return run_cli(*args, *kw.pop("extra", ()), **kw)
 
 
-@pytest.fixture
-def three(files, tmp_store, run_cli):
+@pytest.fixture(scope="module")
+def three_built(files, fast_mkdtemp, run_cli):
     """A store with a (tagged base), b, c saved in that order; returns (store, ids)."""
+    store = fast_mkdtemp("first-day-store") / "store"
     ids = []
     for i, name in enumerate("abc"):
         extra = ["--tag", "base"] if i == 0 else []
-        r = as_json(
-            save(run_cli, tmp_store, files / f"{name}.safetensors", extra=[*extra, "--json"])
-        )
+        r = as_json(save(run_cli, store, files / f"{name}.safetensors", extra=[*extra, "--json"]))
         ids.append(r["checkpoint"])
-    return Path(tmp_store), ids
+    return store, ids
+
+
+@pytest.fixture
+def three(three_built, fast_tmp_dir):
+    """A private copy of :func:`three_built` (commands may change it)."""
+    src, ids = three_built
+    dst = fast_tmp_dir / "store"
+    shutil.copytree(src, dst, symlinks=True)
+    return dst, ids
 
 
 # ---------------------------------------------------------------------------
@@ -477,7 +486,14 @@ def test_sigterm_prints_one_line_exits_143_and_releases_its_lock(three, files, r
             text=True,
             env=env,
         )
-        time.sleep(4)
+        # Deliver it once the save is waiting: its lock attempts come and go in
+        # locks/ (startup takes a second or two; allow a loaded machine 20 s).
+        deadline = time.time() + 20
+        while time.time() < deadline and p.poll() is None:
+            if set(os.listdir(store / "locks")) - set(before):
+                break
+            time.sleep(0.002)
+        time.sleep(0.2)
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
         assert p.returncode == 143, (p.returncode, out, err)
