@@ -37,7 +37,23 @@ def refuse_foreign_directory(location: str) -> None:
     if "://" in location or not os.path.isdir(location):
         return
     root = Path(location)
-    others = [p.name for p in root.iterdir() if not (p.name == "latest" and p.is_symlink())]
+    # What an interrupted first save may leave (its chunks and locks, no config
+    # yet) is the store being made, not someone's files.
+    own = {
+        prefix.split("/", 1)[0]
+        for prefix in (
+            layout.CHUNKS_PREFIX,
+            layout.MANIFESTS_PREFIX,
+            layout.GROUPS_PREFIX,
+            layout.SERIES_PREFIX,
+            layout.LOCKS_PREFIX,
+        )
+    }
+    others = [
+        p.name
+        for p in root.iterdir()
+        if not (p.name == "latest" and p.is_symlink()) and not (p.name in own and p.is_dir())
+    ]
     if others and not is_checkpoint_root(root):
         shown = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
         raise Refused(

@@ -409,6 +409,10 @@ def test_first_save_says_it_created_the_store_and_refuses_a_foreign_directory(
     assert sorted(p.name for p in busy.iterdir()) == ["thesis.tex"]
     ok(run_cli("save", files / "a.safetensors", "--store", busy, "--force"))
     assert (busy / "config").is_file()
+    # what an interrupted first save leaves (its chunks, no config) is no one's files
+    half = tmp_path / "half"
+    (half / "chunks" / "ab").mkdir(parents=True)
+    ok(run_cli("save", files / "a.safetensors", "--store", half))
 
 
 def test_restore_says_what_it_replaced(three, tmp_path, run_cli):
