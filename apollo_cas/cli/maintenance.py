@@ -243,6 +243,15 @@ def _held_as_bases(
     return len(held), size
 
 
+class Damage(DamageFound):
+    """What verify found, with its report for the ``--json`` error document (one
+    JSON document on stdout: the report and the error together)."""
+
+    def __init__(self, message: str, hint: str, done: dict[str, Any]) -> None:
+        super().__init__(message, hint)
+        self.done = done
+
+
 @click.command()
 @store_option
 @click.option(
@@ -277,7 +286,8 @@ def verify(
     with Store.open(need_store(store)) as st, _stage_bar(not as_json) as bar:
         r = run_verify(st, read_data=read_data, subset=subset, progress=bar, lock=not no_lock)
     if as_json:
-        emit_json(r.to_json())
+        if r.ok:
+            emit_json(r.to_json())
     else:
         for d in r.damaged_refs:
             click.echo(f"damaged ref {d.ref} -> {d.target[:12] or '?'}: {d.reason}")
@@ -301,9 +311,10 @@ def verify(
                 )
             )
     if not r.ok:
-        raise DamageFound(
+        raise Damage(
             r.summary(),
             "restore a checkpoint it does not break; see docs/CONCURRENCY.md for repairs",
+            r.to_json(),
         )
 
 
