@@ -1,6 +1,6 @@
 """Exit codes: one table, at the edge where errors leave the program.
 
-The rule: 2 means the command line itself is wrong (an unknown option, a
+The help text (``cli/main.py``) and the README list the same codes. The rule: 2 means the command line itself is wrong (an unknown option, a
 value that cannot be read, a name that is not allowed) and retrying it
 unchanged can never work; 1 means the command was well formed but the world
 said no (a ref that names nothing, a refusal because of what the store holds,
@@ -35,12 +35,3 @@ def code_for(exc: ApolloError) -> int:
         if isinstance(exc, cls):
             return code
     return ERROR
-
-
-#: The table as the help text and the README show it.
-HELP = (
-    "Exit codes: 0 success; 1 error (one line on stderr: what, and what to do), "
-    "including not found and refusals because of what the store holds; 2 usage error "
-    "(bad option, value or name); 3 verify found damage; 130 interrupted (Ctrl-C); "
-    "143 terminated (SIGTERM)."
-)
