@@ -1,11 +1,12 @@
 """Exit codes: one table, at the edge where errors leave the program.
 
-The help text (``cli/main.py``) and the README list the same codes. The rule: 2 means the command line itself is wrong (an unknown option, a
+The rule: 2 means the command line itself is wrong (an unknown option, a
 value that cannot be read, a name that is not allowed) and retrying it
 unchanged can never work; 1 means the command was well formed but the world
 said no (a ref that names nothing, a refusal because of what the store holds,
 a source that cannot be read, an I/O error). Scripts can tell "fix the cron
-line" from "look at the store" by the code alone.
+line" from "look at the store" by the code alone. The help text
+(``cli/main.py``) and the README list the same codes.
 """
 
 from __future__ import annotations
