@@ -8,7 +8,8 @@ CLI prints ``error: <message> (<hint>)`` and exits with ``exit_code``.
 
     ApolloError                     exit 1
     ├── UsageError                  exit 2  bad option values, bad names
-    │   └── InvalidName                     a name that would escape its directory
+    │   ├── InvalidName                     a name that would escape its directory
+    │   └── Refused                 exit 1  well formed, but what the store holds forbids it
     ├── StoreError
     │   ├── StoreNotFound                   no store at that location
     │   ├── FormatVersionError              store written by another format version
@@ -60,6 +61,14 @@ class UsageError(ApolloError):
 
 class InvalidName(UsageError):
     """A tensor, tag, series or key name that is empty, too long or would escape its directory."""
+
+
+class Refused(UsageError):
+    """A well-formed request that the store's state forbids (a tag that already
+    names another checkpoint, forgetting a tagged checkpoint). A ``UsageError``
+    for callers that catch those, but it exits 1: the command line was right."""
+
+    exit_code = 1
 
 
 class StoreError(ApolloError):
@@ -175,6 +184,7 @@ __all__ = [
     "ObjectNotFound",
     "PermissionDenied",
     "RefNotFound",
+    "Refused",
     "SourceError",
     "SourceNotFound",
     "StaleHandles",

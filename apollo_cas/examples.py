@@ -27,8 +27,13 @@ class ModelShape:
     kv_heads_ratio: int = 4  # hidden / kv width (grouped-query attention)
 
     @classmethod
-    def for_bytes(cls, target: int, itemsize: int = 2) -> ModelShape:
-        """A shape whose weights take about ``target`` bytes (hidden grows with size)."""
+    def for_bytes(cls, target: int, itemsize: int = 2, min_layers: int = 1) -> ModelShape:
+        """A shape whose weights take about ``target`` bytes (hidden grows with size).
+
+        With ``min_layers``, a narrower model is taken when the usual width would
+        leave fewer layers (the embeddings alone can fill a small target); below
+        :meth:`smallest` of that many layers the result is larger than ``target``.
+        """
         hidden = (
             4096
             if target >= 8 << 30
@@ -40,16 +45,34 @@ class ModelShape:
             if target >= 16 << 20
             else 256
         )
-        base = cls(
+        while True:
+            base = cls._base(hidden)
+            per_layer = base.layer_elements() * itemsize
+            fixed = base.fixed_elements() * itemsize
+            layers = max(1, round((target - fixed) / per_layer))
+            if layers >= min_layers or hidden <= 256:
+                break
+            hidden //= 2
+        return cls(base.vocab, hidden, base.intermediate, max(layers, min_layers))
+
+    @classmethod
+    def smallest(cls, layers: int) -> ModelShape:
+        """The smallest shape :meth:`for_bytes` makes with ``layers`` layers."""
+        base = cls._base(256)
+        return cls(base.vocab, base.hidden, base.intermediate, layers)
+
+    @classmethod
+    def _base(cls, hidden: int) -> ModelShape:
+        return cls(
             vocab=32000 if hidden >= 2048 else 8192 if hidden >= 512 else 4096,
             hidden=hidden,
             intermediate=int(hidden * 2.75) // 64 * 64,
             layers=1,
         )
-        per_layer = base.layer_elements() * itemsize
-        fixed = base.fixed_elements() * itemsize
-        layers = max(1, round((target - fixed) / per_layer))
-        return cls(base.vocab, hidden, base.intermediate, layers)
+
+    def nbytes(self, itemsize: int = 2) -> int:
+        """Bytes of all weights of this shape."""
+        return (self.fixed_elements() + self.layers * self.layer_elements()) * itemsize
 
     def layer_elements(self) -> int:
         h, kv, i = self.hidden, self.hidden // self.kv_heads_ratio, self.intermediate

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
-from .errors import ApolloError, CorruptManifest, ObjectNotFound, UsageError
+from .errors import ApolloError, CorruptManifest, ObjectNotFound, Refused
 from .manifest import Manifest
 from .parallel import bounded_map
 from .retention import RetentionPolicy, select
@@ -351,21 +351,21 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
     with store.locks.hold("exclusive", f"forget {checkpoint_id[:12]}", timeout=lock_timeout):
         tags = sorted(t for t, c in store.tags().items() if c == checkpoint_id)
         if tags:
-            raise UsageError(
+            raise Refused(
                 f"checkpoint {checkpoint_id[:12]} is tagged {', '.join(tags)}",
-                f"delete the tag first: apollo-cas tag - {tags[0]} --delete",
+                f"delete the tag first: apollo-cas tag --delete {tags[0]}",
             )
         for g in _groups(store):
             ranks = sorted(r for r, c in g.members.items() if c == checkpoint_id)
             if ranks:
-                raise UsageError(
+                raise Refused(
                     f"checkpoint {checkpoint_id[:12]} is rank {ranks[0]} of group "
                     f"{g.series}/{g.name}",
                     "a group is kept or forgotten as a whole by gc's retention policy",
                 )
         latest = sorted(s for s, c in store.series().items() if c == checkpoint_id)
         if latest:
-            raise UsageError(
+            raise Refused(
                 f"checkpoint {checkpoint_id[:12]} is the latest of series {', '.join(latest)}",
                 "the latest checkpoint of a series is always kept; save a newer one first",
             )

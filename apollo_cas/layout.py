@@ -42,12 +42,21 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=-]{0,127}$")
 
 
 def check_name(name: str, what: str) -> str:
-    """Return ``name`` if it is a safe single path component, else raise InvalidName."""
+    """Return ``name`` if it is a safe single path component, else raise InvalidName.
+
+    A tag may not look like the REF form ``latest@SERIES``: REF resolution reads
+    that form first, so such a tag could never be named.
+    """
     if not isinstance(name, str) or not _NAME.match(name) or name in {"latest"}:
         raise InvalidName(
             f"invalid {what} name {name!r}",
             "use 1-128 letters, digits, '_', '-', '.', '@', '+', '=', not starting with "
             "'.' or '-', and not the reserved word 'latest'",
+        )
+    if what == "tag" and name.startswith("latest@"):
+        raise InvalidName(
+            f"invalid tag name {name!r}: 'latest@SERIES' is how a REF names a series' latest",
+            "pick a tag name that does not start with 'latest@'",
         )
     return name
 

@@ -26,9 +26,20 @@ def _raw_sizes(manifests: list[Manifest]) -> dict[bytes, int]:
     return sizes
 
 
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("inf")
+
+
 @dataclass
 class CheckpointRow:
-    """One line of ``list`` / ``stats``."""
+    """One line of ``list`` / ``stats``.
+
+    Dedup and compression are kept apart, as borg's ``info`` does: of
+    ``logical_bytes`` (the checkpoint's size), ``new_raw_bytes`` were blocks the
+    store lacked (dedup ratio = logical / new raw) and those took
+    ``new_stored_bytes`` once compressed (compression ratio = new raw / new
+    stored). A save whose blocks were all new has a dedup ratio of 1.
+    """
 
     id: str
     created: float
@@ -38,8 +49,10 @@ class CheckpointRow:
     tensors: int
     logical_bytes: int
     new_chunks: int
+    new_raw_bytes: int
     new_stored_bytes: int
     dedup_ratio: float
+    compression_ratio: float
     source: dict[str, Any]
     parent: str | None
 
@@ -56,10 +69,10 @@ class CheckpointRow:
             tensors=len(m.tensors),
             logical_bytes=m.logical_bytes,
             new_chunks=st.new_chunks,
+            new_raw_bytes=st.new_raw_bytes,
             new_stored_bytes=st.new_stored_bytes,
-            dedup_ratio=(m.logical_bytes / st.new_stored_bytes)
-            if st.new_stored_bytes
-            else float("inf"),
+            dedup_ratio=_ratio(m.logical_bytes, st.new_raw_bytes),
+            compression_ratio=_ratio(st.new_raw_bytes, st.new_stored_bytes),
             source={
                 "kind": m.source.kind,
                 "location": m.source.location,
@@ -72,8 +85,9 @@ class CheckpointRow:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["dedup_ratio"] == float("inf"):
-            d["dedup_ratio"] = None
+        for k in ("dedup_ratio", "compression_ratio"):
+            if d[k] == float("inf"):
+                d[k] = None  # nothing new: no ratio
         return d
 
 
@@ -83,17 +97,35 @@ def list_rows(store: Store) -> list[CheckpointRow]:
 
 @dataclass
 class StoreStats:
-    """Totals of a store: what users saved vs what it costs."""
+    """Totals of a store: what users saved vs what it costs.
+
+    As borg's ``info``: ``logical_bytes`` is the original size of all
+    checkpoints, ``compressed_bytes`` what they would take each stored on its
+    own (the stored size of every chunk of every checkpoint, shared chunks
+    counted once per checkpoint; a delta chunk counts its delta) and
+    ``deduplicated_bytes`` what the store holds for them (each chunk once).
+
+    Delta bases: a changed block may be stored as an XOR delta against the
+    parent's block, so that older chunk stays as long as the delta does, even
+    after gc forgot every checkpoint that used it directly.
+    ``base_only_chunks`` / ``base_only_stored_bytes`` count those; they are why
+    a ``gc --keep-last 1`` can free less than the forgotten checkpoints' new
+    bytes. The compression ratio is over the chunks checkpoints use directly.
+    """
 
     checkpoints: int
-    logical_bytes: int  # sum of every checkpoint's size
-    unique_chunks: int  # chunks referenced by some checkpoint
-    unique_raw_bytes: int  # their decoded size
+    logical_bytes: int  # sum of every checkpoint's size (original)
+    compressed_bytes: int  # sum over checkpoints of their chunks' stored sizes
+    deduplicated_bytes: int  # stored size of the chunks checkpoints need, each once
+    unique_chunks: int  # chunks checkpoints need: used directly or as delta bases
+    unique_raw_bytes: int  # decoded size of the chunks used directly
+    base_only_chunks: int  # chunks kept only as delta bases of other chunks
+    base_only_stored_bytes: int
     stored_bytes: int  # bytes of every chunk object (referenced or not)
     stored_chunks: int
     unreferenced_chunks: int
     dedup_ratio: float  # logical / unique raw
-    compression_ratio: float  # unique raw / stored
+    compression_ratio: float  # unique raw / stored size of the chunks used directly
     total_ratio: float  # logical / stored
     per_checkpoint: list[CheckpointRow] = field(default_factory=list)
 
@@ -103,30 +135,50 @@ class StoreStats:
         return d
 
 
+def base_only(manifests: list[Manifest]) -> set[bytes]:
+    """Chunks that ``manifests`` need only as delta bases (no tensor uses them)."""
+    used = {c for m in manifests for t in m.tensors for c in t.chunks}
+    return {b for m in manifests for b in m.bases.values()} - used
+
+
 def store_stats(store: Store) -> StoreStats:
     cps = store.checkpoints()
     manifests = [c.manifest for c in cps]
     raw = _raw_sizes(manifests)
-    for m in manifests:
-        for b in m.bases.values():
-            raw.setdefault(b, 0)
+    bases = base_only(manifests)
     keys = list(store.backend.list(layout.CHUNKS_PREFIX))
     sizes = list(bounded_map(lambda k: store.backend.info(k).size, keys, store.workers))
+    by_id = {
+        cid: n
+        for cid, n in zip((layout.chunk_id_from_key(k) for k in keys), sizes, strict=True)
+        if cid
+    }
     stored = sum(sizes)
-    present = {layout.chunk_id_from_key(k) for k in keys}
-    referenced_hex = {c.hex() for c in raw}
+    used_stored = sum(by_id.get(c.hex(), 0) for c in raw)
+    bases_stored = sum(by_id.get(c.hex(), 0) for c in bases)
+    # Each checkpoint on its own: its chunks, plus the delta bases only it needs.
+    compressed = sum(
+        sum(by_id.get(c.hex(), 0) for t in m.tensors for c in t.chunks)
+        + sum(by_id.get(c.hex(), 0) for c in base_only([m]))
+        for m in manifests
+    )
+    needed_hex = {c.hex() for c in raw} | {c.hex() for c in bases}
     logical = sum(m.logical_bytes for m in manifests)
     unique_raw = sum(raw.values())
     return StoreStats(
         checkpoints=len(cps),
         logical_bytes=logical,
-        unique_chunks=len(raw),
+        compressed_bytes=compressed,
+        deduplicated_bytes=used_stored + bases_stored,
+        unique_chunks=len(raw) + len(bases),
         unique_raw_bytes=unique_raw,
+        base_only_chunks=len(bases),
+        base_only_stored_bytes=bases_stored,
         stored_bytes=stored,
         stored_chunks=len(keys),
-        unreferenced_chunks=len(present - referenced_hex),
+        unreferenced_chunks=len(set(by_id) - needed_hex),
         dedup_ratio=logical / unique_raw if unique_raw else 1.0,
-        compression_ratio=unique_raw / stored if stored else 1.0,
+        compression_ratio=unique_raw / used_stored if used_stored else 1.0,
         total_ratio=logical / stored if stored else 1.0,
         per_checkpoint=[CheckpointRow.of(c) for c in cps],
     )

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import codecs, layout
+from . import codecs, frontend, layout
 from .backends import Backend, open_backend
 from .chunkstore import ChunkStore
 from .decoding import Decoder
@@ -23,6 +23,7 @@ from .errors import (
     InvalidName,
     ObjectNotFound,
     RefNotFound,
+    Refused,
     StoreNotFound,
     UsageError,
 )
@@ -139,7 +140,7 @@ class Store:
             if not create:
                 raise StoreNotFound(
                     f"no apollo_cas store at {where}",
-                    "check --store / APOLLO_CAS_STORE; a store is created by its first save",
+                    f"check {frontend.store_origin()}; a store is created by its first save",
                 ) from None
         self.backend.put_if_absent(layout.CONFIG_KEY, StoreConfig().encode())
         return None
@@ -201,7 +202,7 @@ class Store:
             for _ in range(_CAS_RETRIES):
                 current = self._read_ref(key)
                 if current is not None and current != target and not force:
-                    raise UsageError(
+                    raise Refused(
                         f"tag {name!r} already names {current[:12]}",
                         "pick another name, or pass --force to move it",
                     )
@@ -270,7 +271,9 @@ class Store:
         if target:
             return target
         low = ref.lower()
-        if len(low) >= 4 and all(c in "0123456789abcdef" for c in low):
+        # Any unique prefix, down to one character, as the help says (git wants
+        # four, but a store holds far fewer checkpoints than a repository commits).
+        if low and all(c in "0123456789abcdef" for c in low):
             hits = [c for c in self.checkpoint_ids() if c.startswith(low)]
             if len(hits) == 1:
                 return hits[0]
@@ -424,7 +427,7 @@ class Store:
                 else GroupRecord(series=base_series, name=name, world_size=world, members={})
             )
             if rec.world_size != world:
-                raise UsageError(
+                raise Refused(
                     f"group {name!r} has world size {rec.world_size}, this rank says {world}",
                     "use another --group name for a different parallel layout",
                 )

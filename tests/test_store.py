@@ -323,8 +323,8 @@ def test_id_prefixes_unique_ambiguous_unknown(tmp_store):
             st.resolve(unknown)
         with pytest.raises(RefNotFound):
             st.resolve("zzzz")
-        with pytest.raises(RefNotFound):
-            st.resolve(id1[:3])  # too short to be taken as a prefix
+        with pytest.raises(AmbiguousRef):
+            st.resolve(id1[:1])  # any prefix is one (issue 12); this one is shared
 
 
 def test_metadata_rank_and_world_size_are_recorded(tmp_store, make_model):

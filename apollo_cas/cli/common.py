@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import UsageError
+from .. import frontend
+from ..errors import ApolloError, StoreNotFound, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,10 +40,64 @@ series_option = click.option(
 )
 
 
-def need_store(store: str | None) -> str:
+def need_store(store: str | None, origin: str | None = None) -> str:
+    """The store location of this command, with where it came from recorded for
+    error hints (``--store``, ``$APOLLO_CAS_STORE``, or ``origin``); a path that
+    is a file is refused here, before any backend reads ``FILE/config``."""
     if not store:
         raise UsageError("no store given", f"pass --store STORE or set {STORE_ENV}")
+    if origin is None:
+        ctx = click.get_current_context(silent=True)
+        from_env = (
+            ctx is not None
+            and ctx.get_parameter_source("store") == click.core.ParameterSource.ENVIRONMENT
+        )
+        origin = f"${STORE_ENV}" if from_env else "--store"
+    frontend.set_store_origin(origin)
+    if "://" not in store and os.path.exists(store) and not os.path.isdir(store):
+        raise StoreNotFound(
+            f"{store} (from {origin}) is a file, not an apollo_cas store",
+            f"a store is a directory holding 'config': fix {origin}, or name a new "
+            "directory for a new store",
+        )
     return store
+
+
+class PartialFailure(ApolloError):
+    """A command over several items (sources to save, refs to forget) did some and
+    failed on others. Each failure was reported on stderr as it happened; this
+    is the summary line. ``done`` goes into the ``--json`` error document."""
+
+    def __init__(self, message: str, hint: str | None, done: dict[str, Any]) -> None:
+        super().__init__(message, hint)
+        self.done = done
+
+    @classmethod
+    def of(
+        cls,
+        what: str,
+        done_names: list[str],
+        failed: list[tuple[object, ApolloError]],
+        done_json: dict[str, Any],
+        total: int,
+        not_tried: list[str] | None = None,
+    ) -> PartialFailure:
+        names = ", ".join(str(item) for item, _ in failed)
+        message = f"{len(failed)} of {total} {what}s failed ({names}); " + (
+            f"done: {', '.join(done_names)}" if done_names else "none was done"
+        )
+        if not_tried:
+            message += f"; not tried: {', '.join(not_tried)}"
+            done_json = {**done_json, "not_tried": not_tried}
+        failures = [
+            {what: str(item), "type": type(e).__name__, "message": e.message, "hint": e.hint}
+            for item, e in failed
+        ]
+        return cls(
+            message,
+            "each failure is shown above; fix those and run them again",
+            {**done_json, "failed": failures},
+        )
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

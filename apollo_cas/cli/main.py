@@ -1,20 +1,34 @@
 """``apollo-cas``: the entry point, and where errors become exit codes.
 
-Exit codes: 0 success, 1 error (one line on stderr: what, and what to do),
-2 usage error, 3 ``verify`` found damage, 130 interrupted.
+Exit codes come from one table (:mod:`apollo_cas.cli.exits`): 0 success, 1 error
+(one line on stderr: what, and what to do), 2 usage error, 3 ``verify`` found
+damage, 130 interrupted, 143 terminated.
+
+Under ``--json`` an error is reported twice: the usual one line on stderr, and
+on stdout one JSON object ``{"error": {"type", "message", "hint", "exit_code"}}``
+(plus what was done before it, for commands that work through several items),
+so that a script reading stdout always gets one JSON document.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 import click
 
+from .. import frontend
 from ..errors import ApolloError
-from . import demo, maintenance, report, restore, save
+from . import demo, exits, maintenance, report, restore, save
 from .allocator import keep_freed_memory
+from .common import emit_json
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,7 +42,19 @@ def cli() -> None:
     tensors in memory.
 
     STORE is a directory or s3://bucket/prefix; $APOLLO_CAS_STORE is the default.
-    REF is a checkpoint id (a unique prefix is enough), a tag, or 'latest'.
+    REF is a checkpoint id (any unique prefix of it), a tag, 'latest' (of the
+    --series, 'default' unless given) or 'latest@SERIES'.
+
+    Results go to stdout; --json works on every command (errors under --json are
+    also a JSON object on stdout). Progress and notes go to stderr.
+
+    \b
+    Exit codes: 0 success
+                1 error: not found, refused because of what the store holds,
+                  unreadable source, I/O (one line on stderr)
+                2 usage error: bad option, value or name
+                3 verify found damage
+                130 interrupted (Ctrl-C), 143 terminated (SIGTERM)
     """
 
 
@@ -45,38 +71,100 @@ for command in (
     cli.add_command(command)
 
 
-def run(group: click.Group, args: list[str] | None = None, prog: str = "apollo-cas") -> int:
-    """Run a click group with apollo_cas's error contract; returns the exit code."""
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every lock and temporary is
+    released on the way out, as Ctrl-C does (a BaseException, like
+    KeyboardInterrupt: no ``except Exception`` swallows it)."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        group.main(args=args, prog_name=prog, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code or 0)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return 130
-    except ApolloError as exc:
-        click.echo(f"error: {exc}", err=True)
-        if os.environ.get("APOLLO_CAS_DEBUG"):
-            traceback.print_exc()
-        return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted; the store is unchanged up to the last completed step", err=True)
-        return 130
-    except BrokenPipeError:
-        return 1
-    except Exception as exc:  # a bug: still one line, with the way to get details
-        click.echo(
-            f"internal error: {type(exc).__name__}: {exc} "
-            "(set APOLLO_CAS_DEBUG=1 for a traceback and report it)",
-            err=True,
-        )
-        if os.environ.get("APOLLO_CAS_DEBUG"):
-            traceback.print_exc()
-        return 1
-    return 0
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _wants_json(args: list[str]) -> bool:
+    head = args[: args.index("--")] if "--" in args else args
+    return "--json" in head
+
+
+def error_json(exc: BaseException, code: int) -> dict[str, Any]:
+    """The JSON document of an error (``--json``): what, what to do, the exit code."""
+    if isinstance(exc, ApolloError):
+        err = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    elif isinstance(exc, click.ClickException):
+        err = {"type": "UsageError", "message": exc.format_message(), "hint": None}
+    else:
+        err = {"type": type(exc).__name__, "message": str(exc), "hint": None}
+    done = getattr(exc, "done", None)  # what a command of several items finished first
+    return {**(done or {}), "error": {**err, "exit_code": code}}
+
+
+def run(
+    group: click.Group,
+    args: list[str] | None = None,
+    prog: str = "apollo-cas",
+    fe: frontend.Frontend = frontend.APOLLO_CAS,
+) -> int:
+    """Run a click group with apollo_cas's error contract; returns the exit code."""
+    argv = list(sys.argv[1:] if args is None else args)
+    as_json = _wants_json(argv)
+    with frontend.using(fe), _sigterm_unwinds():
+        try:
+            group.main(args=argv, prog_name=prog, standalone_mode=False)
+        except click.exceptions.Exit as exc:
+            return int(exc.exit_code or 0)
+        except click.ClickException as exc:
+            exc.show()
+            if as_json:
+                emit_json(error_json(exc, exc.exit_code))
+            return exc.exit_code
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            return exits.INTERRUPTED
+        except ApolloError as exc:
+            code = exits.code_for(exc)
+            click.echo(f"error: {exc}", err=True)
+            if os.environ.get("APOLLO_CAS_DEBUG"):
+                traceback.print_exc()
+            if as_json:
+                emit_json(error_json(exc, code))
+            return code
+        except KeyboardInterrupt:
+            click.echo(
+                "interrupted; the store is unchanged up to the last completed step", err=True
+            )
+            return exits.INTERRUPTED
+        except Terminated:
+            click.echo(
+                "terminated (SIGTERM); the store is unchanged up to the last completed step",
+                err=True,
+            )
+            return exits.TERMINATED
+        except BrokenPipeError:
+            return exits.ERROR
+        except Exception as exc:  # a bug: still one line, with the way to get details
+            click.echo(
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(set APOLLO_CAS_DEBUG=1 for a traceback and report it)",
+                err=True,
+            )
+            if os.environ.get("APOLLO_CAS_DEBUG"):
+                traceback.print_exc()
+            if as_json:
+                emit_json(error_json(exc, exits.ERROR))
+            return exits.ERROR
+    return exits.OK
 
 
 def main() -> None:

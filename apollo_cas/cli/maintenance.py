@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import click
 from ..errors import DamageFound
 from ..store import Store
 from .common import (
+    PartialFailure,
     emit_json,
     human_bytes,
     human_time,
@@ -155,8 +157,14 @@ def gc(
     with Store.open(need_store(store)) as st, _stage_bar(not as_json) as bar:
         checkpoints = {c.checkpoint_id: c for c in st.checkpoints()}
         r = run_gc(st, policy, dry_run=dry_run, grace=grace_s, progress=bar)
+        held = _held_as_bases(st, checkpoints, r.kept, r.forgotten)
     if as_json:
-        emit_json(r.to_json())
+        emit_json(
+            {
+                **r.to_json(),
+                "held_as_delta_bases": {"chunks": held[0], "stored_bytes": held[1]},
+            }
+        )
         return
     verb = "would forget" if dry_run else "forgot"
     if r.forgotten:
@@ -172,6 +180,27 @@ def gc(
             )
         click.echo(f"{verb} {len(r.forgotten)} checkpoint(s):")
         click.echo(table(rows, ["ID", "TIME", "SERIES"]))
+    if dry_run and r.kept:
+        rows = []
+        for cid in r.kept:
+            cp = checkpoints.get(cid)
+            rows.append(
+                [
+                    cid[:12],
+                    human_time(cp.manifest.created) if cp else "-",
+                    cp.manifest.series if cp else "-",
+                    "; ".join(r.reasons.get(cid) or ["-"]),
+                ]
+            )
+        click.echo(f"would keep {len(r.kept)} checkpoint(s):")
+        click.echo(table(rows, ["ID", "TIME", "SERIES", "KEPT BY"]))
+    if held[0]:
+        note(
+            f"{held[0]} chunk(s) ({human_bytes(held[1])}) of the forgotten checkpoints "
+            f"{'would stay' if dry_run else 'stay'}: kept checkpoints store blocks as XOR deltas "
+            "of them (see the delta bases line of 'apollo-cas stats'; saves with --no-delta "
+            "store whole blocks)"
+        )
     if dry_run:
         click.echo(
             f"dry run ({r.policy}): would keep {len(r.kept)} checkpoint(s), delete "
@@ -184,6 +213,43 @@ def gc(
         f"manifest(s) and {r.chunks_deleted} chunk(s), freed {human_bytes(r.bytes_freed)}, "
         f"removed {r.temporaries_removed} leftover(s) in {r.seconds:.2f}s"
     )
+
+
+def _held_as_bases(
+    st: Store, checkpoints: dict[str, Any], kept: list[str], forgotten: list[str]
+) -> tuple[int, int]:
+    """Chunks the forgotten checkpoints used that stay as delta bases of kept ones,
+    and their stored bytes (what makes a gc free less than expected)."""
+    from .. import layout
+    from ..errors import ApolloError
+    from ..reports import base_only
+
+    if not forgotten:
+        return 0, 0
+    kept_m = [checkpoints[c].manifest for c in kept if c in checkpoints]
+    gone = {
+        ch
+        for c in forgotten
+        if c in checkpoints
+        for t in checkpoints[c].manifest.tensors
+        for ch in t.chunks
+    }
+    held = base_only(kept_m) & gone
+    size = 0
+    for ch in held:
+        # A store layout without one object per chunk: count them only.
+        with contextlib.suppress(ApolloError):
+            size += st.backend.info(layout.chunk_key(ch.hex())).size
+    return len(held), size
+
+
+class Damage(DamageFound):
+    """What verify found, with its report for the ``--json`` error document (one
+    JSON document on stdout: the report and the error together)."""
+
+    def __init__(self, message: str, hint: str, done: dict[str, Any]) -> None:
+        super().__init__(message, hint)
+        self.done = done
 
 
 @click.command()
@@ -220,7 +286,8 @@ def verify(
     with Store.open(need_store(store)) as st, _stage_bar(not as_json) as bar:
         r = run_verify(st, read_data=read_data, subset=subset, progress=bar, lock=not no_lock)
     if as_json:
-        emit_json(r.to_json())
+        if r.ok:
+            emit_json(r.to_json())
     else:
         for d in r.damaged_refs:
             click.echo(f"damaged ref {d.ref} -> {d.target[:12] or '?'}: {d.reason}")
@@ -244,9 +311,10 @@ def verify(
                 )
             )
     if not r.ok:
-        raise DamageFound(
+        raise Damage(
             r.summary(),
             "restore a checkpoint it does not break; see docs/CONCURRENCY.md for repairs",
+            r.to_json(),
         )
 
 
@@ -259,22 +327,46 @@ def forget(refs: tuple[str, ...], store: str | None, series: str, as_json: bool)
     """Drop checkpoints REF...; their chunks are reclaimed by the next gc.
 
     A tagged checkpoint or a series' latest is refused: delete the tag first
-    (apollo-cas tag - NAME --delete) or save a newer checkpoint.
+    (apollo-cas tag --delete NAME) or save a newer checkpoint. With several
+    REFs, one that fails does not stop the others; the summary says which
+    were forgotten and which not (exit 1).
     """
+    from ..errors import AmbiguousRef, ApolloError, InvalidName, RefNotFound, Refused
     from ..gc import forget as run_forget
 
-    done = []
+    done: list[str] = []
+    failed: list[tuple[object, ApolloError]] = []
+    not_tried: list[str] = []
     with Store.open(need_store(store)) as st:
-        for ref in refs:
-            cid = st.resolve(ref, series)
-            run_forget(st, cid)
+        for i, ref in enumerate(refs):
+            try:
+                cid = st.resolve(ref, series)
+                run_forget(st, cid)
+            except ApolloError as exc:
+                if len(refs) == 1:
+                    raise
+                note(f"failed: {exc}")
+                failed.append((ref, exc))
+                if not isinstance(exc, (RefNotFound, AmbiguousRef, Refused, InvalidName)):
+                    not_tried = list(refs[i + 1 :])  # the store failed: so would the rest
+                    break
+                continue
             done.append(cid)
             if not as_json:
                 click.echo(f"forgot {cid[:12]}")
+    if done and not as_json:
+        note("run 'apollo-cas gc' to reclaim the chunks only they used")
+    if failed:
+        raise PartialFailure.of(
+            "ref",
+            [c[:12] for c in done],
+            failed,
+            {"forgotten": done},
+            total=len(refs),
+            not_tried=not_tried,
+        )
     if as_json:
         emit_json({"forgotten": done})
-    else:
-        note("run 'apollo-cas gc' to reclaim the chunks only they used")
 
 
 COMMANDS = [unlock, gc, verify, forget]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import reports
+from ..errors import UsageError
 from ..store import Store
 from .common import (
     emit_json,
@@ -33,7 +34,14 @@ def _source_text(src: dict[str, object]) -> str:
 @store_option
 @json_option
 def list_cmd(store: str | None, as_json: bool) -> None:
-    """List checkpoints, oldest first: id, time, series, tags, size, new bytes, dedup ratio."""
+    """List checkpoints, oldest first.
+
+    \b
+    SIZE   the checkpoint's size (original bytes)
+    NEW    bytes of its blocks the store lacked (after dedup, before compression)
+    STORED what those new blocks took on disk (after compression)
+    DEDUP  SIZE / NEW; COMPR  NEW / STORED ('-' when nothing was new)
+    """
     with Store.open(need_store(store)) as st:
         rows = reports.list_rows(st)
         groups = st.groups()
@@ -50,13 +58,20 @@ def list_cmd(store: str | None, as_json: bool) -> None:
             r.series,
             ",".join(r.tags + (["latest"] if r.latest else [])),
             human_bytes(r.logical_bytes),
+            human_bytes(r.new_raw_bytes),
             human_bytes(r.new_stored_bytes),
             ratio(r.dedup_ratio),
+            ratio(r.compression_ratio),
             _source_text(r.source),
         ]
         for r in rows
     ]
-    click.echo(table(body, ["ID", "TIME", "SERIES", "REFS", "SIZE", "NEW", "DEDUP", "SOURCE"]))
+    click.echo(
+        table(
+            body,
+            ["ID", "TIME", "SERIES", "REFS", "SIZE", "NEW", "STORED", "DEDUP", "COMPR", "SOURCE"],
+        )
+    )
     if groups:
         click.echo("")
         gbody = [
@@ -103,15 +118,26 @@ def stats(ref: str | None, store: str | None, series: str, as_json: bool) -> Non
     if as_json:
         emit_json(s.to_json())
         return
+    sizes = [human_bytes(n) for n in (s.logical_bytes, s.compressed_bytes, s.deduplicated_bytes)]
     click.echo(
         f"checkpoints        {s.checkpoints}\n"
-        f"logical size       {human_bytes(s.logical_bytes)} (sum of all checkpoints)\n"
-        f"unique data        {human_bytes(s.unique_raw_bytes)} in {s.unique_chunks} chunks\n"
+        f"{'':19s}{'original':12s}{'compressed':12s}deduplicated\n"
+        f"{'all checkpoints':19s}{sizes[0]:12s}{sizes[1]:12s}{sizes[2]}"
+    )
+    bases = (
+        f"\ndelta bases        {s.base_only_chunks} chunks, {human_bytes(s.base_only_stored_bytes)}"
+        " stored, kept only because newer chunks are XOR deltas of them"
+        if s.base_only_chunks
+        else ""
+    )
+    click.echo(
+        f"unique data        {human_bytes(s.unique_raw_bytes)} in {s.unique_chunks - s.base_only_chunks}"
+        f" chunks (before compression){bases}\n"
         f"stored             {human_bytes(s.stored_bytes)} in {s.stored_chunks} chunk objects"
         f" ({s.unreferenced_chunks} unreferenced)\n"
-        f"dedup ratio        {ratio(s.dedup_ratio)}\n"
-        f"compression ratio  {ratio(s.compression_ratio)}\n"
-        f"overall            {ratio(s.total_ratio)}"
+        f"dedup ratio        {ratio(s.dedup_ratio)} (original / unique data)\n"
+        f"compression ratio  {ratio(s.compression_ratio)} (unique data / its stored size)\n"
+        f"overall            {ratio(s.total_ratio)} (original / stored)"
     )
     if s.per_checkpoint:
         click.echo("")
@@ -121,12 +147,19 @@ def stats(ref: str | None, store: str | None, series: str, as_json: bool) -> Non
                 human_time(r.created),
                 human_bytes(r.logical_bytes),
                 str(r.new_chunks),
+                human_bytes(r.new_raw_bytes),
                 human_bytes(r.new_stored_bytes),
                 ratio(r.dedup_ratio),
+                ratio(r.compression_ratio),
             ]
             for r in s.per_checkpoint
         ]
-        click.echo(table(body, ["ID", "TIME", "SIZE", "NEW CHUNKS", "NEW STORED", "DEDUP"]))
+        click.echo(
+            table(
+                body,
+                ["ID", "TIME", "SIZE", "NEW CHUNKS", "NEW", "STORED", "DEDUP", "COMPR"],
+            )
+        )
 
 
 @click.command()
@@ -155,17 +188,32 @@ def diff(ref_a: str, ref_b: str, store: str | None, series: str, as_json: bool) 
 
 
 @click.command()
-@click.argument("ref")
-@click.argument("name")
+@click.argument("names", nargs=-1, metavar="REF NAME | --delete NAME")
 @store_option
 @series_option
 @click.option("--force", is_flag=True, help="Move the tag if it already names another checkpoint.")
-@click.option("--delete", is_flag=True, help="Delete tag NAME instead (REF is ignored; pass '-').")
+@click.option("--delete", is_flag=True, help="Delete tag NAME (the checkpoint stays).")
 @json_option
 def tag(
-    ref: str, name: str, store: str | None, series: str, force: bool, delete: bool, as_json: bool
+    names: tuple[str, ...], store: str | None, series: str, force: bool, delete: bool, as_json: bool
 ) -> None:
-    """Name checkpoint REF with tag NAME; gc never removes a tagged checkpoint."""
+    """Name checkpoint REF with tag NAME; gc never removes a tagged checkpoint.
+
+    'tag --delete NAME' deletes the tag ('tag - NAME --delete', the old spelling,
+    still works).
+    """
+    if delete:
+        if len(names) == 2 and names[0] == "-":
+            names = names[1:]
+        if len(names) != 1:
+            raise UsageError("tag --delete takes one NAME", "apollo-cas tag --delete NAME")
+        (name,) = names
+    else:
+        if len(names) != 2:
+            raise UsageError(
+                "tag takes REF and NAME", "apollo-cas tag REF NAME, or tag --delete NAME"
+            )
+        ref, name = names
     with Store.open(need_store(store)) as st:
         if delete:
             st.untag(name)

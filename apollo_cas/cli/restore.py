@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import stat
 from pathlib import Path
 
 import click
@@ -98,14 +100,18 @@ def restore(
             "missing --to PATH", "name the directory to restore into, or use --live HANDLES"
         )
     shard = parse_size(max_shard_size, "shard size")
+    before = existing_files(to)
     if group is not None:
         with Store.open(need_store(store)) as st:
             paths = st.restore_group(
                 group, to, format=fmt, series=series, rank=rank, max_shard_size=shard
             )
         seconds = time.perf_counter() - t0
+        replaced = report_replaced(paths, before)
         if as_json:
-            emit_json({"group": group, "files": paths, "seconds": round(seconds, 4)})
+            emit_json(
+                {"group": group, "files": paths, "replaced": replaced, "seconds": round(seconds, 4)}
+            )
         else:
             click.echo(f"restored group {group} to {to} in {seconds:.2f}s: {len(paths)} files")
         return
@@ -122,11 +128,13 @@ def restore(
                 progress=bar,
             )
     seconds = time.perf_counter() - t0
+    replaced = report_replaced(paths, before)
     if as_json:
         emit_json(
             {
                 "checkpoint": cid,
                 "files": paths,
+                "replaced": replaced,
                 "bytes": manifest.logical_bytes,
                 "seconds": round(seconds, 4),
             }
@@ -136,6 +144,29 @@ def restore(
             f"restored {cid[:12]} ({human_bytes(manifest.logical_bytes)}) to {to} "
             f"in {seconds:.2f}s: " + ", ".join(Path(p).name for p in paths)
         )
+
+
+def existing_files(to: Path) -> dict[str, bool]:
+    """Files already in ``to`` (and in its ``rank-R`` directories) -> read-only?"""
+    out: dict[str, bool] = {}
+    if not to.is_dir():
+        return out
+    dirs = [to, *(d for d in to.glob("rank-*") if d.is_dir())]
+    for d in dirs:
+        for p in d.iterdir():
+            with contextlib.suppress(OSError):
+                st = p.lstat()
+                if stat.S_ISREG(st.st_mode):
+                    out[str(p)] = not st.st_mode & 0o222
+    return out
+
+
+def report_replaced(paths: list[str], before: dict[str, bool]) -> list[str]:
+    """Say on stderr which files the restore put in place of existing ones."""
+    replaced = [p for p in paths if p in before]
+    for p in replaced:
+        note(f"replaced {p}" + (" (it was read-only)" if before[p] else ""))
+    return replaced
 
 
 def restore_live_handles(store: str, ref: str, series: str, handles: Path, as_json: bool) -> None:

@@ -10,11 +10,11 @@ from typing import Any, TypeVar
 import click
 
 from .. import codecs
-from ..backends import open_backend
-from ..errors import SourceNotFound, StoreNotFound, UsageError
+from ..errors import ApolloError, InvalidName, SourceError, SourceNotFound, UsageError
 from ..manifest import DEFAULT_BLOCK_SIZE, SourceInfo
 from ..store import SaveResult, Store, check_block_size
 from .common import (
+    PartialFailure,
     emit_json,
     human_bytes,
     json_option,
@@ -25,6 +25,7 @@ from .common import (
     series_option,
     store_option,
 )
+from .opening import announce_created, open_for_save
 from .options import codec_options, make_policy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,23 +75,21 @@ def precheck_sources(paths: list[Path], kind: str | None) -> None:
     """Refuse a missing or foreign source before the store is touched, so a
     failed save leaves the store (and the history import) as it was."""
     from ..sources import detect_kind
+    from ..sources.seed import is_checkpoint_root
 
     for path in paths:
+        if path.is_dir() and (path / "config").is_file() and not is_checkpoint_root(path):
+            raise UsageError(
+                f"{path} is an apollo_cas store, not weights to save",
+                "name it with --store; to copy a checkpoint out of it, "
+                f"run 'apollo-cas restore --store {path} --to DIR'",
+            )
         if (kind or detect_kind(path)) == "handles":
             from ..sources.handles import read_handles
 
             read_handles(path)  # parses and checks the file; opens no CUDA memory
         elif not path.exists():
             raise SourceNotFound(f"{path} does not exist", "check the path of the source")
-
-
-def open_for_save(location: str, policy: codecs.CodecPolicy) -> Store:
-    """The store at ``location``; a missing one is created by its first successful
-    save (inside Store.save), not before, so a failed first save leaves nothing."""
-    try:
-        return Store.open(location, policy=policy)
-    except StoreNotFound:
-        return Store(open_backend(location), policy)
 
 
 def print_result(r: SaveResult, label: str, as_json: bool) -> None:
@@ -126,50 +125,115 @@ def save_sources(
     handle_options: dict[str, Any] | None = None,
     group: str | None = None,
 ) -> list[SaveResult]:
-    """Save each source path in order; a seed root imports its whole history."""
-    from ..sources import detect_kind, open_path
-    from ..sources.seed import is_checkpoint_root
+    """Save each source path in order; a seed root imports its whole history.
 
+    Each source is its own checkpoint, so one that fails while being read does
+    not stop the others (an error of the store itself does): every failure is
+    reported as it happens, and if any failed the call ends with
+    :class:`PartialFailure` listing what was saved and what was not (exit 1).
+    A single source's error is raised as it is.
+    """
     results: list[SaveResult] = []
+    saved: list[str] = []
+    failed: list[tuple[object, ApolloError]] = []
     for i, path in enumerate(paths):
-        k = kind or detect_kind(path)
-        last = i == len(paths) - 1
-        if k == "seed" and is_checkpoint_root(path):
-            results += import_history(
+        try:
+            results += _save_one(
                 store,
                 path,
+                kind=kind,
                 series=series,
+                tag=tag if i == len(paths) - 1 else None,
                 block_size=block_size,
                 force=force,
                 meta=meta,
-                tag=tag if last else None,
+                rank=rank,
+                world_size=world_size,
                 as_json=as_json,
+                handle_options=handle_options,
+                group=group,
             )
-            continue
-        info = SourceInfo(kind=k, location=str(path), rank=rank, world_size=world_size)
-        options = dict(handle_options or {}) if k == "handles" else {}
-        with open_path(path, k, info, **options) as src:
-            check = None
-            if k == "handles":
-                from ..sources.handles import check_against
-
-                check = functools.partial(check_against, force=force)
-            total = sum(t.nbytes for t in src.tensors())
-            with progress(total, f"save {path.name}", not as_json) as bar:
-                r = store.save(
-                    src,
-                    series=series,
-                    block_size=block_size,
-                    force=force,
-                    metadata=meta,
-                    tag=tag if last else None,
-                    progress=bar,
-                    check=check,
-                    group=group,
-                )
-        results.append(r)
-        print_result(r, str(path), as_json)
+            saved.append(str(path))
+        except ApolloError as exc:
+            if len(paths) == 1:
+                raise
+            note(f"failed: {exc}")
+            failed.append((path, exc))
+            if not isinstance(exc, (SourceError, InvalidName)):
+                # The store itself failed (locked, full, unreachable): the next
+                # sources would fail the same way.
+                not_tried = [str(p) for p in paths[i + 1 :]]
+                break
+    else:
+        not_tried = []
+    if failed:
+        raise PartialFailure.of(
+            "source",
+            saved,
+            failed,
+            {"results": [r.to_json() for r in results]},
+            total=len(paths),
+            not_tried=not_tried,
+        )
     return results
+
+
+def _save_one(
+    store: Store,
+    path: Path,
+    *,
+    kind: str | None,
+    series: str,
+    tag: str | None,
+    block_size: int,
+    force: bool,
+    meta: dict[str, str],
+    rank: int | None,
+    world_size: int | None,
+    as_json: bool,
+    handle_options: dict[str, Any] | None,
+    group: str | None,
+) -> list[SaveResult]:
+    from ..sources import detect_kind, open_path
+    from ..sources.seed import is_checkpoint_root
+
+    k = kind or detect_kind(path)
+    if k == "seed" and is_checkpoint_root(path):
+        return import_history(
+            store,
+            path,
+            series=series,
+            block_size=block_size,
+            force=force,
+            meta=meta,
+            tag=tag,
+            as_json=as_json,
+        )
+    info = SourceInfo(kind=k, location=str(path), rank=rank, world_size=world_size)
+    options = dict(handle_options or {}) if k == "handles" else {}
+    with open_path(path, k, info, **options) as src:
+        for what in src.left_out:
+            note(f"{path}: not saved: {what} (only tensors of the model are checkpointed)")
+        check = None
+        if k == "handles":
+            from ..sources.handles import check_against
+
+            check = functools.partial(check_against, force=force)
+        total = sum(t.nbytes for t in src.tensors())
+        with progress(total, f"save {path.name}", not as_json) as bar:
+            r = store.save(
+                src,
+                series=series,
+                block_size=block_size,
+                force=force,
+                metadata=meta,
+                tag=tag,
+                progress=bar,
+                check=check,
+                group=group,
+            )
+    print_result(r, str(path), as_json)
+    return [r]
 
 
 @click.command()
@@ -270,45 +334,84 @@ def save(
     if handles is not None:
         paths.append(handles)
         kind = kind or "handles"
-    if not paths:
-        raise UsageError("nothing to save", "name a SOURCE (or --handles FILE)")
+    origin = None
     if checkpoint_dir is not None:
         if store and Path(store) != checkpoint_dir:
             raise UsageError(
                 "--store and --checkpoint-dir name different places", "pass one of them"
             )
-        store = str(checkpoint_dir)
-    location = need_store(store)
+        store, origin = str(checkpoint_dir), "--checkpoint-dir"
+    if not paths and checkpoint_dir is None:
+        raise UsageError(
+            "nothing to save",
+            "name a SOURCE (or --handles FILE, or --checkpoint-dir DIR to import)",
+        )
+    location = need_store(store, origin)
     bs = checked_block_size(block_size, warn=False)
     meta_map = _parse_meta(meta)
+    if not paths:
+        assert checkpoint_dir is not None
+        import_only(checkpoint_dir, location, make_policy(codec, level, delta), series, as_json)
+        return
     precheck_sources(paths, kind)
     warn_block_size(bs)
-    with open_for_save(location, make_policy(codec, level, delta)) as st:
-        if checkpoint_dir is not None:
-            results = import_seed_history(st, checkpoint_dir, series, as_json)
-        else:
-            results = []
-        results += save_sources(
-            st,
-            paths,
-            kind=kind,
-            series=series,
-            tag=tag,
-            block_size=bs,
-            force=force,
-            meta=meta_map,
-            rank=rank,
-            world_size=world_size,
-            as_json=as_json,
-            handle_options={
-                "max_age": max_handles_age,
-                "check_owner_pid": not no_owner_check,
-                "device_map": device_map,
-            },
-            group=group,
-        )
+    st, created = open_for_save(location, make_policy(codec, level, delta), allow_non_empty=force)
+    with st:
+        try:
+            results = (
+                import_seed_history(st, checkpoint_dir, series, as_json)
+                if checkpoint_dir is not None
+                else []
+            )
+            results += save_sources(
+                st,
+                paths,
+                kind=kind,
+                series=series,
+                tag=tag,
+                block_size=bs,
+                force=force,
+                meta=meta_map,
+                rank=rank,
+                world_size=world_size,
+                as_json=as_json,
+                handle_options={
+                    "max_age": max_handles_age,
+                    "check_owner_pid": not no_owner_check,
+                    "device_map": device_map,
+                },
+                group=group,
+            )
+        finally:
+            announce_created(st, created)
     if as_json:
         emit_json(results[0].to_json() if len(results) == 1 else [r.to_json() for r in results])
+
+
+def import_only(
+    root: Path, location: str, policy: codecs.CodecPolicy, series: str, as_json: bool
+) -> None:
+    """``save --checkpoint-dir DIR`` with no SOURCE: import the original tool's
+    checkpoints in DIR into the store DIR (and nothing else)."""
+    from ..sources.seed import is_checkpoint_root
+
+    if not is_checkpoint_root(root):
+        raise UsageError(
+            f"nothing to save: {root} holds no checkpoints of the original tool",
+            "name a SOURCE (or --handles FILE) to save into it",
+        )
+    st, created = open_for_save(location, policy)
+    with st:
+        try:
+            results = import_history(
+                st, root, series=series, block_size=store_block_size(st, series), as_json=as_json
+            )
+        finally:
+            announce_created(st, created)
+    if as_json:
+        emit_json([r.to_json() for r in results])
+    elif not results:
+        click.echo(f"{root}: nothing new to import (its checkpoints are already in the store)")
 
 
 def import_history(

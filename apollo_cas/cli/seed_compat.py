@@ -12,12 +12,14 @@ from pathlib import Path
 
 import click
 
+from .. import frontend
 from ..store import Store
 from .allocator import keep_freed_memory
 from .common import human_bytes, human_time, note
 from .main import run
 from .options import make_policy
 from .save import (
+    announce_created,
     checked_block_size,
     import_seed_history,
     open_for_save,
@@ -62,25 +64,29 @@ def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
     precheck_sources([handles], "handles")  # before the history import touches DIR
     if bs is not None:
         warn_block_size(bs)
-    with open_for_save(str(checkpoint_dir), make_policy("auto", 1, None)) as st:
-        import_seed_history(st, checkpoint_dir, "default", as_json=False)
-        if bs is None:
-            from .save import store_block_size
+    st, created = open_for_save(str(checkpoint_dir), make_policy("auto", 1, None))
+    with st:
+        try:
+            import_seed_history(st, checkpoint_dir, "default", as_json=False)
+            if bs is None:
+                from .save import store_block_size
 
-            bs = store_block_size(st, "default")
-        save_sources(
-            st,
-            [handles],
-            kind="handles",
-            series="default",
-            tag=None,
-            block_size=bs,
-            force=False,
-            meta={},
-            rank=None,
-            world_size=None,
-            as_json=False,
-        )
+                bs = store_block_size(st, "default")
+            save_sources(
+                st,
+                [handles],
+                kind="handles",
+                series="default",
+                tag=None,
+                block_size=bs,
+                force=False,
+                meta={},
+                rank=None,
+                world_size=None,
+                as_json=False,
+            )
+        finally:
+            announce_created(st, created)
 
 
 @compat.command("list")
@@ -129,4 +135,4 @@ def list_cmd(checkpoint_dir: Path) -> None:
 
 def main() -> None:
     keep_freed_memory()
-    sys.exit(run(compat, prog="apollo-checkpoint"))
+    sys.exit(run(compat, prog="apollo-checkpoint", fe=frontend.APOLLO_CHECKPOINT))

@@ -49,6 +49,9 @@ class Source(abc.ABC):
     #: When the weights were taken (epoch seconds), if the source knows; the
     #: seed importer keeps the original checkpoints' times.
     created: float | None = None
+    #: Parts of the input that are not saved (a training checkpoint's optimizer
+    #: state, its epoch counter), one phrase each; the CLI reports them on stderr.
+    left_out: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def tensors(self) -> Sequence[SourceTensor]:

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .. import dtypes
+from .. import dtypes, frontend
 from ..errors import (
     InvalidName,
     SourceError,
@@ -148,9 +148,47 @@ def _unpickle(path: Path) -> Any:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedSource(
                 f"{path} is not a handles file ({first[:200]})",
-                "pass the file written by torch.save({name: {'handle': reduce_tensor(t)}}); "
-                "use --source-kind to read it as another kind",
+                "pass the file written by torch.save({name: {'handle': reduce_tensor(t)}})"
+                + _other_kind(),
             ) from None
+
+
+def _other_kind() -> str:
+    """The tail of a not-a-handles-file hint: another kind, where the front end can."""
+    return frontend.offer(
+        "--source-kind", "; use --source-kind to read it as another kind", otherwise=""
+    )
+
+
+#: What torch.save writes: a zip archive, or (legacy format) a pickle, whose
+#: first opcode is PROTO (0x80). Anything else is not a handles file at all and
+#: must not reach the unpickler, whose refusal of stray bytes reads like a
+#: hostile pickle ("Unsupported operand 215").
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+def _check_magic(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise SourceError(f"cannot read handles file {path}: {exc.strerror or exc}") from None
+    if head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == _PICKLE_PROTO):
+        return
+    if not head:
+        what = "it is empty"
+    elif len(head) >= 9 and head[8:9] == b"{":
+        what = "it is a safetensors file"
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        what = "it is text"
+    else:
+        what = "it is not a file torch.save writes"
+    raise UnsupportedSource(
+        f"{path} is not a handles file ({what})",
+        "pass the file the server wrote with torch.save({name: {'handle': reduce_tensor(t)}})"
+        + _other_kind(),
+    )
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
@@ -194,7 +232,7 @@ def _unpickling_error(path: Path, text: str) -> Exception:
         return UnsafePickle(f"{path}: refused to load: {detail[:200]}", hint)
     return UnsupportedSource(
         f"{path} is not a handles file ({(detail or 'unreadable pickle')[:200]})",
-        "pass the handles file written by the server, or use --source-kind",
+        "pass the handles file written by the server" + _other_kind(),
     )
 
 
@@ -381,6 +419,7 @@ def read_handles(path: str | Path) -> HandlesFile:
             f"{p} is {st.st_size >> 20} MiB, too big for a handles file",
             "a file holding tensor data is a state_dict: use --source-kind pt",
         )
+    _check_magic(p)
     obj = _unpickle(p)
     if not isinstance(obj, dict):
         raise UnsupportedSource(
@@ -511,8 +550,11 @@ def check_owner(
     if max_age is not None and now - hf.mtime > max_age:
         raise StaleHandles(
             f"{hf.path} was written {now - hf.mtime:.0f} s ago, more than the allowed {max_age:.0f} s",
-            "the server may have reloaded its weights since; re-export the handles, "
-            "or raise --max-handles-age",
+            frontend.offer(
+                "--max-handles-age",
+                "the server may have reloaded its weights since; re-export the handles, "
+                "or raise --max-handles-age",
+            ),
         )
     pids = hf.owner_pids
     if pids:
@@ -524,8 +566,11 @@ def check_owner(
             raise StaleHandles(
                 f"{hf.path}: the process that exported these handles (pid {pid}) is gone, "
                 "and its GPU memory with it",
-                "restart the export from the running server; if the server runs in another "
-                "container (pid namespace), pass --no-owner-check",
+                frontend.offer(
+                    "--no-owner-check",
+                    "restart the export from the running server; if the server runs in another "
+                    "container (pid namespace), pass --no-owner-check",
+                ),
             )
         start = _proc_start_epoch(pid)
         recorded = hf.meta.get("pid_start")
@@ -563,6 +608,11 @@ def parse_device_map(text: str) -> dict[int, int]:
             )
         out[int(a)] = int(b)
     return out
+
+
+def _env_text(env: str | None) -> str:
+    """How this process's CUDA_VISIBLE_DEVICES reads in a message ("unset", not None)."""
+    return "CUDA_VISIBLE_DEVICES unset" if env is None else f"CUDA_VISIBLE_DEVICES={env!r}"
 
 
 def _norm_uuid(u: str) -> str:
@@ -609,9 +659,10 @@ def map_devices(
     def check_local(mapping: dict[int, int], rule: str) -> tuple[dict[int, int], str]:
         for o, loc in mapping.items():
             if loc >= n:
+                seen = f"{n} GPU(s)" if n else "no GPU"
                 raise StaleHandles(
                     f"handles name GPU {o} of the server, mapped to local GPU {loc}, but this "
-                    f"process sees {n} GPU(s) (CUDA_VISIBLE_DEVICES={local_env!r}, rule: {rule})",
+                    f"process sees {seen} ({_env_text(local_env)}, rule: {rule})",
                     "run on the server's machine with its GPUs visible, or pass a device map",
                 )
         return mapping, rule
@@ -632,7 +683,7 @@ def map_devices(
             if u not in local_uuids:
                 raise StaleHandles(
                     f"the server's GPU {o} (GPU-{u}) is not visible to this process "
-                    f"(CUDA_VISIBLE_DEVICES={local_env!r})",
+                    f"({_env_text(local_env)})",
                     "CUDA IPC needs the same physical GPU: run on the server's machine with that "
                     "GPU visible",
                 )
@@ -660,7 +711,7 @@ def map_devices(
             else:
                 raise StaleHandles(
                     f"the server's GPU {o} ({token!r} in its CUDA_VISIBLE_DEVICES) is not "
-                    f"visible to this process (CUDA_VISIBLE_DEVICES={local_env!r})",
+                    f"visible to this process ({_env_text(local_env)})",
                     "run with the server's CUDA_VISIBLE_DEVICES, or pass a device map",
                 )
         return check_local(mapping, "CUDA_VISIBLE_DEVICES")
@@ -954,7 +1005,14 @@ def check_against(manifest: Manifest | None, source: Source, *, force: bool = Fa
         raise StaleHandles(
             msg,
             "the handles may be stale (the server reloaded or reallocated its "
-            "weights): re-export them; if the model really changed, pass --force "
-            "or save into a new --series",
+            "weights): re-export them; "
+            + frontend.offer(
+                "--force", "if the model really changed, pass --force or save into a new --series"
+            ),
         )
-    raise SourceError(msg, "if the model really changed, pass --force or save into a new --series")
+    raise SourceError(
+        msg,
+        frontend.offer(
+            "--force", "if the model really changed, pass --force or save into a new --series"
+        ),
+    )

@@ -71,6 +71,7 @@ class PtSource(Source):
                 f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})",
                 "pass a .pt state_dict, a .safetensors file or a checkpoint directory",
             ) from exc
+        loaded = obj
         if isinstance(obj, Mapping):
             for w in _WRAPPERS:
                 if isinstance(obj.get(w), Mapping):
@@ -85,6 +86,31 @@ class PtSource(Source):
         if not flat:
             raise SourceError(f"{path} contains no tensors")
         self._tensors = [tensor_from_object(k, flat[k]) for k in sorted(flat)]
+        self.left_out = _left_out(loaded, obj)
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors
+
+
+def _left_out(loaded: Any, kept: Any) -> tuple[str, ...]:
+    """The top-level entries of a loaded ``.pt`` that no saved tensor came from:
+    the siblings of an unwrapped ``model`` (``optimizer``, ``epoch``) and
+    entries holding no tensor."""
+    import torch
+
+    if not isinstance(loaded, Mapping):
+        return ()
+
+    def has_tensor(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return True
+        return isinstance(v, Mapping) and any(has_tensor(x) for x in v.values())
+
+    out = []
+    for k, v in loaded.items():
+        if v is kept:
+            continue
+        if kept is loaded and has_tensor(v):
+            continue  # its tensors are saved
+        out.append(f"{k!s} ({type(v).__name__})")
+    return tuple(out)

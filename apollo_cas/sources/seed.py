@@ -144,11 +144,16 @@ def scan_root(root: Path) -> tuple[list[Path], list[Skipped]]:
     latest = root / "latest"
     if latest.is_symlink() and not latest.exists():
         skipped.append(Skipped(latest, "dangling 'latest' symlink (ignored)"))
+    # A root that is also an apollo_cas store (its 'config' marks it) holds the
+    # store's own directories (chunks, manifests, refs, locks, ...): those are
+    # not checkpoints of the original tool, broken or otherwise.
+    is_store = (root / "config").is_file()
     for p in sorted(root.iterdir()):
         if p.name.startswith(".") or p.name == "latest" or not p.is_dir():
             continue
         if not is_checkpoint_dir(p):
-            skipped.append(Skipped(p, "no weights.bin / weights.json"))
+            if not is_store:
+                skipped.append(Skipped(p, "no weights.bin / weights.json"))
             continue
         if not (p / INDEX).exists():
             skipped.append(Skipped(p, f"no {INDEX}: half-written checkpoint"))
