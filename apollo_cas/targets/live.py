@@ -38,17 +38,13 @@ import torch
 
 from .. import dtypes
 from ..errors import TargetError
+from ..gpu.blocks import byte_view, tensor_digests
+from ..gpu.staging import Stager, device_index
 from ..manifest import Manifest, TensorEntry
 from ..parallel import bounded_map, default_workers
-from ..sources.base import BlockRequest
-from ..sources.device import (
-    DEFAULT_BUFFER_BYTES,
-    DeviceSource,
-    byte_view,
-    device_block_digests,
-    host_block_digests,
-    kernel_accepts,
-)
+
+#: Size of each of the two pinned buffers a hot restore streams through.
+DEFAULT_BUFFER_BYTES = 256 << 20
 
 SERVING_NOTICE = (
     "serving must be paused during a hot restore: requests served while it runs see "
@@ -215,43 +211,7 @@ def _digests(
     views: Sequence[torch.Tensor], entries: Sequence[TensorEntry], bs: int, buffer_bytes: int
 ) -> list[list[bytes]]:
     """Per tensor, per block ids of the live bytes: on each GPU, else on the host."""
-    out: list[list[bytes]] = [[] for _ in views]
-    by_dev: dict[str, list[int]] = {}
-    for i, v in enumerate(views):
-        by_dev.setdefault(str(v.device), []).append(i)
-    gpu_ok = any(d != "cpu" for d in by_dev) and kernel_accepts(bs)
-    for dev, idx in by_dev.items():
-        sub = [views[i] for i in idx]
-        if dev == "cpu":
-            ds = host_block_digests([v.numpy().data for v in sub], bs)
-        elif gpu_ok:
-            with torch.cuda.device(sub[0].device):
-                ds = device_block_digests(sub, bs)
-        else:
-            ds = _digests_via_host(sub, [entries[i].name for i in idx], bs, buffer_bytes)
-        for i, d in zip(idx, ds, strict=True):
-            out[i] = d
-    return out
-
-
-def _digests_via_host(
-    views: Sequence[torch.Tensor], names: Sequence[str], bs: int, buffer_bytes: int
-) -> list[list[bytes]]:
-    """Device bytes hashed on the host, streamed through pinned buffers (no kernel here)."""
-    import xxhash
-
-    src = DeviceSource(dict(zip(names, views, strict=True)), buffer_bytes=buffer_bytes)
-    order = {t.name: i for i, t in enumerate(src.tensors())}
-    reqs = [
-        BlockRequest(order[n], o, min(bs, int(v.numel()) - o))
-        for n, v in zip(names, views, strict=True)
-        for o in range(0, int(v.numel()), bs)
-    ]
-    out: dict[int, list[bytes]] = {}
-    for i, mv in src.fetch(reqs):
-        out.setdefault(reqs[i].tensor, []).append(xxhash.xxh3_128_digest(mv))
-    src.close()
-    return [out.get(order[n], []) for n in names]
+    return tensor_digests(views, bs)
 
 
 # --------------------------------------------------------------------------- writing
@@ -325,29 +285,13 @@ def _write_device(
         used += n
     if cur:
         batches.append(cur)
-    pin = torch.cuda.is_available()  # False only when tests drive this path on the CPU
-    bufs = [torch.empty(cap, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
-    arrays = [b.numpy() for b in bufs]
-    streams: dict[int, Any] = {}
-    events: list[list[Any]] = [[], []]
-
-    def stream_for(device: torch.device) -> Any:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        s = streams.get(idx)
-        if s is None:
-            s = torch.cuda.Stream(device=idx)
-            # Our copies come after anything already queued on that device.
-            s.wait_stream(torch.cuda.current_stream(idx))
-            streams[idx] = s
-        return s
+    stager = Stager(cap, slots=2)
+    arrays = [stager.acquire(k).numpy() for k in range(2)]
 
     try:
         for k, batch in enumerate(batches):
-            slot = k % 2
-            for ev in events[slot]:  # the copy out of this buffer (batch k-2) is done
-                ev.synchronize()
-            events[slot] = []
-            arr = arrays[slot]
+            buf = stager.acquire(k)  # the copy out of this slot (batch k-2) is done
+            arr = arrays[k % 2]
 
             def fill(job: tuple[int, int, int, int], arr: np.ndarray = arr) -> int:
                 ti, bi, n, dst = job
@@ -362,27 +306,26 @@ def _write_device(
             used_streams: dict[int, Any] = {}
             for ti, bi, n, dst in _coalesce(batch, bs):
                 if views[ti].device.type == "cpu":  # tests drive this path on the CPU
-                    views[ti][bi * bs : bi * bs + n].copy_(bufs[slot][dst : dst + n])
+                    views[ti][bi * bs : bi * bs + n].copy_(buf[dst : dst + n])
                     continue
-                s = stream_for(views[ti].device)
-                used_streams[id(s)] = s
+                idx = device_index(views[ti].device)
+                s = used_streams.get(idx)
+                if s is None:
+                    # Our copies come after anything already queued on that device.
+                    s = used_streams[idx] = stager.copy_stream(idx)
                 with torch.cuda.stream(s):
                     off = bi * bs
-                    views[ti][off : off + n].copy_(bufs[slot][dst : dst + n], non_blocking=True)
-            for s in used_streams.values():
-                ev = torch.cuda.Event()
-                ev.record(s)
-                events[slot].append(ev)
+                    views[ti][off : off + n].copy_(buf[dst : dst + n], non_blocking=True)
+            stager.release(k, used_streams.values())
             if progress:
                 progress(sum(n for _, _, n, _ in batch))
     finally:
-        for evs in events:
-            for ev in evs:
-                ev.synchronize()
-        # Later work on the current streams (our verification) sees the writes.
-        for idx, s in streams.items():
-            torch.cuda.current_stream(idx).wait_stream(s)
-            torch.cuda.synchronize(idx)
+        stager.drain()
+        if stager.pin:
+            # Later work on the current streams (our verification) sees the writes.
+            stager.join_streams()
+            torch.cuda.synchronize()
+        stager.close()
 
 
 def _coalesce(
