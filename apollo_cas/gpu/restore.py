@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..codecs import DELTA, PLANES, RAW, ZSTD, delta, envelope, planes
-from ..errors import CorruptChunk, CorruptObject, FormatVersionError
+from ..errors import CorruptChunk, FormatVersionError
 from ..parallel import bounded_map, default_workers
 from .blocks import host_block_digests, kernel_module
 from .staging import Stager
@@ -568,7 +568,7 @@ class RestorePipeline:
         h = batch.host.numpy()
         frames = iter(batch.frames)
         tails = iter(batch.tails)
-        jobs: list[tuple[Any, int, int, int]] = []  # (source view, dst, n, decode-to m or -1)
+        jobs: list[tuple[Any, int, int, int, bytes]] = []  # (piece, dst, n, decode-to m or -1, id)
         for g in batch.groups:
             for j, c in enumerate(g.chunks):
                 src = memoryview(c.fallback) if c.fallback is not None else c.blob
@@ -577,22 +577,22 @@ class RestorePipeline:
                     piece = src[off : off + n]
                     if kind == _FRAME and self.frames is not None:
                         fsrc, fn, _out, _m = next(frames)
-                        jobs.append((piece, fsrc, fn, -1))
+                        jobs.append((piece, fsrc, fn, -1, c.cid))
                     elif kind == _FRAME:
-                        jobs.append((piece, g.slot(kk, j), g.m, g.m))
+                        jobs.append((piece, g.slot(kk, j), g.m, g.m, c.cid))
                     else:
-                        jobs.append((piece, g.slot(kk, j), n, -1))
+                        jobs.append((piece, g.slot(kk, j), n, -1, c.cid))
                 if c.tail[1]:
                     _row, tdst, tn = next(tails)
-                    jobs.append((src[c.tail[0] : c.tail[0] + tn], tdst, tn, -1))
+                    jobs.append((src[c.tail[0] : c.tail[0] + tn], tdst, tn, -1, c.cid))
 
-        def one(job: tuple[Any, int, int, int]) -> None:
-            piece, dst, n, m = job
+        def one(job: tuple[Any, int, int, int, bytes]) -> None:
+            piece, dst, n, m, cid = job
             if m >= 0:
                 try:
                     raw = _zstd.decompress_exact(piece, m)
                 except _zstd.FrameError as exc:
-                    raise CorruptObject(str(exc)) from exc
+                    raise _corrupt(cid, str(exc)) from exc
                 h[dst : dst + m] = np.frombuffer(raw, np.uint8)
             else:
                 h[dst : dst + n] = np.frombuffer(piece, np.uint8)
@@ -632,15 +632,22 @@ class RestorePipeline:
                 self._free.release()  # the producer may fill this slot once the copy ran
             ev.mark("copied")
             if batch.frames and self.frames is not None:
-                keep = self.frames.decode(
-                    dev,
-                    [f[0] for f in batch.frames],
-                    [f[1] for f in batch.frames],
-                    dev,
-                    [f[2] for f in batch.frames],
-                    [f[3] for f in batch.frames],
-                )
-                ev.keep(keep)
+                try:
+                    keep = self.frames.decode(
+                        dev,
+                        [f[0] for f in batch.frames],
+                        [f[1] for f in batch.frames],
+                        dev,
+                        [f[2] for f in batch.frames],
+                        [f[3] for f in batch.frames],
+                    )
+                    ev.keep(keep)
+                except CorruptChunk:
+                    raise
+                except Exception:
+                    # nvCOMP refused the batch (a damaged frame, most likely): decode its
+                    # frames on the host, which names the chunk or gets them right.
+                    self._host_frames(batch, dev)
             ev.mark("decoded")
             r2 = rows[: len(batch.rows) * batch.row_bytes].view(len(batch.rows), batch.row_bytes)
             self._interleave(batch, dev, r2, dests)
@@ -654,6 +661,23 @@ class RestorePipeline:
         self._events.append(ev)
         self.stats.batches += 1
         self.stats.raw_bytes += sum(p.size for p in batch.places)
+
+    def _host_frames(self, batch: _Batch, dev: torch.Tensor) -> None:
+        """Every frame of ``batch`` decoded by python-zstandard from its blob, then copied."""
+        from ..codecs import _zstd
+
+        for g in batch.groups:
+            for j, c in enumerate(g.chunks):
+                for kk, kind in enumerate(g.kinds):
+                    if kind != _FRAME:
+                        continue
+                    off, n = c.pieces[kk]
+                    try:
+                        raw = _zstd.decompress_exact(c.blob[off : off + n], g.m)
+                    except _zstd.FrameError as exc:
+                        raise _corrupt(c.cid, str(exc)) from exc
+                    a = g.slot(kk, j)
+                    dev[a : a + g.m].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
     def _interleave(
         self, batch: _Batch, dev: torch.Tensor, r2: torch.Tensor, dests: Sequence[torch.Tensor]
