@@ -676,10 +676,14 @@ class Store:
 
         ``options`` go to the pipeline (``batch_bytes``, ``frames``, ``workers``).
         """
-        from .gpu.restore import RestorePipeline, object_reader
+        from .backends.local import LocalBackend
+        from .gpu.restore import RestorePipeline, file_reader, object_reader
 
         options.setdefault("workers", self.workers)
-        reader = object_reader(self.chunks.get_blob, options["workers"])
+        if isinstance(self.backend, LocalBackend):
+            reader = file_reader(self.backend.root, options["workers"])
+        else:
+            reader = object_reader(self.chunks.get_blob, options["workers"])
         return RestorePipeline(reader, self.chunks.read, block_size, device=device, **options)
 
     def restore_into(

@@ -41,7 +41,7 @@ import torch
 from apollo_cas import examples
 from apollo_cas.cli.common import parse_size
 from apollo_cas.gpu.blocks import byte_view, tensor_digests
-from apollo_cas.gpu.restore import object_reader
+from apollo_cas.gpu.restore import Arena, file_reader, object_reader
 from apollo_cas.store import Store
 from apollo_cas.targets.tensors import load_tensors, load_tensors_pipeline
 
@@ -117,14 +117,20 @@ def free(dev: str) -> None:
         torch.cuda.empty_cache()
 
 
-def read_floor(st: Store, ref: str, workers: int) -> dict[str, Any]:
+def read_floor(st: Store, ref: str, workers: int, into_arena: bool) -> dict[str, Any]:
+    """Every chunk object of ``ref`` read as new bytes, or into a reused arena."""
     m = st.manifest(st.resolve(ref))
     ids = list(dict.fromkeys(c for e in m.tensors for c in e.chunks))
-    reader = object_reader(st.chunks.get_blob, workers)
+    if into_arena:
+        reader = file_reader(st.backend.root, workers)  # type: ignore[attr-defined]
+    else:
+        reader = object_reader(st.chunks.get_blob, workers)
+    arena = Arena()
     t0 = time.perf_counter()
     n = 0
     for i in range(0, len(ids), 512):
-        n += sum(len(b) for b in reader(ids[i : i + 512]))
+        arena.reset(600 << 20)
+        n += sum(len(b) for b in reader(ids[i : i + 512], arena if into_arena else None))
     dt = time.perf_counter() - t0
     return {
         "chunks": len(ids),
@@ -270,8 +276,10 @@ def run_size(size: int, dev: str, root: Path, args: argparse.Namespace) -> dict[
     shutil.rmtree(st_dir)
     print(f"safetensors load_file {res['safetensors_load_file_seconds']} s", flush=True)
 
-    res["read_floor_chunk_objects"] = read_floor(st, full, st.workers)
-    print(f"read floor (objects): {res['read_floor_chunk_objects']}", flush=True)
+    res["read_floor_chunk_objects"] = read_floor(st, full, st.workers, False)
+    res["read_floor_chunk_files_into_arena"] = read_floor(st, full, st.workers, True)
+    print(f"read floor (objects as bytes): {res['read_floor_chunk_objects']}", flush=True)
+    print(f"read floor (files into arena): {res['read_floor_chunk_files_into_arena']}", flush=True)
     first = timed_load(st, full, dev)
     res["load_full_first_call"] = first
     res["load_full"] = timed_load(st, full, dev)

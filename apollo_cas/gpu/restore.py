@@ -44,6 +44,7 @@ Imports torch; nvCOMP and triton only when a GPU is there.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -63,10 +64,12 @@ from .zstd import FrameDecoder, open_frames
 
 __all__ = [
     "DEFAULT_BATCH_BYTES",
+    "Arena",
     "BlobReader",
     "Place",
     "RestorePipeline",
     "RestoreStats",
+    "file_reader",
     "memory_bound",
     "object_reader",
     "places_of",
@@ -76,8 +79,10 @@ __all__ = [
 #: per nvCOMP call) and keeps pinned memory at ~1 GiB at most.
 DEFAULT_BATCH_BYTES = 256 << 20
 
-#: Stored bytes of chunks, in the order asked: ``reader(ids) -> [bytes, ...]``.
-BlobReader = Callable[[Sequence[bytes]], Sequence[Any]]
+#: Stored bytes of chunks, in the order asked: ``reader(ids, arena) -> [buffer, ...]``. A
+#: reader may read into ``arena`` (:class:`Arena`, reusable host memory; None: don't)
+#: and return views of it, or return bytes of its own.
+BlobReader = Callable[[Sequence[bytes], "Arena | None"], Sequence[Any]]
 #: The CPU decoder: a chunk's verified raw bytes (``ChunkStore.read``).
 RawReader = Callable[[bytes], bytes]
 
@@ -331,6 +336,12 @@ class RestorePipeline:
         self._events: list[_Events] = []
         self._live: dict[bytes, tuple[int, int, int]] = {}
         self._batch_of: list[int] = []
+        # Reusable host memory the reader may read stored bytes into (two: batch k+1 is
+        # read while batch k is staged); a reader without room returns its own bytes.
+        self._arena_bytes = (
+            2 * self.batch_bytes + (2 * self.batch_bytes // self.block_size + 2) * 256
+        )
+        self._arenas = [Arena(), Arena()]
         # Host slots handed to the producer and not yet released by the device stage.
         self._free = threading.Semaphore(2)
         self._stopping = threading.Event()
@@ -366,28 +377,54 @@ class RestorePipeline:
             # Our writes land after whatever the caller queued on the tensors.
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.stats.places += len(places)
-        q: queue.Queue[_Batch | BaseException | None] = queue.Queue(maxsize=1)
+        gathered: queue.Queue[Any] = queue.Queue(maxsize=1)
+        staged: queue.Queue[Any] = queue.Queue(maxsize=1)
         stop = self._stopping = threading.Event()
         self._free = threading.Semaphore(2)
+        arena_free = threading.Semaphore(len(self._arenas))
 
-        def produce() -> None:
+        def gather() -> None:
+            # Batch k+1's chunks are read while batch k is staged and batch k-1 decoded.
             try:
                 for k, ps in enumerate(batches):
-                    if stop.is_set():
-                        return
-                    q.put(self._prepare(k, ps))
-                q.put(None)
+                    self._acquire(arena_free)
+                    arena = self._arenas[k % len(self._arenas)]
+                    arena.reset(self._arena_bytes)
+                    self._put(gathered, (k, ps, self._gather(k, ps, arena)))
+                self._put(gathered, None)
             except _Stopped:
                 return
             except BaseException as exc:
-                q.put(exc)
+                with contextlib.suppress(_Stopped):
+                    self._put(gathered, exc)
 
-        thread = threading.Thread(target=produce, name="apollo-restore-stage", daemon=True)
-        thread.start()
+        def stage() -> None:
+            try:
+                while True:
+                    item = self._get(gathered)
+                    if item is None or isinstance(item, BaseException):
+                        self._put(staged, item)
+                        return
+                    k, ps, (chunks, order) = item
+                    batch = self._stage(k, ps, chunks, order)
+                    arena_free.release()  # every piece is in the pinned slot now
+                    self._put(staged, batch)
+            except _Stopped:
+                return
+            except BaseException as exc:
+                with contextlib.suppress(_Stopped):
+                    self._put(staged, exc)
+
+        threads = [
+            threading.Thread(target=gather, name="apollo-restore-read", daemon=True),
+            threading.Thread(target=stage, name="apollo-restore-stage", daemon=True),
+        ]
+        for th in threads:
+            th.start()
         try:
             while True:
                 tw = time.perf_counter()
-                item = q.get()
+                item = staged.get()
                 self.stats.wait_s += time.perf_counter() - tw
                 if item is None:
                     break
@@ -403,10 +440,8 @@ class RestorePipeline:
             self._sum_events()
         finally:
             stop.set()
-            while thread.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    q.get(timeout=0.05)
-            thread.join()
+            for th in threads:
+                th.join()
             self.stager.drain()
         self.stats.pinned_bytes = max(self.stats.pinned_bytes, self.stager.host_bytes)
         self.stats.seconds += time.perf_counter() - t0
@@ -432,8 +467,8 @@ class RestorePipeline:
         if cur:
             yield cur
 
-    def _read(self, want: list[tuple[bytes, int]]) -> list[_Chunk]:
-        blobs = self.reader([cid for cid, _ in want])
+    def _read(self, want: list[tuple[bytes, int]], arena: Arena | None) -> list[_Chunk]:
+        blobs = self.reader([cid for cid, _ in want], arena)
         if len(blobs) != len(want):
             raise RuntimeError(f"blob reader returned {len(blobs)} chunks for {len(want)} ids")
 
@@ -461,7 +496,32 @@ class RestorePipeline:
         c.pieces = [(0, size)]
         return c
 
-    def _prepare(self, k: int, ps: list[Place]) -> _Batch:
+    def _acquire(self, sem: threading.Semaphore) -> None:
+        while not sem.acquire(timeout=0.05):
+            if self._stopping.is_set():
+                raise _Stopped()
+
+    def _put(self, q: queue.Queue[Any], item: Any) -> None:
+        while True:
+            try:
+                q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                if self._stopping.is_set():
+                    raise _Stopped() from None
+
+    def _get(self, q: queue.Queue[Any]) -> Any:
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    raise _Stopped() from None
+
+    def _gather(
+        self, k: int, ps: list[Place], arena: Arena
+    ) -> tuple[dict[bytes, _Chunk], list[bytes]]:
+        """Read and parse the batch's chunks and, round by round, their delta bases."""
         t0 = time.perf_counter()
         chunks: dict[bytes, _Chunk] = {}
         want: list[tuple[bytes, int]] = []
@@ -473,7 +533,7 @@ class RestorePipeline:
         order: list[bytes] = []
         n_places = len(want)
         while want:
-            for c in self._read(want):
+            for c in self._read(want, arena):
                 chunks[c.cid] = c
                 order.append(c.cid)
             want = []
@@ -493,17 +553,19 @@ class RestorePipeline:
                 want.append((b, c.size))
         self.stats.chunks_decoded += n_places
         self.stats.bases_decoded += len(order) - n_places
+        self.stats.read_s += time.perf_counter() - t0
+        return chunks, order
+
+    def _stage(
+        self, k: int, ps: list[Place], chunks: dict[bytes, _Chunk], order: list[bytes]
+    ) -> _Batch:
+        """Lay the batch out and copy it into pinned slot ``k % 2``."""
         t1 = time.perf_counter()
         batch = self._layout(k, ps, chunks, order)
-        while not self._free.acquire(timeout=0.1):  # released by the device stage
-            if self._stopping.is_set():
-                raise _Stopped()
-        host = self.stager.acquire(k)  # and the copy out of it (batch k-2) has finished
-        batch.host = host
+        self._acquire(self._free)  # released by the device stage
+        batch.host = self.stager.acquire(k)  # and the copy out of it (batch k-2) has finished
         self._fill(batch)
-        batch.read_s = t1 - t0
         batch.stage_s = time.perf_counter() - t1
-        self.stats.read_s += batch.read_s
         self.stats.stage_s += batch.stage_s
         return batch
 
@@ -666,6 +728,9 @@ class RestorePipeline:
         """Every frame of ``batch`` decoded by python-zstandard from its blob, then copied."""
         from ..codecs import _zstd
 
+        # The arena the blobs were read into may hold the next batch by now: read again.
+        ids = [c.cid for g in batch.groups for c in g.chunks if _FRAME in g.kinds]
+        blobs = dict(zip(ids, self.reader(ids, None), strict=True))
         for g in batch.groups:
             for j, c in enumerate(g.chunks):
                 for kk, kind in enumerate(g.kinds):
@@ -673,7 +738,7 @@ class RestorePipeline:
                         continue
                     off, n = c.pieces[kk]
                     try:
-                        raw = _zstd.decompress_exact(c.blob[off : off + n], g.m)
+                        raw = _zstd.decompress_exact(memoryview(blobs[c.cid])[off : off + n], g.m)
                     except _zstd.FrameError as exc:
                         raise _corrupt(c.cid, str(exc)) from exc
                     a = g.slot(kk, j)
@@ -722,15 +787,23 @@ class RestorePipeline:
 
     def _verify(self, batch: _Batch, r2: torch.Tensor) -> None:
         """Hash every row; raise CorruptChunk for the shallowest bad one (bases first)."""
-        views = [r2[c.row, : c.size] for c in batch.rows]
         if self._kernel is not None and self._kernel_ok():
-            got = self._kernel.block_digests_many(views, self.block_size)
+            n = len(batch.rows)
+            if all(c.size == batch.row_bytes for c in batch.rows):
+                # Every row a whole block: one buffer, one launch, no view per row.
+                got = self._kernel.block_digests(
+                    r2.reshape(-1)[: n * batch.row_bytes], batch.row_bytes
+                )
+            else:
+                views = [r2[c.row, : c.size] for c in batch.rows]
+                got = self._kernel.block_digests_many(views, self.block_size)
             want = torch.frombuffer(
                 bytearray(b"".join(c.cid for c in batch.rows)), dtype=torch.uint8
             ).view(-1, 16)
             bad_t = (got != want.to(self.device, non_blocking=False)).any(dim=1).nonzero()
             bad = [int(i) for i in bad_t.flatten().tolist()]
         else:
+            views = [r2[c.row, : c.size] for c in batch.rows]
             if self.cuda:
                 host = [v.cpu().numpy().data for v in views]
             else:
@@ -840,16 +913,82 @@ class _nullcontext:
         return None
 
 
+class Arena:
+    """Reusable host memory that readers claim pieces of, from several threads."""
+
+    def __init__(self) -> None:
+        self._buf: np.ndarray | None = None
+        self._pos = 0
+        self._lock = threading.Lock()
+
+    def reset(self, capacity: int) -> None:
+        """Forget every claim (their views must be dead) and hold at least ``capacity``."""
+        if self._buf is None or len(self._buf) < capacity:
+            self._buf = np.empty(capacity, dtype=np.uint8)
+        self._pos = 0
+
+    def claim(self, n: int) -> memoryview | None:
+        """A writable view of ``n`` bytes, or None when the arena is full."""
+        with self._lock:
+            if self._buf is None or self._pos + n > len(self._buf):
+                return None
+            a = self._pos
+            self._pos = _up(a + n, 64)
+        return self._buf.data[a : a + n]
+
+
 def object_reader(get_blob: Callable[[bytes], Any], workers: int) -> BlobReader:
-    """Today's layout (store format 1): one backend object per chunk, on ``workers`` threads.
+    """One backend object per chunk (store format 1, any backend), on ``workers`` threads.
 
     ``get_blob`` is ``ChunkStore.get_blob`` (stored bytes, CorruptChunk when missing).
-    A pack-file store (format 2) passes a reader that groups the ids by pack and reads
-    ranges instead; the pipeline only needs the stored bytes, in order.
+    It ignores the arena: each chunk arrives as new bytes (measured 3.55 GB/s for the
+    16,417 objects of a 17 GB checkpoint in /dev/shm, 16 threads). A pack-file store
+    (format 2) passes a reader that groups the ids by pack and reads ranges.
     """
 
-    def read(ids: Sequence[bytes]) -> list[Any]:
+    def read(ids: Sequence[bytes], arena: Arena | None = None) -> list[Any]:
         return list(bounded_map(get_blob, ids, workers))
+
+    return read
+
+
+def file_reader(root: Any, workers: int) -> BlobReader:
+    """Chunk files of a local store read straight into the arena (no new bytes per chunk).
+
+    ``root`` is the store directory (``LocalBackend.root``); paths come from
+    :func:`apollo_cas.layout.chunk_key`. A chunk the arena has no room for, and every
+    chunk when there is no arena, is read into bytes of its own.
+    """
+    from pathlib import Path
+
+    from ..layout import chunk_key
+
+    base = Path(root)
+
+    def one(cid: bytes, arena: Arena | None) -> Any:
+        key = chunk_key(cid.hex())
+        path = base / key
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptChunk(
+                f"chunk {cid.hex()} is missing from {base}",
+                "run 'apollo-cas verify' to see which checkpoints it breaks; restore another one",
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            view = arena.claim(size) if arena is not None else None
+            if view is None:
+                view = memoryview(bytearray(size))
+            got = os.preadv(fd, [view], 0) if size else 0
+            if got != size:
+                raise _corrupt(cid, f"read {got} of its {size} stored bytes (changed while read?)")
+            return view
+        finally:
+            os.close(fd)
+
+    def read(ids: Sequence[bytes], arena: Arena | None = None) -> list[Any]:
+        return list(bounded_map(lambda c: one(c, arena), ids, workers))
 
     return read
 

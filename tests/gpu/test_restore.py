@@ -71,7 +71,7 @@ def store(tmp_path: Path) -> Store:
 
 def pipeline(
     st: Store,
-    reader: Callable[[Sequence[bytes]], Sequence[Any]] | None = None,
+    reader: Callable[..., Sequence[Any]] | None = None,
     **options: Any,
 ) -> RestorePipeline:
     options.setdefault("workers", 2)
@@ -157,9 +157,9 @@ class Faulty:
         self.change = change
         self.hits: list[bytes] = []
 
-    def __call__(self, ids: Sequence[bytes]) -> list[bytes]:
+    def __call__(self, ids: Sequence[bytes], arena: Any = None) -> list[bytes]:
         out = []
-        for cid, blob in zip(ids, self.inner(ids), strict=True):
+        for cid, blob in zip(ids, self.inner(ids, arena), strict=True):
             new = self.change(cid, bytes(blob))
             if new is not None:
                 self.hits.append(cid)
@@ -294,3 +294,24 @@ def test_restore_into_refuses_a_different_layout(store: Store) -> None:
     with pytest.raises(TargetError, match="nothing was written"):
         store.restore_into("latest", live)
     assert all(bool((v == 0).all()) for v in live.values())
+
+
+def test_file_reader_into_the_arena_or_its_own_bytes(store: Store) -> None:
+    from apollo_cas.gpu.restore import Arena, file_reader
+
+    store.save(model(), block_size=BS)
+    man = store.manifest(store.resolve("latest"))
+    ids = [c for e in man.tensors for c in e.chunks]
+    want = [store.chunks.get_blob(c) for c in ids]
+    read = file_reader(store.backend.root, 2)  # type: ignore[attr-defined]
+    arena = Arena()
+    arena.reset(sum(len(b) for b in want[:3]) + 3 * 64)  # room for the first few only
+    got = read(ids, arena)
+    assert [bytes(g) for g in got] == want
+    assert [bytes(g) for g in read(ids, None)] == want
+    # Full-chunk checkpoints restore through it (Store.restore_pipeline picks it).
+    pipe = store.restore_pipeline(BS, "cpu", batch_bytes=2 * BS)
+    assert same(load(store, "latest", pipe), model())
+    missing = bytes(16)
+    with pytest.raises(CorruptChunk, match="is missing"):
+        read([missing], arena)
