@@ -706,13 +706,13 @@ class Store:
         training) while this runs. Returns a
         :class:`~apollo_cas.targets.live.LiveRestoreReport`.
         """
-        from .gpu.blocks import byte_view
+        import torch
+
         from .targets.live import restore_into
 
         manifest = self.manifest(self.resolve(ref, series))
-        devices = {str(byte_view(t).device) for t in tensors.values() if hasattr(t, "device")} or {
-            "cpu"
-        }
+        devices = {str(t.device) for t in tensors.values() if isinstance(t, torch.Tensor)}
+        devices = devices or {"cpu"}
         device = sorted(devices)[0]
         if len(devices) > 1:
             raise UsageError(

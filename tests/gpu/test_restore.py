@@ -315,3 +315,14 @@ def test_file_reader_into_the_arena_or_its_own_bytes(store: Store) -> None:
     missing = bytes(16)
     with pytest.raises(CorruptChunk, match="is missing"):
         read([missing], arena)
+
+
+def test_restore_into_refuses_arrays_that_are_not_tensors(store: Store) -> None:
+    import numpy as np
+
+    m = model()
+    store.save(m, block_size=BS)
+    live: dict[str, Any] = {k: v.clone() for k, v in m.items()}
+    live["norm"] = np.zeros(96, dtype=np.float32)
+    with pytest.raises(TargetError, match="not a tensor"):
+        store.restore_into("latest", live)
