@@ -680,10 +680,11 @@ class Store:
         from .gpu.restore import RestorePipeline, file_reader, object_reader
 
         options.setdefault("workers", self.workers)
+        # The pipeline calls the reader from its own threads: one thread per call here.
         if isinstance(self.backend, LocalBackend):
-            reader = file_reader(self.backend.root, options["workers"])
+            reader = file_reader(self.backend.root, 1)
         else:
-            reader = object_reader(self.chunks.get_blob, options["workers"])
+            reader = object_reader(self.chunks.get_blob, 1)
         return RestorePipeline(reader, self.chunks.read, block_size, device=device, **options)
 
     def restore_into(

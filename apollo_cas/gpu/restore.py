@@ -49,6 +49,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,6 +343,7 @@ class RestorePipeline:
             2 * self.batch_bytes + (2 * self.batch_bytes // self.block_size + 2) * 256
         )
         self._arenas = [Arena(), Arena()]
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         # Host slots handed to the producer and not yet released by the device stage.
         self._free = threading.Semaphore(2)
         self._stopping = threading.Event()
@@ -448,7 +450,10 @@ class RestorePipeline:
         return self.stats
 
     def close(self) -> None:
-        """Release the staging buffers and device scratch."""
+        """Release the staging buffers, device scratch and threads."""
+        for pool in self._pools.values():
+            pool.shutdown()
+        self._pools = {}
         self.stager.close()
         self._dev = None
         self._rows = None
@@ -467,8 +472,24 @@ class RestorePipeline:
         if cur:
             yield cur
 
+    def _pool(self, name: str) -> ThreadPoolExecutor:
+        """A pool kept for the pipeline's life (one for reads, one for staging), fed
+        contiguous groups of work: a future per chunk or piece cost 23.5 us of held GIL
+        each here (bounded_map, 16 threads, 2 cores), ~65k of them for 17 GB."""
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = ThreadPoolExecutor(self.workers, f"apollo-{name}")
+        return pool
+
     def _read(self, want: list[tuple[bytes, int]], arena: Arena | None) -> list[_Chunk]:
-        blobs = self.reader([cid for cid, _ in want], arena)
+        ids = [cid for cid, _ in want]
+
+        # The reader is called from the pool's threads, one contiguous group of ids each.
+        def read_group(sl: slice) -> Sequence[Any]:
+            return self.reader(ids[sl], arena)
+
+        parts = self._pool("read").map(read_group, _slices(len(ids), self.workers))
+        blobs = [b for part in parts for b in part]
         if len(blobs) != len(want):
             raise RuntimeError(f"blob reader returned {len(blobs)} chunks for {len(want)} ids")
 
@@ -485,7 +506,14 @@ class RestorePipeline:
                 c = self._fallback(cid, size)
             return c
 
-        return list(bounded_map(parse, range(len(want)), self.workers))
+        def parse_group(sl: slice) -> list[_Chunk]:
+            return [parse(i) for i in range(len(want))[sl]]
+
+        return [
+            c
+            for cs in self._pool("read").map(parse_group, _slices(len(want), self.workers))
+            for c in cs
+        ]
 
     def _fallback(self, cid: bytes, size: int) -> _Chunk:
         raw = self.read_raw(cid)
@@ -659,7 +687,11 @@ class RestorePipeline:
             else:
                 h[dst : dst + n] = np.frombuffer(piece, np.uint8)
 
-        for _ in bounded_map(one, jobs, self.workers):
+        def group(sl: slice) -> None:
+            for job in jobs[sl]:
+                one(job)
+
+        for _ in self._pool("stage").map(group, _slices(len(jobs), self.workers)):
             pass
         self.stats.frames += len(batch.frames)
 
@@ -869,6 +901,13 @@ class _Stopped(Exception):
 def _copy(dests: Sequence[torch.Tensor], flat: torch.Tensor, run: list[int]) -> None:
     d, o, s, n = run
     dests[d][o : o + n].copy_(flat[s : s + n], non_blocking=True)
+
+
+def _slices(n: int, workers: int) -> list[slice]:
+    """About 2 contiguous slices of ``range(n)`` per worker (fewer for small n)."""
+    parts = max(1, min(n, 2 * workers))
+    step = -(-n // parts) if n else 1
+    return [slice(a, min(n, a + step)) for a in range(0, n, step)] or [slice(0, 0)]
 
 
 def _add_range(ranges: list[tuple[int, int]], a: int, n: int) -> None:
