@@ -106,16 +106,26 @@ class Place:
     offset: int
 
 
-def memory_bound(batch_bytes: int, block_size: int) -> dict[str, int]:
-    """Upper bounds of the memory the pipeline holds, in bytes.
+def memory_bound(batch_bytes: int, block_size: int, max_depth: int = 4) -> dict[str, int]:
+    """Upper bounds of the memory the pipeline holds, in bytes, for delta chains of at
+    most ``max_depth`` (the store's ``CodecPolicy.max_delta_depth``, 4 by default).
 
-    A batch holds at most ``batch_bytes`` of places plus as much again of delta bases,
-    so each staging slot needs at most twice that (plus alignment per chunk); the
-    device holds two staging mirrors and two decode buffers of the same size.
+    A batch holds at most ``batch_bytes`` of places, and each of them at most
+    ``max_depth`` bases. A staging slot holds every plane slot of its chunks (raw size:
+    the device decodes frames into them) plus the packed frames (at most raw size
+    again), plus alignment per chunk. Pinned: two slots. Device: one staging mirror and
+    one buffer of decoded rows (every device step runs on one stream). Host arenas (not
+    pinned): two of about twice ``batch_bytes``; a reader without room in them returns
+    bytes of its own instead.
     """
-    rows = 2 * (batch_bytes // block_size + 1)
-    slot = 2 * batch_bytes + rows * (block_size // 8 + 4 * _ALIGN)
-    return {"pinned_host": 2 * slot, "device_scratch": 2 * slot + 2 * rows * block_size}
+    rows = (max_depth + 1) * (batch_bytes // block_size + 1)
+    slot = 2 * (max_depth + 1) * batch_bytes + rows * 16 * _ALIGN
+    arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256
+    return {
+        "pinned_host": 2 * slot,
+        "device_scratch": slot + rows * _up(block_size, 64),
+        "host_arenas": 2 * arena,
+    }
 
 
 @dataclass

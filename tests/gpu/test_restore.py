@@ -129,6 +129,9 @@ def test_delta_chains_deeper_than_one(store: Store) -> None:
     pipe = pipeline(store, batch_bytes=3 * BS)
     assert same(load(store, "latest", pipe), ms[-1])
     assert pipe.stats.bases_decoded > pipe.stats.places  # chains: several bases per block
+    bound = memory_bound(3 * BS, BS, max(depths))
+    assert pipe.stats.pinned_bytes <= bound["pinned_host"]
+    assert pipe.stats.device_scratch_bytes <= bound["device_scratch"]
 
 
 def test_buffers_are_bounded_independent_of_model_size(store: Store, tmp_path: Path) -> None:
