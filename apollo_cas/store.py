@@ -658,8 +658,80 @@ class Store:
         device: str | None = None,
         series: str = layout.DEFAULT_SERIES,
     ) -> dict[str, Any]:
-        """Checkpoint ``ref`` as a dict of torch tensors (on ``device`` if given)."""
-        from .targets.tensors import load_tensors
+        """Checkpoint ``ref`` as a dict of torch tensors (on ``device`` if given).
+
+        On a CUDA device the chunks are copied to the GPU compressed, decoded and
+        verified there (docs/GPU_RESTORE.md); elsewhere they are decoded on the CPU.
+        """
+        from .targets.tensors import load_tensors, load_tensors_pipeline
 
         manifest = self.manifest(self.resolve(ref, series))
+        if device is not None and str(device).startswith("cuda"):
+            pipe = self.restore_pipeline(manifest.block_size, device)
+            try:
+                return load_tensors_pipeline(pipe, manifest)
+            finally:
+                pipe.close()
         return load_tensors(Decoder.for_store(self, manifest.logical_bytes), manifest, device)
+
+    def restore_pipeline(self, block_size: int, device: str | Any = "cuda", **options: Any) -> Any:
+        """A :class:`~apollo_cas.gpu.restore.RestorePipeline` reading this store's chunks.
+
+        ``options`` go to the pipeline (``batch_bytes``, ``frames``, ``workers``).
+        """
+        from .backends.local import LocalBackend
+        from .gpu.restore import RestorePipeline, file_reader, object_reader
+
+        options.setdefault("workers", self.workers)
+        # The pipeline calls the reader from its own threads: one thread per call here.
+        if isinstance(self.backend, LocalBackend):
+            reader = file_reader(self.backend.root, 1)
+        else:
+            reader = object_reader(self.chunks.get_blob, 1)
+        return RestorePipeline(reader, self.chunks.read, block_size, device=device, **options)
+
+    def restore_into(
+        self,
+        ref: str | None,
+        tensors: Mapping[str, Any],
+        *,
+        only_changed: bool = True,
+        series: str = layout.DEFAULT_SERIES,
+        dry_run: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> Any:
+        """Restore checkpoint ``ref`` into ``tensors`` (the caller's, e.g. live parameters), in place.
+
+        ``tensors`` must match the checkpoint's names, dtypes and shapes exactly and be
+        contiguous (TargetError before anything is written otherwise). With
+        ``only_changed`` only the blocks whose XXH3-128 differs from the checkpoint are
+        written, else every block. Every written block is decoded and verified on the
+        tensors' device first. Pause whatever reads or writes the tensors (serving,
+        training) while this runs. Returns a
+        :class:`~apollo_cas.targets.live.LiveRestoreReport`.
+        """
+        import torch
+
+        from .targets.live import restore_into
+
+        manifest = self.manifest(self.resolve(ref, series))
+        devices = {str(t.device) for t in tensors.values() if isinstance(t, torch.Tensor)}
+        devices = devices or {"cpu"}
+        device = sorted(devices)[0]
+        if len(devices) > 1:
+            raise UsageError(
+                f"tensors on several devices ({', '.join(sorted(devices))})",
+                "restore each device's tensors with its own restore_into call",
+            )
+        pipe = self.restore_pipeline(manifest.block_size, device)
+        try:
+            return restore_into(
+                pipe,
+                tensors,
+                manifest,
+                only_changed=only_changed,
+                dry_run=dry_run,
+                progress=progress,
+            )
+        finally:
+            pipe.close()

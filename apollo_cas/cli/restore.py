@@ -172,14 +172,14 @@ def report_replaced(paths: list[str], before: dict[str, bool]) -> list[str]:
 def restore_live_handles(store: str, ref: str, series: str, handles: Path, as_json: bool) -> None:
     """Roll the weights of a running server back to REF, in place."""
     from ..sources.handles import open_handles
-    from ..targets.live import SERVING_NOTICE, restore_live
+    from ..targets.live import SERVING_NOTICE
 
     note(SERVING_NOTICE)
     with Store.open(store) as st:
         cid = st.resolve(ref, series)
-        manifest = st.manifest(cid)
         with open_handles(handles) as src:
-            report = restore_live(src.live_tensors(), manifest, st.read_chunk, workers=st.workers)
+            # Decoded and verified on the device before each block is written.
+            report = st.restore_into(cid, src.live_tensors(), only_changed=True)
     if as_json:
         emit_json({"checkpoint": cid, **report.to_dict()})
     else:

@@ -24,6 +24,10 @@ Steps, for CUDA tensors:
 
 CPU tensors (tests, CPU serving) take the same steps with xxhash and direct
 writes into the tensors' memory.
+
+:func:`restore_into` (``Store.restore_into``, ``restore --live``) does the same through
+the GPU restore pipeline (:mod:`apollo_cas.gpu.restore`): chunks are copied to the GPU
+compressed, decoded and verified there, and only verified blocks are written.
 """
 
 from __future__ import annotations
@@ -31,31 +35,30 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .. import dtypes
 from ..errors import TargetError
+from ..gpu.blocks import byte_view, tensor_digests
+from ..gpu.staging import Stager, device_index
 from ..manifest import Manifest, TensorEntry
 from ..parallel import bounded_map, default_workers
-from ..sources.base import BlockRequest
-from ..sources.device import (
-    DEFAULT_BUFFER_BYTES,
-    DeviceSource,
-    byte_view,
-    device_block_digests,
-    host_block_digests,
-    kernel_accepts,
-)
+
+if TYPE_CHECKING:
+    from ..gpu.restore import RestorePipeline
+
+#: Size of each of the two pinned buffers a hot restore streams through.
+DEFAULT_BUFFER_BYTES = 256 << 20
 
 SERVING_NOTICE = (
     "serving must be paused during a hot restore: requests served while it runs see "
     "half-restored weights"
 )
 
-__all__ = ["SERVING_NOTICE", "LiveRestoreReport", "restore_live"]
+__all__ = ["SERVING_NOTICE", "LiveRestoreReport", "restore_into", "restore_live"]
 
 
 @dataclass(frozen=True)
@@ -215,43 +218,7 @@ def _digests(
     views: Sequence[torch.Tensor], entries: Sequence[TensorEntry], bs: int, buffer_bytes: int
 ) -> list[list[bytes]]:
     """Per tensor, per block ids of the live bytes: on each GPU, else on the host."""
-    out: list[list[bytes]] = [[] for _ in views]
-    by_dev: dict[str, list[int]] = {}
-    for i, v in enumerate(views):
-        by_dev.setdefault(str(v.device), []).append(i)
-    gpu_ok = any(d != "cpu" for d in by_dev) and kernel_accepts(bs)
-    for dev, idx in by_dev.items():
-        sub = [views[i] for i in idx]
-        if dev == "cpu":
-            ds = host_block_digests([v.numpy().data for v in sub], bs)
-        elif gpu_ok:
-            with torch.cuda.device(sub[0].device):
-                ds = device_block_digests(sub, bs)
-        else:
-            ds = _digests_via_host(sub, [entries[i].name for i in idx], bs, buffer_bytes)
-        for i, d in zip(idx, ds, strict=True):
-            out[i] = d
-    return out
-
-
-def _digests_via_host(
-    views: Sequence[torch.Tensor], names: Sequence[str], bs: int, buffer_bytes: int
-) -> list[list[bytes]]:
-    """Device bytes hashed on the host, streamed through pinned buffers (no kernel here)."""
-    import xxhash
-
-    src = DeviceSource(dict(zip(names, views, strict=True)), buffer_bytes=buffer_bytes)
-    order = {t.name: i for i, t in enumerate(src.tensors())}
-    reqs = [
-        BlockRequest(order[n], o, min(bs, int(v.numel()) - o))
-        for n, v in zip(names, views, strict=True)
-        for o in range(0, int(v.numel()), bs)
-    ]
-    out: dict[int, list[bytes]] = {}
-    for i, mv in src.fetch(reqs):
-        out.setdefault(reqs[i].tensor, []).append(xxhash.xxh3_128_digest(mv))
-    src.close()
-    return [out.get(order[n], []) for n in names]
+    return tensor_digests(views, bs)
 
 
 # --------------------------------------------------------------------------- writing
@@ -325,29 +292,13 @@ def _write_device(
         used += n
     if cur:
         batches.append(cur)
-    pin = torch.cuda.is_available()  # False only when tests drive this path on the CPU
-    bufs = [torch.empty(cap, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
-    arrays = [b.numpy() for b in bufs]
-    streams: dict[int, Any] = {}
-    events: list[list[Any]] = [[], []]
-
-    def stream_for(device: torch.device) -> Any:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        s = streams.get(idx)
-        if s is None:
-            s = torch.cuda.Stream(device=idx)
-            # Our copies come after anything already queued on that device.
-            s.wait_stream(torch.cuda.current_stream(idx))
-            streams[idx] = s
-        return s
+    stager = Stager(cap, slots=2)
+    arrays = [stager.acquire(k).numpy() for k in range(2)]
 
     try:
         for k, batch in enumerate(batches):
-            slot = k % 2
-            for ev in events[slot]:  # the copy out of this buffer (batch k-2) is done
-                ev.synchronize()
-            events[slot] = []
-            arr = arrays[slot]
+            buf = stager.acquire(k)  # the copy out of this slot (batch k-2) is done
+            arr = arrays[k % 2]
 
             def fill(job: tuple[int, int, int, int], arr: np.ndarray = arr) -> int:
                 ti, bi, n, dst = job
@@ -362,27 +313,26 @@ def _write_device(
             used_streams: dict[int, Any] = {}
             for ti, bi, n, dst in _coalesce(batch, bs):
                 if views[ti].device.type == "cpu":  # tests drive this path on the CPU
-                    views[ti][bi * bs : bi * bs + n].copy_(bufs[slot][dst : dst + n])
+                    views[ti][bi * bs : bi * bs + n].copy_(buf[dst : dst + n])
                     continue
-                s = stream_for(views[ti].device)
-                used_streams[id(s)] = s
+                idx = device_index(views[ti].device)
+                s = used_streams.get(idx)
+                if s is None:
+                    # Our copies come after anything already queued on that device.
+                    s = used_streams[idx] = stager.copy_stream(idx)
                 with torch.cuda.stream(s):
                     off = bi * bs
-                    views[ti][off : off + n].copy_(bufs[slot][dst : dst + n], non_blocking=True)
-            for s in used_streams.values():
-                ev = torch.cuda.Event()
-                ev.record(s)
-                events[slot].append(ev)
+                    views[ti][off : off + n].copy_(buf[dst : dst + n], non_blocking=True)
+            stager.release(k, used_streams.values())
             if progress:
                 progress(sum(n for _, _, n, _ in batch))
     finally:
-        for evs in events:
-            for ev in evs:
-                ev.synchronize()
-        # Later work on the current streams (our verification) sees the writes.
-        for idx, s in streams.items():
-            torch.cuda.current_stream(idx).wait_stream(s)
-            torch.cuda.synchronize(idx)
+        stager.drain()
+        if stager.pin:
+            # Later work on the current streams (our verification) sees the writes.
+            stager.join_streams()
+            torch.cuda.synchronize()
+        stager.close()
 
 
 def _coalesce(
@@ -401,3 +351,74 @@ def _coalesce(
                 continue
         out.append((ti, bi, n, dst))
     return out
+
+
+# ------------------------------------------------------------------ through the pipeline
+
+
+def restore_into(
+    pipeline: RestorePipeline,
+    tensors: Mapping[str, torch.Tensor],
+    manifest: Manifest,
+    *,
+    only_changed: bool = True,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> LiveRestoreReport:
+    """Write ``manifest`` into the caller's ``tensors`` in place, through the restore pipeline.
+
+    Refuses any difference of names, dtypes, shapes or contiguity before writing
+    (:class:`TargetError`). The live blocks are hashed first (on the GPU: ~7 ms for
+    17 GB); with ``only_changed`` only blocks whose id differs are restored, otherwise
+    every block is. Live blocks that already hold a delta's base serve as that base
+    on the device, so rolling forward one dense step reads only the deltas. Every
+    restored block is decoded and verified on the device before it is written
+    (CorruptChunk names a bad chunk; blocks of earlier batches are then already
+    written: pause serving, and run it again or restore another checkpoint).
+    """
+    from ..gpu.restore import places_of
+
+    t0 = time.perf_counter()
+    bs = manifest.block_size
+    pairs = _match(tensors, manifest)
+    views = [byte_view(t) for _, t in pairs]
+    entries = [e for e, _ in pairs]
+    t_hash = time.perf_counter()
+    live = tensor_digests(views, bs)
+    hash_s = time.perf_counter() - t_hash
+    same = {
+        (ti, bi)
+        for ti, e in enumerate(entries)
+        for bi, cid in enumerate(e.chunks)
+        if live[ti][bi] == cid
+    }
+    places = places_of(entries, bs, same if only_changed else None)
+    index = {(p.dest, p.offset // bs): i for i, p in enumerate(places)}
+    blocks: dict[bytes, tuple[int, int, int]] = {}
+    for ti, ds in enumerate(live):
+        for bi, d in enumerate(ds):
+            q = index.get((ti, bi), -1)
+            old = blocks.get(d)
+            if old is None or (old[2] >= 0 and (q < 0 or q > old[2])):
+                blocks[d] = (ti, bi * bs, q)  # prefer a block that is never overwritten
+    nbytes = sum(p.size for p in places)
+    checked = sum(len(e.chunks) for e in entries)
+    write_s = 0.0
+    if not dry_run and places:
+        t_write = time.perf_counter()
+        pipeline.run(places, views, live=blocks, progress=progress)
+        write_s = time.perf_counter() - t_write
+    devices = sorted({str(v.device) for v in views}) or ["cpu"]
+    return LiveRestoreReport(
+        tensors=len(entries),
+        blocks_checked=checked,
+        blocks_written=len(places),
+        bytes_written=0 if dry_run else nbytes,
+        seconds=time.perf_counter() - t0,
+        hash_seconds=hash_s,
+        write_seconds=write_s,
+        verify_seconds=pipeline.stats.verify_s,
+        device=",".join(devices),
+        verified=not dry_run,
+        dry_run=dry_run,
+    )

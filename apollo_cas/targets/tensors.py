@@ -1,6 +1,8 @@
 """Tensors in memory or on a GPU, decoded in parallel straight into their buffers.
 
-Two paths, chosen by the :class:`~apollo_cas.decoding.Decoder`:
+On a GPU, :func:`load_tensors_pipeline` decodes on the device (the GPU restore
+pipeline, docs/GPU_RESTORE.md). Otherwise two paths, chosen by the
+:class:`~apollo_cas.decoding.Decoder`:
 
 * threads (small checkpoints, few cores): chunks are decoded into host buffers
   (pinned when the target is a GPU) and copied to the device;
@@ -29,6 +31,8 @@ from ..parallel import bounded_map
 
 if TYPE_CHECKING:
     import torch
+
+    from ..gpu.restore import RestorePipeline
 
 SHM_DIR = "/dev/shm"
 _ALIGN = 64  # every tensor starts 64-byte aligned in the shared file
@@ -157,3 +161,32 @@ def _load_via_shm(
     if device is not None and str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return {t.name: out[t.name] for t in entries}
+
+
+def load_tensors_pipeline(
+    pipeline: RestorePipeline,
+    manifest: Manifest,
+    names: set[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``manifest`` (or those in ``names``) on the pipeline's device.
+
+    The GPU restore pipeline (:mod:`apollo_cas.gpu.restore`) decodes and verifies every
+    block on the device before it lands in its tensor; nothing is returned unless every
+    block verified (a failure raises CorruptChunk naming the chunk).
+    """
+    import torch
+
+    from ..gpu.restore import places_of
+
+    entries = [t for t in manifest.tensors if names is None or t.name in names]
+    dests = [torch.empty(t.nbytes, dtype=torch.uint8, device=pipeline.device) for t in entries]
+    pipeline.run(places_of(entries, manifest.block_size), dests)
+    out: dict[str, torch.Tensor] = {}
+    for t, d in zip(entries, dests, strict=True):
+        dt = _torch_dtype(t)
+        out[t.name] = (
+            d.view(dt).reshape(t.shape)
+            if t.nbytes
+            else torch.empty(t.shape, dtype=dt, device=pipeline.device)
+        )
+    return out

@@ -1,0 +1,208 @@
+"""Chunks and batches of the GPU restore pipeline, as the host plans them.
+
+A *place* is a block of a destination and the chunk id it must hold. Each stored chunk
+is parsed on the host into a :class:`ChunkPlan` (its codec pieces, plane kinds, delta
+base), and the chunks of a batch into :class:`PlaneGroup` s laid out plane-major in
+one staging buffer (:class:`Batch`). The byte layouts parsed here are docs/CODECS.md's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..codecs import DELTA, PLANES, RAW, ZSTD, delta, envelope, planes
+from ..errors import CorruptChunk
+
+__all__ = ["Batch", "ChunkPlan", "Place", "PlaneGroup", "parse_chunk", "places_of"]
+
+HINT = "run 'apollo-cas verify --read-data' to see which checkpoints it breaks"
+COPY, FRAME = 0, 1
+ALIGN = 16  # nvCOMP wants 16-byte aligned frames and outputs; the kernel 16-byte views
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class Place:
+    """One block of a destination: ``size`` bytes at ``offset`` of destination ``dest``."""
+
+    chunk_id: bytes
+    size: int
+    dest: int
+    offset: int
+
+
+@dataclass
+class ChunkPlan:
+    """One chunk of a batch, parsed on the host."""
+
+    cid: bytes
+    size: int
+    w: int = 1
+    kinds: tuple[int, ...] = (COPY,)
+    #: per plane (offset in blob, length) of its stored piece
+    pieces: list[tuple[int, int]] = field(default_factory=list)
+    tail: tuple[int, int] = (0, 0)
+    base: bytes | None = None
+    depth: int = 0
+    blob: Any = None
+    #: raw bytes decoded on the CPU (codec unknown here), or None
+    fallback: bytes | None = None
+    #: a live destination block that already holds these bytes: (dest, offset)
+    live: tuple[int, int] | None = None
+    row: int = -1
+
+
+def corrupt(cid: bytes, what: str) -> CorruptChunk:
+    return CorruptChunk(f"chunk {cid.hex()}: {what}", HINT)
+
+
+def _frame_size_ok(blob: memoryview, cid: bytes, off: int, n: int, size: int) -> None:
+    from ..codecs import _zstd
+
+    frame = blob[off : off + n]
+    try:
+        import zstandard
+
+        declared = zstandard.frame_content_size(frame)
+    except Exception as exc:
+        raise corrupt(cid, f"bad zstd frame header ({exc})") from exc
+    if declared != size:
+        raise corrupt(cid, f"zstd frame declares {declared} bytes, expected {size}")
+    try:
+        length = _zstd.frame_size(frame)
+    except _zstd.FrameError as exc:
+        raise corrupt(cid, str(exc)) from exc
+    if length != n:
+        raise corrupt(cid, "zstd frame is truncated or followed by stray bytes")
+
+
+def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
+    """The decode plan of one stored chunk, or None when its codec is not handled here.
+
+    Checks the envelope's raw size against ``size`` (the size the chunk's place
+    needs) before anything is decoded, and every piece's length against the payload.
+    """
+    view = memoryview(blob)
+    env = envelope.unpack(view, f"chunk {cid.hex()}")
+    if env.raw_size != size:
+        raise corrupt(cid, f"its header says {env.raw_size} raw bytes, its place needs {size}")
+    codec, params = env.codec, env.params
+    c = ChunkPlan(cid, size, blob=view)
+    if codec == DELTA:
+        try:
+            base, depth, codec, params = delta.parse_params(params)
+        except ValueError as exc:
+            raise corrupt(cid, str(exc)) from exc
+        if codec not in (RAW, ZSTD, PLANES):
+            raise corrupt(cid, f"codec id {codec} cannot be nested in a delta")
+        c.base, c.depth = base, depth
+    elif codec not in (RAW, ZSTD, PLANES):
+        return None
+    start = len(view) - len(env.payload)
+    n = len(env.payload)
+    if codec in (RAW, ZSTD) and len(params):
+        raise corrupt(cid, f"codec {codec} has {len(params)} parameter bytes, expected none")
+    if codec == RAW:
+        if n != size:
+            raise corrupt(cid, f"raw payload is {n} bytes, header says {size}")
+        c.kinds, c.pieces = (COPY,), [(start, n)]
+    elif codec == ZSTD:
+        _frame_size_ok(view, cid, start, n, size)
+        c.kinds, c.pieces = (FRAME,), [(start, n)]
+    else:
+        try:
+            w, layout = planes.parse_params(params)
+        except ValueError as exc:
+            raise corrupt(cid, str(exc)) from exc
+        m, tail = divmod(size, w)
+        if m == 0:
+            raise corrupt(cid, f"raw size {size} is smaller than one {w}-byte element")
+        stored = sum(length for _k, length in layout)
+        if stored + tail != n:
+            raise corrupt(cid, f"planes need {stored} + {tail} tail bytes, payload has {n}")
+        pos = start
+        kinds = []
+        for k, (kind, length) in enumerate(layout):
+            if kind == planes.PLANE_RAW:
+                if length != m:
+                    raise corrupt(cid, f"raw plane {k} is {length} bytes, expected {m}")
+                kinds.append(COPY)
+            else:
+                _frame_size_ok(view, cid, pos, length, m)
+                kinds.append(FRAME)
+            c.pieces.append((pos, length))
+            pos += length
+        c.w, c.kinds, c.tail = w, tuple(kinds), (pos, tail)
+    return c
+
+
+@dataclass
+class PlaneGroup:
+    """Chunks decoded alike: same element width, plane length and plane kinds."""
+
+    w: int
+    m: int
+    kinds: tuple[int, ...]
+    chunks: list[ChunkPlan]
+    start: int = 0  # offset of plane 0 of member 0 in the staging layout
+    first_row: int = 0
+
+    @property
+    def mp(self) -> int:
+        return align_up(self.m)
+
+    def slot(self, k: int, j: int) -> int:
+        return self.start + (k * len(self.chunks) + j) * self.mp
+
+
+@dataclass
+class Batch:
+    k: int
+    places: list[Place]
+    chunks: dict[bytes, ChunkPlan]
+    groups: list[PlaneGroup]
+    rows: list[ChunkPlan]
+    row_bytes: int
+    host: Any = None  # the pinned slot
+    used: int = 0
+    copy_ranges: list[tuple[int, int]] = field(default_factory=list)
+    frames: list[tuple[int, int, int, int]] = field(default_factory=list)  # src, n, out, m
+    tails: list[tuple[int, int, int]] = field(default_factory=list)  # row, host offset, n
+    read_s: float = 0.0
+    stage_s: float = 0.0
+
+
+def slices(n: int, workers: int) -> list[slice]:
+    """About 2 contiguous slices of ``range(n)`` per worker (fewer for small n)."""
+    parts = max(1, min(n, 2 * workers))
+    step = -(-n // parts) if n else 1
+    return [slice(a, min(n, a + step)) for a in range(0, n, step)] or [slice(0, 0)]
+
+
+def add_range(ranges: list[tuple[int, int]], a: int, n: int) -> None:
+    if ranges and ranges[-1][0] + ranges[-1][1] == a:
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
+    else:
+        ranges.append((a, n))
+
+
+def places_of(
+    entries: Sequence[Any], block_size: int, skip: set[tuple[int, int]] | None = None
+) -> list[Place]:
+    """One place per block of ``entries`` (manifest TensorEntry records), dest = entry index.
+
+    ``skip`` holds (entry index, block index) pairs to leave out (blocks that already match).
+    """
+    out: list[Place] = []
+    for ti, e in enumerate(entries):
+        for bi, cid in enumerate(e.chunks):
+            if skip and (ti, bi) in skip:
+                continue
+            off = bi * block_size
+            out.append(Place(cid, min(block_size, e.nbytes - off), ti, off))
+    return out

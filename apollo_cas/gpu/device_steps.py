@@ -1,0 +1,271 @@
+"""Device steps of the GPU restore pipeline: copy, decode, interleave, XOR, verify, place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import CorruptChunk
+from .blocks import host_block_digests
+from .chunkplan import FRAME, HINT, Batch, ChunkPlan, corrupt
+from .readers import BlobReader
+from .staging import Stager
+from .zstd import FrameDecoder
+
+
+class DeviceSteps:
+    """The pipeline's device steps (a mixin of :class:`~apollo_cas.gpu.restore.RestorePipeline`)."""
+
+    frames: FrameDecoder | None
+    reader: BlobReader
+    block_size: int
+    workers: int
+    device: torch.device
+    cuda: bool
+    stream: Any
+    stager: Stager
+    stats: Any
+    _kernel: Any
+    _dev: torch.Tensor | None
+    _rows: torch.Tensor | None
+    _events: list[Events]
+    _free: Any
+
+    def _buffers(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cuda:
+            dev = batch.host
+        else:
+            if self._dev is None or self._dev.numel() < batch.used:
+                self._dev = torch.empty(max(1, batch.used), dtype=torch.uint8, device=self.device)
+            dev = self._dev
+        need = max(1, len(batch.rows)) * batch.row_bytes
+        if self._rows is None or self._rows.numel() < need:
+            self._rows = torch.empty(need, dtype=torch.uint8, device=self.device)
+        scratch = int(self._rows.numel()) + (int(dev.numel()) if self.cuda else 0)
+        self.stats.device_scratch_bytes = max(self.stats.device_scratch_bytes, scratch)
+        return dev, self._rows
+
+    def _device_stage(self, batch: Batch, dests: Sequence[torch.Tensor]) -> None:
+        ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext_()
+        with ctx:
+            ev = Events(self.cuda)
+            dev, rows = self._buffers(batch)
+            ev.mark("start")
+            if self.cuda:
+                for a, n in batch.copy_ranges:
+                    dev[a : a + n].copy_(batch.host[a : a + n], non_blocking=True)
+                    self.stats.h2d_bytes += n
+            if self.cuda:
+                self.stager.release(batch.k, [self.stream])
+                self._free.release()  # the producer may fill this slot once the copy ran
+            ev.mark("copied")
+            if batch.frames and self.frames is not None:
+                try:
+                    keep = self.frames.decode(
+                        dev,
+                        [f[0] for f in batch.frames],
+                        [f[1] for f in batch.frames],
+                        dev,
+                        [f[2] for f in batch.frames],
+                        [f[3] for f in batch.frames],
+                    )
+                    ev.keep(keep)
+                except CorruptChunk:
+                    raise
+                except Exception:
+                    # nvCOMP refused the batch (a damaged frame, most likely): decode its
+                    # frames on the host, which names the chunk or gets them right.
+                    self._host_frames(batch, dev)
+            ev.mark("decoded")
+            r2 = rows[: len(batch.rows) * batch.row_bytes].view(len(batch.rows), batch.row_bytes)
+            self._interleave(batch, dev, r2, dests)
+            ev.mark("interleaved")
+            self._verify(batch, r2)
+            ev.mark("verified")
+            self._place(batch, r2, dests)
+            ev.mark("placed")
+        if not self.cuda:
+            self._free.release()  # on the CPU the slot itself was the device buffer
+        self._events.append(ev)
+        self.stats.batches += 1
+        self.stats.raw_bytes += sum(p.size for p in batch.places)
+
+    def _host_frames(self, batch: Batch, dev: torch.Tensor) -> None:
+        """Every frame of ``batch`` decoded by python-zstandard from its blob, then copied."""
+        from ..codecs import _zstd
+
+        # The arena the blobs were read into may hold the next batch by now: read again.
+        ids = [c.cid for g in batch.groups for c in g.chunks if FRAME in g.kinds]
+        blobs = dict(zip(ids, self.reader(ids, None), strict=True))
+        for g in batch.groups:
+            for j, c in enumerate(g.chunks):
+                for kk, kind in enumerate(g.kinds):
+                    if kind != FRAME:
+                        continue
+                    off, n = c.pieces[kk]
+                    try:
+                        raw = _zstd.decompress_exact(memoryview(blobs[c.cid])[off : off + n], g.m)
+                    except _zstd.FrameError as exc:
+                        raise corrupt(c.cid, str(exc)) from exc
+                    a = g.slot(kk, j)
+                    dev[a : a + g.m].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+    def _interleave(
+        self, batch: Batch, dev: torch.Tensor, r2: torch.Tensor, dests: Sequence[torch.Tensor]
+    ) -> None:
+        for g in batch.groups:
+            n = len(g.chunks)
+            block = r2[g.first_row : g.first_row + n, : g.m * g.w]
+            planes_t = dev[g.start : g.start + g.w * n * g.mp].view(g.w, n, g.mp)[:, :, : g.m]
+            if g.w == 1:
+                block.copy_(planes_t[0])
+            else:
+                out = block.view(n, g.m, g.w)
+                for kk in range(g.w):
+                    out[:, :, kk].copy_(planes_t[kk])
+        for row, off, n in batch.tails:
+            c = batch.rows[row]
+            m = c.size // c.w * c.w
+            r2[row, m : m + n].copy_(dev[off : off + n])
+        for c in batch.rows:
+            if c.live is not None:
+                d, o = c.live
+                r2[c.row, : c.size].copy_(dests[d][o : o + c.size])
+        # XOR chains, shallowest first: a base's row is final before its deltas use it.
+        by_depth: dict[int, list[ChunkPlan]] = {}
+        for c in batch.rows:
+            if c.base is not None:
+                by_depth.setdefault(c.depth, []).append(c)
+        if not by_depth:
+            return
+        wide = r2.view(torch.int64) if batch.row_bytes % 8 == 0 else r2
+        for d in sorted(by_depth):
+            cs = by_depth[d]
+            idx = [c.row for c in cs]
+            bidx = [batch.chunks[c.base].row for c in cs if c.base is not None]
+            bases = wide.index_select(0, torch.tensor(bidx, device=r2.device))
+            lo, hi = idx[0], idx[-1] + 1
+            if idx == list(range(lo, hi)):
+                wide[lo:hi].bitwise_xor_(bases)
+            else:
+                it = torch.tensor(idx, device=r2.device)
+                wide.index_copy_(0, it, wide.index_select(0, it).bitwise_xor_(bases))
+
+    def _verify(self, batch: Batch, r2: torch.Tensor) -> None:
+        """Hash every row; raise CorruptChunk for the shallowest bad one (bases first)."""
+        if self._kernel is not None and self._kernel_ok():
+            n = len(batch.rows)
+            if all(c.size == batch.row_bytes for c in batch.rows):
+                # Every row a whole block: one buffer, one launch, no view per row.
+                got = self._kernel.block_digests(
+                    r2.reshape(-1)[: n * batch.row_bytes], batch.row_bytes
+                )
+            else:
+                views = [r2[c.row, : c.size] for c in batch.rows]
+                got = self._kernel.block_digests_many(views, self.block_size)
+            want = torch.frombuffer(
+                bytearray(b"".join(c.cid for c in batch.rows)), dtype=torch.uint8
+            ).view(-1, 16)
+            bad_t = (got != want.to(self.device, non_blocking=False)).any(dim=1).nonzero()
+            bad = [int(i) for i in bad_t.flatten().tolist()]
+        else:
+            views = [r2[c.row, : c.size] for c in batch.rows]
+            if self.cuda:
+                host = [v.cpu().numpy().data for v in views]
+            else:
+                host = [v.numpy().data for v in views]
+            ds = host_block_digests(host, self.block_size, self.workers)
+            bad = [i for i, c in enumerate(batch.rows) if ds[i] != [c.cid]]
+        if bad:
+            worst = min((batch.rows[i] for i in bad), key=lambda c: (c.depth, c.row))
+            more = f" ({len(bad)} chunks of this batch failed)" if len(bad) > 1 else ""
+            raise CorruptChunk(
+                f"chunk {worst.cid.hex()} is corrupt: its decoded content does not hash to "
+                f"its name{more}",
+                HINT,
+            )
+
+    def _kernel_ok(self) -> bool:
+        try:
+            assert self._kernel is not None
+            self._kernel.check_block_size(self.block_size)
+        except ValueError:
+            return False
+        return True
+
+    def _place(self, batch: Batch, r2: torch.Tensor, dests: Sequence[torch.Tensor]) -> None:
+        flat = r2.view(-1)
+        rb = batch.row_bytes
+        run: list[int] | None = None  # [dest, dest offset, flat offset, length]
+        for p in batch.places:
+            c = batch.chunks[p.chunk_id]
+            src = c.row * rb
+            if (
+                run is not None
+                and run[0] == p.dest
+                and run[1] + run[3] == p.offset
+                and run[2] + run[3] == src
+            ):
+                run[3] += p.size
+                continue
+            if run is not None:
+                _copy(dests, flat, run)
+            run = [p.dest, p.offset, src, p.size]
+            if p.size != rb:
+                _copy(dests, flat, run)
+                run = None
+        if run is not None:
+            _copy(dests, flat, run)
+
+    def _sum_events(self) -> None:
+        for ev in self._events:
+            t = ev.elapsed()
+            self.stats.copy_s += t.get("copied", 0.0)
+            self.stats.decode_s += t.get("decoded", 0.0)
+            self.stats.interleave_s += t.get("interleaved", 0.0)
+            self.stats.verify_s += t.get("verified", 0.0)
+            self.stats.place_s += t.get("placed", 0.0)
+        self._events = []
+
+
+def _copy(dests: Sequence[torch.Tensor], flat: torch.Tensor, run: list[int]) -> None:
+    d, o, s, n = run
+    dests[d][o : o + n].copy_(flat[s : s + n], non_blocking=True)
+
+
+class Events:
+    """CUDA events between phases (host clock on the CPU), read once the work is done."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[tuple[str, Any]] = []
+        self._keep: list[Any] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append((name, e))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def keep(self, obj: Any) -> None:
+        self._keep.append(obj)
+
+    def elapsed(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (_a, ea), (b, eb) in zip(self.marks, self.marks[1:], strict=False):
+            out[b] = ea.elapsed_time(eb) / 1e3 if self.cuda else eb - ea
+        self._keep = []
+        return out
+
+
+class nullcontext_:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

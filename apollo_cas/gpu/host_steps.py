@@ -1,0 +1,136 @@
+"""Host staging of the GPU restore pipeline: a batch's layout and its pinned slot's bytes."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .chunkplan import (
+    COPY,
+    FRAME,
+    Batch,
+    ChunkPlan,
+    Place,
+    PlaneGroup,
+    add_range,
+    align_up,
+    corrupt,
+    slices,
+)
+from .staging import Stager
+from .zstd import FrameDecoder
+
+
+class HostStaging:
+    """The pipeline's host steps (a mixin of :class:`~apollo_cas.gpu.restore.RestorePipeline`)."""
+
+    frames: FrameDecoder | None
+    block_size: int
+    workers: int
+    stager: Stager
+    stats: Any
+
+    def _pool(self, name: str) -> ThreadPoolExecutor:
+        raise NotImplementedError
+
+    def _layout(
+        self, k: int, ps: list[Place], chunks: dict[bytes, ChunkPlan], order: list[bytes]
+    ) -> Batch:
+        """Rows and the plane-major staging layout of one batch."""
+        host_frames = self.frames is None
+        groups: dict[tuple[int, int, tuple[int, ...]], PlaneGroup] = {}
+        lives: list[ChunkPlan] = []
+        for cid in order:
+            c = chunks[cid]
+            if c.live is not None:
+                lives.append(c)
+                continue
+            kinds = tuple(COPY for _ in c.kinds) if host_frames else c.kinds
+            key = (c.w, c.size // c.w, kinds)
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = PlaneGroup(c.w, c.size // c.w, kinds, [])
+            g.chunks.append(c)
+        pos = 0
+        rows: list[ChunkPlan] = []
+        for g in groups.values():
+            g.start = pos
+            pos += g.w * len(g.chunks) * g.mp
+            g.first_row = len(rows)
+            for c in g.chunks:
+                c.row = len(rows)
+                rows.append(c)
+        for c in lives:
+            c.row = len(rows)
+            rows.append(c)
+        batch = Batch(k, ps, chunks, list(groups.values()), rows, align_up(self.block_size, 64))
+        # Copy ranges: plane runs that arrive as bytes; frames and tails packed after.
+        for g in batch.groups:
+            for kk, kind in enumerate(g.kinds):
+                if kind == COPY:
+                    a = g.slot(kk, 0)
+                    add_range(batch.copy_ranges, a, len(g.chunks) * g.mp)
+        fpos = pos
+        for g in batch.groups:
+            for j, c in enumerate(g.chunks):
+                for kk, kind in enumerate(g.kinds):
+                    if kind == FRAME:
+                        n = c.pieces[kk][1]
+                        batch.frames.append((fpos, n, g.slot(kk, j), g.m))
+                        fpos = align_up(fpos + n)
+                if c.tail[1]:
+                    batch.tails.append((c.row, fpos, c.tail[1]))
+                    fpos = align_up(fpos + c.tail[1])
+        if fpos > pos:
+            add_range(batch.copy_ranges, pos, fpos - pos)
+        batch.used = fpos
+        self.stager.ensure(fpos)
+        return batch
+
+    def _fill(self, batch: Batch) -> None:
+        """Copy every piece into the pinned slot (host-decoding frames when no nvCOMP)."""
+        from ..codecs import _zstd
+
+        h = batch.host.numpy()
+        frames = iter(batch.frames)
+        tails = iter(batch.tails)
+        jobs: list[tuple[Any, int, int, int, bytes]] = []  # (piece, dst, n, decode-to m or -1, id)
+        for g in batch.groups:
+            for j, c in enumerate(g.chunks):
+                src = memoryview(c.fallback) if c.fallback is not None else c.blob
+                for kk, kind in enumerate(c.kinds):
+                    off, n = c.pieces[kk]
+                    piece = src[off : off + n]
+                    if kind == FRAME and self.frames is not None:
+                        fsrc, fn, _out, _m = next(frames)
+                        jobs.append((piece, fsrc, fn, -1, c.cid))
+                    elif kind == FRAME:
+                        jobs.append((piece, g.slot(kk, j), g.m, g.m, c.cid))
+                    else:
+                        jobs.append((piece, g.slot(kk, j), n, -1, c.cid))
+                if c.tail[1]:
+                    _row, tdst, tn = next(tails)
+                    jobs.append((src[c.tail[0] : c.tail[0] + tn], tdst, tn, -1, c.cid))
+
+        def one(job: tuple[Any, int, int, int, bytes]) -> None:
+            piece, dst, n, m, cid = job
+            if m >= 0:
+                try:
+                    raw = _zstd.decompress_exact(piece, m)
+                except _zstd.FrameError as exc:
+                    raise corrupt(cid, str(exc)) from exc
+                h[dst : dst + m] = np.frombuffer(raw, np.uint8)
+            else:
+                h[dst : dst + n] = np.frombuffer(piece, np.uint8)
+
+        def group(sl: slice) -> None:
+            for job in jobs[sl]:
+                one(job)
+
+        for _ in self._pool("stage").map(group, slices(len(jobs), self.workers)):
+            pass
+        self.stats.frames += len(batch.frames)
+
+    # -- device work (caller's thread) -------------------------------------------------
