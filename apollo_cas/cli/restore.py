@@ -43,9 +43,18 @@ from .common import (
     "--format",
     "fmt",
     type=click.Choice(["safetensors", "flat"]),
-    default="safetensors",
-    show_default=True,
-    help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json.",
+    default=None,
+    help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json. "
+    "Default: the form the checkpoint was saved in (saved files come back exactly), "
+    "else safetensors.",
+)
+@click.option(
+    "--exact/--no-exact",
+    "exact",
+    default=None,
+    help="--exact: the saved files byte for byte or an error saying why not; --no-exact: "
+    "the rewritten form. Default: exact for checkpoints saved from files unless "
+    "--format, --layout or --max-shard-size ask for another form.",
 )
 @click.option(
     "--max-shard-size",
@@ -73,7 +82,8 @@ def restore(
     ref: str,
     store: str | None,
     to: Path,
-    fmt: str,
+    fmt: str | None,
+    exact: bool | None,
     max_shard_size: str,
     st_layout: str,
     group: str | None,
@@ -98,10 +108,18 @@ def restore(
             "missing --to PATH", "name the directory to restore into, or use --live HANDLES"
         )
     shard = parse_size(max_shard_size, "shard size")
+    # The default shard size asks for nothing: only a given one rewrites saved files.
+    source = click.get_current_context().get_parameter_source("max_shard_size")
+    asked_shard = shard if source != click.core.ParameterSource.DEFAULT else None
     if group is not None:
         with Store.open(need_store(store)) as st:
             paths = st.restore_group(
-                group, to, format=fmt, series=series, rank=rank, max_shard_size=shard
+                group,
+                to,
+                format=fmt or "safetensors",
+                series=series,
+                rank=rank,
+                max_shard_size=shard,
             )
         seconds = time.perf_counter() - t0
         if as_json:
@@ -113,14 +131,16 @@ def restore(
         cid = st.resolve(ref, series)
         manifest = st.manifest(cid)
         with progress(manifest.logical_bytes, f"restore {cid[:12]}", not as_json) as bar:
-            paths = st.restore(
+            res = st.restore_files(
                 cid,
                 to,
                 format=fmt,
-                max_shard_size=shard,
+                max_shard_size=asked_shard,
                 safetensors_layout=st_layout,
+                exact=exact,
                 progress=bar,
             )
+    paths = res.paths
     seconds = time.perf_counter() - t0
     if as_json:
         emit_json(
@@ -129,12 +149,18 @@ def restore(
                 "files": paths,
                 "bytes": manifest.logical_bytes,
                 "seconds": round(seconds, 4),
+                **res.to_json(),
             }
         )
     else:
         click.echo(
             f"restored {cid[:12]} ({human_bytes(manifest.logical_bytes)}) to {to} "
             f"in {seconds:.2f}s: " + ", ".join(Path(p).name for p in paths)
+        )
+        click.echo(
+            "exact: the files as they were saved (same names, same bytes)"
+            if res.exact
+            else f"rewritten, not the saved files: {res.reason}"
         )
 
 
