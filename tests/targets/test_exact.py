@@ -54,8 +54,13 @@ def assert_identical(saved_dir: Path, out: Path, names: list[str]) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # nothing else, no temporaries
 
 
-def hand_file(path: Path, tensors: dict[str, tuple[str, list[int], bytes, int]], header: str,
-              tail: bytes = b"", fill: bytes = b"\xab") -> None:
+def hand_file(
+    path: Path,
+    tensors: dict[str, tuple[str, list[int], bytes, int]],
+    header: str,
+    tail: bytes = b"",
+    fill: bytes = b"\xab",
+) -> None:
     """A safetensors file written by hand: ``header`` is the JSON text as it goes on
     disk (key order, spacing and padding as given); each tensor's bytes go at its
     data offset; bytes between them are ``fill``; ``tail`` follows the last one."""
@@ -77,11 +82,19 @@ def odd_tensors(contiguous: bool):
     b = torch.randn(2, 3).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
     c = bytes(range(5))
     if contiguous:  # c, a, b back to back from offset 0: loadable by the library
-        return {"c": ("I8", [5], c, 0), "a": ("F32", [3], a, 5), "b": ("BF16", [2, 3], b, 17),
-                "d": ("U8", [0], b"", 29)}
+        return {
+            "c": ("I8", [5], c, 0),
+            "a": ("F32", [3], a, 5),
+            "b": ("BF16", [2, 3], b, 17),
+            "d": ("U8", [0], b"", 29),
+        }
     # a 3-byte gap after c, a 9-byte gap before b
-    return {"c": ("I8", [5], c, 0), "a": ("F32", [3], a, 8), "b": ("BF16", [2, 3], b, 29),
-            "d": ("U8", [0], b"", 41)}
+    return {
+        "c": ("I8", [5], c, 0),
+        "a": ("F32", [3], a, 8),
+        "b": ("BF16", [2, 3], b, 29),
+        "d": ("U8", [0], b"", 41),
+    }
 
 
 def odd_header(t) -> str:
@@ -89,8 +102,13 @@ def odd_header(t) -> str:
     spaces, and trailing padding so the data starts at an odd offset."""
     text = (
         '{\n  "b": {' + entry(t, "b") + '},\n "__metadata__" : {"zeta":"1", "alpha":"two",'
-        ' "format":"pt", "json":"{\\"x\\": [1, 2]}"},\n\t"a":{' + entry(t, "a") + '} , "d":{'
-        + entry(t, "d") + '},"c": {' + entry(t, "c") + "}}"
+        ' "format":"pt", "json":"{\\"x\\": [1, 2]}"},\n\t"a":{'
+        + entry(t, "a")
+        + '} , "d":{'
+        + entry(t, "d")
+        + '},"c": {'
+        + entry(t, "c")
+        + "}}"
     )
     text += " " * (-(len(text) + 8) % 8 + 3)  # data starts at 8k + 3
     assert (len(text) + 8) % 8 == 3
@@ -106,8 +124,9 @@ def model(make_model):
 # round trips
 
 
-def test_single_file(run_cli, tmp_store, fast_tmp_dir, model, write_safetensors,
-                     assert_same_tensors):
+def test_single_file(
+    run_cli, tmp_store, fast_tmp_dir, model, write_safetensors, assert_same_tensors
+):
     src = write_safetensors(model, fast_tmp_dir / "in" / "weights-a.safetensors")
     save(run_cli, tmp_store, src, "--block-size", "64K")
     out = fast_tmp_dir / "out"
@@ -121,8 +140,9 @@ def test_single_file(run_cli, tmp_store, fast_tmp_dir, model, write_safetensors,
     assert human.returncode == 0 and "exact: the files as they were saved" in human.stdout
 
 
-def test_sharded_directory_with_index(run_cli, tmp_store, fast_tmp_dir, model,
-                                      write_safetensors, assert_same_tensors):
+def test_sharded_directory_with_index(
+    run_cli, tmp_store, fast_tmp_dir, model, write_safetensors, assert_same_tensors
+):
     src = fast_tmp_dir / "in"
     write_safetensors(model, src, shards=3)
     names = sorted(p.name for p in src.iterdir())
@@ -185,8 +205,9 @@ def test_too_many_uncovered_bytes_refuse_exact_with_the_reason(
     fails(p, 2, "--exact", "not covered by tensors")
 
 
-def test_original_tool_directory(run_cli, tmp_store, fast_tmp_dir, model, write_seed_checkpoint,
-                                 assert_same_tensors):
+def test_original_tool_directory(
+    run_cli, tmp_store, fast_tmp_dir, model, write_seed_checkpoint, assert_same_tensors
+):
     src = write_seed_checkpoint(fast_tmp_dir / "in" / "2025-03-01-1200", model)
     save(run_cli, tmp_store, src, "--block-size", "4K")
     out = fast_tmp_dir / "out"
@@ -214,12 +235,16 @@ def test_original_tool_history(run_cli, tmp_store, fast_tmp_dir, make_model, wri
         assert_identical(d, out, ["weights.bin", "weights.json"])
 
 
-def test_transformers_loads_an_exact_restore(run_cli, tmp_store, fast_tmp_dir,
-                                             assert_same_tensors):
+def test_transformers_loads_an_exact_restore(run_cli, tmp_store, fast_tmp_dir, assert_same_tensors):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -240,8 +265,9 @@ def test_transformers_loads_an_exact_restore(run_cli, tmp_store, fast_tmp_dir,
 # when the exact form is not the default
 
 
-def test_options_that_ask_for_another_form(run_cli, tmp_store, fast_tmp_dir, model,
-                                           write_safetensors):
+def test_options_that_ask_for_another_form(
+    run_cli, tmp_store, fast_tmp_dir, model, write_safetensors
+):
     src = write_safetensors(model, fast_tmp_dir / "in" / "model.safetensors")
     save(run_cli, tmp_store, src, "--block-size", "4K")
     for extra, why in [
@@ -300,8 +326,9 @@ def record_path(store: str) -> tuple[Path, str]:
     return Path(store) / layout.chunk_key(ref.chunk.hex()), ref.chunk.hex()
 
 
-def test_damaged_record_is_an_error_never_another_file(run_cli, tmp_store, fast_tmp_dir, model,
-                                                       write_safetensors):
+def test_damaged_record_is_an_error_never_another_file(
+    run_cli, tmp_store, fast_tmp_dir, model, write_safetensors
+):
     src = write_safetensors(model, fast_tmp_dir / "in" / "a.safetensors")
     save(run_cli, tmp_store, src, "--block-size", "4K")
     assert cli_json(run_cli, "verify", "--store", tmp_store, "--read-data")["ok"] is True
@@ -320,8 +347,9 @@ def test_damaged_record_is_an_error_never_another_file(run_cli, tmp_store, fast_
     assert restore(run_cli, tmp_store, out, "--no-exact")["exact"] is False
 
 
-def test_gc_keeps_the_record_and_verify_counts_it(run_cli, tmp_store, fast_tmp_dir, model,
-                                                  write_safetensors):
+def test_gc_keeps_the_record_and_verify_counts_it(
+    run_cli, tmp_store, fast_tmp_dir, model, write_safetensors
+):
     src = write_safetensors(model, fast_tmp_dir / "in" / "a.safetensors")
     save(run_cli, tmp_store, src, "--block-size", "4K")
     path, _ = record_path(tmp_store)
