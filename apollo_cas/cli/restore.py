@@ -94,6 +94,9 @@ def restore(
 ) -> None:
     """Write checkpoint REF (default: latest) into PATH, bit-exactly.
 
+    A checkpoint saved from files gives back those files, byte for byte and
+    under their names, unless --format, --layout, --max-shard-size or
+    --no-exact ask for another form; others are written as safetensors.
     Files appear only when complete; the file that names the others
     (weights.json, model.safetensors.index.json) is written last.
     """
@@ -112,6 +115,12 @@ def restore(
     source = click.get_current_context().get_parameter_source("max_shard_size")
     asked_shard = shard if source != click.core.ParameterSource.DEFAULT else None
     if group is not None:
+        if exact:
+            raise UsageError(
+                "--exact does not apply to --group",
+                "a group is written in vLLM's per-rank layout; restore one rank's checkpoint "
+                "by id for its saved files",
+            )
         with Store.open(need_store(store)) as st:
             paths = st.restore_group(
                 group,
