@@ -342,7 +342,9 @@ def test_damaged_record_is_an_error_never_another_file(
     assert not out.exists() or list(out.iterdir()) == []  # no file, no temporary
     p = run_cli("verify", "--store", tmp_store, "--read-data", "--json")
     assert p.returncode == 3
-    assert [d["chunk"] for d in json.loads(p.stdout)["damaged_chunks"]] == [hex_id]
+    (damage,) = json.loads(p.stdout)["damaged_chunks"]
+    assert damage["chunk"] == hex_id and damage["tensors"] == ["(saved-file record)"]
+    assert len(damage["checkpoints"]) == 1
     # the tensors are intact: the rewritten form still restores
     assert restore(run_cli, tmp_store, out, "--no-exact")["exact"] is False
 
