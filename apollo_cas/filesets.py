@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 
 from .errors import CorruptManifest
+from .manifest import Manifest, SavedFilesRef
 
 RECORD_FORMAT = 1
 #: Bytes per file that no tensor or header covers and that a record keeps inline.
@@ -167,6 +168,16 @@ class FileSet:
         if missing:
             return f"tensor {missing[0]!r} is in no recorded file"
         return None
+
+
+def same_files(saved: SavedFilesRef | None, parent: Manifest | None) -> bool:
+    """Whether a save's file record adds nothing to the parent checkpoint's.
+
+    Records are compared only when both exist: saving the same tensors from
+    memory, or reading back a rewritten restore, is no change; the same tensors
+    in a file whose header changed are a new checkpoint.
+    """
+    return saved is None or parent is None or parent.saved_files in (None, saved)
 
 
 def _valid_name(name: str) -> bool:
@@ -322,5 +333,6 @@ __all__ = [
     "FileSet",
     "SavedFile",
     "safetensors_record",
+    "same_files",
     "seed_record",
 ]

@@ -26,6 +26,7 @@ from .errors import (
     StoreNotFound,
     UsageError,
 )
+from .filesets import same_files
 from .hashing import digest_hex
 from .locks import Locks
 from .manifest import (
@@ -44,15 +45,6 @@ from .sources import open_mapping
 from .sources.base import Source
 
 MIN_BLOCK_SIZE = 4096
-
-
-def same_files(saved: SavedFilesRef | None, parent: Manifest | None) -> bool:
-    """Whether a save's file record adds nothing to the parent's. Records are
-    compared only when both exist: reading back a rewritten restore, or saving
-    the same tensors from memory, is no change; a file whose header changed is."""
-    return saved is None or parent is None or parent.saved_files in (None, saved)
-
-
 MAX_BLOCK_SIZE = 256 << 20
 _CAS_RETRIES = 20
 
@@ -650,27 +642,19 @@ class Store:
         """
         from pathlib import Path
 
-        from .targets.exact import choose_form, load_record, restore_exact
+        from .targets.exact import choose_form, restore_exact
 
         cid = self.resolve(ref, series)
         manifest = self.manifest(cid)
-        form = choose_form(
+        form, record = choose_form(
             manifest,
             cid,
+            self.read_chunk,
             format=format,
             layout=safetensors_layout,
             max_shard_size=max_shard_size,
             exact=exact,
         )
-        record = load_record(self.read_chunk, manifest, f"checkpoint {cid}") if form.exact else None
-        if record is not None and record.refused is not None:
-            if exact:
-                raise UsageError(
-                    f"--exact: checkpoint {cid[:12]}'s files cannot be written back exactly "
-                    f"({record.refused})",
-                    "drop --exact to get the rewritten form",
-                )
-            form, record = replace(form, exact=False, reason=record.refused), None
         dest = Path(to)
         decoder = Decoder.for_store(self, manifest.logical_bytes)
         if record is not None:

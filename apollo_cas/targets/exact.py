@@ -50,17 +50,43 @@ class Form:
 def choose_form(
     manifest: Manifest,
     checkpoint: str,
+    read_chunk: Callable[[bytes], bytes],
     *,
     format: str | None,
     layout: str,
     max_shard_size: int | None,
     exact: bool | None,
-) -> Form:
-    """Exact or rewritten, from what the checkpoint holds and what the caller asked.
+) -> tuple[Form, FileSet | None]:
+    """Exact or rewritten, from what the checkpoint holds and what the caller asked;
+    with the verified record when exact.
 
     ``exact=True`` that cannot be honoured is a :class:`UsageError` naming why;
-    ``None`` picks exact whenever it can (the record itself is checked later).
+    ``None`` picks exact whenever it can. A damaged record is an error, never a
+    quiet fall back to another file.
     """
+    form = _form(manifest, checkpoint, format, layout, max_shard_size, exact)
+    if not form.exact:
+        return form, None
+    record = load_record(read_chunk, manifest, f"checkpoint {checkpoint}")
+    if record.refused is None:
+        return form, record
+    if exact:
+        raise UsageError(
+            f"--exact: checkpoint {checkpoint[:12]}'s files cannot be written back exactly "
+            f"({record.refused})",
+            "drop --exact to get the rewritten form",
+        )
+    return Form(form.format, False, record.refused), None
+
+
+def _form(
+    manifest: Manifest,
+    checkpoint: str,
+    format: str | None,
+    layout: str,
+    max_shard_size: int | None,
+    exact: bool | None,
+) -> Form:
     if format not in (None, "flat", "safetensors"):
         raise UsageError(f"unknown restore format {format!r}", "use flat or safetensors")
     ref = manifest.saved_files
