@@ -158,12 +158,21 @@ class FileSet:
         every tensor placed at least once, inside its file, and nothing else placed."""
         placed: set[str] = set()
         for f in self.files:
+            spans = [(0, len(f.header))] + [(o, o + len(b)) for o, b in f.gaps]
             for name, offset in f.tensors:
                 if name not in sizes:
                     return f"{f.name} places tensor {name!r}, which the checkpoint lacks"
                 if offset < len(f.header) or offset + sizes[name] > f.size:
                     return f"{f.name}: tensor {name!r} at {offset} does not fit the file"
                 placed.add(name)
+                spans.append((offset, offset + sizes[name]))
+            pos = 0
+            for begin, end in sorted(spans):
+                if begin > pos:
+                    break
+                pos = max(pos, end)
+            if pos < f.size:  # every byte must come from somewhere, never from a zero fill
+                return f"{f.name}: bytes from {pos} are not recorded"
         missing = sorted(set(sizes) - placed)
         if missing:
             return f"tensor {missing[0]!r} is in no recorded file"

@@ -162,8 +162,11 @@ def test_records_that_do_not_fit_are_refused(store, make_model, fast_tmp_dir):
 
     check(replace(good, files=(replace(f, name="../escape.safetensors"),)), "plain name")
     check(replace(good, files=(replace(f, size=f.size - 1),)), "does not fit")
-    check(replace(good, files=(replace(f, tensors=f.tensors[1:]),)), "in no recorded file")
+    (name, off), nbytes = f.tensors[0], manifest.tensor(f.tensors[0][0]).nbytes
+    unplaced = replace(f, tensors=f.tensors[1:], gaps=((off, b"\0" * nbytes),))
+    check(replace(good, files=(unplaced,)), f"{name!r} is in no recorded file")
     check(replace(good, files=(f, f)), "twice")
+    check(replace(good, files=(replace(f, size=f.size + 3),)), "not recorded")
     check(replace(good, kind="seed"), "the manifest says safetensors")
     extra = SavedFile("x.safetensors", 8, b"", (("nope", 0),))
     check(replace(good, files=(f, extra)), "lacks")
