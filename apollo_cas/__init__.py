@@ -18,7 +18,7 @@ from __future__ import annotations
 from .codecs import CodecPolicy
 from .errors import ApolloError
 from .manifest import Manifest, SaveStats, SourceInfo, TensorEntry
-from .store import Checkpoint, SaveResult, Store
+from .store import Checkpoint, RestoreResult, SaveResult, Store
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "Checkpoint",
     "CodecPolicy",
     "Manifest",
+    "RestoreResult",
     "SaveResult",
     "SaveStats",
     "SourceInfo",

@@ -176,6 +176,27 @@ class SourceInfo:
 
 
 @dataclass(frozen=True)
+class SavedFilesRef:
+    """Where a checkpoint saved from files keeps the record that writes them again
+    byte for byte (:mod:`apollo_cas.filesets`): the files' kind (``safetensors``
+    or ``seed``), the record's chunk id and its raw size."""
+
+    kind: str
+    chunk: bytes
+    size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": self.kind, "c": self.chunk, "b": self.size}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> SavedFilesRef:
+        ref = cls(kind=str(d["k"]), chunk=bytes(d["c"]), size=int(d["b"]))
+        if len(ref.chunk) != 16 or ref.size < 0:
+            raise ValueError("saved_files: bad chunk id or size")
+        return ref
+
+
+@dataclass(frozen=True)
 class Manifest:
     """One checkpoint. Its id is the XXH3-128 of its encoding."""
 
@@ -190,6 +211,9 @@ class Manifest:
     #: chunk this checkpoint needs (transitively), so gc can keep bases without
     #: reading chunk headers.
     bases: dict[bytes, bytes] = field(default_factory=dict)
+    #: The saved files' record (names, headers, tensor offsets) for exact
+    #: restores; None for tensors from memory and for checkpoints saved before it.
+    saved_files: SavedFilesRef | None = None
     format: int = MANIFEST_FORMAT
 
     @property
@@ -200,6 +224,8 @@ class Manifest:
         """Every chunk this checkpoint needs, delta bases included."""
         ids = {c for t in self.tensors for c in t.chunks}
         ids.update(self.bases.values())
+        if self.saved_files is not None:
+            ids.add(self.saved_files.chunk)
         return ids
 
     def tensor(self, name: str) -> TensorEntry | None:
@@ -220,9 +246,16 @@ class Manifest:
                 "stats": self.stats.to_wire(),
                 "tensors": [t.to_wire() for t in self.tensors],
                 "bases": self.bases,
+                # Optional keys are absent when unset, so such manifests keep their bytes.
+                **self._optional_wire(),
             },
             use_bin_type=True,
         )
+
+    def _optional_wire(self) -> dict[str, Any]:
+        if self.saved_files is None:
+            return {}
+        return {"saved_files": self.saved_files.to_wire()}
 
     def checkpoint_id(self) -> str:
         return digest_hex(self.encode())
@@ -250,6 +283,11 @@ class Manifest:
                 stats=SaveStats.from_wire(d["stats"]),
                 tensors=tuple(TensorEntry.from_wire(t, bs) for t in d["tensors"]),
                 bases={bytes(k): bytes(v) for k, v in d["bases"].items()},
+                saved_files=(
+                    None
+                    if d.get("saved_files") is None
+                    else SavedFilesRef.from_wire(d["saved_files"])
+                ),
             )
         except Exception as exc:
             raise CorruptManifest(

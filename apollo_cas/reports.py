@@ -23,6 +23,8 @@ def _raw_sizes(manifests: list[Manifest]) -> dict[bytes, int]:
         for t in m.tensors:
             for cid, n in zip(t.chunks, chunk_sizes(t, m.block_size), strict=True):
                 sizes[cid] = n
+        if m.saved_files is not None:  # the saved-file record (exact restores) is a chunk too
+            sizes[m.saved_files.chunk] = m.saved_files.size
     return sizes
 
 

@@ -27,12 +27,14 @@ from .errors import (
     StoreNotFound,
     UsageError,
 )
+from .filesets import same_files
 from .hashing import digest_hex
 from .locks import Locks
 from .manifest import (
     DEFAULT_BLOCK_SIZE,
     GroupRecord,
     Manifest,
+    SavedFilesRef,
     SaveStats,
     SourceInfo,
     StoreConfig,
@@ -76,6 +78,20 @@ class SaveResult:
             "new_stored_bytes": st.new_stored_bytes,
             "device_to_host_bytes": self.fetched_bytes,
         }
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore wrote, and whether it is the saved files byte for byte."""
+
+    checkpoint_id: str
+    paths: list[str]
+    format: str  # safetensors or flat
+    exact: bool  # the files as saved: same names, same bytes
+    reason: str | None = None  # why not exact, when not
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "exact": self.exact, "not_exact_because": self.reason}
 
 
 @dataclass(frozen=True)
@@ -361,9 +377,10 @@ class Store:
                 self._base_finder(source, parent, block_size),
                 progress,
             )
+            saved_files = self._put_saved_files(source)
             self.backend.sync()
             elapsed = time.perf_counter() - t0
-            if same_content(res.tensors, parent) and not force:
+            if same_content(res.tensors, parent) and same_files(saved_files, parent) and not force:
                 cid, manifest, unchanged = parent_id, parent, True
             else:
                 manifest = Manifest(
@@ -375,6 +392,7 @@ class Store:
                     parent=parent_id,
                     stats=replace(res.stats, seconds=round(elapsed, 6)),
                     bases=self._bases_closure(res, parent),
+                    saved_files=saved_files,
                 )
                 cid, manifest, unchanged = self._commit(manifest, parent_id, force)
             # Still under the shared lock: once released, a concurrent save may
@@ -394,6 +412,14 @@ class Store:
             time.perf_counter() - t0,
             res.fetched_bytes,
         )
+
+    def _put_saved_files(self, source: Source) -> SavedFilesRef | None:
+        """Store the record of the files ``source`` was read from (exact restores)."""
+        record = source.saved_files()
+        if record is None:
+            return None
+        data = record.encode()
+        return SavedFilesRef(record.kind, self.chunks.put_block(data).chunk_id, len(data))
 
     @staticmethod
     def _series_for(series: str, info: SourceInfo, group: str | None) -> str:
@@ -554,7 +580,11 @@ class Store:
             if parent_id is None:
                 continue
             other = self.manifest(parent_id)
-            if other.tensors == manifest.tensors and not force:
+            if (
+                other.tensors == manifest.tensors
+                and same_files(manifest.saved_files, other)
+                and not force
+            ):
                 return parent_id, other, True
             manifest = replace(manifest, parent=parent_id)
         raise ConcurrentUpdate(
@@ -572,26 +602,71 @@ class Store:
         ref: str | None,
         to: str | os.PathLike[str],
         *,
-        format: str = "safetensors",
+        format: str | None = None,
         series: str = layout.DEFAULT_SERIES,
         max_shard_size: int | None = None,
         safetensors_layout: str = "auto",
+        exact: bool | None = None,
         progress: ProgressFn | None = None,
     ) -> list[str]:
+        """Write checkpoint ``ref`` into directory ``to``; returns the paths written.
+        See :meth:`restore_files` for the options."""
+        return self.restore_files(
+            ref,
+            to,
+            format=format,
+            series=series,
+            max_shard_size=max_shard_size,
+            safetensors_layout=safetensors_layout,
+            exact=exact,
+            progress=progress,
+        ).paths
+
+    def restore_files(
+        self,
+        ref: str | None,
+        to: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        series: str = layout.DEFAULT_SERIES,
+        max_shard_size: int | None = None,
+        safetensors_layout: str = "auto",
+        exact: bool | None = None,
+        progress: ProgressFn | None = None,
+    ) -> RestoreResult:
         """Write checkpoint ``ref`` into directory ``to`` as ``flat`` or ``safetensors``.
 
-        Outputs appear only when complete; returns the paths written.
+        A checkpoint saved from files comes back as those files, byte for byte and
+        under their names (``exact``), unless ``format``, ``safetensors_layout``
+        (other than auto) or ``max_shard_size`` ask for another form or ``exact``
+        is False; ``exact=True`` that cannot be honoured is a UsageError. Other
+        checkpoints are rewritten (``format`` defaults to safetensors). Outputs
+        appear only when complete.
         """
         from pathlib import Path
 
-        manifest = self.manifest(self.resolve(ref, series))
+        from .targets.exact import choose_form, restore_exact
+
+        cid = self.resolve(ref, series)
+        manifest = self.manifest(cid)
+        form, record = choose_form(
+            manifest,
+            cid,
+            self.read_chunk,
+            format=format,
+            layout=safetensors_layout,
+            max_shard_size=max_shard_size,
+            exact=exact,
+        )
         dest = Path(to)
         decoder = Decoder.for_store(self, manifest.logical_bytes)
-        if format == "flat":
+        if record is not None:
+            paths = restore_exact(decoder, manifest, record, dest, progress)
+        elif form.format == "flat":
             from .targets.flat import restore_flat
 
             paths = restore_flat(decoder, manifest, dest, progress)
-        elif format == "safetensors":
+        elif form.format == "safetensors":
             from .targets.safetensors_dir import DEFAULT_SHARD_SIZE, restore_safetensors
 
             paths = restore_safetensors(
@@ -603,8 +678,8 @@ class Store:
                 progress=progress,
             )
         else:
-            raise UsageError(f"unknown restore format {format!r}", "use flat or safetensors")
-        return [str(p) for p in paths]
+            raise UsageError(f"unknown restore format {form.format!r}", "use flat or safetensors")
+        return RestoreResult(cid, [str(p) for p in paths], form.format, form.exact, form.reason)
 
     def restore_group(
         self,

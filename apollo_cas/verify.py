@@ -368,6 +368,10 @@ def _verify(
                             report.broken_checkpoints[cp] = sorted(refs_of.get(cp, []))
                         link = m.bases.get(link)
                         hops += 1
+            rec = m.saved_files  # its damage breaks the exact restore, not the tensors
+            if rec is not None and rec.chunk in by_id:
+                by_id[rec.chunk].breaks.setdefault(cp, []).append("(saved-file record)")
+                report.broken_checkpoints[cp] = sorted(refs_of.get(cp, []))
         report.damaged_chunks = list(by_id.values())
     report.seconds = time.perf_counter() - t0
     return report

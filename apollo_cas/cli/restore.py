@@ -45,9 +45,18 @@ from .common import (
     "--format",
     "fmt",
     type=click.Choice(["safetensors", "flat"]),
-    default="safetensors",
-    show_default=True,
-    help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json.",
+    default=None,
+    help="safetensors: model.safetensors (or shards + index); flat: weights.bin + weights.json. "
+    "Default: the form the checkpoint was saved in (saved files come back exactly), "
+    "else safetensors.",
+)
+@click.option(
+    "--exact/--no-exact",
+    "exact",
+    default=None,
+    help="--exact: the saved files byte for byte or an error saying why not; --no-exact: "
+    "the rewritten form. Default: exact for checkpoints saved from files unless "
+    "--format, --layout or --max-shard-size ask for another form.",
 )
 @click.option(
     "--max-shard-size",
@@ -75,7 +84,8 @@ def restore(
     ref: str,
     store: str | None,
     to: Path,
-    fmt: str,
+    fmt: str | None,
+    exact: bool | None,
     max_shard_size: str,
     st_layout: str,
     group: str | None,
@@ -86,6 +96,9 @@ def restore(
 ) -> None:
     """Write checkpoint REF (default: latest) into PATH, bit-exactly.
 
+    A checkpoint saved from files gives back those files, byte for byte and
+    under their names, unless --format, --layout, --max-shard-size or
+    --no-exact ask for another form; others are written as safetensors.
     Files appear only when complete; the file that names the others
     (weights.json, model.safetensors.index.json) is written last.
     """
@@ -101,10 +114,24 @@ def restore(
         )
     shard = parse_size(max_shard_size, "shard size")
     before = existing_files(to)
+    # The default shard size asks for nothing: only a given one rewrites saved files.
+    source = click.get_current_context().get_parameter_source("max_shard_size")
+    asked_shard = shard if source != click.core.ParameterSource.DEFAULT else None
     if group is not None:
+        if exact:
+            raise UsageError(
+                "--exact does not apply to --group",
+                "a group is written in vLLM's per-rank layout; restore one rank's checkpoint "
+                "by id for its saved files",
+            )
         with Store.open(need_store(store)) as st:
             paths = st.restore_group(
-                group, to, format=fmt, series=series, rank=rank, max_shard_size=shard
+                group,
+                to,
+                format=fmt or "safetensors",
+                series=series,
+                rank=rank,
+                max_shard_size=shard,
             )
         seconds = time.perf_counter() - t0
         replaced = report_replaced(paths, before)
@@ -119,14 +146,16 @@ def restore(
         cid = st.resolve(ref, series)
         manifest = st.manifest(cid)
         with progress(manifest.logical_bytes, f"restore {cid[:12]}", not as_json) as bar:
-            paths = st.restore(
+            res = st.restore_files(
                 cid,
                 to,
                 format=fmt,
-                max_shard_size=shard,
+                max_shard_size=asked_shard,
                 safetensors_layout=st_layout,
+                exact=exact,
                 progress=bar,
             )
+    paths = res.paths
     seconds = time.perf_counter() - t0
     replaced = report_replaced(paths, before)
     if as_json:
@@ -137,12 +166,18 @@ def restore(
                 "replaced": replaced,
                 "bytes": manifest.logical_bytes,
                 "seconds": round(seconds, 4),
+                **res.to_json(),
             }
         )
     else:
         click.echo(
             f"restored {cid[:12]} ({human_bytes(manifest.logical_bytes)}) to {to} "
             f"in {seconds:.2f}s: " + ", ".join(Path(p).name for p in paths)
+        )
+        click.echo(
+            "exact: the files as they were saved (same names, same bytes)"
+            if res.exact
+            else f"rewritten, not the saved files: {res.reason}"
         )
 
 

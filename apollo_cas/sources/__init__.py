@@ -79,9 +79,9 @@ def open_path(
     kind = kind or detect_kind(p)
     info = info or SourceInfo(kind=kind, location=str(p))
     if kind == "safetensors":
-        from .safetensors_file import SafetensorsSource, safetensors_files
+        from .safetensors_file import open_safetensors
 
-        return SafetensorsSource(safetensors_files(p), info)
+        return open_safetensors(p, info)
     if kind == "pt":
         from .pt import PtSource
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..dtypes import DType
 from ..manifest import SourceInfo
+
+if TYPE_CHECKING:
+    from ..filesets import FileSet
 
 S = TypeVar("S", bound="Source")
 
@@ -69,6 +72,11 @@ class Source(abc.ABC):
         ts = self.tensors()
         for i, r in enumerate(requests):
             yield i, ts[r.tensor].read(r.offset, r.length)
+
+    def saved_files(self) -> FileSet | None:
+        """What writes the files this source was read from again byte for byte
+        (exact restore); None for tensors from memory, a GPU, handles or .pt."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files, mappings and device resources."""

@@ -15,13 +15,16 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..errors import SourceError, UnsupportedSource
 from ..layout import check_tensor_name
 from ..manifest import SourceInfo
 from .base import Source, SourceTensor
+
+if TYPE_CHECKING:
+    from ..filesets import FileSet
 
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20
@@ -71,6 +74,10 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
 class SafetensorsSource(Source):
     """One or more safetensors files seen as one set of tensors."""
 
+    #: The files and index it was opened from (set by :func:`open_safetensors`);
+    #: without them there is no record for an exact restore.
+    origin: tuple[tuple[Path, ...], Path | None] | None = None
+
     def __init__(self, files: Sequence[Path], info: SourceInfo) -> None:
         self.info = info
         self._maps: list[mmap.mmap] = []
@@ -119,6 +126,15 @@ class SafetensorsSource(Source):
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors
 
+    def saved_files(self) -> FileSet | None:
+        """The files (and index) as they are, for exact restores."""
+        from ..filesets import safetensors_record
+
+        if self.origin is None:
+            return None
+        files, index = self.origin
+        return safetensors_record(files, index, {t.name: t.nbytes for t in self._tensors})
+
     def close(self) -> None:
         # Views into the maps must be gone before the maps can close.
         self._tensors = []
@@ -165,3 +181,19 @@ def _from_index(index: Path) -> list[Path]:
             )
         files.append(p)
     return files
+
+
+def safetensors_index(path: Path) -> Path | None:
+    """The index a safetensors path is read through, if any (see :func:`safetensors_files`)."""
+    if path.is_file():
+        return path if path.name.endswith(".json") else None
+    index = path / INDEX_NAME
+    return index if index.is_file() else None
+
+
+def open_safetensors(path: Path, info: SourceInfo) -> SafetensorsSource:
+    """The source for a safetensors path, remembering its files for exact restores."""
+    files = safetensors_files(path)
+    src = SafetensorsSource(files, info)
+    src.origin = (tuple(files), safetensors_index(path))
+    return src

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import dtypes
 from ..errors import InvalidName, SourceError, UnsupportedSource
@@ -24,6 +25,9 @@ from ..layout import check_tensor_name
 from ..manifest import SourceInfo
 from .base import Source, SourceTensor
 from .safetensors_file import MappedTensor
+
+if TYPE_CHECKING:
+    from ..filesets import FileSet
 
 WEIGHTS = "weights.bin"
 INDEX = "weights.json"
@@ -121,6 +125,12 @@ class SeedSource(Source):
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors
+
+    def saved_files(self) -> FileSet:
+        """weights.bin and weights.json as they are, for exact restores."""
+        from ..filesets import seed_record
+
+        return seed_record(self.path, {t.name: t.nbytes for t in self._tensors})
 
     def close(self) -> None:
         self._tensors = []

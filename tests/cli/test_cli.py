@@ -256,10 +256,10 @@ def test_restore(populated, run_cli, models, tmp_path, assert_same_tensors, tens
     store, a, b = populated
     out = as_json(
         run_cli("restore", "--store", store, "--to", tmp_path / "st", "--json")
-    )  # default: latest, safetensors
-    assert {"checkpoint", "files", "bytes", "seconds"} <= set(out)
+    )  # default: latest, as the file it was saved from (exact, same name)
+    assert {"checkpoint", "files", "bytes", "seconds", "exact"} <= set(out)
     assert out["checkpoint"] == b
-    assert out["files"] == [str(tmp_path / "st" / "model.safetensors")]
+    assert out["files"] == [str(tmp_path / "st" / "b.safetensors")] and out["exact"] is True
     with safe_open(out["files"][0], "pt") as f:
         assert_same_tensors({k: f.get_tensor(k) for k in f.keys()}, models[1])  # noqa: SIM118
 
