@@ -534,8 +534,9 @@ class Store:
         recorded twice.
         """
         key = layout.series_key(manifest.series)
+        where = f"save of {manifest.source.location or manifest.source.kind}"
         for _ in range(_CAS_RETRIES):
-            data = manifest.encode()
+            data = manifest.encode_checked(where)
             cid = digest_hex(data)
             wrote = self.backend.put_if_absent(layout.manifest_key(cid), data)
             expected = parent_id.encode() if parent_id else None

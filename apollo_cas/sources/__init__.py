@@ -79,9 +79,9 @@ def open_path(
     kind = kind or detect_kind(p)
     info = info or SourceInfo(kind=kind, location=str(p))
     if kind == "safetensors":
-        from .safetensors_file import SafetensorsSource, safetensors_files
+        from .safetensors_file import SafetensorsSource, index_weight_map, safetensors_files
 
-        return SafetensorsSource(safetensors_files(p), info)
+        return SafetensorsSource(safetensors_files(p), info, index_weight_map(p))
     if kind == "pt":
         from .pt import PtSource
 

@@ -52,9 +52,8 @@ import torch
 import xxhash
 
 from .. import dtypes
-from ..layout import check_tensor_name
 from ..manifest import SourceInfo
-from .base import BlockRequest, Source, SourceTensor
+from .base import BlockRequest, Source, SourceTensor, by_unique_name
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +404,7 @@ class DeviceSource(Source):
             raise ValueError("buffer_bytes must be positive")
         self.info = info or SourceInfo(kind="mapping")
         self._tensors = [
-            DeviceTensor(check_tensor_name(str(k)), tensors[k]) for k in sorted(tensors)
+            DeviceTensor(k, t) for k, t in by_unique_name(tensors.items(), "the tensors given")
         ]
         self.buffer_bytes = int(buffer_bytes)
         self.streams = int(streams)

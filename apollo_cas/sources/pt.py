@@ -1,33 +1,49 @@
 """torch ``.pt`` state_dicts, loaded with ``weights_only=True``.
 
 A checkpoint file must never run code: torch's restricted unpickler accepts
-tensors, containers and primitive types only. Common wrappers
-(``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+tensors, containers and primitive types only. Nested dicts are flattened with
+dots; names that collide are an error. A common wrapper (``{"state_dict": ...}``,
+``{"model": ...}``) is unwrapped when it holds every tensor of the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import SourceError, UnsafePickle, UnsupportedSource
 from ..manifest import SourceInfo
-from .base import Source, SourceTensor
+from .base import Source, SourceTensor, by_unique_name
 from .mapping import tensor_from_object
 
 _WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
 
 
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _tensor_items(obj: Mapping[Any, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every tensor under ``obj`` with its dotted name. Names are not made unique
+    here: :func:`~apollo_cas.sources.base.by_unique_name` refuses collisions."""
+    import torch
+
     for k, v in obj.items():
         name = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, name + "."))
-        else:
-            out[name] = v
-    return out
+            yield from _tensor_items(v, name + ".")
+        elif isinstance(v, torch.Tensor):
+            yield name, v
+
+
+def _unwrap(obj: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """The state_dict inside a common wrapper (``{"state_dict": {...}, "epoch": 3}``),
+    only when the wrapper holds every tensor: a sibling tensor
+    (``{"model": {...}, "lm_head.weight": t}``) keeps the whole content, named
+    with prefixes, rather than being dropped."""
+    for w in _WRAPPERS:
+        inner = obj.get(w)
+        if isinstance(inner, Mapping):
+            others = any(True for k, v in obj.items() if k != w for _ in _tensor_items({k: v}))
+            return obj if others else inner
+    return obj
 
 
 class PtSource(Source):
@@ -66,25 +82,26 @@ class PtSource(Source):
                 f"{path} is not a torch checkpoint ({detail[:200]})",
                 "pass a .pt state_dict, a .safetensors file or a checkpoint directory",
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # weights_only loading runs no code, so whatever else it raises
+            # (KeyError, IndexError, struct.error from a text file or a torn zip)
+            # means the file is not a checkpoint it can read.
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise UnsupportedSource(
-                f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})",
+                f"{path} is not a readable torch checkpoint ({first})",
                 "pass a .pt state_dict, a .safetensors file or a checkpoint directory",
             ) from exc
-        if isinstance(obj, Mapping):
-            for w in _WRAPPERS:
-                if isinstance(obj.get(w), Mapping):
-                    obj = obj[w]
-                    break
         if not isinstance(obj, Mapping):
             raise UnsupportedSource(
                 f"{path} holds a {type(obj).__name__}, not a state_dict",
                 "save model.state_dict() instead of the model",
             )
-        flat = {k: v for k, v in _flatten(obj).items() if isinstance(v, torch.Tensor)}
+        flat = by_unique_name(_tensor_items(_unwrap(obj)), str(path))
         if not flat:
             raise SourceError(f"{path} contains no tensors")
-        self._tensors = [tensor_from_object(k, flat[k]) for k in sorted(flat)]
+        self._tensors = [tensor_from_object(k, v) for k, v in flat]
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors
