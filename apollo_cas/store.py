@@ -359,6 +359,7 @@ class Store:
                 progress,
             )
             self.backend.sync()
+            source.check_unchanged()  # bytes read from a file rewritten meanwhile are torn
             elapsed = time.perf_counter() - t0
             if same_content(res.tensors, parent) and not force:
                 cid, manifest, unchanged = parent_id, parent, True

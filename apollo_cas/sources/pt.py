@@ -8,6 +8,7 @@ dots; names that collide are an error. A common wrapper (``{"state_dict": ...}``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class PtSource(Source):
         import torch
 
         self.info = info or SourceInfo(kind="pt", location=str(path))
+        self.path = path
+        self._identity = _identity(path)
         try:
             # mmap needs the zip format; legacy (pre-1.6) files load without it.
             obj = torch.load(
@@ -105,3 +108,20 @@ class PtSource(Source):
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors
+
+    def check_unchanged(self) -> None:
+        # torch maps the file: a truncation while it is read can still end the
+        # process (SIGBUS); a rewrite in place is at least caught before commit.
+        if _identity(self.path) != self._identity:
+            raise SourceError(
+                f"{self.path} changed while it was being saved; nothing was committed",
+                "save it again once the program writing it has finished",
+            )
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
