@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import codecs, layout
+from . import codecs, layout, unborn
 from .backends import Backend, open_backend
 from .chunkstore import ChunkStore
 from .decoding import Decoder
@@ -162,8 +162,9 @@ class Store:
         try:
             return layout.check_hex_id(value, "ref target")
         except InvalidName:
+            # Not its content: a ref of a hostile store may hold anyone's secret.
             raise CorruptManifest(
-                f"ref {key} in {self.location} is damaged ({value[:40]!r})",
+                f"ref {key} in {self.location} is damaged (it does not hold a checkpoint id)",
                 "point it at a good checkpoint with 'apollo-cas tag'",
             ) from None
 
@@ -339,8 +340,12 @@ class Store:
         if metadata:
             info = replace(info, metadata={**info.metadata, **dict(metadata)})
         series = self._series_for(series, info, group)
-        self._check_config(create=True)
-        with self.locks.hold("shared", f"save {series}"):
+        with (
+            unborn.first_save(self.backend, self.locks) as first,
+            self.locks.hold("shared", f"save {series}"),
+        ):
+            if not first:
+                self._check_config(create=False)  # a store of another format is refused
             # Only what is known *now*, under the lock, may be trusted: gc may have
             # swept chunks this process saw in an earlier save.
             self.chunks.forget_known()
@@ -374,6 +379,9 @@ class Store:
                     stats=replace(res.stats, seconds=round(elapsed, 6)),
                     bases=self._bases_closure(res, parent),
                 )
+                if first:  # the store is born with its first commit, and only if it can
+                    manifest.encode_checked(f"save of {info.location or info.kind}")
+                    self._check_config(create=True)
                 cid, manifest, unchanged = self._commit(manifest, parent_id, force)
             # Still under the shared lock: once released, a concurrent save may
             # move latest past cid and gc could forget it before it is named.

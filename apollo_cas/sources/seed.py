@@ -36,7 +36,9 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 def is_checkpoint_root(path: Path) -> bool:
     return path.is_dir() and any(
-        p.is_dir() and is_checkpoint_dir(p) for p in path.iterdir() if not p.name.startswith(".")
+        p.is_dir() and not p.is_symlink() and is_checkpoint_dir(p)
+        for p in path.iterdir()
+        if not p.name.startswith(".")
     )
 
 
@@ -151,7 +153,14 @@ def scan_root(root: Path) -> tuple[list[Path], list[Skipped]]:
     if latest.is_symlink() and not latest.exists():
         skipped.append(Skipped(latest, "dangling 'latest' symlink (ignored)"))
     for p in sorted(root.iterdir()):
-        if p.name.startswith(".") or p.name == "latest" or not p.is_dir():
+        if p.name.startswith(".") or p.name == "latest":
+            continue
+        if p.is_symlink():
+            # The tool writes real directories; a link may lead anywhere (out of
+            # the root of a copied, untrusted tree).
+            skipped.append(Skipped(p, "a symlink, not followed (checkpoints are directories)"))
+            continue
+        if not p.is_dir():
             continue
         if not is_checkpoint_dir(p):
             skipped.append(Skipped(p, "no weights.bin / weights.json"))

@@ -51,7 +51,9 @@ SAVER = textwrap.dedent(
 )
 
 
-def _change_during_save(tmp_path: Path, source: Path, store: str, change) -> subprocess.CompletedProcess[str]:
+def _change_during_save(
+    tmp_path: Path, source: Path, store: str, change
+) -> subprocess.CompletedProcess[str]:
     flag = str(tmp_path / "flag")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.Popen(
