@@ -4,38 +4,15 @@ and those checks refuse shapes no tensor can have (item 8)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 import msgpack
 import numpy as np
 import pytest
+from lying import LyingSource, LyingTensor
 
-from apollo_cas import dtypes
 from apollo_cas.errors import CorruptManifest
 from apollo_cas.manifest import Manifest, SourceInfo, TensorEntry
-from apollo_cas.sources.base import Source, SourceTensor
 from apollo_cas.store import Store
-
-
-class LyingTensor(SourceTensor):
-    """A tensor whose shape does not describe its bytes (a buggy or hostile source)."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], data: bytes) -> None:
-        self.name, self.dtype, self.shape = name, dtypes.BY_NAME["F32"], shape
-        self._data = memoryview(data)
-        self.nbytes = len(data)
-
-    def read(self, offset: int, length: int) -> memoryview:
-        return self._data[offset : offset + length]
-
-
-class LyingSource(Source):
-    def __init__(self, tensors: list[SourceTensor]) -> None:
-        self.info = SourceInfo(kind="mapping")
-        self._tensors = tensors
-
-    def tensors(self) -> Sequence[SourceTensor]:
-        return self._tensors
 
 
 @pytest.mark.parametrize(
