@@ -211,6 +211,22 @@ class Store:
                     return target
         raise ConcurrentUpdate(f"tag {name!r} kept changing", "retry")
 
+    def check_tag(self, name: str, series: str = layout.DEFAULT_SERIES) -> None:
+        """Refuse ``save --tag name`` before anything is written if the tag names
+        a checkpoint other than the series' latest (a save that changes nothing
+        keeps it there; one that adds a checkpoint is refused before it commits).
+        Moving a tag takes ``apollo-cas tag --force``, as it always did."""
+        current = self._read_ref(layout.tag_key(name))
+        if current is not None and current != self.latest(series):
+            raise self._tag_taken(name, current)
+
+    @staticmethod
+    def _tag_taken(name: str, current: str) -> UsageError:
+        return UsageError(
+            f"tag {name!r} already names {current[:12]}; nothing was saved",
+            "pick another --tag name, or move the tag first with 'apollo-cas tag --force'",
+        )
+
     def untag(self, name: str) -> None:
         """Delete a tag (the checkpoint stays until gc's retention drops it)."""
         key = layout.tag_key(name)
@@ -353,6 +369,8 @@ class Store:
             parent = self.manifest(parent_id) if parent_id else None
             if check is not None:
                 check(parent, source)
+            if tag is not None:  # before anything is written: a tag never moves silently
+                self.check_tag(tag, series)
             if parent is not None and parent.block_size == block_size:
                 self.chunks.known.update(parent.chunk_ids())
             res = write_source(
@@ -379,6 +397,9 @@ class Store:
                     stats=replace(res.stats, seconds=round(elapsed, 6)),
                     bases=self._bases_closure(res, parent),
                 )
+                if tag is not None and self._read_ref(layout.tag_key(tag)) is not None:
+                    # It names the parent (check_tag), and this save adds a checkpoint.
+                    raise self._tag_taken(tag, self._read_ref(layout.tag_key(tag)) or "")
                 if first:  # the store is born with its first commit, and only if it can
                     manifest.encode_checked(f"save of {info.location or info.kind}")
                     self._check_config(create=True)
@@ -386,7 +407,14 @@ class Store:
             # Still under the shared lock: once released, a concurrent save may
             # move latest past cid and gc could forget it before it is named.
             if tag and cid:
-                self.tag(cid, tag, series=series, force=not unchanged)
+                try:
+                    self.tag(cid, tag, series=series)
+                except UsageError as exc:  # another process took the name meanwhile
+                    raise UsageError(
+                        f"checkpoint {cid[:12]} was saved, but {exc.message} (set by another "
+                        "process during this save)",
+                        f"name it with 'apollo-cas tag {cid[:12]} OTHER_NAME'",
+                    ) from None
             if group and cid:
                 self._join_group(group, series, info, cid)
         stats = res.stats if unchanged else manifest.stats if manifest else res.stats

@@ -284,6 +284,8 @@ def save(
     precheck_sources(paths, kind)
     warn_block_size(bs)
     with open_for_save(location, make_policy(codec, level, delta)) as st:
+        if tag is not None and rank is None:
+            st.check_tag(tag, series)  # before the first of several sources is saved
         if checkpoint_dir is not None:
             results = import_seed_history(st, checkpoint_dir, series, as_json)
         else:
