@@ -573,6 +573,8 @@ class Store:
         key = layout.series_key(manifest.series)
         where = f"save of {manifest.source.location or manifest.source.kind}"
         for _ in range(_CAS_RETRIES):
+            if parent_id is not None and manifest.created < self.manifest(parent_id).created:
+                return self._commit_beside(manifest, where)
             data = manifest.encode_checked(where)
             cid = digest_hex(data)
             wrote = self.backend.put_if_absent(layout.manifest_key(cid), data)
@@ -596,6 +598,24 @@ class Store:
             f"series {manifest.series!r} kept moving while saving",
             "too many concurrent saves to one series; retry",
         )
+
+    def _commit_beside(self, manifest: Manifest, where: str) -> tuple[str, Manifest, bool]:
+        """Record a checkpoint older than the series' latest (an imported one)
+        without moving ``latest``: latest never goes back in time, or the next
+        restore would hand back old weights. Its parent is the newest checkpoint
+        of the series taken before it; no ref names it, retention treats it by
+        its time like any other."""
+        before = [
+            (m.created, cid)
+            for cid in self.checkpoint_ids()
+            if (m := self.manifest(cid)).series == manifest.series and m.created <= manifest.created
+        ]
+        manifest = replace(manifest, parent=max(before)[1] if before else None)
+        data = manifest.encode_checked(where)
+        cid = digest_hex(data)
+        self.backend.put_if_absent(layout.manifest_key(cid), data)
+        self._manifests[cid] = manifest
+        return cid, manifest, False
 
     # -- reading -------------------------------------------------------------
     def read_chunk(self, chunk_id: bytes) -> bytes:

@@ -42,8 +42,9 @@ def is_checkpoint_root(path: Path) -> bool:
     )
 
 
-def _timestamp(path: Path) -> float | None:
-    """The checkpoint's time: its meta file, else its directory name (UTC)."""
+def checkpoint_time(path: Path) -> float | None:
+    """The time the original tool recorded for a checkpoint (its meta file, else
+    its directory name, UTC), or None if it recorded none."""
     for text in (_meta_timestamp(path), path.name):
         if not text:
             continue
@@ -52,6 +53,13 @@ def _timestamp(path: Path) -> float | None:
         except ValueError:
             continue
     return None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _meta_timestamp(path: Path) -> str | None:
@@ -68,7 +76,10 @@ class SeedSource(Source):
     def __init__(self, path: Path, info: SourceInfo | None = None) -> None:
         self.path = path
         self.info = info or SourceInfo(kind="seed", location=str(path))
-        self.created = _timestamp(path)
+        # Without a recorded time, the index's mtime (the tool wrote it last) is
+        # closer to the truth than "now", which would make an old checkpoint
+        # the newest one.
+        self.created = checkpoint_time(path) or _mtime(path / INDEX)
         index_path, weights_path = path / INDEX, path / WEIGHTS
         try:
             text = index_path.read_bytes()
@@ -172,8 +183,8 @@ def scan_root(root: Path) -> tuple[list[Path], list[Skipped]]:
         if reason:  # e.g. a short weights.bin or a torn weights.json
             skipped.append(Skipped(p, reason))
             continue
-        ts = _timestamp(p)
-        good.append((ts if ts is not None else p.stat().st_mtime, p.name, p))
+        ts = checkpoint_time(p)
+        good.append((ts if ts is not None else (_mtime(p / INDEX) or p.stat().st_mtime), p.name, p))
     good.sort()
     return [p for _, _, p in good], skipped
 
