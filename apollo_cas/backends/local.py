@@ -252,6 +252,10 @@ class LocalBackend(Backend):
         # Walk from the deepest directory the prefix names, then filter by prefix.
         base_dir = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self._path(base_dir) if base_dir else self.root
+        if base_dir:
+            self._check_parents(start / "-")  # never list a directory through a link
+            if start.is_symlink():
+                raise self._foreign(start, "symlink")
         if not start.is_dir():
             return
         try:
@@ -271,7 +275,7 @@ class LocalBackend(Backend):
     @contextmanager
     def _cas_lock(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / _CAS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / _CAS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             # flock is released by the kernel if this process dies, so a crash
             # can never leave refs locked.
