@@ -403,7 +403,10 @@ class Store:
                 if first:  # the store is born with its first commit, and only if it can
                     manifest.encode_checked(f"save of {info.location or info.kind}")
                     self._check_config(create=True)
-                cid, manifest, unchanged = self._commit(manifest, parent_id, force)
+                # A time the source recorded (an import) may be older than latest;
+                # the clock's "now" never counts as older (hosts' clocks differ).
+                dated = created is not None or source.created is not None
+                cid, manifest, unchanged = self._commit(manifest, parent_id, force, dated)
             # Still under the shared lock: once released, a concurrent save may
             # move latest past cid and gc could forget it before it is named.
             if tag and cid:
@@ -562,18 +565,23 @@ class Store:
         return out
 
     def _commit(
-        self, manifest: Manifest, parent_id: str | None, force: bool
+        self, manifest: Manifest, parent_id: str | None, force: bool, dated: bool = False
     ) -> tuple[str, Manifest, bool]:
         """Write the manifest durably, then move the series ref by compare-and-swap.
 
         If another save moved the ref first, re-parent onto it (or, if it
         recorded the same content, add nothing): neither checkpoint is lost or
-        recorded twice.
+        recorded twice. A ``dated`` checkpoint (its time came from the source)
+        older than the latest is recorded beside it (:meth:`_commit_beside`).
         """
         key = layout.series_key(manifest.series)
         where = f"save of {manifest.source.location or manifest.source.kind}"
         for _ in range(_CAS_RETRIES):
-            if parent_id is not None and manifest.created < self.manifest(parent_id).created:
+            if (
+                dated
+                and parent_id is not None
+                and manifest.created < self.manifest(parent_id).created
+            ):
                 return self._commit_beside(manifest, where)
             data = manifest.encode_checked(where)
             cid = digest_hex(data)

@@ -104,3 +104,16 @@ def test_a_checkpoint_without_a_recorded_time_is_not_newer_than_now(
     rows = _list(run_cli, tmp_store)
     assert _latest(rows)["id"] == newest["id"]
     assert min(r["created"] for r in rows) == 1e9
+
+
+def test_a_live_save_moves_latest_even_behind_a_skewed_clock(tmp_store):
+    """Only a time the source recorded can be older than latest: a save stamped
+    by this host's clock is the newest, whatever another host's clock said."""
+    import time
+
+    import numpy as np
+
+    with Store.open(tmp_store, create=True) as st:
+        st.save({"w": np.zeros(4, dtype=np.float32)}, created=time.time() + 3600)
+        r = st.save({"w": np.ones(4, dtype=np.float32)})
+        assert st.latest() == r.checkpoint_id
