@@ -10,6 +10,7 @@ checks as strict as the format's reference parser.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,10 +42,14 @@ class SourceFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a FIFO given as a source must not hang the open.
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
         st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise UnsupportedSource(f"{path} is not a regular file", "pass a file of weights")
         self.size = st.st_size
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
@@ -64,17 +69,13 @@ class SourceFile:
         return memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def check_unchanged(self) -> None:
-        """Raise :class:`SourceError` if the file was replaced, resized or
-        rewritten since it was opened (its bytes may then be a torn mix)."""
+        """Raise :class:`SourceError` if the open file was resized or rewritten
+        since it was opened (its bytes may then be a torn mix)."""
         st = os.fstat(self.fd)
+        # The open file, not the path: a file replaced by rename (the safe way
+        # to rewrite one) leaves these bytes whole and consistent.
         if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) != self._identity:
             raise self._changed("its size or modification time changed")
-        try:
-            now = os.stat(self.path)
-        except OSError:
-            raise self._changed("it was removed") from None
-        if (now.st_ino, now.st_dev) != self._identity[2:]:
-            raise self._changed("it was replaced by another file")
 
     def _changed(self, how: str) -> SourceError:
         return SourceError(
@@ -114,23 +115,29 @@ class FileTensor(SourceTensor):
 _NOT_SAFETENSORS = "pass a .safetensors file, a .pt state_dict or a checkpoint directory"
 
 
-def read_header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
-    """The JSON header of a safetensors file and the offset where data starts."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise UnsupportedSource(
-                    f"{path} is not a safetensors file (too short)", _NOT_SAFETENSORS
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or n > os.fstat(f.fileno()).st_size - 8:
-                raise UnsupportedSource(
-                    f"{path} is not a safetensors file (bad header length)", _NOT_SAFETENSORS
-                )
-            raw = f.read(n)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
+def read_header(
+    path: Path, file: SourceFile | None = None
+) -> tuple[dict[str, dict[str, object]], int]:
+    """The JSON header of a safetensors file and the offset where data starts.
+
+    With ``file`` (the open :class:`SourceFile` of ``path``) the header comes
+    from the same open file as the tensors' bytes, even if ``path`` is replaced
+    meanwhile.
+    """
+    if file is None:
+        f = SourceFile(path)
+        try:
+            return read_header(path, f)
+        finally:
+            f.close()
+    if file.size < 8:
+        raise UnsupportedSource(f"{path} is not a safetensors file (too short)", _NOT_SAFETENSORS)
+    (n,) = struct.unpack("<Q", file.read(0, 8))
+    if n > _MAX_HEADER or n > file.size - 8:
+        raise UnsupportedSource(
+            f"{path} is not a safetensors file (bad header length)", _NOT_SAFETENSORS
+        )
+    raw = bytes(file.read(8, n))
     header = strict_json.loads(raw, str(path), "safetensors header", _NOT_SAFETENSORS)
     if not isinstance(header, dict):
         raise UnsupportedSource(f"{path}: safetensors header is not an object")
@@ -231,9 +238,9 @@ class SafetensorsSource(Source):
         found_in: dict[str, Path] = {}
         try:
             for path in files:
-                header, data_start = read_header(path)
                 sf = SourceFile(path)
                 self._files.append(sf)
+                header, data_start = read_header(path, sf)
                 for e in parse_entries(path, header, sf.size - data_start):
                     if e.name in tensors:
                         raise SourceError(

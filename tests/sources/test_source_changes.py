@@ -112,3 +112,22 @@ def test_source_changed_during_save(
     assert "changed while it was being saved" in lines[0]
     assert str(changed) in lines[0]
     assert not os.path.exists(tmp_store)  # the failed first save left no store behind
+
+
+def test_file_replaced_by_rename_during_save_is_saved_whole(
+    tmp_path, tmp_store, big_model, write_safetensors, assert_same_tensors
+):
+    """A writer that replaces the file by rename (the safe way) leaves the open
+    file whole: the save completes with the bytes it started with."""
+    source = write_safetensors(big_model, tmp_path / "model.safetensors")
+
+    def replace(path: Path) -> None:
+        other = write_safetensors({"x": torch.ones(3)}, tmp_path / "new.safetensors")
+        os.replace(other, path)
+
+    r = _change_during_save(tmp_path, source, tmp_store, replace)
+    assert r.returncode == 0, r.stderr
+    from apollo_cas.store import Store
+
+    with Store.open(tmp_store) as st:
+        assert_same_tensors(st.load(), big_model)
