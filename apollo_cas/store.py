@@ -397,9 +397,10 @@ class Store:
                     stats=replace(res.stats, seconds=round(elapsed, 6)),
                     bases=self._bases_closure(res, parent),
                 )
-                if tag is not None and self._read_ref(layout.tag_key(tag)) is not None:
+                taken = self._read_ref(layout.tag_key(tag)) if tag is not None else None
+                if tag is not None and taken is not None:
                     # It names the parent (check_tag), and this save adds a checkpoint.
-                    raise self._tag_taken(tag, self._read_ref(layout.tag_key(tag)) or "")
+                    raise self._tag_taken(tag, taken)
                 if first:  # the store is born with its first commit, and only if it can
                     manifest.encode_checked(f"save of {info.location or info.kind}")
                     self._check_config(create=True)
