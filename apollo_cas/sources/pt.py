@@ -101,7 +101,13 @@ class PtSource(Source):
                 f"{path} holds a {type(obj).__name__}, not a state_dict",
                 "save model.state_dict() instead of the model",
             )
-        flat = by_unique_name(_tensor_items(_unwrap(obj)), str(path))
+        try:
+            flat = by_unique_name(_tensor_items(_unwrap(obj)), str(path))
+        except RecursionError:
+            raise UnsupportedSource(
+                f"{path} holds dicts nested too deeply to be a state_dict",
+                "save model.state_dict() instead",
+            ) from None
         if not flat:
             raise SourceError(f"{path} contains no tensors")
         self._tensors = [tensor_from_object(k, v) for k, v in flat]

@@ -10,7 +10,6 @@ dangling ``latest`` are reported and skipped, never imported as checkpoints.
 from __future__ import annotations
 
 import calendar
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,10 +63,11 @@ def _mtime(path: Path) -> float | None:
 
 def _meta_timestamp(path: Path) -> str | None:
     try:
-        v = json.loads((path / META).read_text()).get("timestamp")
-        return str(v) if v else None
-    except (OSError, ValueError, AttributeError):
+        d = strict_json.loads((path / META).read_bytes(), str(path / META), "meta file")
+    except (OSError, SourceError):
         return None
+    v = d.get("timestamp") if isinstance(d, dict) else None
+    return str(v) if v else None
 
 
 class SeedSource(Source):

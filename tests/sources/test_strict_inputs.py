@@ -250,3 +250,19 @@ def test_garbage_given_as_pt_is_one_clear_error(tmp_path, content):
     f.write_bytes(content)
     with pytest.raises(ApolloError):
         open_path(f, "pt").close()
+
+
+def test_deeply_nested_seed_meta_file_is_ignored(tmp_path, write_seed_checkpoint):
+    d = write_seed_checkpoint(tmp_path / "2025-03-01-1200", {"w": torch.ones(2)})
+    (d / "checkpoint-meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    with SeedSource(d) as src:  # the time comes from the directory name instead
+        assert src.created == 1740830400.0
+
+
+def test_deeply_nested_seed_index(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(bytes(4))
+    (d / "weights.json").write_text('{"w": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UnsupportedSource, match="nested"):
+        SeedSource(d).close()
