@@ -86,3 +86,12 @@ def test_failed_first_save_spares_a_concurrent_first_save(tmp_store):
         with Store(open_backend(tmp_store)) as st, pytest.raises(CorruptManifest):
             st.save(LyingSource([LyingTensor("w", (-2, -2), bytes(16))]))
         assert other.get(key) == b"a chunk the other save relies on"
+
+
+def test_failed_first_save_leaves_no_object_in_an_object_store():
+    from apollo_cas.backends.memory import MemoryBackend
+
+    backend = MemoryBackend()
+    with Store(backend) as st, pytest.raises(CorruptManifest):
+        st.save(LyingSource([LyingTensor("w", (-2, -2), bytes(4096 * 3))]), block_size=4096)
+    assert list(backend.list("")) == []
