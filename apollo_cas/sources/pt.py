@@ -4,11 +4,13 @@ A checkpoint file must never run code: torch's restricted unpickler accepts
 tensors, containers and primitive types only. Nested dicts are flattened with
 dots; names that collide are an error. A common wrapper (``{"state_dict": ...}``,
 ``{"model": ...}``) is unwrapped when it holds every tensor of the file.
+Tensor bytes are read from the file with ``pread`` where their place in it is
+proven (see :func:`_file_offsets`), so a file truncated during the save is an
+error, not a SIGBUS.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from ..errors import SourceError, UnsafePickle, UnsupportedSource
 from ..manifest import SourceInfo
 from .base import Source, SourceTensor, by_unique_name
 from .mapping import tensor_from_object
+from .safetensors_file import FileTensor, SourceFile
 
 _WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
 
@@ -51,15 +54,23 @@ class PtSource(Source):
     """A state_dict saved with ``torch.save``."""
 
     def __init__(self, path: Path, info: SourceInfo | None = None) -> None:
+        self.info = info or SourceInfo(kind="pt", location=str(path))
+        self.path = path
+        # Opened before torch maps the file, so both see the same file.
+        self._file: SourceFile | None = SourceFile(path)
+        try:
+            self._load(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, path: Path) -> None:
         import pickle
         import re
         import zipfile
 
         import torch
 
-        self.info = info or SourceInfo(kind="pt", location=str(path))
-        self.path = path
-        self._identity = _identity(path)
         try:
             # mmap needs the zip format; legacy (pre-1.6) files load without it.
             obj = torch.load(
@@ -110,24 +121,78 @@ class PtSource(Source):
             ) from None
         if not flat:
             raise SourceError(f"{path} contains no tensors")
-        self._tensors = [tensor_from_object(k, v) for k, v in flat]
+        tensors = [tensor_from_object(k, v) for k, v in flat]
+        assert self._file is not None
+        self._file.check_unchanged()  # the file torch mapped is the one open here
+        where = _file_offsets(path, flat) if zipfile.is_zipfile(path) else None
+        if where is not None:
+            # Read the bytes with pread, not through torch's mapping of the file:
+            # a read of a mapped page past a truncated end is a SIGBUS.
+            tensors = [
+                FileTensor(t.name, t.dtype, t.shape, self._file, where[t.name], t.nbytes)
+                if t.name in where
+                else t
+                for t in tensors
+            ]
+        self._tensors = tensors
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors
 
     def check_unchanged(self) -> None:
-        # torch maps the file: a truncation while it is read can still end the
-        # process (SIGBUS); a rewrite in place is at least caught before commit.
-        if _identity(self.path) != self._identity:
-            raise SourceError(
-                f"{self.path} changed while it was being saved; nothing was committed",
-                "save it again once the program writing it has finished",
-            )
+        if self._file is not None:
+            self._file.check_unchanged()
+
+    def close(self) -> None:
+        self._tensors = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
+def _file_offsets(path: Path, flat: list[tuple[str, Any]]) -> dict[str, int] | None:
+    """Where in the file each contiguous, non-empty tensor's bytes lie, or None
+    when that cannot be proven (then the tensors are read from torch's mapping).
+
+    torch.load(mmap=True) maps the whole file and slices every storage at the
+    data offset of its zip record, so ``storage.data_ptr() - record offset`` is
+    one constant, the mapping's base. The storages, sorted by address, and the
+    records, sorted by offset, must pair up with that one constant.
+    """
+    import struct
+    import zipfile
+
+    records: list[int] = []
     try:
-        st = os.stat(path)
-    except OSError:
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            for i in z.infolist():
+                parts = i.filename.split("/")
+                if parts[-1] == "byteorder" and z.read(i.filename).strip() not in (b"", b"little"):
+                    return None
+                if len(parts) < 3 or parts[-2] != "data" or i.file_size == 0:
+                    continue
+                if i.compress_type != zipfile.ZIP_STORED:
+                    return None
+                f.seek(i.header_offset)
+                head = f.read(30)
+                if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                    return None
+                name_len, extra_len = struct.unpack("<HH", head[26:30])
+                records.append(i.header_offset + 30 + name_len + extra_len)
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
         return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    storages = sorted(
+        {t.untyped_storage().data_ptr() for _, t in flat if t.untyped_storage().nbytes() > 0}
+    )
+    records.sort()
+    if len(storages) != len(records) or not storages:
+        return None
+    bases = {p - r for p, r in zip(storages, records, strict=True)}
+    if len(bases) != 1:
+        return None
+    (base,) = bases
+    return {
+        name: t.data_ptr() - base
+        for name, t in flat
+        if t.is_contiguous() and t.numel() > 0 and t.untyped_storage().nbytes() > 0
+    }

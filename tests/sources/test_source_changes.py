@@ -95,13 +95,15 @@ def big_model() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("change", [_truncate, _rewrite_same_size], ids=["truncated", "rewritten"])
-@pytest.mark.parametrize("kind", ["safetensors", "seed"])
+@pytest.mark.parametrize("kind", ["safetensors", "seed", "pt"])
 def test_source_changed_during_save(
-    tmp_path, tmp_store, big_model, write_safetensors, write_seed_checkpoint, change, kind
+    tmp_path, tmp_store, big_model, write_safetensors, write_seed_checkpoint, write_pt, change, kind
 ):
     if kind == "safetensors":
         source = write_safetensors(big_model, tmp_path / "model.safetensors")
         changed = source
+    elif kind == "pt":
+        source = changed = write_pt(big_model, tmp_path / "model.pt")
     else:
         source = write_seed_checkpoint(tmp_path / "2025-03-01-1200", big_model)
         changed = source / "weights.bin"
