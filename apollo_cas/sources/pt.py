@@ -24,17 +24,31 @@ from .safetensors_file import FileTensor, SourceFile
 _WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
 
 
-def _tensor_items(obj: Mapping[Any, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Every tensor under ``obj`` with its dotted name. Names are not made unique
-    here: :func:`~apollo_cas.sources.base.by_unique_name` refuses collisions."""
+class _KeyPath(tuple[Any, ...]):
+    """The keys leading to a tensor: ``str`` is its dotted name, ``repr`` the
+    keys themselves (so a collision names both: ``['a']['b']`` and ``['a.b']``)."""
+
+    def __str__(self) -> str:
+        return ".".join(str(k) for k in self)
+
+    def __repr__(self) -> str:
+        return "".join(f"[{k!r}]" for k in self)
+
+
+def _tensor_items(
+    obj: Mapping[Any, Any], prefix: tuple[Any, ...] = ()
+) -> Iterator[tuple[_KeyPath, Any]]:
+    """Every tensor under ``obj`` with its key path (dotted name). Names are not
+    made unique here: :func:`~apollo_cas.sources.base.by_unique_name` refuses
+    collisions."""
     import torch
 
     for k, v in obj.items():
-        name = f"{prefix}{k}"
+        path = (*prefix, k)
         if isinstance(v, Mapping):
-            yield from _tensor_items(v, name + ".")
+            yield from _tensor_items(v, path)
         elif isinstance(v, torch.Tensor):
-            yield name, v
+            yield _KeyPath(path), v
 
 
 def _unwrap(obj: Mapping[Any, Any]) -> Mapping[Any, Any]:
