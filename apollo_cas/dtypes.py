@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UnsupportedDtype
+from .errors import SourceError, UnsupportedDtype
+
+#: Bound on a dimension and on a tensor's byte size. Manifests hold sizes as
+#: msgpack integers and offsets are added to them: below 2**63 every size and
+#: sum stays a signed 64-bit integer, which msgpack, numpy and torch all take.
+MAX_SIZE = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,12 @@ _ALIASES.update(
 )
 
 
-def lookup(spelling: str, where: str = "") -> DType:
-    """Resolve any accepted spelling (``BF16``, ``bfloat16``, ``torch.bfloat16``)."""
-    d = _ALIASES.get(str(spelling))
+def lookup(spelling: object, where: str = "", *, exact: bool = False) -> DType:
+    """Resolve any accepted spelling (``BF16``, ``bfloat16``, ``torch.bfloat16``);
+    with ``exact``, only the canonical safetensors names (what a safetensors
+    header may hold)."""
+    table = BY_NAME if exact else _ALIASES
+    d = table.get(spelling) if isinstance(spelling, str) else None
     if d is None:
         at = f" in {where}" if where else ""
         raise UnsupportedDtype(
@@ -84,3 +92,43 @@ def lookup(spelling: str, where: str = "") -> DType:
 def from_torch(dtype: object, where: str = "") -> DType:
     """The DType of a ``torch.dtype``."""
     return lookup(str(dtype), where)
+
+
+def check_shape(
+    shape: object, dtype: DType, nbytes: int | None = None, where: str = ""
+) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints, if it is a real one for ``nbytes`` bytes of ``dtype``.
+
+    The rule every source and the manifest reader share: a list of integers
+    (not booleans, floats or strings), each ``>= 0`` and below 2**63, whose
+    element count times the item size is ``nbytes`` and below 2**63. Raises
+    :class:`~apollo_cas.errors.SourceError` naming ``where`` otherwise.
+    """
+    at = f"{where}: " if where else ""
+    if not isinstance(shape, (list, tuple)) or not all(is_int(d) for d in shape):
+        raise SourceError(
+            f"{at}shape {shape!r} is not a list of integers", "re-export the checkpoint"
+        )
+    dims = tuple(int(d) for d in shape)
+    count = 1
+    for d in dims:
+        if not 0 <= d <= MAX_SIZE:
+            raise SourceError(
+                f"{at}shape {list(dims)} has a dimension out of range (0 to 2**63-1)",
+                "re-export the checkpoint",
+            )
+        count *= d
+    if count * dtype.itemsize > MAX_SIZE:
+        raise SourceError(f"{at}shape {list(dims)} is larger than 2**63 bytes")
+    if nbytes is not None and count * dtype.itemsize != nbytes:
+        raise SourceError(
+            f"{at}shape {list(dims)} of {dtype.name} needs {count * dtype.itemsize} bytes "
+            f"but has size {nbytes}",
+            "the index is inconsistent; re-export the checkpoint",
+        )
+    return dims
+
+
+def is_int(v: object) -> bool:
+    """An integer as JSON and msgpack write one: ``int``, never ``bool``."""
+    return isinstance(v, int) and not isinstance(v, bool)

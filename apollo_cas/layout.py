@@ -104,12 +104,20 @@ def chunk_id_from_key(key: str) -> str | None:
     return name if key.startswith(CHUNKS_PREFIX) and _HEX32.match(name) else None
 
 
+RESERVED_TENSOR_NAME = "__metadata__"
 _BAD_TENSOR_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
 def check_tensor_name(name: str) -> str:
     """Tensor names end up in file headers and, for some targets, file names:
-    refuse separators, control characters and dot-only names."""
+    refuse separators, control characters and dot-only names, and the key
+    safetensors reserves for its metadata (a tensor of that name would be
+    written over it, and the restored file would not load)."""
+    if name == RESERVED_TENSOR_NAME:
+        raise InvalidName(
+            f"tensor name {name!r} is reserved by the safetensors format",
+            "rename the tensor before saving",
+        )
     if (
         not isinstance(name, str)
         or not 0 < len(name) <= 1024

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,21 +98,17 @@ class TensorEntry:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], block_size: int) -> TensorEntry:
+        name, nbytes = d["n"], d["b"]
+        if not isinstance(name, str) or not dtypes.is_int(nbytes):
+            raise ValueError(f"tensor {name!r}: name or size of the wrong type")
+        dt = dtypes.lookup(d["d"])
         t = cls(
-            name=str(d["n"]),
-            dtype=str(d["d"]),
-            shape=tuple(int(x) for x in d["s"]),
-            nbytes=int(d["b"]),
+            name=name,
+            dtype=d["d"],
+            shape=dtypes.check_shape(d["s"], dt, nbytes, f"tensor {name}"),
+            nbytes=nbytes,
             chunks=tuple(bytes(c) for c in d["c"]),
         )
-        dt = dtypes.lookup(t.dtype)
-        count = 1
-        for s in t.shape:
-            count *= s
-        if count * dt.itemsize != t.nbytes:
-            raise ValueError(
-                f"tensor {t.name}: shape {t.shape} x {dt.itemsize} != {t.nbytes} bytes"
-            )
         if len(t.chunks) != -(-t.nbytes // block_size) or any(len(c) != 16 for c in t.chunks):
             raise ValueError(f"tensor {t.name}: wrong number or size of chunk ids")
         return t
@@ -260,6 +257,32 @@ class Manifest:
     def checkpoint_id(self) -> str:
         return digest_hex(self.encode())
 
+    def encode_checked(self, where: str) -> bytes:
+        """The encoding, once :meth:`decode` (the reader's own checks) accepts it
+        and gives this manifest back. A manifest this program could not read
+        would make ``list``, ``gc`` and ``stats`` fail for the whole store, so it
+        is refused before it is written (``where`` names the source)."""
+        hint = "nothing was saved; the source describes its tensors wrongly"
+        try:
+            data = self.encode()
+        except (OverflowError, TypeError, ValueError) as exc:  # msgpack: ints past 64 bits
+            raise CorruptManifest(
+                f"{where}: the checkpoint cannot be encoded ({exc})", hint
+            ) from exc
+        try:
+            back = Manifest.decode(data, where)
+        except CorruptManifest as exc:
+            raise CorruptManifest(
+                exc.message.replace("malformed manifest", "the checkpoint would be unreadable"),
+                hint,
+            ) from exc
+        if back != self:
+            raise CorruptManifest(
+                f"{where}: the checkpoint would not read back as written",
+                "nothing was saved; report this with the source",
+            )
+        return data
+
     @classmethod
     def decode(cls, data: bytes, where: str) -> Manifest:
         try:
@@ -281,7 +304,7 @@ class Manifest:
                 block_size=bs,
                 source=SourceInfo.from_wire(d["source"]),
                 stats=SaveStats.from_wire(d["stats"]),
-                tensors=tuple(TensorEntry.from_wire(t, bs) for t in d["tensors"]),
+                tensors=_unique(TensorEntry.from_wire(t, bs) for t in d["tensors"]),
                 bases={bytes(k): bytes(v) for k, v in d["bases"].items()},
                 saved_files=(
                     None
@@ -294,6 +317,15 @@ class Manifest:
                 f"{where}: malformed manifest ({exc})",
                 "run apollo-cas verify; restore an older checkpoint",
             ) from exc
+
+
+def _unique(tensors: Iterable[TensorEntry]) -> tuple[TensorEntry, ...]:
+    out = tuple(tensors)
+    names = {t.name for t in out}
+    if len(names) != len(out):
+        twice = sorted(n for n in names if sum(t.name == n for t in out) > 1)
+        raise ValueError(f"tensor {twice[0]!r} appears twice")
+    return out
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import codecs, frontend, layout
+from . import codecs, frontend, layout, unborn
 from .backends import Backend, open_backend
 from .chunkstore import ChunkStore
 from .decoding import Decoder
@@ -179,8 +179,9 @@ class Store:
         try:
             return layout.check_hex_id(value, "ref target")
         except InvalidName:
+            # Not its content: a ref of a hostile store may hold anyone's secret.
             raise CorruptManifest(
-                f"ref {key} in {self.location} is damaged ({value[:40]!r})",
+                f"ref {key} in {self.location} is damaged (it does not hold a checkpoint id)",
                 "point it at a good checkpoint with 'apollo-cas tag'",
             ) from None
 
@@ -226,6 +227,22 @@ class Store:
                 if self.backend.compare_and_swap(key, expected, target.encode()):
                     return target
         raise ConcurrentUpdate(f"tag {name!r} kept changing", "retry")
+
+    def check_tag(self, name: str, series: str = layout.DEFAULT_SERIES) -> None:
+        """Refuse ``save --tag name`` before anything is written if the tag names
+        a checkpoint other than the series' latest (a save that changes nothing
+        keeps it there; one that adds a checkpoint is refused before it commits).
+        Moving a tag takes ``apollo-cas tag --force``, as it always did."""
+        current = self._read_ref(layout.tag_key(name))
+        if current is not None and current != self.latest(series):
+            raise self._tag_taken(name, current)
+
+    @staticmethod
+    def _tag_taken(name: str, current: str) -> Refused:
+        return Refused(
+            f"tag {name!r} already names {current[:12]}; nothing was saved",
+            "pick another --tag name, or move the tag first with 'apollo-cas tag --force'",
+        )
 
     def untag(self, name: str) -> None:
         """Delete a tag (the checkpoint stays until gc's retention drops it)."""
@@ -358,8 +375,12 @@ class Store:
         if metadata:
             info = replace(info, metadata={**info.metadata, **dict(metadata)})
         series = self._series_for(series, info, group)
-        self._check_config(create=True)
-        with self.locks.hold("shared", f"save {series}"):
+        with (
+            unborn.first_save(self.backend, self.locks) as first,
+            self.locks.hold("shared", f"save {series}"),
+        ):
+            if not first:
+                self._check_config(create=False)  # a store of another format is refused
             # Only what is known *now*, under the lock, may be trusted: gc may have
             # swept chunks this process saw in an earlier save.
             self.chunks.forget_known()
@@ -367,6 +388,8 @@ class Store:
             parent = self.manifest(parent_id) if parent_id else None
             if check is not None:
                 check(parent, source)
+            if tag is not None:  # before anything is written: a tag never moves silently
+                self.check_tag(tag, series)
             if parent is not None and parent.block_size == block_size:
                 self.chunks.known.update(parent.chunk_ids())
             res = write_source(
@@ -379,6 +402,7 @@ class Store:
             )
             saved_files = self._put_saved_files(source)
             self.backend.sync()
+            source.check_unchanged()  # bytes read from a file rewritten meanwhile are torn
             elapsed = time.perf_counter() - t0
             if same_content(res.tensors, parent) and same_files(saved_files, parent) and not force:
                 cid, manifest, unchanged = parent_id, parent, True
@@ -394,11 +418,28 @@ class Store:
                     bases=self._bases_closure(res, parent),
                     saved_files=saved_files,
                 )
-                cid, manifest, unchanged = self._commit(manifest, parent_id, force)
+                taken = self._read_ref(layout.tag_key(tag)) if tag is not None else None
+                if tag is not None and taken is not None:
+                    # It names the parent (check_tag), and this save adds a checkpoint.
+                    raise self._tag_taken(tag, taken)
+                if first:  # the store is born with its first commit, and only if it can
+                    manifest.encode_checked(f"save of {info.location or info.kind}")
+                    self._check_config(create=True)
+                # A time the source recorded (an import) may be older than latest;
+                # the clock's "now" never counts as older (hosts' clocks differ).
+                dated = created is not None or source.created is not None
+                cid, manifest, unchanged = self._commit(manifest, parent_id, force, dated)
             # Still under the shared lock: once released, a concurrent save may
             # move latest past cid and gc could forget it before it is named.
             if tag and cid:
-                self.tag(cid, tag, series=series, force=not unchanged)
+                try:
+                    self.tag(cid, tag, series=series)
+                except UsageError as exc:  # another process took the name meanwhile
+                    raise UsageError(
+                        f"checkpoint {cid[:12]} was saved, but {exc.message} (set by another "
+                        "process during this save)",
+                        f"name it with 'apollo-cas tag {cid[:12]} OTHER_NAME'",
+                    ) from None
             if group and cid:
                 self._join_group(group, series, info, cid)
         stats = res.stats if unchanged else manifest.stats if manifest else res.stats
@@ -554,17 +595,25 @@ class Store:
         return out
 
     def _commit(
-        self, manifest: Manifest, parent_id: str | None, force: bool
+        self, manifest: Manifest, parent_id: str | None, force: bool, dated: bool = False
     ) -> tuple[str, Manifest, bool]:
         """Write the manifest durably, then move the series ref by compare-and-swap.
 
         If another save moved the ref first, re-parent onto it (or, if it
         recorded the same content, add nothing): neither checkpoint is lost or
-        recorded twice.
+        recorded twice. A ``dated`` checkpoint (its time came from the source)
+        older than the latest is recorded beside it (:meth:`_commit_beside`).
         """
         key = layout.series_key(manifest.series)
+        where = f"save of {manifest.source.location or manifest.source.kind}"
         for _ in range(_CAS_RETRIES):
-            data = manifest.encode()
+            if (
+                dated
+                and parent_id is not None
+                and manifest.created < self.manifest(parent_id).created
+            ):
+                return self._commit_beside(manifest, where)
+            data = manifest.encode_checked(where)
             cid = digest_hex(data)
             wrote = self.backend.put_if_absent(layout.manifest_key(cid), data)
             expected = parent_id.encode() if parent_id else None
@@ -591,6 +640,24 @@ class Store:
             f"series {manifest.series!r} kept moving while saving",
             "too many concurrent saves to one series; retry",
         )
+
+    def _commit_beside(self, manifest: Manifest, where: str) -> tuple[str, Manifest, bool]:
+        """Record a checkpoint older than the series' latest (an imported one)
+        without moving ``latest``: latest never goes back in time, or the next
+        restore would hand back old weights. Its parent is the newest checkpoint
+        of the series taken before it; no ref names it, retention treats it by
+        its time like any other."""
+        before = [
+            (m.created, cid)
+            for cid in self.checkpoint_ids()
+            if (m := self.manifest(cid)).series == manifest.series and m.created <= manifest.created
+        ]
+        manifest = replace(manifest, parent=max(before)[1] if before else None)
+        data = manifest.encode_checked(where)
+        cid = digest_hex(data)
+        self.backend.put_if_absent(layout.manifest_key(cid), data)
+        self._manifests[cid] = manifest
+        return cid, manifest, False
 
     # -- reading -------------------------------------------------------------
     def read_chunk(self, chunk_id: bytes) -> bytes:

@@ -81,6 +81,10 @@ class Backend(abc.ABC):
     def sync(self) -> None:  # noqa: B027 - optional hook, default no-op
         """Make every earlier ``durable=False`` put durable."""
 
+    def remove_if_empty(self) -> None:  # noqa: B027 - optional hook, default no-op
+        """Remove the location itself if it holds no object (a failed first save's
+        directories); object stores have nothing to remove."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, default no-op
         """Release connections and file handles."""
 

@@ -10,9 +10,11 @@ one fsync per directory instead of one per chunk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ..errors import (
     BackendError,
+    CorruptObject,
     DiskFull,
     ObjectNotFound,
     PermissionDenied,
@@ -85,7 +88,12 @@ class LocalBackend(Backend):
         self.location = str(self.root)
         self._dirty: set[Path] = set()
         self._made: set[Path] = set()
+        #: Directories under the root already seen to be real directories.
+        self._real_dirs: set[Path] = set()
         self._lock = threading.Lock()
+        #: Whether the root existed before this backend was made: a failed first
+        #: save removes a root it created, never one the user made.
+        self._root_existed = self.root.exists()
 
     # -- helpers ---------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -99,31 +107,82 @@ class LocalBackend(Backend):
         parent = path.parent
         if parent in self._made:
             return
+        self._check_parents(path)
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise os_error(exc, "creating", str(parent)) from exc
+        self._check_parents(path)  # a directory created meanwhile is checked too
         with self._lock:
             self._made.add(parent)
 
-    # -- Backend ---------------------------------------------------------
-    def get(self, key: str) -> bytes:
+    # A store holds regular files and directories only. One copied from an
+    # untrusted machine may hold symlinks instead (a ref linked to /etc/shadow):
+    # following one would read, or write, outside the store. Every directory
+    # between the root and an object is checked with lstat, and objects are
+    # opened with O_NOFOLLOW, so a link anywhere under the root is refused.
+    def _check_parents(self, path: Path) -> None:
+        d = path.parent
+        todo: list[Path] = []
+        while d != self.root and d not in self._real_dirs:
+            todo.append(d)
+            if d.parent == d:  # not under the root (refused by _path already)
+                break
+            d = d.parent
+        for d in reversed(todo):
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                return  # the object cannot exist; the caller reports it missing
+            except OSError as exc:
+                raise os_error(exc, "inspecting", str(d)) from exc
+            if not stat.S_ISDIR(st.st_mode):
+                raise self._foreign(d, "symlink" if stat.S_ISLNK(st.st_mode) else "not a directory")
+            with self._lock:
+                self._real_dirs.add(d)
+
+    def _foreign(self, path: Path, what: str) -> CorruptObject:
+        rel = os.path.relpath(path, self.root)
+        return CorruptObject(
+            f"{rel} in the store {self.location} is a {what}, which apollo_cas never "
+            "writes; refusing to follow it",
+            "the store was tampered with or copied with links: remove that entry, "
+            "then run 'apollo-cas verify'",
+        )
+
+    def _open(self, key: str) -> tuple[int, Path]:
+        """A read-only descriptor of the regular file ``key``, never through a link."""
         path = self._path(key)
+        self._check_parents(path)
         try:
-            return path.read_bytes()
+            # O_NONBLOCK: a FIFO planted in the store must not hang the open.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ObjectNotFound(f"{key} is missing in {self.location}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._foreign(path, "symlink") from None
+            raise os_error(exc, "reading", str(path)) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._foreign(path, "special file")
+        return fd, path
+
+    # -- Backend ---------------------------------------------------------
+    def get(self, key: str) -> bytes:
+        fd, path = self._open(key)
+        try:
+            with open(fd, "rb", closefd=True) as f:
+                return f.read()
         except OSError as exc:
             raise os_error(exc, "reading", str(path)) from exc
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        path = self._path(key)
+        fd, path = self._open(key)
         try:
-            with open(path, "rb") as f:
+            with open(fd, "rb", closefd=True) as f:
                 f.seek(offset)
                 return f.read(length)
-        except FileNotFoundError:
-            raise ObjectNotFound(f"{key} is missing in {self.location}") from None
         except OSError as exc:
             raise os_error(exc, "reading", str(path)) from exc
 
@@ -131,7 +190,16 @@ class LocalBackend(Backend):
         path = self._path(key)
         self._ensure_parent(path)
         try:
-            write_file_atomic(path, [data], sync_dir=durable)
+            try:
+                write_file_atomic(path, [data], sync_dir=durable)
+            except FileNotFoundError:
+                # The directory went away since it was made (a failed first save
+                # of another process removed its empty directories): make it again.
+                with self._lock:
+                    self._made.discard(path.parent)
+                    self._real_dirs.discard(path.parent)
+                self._ensure_parent(path)
+                write_file_atomic(path, [data], sync_dir=durable)
         except OSError as exc:
             raise os_error(exc, "writing", str(path)) from exc
         if not durable:
@@ -139,8 +207,7 @@ class LocalBackend(Backend):
                 self._dirty.add(path.parent)
 
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
-        path = self._path(key)
-        if path.exists():
+        if self.exists(key):
             return False
         # Content-addressed keys: two writers of one key write the same bytes, so
         # a lost race is harmless; rename simply replaces equal content.
@@ -148,20 +215,32 @@ class LocalBackend(Backend):
         return True
 
     def exists(self, key: str) -> bool:
-        return self._path(key).exists()
-
-    def info(self, key: str) -> ObjectInfo:
-        path = self._path(key)
         try:
-            st = path.stat()
+            self._lstat_object(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def _lstat_object(self, key: str) -> os.stat_result:
+        path = self._path(key)
+        self._check_parents(path)
+        try:
+            st = os.lstat(path)
         except FileNotFoundError:
             raise ObjectNotFound(f"{key} is missing in {self.location}") from None
         except OSError as exc:
             raise os_error(exc, "inspecting", str(path)) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise self._foreign(path, "symlink" if stat.S_ISLNK(st.st_mode) else "special file")
+        return st
+
+    def info(self, key: str) -> ObjectInfo:
+        st = self._lstat_object(key)
         return ObjectInfo(size=st.st_size, mtime=st.st_mtime)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
+        self._check_parents(path)  # unlink removes a link itself, never its target
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
@@ -173,6 +252,10 @@ class LocalBackend(Backend):
         # Walk from the deepest directory the prefix names, then filter by prefix.
         base_dir = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self._path(base_dir) if base_dir else self.root
+        if base_dir:
+            self._check_parents(start / "-")  # never list a directory through a link
+            if start.is_symlink():
+                raise self._foreign(start, "symlink")
         if not start.is_dir():
             return
         try:
@@ -192,7 +275,7 @@ class LocalBackend(Backend):
     @contextmanager
     def _cas_lock(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / _CAS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / _CAS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             # flock is released by the kernel if this process dies, so a crash
             # can never leave refs locked.
@@ -240,6 +323,25 @@ class LocalBackend(Backend):
         # independent and each waits on the disk, so issue them concurrently.
         for _ in bounded_map(one, sorted(dirty), workers=min(32, len(dirty) or 1)):
             pass
+
+    def remove_if_empty(self) -> None:
+        """Remove empty directories under the root, and the root itself if this
+        backend created it and nothing is left (a failed first save). ``rmdir``
+        refuses a directory that holds anything, so another process's objects,
+        or a user's files, are never touched."""
+        if not self.root.is_dir():
+            return
+        for dirpath, _dirnames, _filenames in os.walk(self.root, topdown=False):
+            if dirpath == str(self.root):
+                continue
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+        with self._lock:
+            self._made.clear()
+            self._real_dirs.clear()
+        if not self._root_existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.root)
 
     def remove_temporaries(self, older_than: float) -> int:
         removed = 0

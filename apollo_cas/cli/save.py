@@ -358,6 +358,8 @@ def save(
     st, created = open_for_save(location, make_policy(codec, level, delta), allow_non_empty=force)
     with st:
         try:
+            if tag is not None and rank is None:
+                st.check_tag(tag, series)  # before the first of several sources is saved
             results = (
                 import_seed_history(st, checkpoint_dir, series, as_json)
                 if checkpoint_dir is not None
@@ -424,26 +426,39 @@ def import_history(
     meta: dict[str, str] | None = None,
     tag: str | None = None,
     as_json: bool = False,
+    quiet: bool = False,
 ) -> list[SaveResult]:
     """Import the original tool's checkpoints under ``root``, oldest first, keeping
     their times; half-written ones are reported, ones already imported skipped,
-    and ``tag`` names the newest."""
-    from ..sources.seed import SeedSource, scan_root
+    and ``tag`` names the newest.
+
+    Idempotent, so an interrupted import resumes where it stopped: a checkpoint
+    is recognised as imported by its directory and its time, both recorded in
+    its manifest. One older than the series' latest is recorded beside it and
+    ``latest`` stays (Store.save never moves it back in time). ``quiet`` leaves
+    out the notes about directories skipped again (a resumed import)."""
+    from ..sources.seed import SeedSource, checkpoint_time, scan_root
 
     good, skipped = scan_root(root)
-    for s in skipped:
-        note(f"skipped {s.path}: {s.reason}")
-    # Importing a history twice must not record it twice.
-    done = {
-        Path(c.manifest.source.location).resolve()
-        for c in store.checkpoints()
-        if c.manifest.source.kind == "seed" and c.manifest.series == series
-    }
-    results = []
-    for j, cp in enumerate(good):
-        if cp.resolve() in done:
-            note(f"skipped {cp}: already imported")
+    if not quiet:
+        for s in skipped:
+            note(f"skipped {s.path}: {s.reason}")
+    done: dict[Path, set[float]] = {}
+    for c in store.checkpoints():
+        if c.manifest.source.kind == "seed" and c.manifest.series == series:
+            loc = Path(c.manifest.source.location).resolve()
+            done.setdefault(loc, set()).add(c.manifest.created)
+    todo = []
+    for cp in good:
+        when = checkpoint_time(cp)
+        times = done.get(cp.resolve())
+        if times is not None and (when is None or when in times):
+            if not quiet:
+                note(f"skipped {cp}: already imported")
             continue
+        todo.append(cp)
+    results = []
+    for j, cp in enumerate(todo):
         with SeedSource(cp) as src:
             r = store.save(
                 src,
@@ -451,25 +466,36 @@ def import_history(
                 block_size=block_size,
                 force=force,
                 metadata=meta,
-                tag=tag if j == len(good) - 1 else None,
+                tag=tag if j == len(todo) - 1 else None,
             )
         results.append(r)
         print_result(r, f"import {cp.name}", as_json)
+        if not r.unchanged and store.latest(r.series) != r.checkpoint_id:
+            note(f"import {cp.name}: older than the series' latest checkpoint, which stays latest")
     return results
 
 
 def import_seed_history(store: Store, root: Path, series: str, as_json: bool) -> list[SaveResult]:
-    """First use of an original-tool checkpoint dir as a store: import its history once."""
+    """An original-tool checkpoint dir used as a store: import its history, on
+    first use and again on every later one, so an interrupted import resumes
+    (only checkpoints not imported yet are saved)."""
     from ..sources.seed import is_checkpoint_root
 
-    if store.latest(series) is not None or not root.is_dir() or not is_checkpoint_root(root):
+    if not root.is_dir() or not is_checkpoint_root(root):
         return []
-    note(
-        f"importing the original tool's checkpoints from {root} "
-        f"(their directories are left in place; delete them after 'apollo-cas verify')"
-    )
+    first = store.latest(series) is None
+    if first:
+        note(
+            f"importing the original tool's checkpoints from {root} "
+            f"(their directories are left in place; delete them after 'apollo-cas verify')"
+        )
     return import_history(
-        store, root, series=series, block_size=store_block_size(store, series), as_json=as_json
+        store,
+        root,
+        series=series,
+        block_size=store_block_size(store, series),
+        as_json=as_json,
+        quiet=not first,
     )
 
 

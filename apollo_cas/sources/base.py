@@ -10,17 +10,44 @@ through pinned buffers.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from ..dtypes import DType
+from ..errors import SourceError
+from ..layout import check_tensor_name
 from ..manifest import SourceInfo
 
 if TYPE_CHECKING:
     from ..filesets import FileSet
 
 S = TypeVar("S", bound="Source")
+V = TypeVar("V")
+
+
+def by_unique_name(items: Iterable[tuple[object, V]], where: str) -> list[tuple[str, V]]:
+    """``(name, value)`` pairs sorted by name, where a name is ``str(key)``.
+
+    Every source names its tensors through this: two keys that spell one name
+    (``1`` and ``"1"``, a nested ``{"a": {"b": ..}}`` and a dotted ``"a.b"``)
+    would otherwise leave one tensor silently in place of the other.
+    """
+    seen: dict[str, object] = {}
+    out: list[tuple[str, V]] = []
+    for key, value in items:
+        name = str(key)
+        if name in seen:
+            raise SourceError(
+                f"tensor name {name!r} appears twice in {where} (keys {seen[name]!r} and "
+                f"{key!r}); one of the two would be lost",
+                "rename one of them before saving",
+            )
+        check_tensor_name(name)
+        seen[name] = key
+        out.append((name, value))
+    out.sort(key=lambda nv: nv[0])
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,10 @@ class Source(abc.ABC):
         """What writes the files this source was read from again byte for byte
         (exact restore); None for tensors from memory, a GPU, handles or .pt."""
         return None
+
+    def check_unchanged(self) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`~apollo_cas.errors.SourceError` if the source's files
+        changed while they were read; the store calls it before committing."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files, mappings and device resources."""

@@ -60,9 +60,8 @@ from ..gpu.blocks import (
     plan_hashing,
 )
 from ..gpu.staging import Stager, device_index
-from ..layout import check_tensor_name
 from ..manifest import SourceInfo
-from .base import BlockRequest, Source, SourceTensor
+from .base import BlockRequest, Source, SourceTensor, by_unique_name
 
 #: Size of each of the two pinned buffers that ``fetch`` streams through.
 DEFAULT_BUFFER_BYTES = 256 << 20
@@ -136,7 +135,7 @@ class DeviceSource(Source):
             raise ValueError("buffer_bytes must be positive")
         self.info = info or SourceInfo(kind="mapping")
         self._tensors = [
-            DeviceTensor(check_tensor_name(str(k)), tensors[k]) for k in sorted(tensors)
+            DeviceTensor(k, t) for k, t in by_unique_name(tensors.items(), "the tensors given")
         ]
         self.buffer_bytes = int(buffer_bytes)
         self.streams = int(streams)

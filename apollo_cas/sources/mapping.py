@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from .. import dtypes
 from ..errors import UnsupportedSource
 from ..layout import check_tensor_name
 from ..manifest import SourceInfo
-from .base import Source, SourceTensor
+from .base import Source, SourceTensor, by_unique_name
 
 
 class BufferTensor(SourceTensor):
@@ -48,6 +51,7 @@ def tensor_from_object(name: str, value: Any) -> SourceTensor:
         import torch
 
         t: torch.Tensor = value.detach()
+        _check_plain(name, t)
         dt = dtypes.from_torch(t.dtype, f"tensor {name}")
         if t.device.type != "cpu":
             # Off-CPU tensors outside the device path: one copy, bounded by the tensor.
@@ -61,12 +65,31 @@ def tensor_from_object(name: str, value: Any) -> SourceTensor:
     )
 
 
+def _check_plain(name: str, t: torch.Tensor) -> None:
+    """Only dense tensors with data have bytes to store: sparse, nested and meta
+    tensors (a ``.pt`` may hold any of them) are refused by name."""
+    import torch
+
+    if t.layout != torch.strided or t.is_nested:
+        raise UnsupportedSource(
+            f"tensor {name!r} is {str(t.layout).replace('torch.', '')}, not a dense tensor",
+            "save its dense form (tensor.to_dense()) instead",
+        )
+    if t.device.type == "meta":
+        raise UnsupportedSource(
+            f"tensor {name!r} is a meta tensor: it has a shape but no data",
+            "save the materialised weights, not a model built on the meta device",
+        )
+
+
 class MappingSource(Source):
     """Tensors passed from Python, e.g. ``model.state_dict()``."""
 
     def __init__(self, mapping: Mapping[str, Any], info: SourceInfo | None = None) -> None:
         self.info = info or SourceInfo(kind="mapping")
-        self._tensors = [tensor_from_object(str(k), mapping[k]) for k in sorted(mapping)]
+        self._tensors = [
+            tensor_from_object(k, v) for k, v in by_unique_name(mapping.items(), "the mapping")
+        ]
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors

@@ -10,9 +10,6 @@ dangling ``latest`` are reported and skipped, never imported as checkpoints.
 from __future__ import annotations
 
 import calendar
-import contextlib
-import json
-import mmap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +20,9 @@ from .. import dtypes
 from ..errors import InvalidName, SourceError, UnsupportedSource
 from ..layout import check_tensor_name
 from ..manifest import SourceInfo
+from . import strict_json
 from .base import Source, SourceTensor
-from .safetensors_file import MappedTensor
+from .safetensors_file import FileTensor, SourceFile
 
 if TYPE_CHECKING:
     from ..filesets import FileSet
@@ -41,12 +39,15 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 def is_checkpoint_root(path: Path) -> bool:
     return path.is_dir() and any(
-        p.is_dir() and is_checkpoint_dir(p) for p in path.iterdir() if not p.name.startswith(".")
+        p.is_dir() and not p.is_symlink() and is_checkpoint_dir(p)
+        for p in path.iterdir()
+        if not p.name.startswith(".")
     )
 
 
-def _timestamp(path: Path) -> float | None:
-    """The checkpoint's time: its meta file, else its directory name (UTC)."""
+def checkpoint_time(path: Path) -> float | None:
+    """The time the original tool recorded for a checkpoint (its meta file, else
+    its directory name, UTC), or None if it recorded none."""
     for text in (_meta_timestamp(path), path.name):
         if not text:
             continue
@@ -57,12 +58,20 @@ def _timestamp(path: Path) -> float | None:
     return None
 
 
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
 def _meta_timestamp(path: Path) -> str | None:
     try:
-        v = json.loads((path / META).read_text()).get("timestamp")
-        return str(v) if v else None
-    except (OSError, ValueError, AttributeError):
+        d = strict_json.loads((path / META).read_bytes(), str(path / META), "meta file")
+    except (OSError, SourceError):
         return None
+    v = d.get("timestamp") if isinstance(d, dict) else None
+    return str(v) if v else None
 
 
 class SeedSource(Source):
@@ -71,57 +80,34 @@ class SeedSource(Source):
     def __init__(self, path: Path, info: SourceInfo | None = None) -> None:
         self.path = path
         self.info = info or SourceInfo(kind="seed", location=str(path))
-        self.created = _timestamp(path)
+        # Without a recorded time, the index's mtime (the tool wrote it last) is
+        # closer to the truth than "now", which would make an old checkpoint
+        # the newest one.
+        self.created = checkpoint_time(path) or _mtime(path / INDEX)
         index_path, weights_path = path / INDEX, path / WEIGHTS
         try:
-            index = json.loads(index_path.read_text())
+            text = index_path.read_bytes()
         except FileNotFoundError:
             raise UnsupportedSource(
                 f"{path} has no {INDEX} (half-written checkpoint?)",
                 "skip it; the original tool wrote the index last",
             ) from None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise UnsupportedSource(f"{index_path} is unreadable ({exc})") from exc
+        index = strict_json.loads(text, str(index_path), "index", "skip it; it is damaged")
         if not isinstance(index, dict):
             raise UnsupportedSource(f"{index_path} is not a name -> entry map")
         try:
-            size = weights_path.stat().st_size
-        except FileNotFoundError:
-            raise UnsupportedSource(f"{path} has no {WEIGHTS}") from None
-        self._map: mmap.mmap | None = None
-        view = memoryview(b"")
-        if size:
-            with open(weights_path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            view = memoryview(self._map)
-        tensors: list[SourceTensor] = []
-        for name in sorted(index):
-            e = index[name]
-            check_tensor_name(name)
-            try:
-                off, n = int(e["offset"]), int(e["size"])
-                shape = tuple(int(x) for x in e["shape"])
-                dt = dtypes.lookup(str(e["dtype"]), f"{index_path}:{name}")
-            except (KeyError, TypeError, ValueError) as exc:
-                raise UnsupportedSource(
-                    f"{index_path}: malformed entry for {name!r} ({exc})"
-                ) from exc
-            count = 1
-            for s in shape:
-                count *= s
-            if off < 0 or off + n > size:
-                raise SourceError(
-                    f"{weights_path} is shorter than {INDEX} says ({name!r} ends at {off + n}, "
-                    f"file has {size} bytes): half-written checkpoint",
-                    "skip it; the newest complete checkpoint is older",
-                )
-            if count * dt.itemsize != n:
-                raise SourceError(
-                    f"{index_path}: {name!r} has shape {shape} of {dt.name} but size {n}",
-                    "the index is inconsistent; skip it",
-                )
-            tensors.append(MappedTensor(name, dt, shape, view[off : off + n]))
-        self._tensors = tensors
+            self._file: SourceFile | None = SourceFile(weights_path)
+        except SourceError:
+            if not weights_path.exists():
+                raise UnsupportedSource(f"{path} has no {WEIGHTS}") from None
+            raise
+        try:
+            self._tensors = _index_tensors(index, index_path, self._file)
+        except BaseException:
+            self.close()
+            raise
 
     def tensors(self) -> Sequence[SourceTensor]:
         return self._tensors
@@ -132,11 +118,44 @@ class SeedSource(Source):
 
         return seed_record(self.path, {t.name: t.nbytes for t in self._tensors})
 
+    def check_unchanged(self) -> None:
+        if self._file is not None:
+            self._file.check_unchanged()
+
     def close(self) -> None:
         self._tensors = []
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # still referenced: the GC closes it
-                self._map.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _index_tensors(index: dict[str, object], index_path: Path, f: SourceFile) -> list[SourceTensor]:
+    """The tensors a weights.json lists, each checked against weights.bin."""
+    size, weights_path = f.size, f.path
+    tensors: list[SourceTensor] = []
+    for name in sorted(index):
+        e = index[name]
+        check_tensor_name(name)
+        where = f"{index_path}:{name}"
+        if not isinstance(e, dict) or not {"offset", "size", "shape", "dtype"} <= e.keys():
+            raise UnsupportedSource(f"{index_path}: malformed entry for {name!r}")
+        off, n = e["offset"], e["size"]
+        if not (dtypes.is_int(off) and dtypes.is_int(n)) or off < 0 or n < 0:
+            raise UnsupportedSource(
+                f"{index_path}: malformed entry for {name!r} (offset {off!r} and size {n!r} "
+                "must be integers >= 0)",
+                "skip it; the index is damaged",
+            )
+        dt = dtypes.lookup(e["dtype"], where)
+        shape = dtypes.check_shape(e["shape"], dt, n, where)
+        if off + n > size:
+            raise SourceError(
+                f"{weights_path} is shorter than {INDEX} says ({name!r} ends at {off + n}, "
+                f"file has {size} bytes): half-written checkpoint",
+                "skip it; the newest complete checkpoint is older",
+            )
+        tensors.append(FileTensor(name, dt, shape, f, off, n))
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -159,7 +178,14 @@ def scan_root(root: Path) -> tuple[list[Path], list[Skipped]]:
     # not checkpoints of the original tool, broken or otherwise.
     is_store = (root / "config").is_file()
     for p in sorted(root.iterdir()):
-        if p.name.startswith(".") or p.name == "latest" or not p.is_dir():
+        if p.name.startswith(".") or p.name == "latest":
+            continue
+        if p.is_symlink():
+            # The tool writes real directories; a link may lead anywhere (out of
+            # the root of a copied, untrusted tree).
+            skipped.append(Skipped(p, "a symlink, not followed (checkpoints are directories)"))
+            continue
+        if not p.is_dir():
             continue
         if not is_checkpoint_dir(p):
             if not is_store:
@@ -172,8 +198,8 @@ def scan_root(root: Path) -> tuple[list[Path], list[Skipped]]:
         if reason:  # e.g. a short weights.bin or a torn weights.json
             skipped.append(Skipped(p, reason))
             continue
-        ts = _timestamp(p)
-        good.append((ts if ts is not None else p.stat().st_mtime, p.name, p))
+        ts = checkpoint_time(p)
+        good.append((ts if ts is not None else (_mtime(p / INDEX) or p.stat().st_mtime), p.name, p))
     good.sort()
     return [p for _, _, p in good], skipped
 

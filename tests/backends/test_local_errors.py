@@ -98,7 +98,7 @@ def test_permission_denied_while_reading(
     store: tuple[LocalBackend, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     b, root = store
-    monkeypatch.setattr(Path, "read_bytes", raise_on(errno.EACCES))
+    monkeypatch.setattr(os, "open", raise_on(errno.EACCES))  # objects open with O_NOFOLLOW
     with pytest.raises(PermissionDenied) as info:
         b.get("config")
     assert str(root / "config") in str(info.value)

@@ -109,7 +109,11 @@ def test_unreadable_index(tmp_path, make_model, write_seed_checkpoint):
             "complex64",
         ),
         ({"offset": 0, "shape": [2], "dtype": "torch.float32"}, UnsupportedSource, "malformed"),
-        ({"offset": -4, "size": 4, "shape": [1], "dtype": "torch.float32"}, SourceError, "shorter"),
+        (
+            {"offset": -4, "size": 4, "shape": [1], "dtype": "torch.float32"},
+            SourceError,
+            "offset -4",
+        ),
     ],
     ids=["size-mismatch", "dtype", "missing-size", "negative-offset"],
 )
