@@ -36,14 +36,17 @@ from typing import Any
 
 from . import layout
 from .errors import ApolloError, CorruptManifest, ObjectNotFound, UsageError
+from .backends.base import ObjectInfo
 from .manifest import Manifest
 from .parallel import bounded_map
 from .retention import RetentionPolicy, select
 from .store import Store
 
-#: Leftover temporary files younger than this are left alone: on a shared
-#: backend another host's write may still be in flight even though we hold the
-#: exclusive lock (clock skew, a lock that expired under a stalled writer).
+#: Leftovers of interrupted writes younger than this are left alone: temporary
+#: files, and chunks that no manifest names. A save may still be in flight
+#: even though we hold the exclusive lock (clock skew, a lock that expired under
+#: a stalled writer). At least a lock TTL (30 min), so that a save whose lease
+#: just ran out still finds the chunks it wrote (docs/CONCURRENCY.md).
 DEFAULT_GRACE = 3600.0
 
 #: How long the sweep waits for running saves to release their shared locks.
@@ -75,6 +78,7 @@ class GcReport:
     temporaries_removed: int = 0
     groups_deleted: int = 0
     rescued_chunks: int = 0  # candidates protected by saves that finished during phase 1
+    young_chunks_kept: int = 0  # unreferenced but younger than the grace window (a save in flight?)
     seconds: float = 0.0
     lock_wait_seconds: float = 0.0
 
@@ -96,6 +100,7 @@ class GcReport:
             "temporaries_removed": self.temporaries_removed,
             "groups_deleted": self.groups_deleted,
             "rescued_chunks": self.rescued_chunks,
+            "young_chunks_kept": self.young_chunks_kept,
             "seconds": round(self.seconds, 4),
             "lock_wait_seconds": round(self.lock_wait_seconds, 4),
         }
@@ -176,6 +181,58 @@ def _dependents_first(
     return sorted(candidates, key=lambda c: (-depth(c), c))
 
 
+def _infos(store: Store, chunk_ids: Iterable[bytes]) -> dict[bytes, ObjectInfo | None]:
+    """Size and modification time of each chunk (None if it is gone), one stat or HEAD each."""
+    ids = list(chunk_ids)
+
+    def info(cid: bytes) -> ObjectInfo | None:
+        try:
+            return store.backend.info(layout.chunk_key(cid.hex()))
+        except ObjectNotFound:
+            return None
+
+    return dict(zip(ids, bounded_map(info, ids, store.workers), strict=True))
+
+
+def _young_orphans(
+    store: Store,
+    candidates: set[bytes],
+    manifests: Iterable[Manifest],
+    infos: dict[bytes, ObjectInfo | None],
+    since: float,
+) -> set[bytes]:
+    """Candidates gc must keep for now: chunks no manifest names that were written
+    after ``since`` (gc's start minus its grace window), and their delta bases.
+
+    Such a chunk may belong to a save still in flight whose lock lapsed (frozen
+    past its lease): it is kept until it is older than the window, which is at
+    least a lock TTL by default. Chunks of forgotten manifests are not young
+    leftovers and go whatever their age: a save that re-uses them is caught by
+    its fencing (docs/CONCURRENCY.md). A kept delta keeps its base chain, so no
+    save can later deduplicate against a chunk whose base is gone.
+    """
+    manifests = list(manifests)
+    named: set[bytes] = set()
+    bases: dict[bytes, bytes] = {}
+    for m in manifests:
+        named |= m.chunk_ids()
+        bases.update(m.bases)
+    keep = {
+        c for c in candidates - named if (i := infos.get(c)) is not None and i.mtime > since
+    }
+    todo = list(keep)
+    while todo:
+        cid = todo.pop()
+        try:
+            base = bases[cid] if cid in bases else store.chunks.base_of(cid)
+        except ApolloError:  # an unreadable leftover: nothing to keep for it
+            base = None
+        if base is not None and base not in keep and base in candidates:
+            keep.add(base)
+            todo.append(base)
+    return keep
+
+
 def _referenced(store: Store) -> set[str]:
     return set(store.tags().values()) | set(store.series().values())
 
@@ -221,11 +278,13 @@ def gc(
     Never deletes a chunk reachable from a kept manifest, nor one a concurrent
     save will reference (see the module docstring). A manifest that cannot be
     read stops gc before anything is deleted: without it we cannot know which
-    chunks it needs (run ``verify``, then ``forget`` it). The exclusive lock is
+    chunks it needs (run ``verify``, then ``forget`` it). Chunks no manifest
+    names and temporaries younger than ``grace`` seconds are kept. The exclusive lock is
     held at most about ``max_hold`` seconds at a time; a longer sweep lets
     waiting saves in between batches.
     """
     t0 = time.perf_counter()
+    started = time.time()  # the grace window counts back from here
     policy = policy or RetentionPolicy()
     report = GcReport(dry_run=dry_run, policy=policy.describe())
     step = progress or (lambda stage, done, total: None)
@@ -245,11 +304,13 @@ def gc(
     reachable = _reachable(m for cid, m in manifests.items() if cid not in forget_ids)
     present = _chunk_ids_present(store)
     candidates = present - reachable
-    # Sizes are gathered now, outside the lock (one stat or HEAD per object).
+    # Sizes and ages are gathered now, outside the lock (one stat or HEAD per object).
+    infos = _infos(store, candidates)
+    young = _young_orphans(store, candidates, manifests.values(), infos, started - grace)
+    candidates -= young
+    report.young_chunks_kept = len(young)
     ordered = _dependents_first(store, candidates, manifests.values())
-    chunk_size = dict(
-        zip(ordered, _sizes(store, [layout.chunk_key(c.hex()) for c in ordered]), strict=True)
-    )
+    chunk_size = {c: i.size if (i := infos.get(c)) is not None else 0 for c in ordered}
     manifest_size = dict(
         zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
     )
