@@ -217,9 +217,7 @@ def _young_orphans(
     for m in manifests:
         named |= m.chunk_ids()
         bases.update(m.bases)
-    keep = {
-        c for c in candidates - named if (i := infos.get(c)) is not None and i.mtime > since
-    }
+    keep = {c for c in candidates - named if (i := infos.get(c)) is not None and i.mtime > since}
     todo = list(keep)
     while todo:
         cid = todo.pop()

@@ -147,14 +147,22 @@ def _context_digest(host: str, boot: str, ns: str) -> str:
     return hashlib.sha256(f"{host}\0{boot}\0{ns}".encode()).hexdigest()[:8]
 
 
+_TAGS: dict[int, str] = {}
+
+
 def tag() -> str:
     """This process as a short token for temporary file names: ``<pid>.<ctx>.<start>``.
 
     ``ctx`` is a digest of host, boot id and pid namespace; the token holds no
     ``-`` so it can lead a ``-``-separated name. See :func:`judge_tag`.
     """
-    me = current()
-    return f"{me.pid}.{_context_digest(me.host, me.boot_id, me.pid_ns)}.{me.start or 0}"
+    pid = os.getpid()
+    token = _TAGS.get(pid)
+    if token is None:  # computed once per process: chunk writes name a temporary each
+        me = current()
+        token = f"{me.pid}.{_context_digest(me.host, me.boot_id, me.pid_ns)}.{me.start or 0}"
+        _TAGS[pid] = token
+    return token
 
 
 def judge_tag(token: str) -> str:

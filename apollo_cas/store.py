@@ -295,7 +295,10 @@ class Store:
         for cid in self.checkpoint_ids():
             m = self._listed_manifest(cid)
             if m is not None:
-                tagged, latest_of = tuple(sorted(tags.get(cid, []))), tuple(sorted(latest.get(cid, [])))
+                tagged, latest_of = (
+                    tuple(sorted(tags.get(cid, []))),
+                    tuple(sorted(latest.get(cid, []))),
+                )
                 out.append(Checkpoint(cid, m, tagged, latest_of))
         out.sort(key=lambda c: (c.manifest.created, c.checkpoint_id))
         return out

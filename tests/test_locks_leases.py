@@ -100,7 +100,9 @@ def test_young_chunks_of_a_save_in_flight_survive_gc_and_the_save_commits(
         st.save(model(1), block_size=BS)
     saver = Store.open(root)
     fresh = model(3)
-    r = saver.save(fresh, block_size=BS, progress=at_last_block(lose_lock_to_another_hosts_gc(root)))
+    r = saver.save(
+        fresh, block_size=BS, progress=at_last_block(lose_lock_to_another_hosts_gc(root))
+    )
     assert r.stats.new_chunks == NBLOCKS
     with Store.open(root) as st:
         assert st.latest() == r.checkpoint_id

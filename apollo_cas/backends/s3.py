@@ -74,7 +74,7 @@ from ..errors import (
     StoreNotFound,
     UsageError,
 )
-from .base import Backend, ObjectInfo
+from .base import TEMPORARY_FLOOR, Backend, ObjectInfo
 
 try:  # boto3 is an optional dependency (apollo_cas[s3]); see S3Backend.__init__.
     import boto3
@@ -1029,8 +1029,12 @@ class S3Backend(Backend):
                 Bucket=self.bucket, Prefix=self.prefix
             )
             for page in pages:
+                # An upload in flight may belong to a live writer: never abort
+                # one younger than the floor, whatever grace gc was given.
+                headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                cutoff = min(older_than, _server_time(headers) - TEMPORARY_FLOOR)
                 for up in page.get("Uploads", ()) or ():
-                    if up["Initiated"].timestamp() < older_than:
+                    if up["Initiated"].timestamp() < cutoff:
                         self._client.abort_multipart_upload(
                             Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
                         )

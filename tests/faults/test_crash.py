@@ -481,7 +481,7 @@ elif point == "half-a-chunk":
     real_atomic = local.write_file_atomic
     def atomic(path, chunks, *, sync_dir=True):
         if "chunks" in Path(path).parts and reached():
-            tmp = Path(path).with_name(".tmp-%d-killed00-%s" % (os.getpid(), Path(path).name))
+            tmp = local.temp_path(Path(path))  # as the real write names it
             data = b"".join(bytes(c) for c in chunks)
             tmp.write_bytes(data[: len(data) // 2])
             die()
