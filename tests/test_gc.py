@@ -187,6 +187,10 @@ def test_gc_removes_old_leftovers_of_interrupted_writes_only(store: Store, tmp_s
     r = gc(store, grace=3600)
     assert r.temporaries_removed == 1
     assert not old.exists() and young.exists()
+    # Names without a writer tag (older versions) cannot be judged: grace 0
+    # still leaves them for the floor (tests/test_gc_leftovers.py has the rest).
+    assert gc(store, grace=0).temporaries_removed == 0
+    os.utime(young, (time.time() - 3600, time.time() - 3600))
     assert gc(store, grace=0).temporaries_removed == 1
     assert not young.exists()
 
