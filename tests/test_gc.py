@@ -549,9 +549,9 @@ def test_gc_forget_and_verify_on_s3(s3_location: str) -> None:
         ]
         st.tag(ids[0], "first")
         orphan = orphan_chunk(st, 42)
-        dry = gc(st, RetentionPolicy(keep_last=1), dry_run=True)
+        dry = gc(st, RetentionPolicy(keep_last=1), dry_run=True, grace=0)
         assert dry.forgotten == ids[1:3]
-        r = gc(st, RetentionPolicy(keep_last=1))
+        r = gc(st, RetentionPolicy(keep_last=1), grace=0)
         assert r.forgotten == ids[1:3] and r.chunks_deleted == dry.chunks_deleted
         assert r.bytes_freed == dry.bytes_freed
         assert set(st.checkpoint_ids()) == {ids[0], ids[3]}
@@ -564,7 +564,7 @@ def test_gc_forget_and_verify_on_s3(s3_location: str) -> None:
             forget(st, ids[3])
         st.untag("first")
         forget(st, ids[0])
-        assert gc(st).chunks_deleted == 2  # blocks 0 and 1: only ids[0] used them
+        assert gc(st, grace=0).chunks_deleted == 2  # blocks 0 and 1: only ids[0] used them
         assert list(st.backend.list("locks/")) == [] or all(
             k.startswith("locks/cas-") for k in st.backend.list("locks/")
         )

@@ -259,6 +259,7 @@ class S3Backend(Backend):
         list_page_size: int = 1000,
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
+        temporary_floor: float = TEMPORARY_FLOOR,
     ) -> None:
         if boto3 is None:
             raise BackendUnavailable(
@@ -282,6 +283,8 @@ class S3Backend(Backend):
         self.list_page_size = int(list_page_size)
         self.multipart_threshold = int(multipart_threshold)
         self.multipart_chunksize = int(multipart_chunksize)
+        #: Unfinished uploads younger than this are never aborted (may be in flight).
+        self.temporary_floor = float(temporary_floor)
 
         connect = connect_timeout or _env_float(
             "APOLLO_CAS_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
@@ -1032,7 +1035,7 @@ class S3Backend(Backend):
                 # An upload in flight may belong to a live writer: never abort
                 # one younger than the floor, whatever grace gc was given.
                 headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-                cutoff = min(older_than, _server_time(headers) - TEMPORARY_FLOOR)
+                cutoff = min(older_than, _server_time(headers) - self.temporary_floor)
                 for up in page.get("Uploads", ()) or ():
                     if up["Initiated"].timestamp() < cutoff:
                         self._client.abort_multipart_upload(
