@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
-from .errors import ApolloError, CorruptManifest, ObjectNotFound, UsageError
 from .backends.base import ObjectInfo
+from .errors import ApolloError, CorruptManifest, ObjectNotFound, UsageError
 from .manifest import Manifest
 from .parallel import bounded_map
 from .retention import RetentionPolicy, select
@@ -194,6 +194,10 @@ def _infos(store: Store, chunk_ids: Iterable[bytes]) -> dict[bytes, ObjectInfo |
     return dict(zip(ids, bounded_map(info, ids, store.workers), strict=True))
 
 
+def _stored_size(info: ObjectInfo | None) -> int:
+    return info.size if info is not None else 0
+
+
 def _young_orphans(
     store: Store,
     candidates: set[bytes],
@@ -308,7 +312,7 @@ def gc(
     candidates -= young
     report.young_chunks_kept = len(young)
     ordered = _dependents_first(store, candidates, manifests.values())
-    chunk_size = {c: i.size if (i := infos.get(c)) is not None else 0 for c in ordered}
+    chunk_size = {c: _stored_size(infos.get(c)) for c in ordered}
     manifest_size = dict(
         zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
     )

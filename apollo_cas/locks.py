@@ -152,7 +152,7 @@ def parse_lock(name: str, data: bytes) -> LockInfo | None:
         d = json.loads(data)
     except ValueError:
         return None
-    if not isinstance(d, dict) or not _REQUIRED <= d.keys():
+    if not isinstance(d, dict) or not d.keys() >= _REQUIRED:
         return None
     known: dict[str, Any] = {}
     for key, types in _TYPES.items():
@@ -286,19 +286,28 @@ class Locks:
         refresher.start()
         try:
             yield lease
-        finally:
-            stop.set()
-            refresher.join()  # a renewal racing the delete would resurrect the lock
-            self._release(lease)
+        except BaseException:
+            self._release(lease, stop, refresher, quiet=True)
+            raise
+        self._release(lease, stop, refresher, quiet=False)
 
-    def _release(self, lease: Lease) -> None:
+    def _release(
+        self, lease: Lease, stop: threading.Event, refresher: threading.Thread, quiet: bool
+    ) -> None:
+        """Delete the lock object. A failure is never raised: the block's own error
+        (a dead server, a full disk) is the one to report, and a lock left
+        behind is stale once this process is gone (or its lease ran out). After
+        a block that succeeded it is logged; after one that failed it would only
+        repeat the block's error."""
+        stop.set()
+        refresher.join()  # a renewal racing the delete would resurrect the lock
         try:
             self.backend.delete(lock_key(lease.lock_id))
-        except Exception as exc:  # never mask the block's own outcome
-            log.warning(
-                "warning: could not remove lock %s%s (%s); it is cleared as stale later",
-                self.backend.location.rstrip("/") + "/",
+        except Exception as exc:
+            (log.debug if quiet else log.warning)(
+                "warning: could not remove lock %s in %s (%s); it is cleared as stale later",
                 lock_key(lease.lock_id),
+                self.backend.location,
                 exc,
             )
 

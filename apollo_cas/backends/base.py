@@ -22,7 +22,6 @@ import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-
 #: No leftover of an interrupted write younger than this (seconds) is removed,
 #: whatever grace gc is given, unless its writer is provably dead: a writer on
 #: another host or in another container may be between creating and renaming it.

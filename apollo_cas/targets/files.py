@@ -93,7 +93,9 @@ class PendingFile:
 
     def __init__(self, final: Path, size: int) -> None:
         self.final = final
-        self.tmp = final.with_name(f"{TMP_PREFIX}{procinfo.tag()}-{uuid.uuid4().hex[:8]}-{final.name}")
+        self.tmp = final.with_name(
+            f"{TMP_PREFIX}{procinfo.tag()}-{uuid.uuid4().hex[:8]}-{final.name}"
+        )
         try:
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             if size:

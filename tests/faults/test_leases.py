@@ -107,7 +107,7 @@ class FrozenSave:
 
     def resume(self) -> tuple[int, str]:
         os.kill(self.pid, signal.SIGCONT)
-        out, err = self.proc.communicate(timeout=120)
+        _, err = self.proc.communicate(timeout=120)
         return self.proc.returncode, err
 
     def kill(self) -> None:
