@@ -36,7 +36,8 @@ from typing import Any
 
 from . import layout
 from .backends.base import ObjectInfo
-from .errors import ApolloError, CorruptManifest, ObjectNotFound, UsageError
+from .errors import ApolloError, ConcurrentUpdate, CorruptManifest, ObjectNotFound, UsageError
+from .locks import Lease
 from .manifest import Manifest
 from .parallel import bounded_map
 from .retention import RetentionPolicy, select
@@ -235,6 +236,27 @@ def _young_orphans(
     return keep
 
 
+def _still_held(lease: Lease) -> bool:
+    """Fencing for gc: whether our exclusive lease was held without a gap until now
+    (then renewed). A gc frozen past its TTL may have lost its lock to a save that
+    then deduplicated against our candidates: it must re-list before deleting."""
+    return lease.confirm()
+
+
+def _delete_while_held(store: Store, lease: Lease, keys: list[str]) -> bool:
+    """Delete ``keys`` while ``lease`` is held; False (some maybe left) if it lapsed."""
+    if not _still_held(lease):
+        return False
+
+    def delete(key: str) -> None:
+        if not lease.lapsed():  # a clock check: a freeze mid-batch stops the rest of it
+            store.backend.delete(key)
+
+    for _ in bounded_map(delete, keys, store.workers):
+        pass
+    return not lease.lapsed()
+
+
 def _referenced(store: Store) -> set[str]:
     return set(store.tags().values()) | set(store.series().values())
 
@@ -336,7 +358,7 @@ def gc(
     first = True
     while True:
         t_lock = time.perf_counter()
-        with store.locks.hold("exclusive", "gc", timeout=lock_timeout):
+        with store.locks.hold("exclusive", "gc", timeout=lock_timeout) as lease:
             report.lock_wait_seconds += time.perf_counter() - t_lock
             held_since = time.monotonic()
             # Saves that finished since we last looked: whatever they reference
@@ -348,7 +370,7 @@ def gc(
                 kept = [c for c in pending if c not in needed]
                 report.rescued_chunks += len(pending) - len(kept)
                 pending = kept
-            if first:
+            if first and _still_held(lease):
                 first = False
                 # Refs may have moved and tags may have been added since phase 1:
                 # never delete what a ref names now, nor the chunks it needs.
@@ -374,18 +396,19 @@ def gc(
                 store.backend.sync()
                 report.manifests_deleted = len(forget_sorted)
                 report.manifest_bytes = sum(manifest_size.get(c, 0) for c in forget_sorted)
-            while pending:  # at least one batch per hold, then until max_hold
+            while pending and not first:  # at least one batch per hold, then until max_hold
                 batch, pending = pending[:_BATCH], pending[_BATCH:]
                 keys = [layout.chunk_key(c.hex()) for c in batch]
-                for _ in bounded_map(store.backend.delete, keys, store.workers):
-                    pass
+                if not _delete_while_held(store, lease, keys):
+                    pending = batch + pending  # lost our lease: re-list before going on
+                    break
                 report.chunks_deleted += len(batch)
                 report.chunk_bytes += sum(chunk_size.get(c, 0) for c in batch)
                 step("sweep", report.chunks_deleted, report.chunks_deleted + len(pending))
                 if time.monotonic() - held_since >= max_hold:
                     break
             store.backend.sync()
-            if not pending:
+            if not pending and not first:
                 report.temporaries_removed = store.backend.remove_temporaries(
                     older_than=time.time() - grace
                 )
@@ -411,7 +434,9 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
     exclusive lock so a concurrent ``tag`` cannot point at it while it goes.
     """
     layout.check_hex_id(checkpoint_id, "checkpoint id")
-    with store.locks.hold("exclusive", f"forget {checkpoint_id[:12]}", timeout=lock_timeout):
+    with store.locks.hold(
+        "exclusive", f"forget {checkpoint_id[:12]}", timeout=lock_timeout
+    ) as lease:
         tags = sorted(t for t, c in store.tags().items() if c == checkpoint_id)
         if tags:
             raise UsageError(
@@ -437,6 +462,10 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
             raise CorruptManifest(
                 f"checkpoint {checkpoint_id} has no manifest in {store.location}",
                 "see 'apollo-cas list'",
+            )
+        if not _still_held(lease):  # frozen past our lease: the checks above are stale
+            raise ConcurrentUpdate(
+                f"forget {checkpoint_id[:12]} lost its lock while checking", "run it again"
             )
         store.backend.delete(key)
         store.backend.sync()

@@ -191,7 +191,10 @@ class Lease:
     meanwhile.
     """
 
-    def __init__(self, info: LockInfo, data: bytes, valid_until: float, boot_until: float) -> None:
+    def __init__(
+        self, locks: Locks, info: LockInfo, data: bytes, valid_until: float, boot_until: float
+    ) -> None:
+        self.locks = locks
         self.info = info
         self.data = data  # the lock object's bytes as we last wrote them
         self.valid_until = valid_until
@@ -206,6 +209,18 @@ class Lease:
     @property
     def kind(self) -> str:
         return self.info.kind
+
+    def lapsed(self) -> bool:
+        """See :meth:`Locks.lapsed` (a clock check, no I/O)."""
+        return self.locks.lapsed(self)
+
+    def confirm(self) -> bool:
+        """See :meth:`Locks.confirm` (one compare-and-swap)."""
+        return self.locks.confirm(self)
+
+    def reacquire(self, timeout: float = 60.0) -> None:
+        """See :meth:`Locks.reacquire`."""
+        self.locks.reacquire(self, timeout)
 
 
 class Locks:
@@ -343,7 +358,7 @@ class Locks:
                 self._delete_quietly(key)  # the listing failed: do not leave ours behind
                 raise
             if conflict is None:
-                return Lease(info, data, t0 + self.ttl, b0 + self.ttl)
+                return Lease(self, info, data, t0 + self.ttl, b0 + self.ttl)
             # Withdraw before waiting: a lock left in place while we sleep would
             # make every other contender back off too (livelock).
             self.backend.delete(key)

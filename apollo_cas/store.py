@@ -394,7 +394,7 @@ class Store:
                 )
                 self._fence(lease, manifest)
                 cid, manifest, unchanged = self._commit(manifest, parent_id, force)
-                if not unchanged and self.locks.lapsed(lease):
+                if not unchanged and lease.lapsed():
                     self._fence(lease, manifest, committed=cid)
             # Still under the shared lock: once released, a concurrent save may
             # move latest past cid and gc could forget it before it is named.
@@ -556,9 +556,9 @@ class Store:
         nothing committed (a ``committed`` checkpoint, whose lease lapsed while
         its ref moved, is withdrawn if its ref still names it).
         """
-        if committed is None and self.locks.confirm(lease):
+        if committed is None and lease.confirm():
             return
-        self.locks.reacquire(lease)
+        lease.reacquire()
         self.chunks.forget_known()
         ids = sorted(manifest.chunk_ids())
         keys = [layout.chunk_key(c.hex()) for c in ids]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apollo_cas import gc as gc_mod
 from apollo_cas import layout
 from apollo_cas.errors import ConcurrentUpdate
 from apollo_cas.gc import gc
@@ -137,3 +138,36 @@ def test_a_lock_object_that_vanished_is_never_resurrected(tmp_path: Path) -> Non
         assert not locks.renew(lease)
         assert not locks.backend.exists(layout.lock_key(lease.lock_id))
         assert locks.lapsed(lease) and not locks.confirm(lease)
+
+
+def test_a_gc_that_lost_its_lock_mid_sweep_relists_before_deleting_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror case: gc is frozen past its exclusive lease between two sweep
+    batches; a peer judges its lock expired, deletes it and saves weights that
+    deduplicate against gc's remaining candidates. On resuming, gc must see
+    that it lost its lease and re-list the manifests (rescuing those chunks)
+    before it deletes anything more."""
+    monkeypatch.setattr(gc_mod, "_BATCH", 1)  # one chunk per batch, many batches per hold
+    monkeypatch.setattr(gc_mod, "_YIELD_SECONDS", 0.0)
+    root = tmp_path / "store"
+    old = model(1)
+    with Store.open(root, create=True) as st:
+        st.save(old, block_size=BS, created=1.0)
+        st.save(model(2), block_size=BS, created=2.0)
+    late: dict[str, str] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "sweep" and done == 1 and not late:
+            with Store.open(root) as peer:
+                [key] = peer.backend.list(layout.LOCKS_PREFIX)  # gc's exclusive lock
+                peer.backend.delete(key)
+                late["id"] = peer.save(old, block_size=BS, created=3.0).checkpoint_id or ""
+
+    with Store.open(root) as st:
+        r = gc(st, RetentionPolicy(keep_last=1), progress=progress)
+    assert late and r.rescued_chunks == NBLOCKS - 1
+    with Store.open(root) as st:
+        assert st.latest() == late["id"]
+        assert read_back(st, late["id"]) == old["w"].tobytes()
+        assert verify(st, read_data=True).ok
