@@ -262,7 +262,8 @@ class Locks:
                     # Writes are atomic, so this is no torn write but a format we
                     # cannot read (or damage): it counts as a foreign lock until
                     # it has not been rewritten for a TTL.
-                    info = _unreadable(name, self.backend.info(key).mtime, self.ttl)
+                    mtime = self.backend.info(key).mtime
+                    info = _unreadable(name, mtime, max(self.ttl, LOCK_TTL))
             except ObjectNotFound:
                 continue
             out.append(info)
