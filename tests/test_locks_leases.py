@@ -21,6 +21,7 @@ import pytest
 
 from apollo_cas import gc as gc_mod
 from apollo_cas import layout
+from apollo_cas.backends.local import LocalBackend
 from apollo_cas.errors import ConcurrentUpdate
 from apollo_cas.gc import gc
 from apollo_cas.locks import Locks
@@ -170,4 +171,39 @@ def test_a_gc_that_lost_its_lock_mid_sweep_relists_before_deleting_more(
     with Store.open(root) as st:
         assert st.latest() == late["id"]
         assert read_back(st, late["id"]) == old["w"].tobytes()
+        assert verify(st, read_data=True).ok
+
+
+class FreezesBeforeTheManifest(LocalBackend):
+    """A directory backend on which the process "freezes" right before writing
+    its manifest, after its fence passed: the clock jumps past the lease, a
+    peer deletes the lock and runs gc."""
+
+    def __init__(self, root: Path, now: list[float], peer: Callable[[], None]) -> None:
+        super().__init__(root)
+        self.now, self.peer = now, peer
+
+    def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
+        if key.startswith(layout.MANIFESTS_PREFIX) and self.peer is not None:
+            peer, self.peer = self.peer, None  # type: ignore[assignment]
+            self.now[0] += 3600
+            peer()
+        return super().put_if_absent(key, data, durable=durable)
+
+
+def test_a_lease_lost_during_the_commit_withdraws_the_checkpoint(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    old, new = model(1), model(2)
+    with Store.open(root, create=True) as st:
+        st.save(old, block_size=BS, created=1.0)
+        latest = st.save(new, block_size=BS, created=2.0).checkpoint_id
+    now = [2e9]
+    peer = lose_lock_to_another_hosts_gc(root, policy=RetentionPolicy(keep_last=1))
+    backend = FreezesBeforeTheManifest(root, now, peer)
+    saver = Store(backend)
+    saver.locks = Locks(backend, clock=lambda: now[0])
+    with pytest.raises(ConcurrentUpdate, match="removed meanwhile by gc"):
+        saver.save(old, block_size=BS)
+    with Store.open(root) as st:
+        assert st.latest() == latest and st.checkpoint_ids() == [latest]
         assert verify(st, read_data=True).ok
