@@ -118,7 +118,19 @@ class LockInfo:
         return self.kind != "shared"
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        """The lock object's bytes: the eight keys every version knows, with boot id
+        and pid namespace carried in ``host`` (``"<host> boot=<id> pidns=<ns>"``).
+
+        Versions before this one fail on any key they do not know and delete
+        such a lock as torn, and judge a lock of their own hostname by its pid:
+        a host they do not recognise makes them judge it by its lease instead,
+        which is safe during a rolling upgrade.
+        """
+        d = asdict(self)
+        del d["boot_id"], d["pid_ns"]
+        if self.boot_id and self.pid_ns:
+            d["host"] = f"{self.host} boot={self.boot_id} pidns={self.pid_ns}"
+        return json.dumps(d).encode()
 
     def describe(self) -> str:
         return (
@@ -162,7 +174,14 @@ def parse_lock(name: str, data: bytes) -> LockInfo | None:
                 return None
             known[key] = v
     known["lock_id"] = name  # the object's name is what we delete and compare
+    m = _HOST_WITH_IDS.fullmatch(known["host"])
+    if m is not None and "boot_id" not in known and "pid_ns" not in known:
+        known["host"], known["boot_id"], known["pid_ns"] = m.groups()
     return LockInfo(**known)
+
+
+#: ``host`` as :meth:`LockInfo.encode` writes it.
+_HOST_WITH_IDS = re.compile(r"(.*) boot=(\S+) pidns=(\S+)")
 
 
 def _unreadable(name: str, mtime: float, ttl: float) -> LockInfo:

@@ -305,3 +305,18 @@ def test_the_error_of_a_dead_server_names_the_write_not_the_lock_cleanup(root: P
         st.save({"w": data}, block_size=BS)
     assert "writing chunks/" in str(exc.value), str(exc.value)
     assert "locks/" not in str(exc.value)
+
+
+def test_lock_objects_stay_readable_and_safe_for_older_versions(root: Path) -> None:
+    """Older versions delete a lock with any key they do not know, and judge a
+    lock of their own hostname by its pid: new locks carry exactly the old keys,
+    and a host an old reader does not recognise (so it waits for the lease)."""
+    with Locks(LocalBackend(root)).hold("shared", "save") as lease:
+        d = json.loads((root / "locks" / lease.lock_id).read_bytes())
+        legacy = {"lock_id", "kind", "host", "pid", "start", "created", "expires", "purpose"}
+        assert set(d) == legacy
+        if LINUX_PROC:
+            me = procinfo.current()
+            assert d["host"] == f"{me.host} boot={me.boot_id} pidns={me.pid_ns}"
+            [lk] = Locks(LocalBackend(root)).all()
+            assert (lk.host, lk.boot_id, lk.pid_ns) == (me.host, me.boot_id, me.pid_ns)
