@@ -35,15 +35,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
-from .errors import ApolloError, CorruptManifest, ObjectNotFound, Refused
+from .backends.base import ObjectInfo
+from .errors import (
+    ApolloError,
+    ConcurrentUpdate,
+    CorruptManifest,
+    ObjectNotFound,
+    Refused,
+)
+from .locks import Lease
 from .manifest import Manifest
 from .parallel import bounded_map
 from .retention import RetentionPolicy, select
 from .store import Store
 
-#: Leftover temporary files younger than this are left alone: on a shared
-#: backend another host's write may still be in flight even though we hold the
-#: exclusive lock (clock skew, a lock that expired under a stalled writer).
+#: Leftovers of interrupted writes younger than this are left alone: temporary
+#: files, and chunks that no manifest names. A save may still be in flight
+#: even though we hold the exclusive lock (clock skew, a lock that expired under
+#: a stalled writer). At least a lock TTL (30 min), so that a save whose lease
+#: just ran out still finds the chunks it wrote (docs/CONCURRENCY.md).
 DEFAULT_GRACE = 3600.0
 
 #: How long the sweep waits for running saves to release their shared locks.
@@ -75,6 +85,7 @@ class GcReport:
     temporaries_removed: int = 0
     groups_deleted: int = 0
     rescued_chunks: int = 0  # candidates protected by saves that finished during phase 1
+    young_chunks_kept: int = 0  # unreferenced but younger than the grace window (a save in flight?)
     seconds: float = 0.0
     lock_wait_seconds: float = 0.0
 
@@ -96,6 +107,7 @@ class GcReport:
             "temporaries_removed": self.temporaries_removed,
             "groups_deleted": self.groups_deleted,
             "rescued_chunks": self.rescued_chunks,
+            "young_chunks_kept": self.young_chunks_kept,
             "seconds": round(self.seconds, 4),
             "lock_wait_seconds": round(self.lock_wait_seconds, 4),
         }
@@ -176,6 +188,81 @@ def _dependents_first(
     return sorted(candidates, key=lambda c: (-depth(c), c))
 
 
+def _infos(store: Store, chunk_ids: Iterable[bytes]) -> dict[bytes, ObjectInfo | None]:
+    """Size and modification time of each chunk (None if it is gone), one stat or HEAD each."""
+    ids = list(chunk_ids)
+
+    def info(cid: bytes) -> ObjectInfo | None:
+        try:
+            return store.backend.info(layout.chunk_key(cid.hex()))
+        except ObjectNotFound:
+            return None
+
+    return dict(zip(ids, bounded_map(info, ids, store.workers), strict=True))
+
+
+def _stored_size(info: ObjectInfo | None) -> int:
+    return info.size if info is not None else 0
+
+
+def _young_orphans(
+    store: Store,
+    candidates: set[bytes],
+    manifests: Iterable[Manifest],
+    infos: dict[bytes, ObjectInfo | None],
+    since: float,
+) -> set[bytes]:
+    """Candidates gc must keep for now: chunks no manifest names that were written
+    after ``since`` (gc's start minus its grace window), and their delta bases.
+
+    Such a chunk may belong to a save still in flight whose lock lapsed (frozen
+    past its lease): it is kept until it is older than the window, which is at
+    least a lock TTL by default. Chunks of forgotten manifests are not young
+    leftovers and go whatever their age: a save that re-uses them is caught by
+    its fencing (docs/CONCURRENCY.md). A kept delta keeps its base chain, so no
+    save can later deduplicate against a chunk whose base is gone.
+    """
+    manifests = list(manifests)
+    named: set[bytes] = set()
+    bases: dict[bytes, bytes] = {}
+    for m in manifests:
+        named |= m.chunk_ids()
+        bases.update(m.bases)
+    keep = {c for c in candidates - named if (i := infos.get(c)) is not None and i.mtime > since}
+    todo = list(keep)
+    while todo:
+        cid = todo.pop()
+        try:
+            base = bases[cid] if cid in bases else store.chunks.base_of(cid)
+        except ApolloError:  # an unreadable leftover: nothing to keep for it
+            base = None
+        if base is not None and base not in keep and base in candidates:
+            keep.add(base)
+            todo.append(base)
+    return keep
+
+
+def _still_held(lease: Lease) -> bool:
+    """Fencing for gc: whether our exclusive lease was held without a gap until now
+    (then renewed). A gc frozen past its TTL may have lost its lock to a save that
+    then deduplicated against our candidates: it must re-list before deleting."""
+    return lease.confirm()
+
+
+def _delete_while_held(store: Store, lease: Lease, keys: list[str]) -> bool:
+    """Delete ``keys`` while ``lease`` is held; False (some maybe left) if it lapsed."""
+    if not _still_held(lease):
+        return False
+
+    def delete(key: str) -> None:
+        if not lease.lapsed():  # a clock check: a freeze mid-batch stops the rest of it
+            store.backend.delete(key)
+
+    for _ in bounded_map(delete, keys, store.workers):
+        pass
+    return not lease.lapsed()
+
+
 def _referenced(store: Store) -> set[str]:
     return set(store.tags().values()) | set(store.series().values())
 
@@ -221,11 +308,13 @@ def gc(
     Never deletes a chunk reachable from a kept manifest, nor one a concurrent
     save will reference (see the module docstring). A manifest that cannot be
     read stops gc before anything is deleted: without it we cannot know which
-    chunks it needs (run ``verify``, then ``forget`` it). The exclusive lock is
+    chunks it needs (run ``verify``, then ``forget`` it). Chunks no manifest
+    names and temporaries younger than ``grace`` seconds are kept. The exclusive lock is
     held at most about ``max_hold`` seconds at a time; a longer sweep lets
     waiting saves in between batches.
     """
     t0 = time.perf_counter()
+    started = time.time()  # the grace window counts back from here
     policy = policy or RetentionPolicy()
     report = GcReport(dry_run=dry_run, policy=policy.describe())
     step = progress or (lambda stage, done, total: None)
@@ -245,11 +334,13 @@ def gc(
     reachable = _reachable(m for cid, m in manifests.items() if cid not in forget_ids)
     present = _chunk_ids_present(store)
     candidates = present - reachable
-    # Sizes are gathered now, outside the lock (one stat or HEAD per object).
+    # Sizes and ages are gathered now, outside the lock (one stat or HEAD per object).
+    infos = _infos(store, candidates)
+    young = _young_orphans(store, candidates, manifests.values(), infos, started - grace)
+    candidates -= young
+    report.young_chunks_kept = len(young)
     ordered = _dependents_first(store, candidates, manifests.values())
-    chunk_size = dict(
-        zip(ordered, _sizes(store, [layout.chunk_key(c.hex()) for c in ordered]), strict=True)
-    )
+    chunk_size = {c: _stored_size(infos.get(c)) for c in ordered}
     manifest_size = dict(
         zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
     )
@@ -273,7 +364,7 @@ def gc(
     first = True
     while True:
         t_lock = time.perf_counter()
-        with store.locks.hold("exclusive", "gc", timeout=lock_timeout):
+        with store.locks.hold("exclusive", "gc", timeout=lock_timeout) as lease:
             report.lock_wait_seconds += time.perf_counter() - t_lock
             held_since = time.monotonic()
             # Saves that finished since we last looked: whatever they reference
@@ -285,7 +376,7 @@ def gc(
                 kept = [c for c in pending if c not in needed]
                 report.rescued_chunks += len(pending) - len(kept)
                 pending = kept
-            if first:
+            if first and _still_held(lease):
                 first = False
                 # Refs may have moved and tags may have been added since phase 1:
                 # never delete what a ref names now, nor the chunks it needs.
@@ -311,18 +402,19 @@ def gc(
                 store.backend.sync()
                 report.manifests_deleted = len(forget_sorted)
                 report.manifest_bytes = sum(manifest_size.get(c, 0) for c in forget_sorted)
-            while pending:  # at least one batch per hold, then until max_hold
+            while pending and not first:  # at least one batch per hold, then until max_hold
                 batch, pending = pending[:_BATCH], pending[_BATCH:]
                 keys = [layout.chunk_key(c.hex()) for c in batch]
-                for _ in bounded_map(store.backend.delete, keys, store.workers):
-                    pass
+                if not _delete_while_held(store, lease, keys):
+                    pending = batch + pending  # lost our lease: re-list before going on
+                    break
                 report.chunks_deleted += len(batch)
                 report.chunk_bytes += sum(chunk_size.get(c, 0) for c in batch)
                 step("sweep", report.chunks_deleted, report.chunks_deleted + len(pending))
                 if time.monotonic() - held_since >= max_hold:
                     break
             store.backend.sync()
-            if not pending:
+            if not pending and not first:
                 report.temporaries_removed = store.backend.remove_temporaries(
                     older_than=time.time() - grace
                 )
@@ -348,7 +440,9 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
     exclusive lock so a concurrent ``tag`` cannot point at it while it goes.
     """
     layout.check_hex_id(checkpoint_id, "checkpoint id")
-    with store.locks.hold("exclusive", f"forget {checkpoint_id[:12]}", timeout=lock_timeout):
+    with store.locks.hold(
+        "exclusive", f"forget {checkpoint_id[:12]}", timeout=lock_timeout
+    ) as lease:
         tags = sorted(t for t, c in store.tags().items() if c == checkpoint_id)
         if tags:
             raise Refused(
@@ -374,6 +468,10 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
             raise CorruptManifest(
                 f"checkpoint {checkpoint_id} has no manifest in {store.location}",
                 "see 'apollo-cas list'",
+            )
+        if not _still_held(lease):  # frozen past our lease: the checks above are stale
+            raise ConcurrentUpdate(
+                f"forget {checkpoint_id[:12]} lost its lock while checking", "run it again"
             )
         store.backend.delete(key)
         store.backend.sync()

@@ -1,8 +1,8 @@
 """Store locks: shared for writers (save), exclusive for gc's sweep.
 
-Locks are objects under ``locks/`` (JSON: owner host, pid, process start time,
-kind, expiry), so the same protocol works on a directory and on S3, as in
-restic. Acquire = write our lock object, then list the others; on conflict,
+Locks are objects under ``locks/`` (JSON: owner host, boot id, pid namespace,
+pid, process start time, kind, expiry), so the same protocol works on a
+directory and on S3, as in restic. Acquire = write our lock object, then list the others; on conflict,
 remove ours and retry with randomized backoff until a timeout. A shared lock
 conflicts with any exclusive one; an exclusive lock conflicts with *every*
 other lock, exclusive ones included, whatever their age. A lock of a dead process on
@@ -29,71 +29,217 @@ proceed while another's lock is visible.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
+from . import procinfo
 from .backends.base import Backend
-from .errors import ObjectNotFound, StoreLocked
+from .errors import ApolloError, ObjectNotFound, StoreLocked, UsageError
 from .layout import LOCKS_PREFIX, lock_key
+
+log = logging.getLogger(__name__)
 
 #: Names of store lock objects: "s-" (shared) or "e-" (exclusive) and a uuid4.
 _LOCK_NAME = re.compile(r"^[se]-[0-9a-f]{32}$")
 
-#: A lock not refreshed for this long is considered abandoned (other hosts).
+#: A lock not renewed for this long has expired (the holder's lease).
 LOCK_TTL = 30 * 60.0
-REFRESH_EVERY = 5 * 60.0
+#: Holders renew every TTL/6 (5 minutes by default), so a lease has at least
+#: 5/6 of its TTL left whenever the holder is running normally.
+REFRESH_FRACTION = 1 / 6
+REFRESH_EVERY = LOCK_TTL * REFRESH_FRACTION
+#: ``APOLLO_CAS_LOCK_TTL`` (seconds) overrides the TTL of the locks this process takes.
+TTL_ENV = "APOLLO_CAS_LOCK_TTL"
 
 
-def _proc_start(pid: int) -> str:
-    """Start time of a process (clock ticks since boot), to tell a reused pid apart."""
+def ttl_from_env() -> float:
+    """The lease length this process uses: ``APOLLO_CAS_LOCK_TTL`` or 30 minutes."""
+    text = os.environ.get(TTL_ENV, "").strip()
+    if not text:
+        return LOCK_TTL
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
+        ttl = float(text)
+    except ValueError:
+        ttl = -1.0
+    if not ttl > 0:
+        raise UsageError(f"{TTL_ENV}={text!r} is not a positive number of seconds", "unset it")
+    return ttl
 
 
-def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not start or _proc_start(pid) in ("", start)
+def _boottime() -> float:
+    """A clock that keeps counting while the machine is suspended (Linux), else monotonic."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(clock) if clock is not None else time.monotonic()
 
 
 @dataclass(frozen=True)
 class LockInfo:
-    """One lock object's content."""
+    """One lock object's content.
+
+    ``boot_id`` and ``pid_ns`` are empty in locks written by versions before
+    they were recorded: such a lock is judged by its expiry only.
+    """
 
     lock_id: str
-    kind: str  # "shared" | "exclusive"
+    kind: str  # "shared" | "exclusive" (anything else conflicts like "exclusive")
     host: str
     pid: int
     start: str
     created: float
     expires: float
     purpose: str
+    boot_id: str = ""
+    pid_ns: str = ""
+
+    @property
+    def holder(self) -> procinfo.Holder:
+        return procinfo.Holder(self.host, self.boot_id, self.pid_ns, self.pid, self.start)
 
     def stale(self, now: float) -> bool:
-        if self.host == socket.gethostname():
-            return not _alive(self.pid, self.start)
+        """Whether the holder is gone: provably dead here, or (foreign) past its expiry."""
+        verdict = procinfo.judge(self.holder)
+        if verdict == procinfo.ALIVE:
+            return False
+        if verdict == procinfo.DEAD:
+            return True
         return now > self.expires
+
+    @property
+    def exclusive(self) -> bool:
+        return self.kind != "shared"
+
+    def encode(self) -> bytes:
+        """The lock object's bytes: the eight keys every version knows, with boot id
+        and pid namespace carried in ``host`` (``"<host> boot=<id> pidns=<ns>"``).
+
+        Versions before this one fail on any key they do not know and delete
+        such a lock as torn, and judge a lock of their own hostname by its pid:
+        a host they do not recognise makes them judge it by its lease instead,
+        which is safe during a rolling upgrade.
+        """
+        d = asdict(self)
+        del d["boot_id"], d["pid_ns"]
+        if self.boot_id and self.pid_ns:
+            d["host"] = f"{self.host} boot={self.boot_id} pidns={self.pid_ns}"
+        return json.dumps(d).encode()
 
     def describe(self) -> str:
         return (
             f"{self.kind} lock by pid {self.pid} on {self.host} ({self.purpose}, "
             f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.created))})"
         )
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "lock_id": (str,),
+    "kind": (str,),
+    "host": (str,),
+    "pid": (int,),
+    "start": (str,),
+    "created": (int, float),
+    "expires": (int, float),
+    "purpose": (str,),
+    "boot_id": (str,),
+    "pid_ns": (str,),
+}
+_REQUIRED = {f.name for f in fields(LockInfo) if f.name not in ("boot_id", "pid_ns")}
+
+
+def parse_lock(name: str, data: bytes) -> LockInfo | None:
+    """Decode a lock object; None if it is not one this version can read.
+
+    Fields this version does not know are ignored: lock writes are atomic, so
+    an unknown field is a newer writer, not damage.
+    """
+    try:
+        d = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(d, dict) or not d.keys() >= _REQUIRED:
+        return None
+    known: dict[str, Any] = {}
+    for key, types in _TYPES.items():
+        if key in d:
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, types):
+                return None
+            known[key] = v
+    known["lock_id"] = name  # the object's name is what we delete and compare
+    m = _HOST_WITH_IDS.fullmatch(known["host"])
+    if m is not None and "boot_id" not in known and "pid_ns" not in known:
+        known["host"], known["boot_id"], known["pid_ns"] = m.groups()
+    return LockInfo(**known)
+
+
+#: ``host`` as :meth:`LockInfo.encode` writes it.
+_HOST_WITH_IDS = re.compile(r"(.*) boot=(\S+) pidns=(\S+)")
+
+
+def _unreadable(name: str, mtime: float, ttl: float) -> LockInfo:
+    """An unreadable lock object: a foreign lock of the kind its name says,
+    whose lease runs from its last write (its modification time)."""
+    return LockInfo(
+        lock_id=name,
+        kind="shared" if name.startswith("s-") else "exclusive",
+        host="(unreadable lock object)",
+        pid=0,
+        start="",
+        created=mtime,
+        expires=mtime + ttl,
+        purpose="unreadable",
+    )
+
+
+class Lease:
+    """A lock this process holds, and until when its lease is valid.
+
+    ``valid_until`` is the expiry written in the lock object at its last
+    successful renewal, counted from *before* that write began. A lease that
+    passed it (the process was frozen: SIGSTOP, a suspended VM, swapping) or
+    whose object vanished or changed under it (another process judged it
+    expired, ``unlock --force``) is lost: others may have deleted chunks
+    meanwhile.
+    """
+
+    def __init__(
+        self, locks: Locks, info: LockInfo, data: bytes, valid_until: float, boot_until: float
+    ) -> None:
+        self.locks = locks
+        self.info = info
+        self.data = data  # the lock object's bytes as we last wrote them
+        self.valid_until = valid_until
+        self.boot_until = boot_until  # the same on a clock that counts suspend
+        self.lost = False
+        self.mutex = threading.Lock()
+
+    @property
+    def lock_id(self) -> str:
+        return self.info.lock_id
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    def lapsed(self) -> bool:
+        """See :meth:`Locks.lapsed` (a clock check, no I/O)."""
+        return self.locks.lapsed(self)
+
+    def confirm(self) -> bool:
+        """See :meth:`Locks.confirm` (one compare-and-swap)."""
+        return self.locks.confirm(self)
+
+    def reacquire(self, timeout: float = 60.0) -> None:
+        """See :meth:`Locks.reacquire`."""
+        self.locks.reacquire(self, timeout)
 
 
 class Locks:
@@ -104,29 +250,43 @@ class Locks:
     min_delay = 0.05
     max_delay = 2.0
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        ttl: float | None = None,
+        refresh_every: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``ttl``: lease length of the locks this object takes (default
+        :func:`ttl_from_env`); ``refresh_every``: renewal period (TTL/6);
+        ``clock``: wall clock in epoch seconds, for expiry (tests pass their own)."""
         self.backend = backend
+        self.ttl = ttl if ttl is not None else ttl_from_env()
+        self.refresh_every = refresh_every if refresh_every is not None else self.ttl / 6
+        self.clock = clock
 
     def all(self) -> list[LockInfo]:
         out = []
         for key in self.backend.list(LOCKS_PREFIX):
+            name = key[len(LOCKS_PREFIX) :]
             # Only our own lock objects: other objects live under locks/ too (the
             # S3 backend's per-ref CAS locks, locks/cas-*), and deleting one of
             # those as "unreadable" would break their mutual exclusion.
-            if not _LOCK_NAME.match(key[len(LOCKS_PREFIX) :]):
+            if not _LOCK_NAME.match(name):
                 continue
             try:
-                d = json.loads(self.backend.get(key))
-                out.append(LockInfo(**d))
+                info = parse_lock(name, self.backend.get(key))
+                if info is None:
+                    # Writes are atomic, so this is no torn write but a format we
+                    # cannot read (or damage): it counts as a foreign lock until
+                    # it has not been rewritten for a TTL.
+                    mtime = self.backend.info(key).mtime
+                    info = _unreadable(name, mtime, max(self.ttl, LOCK_TTL))
             except ObjectNotFound:
                 continue
-            except (ValueError, TypeError):
-                # An unreadable lock (torn write on a crash): treat as abandoned.
-                self.backend.delete(key)
+            out.append(info)
         return out
-
-    def _write(self, info: LockInfo) -> None:
-        self.backend.put(lock_key(info.lock_id), json.dumps(asdict(info)).encode())
 
     def break_all(self) -> int:
         """Remove every lock (``apollo-cas unlock --force``). Returns how many."""
@@ -136,7 +296,7 @@ class Locks:
         return len(locks)
 
     def clear_stale(self) -> int:
-        now = time.time()
+        now = self.clock()
         n = 0
         for lk in self.all():
             if lk.stale(now):
@@ -144,36 +304,85 @@ class Locks:
                 n += 1
         return n
 
+    # -- holding -------------------------------------------------------------
     @contextmanager
-    def hold(self, kind: str, purpose: str, timeout: float = 60.0) -> Iterator[LockInfo]:
+    def hold(self, kind: str, purpose: str, timeout: float = 60.0) -> Iterator[Lease]:
         """Hold a lock of ``kind`` (``"shared"`` or ``"exclusive"``) for the block.
 
         Raises :class:`StoreLocked` naming the conflicting lock if it cannot be
-        taken within ``timeout`` seconds.
+        taken within ``timeout`` seconds. Yields the :class:`Lease`; see
+        :meth:`confirm` and :meth:`reacquire`. Releasing never raises: an error
+        of the block is never replaced by one of the cleanup, and a lock left
+        behind is cleared as stale later (the error is logged).
         """
-        pid = os.getpid()
-        now = time.time()
-        info = LockInfo(
+        lease = self._acquire(kind, purpose, timeout)
+        stop = threading.Event()
+        refresher = threading.Thread(target=self._refresh, args=(lease, stop), daemon=True)
+        refresher.start()
+        try:
+            yield lease
+        except BaseException:
+            self._release(lease, stop, refresher, quiet=True)
+            raise
+        self._release(lease, stop, refresher, quiet=False)
+
+    def _release(
+        self, lease: Lease, stop: threading.Event, refresher: threading.Thread, quiet: bool
+    ) -> None:
+        """Delete the lock object. A failure is never raised: the block's own error
+        (a dead server, a full disk) is the one to report, and a lock left
+        behind is stale once this process is gone (or its lease ran out). After
+        a block that succeeded it is logged; after one that failed it would only
+        repeat the block's error."""
+        stop.set()
+        refresher.join()  # a renewal racing the delete would resurrect the lock
+        try:
+            self.backend.delete(lock_key(lease.lock_id))
+        except Exception as exc:
+            (log.debug if quiet else log.warning)(
+                "warning: could not remove lock %s in %s (%s); it is cleared as stale later",
+                lock_key(lease.lock_id),
+                self.backend.location,
+                exc,
+            )
+
+    def _new_info(self, kind: str, purpose: str) -> LockInfo:
+        me = procinfo.current()
+        now = self.clock()
+        return LockInfo(
             lock_id=f"{kind[0]}-{uuid.uuid4().hex}",
             kind=kind,
-            host=socket.gethostname(),
-            pid=pid,
-            start=_proc_start(pid),
+            host=me.host,
+            pid=me.pid,
+            start=me.start,
             created=now,
-            expires=now + LOCK_TTL,
+            expires=now + self.ttl,
             purpose=purpose,
+            boot_id=me.boot_id,
+            pid_ns=me.pid_ns,
         )
-        deadline = now + timeout
+
+    def _acquire(self, kind: str, purpose: str, timeout: float) -> Lease:
+        info = self._new_info(kind, purpose)
+        deadline = time.monotonic() + timeout
         delay = self.min_delay
+        key = lock_key(info.lock_id)
         while True:
-            self._write(info)
-            conflict = self._conflict(info)
+            t0, b0 = self.clock(), _boottime()
+            info = replace(info, expires=t0 + self.ttl)
+            data = info.encode()
+            self.backend.put(key, data)
+            try:
+                conflict = self._conflict(info)
+            except BaseException:
+                self._delete_quietly(key)  # the listing failed: do not leave ours behind
+                raise
             if conflict is None:
-                break
+                return Lease(self, info, data, t0 + self.ttl, b0 + self.ttl)
             # Withdraw before waiting: a lock left in place while we sleep would
             # make every other contender back off too (livelock).
-            self.backend.delete(lock_key(info.lock_id))
-            if time.time() > deadline:
+            self.backend.delete(key)
+            if time.monotonic() > deadline:
                 raise StoreLocked(
                     f"store {self.backend.location} is locked: {conflict.describe()}",
                     "wait for it to finish; if that process is gone, run "
@@ -181,15 +390,59 @@ class Locks:
                 )
             time.sleep(self._backoff(delay, info, conflict))
             delay = min(delay * 2, self.max_delay)
-        stop = threading.Event()
-        refresher = threading.Thread(target=self._refresh, args=(info, stop), daemon=True)
-        refresher.start()
+
+    def _delete_quietly(self, key: str) -> None:
         try:
-            yield info
-        finally:
-            stop.set()
-            refresher.join()  # a refresh racing the delete would resurrect the lock
-            self.backend.delete(lock_key(info.lock_id))
+            self.backend.delete(key)
+        except Exception as exc:
+            log.warning("warning: could not remove lock %s (%s)", key, exc)
+
+    # -- leases ----------------------------------------------------------------
+    def lapsed(self, lease: Lease) -> bool:
+        """Whether ``lease`` is lost or has passed its expiry (on either clock)."""
+        return lease.lost or self.clock() > lease.valid_until or _boottime() > lease.boot_until
+
+    def renew(self, lease: Lease) -> bool:
+        """Extend ``lease`` by a TTL, by compare-and-swap of its lock object.
+
+        Refuses (False) a lease that already lapsed: extending it would
+        resurrect a lock that others may have judged expired and acted on. A
+        lock object that vanished or changed makes the lease lost.
+        """
+        with lease.mutex:
+            if self.lapsed(lease):
+                return False
+            t0, b0 = self.clock(), _boottime()
+            info = replace(lease.info, expires=t0 + self.ttl)
+            data = info.encode()
+            if not self.backend.compare_and_swap(lock_key(info.lock_id), lease.data, data):
+                lease.lost = True
+                return False
+            lease.info, lease.data = info, data
+            lease.valid_until, lease.boot_until = t0 + self.ttl, b0 + self.ttl
+            return True
+
+    def confirm(self, lease: Lease) -> bool:
+        """Fencing: prove that ``lease`` was held without a gap until now.
+
+        True if its lock object still holds exactly what we last wrote and the
+        lease never expired; it is then renewed, so a full TTL is left for
+        what follows. False if it lapsed at any point: whatever the lock
+        protected may have been changed meanwhile (gc may have swept).
+        """
+        return self.renew(lease)
+
+    def reacquire(self, lease: Lease, timeout: float = 60.0) -> None:
+        """Take a lost lease's lock again (a new lock object, same kind and
+        purpose), waiting for conflicting holders as :meth:`hold` does. The
+        caller must then re-check what the lock protects."""
+        with lease.mutex:
+            old = lease.lock_id
+            fresh = self._acquire(lease.kind, lease.info.purpose, timeout)
+            lease.info, lease.data = fresh.info, fresh.data
+            lease.valid_until, lease.boot_until = fresh.valid_until, fresh.boot_until
+            lease.lost = False
+        self._delete_quietly(lock_key(old))
 
     @staticmethod
     def _backoff(delay: float, mine: LockInfo, conflict: LockInfo) -> float:
@@ -203,8 +456,8 @@ class Locks:
         """
         jitter = 0.5 + random.random()
         if (
-            mine.kind == "exclusive"
-            and conflict.kind == "exclusive"
+            mine.exclusive
+            and conflict.exclusive
             and ((mine.created, mine.lock_id) < (conflict.created, conflict.lock_id))
         ):
             jitter /= 3
@@ -216,7 +469,7 @@ class Locks:
         Must be called after ``mine`` is written: that order is what makes the
         check mutually exclusive (see the module docstring).
         """
-        now = time.time()
+        now = self.clock()
         for lk in self.all():
             if lk.lock_id == mine.lock_id:
                 continue
@@ -226,14 +479,15 @@ class Locks:
             # Shared + shared is the only compatible pair. An exclusive lock
             # conflicts with any other, even a younger exclusive one: its owner
             # may already be inside (it listed before ours was written).
-            if mine.kind == "exclusive" or lk.kind == "exclusive":
+            if mine.exclusive or lk.exclusive:
                 return lk
         return None
 
-    def _refresh(self, info: LockInfo, stop: threading.Event) -> None:
-        while not stop.wait(REFRESH_EVERY):
-            info = LockInfo(**{**asdict(info), "expires": time.time() + LOCK_TTL})
+    def _refresh(self, lease: Lease, stop: threading.Event) -> None:
+        while not stop.wait(self.refresh_every):
+            # A lapsed or lost lease is not renewed (the holder finds out when it
+            # confirms); after a reacquire the same loop renews the new lock.
             try:
-                self._write(info)
-            except Exception:
-                return
+                self.renew(lease)
+            except ApolloError as exc:
+                log.debug("lock renewal failed: %s", exc)  # retried at the next period

@@ -29,7 +29,7 @@ from .errors import (
 )
 from .filesets import same_files
 from .hashing import digest_hex
-from .locks import Locks
+from .locks import Lease, Locks
 from .manifest import (
     DEFAULT_BLOCK_SIZE,
     GroupRecord,
@@ -40,7 +40,7 @@ from .manifest import (
     StoreConfig,
     TensorEntry,
 )
-from .parallel import default_workers
+from .parallel import bounded_map, default_workers
 from .pipeline import ProgressFn, WriteResult, same_content, write_source
 from .sources import open_mapping
 from .sources.base import Source
@@ -327,17 +327,36 @@ class Store:
         latest: dict[str, list[str]] = {}
         for s, cid in self.series().items():
             latest.setdefault(cid, []).append(s)
-        out = [
-            Checkpoint(
-                cid,
-                self.manifest(cid),
-                tuple(sorted(tags.get(cid, []))),
-                tuple(sorted(latest.get(cid, []))),
-            )
-            for cid in self.checkpoint_ids()
-        ]
+        out = []
+        for cid in self.checkpoint_ids():
+            m = self._listed_manifest(cid)
+            if m is not None:
+                tagged, latest_of = (
+                    tuple(sorted(tags.get(cid, []))),
+                    tuple(sorted(latest.get(cid, []))),
+                )
+                out.append(Checkpoint(cid, m, tagged, latest_of))
         out.sort(key=lambda c: (c.manifest.created, c.checkpoint_id))
         return out
+
+    def _listed_manifest(self, checkpoint_id: str) -> Manifest | None:
+        """A manifest found by listing, or None if it vanished since and no ref names it.
+
+        Listing and loading take no lock: a save that lost the ref race deletes
+        the manifest it just wrote (no ref ever named it), and gc or forget
+        delete forgotten ones. Only a manifest that a ref names and that is
+        missing is damage.
+        """
+        try:
+            return self.manifest(checkpoint_id)
+        except CorruptManifest:
+            key = layout.manifest_key(checkpoint_id)
+            if self.backend.exists(key) or checkpoint_id in self._ref_targets():
+                raise
+            return None
+
+    def _ref_targets(self) -> set[str]:
+        return set(self.tags().values()) | set(self.series().values())
 
     # -- save ----------------------------------------------------------------
     def save(
@@ -377,7 +396,7 @@ class Store:
         series = self._series_for(series, info, group)
         with (
             unborn.first_save(self.backend, self.locks) as first,
-            self.locks.hold("shared", f"save {series}"),
+            self.locks.hold("shared", f"save {series}") as lease,
         ):
             if not first:
                 self._check_config(create=False)  # a store of another format is refused
@@ -428,7 +447,10 @@ class Store:
                 # A time the source recorded (an import) may be older than latest;
                 # the clock's "now" never counts as older (hosts' clocks differ).
                 dated = created is not None or source.created is not None
+                self._fence(lease, manifest)
                 cid, manifest, unchanged = self._commit(manifest, parent_id, force, dated)
+                if not unchanged and lease.lapsed():
+                    self._fence(lease, manifest, committed=cid)
             # Still under the shared lock: once released, a concurrent save may
             # move latest past cid and gc could forget it before it is named.
             if tag and cid:
@@ -593,6 +615,36 @@ class Store:
                 out[cid] = base
                 todo.append(base)
         return out
+
+    def _fence(self, lease: Lease, manifest: Manifest, committed: str | None = None) -> None:
+        """Commit only on a lease held without a gap (fencing; docs/CONCURRENCY.md).
+
+        A save frozen past its lock's TTL (SIGSTOP, a suspended VM, swapping)
+        may have lost its lock to a gc that then swept chunks this save had
+        found present. Then take the lock again and prove that every chunk the
+        manifest names (delta bases included) still exists; if not, fail with
+        nothing committed (a ``committed`` checkpoint, whose lease lapsed while
+        its ref moved, is withdrawn if its ref still names it).
+        """
+        if committed is None and lease.confirm():
+            return
+        lease.reacquire()
+        self.chunks.forget_known()
+        ids = sorted(manifest.chunk_ids())
+        keys = [layout.chunk_key(c.hex()) for c in ids]
+        missing = sum(not ok for ok in bounded_map(self.backend.exists, keys, self.workers))
+        if not missing:
+            return
+        if committed is not None:
+            key = layout.series_key(manifest.series)
+            old = manifest.parent.encode() if manifest.parent else None
+            if self.backend.compare_and_swap(key, committed.encode(), old):
+                self.backend.delete(layout.manifest_key(committed))
+        raise ConcurrentUpdate(
+            f"save to series {manifest.series!r} was stalled past its lock's lease and "
+            f"{missing} of its chunks were removed meanwhile by gc; nothing was committed",
+            "run the save again",
+        )
 
     def _commit(
         self, manifest: Manifest, parent_id: str | None, force: bool, dated: bool = False

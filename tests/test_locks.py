@@ -303,7 +303,7 @@ def test_gc_sweep_waits_for_a_running_save(store_with_one: tuple[str, str]) -> N
     with Store.open(root) as st:
         st.chunks.put_block(b"\x01" * 4096)  # something to sweep
         h = Holder(root, "shared", 2.0)  # a save in progress
-        r = gc(st)
+        r = gc(st, grace=0)
         done = time.monotonic()
         h.wait()
     assert done - h.since > 1.5  # the sweep ran only after the 2 s "save" finished

@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from apollo_cas import layout
+from apollo_cas import layout, procinfo
 from apollo_cas.errors import FormatVersionError, UsageError
 from apollo_cas.hashing import digest_hex
 from apollo_cas.manifest import SourceInfo
@@ -264,6 +264,9 @@ def test_leftovers_of_an_interrupted_save_are_not_damage(
                 "created": time.time() - 60,
                 "expires": time.time() + 600,
                 "purpose": "save default",
+                # this host, boot and pid namespace: a pid judged here (and dead)
+                "boot_id": procinfo.current().boot_id,
+                "pid_ns": procinfo.current().pid_ns,
             }
         )
     )
@@ -271,7 +274,7 @@ def test_leftovers_of_an_interrupted_save_are_not_damage(
     assert r.ok and r.unreferenced_chunks == 1
     p = run_cli("verify", "--store", root)
     assert p.returncode == 0 and "1 unreferenced chunk" in p.stdout
-    p = run_cli("gc", "--store", root, "--json")
+    p = run_cli("gc", "--store", root, "--json", "--grace", "0s")  # the orphan is young
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["chunks_deleted"] == 1 and out["temporaries_removed"] == 1

@@ -22,6 +22,11 @@ import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+#: No leftover of an interrupted write younger than this (seconds) is removed,
+#: whatever grace gc is given, unless its writer is provably dead: a writer on
+#: another host or in another container may be between creating and renaming it.
+TEMPORARY_FLOOR = 300.0
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -91,7 +96,9 @@ class Backend(abc.ABC):
     def remove_temporaries(self, older_than: float) -> int:
         """Delete leftovers of interrupted writes older than ``older_than`` (epoch s).
 
-        Returns how many were removed. Backends whose writes are atomic by
-        construction (S3, memory) have none.
+        Never one whose writer still runs, nor one younger than
+        :data:`TEMPORARY_FLOOR` whose writer cannot be judged here. Returns how
+        many were removed. Backends whose writes are atomic by construction
+        (S3, memory) have none.
         """
         return 0

@@ -16,11 +16,13 @@ import fcntl
 import os
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from .. import procinfo
 from ..errors import (
     BackendError,
     CorruptObject,
@@ -29,7 +31,7 @@ from ..errors import (
     PermissionDenied,
 )
 from ..parallel import bounded_map
-from .base import Backend, ObjectInfo
+from .base import TEMPORARY_FLOOR, Backend, ObjectInfo
 
 _TMP_PREFIX = ".tmp-"
 _CAS_LOCK = ".refs.lock"
@@ -58,6 +60,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary a write of ``path`` goes through: ``.tmp-<writer>-<rand>-<name>``,
+    ``<writer>`` being :func:`procinfo.tag` (pid, host/boot/namespace digest, start)."""
+    return path.with_name(f"{_TMP_PREFIX}{procinfo.tag()}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def removable_temporary(name: str, mtime: float, older_than: float, now: float) -> bool:
+    """Whether gc may delete the leftover ``name`` (modified at ``mtime``).
+
+    A temporary of a running writer is never removed (it is about to be
+    renamed: a lock, a chunk, a manifest); one of a provably dead writer once
+    it is older than ``older_than``; any other (another host or container, or
+    a name of an older version) only once it is also older than
+    :data:`TEMPORARY_FLOOR`.
+    """
+    verdict = procinfo.judge_tag(name[len(_TMP_PREFIX) :].split("-", 1)[0])
+    if verdict == procinfo.ALIVE:
+        return False
+    if verdict == procinfo.DEAD:
+        return mtime < older_than
+    return mtime < min(older_than, now - TEMPORARY_FLOOR)
+
+
 def write_file_atomic(
     path: Path, chunks: list[bytes | memoryview], *, sync_dir: bool = True
 ) -> None:
@@ -65,7 +90,7 @@ def write_file_atomic(
 
     Also used by restore targets, so outputs appear only when complete.
     """
-    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             for c in chunks:
@@ -74,7 +99,8 @@ def write_file_atomic(
             os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # the write's own error is the one to report
+            tmp.unlink(missing_ok=True)
         raise
     if sync_dir:
         fsync_dir(path.parent)
@@ -353,7 +379,7 @@ class LocalBackend(Backend):
                     continue
                 p = Path(dirpath) / name
                 try:
-                    if p.stat().st_mtime < older_than:
+                    if removable_temporary(name, p.stat().st_mtime, older_than, time.time()):
                         p.unlink()
                         removed += 1
                 except FileNotFoundError:

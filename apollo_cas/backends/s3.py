@@ -74,7 +74,7 @@ from ..errors import (
     StoreNotFound,
     UsageError,
 )
-from .base import Backend, ObjectInfo
+from .base import TEMPORARY_FLOOR, Backend, ObjectInfo
 
 try:  # boto3 is an optional dependency (apollo_cas[s3]); see S3Backend.__init__.
     import boto3
@@ -259,6 +259,7 @@ class S3Backend(Backend):
         list_page_size: int = 1000,
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
+        temporary_floor: float = TEMPORARY_FLOOR,
     ) -> None:
         if boto3 is None:
             raise BackendUnavailable(
@@ -282,6 +283,8 @@ class S3Backend(Backend):
         self.list_page_size = int(list_page_size)
         self.multipart_threshold = int(multipart_threshold)
         self.multipart_chunksize = int(multipart_chunksize)
+        #: Unfinished uploads younger than this are never aborted (may be in flight).
+        self.temporary_floor = float(temporary_floor)
 
         connect = connect_timeout or _env_float(
             "APOLLO_CAS_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
@@ -1029,8 +1032,12 @@ class S3Backend(Backend):
                 Bucket=self.bucket, Prefix=self.prefix
             )
             for page in pages:
+                # An upload in flight may belong to a live writer: never abort
+                # one younger than the floor, whatever grace gc was given.
+                headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                cutoff = min(older_than, _server_time(headers) - self.temporary_floor)
                 for up in page.get("Uploads", ()) or ():
-                    if up["Initiated"].timestamp() < older_than:
+                    if up["Initiated"].timestamp() < cutoff:
                         self._client.abort_multipart_upload(
                             Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
                         )

@@ -36,7 +36,7 @@ from .common import (
 )
 @json_option
 def unlock(store: str | None, force: bool, as_json: bool) -> None:
-    """Remove stale locks (of dead processes on this host, or expired); --force removes all."""
+    """Remove stale locks (of dead processes of this host and container, or expired); --force removes all."""
     with Store.open(need_store(store)) as st:
         removed = st.locks.break_all() if force else st.locks.clear_stale()
         left = st.locks.all()

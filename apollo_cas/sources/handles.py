@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .. import dtypes, frontend
+from .. import dtypes, frontend, procinfo
 from ..errors import (
     InvalidName,
     SourceError,
@@ -460,26 +460,8 @@ def read_handles(path: str | Path) -> HandlesFile:
 
 def _proc_start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks after boot (/proc/<pid>/stat field 22)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = text[text.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 overall; fields[0] is field 3
-    except (IndexError, ValueError):
-        return None
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
-        return text[text.rfind(b")") + 2 :].split()[0].decode()
-    except (OSError, IndexError):
-        return None
+    ticks = procinfo.proc_start(pid)
+    return int(ticks) if ticks.isdigit() else None
 
 
 def _boot_time() -> float | None:
@@ -500,16 +482,6 @@ def _proc_start_epoch(pid: int) -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by someone else
-    return _proc_state(pid) not in ("Z", "X")
-
-
 def _owner_alloc_conf(pid: int) -> str | None:
     """The owner's PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF, when readable."""
     try:
@@ -526,6 +498,18 @@ def _owner_alloc_conf(pid: int) -> str | None:
 
 def _expandable(conf: str | None) -> bool:
     return bool(conf) and re.search(r"expandable_segments\s*:\s*true", conf or "", re.I) is not None
+
+
+def _foreign_owner(hf: HandlesFile) -> bool:
+    """Whether the exporter recorded a host, boot or pid namespace other than ours:
+    its pid means nothing here (files without these fields are judged by pid)."""
+    m = hf.meta
+    boot, ns, pid = m.get("boot_id"), m.get("pid_ns"), m.get("pid")
+    if not (isinstance(boot, str) and isinstance(ns, str) and isinstance(pid, int)):
+        return False
+    start = m.get("pid_start")
+    holder = procinfo.Holder(str(m.get("hostname", "")), boot, ns, pid, str(start or ""))
+    return procinfo.judge(holder) == procinfo.FOREIGN
 
 
 _CLOCK_SLACK = 2.0  # seconds: mtime and /proc start times have different resolutions
@@ -559,10 +543,10 @@ def check_owner(
     pids = hf.owner_pids
     if pids:
         notes["owner_pid"] = ",".join(str(p) for p in pids)
-    if not check_pid or not os.path.isdir("/proc/self"):
+    if not check_pid or not os.path.isdir("/proc/self") or _foreign_owner(hf):
         return notes
     for pid in pids:
-        if not _pid_alive(pid):
+        if not procinfo.pid_alive(pid):
             raise StaleHandles(
                 f"{hf.path}: the process that exported these handles (pid {pid}) is gone, "
                 "and its GPU memory with it",
@@ -889,6 +873,8 @@ def export_meta(
         "pid_start": _proc_start_ticks(os.getpid()),
         "created": time.time(),
         "hostname": socket.gethostname(),
+        "boot_id": procinfo.current().boot_id,
+        "pid_ns": procinfo.current().pid_ns,
         "rank": None if rank is None else int(rank),
         "world_size": None if world_size is None else int(world_size),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -12,9 +12,10 @@ import errno
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from .. import procinfo
 from ..backends.local import fsync_dir, os_error, write_file_atomic
 from ..decoding import Output
 from ..errors import TargetError
@@ -36,23 +37,18 @@ def prepare_dir(path: Path) -> None:
 
 
 def remove_dead_temporaries(path: Path) -> int:
-    """Delete ``.tmp-apollo-<pid>-...`` files of processes that no longer run.
+    """Delete ``.tmp-apollo-<writer>-...`` files of processes that no longer run.
 
     A killed restore leaves its preallocated temporary (as large as the output)
     behind; the next restore into the same directory reclaims it. Files of a
-    live process (a concurrent restore) are left alone.
+    live process (a concurrent restore) are left alone, and so are those whose
+    writer cannot be judged here (another host, container or boot sharing the
+    directory, or a name of an older version): see :mod:`apollo_cas.procinfo`.
     """
     removed = 0
     for p in path.glob(TMP_PREFIX + "*"):
-        pid_text = p.name[len(TMP_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # alive (or not ours to judge)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        token = p.name[len(TMP_PREFIX) :].split("-", 1)[0]
+        if procinfo.judge_tag(token) != procinfo.DEAD:
             continue
         p.unlink(missing_ok=True)
         removed += 1
@@ -97,7 +93,9 @@ class PendingFile:
 
     def __init__(self, final: Path, size: int) -> None:
         self.final = final
-        self.tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
+        self.tmp = final.with_name(
+            f"{TMP_PREFIX}{procinfo.tag()}-{uuid.uuid4().hex[:8]}-{final.name}"
+        )
         try:
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             if size:
@@ -123,10 +121,13 @@ class PendingFile:
         os.rename(self.tmp, self.final)
 
     def discard(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.tmp.unlink(missing_ok=True)
+        """Drop the temporary; never raises (it runs while another error propagates)."""
+        with suppress(OSError):
+            if getattr(self, "fd", -1) >= 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)
+        with suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -459,7 +459,6 @@ KILLER = r"""
 import os, signal, sys
 from pathlib import Path
 from apollo_cas.backends import local
-from apollo_cas import locks
 point, after = sys.argv[1], int(sys.argv[2])
 seen = [0]
 
@@ -472,16 +471,17 @@ def reached():
 
 B = local.LocalBackend
 if point == "lock-written":
-    real_write = locks.Locks._write
-    def _write(self, info):
-        real_write(self, info)
-        die()
-    locks.Locks._write = _write
+    real_put = B.put
+    def put(self, key, data, *, durable=True):
+        real_put(self, key, data, durable=durable)
+        if key.startswith("locks/"):
+            die()
+    B.put = put
 elif point == "half-a-chunk":
     real_atomic = local.write_file_atomic
     def atomic(path, chunks, *, sync_dir=True):
         if "chunks" in Path(path).parts and reached():
-            tmp = Path(path).with_name(".tmp-%d-killed00-%s" % (os.getpid(), Path(path).name))
+            tmp = local.temp_path(Path(path))  # as the real write names it
             data = b"".join(bytes(c) for c in chunks)
             tmp.write_bytes(data[: len(data) // 2])
             die()

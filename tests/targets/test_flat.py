@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -158,15 +157,25 @@ def test_restore_reclaims_temporaries_of_killed_restores(tmp_path: Path) -> None
     st.save({"w": np.arange(1000, dtype=np.float32)})
     out = tmp_path / "out"
     out.mkdir()
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
+    from apollo_cas import procinfo
+
+    dead = subprocess.run(  # the writer tag a process puts in its temporaries' names
+        [sys.executable, "-c", "from apollo_cas import procinfo; print(procinfo.tag())"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     stale = out / f"{TMP_PREFIX}{dead}-abcd1234-weights.bin"
     stale.write_bytes(b"x" * 4096)
-    mine = out / f"{TMP_PREFIX}{os.getpid()}-abcd1234-weights.bin"  # a live process's
+    mine = out / f"{TMP_PREFIX}{procinfo.tag()}-abcd1234-weights.bin"  # a live process's
     mine.write_bytes(b"y")
+    # A writer in another container sharing the directory (its pid means
+    # nothing here), and a name of an older version: not judged, left alone.
+    pid, _, start = dead.split(".")
+    foreign = out / f"{TMP_PREFIX}{pid}.00000000.{start}-abcd1234-weights.bin"
+    legacy = out / f"{TMP_PREFIX}{pid}-abcd1234-weights.bin"
+    for p in (foreign, legacy):
+        p.write_bytes(b"z")
     st.restore("latest", out, format="flat")
     assert not stale.exists() and mine.exists()
+    assert foreign.exists() and legacy.exists()
