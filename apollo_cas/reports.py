@@ -162,6 +162,7 @@ def store_stats(store: Store) -> StoreStats:
     compressed = sum(
         sum(by_id.get(c.hex(), 0) for t in m.tensors for c in t.chunks)
         + sum(by_id.get(c.hex(), 0) for c in base_only([m]))
+        + (by_id.get(m.saved_files.chunk.hex(), 0) if m.saved_files is not None else 0)
         for m in manifests
     )
     needed_hex = {c.hex() for c in raw} | {c.hex() for c in bases}

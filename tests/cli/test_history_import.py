@@ -50,7 +50,8 @@ def test_importing_an_older_checkpoint_keeps_latest(
     assert run_cli("restore", "--store", tmp_store, "--to", out).returncode == 0
     from safetensors.torch import load_file
 
-    assert_same_tensors(load_file(out / "model.safetensors"), load_file(live))
+    (restored,) = out.glob("*.safetensors")  # the saved file's own name (exact restore)
+    assert_same_tensors(load_file(restored), load_file(live))
 
 
 def test_importing_a_history_older_than_latest_keeps_latest(history, live, tmp_store, run_cli):
