@@ -560,9 +560,9 @@ class Store:
         )
 
     # -- reading -------------------------------------------------------------
-    def read_chunk(self, chunk_id: bytes) -> bytes:
-        """Verified raw bytes of one chunk."""
-        return self.chunks.read(chunk_id)
+    def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:
+        """Verified raw bytes of one chunk (``size`` long, if given: see ``ChunkStore.read``)."""
+        return self.chunks.read(chunk_id, size)
 
     def restore(
         self,

@@ -8,6 +8,7 @@ never leaves a set of files that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
@@ -15,11 +16,40 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..backends.local import fsync_dir, os_error, write_file_atomic
+from ..backends.local import fsync_dir, write_file_atomic
 from ..decoding import Output
-from ..errors import TargetError
+from ..errors import ApolloError, DiskFull, PermissionDenied, TargetError
 
 TMP_PREFIX = ".tmp-apollo-"
+
+
+def destination_error(exc: OSError, what: str, path: str | Path) -> ApolloError:
+    """An OSError on a restore's destination, as one line that names the destination.
+
+    Not ``backends.local.os_error``: that one speaks of the store (its hint for a
+    full disk is ``apollo-cas gc``, which frees space only in the store).
+    """
+    where = Path(path)
+    directory = where if where.is_dir() else where.parent
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(
+            f"no space left on the restore destination while {what} {where}",
+            f"free space on the filesystem of {directory}, or restore somewhere else with --to",
+        )
+    if exc.errno == errno.EROFS:
+        return PermissionDenied(
+            f"the restore destination {directory} is on a read-only filesystem",
+            "restore into a writable directory with --to",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(
+            f"permission denied on the restore destination while {what} {where}",
+            f"check the owner and mode of {directory}, or restore somewhere else with --to",
+        )
+    return TargetError(
+        f"{exc.strerror or exc} on the restore destination while {what} {where}",
+        "check the destination directory and run the restore again",
+    )
 
 
 def prepare_dir(path: Path) -> None:
@@ -31,7 +61,7 @@ def prepare_dir(path: Path) -> None:
             f"{path} exists and is not a directory", "pass a directory for --to"
         ) from None
     except OSError as exc:
-        raise os_error(exc, "creating", str(path)) from exc
+        raise destination_error(exc, "creating", path) from exc
     remove_dead_temporaries(path)
 
 
@@ -92,6 +122,19 @@ def reserve(fd: int, directory: Path, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
 
 
+def _check_room(directory: Path, total: int) -> None:
+    """On tmpfs, the outputs of one restore must fit together.
+
+    ``reserve`` checks each file alone there (its file is sparse), so two shards
+    that each fit but not both failed half-way with ENOSPC.
+    """
+    if total and _on_tmpfs(directory):
+        st = os.statvfs(directory)
+        if st.f_bavail * st.f_frsize < total:
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise destination_error(err, f"reserving {total} bytes in", directory)
+
+
 class PendingFile:
     """A temporary output of a known size, committed by :meth:`commit`."""
 
@@ -104,7 +147,7 @@ class PendingFile:
                 reserve(self.fd, self.tmp.parent, size)
         except OSError as exc:
             self.discard()
-            raise os_error(exc, "creating", str(self.tmp)) from exc
+            raise destination_error(exc, "creating", self.tmp) from exc
 
     @property
     def output(self) -> Output:
@@ -115,7 +158,7 @@ class PendingFile:
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise os_error(exc, "writing", str(self.tmp)) from exc
+            raise destination_error(exc, "writing", self.tmp) from exc
 
     def commit(self) -> None:
         os.close(self.fd)
@@ -126,13 +169,17 @@ class PendingFile:
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.tmp.unlink(missing_ok=True)
+        # A read-only destination refuses even the unlink of a file never made.
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def pending_files(specs: list[tuple[Path, int]]) -> Iterator[list[PendingFile]]:
     """Temporary outputs that are discarded if the block raises."""
     files: list[PendingFile] = []
+    if specs:
+        _check_room(specs[0][0].parent, sum(size for _final, size in specs))
     try:
         for final, size in specs:
             files.append(PendingFile(final, size))
@@ -164,4 +211,5 @@ def commit_all(
         elif files:
             fsync_dir(files[0].final.parent)
     except OSError as exc:
-        raise os_error(exc, "finishing", str(files[0].final.parent if files else "")) from exc
+        where = files[0].final.parent if files else Path(".")
+        raise destination_error(exc, "finishing the files in", where) from exc
