@@ -6,6 +6,7 @@ locks. Everything else (sources, targets, gc, verify, the CLI) goes through it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -15,10 +16,12 @@ from typing import Any
 from . import codecs, layout
 from .backends import Backend, open_backend
 from .chunkstore import ChunkStore
+from .codecs import chain
 from .decoding import Decoder
 from .errors import (
     AmbiguousRef,
     ConcurrentUpdate,
+    CorruptChunk,
     CorruptManifest,
     InvalidName,
     ObjectNotFound,
@@ -474,19 +477,18 @@ class Store:
             matches.append(p if ok else None)
         bases = parent.bases
 
-        def root_of(cid: bytes) -> tuple[bytes, int]:
-            d = 0
-            while cid in bases:
-                cid = bases[cid]
-                d += 1
-            return cid, d
-
         def find(ti: int, bi: int) -> codecs.Base | None:
             p = matches[ti]
             if p is None:
                 return None
             cid = p.chunks[bi]
-            root, d = root_of(cid)
+            try:
+                links = chain.walk(cid, bases.get)
+            except chain.ChainError:
+                # The parent's bases loop (or run on past the format's bound): a
+                # delta against it could not be restored; store the block in full.
+                return None
+            root, d = links[-1], len(links) - 1
             # When the parent's chain is at the depth limit the codec deltas
             # against the chain's full root instead of storing a full chunk.
             root_base = (
@@ -505,23 +507,34 @@ class Store:
         known = dict(parent.bases) if parent else {}
         known.update(res.bases)
         parent_ids = parent.chunk_ids() if parent else set()
-        out: dict[bytes, bytes] = {}
-        todo = [c for t in res.tensors for c in t.chunks]
-        seen: set[bytes] = set()
-        while todo:
-            cid = todo.pop()
-            if cid in seen:
-                continue
-            seen.add(cid)
+
+        def base_of(cid: bytes) -> bytes | None:
             if cid in known:
-                base: bytes | None = known[cid]
-            elif cid in parent_ids or cid in res.bases:
-                base = None
-            else:
-                base = self.chunks.base_of(cid)  # a dedup hit outside the parent: read its header
-            if base is not None:
-                out[cid] = base
-                todo.append(base)
+                return known[cid]
+            if cid in parent_ids or cid in res.bases:
+                return None
+            return self.chunks.base_of(cid)  # a dedup hit outside the parent: read its header
+
+        out: dict[bytes, bytes] = {}
+        done: set[bytes] = set()
+        for cid in dict.fromkeys(c for t in res.tensors for c in t.chunks):
+            if cid in done:
+                continue
+            try:
+                links = chain.walk(cid, base_of)
+            except chain.ChainError:
+                # The parent's manifest says these bases loop: believe the chunks'
+                # own headers, which a restore follows; if they loop too, the
+                # chunk cannot be restored and no manifest may name it.
+                try:
+                    links = chain.walk(cid, self.chunks.base_of)
+                except chain.ChainError as exc:
+                    raise CorruptChunk(
+                        f"chunk {cid.hex()} cannot be restored: {exc}",
+                        "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
+                    ) from None
+            out.update(itertools.pairwise(links))
+            done.update(links)
         return out
 
     def _commit(
