@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +23,13 @@ from ..decoding import Output
 from ..errors import ApolloError, DiskFull, PermissionDenied, TargetError
 
 TMP_PREFIX = ".tmp-apollo-"
+#: Extended attribute on every file a restore writes (docs/FORMAT.md, "Restore
+#: outputs"): the mark that lets a later restore remove it as a stale output. A
+#: file without it is the user's, whatever its name; where the filesystem has no
+#: user xattrs nothing is marked, and stale outputs stay (with a warning).
+OUTPUT_XATTR = "user.apollo_cas.output"
+
+log = logging.getLogger(__name__)
 
 
 def destination_error(exc: OSError, what: str, path: str | Path) -> ApolloError:
@@ -123,16 +132,21 @@ def reserve(fd: int, directory: Path, size: int) -> None:
 
 
 def _check_room(directory: Path, total: int) -> None:
-    """On tmpfs, the outputs of one restore must fit together.
+    """A read-only destination fails here; on tmpfs, the outputs of one restore must
+    fit together.
 
     ``reserve`` checks each file alone there (its file is sparse), so two shards
     that each fit but not both failed half-way with ENOSPC.
     """
-    if total and _on_tmpfs(directory):
+    try:
         st = os.statvfs(directory)
-        if st.f_bavail * st.f_frsize < total:
-            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            raise destination_error(err, f"reserving {total} bytes in", directory)
+    except OSError as exc:
+        raise destination_error(exc, "checking", directory) from exc
+    if st.f_flag & os.ST_RDONLY:
+        raise destination_error(OSError(errno.EROFS, os.strerror(errno.EROFS)), "", directory)
+    if total and _on_tmpfs(directory) and st.f_bavail * st.f_frsize < total:
+        err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise destination_error(err, f"reserving {total} bytes in", directory)
 
 
 class PendingFile:
@@ -161,6 +175,7 @@ class PendingFile:
             raise destination_error(exc, "writing", self.tmp) from exc
 
     def commit(self) -> None:
+        mark_output(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.final)
@@ -190,6 +205,39 @@ def pending_files(specs: list[tuple[Path, int]]) -> Iterator[list[PendingFile]]:
         raise
 
 
+def mark_output(target: int | Path) -> None:
+    """Mark a file (descriptor or path) as written by a restore; best effort."""
+    with contextlib.suppress(OSError):  # no user xattrs here: the file stays unmarked
+        os.setxattr(target, OUTPUT_XATTR, b"1")
+
+
+def is_output(path: Path) -> bool:
+    """Whether ``path`` carries the mark of a restore (see :data:`OUTPUT_XATTR`)."""
+    try:
+        return os.getxattr(path, OUTPUT_XATTR, follow_symlinks=False) == b"1"
+    except OSError:
+        return False
+
+
+def stale_outputs(directory: Path, pattern: re.Pattern[str], written: Sequence[str]) -> list[Path]:
+    """Files matching ``pattern`` that this restore does not write and an earlier one
+    marked as its own: those may go. Others are the user's: kept, with a warning."""
+    stale: list[Path] = []
+    foreign: list[Path] = []
+    for p in sorted(directory.iterdir()):
+        if pattern.match(p.name) and p.name not in written:
+            (stale if is_output(p) else foreign).append(p)
+    if foreign:
+        names = ", ".join(p.name for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        log.warning(
+            "warning: left %s in %s: no restore wrote it, so it is not removed "
+            "(a loader that reads every *.safetensors file there would pick it up)",
+            names,
+            directory,
+        )
+    return stale
+
+
 def commit_all(
     files: list[PendingFile],
     remove_first: Sequence[Path],
@@ -208,6 +256,7 @@ def commit_all(
             p.unlink(missing_ok=True)
         if index is not None:
             write_file_atomic(index[0], [index[1]])
+            mark_output(index[0])
         elif files:
             fsync_dir(files[0].final.parent)
     except OSError as exc:
