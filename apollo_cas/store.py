@@ -40,7 +40,7 @@ from .manifest import (
     StoreConfig,
     TensorEntry,
 )
-from .parallel import default_workers
+from .parallel import default_workers, worker_limit
 from .pipeline import ProgressFn, WriteResult, same_content, write_source
 from .sources import open_mapping
 from .sources.base import Source
@@ -62,6 +62,8 @@ class SaveResult:
     stats: SaveStats  # what this save did (new chunks are 0 when unchanged)
     seconds: float
     fetched_bytes: int = 0
+    #: CPU seconds of this process during the save (all threads), beside ``seconds``
+    cpu_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         st = self.stats
@@ -71,6 +73,7 @@ class SaveResult:
             "series": self.series,
             "unchanged": self.unchanged,
             "seconds": round(self.seconds, 4),
+            "cpu_seconds": round(self.cpu_seconds, 4),
             "logical_bytes": st.logical_bytes,
             "chunks": st.chunks,
             "new_chunks": st.new_chunks,
@@ -100,7 +103,11 @@ def check_block_size(block_size: int) -> int:
 
 
 class Store:
-    """A content-addressed checkpoint store at a directory or ``s3://`` URL."""
+    """A content-addressed checkpoint store at a directory or ``s3://`` URL.
+
+    ``workers`` bounds the threads of every pool a save starts (hashing, codecs,
+    device fetch) and of restores; default: all cores (``APOLLO_CAS_THREADS``).
+    """
 
     def __init__(
         self,
@@ -330,7 +337,7 @@ class Store:
         size above 1 saves into the series ``<series>.rank<r>``; ``group`` joins
         its checkpoint to the multi-rank checkpoint of that name.
         """
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         layout.check_name(series, "series")
         for name in (tag, group):
             if name is not None:
@@ -343,7 +350,7 @@ class Store:
             info = replace(info, metadata={**info.metadata, **dict(metadata)})
         series = self._series_for(series, info, group)
         self._check_config(create=True)
-        with self.locks.hold("shared", f"save {series}"):
+        with self.locks.hold("shared", f"save {series}"), worker_limit(self.workers):
             # Only what is known *now*, under the lock, may be trusted: gc may have
             # swept chunks this process saw in an earlier save.
             self.chunks.forget_known()
@@ -393,6 +400,7 @@ class Store:
             stats,
             time.perf_counter() - t0,
             res.fetched_bytes,
+            time.process_time() - cpu0,
         )
 
     @staticmethod

@@ -84,13 +84,13 @@ def precheck_sources(paths: list[Path], kind: str | None) -> None:
             raise SourceNotFound(f"{path} does not exist", "check the path of the source")
 
 
-def open_for_save(location: str, policy: codecs.CodecPolicy) -> Store:
+def open_for_save(location: str, policy: codecs.CodecPolicy, workers: int | None = None) -> Store:
     """The store at ``location``; a missing one is created by its first successful
     save (inside Store.save), not before, so a failed first save leaves nothing."""
     try:
-        return Store.open(location, policy=policy)
+        return Store.open(location, policy=policy, workers=workers)
     except StoreNotFound:
-        return Store(open_backend(location), policy)
+        return Store(open_backend(location), policy, workers)
 
 
 def print_result(r: SaveResult, label: str, as_json: bool) -> None:
@@ -235,6 +235,13 @@ def save_sources(
     help="Map the GPU indices recorded in the handles file to this process's "
     "(when CUDA_VISIBLE_DEVICES differs from the exporter's).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Use at most N threads (hashing, compression, device copies), leaving the "
+    "other cores to the server (default: all cores).",
+)
 @codec_options
 def save(
     sources: tuple[Path, ...],
@@ -257,6 +264,7 @@ def save(
     level: int,
     delta: bool | None,
     group: str | None,
+    workers: int | None,
 ) -> None:
     """Save SOURCE... as checkpoints: only blocks the store lacks are written.
 
@@ -283,7 +291,7 @@ def save(
     meta_map = _parse_meta(meta)
     precheck_sources(paths, kind)
     warn_block_size(bs)
-    with open_for_save(location, make_policy(codec, level, delta)) as st:
+    with open_for_save(location, make_policy(codec, level, delta), workers) as st:
         if checkpoint_dir is not None:
             results = import_seed_history(st, checkpoint_dir, series, as_json)
         else:
