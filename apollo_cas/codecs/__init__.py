@@ -227,20 +227,30 @@ def encode(
         base_raw = _load_base(base)
         if base_raw is not None and len(base_raw) == n:
             x = delta.xor(view, base_raw)
-            inner, iparams, ipieces, isize = _encode_as(method, x.data, policy.level, itemsize)
-            dcodec, dparams = (
-                DELTA,
-                delta.pack_params(base.chunk_id, base.depth + 1, inner, iparams),
-            )
-            dsize = len(dparams) + isize - len(iparams)
             w = sparse.width_for(itemsize)
-            if policy.sparse and sparse.usable(n, w):
-                got = sparse.encode(x, w, policy.level, base.chunk_id, base.depth + 1)
+            got = (
+                sparse.encode(x, w, policy.level, base.chunk_id, base.depth + 1)
+                if policy.sparse and sparse.usable(n, w)
+                else None
+            )
+            if (
+                got is not None
+                and n >= sparse.ALWAYS_MIN_BYTES
+                and got[2] <= sparse.ALWAYS_FRACTION * (n // w)
+            ):
+                # Few enough changes that the planes XOR cannot win (measured:
+                # 0.80% vs 1.33% of raw at 1% changed): skip computing it.
+                dcodec, dparams, ipieces = SPARSE, got[0], list[bytes | memoryview](got[1])
+                dsize = len(dparams) + sum(len(p) for p in ipieces)
+            else:
+                inner, iparams, ipieces, isize = _encode_as(method, x.data, policy.level, itemsize)
+                dcodec = DELTA
+                dparams = delta.pack_params(base.chunk_id, base.depth + 1, inner, iparams)
+                dsize = len(dparams) + isize - len(iparams)
                 if got is not None:
-                    sparams, spieces = got
-                    ssize = len(sparams) + sum(len(p) for p in spieces)
+                    ssize = len(got[0]) + sum(len(p) for p in got[1])
                     if ssize < dsize:
-                        dcodec, dparams, ipieces, dsize = SPARSE, sparams, list(spieces), ssize
+                        dcodec, dparams, ipieces, dsize = SPARSE, got[0], list(got[1]), ssize
             if dsize <= DELTA_ACCEPT_FRACTION * n:
                 # Small enough to take without the full encoding (which would
                 # cost as much again): see DELTA_ACCEPT_FRACTION.

@@ -46,6 +46,14 @@ _UINT: dict[int, np.dtype[Any]] = {
 #: of the XOR (each change costs 4 index bytes before zstd, ~1-2 after, plus
 #: its value), so it is not even tried.
 MAX_FRACTION = 0.25
+#: At or below this fraction of changed elements the sparse encoding is kept
+#: without computing the planes XOR to compare: measured on bf16 it is 40-45%
+#: smaller there (1%: 0.80 vs 1.33% of raw; 5%: 2.96 vs 4.99%), and computing
+#: both cost ~40% more CPU per dense step (MiniLM, lr 1e-6: 0.20 vs 0.14 s).
+ALWAYS_FRACTION = 0.05
+#: ... in blocks of at least this size (below it the 26 parameter bytes and two
+#: frame headers can cost more than they save, and encoding both is cheap).
+ALWAYS_MIN_BYTES = 64 << 10
 
 
 def usable(n: int, w: int) -> bool:
@@ -69,18 +77,19 @@ def _unplanes(planes: bytes, w: int, n: int) -> np.ndarray:
 
 def encode(
     x: np.ndarray, w: int, level: int, base_id: bytes, depth: int
-) -> tuple[bytes, list[bytes]] | None:
-    """(params, payload pieces) for the XOR ``x`` (uint8), or None if too many changed."""
+) -> tuple[bytes, list[bytes], int] | None:
+    """(params, payload pieces, elements changed) for the XOR ``x`` (uint8), or None if
+    more than :data:`MAX_FRACTION` of the elements changed."""
     xv = x.view(_UINT[w])
     idx = np.flatnonzero(xv)
     n = len(idx)
     if n > MAX_FRACTION * len(xv):
         return None
     gaps = np.diff(idx, prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
-    gframe = _zstd.compress(_planes(gaps.astype("<u4"), 4).data, level)
-    vframe = _zstd.compress(_planes(np.ascontiguousarray(xv[idx]), w).data, level)
+    gframe = _zstd.compress_plane(_planes(gaps.astype("<u4"), 4).data, level)
+    vframe = _zstd.compress_plane(_planes(np.ascontiguousarray(xv[idx]), w).data, level)
     params = _HEAD.pack(base_id, depth, w, n, len(gframe))
-    return params, [gframe, vframe]
+    return params, [gframe, vframe], n
 
 
 def parse_params(params: memoryview | bytes) -> tuple[bytes, int, int, int, int]:

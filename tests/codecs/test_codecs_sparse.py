@@ -44,7 +44,8 @@ def test_roundtrip_of_the_sparse_encoding(pair: tuple[bytes, bytes, int], level:
             len(raw) // w
         )
         return
-    params, pieces = got
+    params, pieces, n = got
+    assert n == np.count_nonzero(x.view(f"<u{w}") if w > 1 else x)
     assert sparse.decode(params, memoryview(b"".join(pieces)), memoryview(base)) == raw
 
 
@@ -134,6 +135,6 @@ def test_an_index_past_the_block_is_refused() -> None:
     a = bytes(64)
     x = np.zeros(64, dtype=np.uint8)
     x[-2:] = 1
-    params, pieces = sparse.encode(x, 2, 1, digest(a), 1) or (b"", [])
+    params, pieces, _n = sparse.encode(x, 2, 1, digest(a), 1) or (b"", [], 0)
     with pytest.raises(ValueError, match="past the block"):
         sparse.decode(params, memoryview(b"".join(pieces)), memoryview(bytes(32)))
