@@ -96,7 +96,13 @@ def read_verified(
                 "the chunk cannot be rebuilt; "
                 "run apollo-cas verify to list the checkpoints it breaks",
             ) from None
-        env = _unpack(blob, name)
+        try:
+            env = _unpack(blob, name)
+            b = base_of(blob, name)
+        except CorruptChunk as exc:
+            if not links:
+                raise
+            raise _base_error(hex_id, cid, exc) from exc
         if want is not None and env.raw_size != want:
             what = "its place needs" if not links else "its dependent needs"
             msg = f"{name} is {env.raw_size} bytes, {what} {want}"
@@ -112,7 +118,6 @@ def read_verified(
             )
         links.append((cid, blob))
         seen.add(cid)
-        b = base_of(blob, name)
         if b is None:
             break
         base = bytes.fromhex(b)
