@@ -89,3 +89,25 @@ def test_a_save_of_a_dense_step_against_a_looping_parent(
     t.join(60)
     assert done, "the save did not finish within 60 s"
     assert torch.equal(st.load()["w"], w2["w"])
+
+
+def test_a_dense_step_against_a_damaged_parent_chunk_restores_right(fast_tmp_dir: Path) -> None:
+    """The parent's chunk under a block is damaged: the new block cannot be a delta
+    against it (sparse or planes), so it is stored in full and restores bit-exactly."""
+    from apollo_cas import layout
+
+    root = fast_tmp_dir / "s"
+    w0 = _model(0)
+    w1 = _step(w0, 1)
+    with Store.open(root, create=True) as st:
+        st.save(w0, block_size=BS)
+        victim = st.manifest(st.resolve("latest")).tensors[0].chunks[2]
+        path = root / layout.chunk_key(victim.hex())
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+        st.save(w1, block_size=BS)
+        m = st.manifest(st.resolve("latest"))
+        assert victim not in m.chunk_ids()  # nothing of the new checkpoint needs it
+        assert m.bases  # the other blocks are deltas
+        assert torch.equal(st.load()["w"], w1["w"])

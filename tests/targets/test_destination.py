@@ -183,3 +183,16 @@ def test_a_restore_removes_the_stale_shards_it_wrote_itself(
     ]
     assert not (to / "model.safetensors.index.json").exists()
     assert theirs.name in p.stderr and all(s not in p.stderr for s in shards)
+
+
+def test_permission_denied_names_the_destination(tmp_path: Path) -> None:
+    """EACCES cannot be provoked as root; the mapping itself, then."""
+    import errno
+
+    from apollo_cas.errors import PermissionDenied
+    from apollo_cas.targets.files import destination_error
+
+    err = destination_error(OSError(errno.EACCES, "Permission denied"), "creating", tmp_path / "x")
+    assert isinstance(err, PermissionDenied)
+    assert "restore destination" in err.message and str(tmp_path / "x") in err.message
+    assert str(tmp_path) in (err.hint or "") and "gc" not in (err.hint or "")
