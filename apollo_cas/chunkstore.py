@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from . import codecs
 from .backends.base import Backend
+from .codecs import chain
 from .errors import CorruptChunk, ObjectNotFound
 from .hashing import digest
 from .layout import chunk_key
@@ -114,19 +115,17 @@ class ChunkStore:
                 "run 'apollo-cas verify' to see which checkpoints it breaks; restore another one",
             ) from None
 
-    def read(self, chunk_id: bytes) -> bytes:
-        """The raw bytes of a chunk, decoded (delta bases resolved) and verified."""
-        hex_id = chunk_id.hex()
-        blob = self.get_blob(chunk_id)
-        raw = codecs.decode(
-            blob, f"chunk {hex_id}", load_base=lambda h: self.read(bytes.fromhex(h))
+    def read(self, chunk_id: bytes, size: int | None = None) -> bytes:
+        """The raw bytes of a chunk, decoded (delta bases resolved) and verified.
+
+        ``size`` is the length the caller's place needs (its block of a tensor):
+        the chunk's claimed size is checked against it before decompressing and
+        the decoded length after. Delta chains are bounded and loop-checked
+        (see :mod:`apollo_cas.codecs.chain`).
+        """
+        return chain.read_verified(
+            chunk_id, size, lambda c: self.backend.get(chunk_key(c.hex())), self.backend.location
         )
-        if digest(raw) != chunk_id:
-            raise CorruptChunk(
-                f"chunk {hex_id} is corrupt: its content does not hash to its name",
-                "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
-            )
-        return raw
 
     def base_of(self, chunk_id: bytes) -> bytes | None:
         """The base a stored chunk is a delta against (reads only its header)."""

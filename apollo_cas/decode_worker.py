@@ -2,7 +2,7 @@
 
 Started by :mod:`apollo_cas.decoding` as ``python -m apollo_cas.decode_worker
 STORE``. Protocol on stdin/stdout, length-prefixed msgpack frames: request ``[paths, [[out, offset,
-chunk_id], ...]]``; reply ``[[out, offset, length], ...]`` or, on an error,
+chunk_id, size], ...]]``; reply ``[[out, offset, length], ...]`` or, on an error,
 ``{"type": error class name, "message": ..., "hint": ...}``. Exits at EOF.
 """
 
@@ -29,17 +29,17 @@ def serve(location: str) -> None:
             return
         try:
             done = []
-            for o, offset, cid in batch:
-                data = store.read_chunk(bytes(cid))
+            for o, offset, cid, size in batch:
+                data = store.read_chunk(bytes(cid), size)
                 maps.get(paths[o])[offset : offset + len(data)] = data
                 done.append((o, offset, len(data)))
             reply: object = done
         except ApolloError as exc:
             reply = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
         except OSError as exc:
-            from .backends.local import os_error
+            from .targets.files import destination_error
 
-            err = os_error(exc, "restoring into", paths[0] if paths else "")
+            err = destination_error(exc, "restoring into", paths[0] if paths else "")
             reply = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
         send_frame(out, reply)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from . import errors as errors_module
-from .errors import ApolloError, BackendError
+from .errors import ApolloError, TargetError
 from .parallel import bounded_map
 
 if TYPE_CHECKING:
@@ -35,7 +35,9 @@ PROCESS_THRESHOLD = 512 << 20
 #: Chunks per task sent to a worker process (amortises the round trip).
 BATCH = 32
 
-Job = tuple[int, int, bytes]  # output index, byte offset, chunk id
+Job = tuple[int, int, bytes, int]  # output index, byte offset, chunk id, its length there
+#: ``read_chunk(chunk_id, size)``: verified raw bytes, refused unless ``size`` long.
+ReadFn = Callable[[bytes, int], bytes]
 DoneFn = Callable[[int, int, int], None]  # output index, offset, length
 
 
@@ -59,7 +61,7 @@ class Decoder:
 
     def __init__(
         self,
-        read_chunk: Callable[[bytes], bytes],
+        read_chunk: ReadFn,
         workers: int,
         location: str | None = None,
         processes: bool = False,
@@ -94,13 +96,18 @@ class Decoder:
             return self._write_processes(outputs, jobs, progress, on_done)
 
         def task(job: Job) -> tuple[Job, int]:
-            out, offset, cid = job
-            data = self.read_chunk(cid)
-            pwrite_all(outputs[out].fd, data, offset)
+            out, offset, cid, size = job
+            data = self.read_chunk(cid, size)
+            try:
+                pwrite_all(outputs[out].fd, data, offset)
+            except OSError as exc:
+                from .targets.files import destination_error
+
+                raise destination_error(exc, "writing", outputs[out].path) from exc
             return job, len(data)
 
         total = 0
-        for (out, offset, _cid), n in bounded_map(task, jobs, self.workers):
+        for (out, offset, _cid, _size), n in bounded_map(task, jobs, self.workers):
             total += n
             if progress:
                 progress(n)
@@ -181,9 +188,11 @@ class _Worker:
             send_frame(self.proc.stdin, [paths, batch])
             reply = recv_frame(self.proc.stdout)
         except (BrokenPipeError, EOFError):
-            raise BackendError(
-                f"a restore worker process died (exit code {self.proc.poll()})",
-                "check that the output's filesystem has room (a full tmpfs kills writers), "
+            where = os.path.dirname(paths[0]) if paths else "the destination"
+            raise TargetError(
+                f"a restore worker process died (exit code {self.proc.poll()}) "
+                f"while writing into {where}",
+                f"check that the filesystem of {where} has room (a full tmpfs kills writers), "
                 "or run again with APOLLO_CAS_PROCESSES=0 to decode on threads",
             ) from None
         if isinstance(reply, dict):

@@ -10,18 +10,46 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+#: The most threads a pool may use in this context (None: no limit). Set by
+#: :func:`worker_limit` around a save, so every pool it starts (hashing, codecs,
+#: device fetch) leaves the rest of the cores to the server beside it.
+_LIMIT: ContextVar[int | None] = ContextVar("apollo_cas_worker_limit", default=None)
+
+
+@contextmanager
+def worker_limit(workers: int) -> Iterator[None]:
+    """Cap :func:`default_workers` and :func:`bounded_map` at ``workers`` in this context."""
+    token = _LIMIT.set(max(1, workers))
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
+def _capped(n: int) -> int:
+    cap = _LIMIT.get()
+    return n if cap is None else min(n, cap)
+
+
 def default_workers() -> int:
     env = os.environ.get("APOLLO_CAS_THREADS")
     if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(
-        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return _capped(int(env))
+    return _capped(
+        max(
+            1,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1,
+        )
     )
 
 
@@ -34,6 +62,7 @@ def bounded_map(
     ``items`` is; an exception in any task is raised here, and remaining tasks are
     cancelled.
     """
+    workers = _capped(workers)
     window = window or workers * 4
     if workers <= 1:
         for it in items:

@@ -6,6 +6,7 @@ locks. Everything else (sources, targets, gc, verify, the CLI) goes through it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -15,10 +16,12 @@ from typing import Any
 from . import codecs, frontend, layout, unborn
 from .backends import Backend, open_backend
 from .chunkstore import ChunkStore
+from .codecs import chain
 from .decoding import Decoder
 from .errors import (
     AmbiguousRef,
     ConcurrentUpdate,
+    CorruptChunk,
     CorruptManifest,
     InvalidName,
     ObjectNotFound,
@@ -40,7 +43,7 @@ from .manifest import (
     StoreConfig,
     TensorEntry,
 )
-from .parallel import bounded_map, default_workers
+from .parallel import bounded_map, default_workers, worker_limit
 from .pipeline import ProgressFn, WriteResult, same_content, write_source
 from .sources import open_mapping
 from .sources.base import Source
@@ -62,6 +65,8 @@ class SaveResult:
     stats: SaveStats  # what this save did (new chunks are 0 when unchanged)
     seconds: float
     fetched_bytes: int = 0
+    #: CPU seconds of this process during the save (all threads), beside ``seconds``
+    cpu_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         st = self.stats
@@ -71,6 +76,7 @@ class SaveResult:
             "series": self.series,
             "unchanged": self.unchanged,
             "seconds": round(self.seconds, 4),
+            "cpu_seconds": round(self.cpu_seconds, 4),
             "logical_bytes": st.logical_bytes,
             "chunks": st.chunks,
             "new_chunks": st.new_chunks,
@@ -114,7 +120,11 @@ def check_block_size(block_size: int) -> int:
 
 
 class Store:
-    """A content-addressed checkpoint store at a directory or ``s3://`` URL."""
+    """A content-addressed checkpoint store at a directory or ``s3://`` URL.
+
+    ``workers`` bounds the threads of every pool a save starts (hashing, codecs,
+    device fetch) and of restores; default: all cores (``APOLLO_CAS_THREADS``).
+    """
 
     def __init__(
         self,
@@ -382,7 +392,7 @@ class Store:
         size above 1 saves into the series ``<series>.rank<r>``; ``group`` joins
         its checkpoint to the multi-rank checkpoint of that name.
         """
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         layout.check_name(series, "series")
         for name in (tag, group):
             if name is not None:
@@ -397,6 +407,7 @@ class Store:
         with (
             unborn.first_save(self.backend, self.locks) as first,
             self.locks.hold("shared", f"save {series}") as lease,
+            worker_limit(self.workers),
         ):
             if not first:
                 self._check_config(create=False)  # a store of another format is refused
@@ -474,6 +485,7 @@ class Store:
             stats,
             time.perf_counter() - t0,
             res.fetched_bytes,
+            time.process_time() - cpu0,
         )
 
     def _put_saved_files(self, source: Source) -> SavedFilesRef | None:
@@ -566,19 +578,18 @@ class Store:
             matches.append(p if ok else None)
         bases = parent.bases
 
-        def root_of(cid: bytes) -> tuple[bytes, int]:
-            d = 0
-            while cid in bases:
-                cid = bases[cid]
-                d += 1
-            return cid, d
-
         def find(ti: int, bi: int) -> codecs.Base | None:
             p = matches[ti]
             if p is None:
                 return None
             cid = p.chunks[bi]
-            root, d = root_of(cid)
+            try:
+                links = chain.walk(cid, bases.get)
+            except chain.ChainError:
+                # The parent's bases loop (or run on past the format's bound): a
+                # delta against it could not be restored; store the block in full.
+                return None
+            root, d = links[-1], len(links) - 1
             # When the parent's chain is at the depth limit the codec deltas
             # against the chain's full root instead of storing a full chunk.
             root_base = (
@@ -597,23 +608,34 @@ class Store:
         known = dict(parent.bases) if parent else {}
         known.update(res.bases)
         parent_ids = parent.chunk_ids() if parent else set()
-        out: dict[bytes, bytes] = {}
-        todo = [c for t in res.tensors for c in t.chunks]
-        seen: set[bytes] = set()
-        while todo:
-            cid = todo.pop()
-            if cid in seen:
-                continue
-            seen.add(cid)
+
+        def base_of(cid: bytes) -> bytes | None:
             if cid in known:
-                base: bytes | None = known[cid]
-            elif cid in parent_ids or cid in res.bases:
-                base = None
-            else:
-                base = self.chunks.base_of(cid)  # a dedup hit outside the parent: read its header
-            if base is not None:
-                out[cid] = base
-                todo.append(base)
+                return known[cid]
+            if cid in parent_ids or cid in res.bases:
+                return None
+            return self.chunks.base_of(cid)  # a dedup hit outside the parent: read its header
+
+        out: dict[bytes, bytes] = {}
+        done: set[bytes] = set()
+        for cid in dict.fromkeys(c for t in res.tensors for c in t.chunks):
+            if cid in done:
+                continue
+            try:
+                links = chain.walk(cid, base_of)
+            except chain.ChainError:
+                # The parent's manifest says these bases loop: believe the chunks'
+                # own headers, which a restore follows; if they loop too, the
+                # chunk cannot be restored and no manifest may name it.
+                try:
+                    links = chain.walk(cid, self.chunks.base_of)
+                except chain.ChainError as exc:
+                    raise CorruptChunk(
+                        f"chunk {cid.hex()} cannot be restored: {exc}",
+                        "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
+                    ) from None
+            out.update(itertools.pairwise(links))
+            done.update(links)
         return out
 
     def _fence(self, lease: Lease, manifest: Manifest, committed: str | None = None) -> None:
@@ -712,9 +734,9 @@ class Store:
         return cid, manifest, False
 
     # -- reading -------------------------------------------------------------
-    def read_chunk(self, chunk_id: bytes) -> bytes:
-        """Verified raw bytes of one chunk."""
-        return self.chunks.read(chunk_id)
+    def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:
+        """Verified raw bytes of one chunk (``size`` long, if given: see ``ChunkStore.read``)."""
+        return self.chunks.read(chunk_id, size)
 
     def restore(
         self,

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
+from .codecs import chain, delta
 from .errors import ApolloError, ObjectNotFound, PermissionDenied, UsageError
 from .hashing import digest_hex
 from .manifest import GroupRecord, Manifest, StoreConfig
 from .parallel import bounded_map
 from .store import Store
+from .targets.assemble import block_length
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -221,6 +223,19 @@ def _load(store: Store, cid: str) -> Manifest | str:
         return exc.message
 
 
+def _bases_problem(m: Manifest) -> str | None:
+    """Why the manifest's delta bases cannot all be followed (a loop, a chain too long)."""
+    fine: set[bytes] = set()
+    for start in m.bases:
+        if start in fine:
+            continue
+        try:
+            fine.update(chain.walk(start, m.bases.get))
+        except chain.ChainError as exc:
+            return f"its delta bases cannot be followed: {exc}"
+    return None
+
+
 def verify(
     store: Store,
     *,
@@ -313,10 +328,24 @@ def _verify(
         report.damaged_manifests.append(ManifestDamage(cid, reason, sorted(refs_of.get(cid, []))))
         report.broken_checkpoints[cid] = sorted(refs_of.get(cid, []))
 
+    # -- delta bases: no loops, no chain longer than the format allows --------------
+    for cid, m in sorted(manifests.items()):
+        problem = _bases_problem(m)
+        if problem is not None:
+            report.damaged_manifests.append(
+                ManifestDamage(cid, problem, sorted(refs_of.get(cid, [])))
+            )
+            report.broken_checkpoints[cid] = sorted(refs_of.get(cid, []))
+
     # -- chunks: existence ---------------------------------------------------------
     needed: set[bytes] = set()
+    #: chunk -> every length a place names it for (more than one: some place is wrong)
+    sizes: dict[bytes, set[int]] = {}
     for m in manifests.values():
         needed |= m.chunk_ids()
+        for t in m.tensors:
+            for i, c in enumerate(t.chunks):
+                sizes.setdefault(c, set()).add(block_length(t, i, m.block_size))
     present: set[bytes] = set()
     for key in store.backend.list(layout.CHUNKS_PREFIX):
         hex_id = layout.chunk_id_from_key(key)
@@ -326,6 +355,7 @@ def _verify(
     report.chunks_present = len(present & needed)
     report.unreferenced_chunks = len(present - needed)
     damaged: dict[bytes, str] = {c: "missing" for c in needed - present}
+    misplaced: dict[bytes, int] = {}  # chunk -> its length, where places disagree on it
 
     # -- chunks: content -----------------------------------------------------------
     if report.read_data:
@@ -336,8 +366,12 @@ def _verify(
                 to_read = sorted(random.Random(seed).sample(to_read, n))
 
         def check(cid: bytes) -> tuple[bytes, int, str | None]:
+            # One length asked for everywhere: read() checks it (before decoding).
+            # Several: read without, and judge each place below.
+            want = sizes.get(cid, set())
             try:
-                return cid, len(store.read_chunk(cid)), None
+                size = next(iter(want)) if len(want) == 1 else None
+                return cid, len(store.read_chunk(cid, size)), None
             except ApolloError as exc:  # CorruptChunk, or an I/O error on this chunk
                 return cid, 0, exc.message
 
@@ -347,6 +381,14 @@ def _verify(
             report.bytes_read += size
             if err is not None:
                 damaged[chunk] = err
+            elif len(sizes.get(chunk, ())) > 1:
+                misplaced[chunk] = size
+                others = sorted(sizes[chunk] - {size})
+                damaged[chunk] = (
+                    f"chunk {chunk.hex()} is {size} bytes, but checkpoints name it for blocks of "
+                    + ", ".join(map(str, others))
+                    + " bytes"
+                )
             if i % 256 == 0 or i + 1 == len(to_read):
                 step("read", i + 1, len(to_read))
 
@@ -355,13 +397,15 @@ def _verify(
         by_id = {cid: ChunkDamage(cid.hex(), reason) for cid, reason in sorted(damaged.items())}
         for cp, m in manifests.items():
             for t in m.tensors:
-                for c in t.chunks:
-                    # A chunk is broken if it, or any base in its delta chain, is damaged.
+                for bi, c in enumerate(t.chunks):
+                    # A chunk is broken if it, or any base in its delta chain, is damaged;
+                    # one of several lengths breaks only the places that need another.
+                    fits = misplaced.get(c) == block_length(t, bi, m.block_size)
                     link: bytes | None = c
                     hops = 0
-                    while link is not None and hops <= 64:
+                    while link is not None and hops <= delta.MAX_DEPTH:
                         hit = by_id.get(link)
-                        if hit is not None:
+                        if hit is not None and not (link == c and fits):
                             names = hit.breaks.setdefault(cp, [])
                             if t.name not in names:
                                 names.append(t.name)

@@ -298,7 +298,10 @@ def store_checks(src: Any, holder_: Holder, tmp: Path) -> None:
             xxhash.xxh3_128_digest(original[o : o + bs]): original[o : o + bs]
             for o in range(0, len(original), bs)
         }
-        read_chunk = chunks.__getitem__
+
+        def read_chunk(cid: bytes, _size: int | None = None) -> bytes:
+            return chunks[cid]
+
     check("holder modifies a tensor", holder_.ask(f"MODIFY {target}") == "OK")
     if store is not None:
         t0 = time.perf_counter()

@@ -325,3 +325,102 @@ def test_group_member_missing_is_damage(tmp_store: str) -> None:
     r = run_verify(tmp_store)
     assert not r.ok
     assert [d.ref for d in r.damaged_refs] == ["group default/g rank 1"]
+
+
+# --------------------------------------------------------------------------- lying manifests
+
+
+def test_a_chunk_of_the_wrong_length_for_its_place_is_damage(
+    two: tuple[str, str, str], run_cli: Callable[..., Any]
+) -> None:
+    """The 100-byte last chunk of 'head' named for a 4096-byte block of 'embed':
+    each chunk hashes fine, so only the length its place needs can tell."""
+    from manifest_lies import chunk_of, rewrite_latest, swap_chunk
+
+    root, a, _b = two
+    with Store.open(root) as st:
+        short = chunk_of(st, "head", 1)
+        liar = rewrite_latest(st, lambda m: swap_chunk(m, ("embed", 2), short))
+    r = run_verify(root, read_data=True)
+    assert not r.ok
+    [d] = r.damaged_chunks
+    assert d.chunk == short.hex() and "100 bytes" in d.reason and str(BS) in d.reason
+    # Only the place that needs another length is broken; 'head' uses it rightly.
+    assert d.breaks == {liar: ["embed"]}
+    assert r.broken_checkpoints == {liar: ["latest@default"]}
+    assert a not in r.broken_checkpoints
+    p = run_cli("verify", "--store", root, "--read-data")
+    assert p.returncode == 3, p.stderr
+    assert f"damaged chunk {short.hex()}" in p.stdout and f"breaks {liar[:12]}" in p.stdout
+
+
+def test_a_chunk_every_place_of_which_needs_another_length(
+    two: tuple[str, str, str], run_cli: Callable[..., Any]
+) -> None:
+    """Two chunks swapped between a 4096-byte and a 100-byte place, in the only
+    checkpoint that names them: one size asked for each, both wrong."""
+    from manifest_lies import chunk_of, rewrite_latest, swap_chunk
+
+    root, _a, b = two
+    with Store.open(root) as st:
+        big, small = chunk_of(st, "embed", 0), chunk_of(st, "head", 1)
+        liar = rewrite_latest(
+            st, lambda m: swap_chunk(swap_chunk(m, ("embed", 0), small), ("head", 1), big)
+        )
+    (Path(root) / layout.manifest_key(b)).unlink()  # the liar replaced it
+    r = run_verify(root, read_data=True)
+    damaged = {d.chunk: d for d in r.damaged_chunks}
+    assert set(damaged) == {big.hex(), small.hex()}
+    assert damaged[big.hex()].breaks == {liar: ["head"]}
+    assert damaged[small.hex()].breaks == {liar: ["embed"]}
+    assert f"is {BS} bytes, its place needs 100" in damaged[big.hex()].reason
+    p = run_cli("verify", "--store", root, "--read-data", "--json")
+    assert p.returncode == 3
+    assert [d["checkpoints"] for d in json.loads(p.stdout)["damaged_chunks"]] == [[liar], [liar]]
+
+
+def _delta_loop(root: str) -> tuple[str, bytes, bytes]:
+    """A checkpoint whose two chunks are deltas of each other (headers and bases)."""
+    from manifest_lies import publish
+
+    from apollo_cas import codecs
+    from apollo_cas.hashing import digest
+    from apollo_cas.manifest import Manifest, TensorEntry
+
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 256, BS, dtype=np.uint8).tobytes()
+    y = bytes([x[0] ^ 1]) + x[1:]
+    cx, cy = digest(x), digest(y)
+    policy = codecs.CodecPolicy()
+    with Store.open(root, create=True) as st:
+        st.save({"w": np.frombuffer(x, dtype=np.uint8)}, block_size=BS)
+        st.backend.put(layout.chunk_key(cx.hex()), codecs.encode(x, policy, 1, codecs.Base(cy, y)))
+        st.backend.put(layout.chunk_key(cy.hex()), codecs.encode(y, policy, 1, codecs.Base(cx, x)))
+        m = Manifest(
+            series="default",
+            created=time.time(),
+            block_size=BS,
+            tensors=(TensorEntry("w", "uint8", (2 * BS,), 2 * BS, (cx, cy)),),
+            source=SourceInfo(kind="mapping"),
+            bases={cx: cy, cy: cx},
+        )
+        return publish(st, m), cx, cy
+
+
+def test_a_delta_loop_is_damage_naming_the_chunks(
+    tmp_store: str, run_cli: Callable[..., Any]
+) -> None:
+    liar, cx, cy = _delta_loop(tmp_store)
+    r = run_verify(tmp_store)  # the manifest's bases alone show the loop
+    assert not r.ok and liar in r.broken_checkpoints
+    [md] = r.damaged_manifests
+    assert md.checkpoint == liar and "loop" in md.reason
+    assert cx.hex() in md.reason and cy.hex() in md.reason
+    r = run_verify(tmp_store, read_data=True)  # and reading the chunks (no RecursionError)
+    damaged = {d.chunk: d for d in r.damaged_chunks}
+    assert set(damaged) == {cx.hex(), cy.hex()}
+    assert all("loop" in d.reason for d in damaged.values())
+    for args in ((), ("--read-data",)):
+        p = run_cli("verify", "--store", tmp_store, *args)
+        assert p.returncode == 3, p.stderr
+        assert cx.hex() in p.stdout and cy.hex() in p.stdout and "loop" in p.stdout

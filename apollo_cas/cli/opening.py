@@ -14,7 +14,11 @@ from .common import note
 
 
 def open_for_save(
-    location: str, policy: codecs.CodecPolicy, *, allow_non_empty: bool = False
+    location: str,
+    policy: codecs.CodecPolicy,
+    *,
+    allow_non_empty: bool = False,
+    workers: int | None = None,
 ) -> tuple[Store, bool]:
     """The store at ``location`` and whether it is new. A missing one is created
     by its first successful save (inside Store.save), not before, so a failed
@@ -23,12 +27,12 @@ def open_for_save(
     unless ``allow_non_empty`` (``--force``); the original tool's checkpoint
     directory is the exception, since it is meant to become the store."""
     try:
-        return Store.open(location, policy=policy), False
+        return Store.open(location, policy=policy, workers=workers), False
     except StoreNotFound:
         pass
     if not allow_non_empty:
         refuse_foreign_directory(location)
-    return Store(open_backend(location), policy), True
+    return Store(open_backend(location), policy, workers), True
 
 
 def refuse_foreign_directory(location: str) -> None:

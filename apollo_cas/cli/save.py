@@ -299,6 +299,13 @@ def _save_one(
     help="Map the GPU indices recorded in the handles file to this process's "
     "(when CUDA_VISIBLE_DEVICES differs from the exporter's).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Use at most N threads (hashing, compression, device copies), leaving the "
+    "other cores to the server (default: all cores).",
+)
 @codec_options
 def save(
     sources: tuple[Path, ...],
@@ -321,6 +328,7 @@ def save(
     level: int,
     delta: bool | None,
     group: str | None,
+    workers: int | None,
 ) -> None:
     """Save SOURCE... as checkpoints: only blocks the store lacks are written.
 
@@ -355,7 +363,9 @@ def save(
         return
     precheck_sources(paths, kind)
     warn_block_size(bs)
-    st, created = open_for_save(location, make_policy(codec, level, delta), allow_non_empty=force)
+    st, created = open_for_save(
+        location, make_policy(codec, level, delta), allow_non_empty=force, workers=workers
+    )
     with st:
         try:
             if tag is not None and rank is None:

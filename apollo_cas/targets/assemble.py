@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ..decoding import Decoder, Output
+from ..decoding import Decoder, Job, Output
 from ..manifest import Manifest, TensorEntry
 
 
@@ -21,13 +21,16 @@ class Placement:
     offset: int
 
 
-def chunk_jobs(
-    placements: Iterable[Placement], block_size: int
-) -> Iterator[tuple[int, int, bytes]]:
-    """(output, offset, chunk id) for every chunk of every placed tensor."""
+def block_length(tensor: TensorEntry, index: int, block_size: int) -> int:
+    """Length of block ``index`` of ``tensor``: the size its chunk must decode to."""
+    return min(block_size, tensor.nbytes - index * block_size)
+
+
+def chunk_jobs(placements: Iterable[Placement], block_size: int) -> Iterator[Job]:
+    """(output, offset, chunk id, length) for every chunk of every placed tensor."""
     for p in placements:
         for i, cid in enumerate(p.tensor.chunks):
-            yield p.output, p.offset + i * block_size, cid
+            yield p.output, p.offset + i * block_size, cid, block_length(p.tensor, i, block_size)
 
 
 def write_chunks(

@@ -8,19 +8,58 @@ never leaves a set of files that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .. import procinfo
-from ..backends.local import fsync_dir, os_error, write_file_atomic
+from ..backends.local import fsync_dir, write_file_atomic
 from ..decoding import Output
-from ..errors import TargetError
+from ..errors import ApolloError, DiskFull, PermissionDenied, TargetError
 
 TMP_PREFIX = ".tmp-apollo-"
+#: Extended attribute on every file a restore writes (docs/FORMAT.md, "Restore
+#: outputs"): the mark that lets a later restore remove it as a stale output. A
+#: file without it is the user's, whatever its name; where the filesystem has no
+#: user xattrs nothing is marked, and stale outputs stay (with a warning).
+OUTPUT_XATTR = "user.apollo_cas.output"
+
+log = logging.getLogger(__name__)
+
+
+def destination_error(exc: OSError, what: str, path: str | Path) -> ApolloError:
+    """An OSError on a restore's destination, as one line that names the destination.
+
+    Not ``backends.local.os_error``: that one speaks of the store (its hint for a
+    full disk is ``apollo-cas gc``, which frees space only in the store).
+    """
+    where = Path(path)
+    directory = where if where.is_dir() else where.parent
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(
+            f"no space left on the restore destination while {what} {where}",
+            f"free space on the filesystem of {directory}, or restore somewhere else with --to",
+        )
+    if exc.errno == errno.EROFS:
+        return PermissionDenied(
+            f"the restore destination {directory} is on a read-only filesystem",
+            "restore into a writable directory with --to",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(
+            f"permission denied on the restore destination while {what} {where}",
+            f"check the owner and mode of {directory}, or restore somewhere else with --to",
+        )
+    return TargetError(
+        f"{exc.strerror or exc} on the restore destination while {what} {where}",
+        "check the destination directory and run the restore again",
+    )
 
 
 def prepare_dir(path: Path) -> None:
@@ -32,7 +71,7 @@ def prepare_dir(path: Path) -> None:
             f"{path} exists and is not a directory", "pass a directory for --to"
         ) from None
     except OSError as exc:
-        raise os_error(exc, "creating", str(path)) from exc
+        raise destination_error(exc, "creating", path) from exc
     remove_dead_temporaries(path)
 
 
@@ -88,6 +127,24 @@ def reserve(fd: int, directory: Path, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
 
 
+def _check_room(directory: Path, total: int) -> None:
+    """A read-only destination fails here; on tmpfs, the outputs of one restore must
+    fit together.
+
+    ``reserve`` checks each file alone there (its file is sparse), so two shards
+    that each fit but not both failed half-way with ENOSPC.
+    """
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        raise destination_error(exc, "checking", directory) from exc
+    if st.f_flag & os.ST_RDONLY:
+        raise destination_error(OSError(errno.EROFS, os.strerror(errno.EROFS)), "", directory)
+    if total and _on_tmpfs(directory) and st.f_bavail * st.f_frsize < total:
+        err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise destination_error(err, f"reserving {total} bytes in", directory)
+
+
 class PendingFile:
     """A temporary output of a known size, committed by :meth:`commit`."""
 
@@ -102,7 +159,7 @@ class PendingFile:
                 reserve(self.fd, self.tmp.parent, size)
         except OSError as exc:
             self.discard()
-            raise os_error(exc, "creating", str(self.tmp)) from exc
+            raise destination_error(exc, "creating", self.tmp) from exc
 
     @property
     def output(self) -> Output:
@@ -113,9 +170,10 @@ class PendingFile:
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise os_error(exc, "writing", str(self.tmp)) from exc
+            raise destination_error(exc, "writing", self.tmp) from exc
 
     def commit(self) -> None:
+        mark_output(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.final)
@@ -134,6 +192,8 @@ class PendingFile:
 def pending_files(specs: list[tuple[Path, int]]) -> Iterator[list[PendingFile]]:
     """Temporary outputs that are discarded if the block raises."""
     files: list[PendingFile] = []
+    if specs:
+        _check_room(specs[0][0].parent, sum(size for _final, size in specs))
     try:
         for final, size in specs:
             files.append(PendingFile(final, size))
@@ -142,6 +202,39 @@ def pending_files(specs: list[tuple[Path, int]]) -> Iterator[list[PendingFile]]:
         for f in files:
             f.discard()
         raise
+
+
+def mark_output(target: int | Path) -> None:
+    """Mark a file (descriptor or path) as written by a restore; best effort."""
+    with contextlib.suppress(OSError):  # no user xattrs here: the file stays unmarked
+        os.setxattr(target, OUTPUT_XATTR, b"1")
+
+
+def is_output(path: Path) -> bool:
+    """Whether ``path`` carries the mark of a restore (see :data:`OUTPUT_XATTR`)."""
+    try:
+        return os.getxattr(path, OUTPUT_XATTR, follow_symlinks=False) == b"1"
+    except OSError:
+        return False
+
+
+def stale_outputs(directory: Path, pattern: re.Pattern[str], written: Sequence[str]) -> list[Path]:
+    """Files matching ``pattern`` that this restore does not write and an earlier one
+    marked as its own: those may go. Others are the user's: kept, with a warning."""
+    stale: list[Path] = []
+    foreign: list[Path] = []
+    for p in sorted(directory.iterdir()):
+        if pattern.match(p.name) and p.name not in written:
+            (stale if is_output(p) else foreign).append(p)
+    if foreign:
+        names = ", ".join(p.name for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        log.warning(
+            "warning: left %s in %s: no restore wrote it, so it is not removed "
+            "(a loader that reads every *.safetensors file there would pick it up)",
+            names,
+            directory,
+        )
+    return stale
 
 
 def commit_all(
@@ -162,7 +255,9 @@ def commit_all(
             p.unlink(missing_ok=True)
         if index is not None:
             write_file_atomic(index[0], [index[1]])
+            mark_output(index[0])
         elif files:
             fsync_dir(files[0].final.parent)
     except OSError as exc:
-        raise os_error(exc, "finishing", str(files[0].final.parent if files else "")) from exc
+        where = files[0].final.parent if files else Path(".")
+        raise destination_error(exc, "finishing the files in", where) from exc

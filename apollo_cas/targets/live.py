@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .. import dtypes
+from ..decoding import ReadFn
 from ..errors import TargetError
 from ..gpu.blocks import byte_view, tensor_digests
 from ..gpu.staging import Stager, device_index
@@ -86,7 +87,7 @@ class LiveRestoreReport:
 def restore_live(
     tensors: Mapping[str, torch.Tensor],
     manifest: Manifest,
-    read_chunk: Callable[[bytes], bytes],
+    read_chunk: ReadFn,
     *,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     workers: int | None = None,
@@ -97,7 +98,8 @@ def restore_live(
     """Write into ``tensors`` the blocks of ``manifest`` they differ in, then verify.
 
     Serving must be paused while this runs (see the module docstring).
-    ``read_chunk(chunk_id)`` returns a chunk's raw, verified bytes. With
+    ``read_chunk(chunk_id, size)`` returns a chunk's raw, verified bytes and
+    refuses one that is not ``size`` long (``Store.read_chunk``). With
     ``dry_run`` only the comparison runs and ``blocks_written`` counts the blocks
     that would be written. Raises :class:`TargetError` on any mismatch of names,
     dtypes or shapes (before writing anything), on a chunk of the wrong length,
@@ -224,8 +226,8 @@ def _digests(
 # --------------------------------------------------------------------------- writing
 
 
-def _chunk(read_chunk: Callable[[bytes], bytes], cid: bytes, length: int, name: str) -> bytes:
-    data = read_chunk(cid)
+def _chunk(read_chunk: ReadFn, cid: bytes, length: int, name: str) -> bytes:
+    data = read_chunk(cid, length)
     if len(data) != length:
         raise TargetError(
             f"chunk {cid.hex()} of {name!r} has {len(data)} bytes, expected {length}",
@@ -239,7 +241,7 @@ def _write(
     entries: Sequence[TensorEntry],
     todo: Sequence[tuple[int, int]],
     bs: int,
-    read_chunk: Callable[[bytes], bytes],
+    read_chunk: ReadFn,
     buffer_bytes: int,
     workers: int,
     progress: Callable[[int], None] | None,
@@ -271,7 +273,7 @@ def _write_device(
     entries: Sequence[TensorEntry],
     todo: Sequence[tuple[int, int]],
     bs: int,
-    read_chunk: Callable[[bytes], bytes],
+    read_chunk: ReadFn,
     buffer_bytes: int,
     workers: int,
     progress: Callable[[int], None] | None,

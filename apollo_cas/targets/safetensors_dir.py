@@ -31,7 +31,7 @@ from ..decoding import Decoder, pwrite_all
 from ..errors import UsageError
 from ..manifest import Manifest, TensorEntry
 from .assemble import Placement, write_chunks
-from .files import commit_all, pending_files, prepare_dir
+from .files import commit_all, pending_files, prepare_dir, stale_outputs
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -127,7 +127,7 @@ def restore_safetensors(
         placements += [
             Placement(t, i, len(head) + off) for t, off in zip(group, offsets, strict=True)
         ]
-    stale = [p for p in to.iterdir() if stale_pattern.match(p.name) and p.name not in names]
+    stale = stale_outputs(to, stale_pattern, names)
     with pending_files(specs) as files:
         for f, head in zip(files, headers, strict=True):
             pwrite_all(f.fd, head, 0)

@@ -28,6 +28,7 @@ from .. import dtypes
 from ..decoding import Decoder, Output
 from ..manifest import Manifest, TensorEntry
 from ..parallel import bounded_map
+from .assemble import block_length
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,7 @@ def _load_via_threads(
 
     def task(job: tuple[int, int, bytes]) -> None:
         ti, i, cid = job
-        data = decoder.read_chunk(cid)
+        data = decoder.read_chunk(cid, block_length(entries[ti], i, bs))
         views[ti][i * bs : i * bs + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
     jobs = ((ti, i, c) for ti, t in enumerate(entries) for i, c in enumerate(t.chunks))
@@ -142,7 +143,9 @@ def _load_via_shm(
     if thread:
         thread.start()
     jobs = (
-        (0, offsets[ti] + i * bs, c) for ti, t in enumerate(entries) for i, c in enumerate(t.chunks)
+        (0, offsets[ti] + i * bs, c, block_length(t, i, bs))
+        for ti, t in enumerate(entries)
+        for i, c in enumerate(t.chunks)
     )
     try:
         decoder.write([Output(-1, path)], jobs, on_done=on_done)

@@ -84,7 +84,7 @@ def test_independent_reader_agrees_on_deltas() -> None:
     for codec, itemsize in (("auto", 2), ("zstd", 2), ("auto", 1)):
         blob = codecs.encode(
             bytes(v1),
-            codecs.CodecPolicy(codec=codec),
+            codecs.CodecPolicy(codec=codec, sparse=False),
             itemsize,
             base=codecs.Base(digest(v0), v0, depth=2),
         )

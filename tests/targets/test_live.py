@@ -8,6 +8,8 @@ directly with CPU tensors, which it supports for this purpose.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import xxhash
 
@@ -62,6 +64,12 @@ def model() -> dict[str, torch.Tensor]:
     }
 
 
+def by_id(chunks: dict[bytes, bytes]) -> Callable[[bytes, int | None], bytes]:
+    """A chunk reader over a dict (the size check is the store's; these tests
+    check the target's own)."""
+    return lambda cid, _size=None: chunks[cid]
+
+
 def clone(m: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in m.items()}
 
@@ -76,7 +84,7 @@ def test_writes_only_changed_blocks_and_verifies() -> None:
     live_t["norm"][3] = 0.5
     reads: list[bytes] = []
 
-    def read_chunk(cid: bytes) -> bytes:
+    def read_chunk(cid: bytes, size: int | None = None) -> bytes:
         reads.append(cid)
         return chunks[cid]
 
@@ -93,7 +101,7 @@ def test_writes_only_changed_blocks_and_verifies() -> None:
 def test_unchanged_writes_nothing() -> None:
     saved = model()
     manifest, chunks = make_checkpoint(saved)
-    rep = live.restore_live(clone(saved), manifest, chunks.__getitem__)
+    rep = live.restore_live(clone(saved), manifest, by_id(chunks))
     assert rep.blocks_written == 0 and rep.bytes_written == 0 and rep.verified
 
 
@@ -103,7 +111,7 @@ def test_dry_run_counts_without_writing() -> None:
     live_t = clone(saved)
     live_t["i8"].fill_(0)
     before = raw(live_t["i8"])
-    rep = live.restore_live(live_t, manifest, chunks.__getitem__, dry_run=True)
+    rep = live.restore_live(live_t, manifest, by_id(chunks), dry_run=True)
     assert rep.dry_run and rep.blocks_written == 4 and rep.bytes_written == 0
     assert raw(live_t["i8"]) == before
 
@@ -112,7 +120,7 @@ def test_parameters_are_written_in_place() -> None:
     saved = {"w": torch.randn(100, 10)}
     manifest, chunks = make_checkpoint(saved)
     p = torch.nn.Parameter(torch.zeros(100, 10))
-    live.restore_live({"w": p}, manifest, chunks.__getitem__)
+    live.restore_live({"w": p}, manifest, by_id(chunks))
     assert torch.equal(p.data, saved["w"]) and p.requires_grad
 
 
@@ -134,7 +142,7 @@ def test_mismatch_refused_before_writing(change, match: str) -> None:  # type: i
     live_t["embed"].fill_(0)
     change(live_t)
     with pytest.raises(TargetError, match=match) as ei:
-        live.restore_live(live_t, manifest, chunks.__getitem__)
+        live.restore_live(live_t, manifest, by_id(chunks))
     assert "nothing was written" in str(ei.value)
     assert live_t["embed"].abs().sum() == 0
 
@@ -145,7 +153,7 @@ def test_wrong_chunk_length() -> None:
     live_t = clone(saved)
     live_t["i8"].fill_(1)
     with pytest.raises(TargetError, match="expected 256"):
-        live.restore_live(live_t, manifest, lambda cid: chunks[cid][:-1])
+        live.restore_live(live_t, manifest, lambda cid, _size: chunks[cid][:-1])
 
 
 def test_verification_failure_is_reported() -> None:
@@ -154,7 +162,7 @@ def test_verification_failure_is_reported() -> None:
     live_t = clone(saved)
     live_t["i8"].fill_(1)
 
-    def corrupt(cid: bytes) -> bytes:
+    def corrupt(cid: bytes, size: int | None = None) -> bytes:
         return bytes(len(chunks[cid]))  # right length, wrong bytes
 
     with pytest.raises(TargetError, match="verification failed: 4 block"):
@@ -176,7 +184,7 @@ def test_device_write_path_on_cpu() -> None:
         entries,
         todo,
         BS,
-        chunks.__getitem__,
+        by_id(chunks),
         buffer_bytes=3 * BS,
         workers=2,
         progress=written.append,

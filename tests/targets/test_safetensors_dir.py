@@ -190,11 +190,13 @@ def test_vllm_sharded_layout_for_a_manifest_with_rank(store, model, tmp_path, as
     assert sorted(p.name for p in out.iterdir()) == sorted(parts0)
     assert len(r0) > 1
 
-    (out / "model-rank-1-part-9.safetensors").write_text("stale part of rank 1")
+    assert len(store.restore(ids[1], out, max_shard_size=40_000)) > 1  # stale parts, ours
+    (out / "model-rank-1-part-99.safetensors").write_text("not written by a restore")
     r1 = store.restore(ids[1], out)
     assert [Path(p).name for p in r1] == ["model-rank-1-part-0.safetensors"]
+    # Our own stale parts of rank 1 go; a file no restore wrote stays (issue 11 item 17).
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*parts0, "model-rank-1-part-0.safetensors"]
+        [*parts0, "model-rank-1-part-0.safetensors", "model-rank-1-part-99.safetensors"]
     )
     assert not (out / INDEX).exists()
     assert_same_tensors(read_dir(r1), model)
