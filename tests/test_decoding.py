@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from apollo_cas import Store
-from apollo_cas.decoding import Decoder
 from apollo_cas.errors import CorruptChunk
 from apollo_cas.layout import chunk_key
 
@@ -31,7 +30,7 @@ def test_processes_restore_the_same_bytes(
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "0")
     a = st.restore("latest", tmp_path / "threads", format=fmt)
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
-    assert Decoder.for_store(st, 1).processes
+    assert st.decoder(1).processes
     b = st.restore("latest", tmp_path / "procs", format=fmt)
     assert [Path(p).name for p in a] == [Path(p).name for p in b]
     for x, y in zip(a, b, strict=True):
@@ -54,7 +53,7 @@ def test_worker_errors_reach_the_caller(tmp_path: Path, monkeypatch: pytest.Monk
 def test_memory_stores_stay_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
     st = Store.open("memory://x", create=True)
-    assert not Decoder.for_store(st, 1 << 40).processes
+    assert not st.decoder(1 << 40).processes
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])

@@ -92,7 +92,7 @@ def test_failed_restore_leaves_no_output_and_old_files_untouched(
     st.restore(old, out, format="flat")
     (out / "notes.txt").write_text("keep me")
     before = snapshot(out)
-    monkeypatch.setattr(st, "read_chunk", failing_after(st, after))
+    monkeypatch.setattr(st, "reader", failing_after(st, after))
     with pytest.raises(Boom):
         st.restore(cid, out, format="flat")
     assert snapshot(out) == before  # no new file, no temp file, old ones intact
@@ -100,7 +100,7 @@ def test_failed_restore_leaves_no_output_and_old_files_untouched(
 
 def test_failed_first_restore_creates_nothing_that_looks_valid(saved, tmp_path, monkeypatch):
     st, cid, _ = saved
-    monkeypatch.setattr(st, "read_chunk", failing_after(st, 2))
+    monkeypatch.setattr(st, "reader", failing_after(st, 2))
     with pytest.raises(Boom):
         st.restore(cid, tmp_path / "fresh", format="flat")
     assert list((tmp_path / "fresh").iterdir()) == []
