@@ -70,6 +70,10 @@ class ChunkInventory(abc.ABC):
         """Stored (envelope) size of each id present (missing ids are left out)."""
 
     @abc.abstractmethod
+    def stored_bytes(self, workers: int) -> tuple[int, int]:
+        """(bytes of every object holding chunks, chunks present): what the chunks cost."""
+
+    @abc.abstractmethod
     def locate(self, chunk_id: bytes) -> Location:
         """Where ``chunk_id`` is; CorruptChunk if the store lacks it."""
 
@@ -151,6 +155,10 @@ class LooseInventory(ChunkInventory):
 
     def locate(self, chunk_id: bytes) -> Location:
         return Location(layout.chunk_key(chunk_id.hex()), 0, -1)
+
+    def stored_bytes(self, workers: int) -> tuple[int, int]:
+        sizes = self.stored_sizes(self.ids(), workers)
+        return sum(sizes.values()), len(sizes)
 
     def add(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
         return self.backend.put_if_absent(layout.chunk_key(chunk_id.hex()), blob, durable=False)
@@ -234,6 +242,10 @@ class PackInventory(ChunkInventory):
         where = self.index().chunks
         return {c: where[c][1].length for c in ids if c in where}
 
+    def stored_bytes(self, workers: int) -> tuple[int, int]:
+        idx = self.index()
+        return sum(p.size for p in idx.packs.values()), len(idx.chunks)
+
     def locate(self, chunk_id: bytes) -> Location:
         hit = self.index().chunks.get(chunk_id)
         if hit is None:
@@ -294,6 +306,42 @@ class PackInventory(ChunkInventory):
         w, self._writer = self._writer, None
         if w is not None:
             w.abandon()
+
+    def damaged(self, workers: int) -> dict[bytes, str]:
+        """Chunks whose every copy is in a missing or wrong-sized pack, or lies
+        outside its pack: what ``verify`` reports without reading data."""
+        idx = self.index()
+        present = dict(iter_pack_keys(self.backend))
+
+        def problem(pid: str) -> str | None:
+            info = idx.packs[pid]
+            if pid not in present:
+                return f"its pack {pid} is missing"
+            try:
+                size = self.backend.info(present[pid]).size
+            except ObjectNotFound:
+                return f"its pack {pid} is missing"
+            if size != info.size:
+                return f"its pack {pid} is {size} bytes, its index says {info.size} (truncated?)"
+            return None
+
+        pids = sorted(idx.packs)
+        bad = {p: why for p, why in zip(pids, bounded_map(problem, pids, workers), strict=True) if why}
+        out: dict[bytes, str] = {}
+        healthy: set[bytes] = set()
+        for pid in pids:
+            info = idx.packs[pid]
+            body = info.size - packs.trailer_size(len(info.entries))
+            for e in info.entries:
+                if pid in bad:
+                    out.setdefault(e.chunk_id, bad[pid])
+                elif e.offset + e.length > body:
+                    out.setdefault(
+                        e.chunk_id, f"the index names bytes outside its pack {pid} (damaged index)"
+                    )
+                else:
+                    healthy.add(e.chunk_id)
+        return {c: why for c, why in out.items() if c not in healthy}
 
 
 def write_index(backend: Backend, infos: list[packs.PackInfo]) -> str:

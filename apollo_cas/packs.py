@@ -133,6 +133,11 @@ def trailer_size(count: int) -> int:
     return count * ENTRY_SIZE + FOOTER_SIZE
 
 
+def index_size(entry_counts: Iterable[int]) -> int:
+    """The byte size of an index object listing packs of these entry counts."""
+    return _INDEX_HEAD.size + sum(_PACK_HEAD.size + ENTRY_SIZE * n for n in entry_counts)
+
+
 def encode_index(packs: Iterable[PackInfo]) -> bytes:
     """An index object (its id is the XXH3-128 of these bytes)."""
     packs = list(packs)

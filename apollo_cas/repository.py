@@ -7,6 +7,7 @@ restore targets. Nothing here imports a source, a target or the decoder.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from . import codecs, layout
@@ -24,12 +25,33 @@ from .errors import (
 )
 from .hashing import digest_hex
 from .inventory import ChunkInventory, open_inventory
-from .manifest import DEFAULT_PACK_SIZE, GroupRecord, Manifest, SourceInfo, StoreConfig
+from .manifest import (
+    DEFAULT_PACK_SIZE,
+    STORE_FORMATS,
+    GroupRecord,
+    Manifest,
+    SourceInfo,
+    StoreConfig,
+)
 
 _CAS_RETRIES = 20
 
-#: The format new stores are created in (docs/FORMAT.md).
-DEFAULT_FORMAT = 1
+#: The format new stores are created in (docs/FORMAT.md); ``APOLLO_CAS_FORMAT=1``
+#: creates format-1 stores (for tools that read chunk objects directly).
+DEFAULT_FORMAT = 2
+
+
+def new_store_format() -> int:
+    """The format a store created now gets: ``APOLLO_CAS_FORMAT``, else the default."""
+    env = os.environ.get("APOLLO_CAS_FORMAT", "")
+    if not env:
+        return DEFAULT_FORMAT
+    if env not in {str(f) for f in STORE_FORMATS}:
+        raise UsageError(
+            f"APOLLO_CAS_FORMAT={env!r} is not a store format",
+            f"use one of {', '.join(map(str, STORE_FORMATS))}, or unset it",
+        )
+    return int(env)
 
 
 @dataclass(frozen=True)
@@ -87,7 +109,7 @@ class Repository:
                     "check --store / APOLLO_CAS_STORE; a store is created by its first save",
                 ) from None
             new = StoreConfig(
-                format=fmt or DEFAULT_FORMAT, pack_size=pack_size or DEFAULT_PACK_SIZE
+                format=fmt or new_store_format(), pack_size=pack_size or DEFAULT_PACK_SIZE
             )
             self.backend.put_if_absent(layout.CONFIG_KEY, new.encode())
             # Another process may have created it first: what is there wins.
