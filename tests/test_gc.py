@@ -36,6 +36,8 @@ def gc(store: Store, *args: Any, **kw: Any) -> GcReport:
     with any unused byte is repacked (``max_unused=0``), as a format-1 sweep would."""
     kw.setdefault("max_unused", 0.0)
     return _gc(store, *args, **kw)
+
+
 _POOL = np.random.default_rng(1234).integers(0, 256, (12, BS), dtype=np.uint8)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from damage import flip_last_byte
 
 from apollo_cas.errors import CorruptChunk, TargetError
 from apollo_cas.sources.seed import SeedSource
@@ -109,11 +110,7 @@ def test_failed_first_restore_creates_nothing_that_looks_valid(saved, tmp_path, 
 def test_corrupt_chunk_fails_the_restore_naming_it(saved, tmp_path):
     st, cid, _ = saved
     victim = st.manifest(cid).tensors[3].chunks[0].hex()
-    path = next((st.backend.root / "chunks").rglob(victim))
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
+    flip_last_byte(st, bytes.fromhex(victim))
     with pytest.raises(CorruptChunk, match=victim):
         st.restore(cid, tmp_path / "out", format="flat")
     assert not (tmp_path / "out" / "weights.json").exists()
