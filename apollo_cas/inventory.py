@@ -326,7 +326,9 @@ class PackInventory(ChunkInventory):
             return None
 
         pids = sorted(idx.packs)
-        bad = {p: why for p, why in zip(pids, bounded_map(problem, pids, workers), strict=True) if why}
+        bad = {
+            p: why for p, why in zip(pids, bounded_map(problem, pids, workers), strict=True) if why
+        }
         out: dict[bytes, str] = {}
         healthy: set[bytes] = set()
         for pid in pids:

@@ -63,6 +63,7 @@ class PackPlan:
     young_orphans: int = 0
     live_chunks: int = 0
     chunks_dropped: int = 0  # dead chunk copies in deleted and repacked packs
+    orphan_chunks: int = 0  # chunks in unindexed packs that go
     unused_bytes_left: int = 0  # unused bytes in packs that stay
 
     def _new_packs(self) -> list[tuple[int, int]]:
@@ -197,6 +198,8 @@ def plan(
             out.reindex.append(info)
         else:
             out.orphans[pid] = st.size
+            out.orphan_chunks += len(info.entries)
+    out.chunks_dropped += out.orphan_chunks
     return out, idx
 
 
@@ -275,7 +278,8 @@ def sweep(
     inv.refresh()
     res.packs_deleted = len(victims)
     res.bytes_freed += sum(victims.values())
-    res.chunks_dropped = sum(
-        1 for pid in doomed for e in idx.packs[pid].entries if e.chunk_id not in live
+    res.chunks_dropped = (
+        sum(1 for pid in doomed for e in idx.packs[pid].entries if e.chunk_id not in live)
+        + p.orphan_chunks
     )
     return res

@@ -54,6 +54,20 @@ def new_store_format() -> int:
     return int(env)
 
 
+def new_pack_size() -> int:
+    """The target pack size a format-2 store created now gets:
+    ``APOLLO_CAS_PACK_SIZE`` (bytes; tests and benchmarks use small ones), else 64 MiB."""
+    env = os.environ.get("APOLLO_CAS_PACK_SIZE", "")
+    if not env:
+        return DEFAULT_PACK_SIZE
+    if not env.isdigit() or not 4096 <= int(env) <= 1 << 30:
+        raise UsageError(
+            f"APOLLO_CAS_PACK_SIZE={env!r} is not a pack size",
+            "give a number of bytes between 4096 and 1 GiB, or unset it",
+        )
+    return int(env)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint id with its manifest and the refs that name it."""
@@ -109,7 +123,7 @@ class Repository:
                     "check --store / APOLLO_CAS_STORE; a store is created by its first save",
                 ) from None
             new = StoreConfig(
-                format=fmt or new_store_format(), pack_size=pack_size or DEFAULT_PACK_SIZE
+                format=fmt or new_store_format(), pack_size=pack_size or new_pack_size()
             )
             self.backend.put_if_absent(layout.CONFIG_KEY, new.encode())
             # Another process may have created it first: what is there wins.

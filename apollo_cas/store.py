@@ -94,7 +94,9 @@ class Store:
         #: What restores read chunks through (a seam: tests wrap it to inject failures).
         self.reader: ChunkReader = self.chunks
         self.locks = Locks(backend)
-        self._format: int | None = None  # the format a store created by this object gets
+        # The format and pack size a store created by this object gets.
+        self._format: int | None = None
+        self._pack_size: int | None = None
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -106,12 +108,14 @@ class Store:
         policy: codecs.CodecPolicy | None = None,
         workers: int | None = None,
         format: int | None = None,
+        pack_size: int | None = None,
     ) -> Store:
         """Open the store at ``location``. With ``create``, a missing store is
         created (in ``format``, default 2: packs); otherwise it must exist (a
         typo must not silently make a new one). An existing store keeps its format."""
         store = cls(open_backend(os.fspath(location)), policy, workers)
         store._format = format
+        store._pack_size = pack_size
         store._check_config(create)
         return store
 
@@ -125,7 +129,7 @@ class Store:
         return self.repo.inventory
 
     def _check_config(self, create: bool) -> StoreConfig | None:
-        return self.repo.open_config(create, self._format)
+        return self.repo.open_config(create, self._format, self._pack_size)
 
     @property
     def format(self) -> int:
