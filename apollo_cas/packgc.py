@@ -155,14 +155,16 @@ def plan(
     copied: set[bytes] = set()
     for pid, info in sorted(idx.packs.items()):
         u = used[pid]
+        # The trailer is part of what a pack needs: only dead envelopes are unused.
+        unused = info.size - packs.trailer_size(len(info.entries)) - u
         if u == 0:
             out.delete[pid] = info.size
-        elif 1 - u / info.size > max_unused:
+        elif unused / info.size > max_unused:
             out.repack[pid] = info.size
         else:
             out.keep.add(pid)
             out.keep_counts.append(len(info.entries))
-            out.unused_bytes_left += info.size - u
+            out.unused_bytes_left += unused
     out.index_sizes = [
         packs.index_size(len(idx.packs[p].entries) for p in pids) for pids in idx.indexes.values()
     ]
