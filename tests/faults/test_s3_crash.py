@@ -56,6 +56,15 @@ SEED = int(os.environ.get("APOLLO_CAS_FAULT_SEED", str(int(time.time()) % 100_00
 BLOCK = "64KiB"  # many objects per save: kills land between uploads
 
 
+@pytest.fixture(autouse=True, params=[1, 2], ids=["format1", "format2"])
+def store_format(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Both store formats; format 2 with 256 KiB packs, so a save is still many
+    uploads for the kills to land between (the CLI reads the same environment)."""
+    monkeypatch.setenv("APOLLO_CAS_FORMAT", str(request.param))
+    monkeypatch.setenv("APOLLO_CAS_PACK_SIZE", str(256 << 10))
+    return int(request.param)
+
+
 def run_ok(*args: object) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(
         [*apollo(), *map(str, args)],
