@@ -8,7 +8,7 @@ For a generated bf16 model (default 256 MiB, 1 MiB blocks):
 * S3 requests (PUT, GET, HEAD, LIST, DELETE) per full save, dense step and
   restore on a local SeaweedFS (tests/s3server.py), both formats (``--no-s3``
   skips it);
-* page-cache reads: the latest checkpoint's stored bytes read through the
+* page-cache reads: the full save's stored bytes read through the
   restore's read path (spans of a pack, the decoder's threads) and the whole
   restore (read, decode, re-hash, write to /dev/shm), beside the same number of
   bytes read from one file with the same threads;
@@ -116,11 +116,13 @@ def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]
     out: dict[str, Any] = {"format": fmt, "saves": []}
     workers = default_workers()
     with Store.open(root, create=True, format=fmt, workers=workers) as st:
+        full_id = ""
         for label, w in seq:
             before = objects(root)
             t0 = time.perf_counter()
             r = st.save(w, block_size=MiB)
             dt = time.perf_counter() - t0
+            full_id = full_id or r.checkpoint_id or ""
             new = len(objects(root) - before)
             stored = r.stats.new_stored_bytes
             out["saves"].append(
@@ -135,8 +137,9 @@ def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]
                     "target_objects": stored // (16 * MiB) + 5,
                 }
             )
-        # Page-cache reads of the latest checkpoint through the restore's read path.
-        m = st.manifest(st.resolve("latest"))
+        # Page-cache reads of the full save (every chunk a full envelope, in
+        # tensor order in format 2) through the restore's read path.
+        m = st.manifest(full_id)
         jobs = [(0, 0, c) for t in m.tensors for c in t.chunks]
         stored_bytes = 0
         for cid in {j[2] for j in jobs}:
@@ -156,7 +159,7 @@ def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
         dest = Path(tempfile.mkdtemp(dir=shm, prefix="apollo-bench-"))
         t0 = time.perf_counter()
-        st.restore("latest", dest, format="flat")
+        st.restore(full_id, dest, format="flat")
         restore_s = time.perf_counter() - t0
         shutil.rmtree(dest)
         probe = root / "one-file"
@@ -216,14 +219,16 @@ def s3_run(fmt: int, seq: list[tuple[str, dict[str, np.ndarray]]], work: Path) -
     out: dict[str, Any] = {"format": fmt}
     with local_s3_location() as location, Store.open(location, create=True, format=fmt) as st:
         st.backend._capabilities()  # the one-off capability probe, not counted
+        full_id = ""
         for label, w in seq:
             with counting(st.backend) as calls:
-                st.save(w, block_size=MiB)
+                r = st.save(w, block_size=MiB)
+            full_id = full_id or r.checkpoint_id or ""
             out[label] = dict(calls)
         dest = work / f"s3-restore-f{fmt}"
         with counting(st.backend) as calls:
-            st.restore("latest", dest, format="flat")
-        out["restore"] = dict(calls)
+            st.restore(full_id, dest, format="flat")
+        out["restore full save"] = dict(calls)
         shutil.rmtree(dest, ignore_errors=True)
     return out
 
