@@ -249,6 +249,10 @@ class PackInventory(ChunkInventory):
     def locate(self, chunk_id: bytes) -> Location:
         hit = self.index().chunks.get(chunk_id)
         if hit is None:
+            # Another process may have saved it since this one loaded the index.
+            self.refresh()
+            hit = self.index().chunks.get(chunk_id)
+        if hit is None:
             raise CorruptChunk(
                 f"chunk {chunk_id.hex()} is missing from {self.backend.location} (no index names it)",
                 _MISSING_HINT,

@@ -114,6 +114,7 @@ def store_stats(store: Store) -> StoreStats:
         for b in m.bases.values():
             raw.setdefault(b, 0)
     inventory = store.inventory
+    inventory.refresh()
     stored, stored_chunks = inventory.stored_bytes(store.workers)
     present = inventory.ids()
     in_tensors = {c for m in manifests for t in m.tensors for c in t.chunks}

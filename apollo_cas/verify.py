@@ -320,6 +320,7 @@ def _verify(
     for m in manifests.values():
         needed |= m.chunk_ids()
     inventory = store.inventory
+    inventory.refresh()  # what is there now, under our lock, not what this process saw
     present = inventory.ids()
     report.chunks_referenced = len(needed)
     report.chunks_present = len(present & needed)

@@ -451,3 +451,16 @@ def test_migrate_killed_then_run_again(
         assert st.format == 2
     assert not any(p.is_file() for p in (store / "chunks").rglob("*"))
     assert_fixture_restores(store, expected, tmp_path)
+
+
+def test_a_long_lived_store_reads_what_another_process_saved_since(
+    st: Store, tmp_store: str, tmp_path: Path
+) -> None:
+    """The index is cached per process: a checkpoint saved by another process
+    after this one loaded it must still restore and verify (locate looks again)."""
+    st.save(model(20), block_size=BS)
+    assert verify(st).ok  # loads the index
+    with Store.open(tmp_store) as other:
+        newer = other.save(model(21), block_size=BS).checkpoint_id or ""
+    assert restored(st, newer, tmp_path / "out") == flat(model(21))
+    assert verify(st, read_data=True).ok
