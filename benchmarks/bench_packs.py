@@ -181,11 +181,63 @@ def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]
             "one_file_same_bytes_gb_s": round(one, 3),
             "read_path_vs_one_file": round(got / raw_s / 1e9 / one, 3),
         }
+        out["gc_keep_last_1"] = gc_measure(st, seq[-1][1], work / f"fresh-f{fmt}", fmt)
     out["fsync_write_gb_s"] = round(fsync_write_bandwidth(work, 256 * MiB), 3)
     full = out["saves"][0]
     out["full_save_stored_vs_fsync_write"] = round(full["stored_gb_s"] / out["fsync_write_gb_s"], 3)
     shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+def gc_measure(st: Store, last: dict[str, np.ndarray], fresh: Path, fmt: int) -> dict[str, Any]:
+    """``gc --keep-last 1 --max-unused 0`` twice: on the sequence (the dense step
+    is kept with the delta bases it needs), against a fresh store holding only
+    that checkpoint; then after an unrelated full save, the fraction of the
+    unreachable chunk bytes it reclaims."""
+    from apollo_cas import reports
+    from apollo_cas.gc import gc
+    from apollo_cas.retention import RetentionPolicy
+
+    def dead_bytes() -> int:
+        st.inventory.refresh()
+        live: set[bytes] = set()
+        for c in st.checkpoint_ids():
+            live |= st.manifest(c).chunk_ids()
+        return sum(st.inventory.stored_sizes(st.inventory.ids() - live, st.workers).values())
+
+    policy = RetentionPolicy(keep_last=1)
+    gc(st, policy, max_unused=0.0, grace=0.0)
+    after = reports.store_stats(st)
+    shutil.rmtree(fresh, ignore_errors=True)
+    with Store.open(fresh, create=True, format=fmt) as f:
+        f.save(last, block_size=MiB)
+        alone = reports.store_stats(f).stored_bytes
+    shutil.rmtree(fresh, ignore_errors=True)
+    other = examples.generate(
+        examples.ModelShape.for_bytes(sum(a.nbytes for a in last.values())), seed=99
+    )
+    st.save(other, block_size=MiB)
+    before = reports.store_stats(st).stored_bytes
+    t0 = time.perf_counter()
+    # Forget the dense step too: everything but the unrelated save is unreachable.
+    r = gc(st, policy, max_unused=0.0, grace=0.0)
+    gc_s = time.perf_counter() - t0
+    left = reports.store_stats(st).stored_bytes
+    unreachable = before - sum(
+        st.inventory.stored_sizes(st.manifest(st.resolve("latest")).chunk_ids(), 1).values()
+    )
+    return {
+        "stored_after_gc_of_the_sequence": after.stored_bytes,
+        "kept_only_as_delta_bases_bytes": after.base_only_bytes,
+        "fresh_store_with_only_the_kept_checkpoint": alone,
+        "unreachable_before_second_gc": unreachable,
+        "reclaimed_fraction_of_unreachable": round((before - left) / unreachable, 4)
+        if unreachable
+        else None,
+        "dead_chunk_bytes_left": dead_bytes(),
+        "second_gc_seconds": round(gc_s, 3),
+        "packs": r.packs,
+    }
 
 
 def read_raw(st: Store, span: Any) -> int:
