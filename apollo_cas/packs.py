@@ -155,8 +155,8 @@ def decode_index(data: bytes, where: str, index_id: str | None = None) -> list[P
     def bad(why: str) -> StoreError:
         return StoreError(
             f"index {where} is damaged: {why}",
-            "run 'apollo-cas repair-index' or 'apollo-cas verify'; its packs can be re-indexed "
-            "from their trailers",
+            "move that object out of the store: 'apollo-cas gc' then re-indexes its packs "
+            "from their trailers (packs older than --grace)",
         )
 
     if index_id is not None and digest_hex(data) != index_id:

@@ -22,7 +22,7 @@ import xxhash
 from apollo_cas import layout, packs
 from apollo_cas.backends.base import Backend, ObjectInfo
 from apollo_cas.backends.local import LocalBackend
-from apollo_cas.errors import CorruptChunk
+from apollo_cas.errors import CorruptChunk, StoreError
 from apollo_cas.hashing import digest_hex
 from apollo_cas.inventory import PackIndex, read_trailer
 from apollo_cas.store import Store
@@ -464,3 +464,22 @@ def test_a_long_lived_store_reads_what_another_process_saved_since(
         newer = other.save(model(21), block_size=BS).checkpoint_id or ""
     assert restored(st, newer, tmp_path / "out") == flat(model(21))
     assert verify(st, read_data=True).ok
+
+
+def test_a_damaged_index_is_one_clear_error_and_gc_rebuilds_it(
+    st: Store, tmp_store: str, tmp_path: Path
+) -> None:
+    m = model(30)
+    cid = st.save(m, block_size=BS).checkpoint_id or ""
+    [index] = list((Path(tmp_store) / "index").iterdir())
+    index.write_bytes(index.read_bytes()[:-7])
+    with Store.open(tmp_store) as fresh, pytest.raises(StoreError, match=r"index .* is damaged"):
+        verify(fresh)
+    shutil.move(index, tmp_path / "aside")  # what the error's hint says
+    from apollo_cas.gc import gc
+
+    with Store.open(tmp_store) as fresh:
+        r = gc(fresh, grace=0.0)
+        assert r.packs["packs_reindexed"] == len(pack_paths(tmp_store))
+        assert verify(fresh, read_data=True).ok
+        assert restored(fresh, cid, tmp_path / "out") == flat(m)
