@@ -483,3 +483,17 @@ def test_a_damaged_index_is_one_clear_error_and_gc_rebuilds_it(
         assert r.packs["packs_reindexed"] == len(pack_paths(tmp_store))
         assert verify(fresh, read_data=True).ok
         assert restored(fresh, cid, tmp_path / "out") == flat(m)
+
+
+def test_cli_gc_dry_run_prints_the_plan(tmp_store: str, run_cli: Callable[..., Any]) -> None:
+    with Store.open(tmp_store, create=True, format=2, pack_size=PACK) as s:
+        s.save(model(40), block_size=BS, created=1.0)
+        s.save(model(41), block_size=BS, created=2.0)
+        n = len(pack_paths(tmp_store))
+    before = sorted(p.name for p in pack_paths(tmp_store))
+    p = run_cli("gc", "--store", tmp_store, "--keep-last", "1", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert "packs: would delete" in p.stdout and "nothing was deleted" in p.stdout
+    assert sorted(p.name for p in pack_paths(tmp_store)) == before
+    p = run_cli("gc", "--store", tmp_store, "--keep-last", "1", "--json")
+    assert json.loads(p.stdout)["packs"]["packs_deleted"] == n // 2
