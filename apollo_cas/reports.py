@@ -7,7 +7,6 @@ from typing import Any
 
 from . import layout
 from .manifest import Manifest, TensorEntry
-from .parallel import bounded_map
 from .store import Checkpoint, Store
 
 
@@ -123,13 +122,16 @@ class StoreStats:
     unique_raw_bytes: int  # decoded size of the chunks used directly
     base_only_chunks: int  # chunks kept only as delta bases of other chunks
     base_only_stored_bytes: int
-    stored_bytes: int  # bytes of every chunk object (referenced or not)
+    stored_bytes: int  # bytes of every chunk object or pack (referenced or not)
     stored_chunks: int
     unreferenced_chunks: int
     dedup_ratio: float  # logical / unique raw
     compression_ratio: float  # unique raw / stored size of the chunks used directly
     total_ratio: float  # logical / stored
     per_checkpoint: list[CheckpointRow] = field(default_factory=list)
+    #: the same as ``base_only_stored_bytes`` (the name the packs report used)
+    base_only_bytes: int = 0
+    store_format: int = 1
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,24 +150,21 @@ def store_stats(store: Store) -> StoreStats:
     manifests = [c.manifest for c in cps]
     raw = _raw_sizes(manifests)
     bases = base_only(manifests)
-    keys = list(store.backend.list(layout.CHUNKS_PREFIX))
-    sizes = list(bounded_map(lambda k: store.backend.info(k).size, keys, store.workers))
-    by_id = {
-        cid: n
-        for cid, n in zip((layout.chunk_id_from_key(k) for k in keys), sizes, strict=True)
-        if cid
-    }
-    stored = sum(sizes)
-    used_stored = sum(by_id.get(c.hex(), 0) for c in raw)
-    bases_stored = sum(by_id.get(c.hex(), 0) for c in bases)
+    inventory = store.inventory
+    inventory.refresh()  # what is there now, not what this process saw
+    stored, stored_chunks = inventory.stored_bytes(store.workers)
+    present = inventory.ids()
+    needed = set(raw) | bases
+    by_id = inventory.stored_sizes(needed, store.workers)
+    used_stored = sum(by_id.get(c, 0) for c in raw)
+    bases_stored = sum(by_id.get(c, 0) for c in bases)
     # Each checkpoint on its own: its chunks, plus the delta bases only it needs.
     compressed = sum(
-        sum(by_id.get(c.hex(), 0) for t in m.tensors for c in t.chunks)
-        + sum(by_id.get(c.hex(), 0) for c in base_only([m]))
-        + (by_id.get(m.saved_files.chunk.hex(), 0) if m.saved_files is not None else 0)
+        sum(by_id.get(c, 0) for t in m.tensors for c in t.chunks)
+        + sum(by_id.get(c, 0) for c in base_only([m]))
+        + (by_id.get(m.saved_files.chunk, 0) if m.saved_files is not None else 0)
         for m in manifests
     )
-    needed_hex = {c.hex() for c in raw} | {c.hex() for c in bases}
     logical = sum(m.logical_bytes for m in manifests)
     unique_raw = sum(raw.values())
     return StoreStats(
@@ -178,12 +177,14 @@ def store_stats(store: Store) -> StoreStats:
         base_only_chunks=len(bases),
         base_only_stored_bytes=bases_stored,
         stored_bytes=stored,
-        stored_chunks=len(keys),
-        unreferenced_chunks=len(set(by_id) - needed_hex),
+        stored_chunks=stored_chunks,
+        unreferenced_chunks=len(present - needed),
         dedup_ratio=logical / unique_raw if unique_raw else 1.0,
         compression_ratio=unique_raw / used_stored if used_stored else 1.0,
         total_ratio=logical / stored if stored else 1.0,
         per_checkpoint=[CheckpointRow.of(c) for c in cps],
+        base_only_bytes=bases_stored,
+        store_format=inventory.format,
     )
 
 

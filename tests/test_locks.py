@@ -302,6 +302,7 @@ def test_gc_sweep_waits_for_a_running_save(store_with_one: tuple[str, str]) -> N
     root, _ = store_with_one
     with Store.open(root) as st:
         st.chunks.put_block(b"\x01" * 4096)  # something to sweep
+        st.chunks.flush()  # format 2: its pack and index, as at the end of a save
         h = Holder(root, "shared", 2.0)  # a save in progress
         r = gc(st, grace=0)
         done = time.monotonic()

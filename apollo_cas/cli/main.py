@@ -26,7 +26,7 @@ import click
 
 from .. import frontend
 from ..errors import ApolloError
-from . import demo, exits, maintenance, report, restore, save
+from . import demo, exits, maintenance, migrate, report, restore, save
 from .allocator import keep_freed_memory
 from .common import emit_json
 
@@ -66,6 +66,7 @@ for command in (
     report.diff,
     report.tag,
     *maintenance.COMMANDS,
+    migrate.migrate,
     demo.demo,
 ):
     cli.add_command(command)

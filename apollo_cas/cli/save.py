@@ -45,14 +45,15 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def block_size_option(default: str = "1MiB") -> Callable[[F], F]:
+def block_size_option(default: str | None = "1MiB") -> Callable[[F], F]:
     return click.option(
         "--block-size",
         default=default,
-        show_default=True,
+        show_default=default is not None,
         metavar="SIZE",
         help="Block size (bytes, or with K/M suffix). 1 MiB balances dedup "
-        "granularity against object count.",
+        "granularity against object count."
+        + ("" if default else " Default: the series' latest checkpoint's, else 1 MiB."),
     )
 
 
@@ -116,7 +117,7 @@ def save_sources(
     kind: str | None,
     series: str,
     tag: str | None,
-    block_size: int,
+    block_size: int | None,
     force: bool,
     meta: dict[str, str],
     rank: int | None,
@@ -185,7 +186,7 @@ def _save_one(
     kind: str | None,
     series: str,
     tag: str | None,
-    block_size: int,
+    block_size: int | None,
     force: bool,
     meta: dict[str, str],
     rank: int | None,
@@ -242,7 +243,7 @@ def _save_one(
 @click.option(
     "--tag", metavar="NAME", help="Tag the new checkpoint (gc never removes tagged ones)."
 )
-@block_size_option()
+@block_size_option(default=None)
 @json_option
 @click.option(
     "--source-kind",
@@ -311,7 +312,7 @@ def save(
     sources: tuple[Path, ...],
     store: str | None,
     tag: str | None,
-    block_size: str,
+    block_size: str | None,
     as_json: bool,
     source_kind: str | None,
     series: str,
@@ -355,14 +356,15 @@ def save(
             "name a SOURCE (or --handles FILE, or --checkpoint-dir DIR to import)",
         )
     location = need_store(store, origin)
-    bs = checked_block_size(block_size, warn=False)
+    bs = checked_block_size(block_size, warn=False) if block_size else None
     meta_map = _parse_meta(meta)
     if not paths:
         assert checkpoint_dir is not None
         import_only(checkpoint_dir, location, make_policy(codec, level, delta), series, as_json)
         return
     precheck_sources(paths, kind)
-    warn_block_size(bs)
+    if bs is not None:
+        warn_block_size(bs)
     st, created = open_for_save(
         location, make_policy(codec, level, delta), allow_non_empty=force, workers=workers
     )
@@ -431,7 +433,7 @@ def import_history(
     root: Path,
     *,
     series: str,
-    block_size: int,
+    block_size: int | None,
     force: bool = False,
     meta: dict[str, str] | None = None,
     tag: str | None = None,
