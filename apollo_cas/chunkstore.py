@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 from . import codecs
 from .backends.base import Backend
-from .errors import CorruptChunk, ObjectNotFound
+from .errors import CorruptChunk
 from .hashing import digest
-from .layout import chunk_key
+from .inventory import HEADER_PEEK, ChunkInventory, Location, LooseInventory
 
-#: Enough of a chunk to parse its envelope and codec parameters.
-HEADER_PEEK = 512
+__all__ = ["HEADER_PEEK", "ChunkStore", "Prepared", "PutResult"]
 
 
 @dataclass(frozen=True)
@@ -31,17 +30,38 @@ class PutResult:
     base: bytes | None  # the chunk it is a delta against, if any
 
 
-class ChunkStore:
-    """Content-addressed chunks on top of a backend."""
+@dataclass(frozen=True)
+class Prepared:
+    """A block hashed and, unless the store has it, encoded: ready to be stored."""
 
-    def __init__(self, backend: Backend, policy: codecs.CodecPolicy) -> None:
+    chunk_id: bytes
+    blob: bytes | None  # None: already present (or being written by another task)
+    raw_size: int
+    base: bytes | None
+
+
+class ChunkStore:
+    """Content-addressed chunks on top of a chunk inventory (format 1 or 2)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        policy: codecs.CodecPolicy,
+        inventory: ChunkInventory | None = None,
+    ) -> None:
         self.backend = backend
         self.policy = policy
+        self.inventory: ChunkInventory = inventory or LooseInventory(backend)
         # Ids known to exist (written or seen in a manifest this process trusts);
         # spares one existence check per unchanged block.
         self.known: set[bytes] = set()
         self._claimed: set[bytes] = set()
         self._lock = threading.Lock()
+
+    @property
+    def ordered_writes(self) -> bool:
+        """Whether :meth:`commit` must be called in tensor order from one thread."""
+        return self.inventory.ordered_writes
 
     def forget_known(self) -> None:
         """Drop the cache of chunks believed to exist.
@@ -54,11 +74,12 @@ class ChunkStore:
         with self._lock:
             self.known.clear()
             self._claimed.clear()
+        self.inventory.refresh()
 
     def exists(self, chunk_id: bytes) -> bool:
         if chunk_id in self.known:
             return True
-        return self.backend.exists(chunk_key(chunk_id.hex()))
+        return self.inventory.exists(chunk_id)
 
     def _claim(self, chunk_id: bytes) -> bool:
         """True if this thread should write ``chunk_id`` (no other thread is)."""
@@ -68,14 +89,14 @@ class ChunkStore:
             self._claimed.add(chunk_id)
             return True
 
-    def put_block(
+    def prepare(
         self,
         data: bytes | memoryview,
         itemsize: int = 1,
         chunk_id: bytes | None = None,
         base: codecs.Base | None = None,
-    ) -> PutResult:
-        """Store one block unless it is already there.
+    ) -> Prepared:
+        """Hash ``data`` and, if the store lacks it, encode it (any thread).
 
         ``chunk_id``, when given (computed on the GPU), is checked against the
         bytes, so a device/host disagreement can never name a chunk wrongly.
@@ -86,38 +107,62 @@ class ChunkStore:
                 f"block hashed to {actual.hex()} on the host but {chunk_id.hex()} on the device",
                 "the weights changed during the save (pause training) or the GPU hash is wrong; retry",
             )
+        n = memoryview(data).nbytes
         if not self._claim(actual) or self.exists(actual):
-            return PutResult(actual, False, 0, None)
+            return Prepared(actual, None, n, None)
         blob = (
             codecs.encode(data, self.policy, itemsize, base=base)
             if base is not None
             else codecs.encode(data, self.policy, itemsize)
         )
-        written = self.backend.put_if_absent(chunk_key(actual.hex()), blob, durable=False)
+        base_hex = codecs.base_of(blob)
+        return Prepared(actual, blob, n, bytes.fromhex(base_hex) if base_hex else None)
+
+    def commit(self, p: Prepared) -> PutResult:
+        """Store a prepared block (in tensor order when :attr:`ordered_writes`)."""
+        if p.blob is None:
+            return PutResult(p.chunk_id, False, 0, None)
+        written = self.inventory.add(p.chunk_id, p.blob, p.raw_size, p.base)
         with self._lock:
-            self.known.add(actual)
-        base_hex = codecs.base_of(blob) if written else None
+            self.known.add(p.chunk_id)
         return PutResult(
-            actual,
-            written,
-            len(blob) if written else 0,
-            bytes.fromhex(base_hex) if base_hex else None,
+            p.chunk_id, written, len(p.blob) if written else 0, p.base if written else None
         )
 
-    def get_blob(self, chunk_id: bytes) -> bytes:
-        hex_id = chunk_id.hex()
-        try:
-            return self.backend.get(chunk_key(hex_id))
-        except ObjectNotFound:
-            raise CorruptChunk(
-                f"chunk {hex_id} is missing from {self.backend.location}",
-                "run 'apollo-cas verify' to see which checkpoints it breaks; restore another one",
-            ) from None
+    def put_block(
+        self,
+        data: bytes | memoryview,
+        itemsize: int = 1,
+        chunk_id: bytes | None = None,
+        base: codecs.Base | None = None,
+    ) -> PutResult:
+        """Store one block unless it is already there (format 2: flushed by :meth:`flush`)."""
+        return self.commit(self.prepare(data, itemsize, chunk_id, base))
 
-    def read(self, chunk_id: bytes) -> bytes:
-        """The raw bytes of a chunk, decoded (delta bases resolved) and verified."""
+    def flush(self) -> None:
+        """Make every block stored so far durable and findable (before a manifest)."""
+        self.inventory.flush()
+
+    def discard(self) -> None:
+        """A save failed: drop its unflushed writes."""
+        self.inventory.discard()
+
+    def get_blob(self, chunk_id: bytes) -> bytes:
+        return self.inventory.read_envelope(chunk_id)
+
+    def locate(self, chunk_id: bytes) -> Location:
+        return self.inventory.locate(chunk_id)
+
+    def read(self, chunk_id: bytes, size: int | None = None) -> bytes:
+        """The raw bytes of a chunk, decoded (delta bases resolved) and verified.
+
+        With ``size``, a decoded length other than ``size`` is damage.
+        """
+        return self.decode(chunk_id, self.get_blob(chunk_id), size)
+
+    def decode(self, chunk_id: bytes, blob: bytes | memoryview, size: int | None = None) -> bytes:
+        """Decode and verify one envelope read elsewhere (a range of a pack)."""
         hex_id = chunk_id.hex()
-        blob = self.get_blob(chunk_id)
         raw = codecs.decode(
             blob, f"chunk {hex_id}", load_base=lambda h: self.read(bytes.fromhex(h))
         )
@@ -126,14 +171,26 @@ class ChunkStore:
                 f"chunk {hex_id} is corrupt: its content does not hash to its name",
                 "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
             )
+        if size is not None and len(raw) != size:
+            raise CorruptChunk(
+                f"chunk {hex_id} decodes to {len(raw)} bytes where its tensor needs {size}",
+                "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
+            )
         return raw
+
+    def read_span(
+        self, key: str, offset: int, items: list[tuple[bytes, int, int, int | None]]
+    ) -> list[bytes]:
+        """Several chunks that lie back to back in one object, in one ranged read.
+
+        ``items`` are ``(chunk id, offset, length, size)`` with absolute offsets
+        inside ``key``, ascending from ``offset``; each is decoded and verified.
+        """
+        end = max(o + n for _, o, n, _s in items)
+        loc = Location(key, offset, end - offset)
+        data = memoryview(self.inventory.read_range(loc, items[0][0]))
+        return [self.decode(cid, data[o - offset : o - offset + n], s) for cid, o, n, s in items]
 
     def base_of(self, chunk_id: bytes) -> bytes | None:
         """The base a stored chunk is a delta against (reads only its header)."""
-        hex_id = chunk_id.hex()
-        try:
-            head = self.backend.get_range(chunk_key(hex_id), 0, HEADER_PEEK)
-        except ObjectNotFound:
-            return None
-        b = codecs.base_of(head, f"chunk {hex_id}")
-        return bytes.fromhex(b) if b else None
+        return self.inventory.base_of(chunk_id)

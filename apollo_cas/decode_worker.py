@@ -1,9 +1,14 @@
 """A restore worker process: decodes chunks and writes them into output files.
 
 Started by :mod:`apollo_cas.decoding` as ``python -m apollo_cas.decode_worker
-STORE``. Protocol on stdin/stdout, length-prefixed msgpack frames: request ``[paths, [[out, offset,
-chunk_id], ...]]``; reply ``[[out, offset, length], ...]`` or, on an error,
-``{"type": error class name, "message": ..., "hint": ...}``. Exits at EOF.
+STORE``. Protocol on stdin/stdout, length-prefixed msgpack frames: request
+``[paths, [span, ...]]`` where a span is ``[key, offset, [[out, out_offset,
+chunk_id, offset_in_key, length, size], ...]]`` (:data:`apollo_cas.decoding.Span`);
+reply ``[[out, offset, length], ...]`` or, on an error, ``{"type": error class
+name, "message": ..., "hint": ...}``. Exits at EOF.
+
+A worker opens only a chunk reader (:func:`open_reader`: the backend, its
+config and the chunk inventory), not a whole store.
 """
 
 from __future__ import annotations
@@ -12,13 +17,30 @@ import mmap
 import os
 import sys
 
-from .decoding import recv_frame, send_frame
-from .errors import ApolloError
-from .store import Store
+from .chunkstore import ChunkStore
+from .decoding import read_span, recv_frame, send_frame
+from .errors import ApolloError, StoreNotFound
+
+
+def open_reader(location: str) -> ChunkStore:
+    """A verified chunk reader on the store at ``location``, in its format."""
+    from . import codecs, layout
+    from .backends import open_backend
+    from .errors import ObjectNotFound
+    from .inventory import open_inventory
+    from .manifest import StoreConfig
+
+    backend = open_backend(location)
+    try:
+        cfg = StoreConfig.decode(backend.get(layout.CONFIG_KEY), location)
+    except ObjectNotFound:
+        raise StoreNotFound(f"no apollo_cas store at {location}") from None
+    inventory = open_inventory(backend, cfg.format, cfg.pack_size, workers=1)
+    return ChunkStore(backend, codecs.CodecPolicy(), inventory)
 
 
 def serve(location: str) -> None:
-    store = Store.open(location, workers=1)
+    reader = open_reader(location)
     out, inp = sys.stdout.buffer, sys.stdin.buffer
     maps = OutputMaps()
     while True:
@@ -29,10 +51,11 @@ def serve(location: str) -> None:
             return
         try:
             done = []
-            for o, offset, cid in batch:
-                data = store.read_chunk(bytes(cid))
-                maps.get(paths[o])[offset : offset + len(data)] = data
-                done.append((o, offset, len(data)))
+            for key, first, items in batch:
+                span = (key, first, [(o, off, bytes(c), at, n, s) for o, off, c, at, n, s in items])
+                for (o, offset, *_), data in zip(span[2], read_span(reader, span), strict=True):
+                    maps.get(paths[o])[offset : offset + len(data)] = data
+                    done.append((o, offset, len(data)))
             reply: object = done
         except ApolloError as exc:
             reply = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}

@@ -7,9 +7,15 @@ restore.json), reading + decoding + verifying chunks peaks at about 2 GB/s with
 copies and file reads hold the GIL between the parts that release it; the same
 work in 16 processes runs at 9.5 GB/s. So large restores from stores that
 other processes can open (a directory, S3) decode in worker processes, each of
-which opens the store itself and ``pwrite``s verified chunks straight into the
-output file: no chunk bytes ever travel between processes. Small restores, the
-in-memory backend and machines with few cores use threads.
+which opens a chunk reader on the store itself and writes verified chunks
+straight into the output file: no chunk bytes ever travel between processes.
+Small restores, backends that other processes cannot open (declared by
+``Backend.capabilities``) and machines with few cores use threads.
+
+Chunks are read through a small :class:`ChunkReader` protocol. In a format-2
+store the jobs, in output order, are grouped into *spans*: runs of chunks that
+lie back to back in one pack, read with one ranged read of up to
+:data:`SPAN_BYTES` and then decoded and re-hashed one by one.
 """
 
 from __future__ import annotations
@@ -21,22 +27,90 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from . import errors as errors_module
-from .errors import ApolloError, BackendError
+from .errors import ApolloError, BackendError, CorruptChunk
 from .parallel import bounded_map
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .backends.base import Capabilities
+    from .inventory import Location
 
 #: Restores smaller than this stay on threads: a process pool costs ~0.3 s to start.
 PROCESS_THRESHOLD = 512 << 20
 #: Chunks per task sent to a worker process (amortises the round trip).
 BATCH = 32
+#: The longest ranged read of one span (a few chunks back to back in a pack).
+SPAN_BYTES = 16 << 20
 
-Job = tuple[int, int, bytes]  # output index, byte offset, chunk id
+#: output index, byte offset, chunk id[, decoded size the output needs]
+Job = tuple[int, int, bytes] | tuple[int, int, bytes, int]
 DoneFn = Callable[[int, int, int], None]  # output index, offset, length
+#: (output, offset, chunk id, offset in the object, stored length, size or None)
+SpanItem = tuple[int, int, bytes, int, int, "int | None"]
+#: (object key, first offset, items): chunks back to back in one object, or
+#: one whole-object chunk (format 1: offset 0, length -1).
+Span = tuple[str, int, list[SpanItem]]
+
+
+class ChunkReader(Protocol):
+    """Verified chunks, for restores (``ChunkStore`` implements it)."""
+
+    def read(self, chunk_id: bytes, size: int | None = None) -> bytes:
+        """A chunk's raw bytes, re-hashed (and of length ``size`` if given)."""
+        ...
+
+    def locate(self, chunk_id: bytes) -> Location:
+        """Where its envelope is (CorruptChunk if the store lacks it)."""
+        ...
+
+    def read_span(
+        self, key: str, offset: int, items: list[tuple[bytes, int, int, int | None]]
+    ) -> list[bytes]:
+        """Chunks back to back in one object, in one ranged read, each verified."""
+        ...
+
+
+def spans(reader: ChunkReader, jobs: Iterable[Job]) -> Iterator[Span]:
+    """Group jobs, in their order, into runs that are contiguous in one object."""
+    cur: Span | None = None
+    end = 0
+    for job in jobs:
+        out, offset, cid = job[0], job[1], job[2]
+        size = job[3] if len(job) > 3 else None
+        loc = reader.locate(cid)
+        item: SpanItem = (out, offset, cid, loc.offset, loc.length, size)
+        if (
+            cur is not None
+            and loc.length >= 0
+            and loc.key == cur[0]
+            and loc.offset == end
+            and end + loc.length - cur[1] <= SPAN_BYTES
+        ):
+            cur[2].append(item)
+            end += loc.length
+            continue
+        if cur is not None:
+            yield cur
+        cur = (loc.key, loc.offset, [item])
+        end = loc.offset + loc.length
+    if cur is not None:
+        yield cur
+
+
+def read_span(reader: ChunkReader, span: Span) -> list[bytes]:
+    """The verified bytes of every chunk of ``span``, in order."""
+    key, first, items = span
+    if items[0][4] < 0:  # a whole object (format 1)
+        return [reader.read(it[2], it[5]) for it in items]
+    try:
+        return reader.read_span(key, first, [(it[2], it[3], it[4], it[5]) for it in items])
+    except CorruptChunk:
+        # The pack may have been repacked since we located the chunks (restores
+        # take no lock), or one chunk is damaged: read one by one, which looks
+        # again and names the damaged chunk.
+        return [reader.read(it[2], it[5]) for it in items]
 
 
 @dataclass(frozen=True)
@@ -59,24 +133,34 @@ class Decoder:
 
     def __init__(
         self,
-        read_chunk: Callable[[bytes], bytes],
+        reader: ChunkReader,
         workers: int,
         location: str | None = None,
         processes: bool = False,
     ) -> None:
-        self.read_chunk = read_chunk
+        self.reader = reader
         self.workers = workers
         self.location = location
         self.processes = processes and location is not None
 
+    def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:
+        return self.reader.read(chunk_id, size)
+
     @classmethod
-    def for_store(cls, store: Store, nbytes: int) -> Decoder:
-        """Processes when they pay off and the store can be opened by another process."""
+    def for_reader(
+        cls,
+        reader: ChunkReader,
+        workers: int,
+        location: str,
+        capabilities: Capabilities,
+        nbytes: int,
+    ) -> Decoder:
+        """Processes when they pay off and another process can open the store."""
         env = os.environ.get("APOLLO_CAS_PROCESSES", "auto")
-        shareable = not store.location.startswith("memory://")
-        big = nbytes >= PROCESS_THRESHOLD and store.workers >= 4
+        shareable = capabilities.shareable_across_processes
+        big = nbytes >= PROCESS_THRESHOLD and workers >= 4
         use = shareable and (env == "1" or (env == "auto" and big))
-        return cls(store.read_chunk, store.workers, store.location, use)
+        return cls(reader, workers, location, use)
 
     def write(
         self,
@@ -91,27 +175,29 @@ class Decoder:
         as each piece lands, so a caller can start using finished regions early.
         """
         if self.processes:
-            return self._write_processes(outputs, jobs, progress, on_done)
+            return self._write_processes(outputs, spans(self.reader, jobs), progress, on_done)
 
-        def task(job: Job) -> tuple[Job, int]:
-            out, offset, cid = job
-            data = self.read_chunk(cid)
-            pwrite_all(outputs[out].fd, data, offset)
-            return job, len(data)
+        def task(span: Span) -> list[tuple[int, int, int]]:
+            done = []
+            for it, data in zip(span[2], read_span(self.reader, span), strict=True):
+                pwrite_all(outputs[it[0]].fd, data, it[1])
+                done.append((it[0], it[1], len(data)))
+            return done
 
         total = 0
-        for (out, offset, _cid), n in bounded_map(task, jobs, self.workers):
-            total += n
-            if progress:
-                progress(n)
-            if on_done:
-                on_done(out, offset, n)
+        for done in bounded_map(task, spans(self.reader, jobs), self.workers):
+            for out, offset, n in done:
+                total += n
+                if progress:
+                    progress(n)
+                if on_done:
+                    on_done(out, offset, n)
         return total
 
     def _write_processes(
         self,
         outputs: list[Output],
-        jobs: Iterable[Job],
+        jobs: Iterable[Span],
         progress: Callable[[int], None] | None,
         on_done: DoneFn | None,
     ) -> int:
@@ -122,7 +208,7 @@ class Decoder:
         batches = _batches(jobs)
         errors: list[BaseException] = []
 
-        def next_batch() -> list[Job] | None:
+        def next_batch() -> list[Span] | None:
             with lock:
                 if errors:
                     return None
@@ -175,7 +261,7 @@ class _Worker:
             stdout=subprocess.PIPE,
         )
 
-    def call(self, paths: list[str], batch: list[Job]) -> list[tuple[int, int, int]]:
+    def call(self, paths: list[str], batch: list[Span]) -> list[tuple[int, int, int]]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             send_frame(self.proc.stdin, [paths, batch])
@@ -230,12 +316,15 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes:
     return buf
 
 
-def _batches(jobs: Iterable[Job]) -> Iterator[list[Job]]:
-    batch: list[Job] = []
+def _batches(jobs: Iterable[Span]) -> Iterator[list[Span]]:
+    """Spans in requests of about :data:`BATCH` chunks."""
+    batch: list[Span] = []
+    n = 0
     for j in jobs:
         batch.append(j)
-        if len(batch) == BATCH:
+        n += len(j[2])
+        if n >= BATCH:
             yield batch
-            batch = []
+            batch, n = [], 0
     if batch:
         yield batch

@@ -25,6 +25,11 @@ delta bases are kept) or runs after the chunk was deleted (``exists()`` says
 so, and the save writes it again). Chunks are deleted dependents first, so a
 delta's base is never gone while the delta can still be found. The full
 argument is in docs/CONCURRENCY.md.
+
+Phase 1 is the plan (what ``--dry-run`` prints), phase 2 its execution. Both
+go through the store's chunk inventory: in format 1 the sweep deletes chunk
+objects (below); in format 2 it deletes and repacks pack objects
+(:mod:`apollo_cas.packgc`), with the same locks and the same re-checks.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout
-from .errors import ApolloError, CorruptManifest, ObjectNotFound, UsageError
+from . import layout, packgc
+from .errors import ApolloError, CorruptManifest, UsageError
+from .inventory import LooseInventory, PackInventory
 from .manifest import Manifest
 from .parallel import bounded_map
 from .retention import RetentionPolicy, select
@@ -75,6 +81,8 @@ class GcReport:
     temporaries_removed: int = 0
     groups_deleted: int = 0
     rescued_chunks: int = 0  # candidates protected by saves that finished during phase 1
+    #: format 2: what happened to packs (packgc.PackPlan.to_json, plus what the sweep did)
+    packs: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     lock_wait_seconds: float = 0.0
 
@@ -96,18 +104,10 @@ class GcReport:
             "temporaries_removed": self.temporaries_removed,
             "groups_deleted": self.groups_deleted,
             "rescued_chunks": self.rescued_chunks,
+            **({"packs": self.packs} if self.packs else {}),
             "seconds": round(self.seconds, 4),
             "lock_wait_seconds": round(self.lock_wait_seconds, 4),
         }
-
-
-def _chunk_ids_present(store: Store) -> set[bytes]:
-    out = set()
-    for key in store.backend.list(layout.CHUNKS_PREFIX):
-        hex_id = layout.chunk_id_from_key(key)
-        if hex_id is not None:
-            out.add(bytes.fromhex(hex_id))
-    return out
 
 
 def _load_manifests(store: Store, ids: Iterable[str]) -> dict[str, Manifest]:
@@ -129,7 +129,7 @@ def _sizes(store: Store, keys: list[str]) -> list[int]:
     def size(key: str) -> int:
         try:
             return store.backend.info(key).size
-        except ObjectNotFound:
+        except ApolloError:  # ObjectNotFound: deleted meanwhile
             return 0
 
     return list(bounded_map(size, keys, store.workers))
@@ -215,6 +215,7 @@ def gc(
     max_hold: float = DEFAULT_MAX_HOLD,
     progress: ProgressFn | None = None,
     now: float | None = None,
+    max_unused: float = packgc.DEFAULT_MAX_UNUSED,
 ) -> GcReport:
     """Forget checkpoints that ``policy`` does not keep, then sweep unreferenced chunks.
 
@@ -223,7 +224,9 @@ def gc(
     read stops gc before anything is deleted: without it we cannot know which
     chunks it needs (run ``verify``, then ``forget`` it). The exclusive lock is
     held at most about ``max_hold`` seconds at a time; a longer sweep lets
-    waiting saves in between batches.
+    waiting saves in between batches. In a format-2 store, packs with more than
+    ``max_unused`` of their bytes unused are repacked (0: every pack with any
+    unused byte).
     """
     t0 = time.perf_counter()
     policy = policy or RetentionPolicy()
@@ -243,13 +246,18 @@ def gc(
         forget=[c for c in sel.forget if c in forget_ids],
     )
     reachable = _reachable(m for cid, m in manifests.items() if cid not in forget_ids)
-    present = _chunk_ids_present(store)
+    inventory = store.inventory
+    if isinstance(inventory, PackInventory):
+        return _gc_packs(
+            store, inventory, report, sel, manifests, forget_ids, dead_groups, reachable,
+            checkpoints, dry_run, grace, lock_timeout, max_unused, step, t0,
+        )  # fmt: skip
+    assert isinstance(inventory, LooseInventory)
+    present = inventory.ids()
     candidates = present - reachable
     # Sizes are gathered now, outside the lock (one stat or HEAD per object).
     ordered = _dependents_first(store, candidates, manifests.values())
-    chunk_size = dict(
-        zip(ordered, _sizes(store, [layout.chunk_key(c.hex()) for c in ordered]), strict=True)
-    )
+    chunk_size = inventory.stored_sizes(ordered, store.workers)
     manifest_size = dict(
         zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
     )
@@ -287,35 +295,17 @@ def gc(
                 pending = kept
             if first:
                 first = False
-                # Refs may have moved and tags may have been added since phase 1:
-                # never delete what a ref names now, nor the chunks it needs.
-                rescued = forget_ids & _referenced(store)
-                live = seen - forget_ids - rescued
-                dead_groups = _apply_groups(_groups(store), live, sel.reasons)
-                rescued |= forget_ids & live
+                rescued = _forget_under_lock(
+                    store, sel, manifests, forget_ids, seen, manifest_size, report, step
+                )
                 if rescued:
                     forget_ids -= rescued
                     needed = _reachable(manifests[c] for c in rescued)
                     pending = [c for c in pending if c not in needed]
                 forget_sorted = [c for c in sel.forget if c in forget_ids]
-                # Group records name manifests like refs do: they go before the
-                # manifests they name.
-                for g in dead_groups:
-                    store.backend.delete(layout.group_key(g.series, g.name))
-                report.groups_deleted = len(dead_groups)
-                # Manifests first: once they are gone nothing names the chunks
-                # below, so a kill at any point of the sweep leaves a consistent store.
-                for i, cid in enumerate(forget_sorted):
-                    store.backend.delete(layout.manifest_key(cid))
-                    step("forget", i + 1, len(forget_sorted))
-                store.backend.sync()
-                report.manifests_deleted = len(forget_sorted)
-                report.manifest_bytes = sum(manifest_size.get(c, 0) for c in forget_sorted)
             while pending:  # at least one batch per hold, then until max_hold
                 batch, pending = pending[:_BATCH], pending[_BATCH:]
-                keys = [layout.chunk_key(c.hex()) for c in batch]
-                for _ in bounded_map(store.backend.delete, keys, store.workers):
-                    pass
+                inventory.delete(batch, store.workers)
                 report.chunks_deleted += len(batch)
                 report.chunk_bytes += sum(chunk_size.get(c, 0) for c in batch)
                 step("sweep", report.chunks_deleted, report.chunks_deleted + len(pending))
@@ -336,6 +326,110 @@ def gc(
     report.kept = [c.checkpoint_id for c in checkpoints if c.checkpoint_id not in forget_ids]
     report.kept += sorted(seen - set(manifests))
     report.forgotten = forget_sorted
+    report.reasons = sel.reasons
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _forget_under_lock(
+    store: Store,
+    sel: Any,
+    manifests: dict[str, Manifest],
+    forget_ids: set[str],
+    seen: set[str],
+    manifest_size: dict[str, int],
+    report: GcReport,
+    step: ProgressFn,
+) -> set[str]:
+    """Under the exclusive lock: re-read refs and groups, then delete dead group
+    records and the forgotten manifests. Returns the checkpoints rescued (no
+    longer forgotten: a ref or a kept group names them now)."""
+    # Refs may have moved and tags may have been added since phase 1:
+    # never delete what a ref names now, nor the chunks it needs.
+    rescued = forget_ids & _referenced(store)
+    live = seen - forget_ids - rescued
+    dead_groups = _apply_groups(_groups(store), live, sel.reasons)
+    rescued |= forget_ids & live
+    forget_sorted = [c for c in sel.forget if c in forget_ids - rescued]
+    # Group records name manifests like refs do: they go before the
+    # manifests they name.
+    for g in dead_groups:
+        store.backend.delete(layout.group_key(g.series, g.name))
+    report.groups_deleted = len(dead_groups)
+    # Manifests first: once they are gone nothing names the chunks
+    # below, so a kill at any point of the sweep leaves a consistent store.
+    for i, cid in enumerate(forget_sorted):
+        store.backend.delete(layout.manifest_key(cid))
+        step("forget", i + 1, len(forget_sorted))
+    store.backend.sync()
+    report.manifests_deleted = len(forget_sorted)
+    report.manifest_bytes = sum(manifest_size.get(c, 0) for c in forget_sorted)
+    return rescued
+
+
+def _gc_packs(
+    store: Store,
+    inventory: PackInventory,
+    report: GcReport,
+    sel: Any,
+    manifests: dict[str, Manifest],
+    forget_ids: set[str],
+    dead_groups: list[Any],
+    reachable: set[bytes],
+    checkpoints: list[Any],
+    dry_run: bool,
+    grace: float,
+    lock_timeout: float,
+    max_unused: float,
+    step: ProgressFn,
+    t0: float,
+) -> GcReport:
+    """gc of a format-2 store: plan (the dry run), copy, then sweep under the lock."""
+    plan, _idx = packgc.plan(inventory, reachable, max_unused=max_unused, grace=grace)
+    manifest_size = dict(
+        zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
+    )
+    step("mark", 1, 1)
+    report.packs = plan.to_json()
+    report.chunks_kept = plan.live_chunks
+    if dry_run:
+        report.kept, report.forgotten, report.reasons = sel.keep, sel.forget, sel.reasons
+        report.groups_deleted = len(dead_groups)
+        report.manifests_deleted = len(sel.forget)
+        report.manifest_bytes = sum(manifest_size.values())
+        report.chunk_bytes = plan.bytes_freed
+        report.chunks_deleted = plan.chunks_dropped
+        report.seconds = time.perf_counter() - t0
+        return report
+    # Step 1, no lock: live chunks of mostly-unused packs into new packs.
+    step("repack", 0, len(plan.copy))
+    written = packgc.copy_live(inventory, store.chunks.decode, plan)
+    step("repack", len(plan.copy), len(plan.copy))
+    t_lock = time.perf_counter()
+    with store.locks.hold("exclusive", "gc", timeout=lock_timeout):
+        report.lock_wait_seconds += time.perf_counter() - t_lock
+        seen = set(manifests)
+        new_ids = set(store.checkpoint_ids()) - seen
+        new = _load_manifests(store, new_ids)
+        seen |= new_ids
+        rescued = _forget_under_lock(
+            store, sel, manifests, forget_ids, seen, manifest_size, report, step
+        )
+        forget_ids = forget_ids - rescued
+        live = _reachable(m for c, m in manifests.items() if c not in forget_ids)
+        live |= _reachable(new.values())
+        done = packgc.sweep(inventory, plan, live, store.workers, written)
+        report.packs.update(packs_deleted=done.packs_deleted, kept_for_safety=done.kept_for_safety)
+        report.chunk_bytes = done.bytes_freed - plan.new_pack_bytes
+        report.rescued_chunks = done.rescued_chunks
+        report.chunks_deleted = done.chunks_dropped
+        report.temporaries_removed = store.backend.remove_temporaries(
+            older_than=time.time() - grace
+        )
+    store.chunks.forget_known()
+    report.kept = [c.checkpoint_id for c in checkpoints if c.checkpoint_id not in forget_ids]
+    report.kept += sorted(new_ids)
+    report.forgotten = [c for c in sel.forget if c in forget_ids]
     report.reasons = sel.reasons
     report.seconds = time.perf_counter() - t0
     return report

@@ -5,7 +5,9 @@ Keys are ``/``-separated relative names; backends map them to files or objects.
 ::
 
     config                          StoreConfig (msgpack), written once by the first save
-    chunks/<ab>/<32 hex>            one chunk, named by XXH3-128 of its raw bytes
+    chunks/<ab>/<32 hex>            format 1: one chunk, named by XXH3-128 of its raw bytes
+    packs/<ab>/<32 hex>             format 2: chunk envelopes + trailer, named by XXH3-128 of the pack
+    index/<32 hex>                  format 2: where chunks are in packs, named by XXH3-128 of itself
     manifests/<32 hex>              one checkpoint manifest, named by XXH3-128 of its bytes
     groups/<series>/<name>          a multi-rank checkpoint: rank -> checkpoint id
     refs/series/<series>            id of the newest checkpoint of a series ("latest")
@@ -27,6 +29,8 @@ from .errors import InvalidName
 
 CONFIG_KEY = "config"
 CHUNKS_PREFIX = "chunks/"
+PACKS_PREFIX = "packs/"
+INDEX_PREFIX = "index/"
 MANIFESTS_PREFIX = "manifests/"
 GROUPS_PREFIX = "groups/"
 SERIES_PREFIX = "refs/series/"
@@ -59,8 +63,33 @@ def check_hex_id(hex_id: str, what: str = "id") -> str:
     return hex_id
 
 
+def is_hex_id(text: str) -> bool:
+    """Whether ``text`` is a full id (32 lowercase hex characters)."""
+    return bool(_HEX32.match(text))
+
+
 def chunk_key(hex_id: str) -> str:
     return f"{CHUNKS_PREFIX}{hex_id[:2]}/{check_hex_id(hex_id, 'chunk id')}"
+
+
+def pack_key(hex_id: str) -> str:
+    return f"{PACKS_PREFIX}{hex_id[:2]}/{check_hex_id(hex_id, 'pack id')}"
+
+
+def index_key(hex_id: str) -> str:
+    return INDEX_PREFIX + check_hex_id(hex_id, "index id")
+
+
+def pack_id_from_key(key: str) -> str | None:
+    """The pack id of a ``packs/..`` key, or None for anything else."""
+    name = key.rsplit("/", 1)[-1]
+    return name if key.startswith(PACKS_PREFIX) and _HEX32.match(name) else None
+
+
+def index_id_from_key(key: str) -> str | None:
+    """The index id of an ``index/..`` key, or None for anything else."""
+    name = key[len(INDEX_PREFIX) :]
+    return name if key.startswith(INDEX_PREFIX) and _HEX32.match(name) else None
 
 
 def manifest_key(hex_id: str) -> str:

@@ -20,6 +20,11 @@ from .errors import CorruptManifest, FormatVersionError, StoreError
 from .hashing import digest_hex
 
 STORE_FORMAT = 1
+#: Store formats this code reads and writes (docs/FORMAT.md): 1 one object per
+#: chunk, 2 packs and index objects.
+STORE_FORMATS = (1, 2)
+#: Target pack size of new format-2 stores (FORMAT.md, "Pack size").
+DEFAULT_PACK_SIZE = 64 << 20
 MANIFEST_FORMAT = 1
 GROUP_FORMAT = 1
 DEFAULT_BLOCK_SIZE = 1 << 20
@@ -41,16 +46,18 @@ class StoreConfig:
     created: float = field(default_factory=time.time)
     chunk_hash: str = "xxh3-128"
     format: int = STORE_FORMAT
+    pack_size: int = DEFAULT_PACK_SIZE  # format 2 only
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {
-                "format": self.format,
-                "store_id": self.store_id,
-                "created": self.created,
-                "chunk_hash": self.chunk_hash,
-            }
-        )
+        d: dict[str, Any] = {
+            "format": self.format,
+            "store_id": self.store_id,
+            "created": self.created,
+            "chunk_hash": self.chunk_hash,
+        }
+        if self.format >= 2:
+            d["pack_size"] = self.pack_size
+        return msgpack.packb(d)
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> StoreConfig:
@@ -63,7 +70,8 @@ class StoreConfig:
                 f"{where}: unreadable store config ({exc})",
                 "the directory is not an apollo_cas store, or its config is damaged",
             ) from exc
-        _check_format(d.get("format"), STORE_FORMAT, "store", where)
+        if d.get("format") not in STORE_FORMATS:
+            _check_format(d.get("format"), STORE_FORMATS[-1], "store", where)
         if d.get("chunk_hash") != "xxh3-128":
             raise FormatVersionError(
                 f"{where}: unknown chunk hash {d.get('chunk_hash')!r}", "upgrade apollo_cas"
@@ -73,6 +81,7 @@ class StoreConfig:
             created=float(d["created"]),
             chunk_hash=str(d["chunk_hash"]),
             format=int(d["format"]),
+            pack_size=int(d.get("pack_size", DEFAULT_PACK_SIZE)),
         )
 
 

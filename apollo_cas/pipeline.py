@@ -10,6 +10,10 @@ Two shapes of the same pipeline:
   hash -> existence check -> encode -> write, reading zero-copy views;
 * device sources: the GPU hashes every block in place, only blocks the store
   lacks are fetched through pinned buffers, then encoded and written.
+
+In a format-2 store (packs) the tasks hash and encode, and the caller's thread
+stores the results in tensor order (``ChunkStore.ordered_writes``), so a save's
+packs hold its chunks in the order a restore reads them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .chunkstore import ChunkStore, PutResult
+from .chunkstore import ChunkStore, Prepared, PutResult
 from .manifest import Manifest, SaveStats, TensorEntry
 from .parallel import bounded_map
 from .sources.base import BlockRequest, Source
@@ -87,25 +91,34 @@ def write_source(
     tally = _Tally()
     fetched = 0
     device_ids = source.block_digests(block_size)
+    ordered = chunks.ordered_writes
+
+    def store(p: Prepared) -> PutResult:
+        r = chunks.commit(p)
+        tally.add(r, p.raw_size)
+        return r
 
     if device_ids is None:
 
-        def host_task(job: tuple[int, int]) -> int:
+        def host_task(job: tuple[int, int]) -> Prepared:
             ti, bi = job
             t = tensors[ti]
             off, length = spans[ti][bi]
             base = base_for(ti, bi) if base_for else None
-            r = chunks.put_block(t.read(off, length), t.dtype.itemsize, base=base)
-            ids[ti][bi] = r.chunk_id
-            tally.add(r, length)
-            return length
+            p = chunks.prepare(t.read(off, length), t.dtype.itemsize, base=base)
+            ids[ti][bi] = p.chunk_id
+            if not ordered:
+                store(p)  # format 1: each task writes its own chunk object
+            return p
 
         jobs: Iterator[tuple[int, int]] = (
             (ti, bi) for ti, s in enumerate(spans) for bi in range(len(s))
         )
-        for n in bounded_map(host_task, jobs, workers):
+        for p in bounded_map(host_task, jobs, workers):
+            if ordered:
+                store(p)
             if progress:
-                progress(n)
+                progress(p.raw_size)
     else:
         wanted: list[BlockRequest] = []
         where: list[tuple[int, int]] = []
@@ -124,21 +137,24 @@ def write_source(
         if progress:
             progress(sum(t.nbytes for t in tensors) - sum(r.length for r in wanted))
 
-        def device_task(job: tuple[int, bytes]) -> int:
+        def device_task(job: tuple[int, bytes]) -> Prepared:
             i, data = job
             ti, bi = where[i]
             base = base_for(ti, bi) if base_for else None
-            r = chunks.put_block(data, tensors[ti].dtype.itemsize, ids[ti][bi], base)
-            tally.add(r, len(data))
-            return len(data)
+            p = chunks.prepare(data, tensors[ti].dtype.itemsize, ids[ti][bi], base)
+            if not ordered:
+                store(p)
+            return p
 
         # A fetched view lives in a reusable pinned buffer: copy it before the
         # source refills that buffer (the copy is cheap next to zstd).
         copied = ((i, bytes(view)) for i, view in source.fetch(wanted))
-        for n in bounded_map(device_task, copied, workers):
-            fetched += n
+        for p in bounded_map(device_task, copied, workers):
+            if ordered:
+                store(p)
+            fetched += p.raw_size
             if progress:
-                progress(n)
+                progress(p.raw_size)
 
     entries = tuple(
         TensorEntry(t.name, t.dtype.name, tuple(t.shape), t.nbytes, tuple(ids[ti]))

@@ -7,7 +7,6 @@ from typing import Any
 
 from . import layout
 from .manifest import Manifest, TensorEntry
-from .parallel import bounded_map
 from .store import Checkpoint, Store
 
 
@@ -89,13 +88,17 @@ class StoreStats:
     logical_bytes: int  # sum of every checkpoint's size
     unique_chunks: int  # chunks referenced by some checkpoint
     unique_raw_bytes: int  # their decoded size
-    stored_bytes: int  # bytes of every chunk object (referenced or not)
+    stored_bytes: int  # bytes of every chunk object or pack (referenced or not)
     stored_chunks: int
     unreferenced_chunks: int
     dedup_ratio: float  # logical / unique raw
     compression_ratio: float  # unique raw / stored
     total_ratio: float  # logical / stored
     per_checkpoint: list[CheckpointRow] = field(default_factory=list)
+    #: stored bytes of chunks no checkpoint's tensors name, kept only as delta bases
+    base_only_bytes: int = 0
+    base_only_chunks: int = 0
+    store_format: int = 1
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -110,11 +113,12 @@ def store_stats(store: Store) -> StoreStats:
     for m in manifests:
         for b in m.bases.values():
             raw.setdefault(b, 0)
-    keys = list(store.backend.list(layout.CHUNKS_PREFIX))
-    sizes = list(bounded_map(lambda k: store.backend.info(k).size, keys, store.workers))
-    stored = sum(sizes)
-    present = {layout.chunk_id_from_key(k) for k in keys}
-    referenced_hex = {c.hex() for c in raw}
+    inventory = store.inventory
+    stored, stored_chunks = inventory.stored_bytes(store.workers)
+    present = inventory.ids()
+    in_tensors = {c for m in manifests for t in m.tensors for c in t.chunks}
+    base_only = {b for m in manifests for b in m.bases.values()} - in_tensors
+    base_only_sizes = inventory.stored_sizes(base_only, store.workers)
     logical = sum(m.logical_bytes for m in manifests)
     unique_raw = sum(raw.values())
     return StoreStats(
@@ -123,12 +127,15 @@ def store_stats(store: Store) -> StoreStats:
         unique_chunks=len(raw),
         unique_raw_bytes=unique_raw,
         stored_bytes=stored,
-        stored_chunks=len(keys),
-        unreferenced_chunks=len(present - referenced_hex),
+        stored_chunks=stored_chunks,
+        unreferenced_chunks=len(present - set(raw)),
         dedup_ratio=logical / unique_raw if unique_raw else 1.0,
         compression_ratio=unique_raw / stored if stored else 1.0,
         total_ratio=logical / stored if stored else 1.0,
         per_checkpoint=[CheckpointRow.of(c) for c in cps],
+        base_only_bytes=sum(base_only_sizes.values()),
+        base_only_chunks=len(base_only_sizes),
+        store_format=inventory.format,
     )
 
 

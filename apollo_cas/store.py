@@ -1,7 +1,9 @@
-"""The store: checkpoints made of chunks, refs that name them, and the verbs on them.
+"""The store: the public facade over a repository, the save path and the restore targets.
 
-This is the one place that combines backends, chunks, manifests, refs and
-locks. Everything else (sources, targets, gc, verify, the CLI) goes through it.
+:class:`~apollo_cas.repository.Repository` owns what a store is (config,
+refs, manifests, the chunk inventory, the commit); :class:`Store` adds the
+verbs users call (save, restore, load, tag) with their locks. Sources, targets,
+gc, verify and the CLI go through it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,9 @@ from typing import Any
 
 from . import codecs, layout
 from .backends import Backend, open_backend
-from .chunkstore import ChunkStore
-from .decoding import Decoder
-from .errors import (
-    AmbiguousRef,
-    ConcurrentUpdate,
-    CorruptManifest,
-    InvalidName,
-    ObjectNotFound,
-    RefNotFound,
-    StoreNotFound,
-    UsageError,
-)
-from .hashing import digest_hex
+from .decoding import ChunkReader, Decoder
+from .errors import RefNotFound, UsageError
+from .inventory import ChunkInventory
 from .locks import Locks
 from .manifest import (
     DEFAULT_BLOCK_SIZE,
@@ -39,12 +31,12 @@ from .manifest import (
 )
 from .parallel import default_workers
 from .pipeline import ProgressFn, WriteResult, same_content, write_source
+from .repository import Checkpoint, Repository
 from .sources import open_mapping
 from .sources.base import Source
 
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 256 << 20
-_CAS_RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -77,16 +69,6 @@ class SaveResult:
         }
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint id with its manifest and the refs that name it."""
-
-    checkpoint_id: str
-    manifest: Manifest
-    tags: tuple[str, ...] = ()
-    latest_of: tuple[str, ...] = ()
-
-
 def check_block_size(block_size: int) -> int:
     if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 256:
         raise UsageError(
@@ -106,10 +88,15 @@ class Store:
         workers: int | None = None,
     ) -> None:
         self.backend = backend
-        self.chunks = ChunkStore(backend, policy or codecs.CodecPolicy())
         self.workers = workers or default_workers()
+        self.repo = Repository(backend, policy or codecs.CodecPolicy(), self.workers)
+        self.chunks = self.repo.chunks
+        #: What restores read chunks through (a seam: tests wrap it to inject failures).
+        self.reader: ChunkReader = self.chunks
         self.locks = Locks(backend)
-        self._manifests: dict[str, Manifest] = {}
+        # The format and pack size a store created by this object gets.
+        self._format: int | None = None
+        self._pack_size: int | None = None
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -120,10 +107,15 @@ class Store:
         create: bool = False,
         policy: codecs.CodecPolicy | None = None,
         workers: int | None = None,
+        format: int | None = None,
+        pack_size: int | None = None,
     ) -> Store:
         """Open the store at ``location``. With ``create``, a missing store is
-        created; otherwise it must exist (a typo must not silently make a new one)."""
+        created (in ``format``, default 2: packs); otherwise it must exist (a
+        typo must not silently make a new one). An existing store keeps its format."""
         store = cls(open_backend(os.fspath(location)), policy, workers)
+        store._format = format
+        store._pack_size = pack_size
         store._check_config(create)
         return store
 
@@ -131,18 +123,18 @@ class Store:
     def location(self) -> str:
         return self.backend.location
 
+    @property
+    def inventory(self) -> ChunkInventory:
+        """The chunks present, in this store's format (gc, verify and stats use it)."""
+        return self.repo.inventory
+
     def _check_config(self, create: bool) -> StoreConfig | None:
-        where = self.location
-        try:
-            return StoreConfig.decode(self.backend.get(layout.CONFIG_KEY), where)
-        except ObjectNotFound:
-            if not create:
-                raise StoreNotFound(
-                    f"no apollo_cas store at {where}",
-                    "check --store / APOLLO_CAS_STORE; a store is created by its first save",
-                ) from None
-        self.backend.put_if_absent(layout.CONFIG_KEY, StoreConfig().encode())
-        return None
+        return self.repo.open_config(create, self._format, self._pack_size)
+
+    @property
+    def format(self) -> int:
+        """The store format (1: a chunk per object, 2: packs; docs/FORMAT.md)."""
+        return self.repo.format
 
     def close(self) -> None:
         self.backend.close()
@@ -153,155 +145,53 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- refs ----------------------------------------------------------------
-    def _read_ref(self, key: str) -> str | None:
-        try:
-            value = self.backend.get(key).decode("ascii", "replace").strip()
-        except ObjectNotFound:
-            return None
-        try:
-            return layout.check_hex_id(value, "ref target")
-        except InvalidName:
-            raise CorruptManifest(
-                f"ref {key} in {self.location} is damaged ({value[:40]!r})",
-                "point it at a good checkpoint with 'apollo-cas tag'",
-            ) from None
-
+    # -- refs and manifests (the repository's) --------------------------------
     def latest(self, series: str = layout.DEFAULT_SERIES) -> str | None:
         """The id of the newest checkpoint of ``series``, or None."""
-        return self._read_ref(layout.series_key(series))
+        return self.repo.latest(series)
 
     def series(self) -> dict[str, str]:
-        out = {}
-        for key in self.backend.list(layout.SERIES_PREFIX):
-            name = key[len(layout.SERIES_PREFIX) :]
-            target = self._read_ref(key)
-            if target:
-                out[name] = target
-        return out
+        return self.repo.series()
 
     def tags(self) -> dict[str, str]:
-        out = {}
-        for key in self.backend.list(layout.TAGS_PREFIX):
-            target = self._read_ref(key)
-            if target:
-                out[key[len(layout.TAGS_PREFIX) :]] = target
-        return out
+        return self.repo.tags()
 
     def tag(
         self, ref: str, name: str, *, force: bool = False, series: str = layout.DEFAULT_SERIES
     ) -> str:
         """Point tag ``name`` at ``ref``. An existing tag moves only with ``force``."""
-        key = layout.tag_key(name)
+        layout.tag_key(name)
         # A shared lock, like a save: gc and forget delete manifests only under
         # the exclusive lock, so the checkpoint resolved here still exists when
         # the tag is written (no dangling tag).
         with self.locks.hold("shared", f"tag {name}"):
-            target = self.resolve(ref, series)
-            for _ in range(_CAS_RETRIES):
-                current = self._read_ref(key)
-                if current is not None and current != target and not force:
-                    raise UsageError(
-                        f"tag {name!r} already names {current[:12]}",
-                        "pick another name, or pass --force to move it",
-                    )
-                expected = self.backend.get(key) if current is not None else None
-                if self.backend.compare_and_swap(key, expected, target.encode()):
-                    return target
-        raise ConcurrentUpdate(f"tag {name!r} kept changing", "retry")
+            return self.repo.tag(ref, name, force=force, series=series)
 
     def untag(self, name: str) -> None:
         """Delete a tag (the checkpoint stays until gc's retention drops it)."""
-        key = layout.tag_key(name)
-        try:
-            old = self.backend.get(key)
-        except ObjectNotFound:
-            raise RefNotFound(
-                f"no tag {name!r} in {self.location}", "see 'apollo-cas list'"
-            ) from None
-        self.backend.compare_and_swap(key, old, None)
+        self.repo.untag(name)
 
-    # -- manifests -----------------------------------------------------------
     def checkpoint_ids(self) -> list[str]:
-        return [
-            k[len(layout.MANIFESTS_PREFIX) :]
-            for k in self.backend.list(layout.MANIFESTS_PREFIX)
-            if len(k) == len(layout.MANIFESTS_PREFIX) + 32
-        ]
+        return self.repo.checkpoint_ids()
 
     def manifest(self, checkpoint_id: str) -> Manifest:
         """Load and check one manifest (its bytes must hash to its id)."""
-        cached = self._manifests.get(checkpoint_id)
-        if cached is not None:
-            return cached
-        key = layout.manifest_key(checkpoint_id)
-        try:
-            data = self.backend.get(key)
-        except ObjectNotFound:
-            raise CorruptManifest(
-                f"checkpoint {checkpoint_id} is referenced but its manifest is missing",
-                "run 'apollo-cas verify'",
-            ) from None
-        if digest_hex(data) != checkpoint_id:
-            raise CorruptManifest(
-                f"manifest {checkpoint_id} is corrupt (content does not match its id)",
-                "run 'apollo-cas verify'; restore another checkpoint",
-            )
-        m = Manifest.decode(data, key)
-        self._manifests[checkpoint_id] = m
-        return m
+        return self.repo.manifest(checkpoint_id)
 
     def resolve(self, ref: str | None, series: str = layout.DEFAULT_SERIES) -> str:
         """Turn ``latest``, a tag, or a unique id prefix into a checkpoint id."""
-        ref = ref or "latest"
-        if ref == "latest" or ref.startswith("latest@"):
-            s = ref.split("@", 1)[1] if "@" in ref else series
-            target = self.latest(s)
-            if target is None:
-                raise RefNotFound(
-                    f"series {s!r} in {self.location} has no checkpoint yet",
-                    "save one first, or name a checkpoint id or tag",
-                )
-            return target
-        try:
-            target = self._read_ref(layout.tag_key(ref))
-        except InvalidName:
-            target = None
-        if target:
-            return target
-        low = ref.lower()
-        if len(low) >= 4 and all(c in "0123456789abcdef" for c in low):
-            hits = [c for c in self.checkpoint_ids() if c.startswith(low)]
-            if len(hits) == 1:
-                return hits[0]
-            if len(hits) > 1:
-                raise AmbiguousRef(
-                    f"{ref!r} matches {len(hits)} checkpoints", "give more characters of the id"
-                )
-        raise RefNotFound(
-            f"no checkpoint or tag {ref!r} in {self.location}",
-            "see 'apollo-cas list' for ids and tags",
-        )
+        return self.repo.resolve(ref, series)
 
     def checkpoints(self) -> list[Checkpoint]:
         """Every checkpoint, oldest first, with the refs naming it."""
-        tags: dict[str, list[str]] = {}
-        for t, cid in self.tags().items():
-            tags.setdefault(cid, []).append(t)
-        latest: dict[str, list[str]] = {}
-        for s, cid in self.series().items():
-            latest.setdefault(cid, []).append(s)
-        out = [
-            Checkpoint(
-                cid,
-                self.manifest(cid),
-                tuple(sorted(tags.get(cid, []))),
-                tuple(sorted(latest.get(cid, []))),
-            )
-            for cid in self.checkpoint_ids()
-        ]
-        out.sort(key=lambda c: (c.manifest.created, c.checkpoint_id))
-        return out
+        return self.repo.checkpoints()
+
+    def groups(self) -> list[GroupRecord]:
+        """Every multi-rank checkpoint, oldest first."""
+        return self.repo.groups()
+
+    def group(self, name: str, series: str = layout.DEFAULT_SERIES) -> GroupRecord:
+        return self.repo.group(name, series)
 
     # -- save ----------------------------------------------------------------
     def save(
@@ -310,7 +200,7 @@ class Store:
         *,
         series: str = layout.DEFAULT_SERIES,
         tag: str | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int | None = None,
         force: bool = False,
         metadata: Mapping[str, str] | None = None,
         created: float | None = None,
@@ -325,14 +215,17 @@ class Store:
         ``force``. ``check(parent_manifest, source)`` may refuse the save (stale
         handles) before anything is written. A source with a rank and a world
         size above 1 saves into the series ``<series>.rank<r>``; ``group`` joins
-        its checkpoint to the multi-rank checkpoint of that name.
+        its checkpoint to the multi-rank checkpoint of that name. Without
+        ``block_size`` a save uses its series' latest checkpoint's block size
+        (1 MiB for a series' first save), so deltas and dedup carry on.
         """
         t0 = time.perf_counter()
         layout.check_name(series, "series")
         for name in (tag, group):
             if name is not None:
                 layout.check_name(name, "tag" if name is tag else "group")
-        check_block_size(block_size)
+        if block_size is not None:
+            check_block_size(block_size)
         if not isinstance(source, Source):
             source = open_mapping(source, SourceInfo(kind="mapping"))
         info = source.info
@@ -348,17 +241,25 @@ class Store:
             parent = self.manifest(parent_id) if parent_id else None
             if check is not None:
                 check(parent, source)
+            if block_size is None:
+                block_size = parent.block_size if parent is not None else DEFAULT_BLOCK_SIZE
             if parent is not None and parent.block_size == block_size:
                 self.chunks.known.update(parent.chunk_ids())
-            res = write_source(
-                self.chunks,
-                source,
-                block_size,
-                self.workers,
-                self._base_finder(source, parent, block_size),
-                progress,
-            )
-            self.backend.sync()
+            try:
+                res = write_source(
+                    self.chunks,
+                    source,
+                    block_size,
+                    self.workers,
+                    self._base_finder(source, parent, block_size),
+                    progress,
+                )
+                # Every new chunk durable and findable (format 2: packs, then
+                # their index) before the manifest that names them.
+                self.chunks.flush()
+            except BaseException:
+                self.chunks.discard()
+                raise
             elapsed = time.perf_counter() - t0
             if same_content(res.tensors, parent) and not force:
                 cid, manifest, unchanged = parent_id, parent, True
@@ -373,13 +274,13 @@ class Store:
                     stats=replace(res.stats, seconds=round(elapsed, 6)),
                     bases=self._bases_closure(res, parent),
                 )
-                cid, manifest, unchanged = self._commit(manifest, parent_id, force)
+                cid, manifest, unchanged = self.repo.commit(manifest, parent_id, force)
             # Still under the shared lock: once released, a concurrent save may
             # move latest past cid and gc could forget it before it is named.
             if tag and cid:
                 self.tag(cid, tag, series=series, force=not unchanged)
             if group and cid:
-                self._join_group(group, series, info, cid)
+                self.repo.join_group(group, series, info, cid)
         stats = res.stats if unchanged else manifest.stats if manifest else res.stats
         return SaveResult(
             cid,
@@ -405,53 +306,6 @@ class Store:
                 "a group joins the checkpoints of several ranks",
             )
         return series
-
-    # -- multi-rank groups ---------------------------------------------------------
-    def _join_group(self, name: str, series: str, info: SourceInfo, cid: str) -> GroupRecord:
-        """Add this rank's checkpoint to group ``name`` by compare-and-swap."""
-        base_series = series.rsplit(".rank", 1)[0]
-        key = layout.group_key(base_series, name)
-        world = info.world_size or 1
-        rank = info.rank or 0
-        for _ in range(_CAS_RETRIES):
-            try:
-                old: bytes | None = self.backend.get(key)
-            except ObjectNotFound:
-                old = None
-            rec = (
-                GroupRecord.decode(old, key)
-                if old is not None
-                else GroupRecord(series=base_series, name=name, world_size=world, members={})
-            )
-            if rec.world_size != world:
-                raise UsageError(
-                    f"group {name!r} has world size {rec.world_size}, this rank says {world}",
-                    "use another --group name for a different parallel layout",
-                )
-            rec = replace(rec, members={**rec.members, rank: cid})
-            if self.backend.compare_and_swap(key, old, rec.encode()):
-                return rec
-        raise ConcurrentUpdate(f"group {name!r} kept changing", "retry")
-
-    def groups(self) -> list[GroupRecord]:
-        """Every multi-rank checkpoint, oldest first."""
-        out = []
-        for key in self.backend.list(layout.GROUPS_PREFIX):
-            try:
-                out.append(GroupRecord.decode(self.backend.get(key), key))
-            except ObjectNotFound:
-                continue
-        return sorted(out, key=lambda g: (g.created, g.series, g.name))
-
-    def group(self, name: str, series: str = layout.DEFAULT_SERIES) -> GroupRecord:
-        key = layout.group_key(series, name)
-        try:
-            return GroupRecord.decode(self.backend.get(key), key)
-        except ObjectNotFound:
-            raise RefNotFound(
-                f"no group {name!r} in series {series!r} of {self.location}",
-                "see 'apollo-cas list'",
-            ) from None
 
     def _base_finder(
         self, source: Source, parent: Manifest | None, block_size: int
@@ -524,45 +378,10 @@ class Store:
                 todo.append(base)
         return out
 
-    def _commit(
-        self, manifest: Manifest, parent_id: str | None, force: bool
-    ) -> tuple[str, Manifest, bool]:
-        """Write the manifest durably, then move the series ref by compare-and-swap.
-
-        If another save moved the ref first, re-parent onto it (or, if it
-        recorded the same content, add nothing): neither checkpoint is lost or
-        recorded twice.
-        """
-        key = layout.series_key(manifest.series)
-        for _ in range(_CAS_RETRIES):
-            data = manifest.encode()
-            cid = digest_hex(data)
-            wrote = self.backend.put_if_absent(layout.manifest_key(cid), data)
-            expected = parent_id.encode() if parent_id else None
-            if self.backend.compare_and_swap(key, expected, cid.encode()):
-                self._manifests[cid] = manifest
-                return cid, manifest, False
-            if wrote:
-                # Lost the race: this manifest names the old parent and no ref
-                # names it. Left in place it would list as a second copy of this
-                # checkpoint; the re-parented one below replaces it.
-                self.backend.delete(layout.manifest_key(cid))
-            parent_id = self.latest(manifest.series)
-            if parent_id is None:
-                continue
-            other = self.manifest(parent_id)
-            if other.tensors == manifest.tensors and not force:
-                return parent_id, other, True
-            manifest = replace(manifest, parent=parent_id)
-        raise ConcurrentUpdate(
-            f"series {manifest.series!r} kept moving while saving",
-            "too many concurrent saves to one series; retry",
-        )
-
     # -- reading -------------------------------------------------------------
-    def read_chunk(self, chunk_id: bytes) -> bytes:
-        """Verified raw bytes of one chunk."""
-        return self.chunks.read(chunk_id)
+    def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:
+        """Verified raw bytes of one chunk (of decoded length ``size``, if given)."""
+        return self.chunks.read(chunk_id, size)
 
     def restore(
         self,
@@ -583,7 +402,7 @@ class Store:
 
         manifest = self.manifest(self.resolve(ref, series))
         dest = Path(to)
-        decoder = Decoder.for_store(self, manifest.logical_bytes)
+        decoder = self.decoder(manifest.logical_bytes)
         if format == "flat":
             from .targets.flat import restore_flat
 
@@ -669,7 +488,7 @@ class Store:
                 return load_tensors_pipeline(pipe, manifest)
             finally:
                 pipe.close()
-        return load_tensors(Decoder.for_store(self, manifest.logical_bytes), manifest, device)
+        return load_tensors(self.decoder(manifest.logical_bytes), manifest, device)
 
     def restore_pipeline(self, block_size: int, device: str | Any = "cuda", **options: Any) -> Any:
         """A :class:`~apollo_cas.gpu.restore.RestorePipeline` reading this store's chunks.
@@ -732,3 +551,10 @@ class Store:
             )
         finally:
             pipe.close()
+
+    def decoder(self, nbytes: int) -> Decoder:
+        """A decoder for a restore of ``nbytes``: worker processes when they pay
+        off and the backend can be opened by another process."""
+        return Decoder.for_reader(
+            self.reader, self.workers, self.location, self.backend.capabilities, nbytes
+        )

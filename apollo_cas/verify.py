@@ -7,7 +7,8 @@ Checks, in order:
 2. every ref (series ``latest``, tags, members of multi-rank groups) holds a checkpoint id whose manifest
    exists, hashes to its id and decodes;
 3. every manifest hashes to its id and decodes;
-4. every chunk a manifest needs (delta bases included) exists;
+4. every chunk a manifest needs (delta bases included) exists (format 2: in a
+   pack that exists, has the size its index says, and holds its range);
 5. with ``read_data`` (or a random subset), every such chunk is read, decoded
    and re-hashed (``Store.read_chunk`` raises ``CorruptChunk`` on a mismatch).
 
@@ -30,6 +31,7 @@ from typing import Any
 from . import layout
 from .errors import ApolloError, ObjectNotFound, PermissionDenied, UsageError
 from .hashing import digest_hex
+from .inventory import PackInventory
 from .manifest import GroupRecord, Manifest, StoreConfig
 from .parallel import bounded_map
 from .store import Store
@@ -317,19 +319,20 @@ def _verify(
     needed: set[bytes] = set()
     for m in manifests.values():
         needed |= m.chunk_ids()
-    present: set[bytes] = set()
-    for key in store.backend.list(layout.CHUNKS_PREFIX):
-        hex_id = layout.chunk_id_from_key(key)
-        if hex_id is not None:
-            present.add(bytes.fromhex(hex_id))
+    inventory = store.inventory
+    present = inventory.ids()
     report.chunks_referenced = len(needed)
     report.chunks_present = len(present & needed)
     report.unreferenced_chunks = len(present - needed)
     damaged: dict[bytes, str] = {c: "missing" for c in needed - present}
+    if isinstance(inventory, PackInventory):  # format 2: packs gone or cut short
+        damaged.update(
+            {c: why for c, why in inventory.damaged(store.workers).items() if c in needed}
+        )
 
     # -- chunks: content -----------------------------------------------------------
     if report.read_data:
-        to_read = sorted(needed & present)
+        to_read = sorted((needed & present) - set(damaged))
         if subset is not None:
             n = subset if isinstance(subset, int) else max(1, round(len(to_read) * subset))
             if n < len(to_read):

@@ -46,7 +46,7 @@ def main() -> None:
     os.unlink(p)
     timed(
         "spawn 16 workers (no jobs)",
-        lambda: Decoder(st.read_chunk, 16, st.location, True).write([], iter([])),
+        lambda: Decoder(st.chunks, 16, st.location, True).write([], iter([])),
     )
     os.environ["APOLLO_CAS_PROCESSES"] = "1"
     timed("restore flat procs -> shm", lambda: st.restore(None, "/dev/shm/rf", format="flat"))

@@ -6,16 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from damage import flip_last_byte
 
 from apollo_cas import Store
-from apollo_cas.decoding import Decoder
 from apollo_cas.errors import CorruptChunk
-from apollo_cas.layout import chunk_key
 
 
-def _store(tmp_path: Path) -> Store:
+def _store(tmp_path: Path, fmt: int = 1) -> Store:
     rng = np.random.default_rng(0)
-    st = Store.open(tmp_path / "s", create=True, workers=2)
+    st = Store.open(tmp_path / "s", create=True, workers=2, format=fmt)
     st.save(
         {f"t{i}": rng.standard_normal(40_000 + i).astype(np.float32) for i in range(4)},
         block_size=16384,
@@ -23,15 +22,16 @@ def _store(tmp_path: Path) -> Store:
     return st
 
 
+@pytest.mark.parametrize("store_format", [1, 2])
 @pytest.mark.parametrize("fmt", ["flat", "safetensors"])
 def test_processes_restore_the_same_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, store_format: int
 ) -> None:
-    st = _store(tmp_path)
+    st = _store(tmp_path, store_format)
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "0")
     a = st.restore("latest", tmp_path / "threads", format=fmt)
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
-    assert Decoder.for_store(st, 1).processes
+    assert st.decoder(1).processes
     b = st.restore("latest", tmp_path / "procs", format=fmt)
     assert [Path(p).name for p in a] == [Path(p).name for p in b]
     for x, y in zip(a, b, strict=True):
@@ -41,10 +41,7 @@ def test_processes_restore_the_same_bytes(
 def test_worker_errors_reach_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = _store(tmp_path)
     cid = st.manifest(st.resolve("latest")).tensors[2].chunks[1].hex()
-    path = tmp_path / "s" / chunk_key(cid)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_last_byte(st, bytes.fromhex(cid))
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
     with pytest.raises(CorruptChunk, match=cid):
         st.restore("latest", tmp_path / "out", format="flat")
@@ -54,7 +51,7 @@ def test_worker_errors_reach_the_caller(tmp_path: Path, monkeypatch: pytest.Monk
 def test_memory_stores_stay_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
     st = Store.open("memory://x", create=True)
-    assert not Decoder.for_store(st, 1 << 40).processes
+    assert not st.decoder(1 << 40).processes
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])

@@ -20,7 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from apollo_cas import gc as gc_mod
 from apollo_cas.errors import CorruptManifest, UsageError
-from apollo_cas.gc import forget, gc
+from apollo_cas.gc import GcReport, forget
+from apollo_cas.gc import gc as _gc
 from apollo_cas.manifest import SourceInfo
 from apollo_cas.retention import RetentionPolicy
 from apollo_cas.sources import open_mapping
@@ -28,6 +29,15 @@ from apollo_cas.store import Store
 from apollo_cas.verify import verify
 
 BS = 4096
+
+
+def gc(store: Store, *args: Any, **kw: Any) -> GcReport:
+    """gc that leaves no unreachable chunk behind: in a format-2 store every pack
+    with any unused byte is repacked (``max_unused=0``), as a format-1 sweep would."""
+    kw.setdefault("max_unused", 0.0)
+    return _gc(store, *args, **kw)
+
+
 _POOL = np.random.default_rng(1234).integers(0, 256, (12, BS), dtype=np.uint8)
 
 
@@ -53,11 +63,9 @@ def read_back(store: Store, cid: str) -> dict[str, bytes]:
 
 
 def chunk_ids_on_disk(root: str) -> set[bytes]:
-    out = set()
-    for p in (Path(root) / "chunks").rglob("*"):
-        if p.is_file() and not p.name.startswith("."):
-            out.add(bytes.fromhex(p.name))
-    return out
+    """The chunks present (format 1: chunk files; format 2: what the indexes list)."""
+    with Store.open(root) as st:
+        return st.inventory.ids()
 
 
 def manifests_on_disk(root: str) -> set[str]:
@@ -89,7 +97,9 @@ def store(tmp_store: str) -> Iterator[Store]:
 def orphan_chunk(store: Store, seed: int) -> bytes:
     """A chunk nothing references (what an interrupted save leaves)."""
     data = np.random.default_rng(seed).integers(0, 256, BS, dtype=np.uint8).tobytes()
-    return store.chunks.put_block(data).chunk_id
+    cid = store.chunks.put_block(data).chunk_id
+    store.chunks.flush()  # format 2: its pack and index written, as by a save's end
+    return cid
 
 
 # ---------------------------------------------------------------------------
@@ -292,11 +302,12 @@ def test_batched_sweep_with_a_save_in_a_gap(
 ) -> None:
     """The sweep lets saves in between batches. A save in a gap may dedup against
     candidates not yet deleted, including delta chunks: their bases must still be
-    there, which is why dependents are deleted before their bases."""
+    there, which is why dependents are deleted before their bases. (Format 1:
+    a format-2 sweep deletes a few packs in one hold.)"""
     monkeypatch.setattr(gc_mod, "_BATCH", 1)
     monkeypatch.setattr(gc_mod, "_YIELD_SECONDS", 0.0)
     blocks = list(range(8))
-    with Store.open(tmp_store, create=True) as st:
+    with Store.open(tmp_store, create=True, format=1) as st:
         st.save(model(blocks), block_size=BS, created=1.0)
         mid = model(blocks, poke=99)
         mid_id = st.save(mid, block_size=BS, created=2.0).checkpoint_id or ""
@@ -562,3 +573,51 @@ def test_gc_forget_and_verify_on_s3(s3_location: str) -> None:
         assert list(st.backend.list("locks/")) == [] or all(
             k.startswith("locks/cas-") for k in st.backend.list("locks/")
         )
+
+
+# ---------------------------------------------------------------------------
+# format 2: packs
+
+
+def pack_files(root: str) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (Path(root) / "packs").rglob("*") if p.is_file()}
+
+
+def test_format2_repack_threshold(tmp_store: str) -> None:
+    """A pack mostly unused is repacked (its live chunks copied, the pack deleted);
+    one within ``max_unused`` is left alone; the dry run is the plan."""
+    with Store.open(tmp_store, create=True, format=2) as st:
+        first = st.save(model(list(range(10))), block_size=BS, created=1.0).checkpoint_id
+        st.save(model([0, 11]), block_size=BS, created=2.0)  # keeps 1 of 10 blocks of pack 1
+        before = pack_files(tmp_store)
+        assert len(before) == 2
+        lazy = _gc(st, RetentionPolicy(keep_last=1), max_unused=0.95, dry_run=True)
+        assert lazy.packs["packs_repacked"] == 0 and lazy.packs["packs_deleted"] == 0
+        plan = _gc(st, RetentionPolicy(keep_last=1), max_unused=0.5, dry_run=True)
+        assert plan.packs["packs_repacked"] == 1 and plan.packs["chunks_repacked"] == 1
+        assert pack_files(tmp_store) == before
+        r = _gc(st, RetentionPolicy(keep_last=1), max_unused=0.5)
+        assert r.forgotten == [first]
+        assert r.bytes_freed == plan.bytes_freed
+        after = pack_files(tmp_store)
+        assert len(after) == 2 and set(after) != set(before)
+        assert chunk_ids_on_disk(tmp_store) == reachable(st)
+        assert len(list((Path(tmp_store) / "index").iterdir())) == 1
+    with Store.open(tmp_store) as fresh:
+        assert read_back(fresh, fresh.resolve("latest")) == as_bytes(model([0, 11]))
+        assert verify(fresh, read_data=True).ok
+
+
+def test_format2_lost_index_is_rebuilt_from_the_pack_trailer(tmp_store: str) -> None:
+    """A pack whose index is gone is not garbage while a manifest needs its chunks:
+    gc re-indexes it from its trailer."""
+    with Store.open(tmp_store, create=True, format=2) as st:
+        cid = st.save(model([1, 2, 3]), block_size=BS).checkpoint_id or ""
+    for p in (Path(tmp_store) / "index").iterdir():
+        p.unlink()
+    with Store.open(tmp_store) as st:
+        assert not verify(st).ok
+        r = _gc(st, grace=0.0)
+        assert r.packs["packs_reindexed"] == 1
+        assert verify(st, read_data=True).ok
+        assert read_back(st, cid) == as_bytes(model([1, 2, 3]))

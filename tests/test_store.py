@@ -124,7 +124,7 @@ def test_unsupported_dtype_is_a_clear_error(tmp_store):
 
 def test_chunks_are_named_by_xxh3_128_of_raw_blocks(tmp_store, random_tensor, tensor_bytes):
     t = random_tensor((3 * BS + 100,), torch.uint8, torch.Generator().manual_seed(1))
-    with Store.open(tmp_store, create=True) as st:
+    with Store.open(tmp_store, create=True, format=1) as st:  # chunk objects
         r = st.save({"t": t}, block_size=BS)
     raw = tensor_bytes(t)
     want = [xxhash.xxh3_128_digest(raw[o : o + BS]) for o in range(0, len(raw), BS)]
@@ -174,7 +174,7 @@ def test_a_change_in_one_tensor_writes_only_its_changed_blocks(
 ):
     model = make_model(hidden=128)
     name = "model.layers.1.mlp.up_proj.weight"
-    with Store.open(tmp_store, create=True) as st:
+    with Store.open(tmp_store, create=True, format=1) as st:  # chunk objects
         a = st.save(model, block_size=BS)
         before = chunk_files(tmp_store)
         changed = dict(model)

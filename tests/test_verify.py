@@ -25,6 +25,13 @@ from apollo_cas.verify import parse_subset, verify
 BS = 4096
 
 
+@pytest.fixture(autouse=True)
+def format_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests damage chunk objects, so their stores are format 1 (the CLI
+    subprocesses read the same setting); tests/test_packs.py damages packs."""
+    monkeypatch.setenv("APOLLO_CAS_FORMAT", "1")
+
+
 def weights(seed: int, n_blocks: int = 4) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend, ObjectInfo
+from .base import Backend, Capabilities, ObjectInfo
 
 
 def open_backend(location: str) -> Backend:
@@ -23,4 +23,4 @@ def open_backend(location: str) -> Backend:
     return LocalBackend(location)
 
 
-__all__ = ["Backend", "ObjectInfo", "open_backend"]
+__all__ = ["Backend", "Capabilities", "ObjectInfo", "open_backend"]

@@ -24,6 +24,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared by it instead of guessed from its location."""
+
+    #: Another process can open the same store from its location (a directory,
+    #: S3), so restores may decode on worker processes; not the memory backend.
+    shareable_across_processes: bool = True
+    #: ``put_if_absent`` never replaces an existing object with other bytes.
+    atomic_create: bool = True
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """Size in bytes and modification time (seconds since the epoch) of one object."""
 
@@ -36,6 +47,8 @@ class Backend(abc.ABC):
 
     #: Human-readable location, used in error messages (a path or an s3:// URL).
     location: str
+    #: What this backend can do (see :class:`Capabilities`).
+    capabilities: Capabilities = Capabilities()
 
     @abc.abstractmethod
     def get(self, key: str) -> bytes:

@@ -13,7 +13,7 @@ import traceback
 import click
 
 from ..errors import ApolloError
-from . import demo, maintenance, report, restore, save
+from . import demo, maintenance, migrate, report, restore, save
 from .allocator import keep_freed_memory
 
 
@@ -40,6 +40,7 @@ for command in (
     report.diff,
     report.tag,
     *maintenance.COMMANDS,
+    migrate.migrate,
     demo.demo,
 ):
     cli.add_command(command)

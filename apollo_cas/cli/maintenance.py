@@ -124,6 +124,15 @@ def _stage_bar(enabled: bool) -> Iterator[_StageBar]:
     metavar="DURATION",
     help="Leave leftovers of interrupted writes younger than this.",
 )
+@click.option(
+    "--max-unused",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    metavar="FRACTION",
+    help="Format-2 stores: repack a pack once more than this fraction of it is unused "
+    "(0: reclaim every unused byte).",
+)
 @json_option
 def gc(
     store: str | None,
@@ -133,6 +142,7 @@ def gc(
     keep_within: str | None,
     dry_run: bool,
     grace: str,
+    max_unused: float,
     as_json: bool,
 ) -> None:
     """Forget checkpoints outside the retention policy, then delete unreferenced chunks.
@@ -154,7 +164,7 @@ def gc(
     grace_s = parse_duration(grace)
     with Store.open(need_store(store)) as st, _stage_bar(not as_json) as bar:
         checkpoints = {c.checkpoint_id: c for c in st.checkpoints()}
-        r = run_gc(st, policy, dry_run=dry_run, grace=grace_s, progress=bar)
+        r = run_gc(st, policy, dry_run=dry_run, grace=grace_s, progress=bar, max_unused=max_unused)
     if as_json:
         emit_json(r.to_json())
         return
@@ -172,6 +182,13 @@ def gc(
             )
         click.echo(f"{verb} {len(r.forgotten)} checkpoint(s):")
         click.echo(table(rows, ["ID", "TIME", "SERIES"]))
+    if r.packs:
+        p = r.packs
+        click.echo(
+            f"packs: {'would delete' if dry_run else 'deleted'} {p['packs_deleted']}, "
+            f"{'would repack' if dry_run else 'repacked'} {p['packs_repacked']} "
+            f"({p['chunks_repacked']} live chunk(s) copied), re-indexed {p['packs_reindexed']}"
+        )
     if dry_run:
         click.echo(
             f"dry run ({r.policy}): would keep {len(r.kept)} checkpoint(s), delete "

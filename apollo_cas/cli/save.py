@@ -44,14 +44,15 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def block_size_option(default: str = "1MiB") -> Callable[[F], F]:
+def block_size_option(default: str | None = "1MiB") -> Callable[[F], F]:
     return click.option(
         "--block-size",
         default=default,
-        show_default=True,
+        show_default=default is not None,
         metavar="SIZE",
         help="Block size (bytes, or with K/M suffix). 1 MiB balances dedup "
-        "granularity against object count.",
+        "granularity against object count."
+        + ("" if default else " Default: the series' latest checkpoint's, else 1 MiB."),
     )
 
 
@@ -117,7 +118,7 @@ def save_sources(
     kind: str | None,
     series: str,
     tag: str | None,
-    block_size: int,
+    block_size: int | None,
     force: bool,
     meta: dict[str, str],
     rank: int | None,
@@ -178,7 +179,7 @@ def save_sources(
 @click.option(
     "--tag", metavar="NAME", help="Tag the new checkpoint (gc never removes tagged ones)."
 )
-@block_size_option()
+@block_size_option(default=None)
 @json_option
 @click.option(
     "--source-kind",
@@ -240,7 +241,7 @@ def save(
     sources: tuple[Path, ...],
     store: str | None,
     tag: str | None,
-    block_size: str,
+    block_size: str | None,
     as_json: bool,
     source_kind: str | None,
     series: str,
@@ -279,10 +280,11 @@ def save(
             )
         store = str(checkpoint_dir)
     location = need_store(store)
-    bs = checked_block_size(block_size, warn=False)
+    bs = checked_block_size(block_size, warn=False) if block_size else None
     meta_map = _parse_meta(meta)
     precheck_sources(paths, kind)
-    warn_block_size(bs)
+    if bs is not None:
+        warn_block_size(bs)
     with open_for_save(location, make_policy(codec, level, delta)) as st:
         if checkpoint_dir is not None:
             results = import_seed_history(st, checkpoint_dir, series, as_json)
@@ -316,7 +318,7 @@ def import_history(
     root: Path,
     *,
     series: str,
-    block_size: int,
+    block_size: int | None,
     force: bool = False,
     meta: dict[str, str] | None = None,
     tag: str | None = None,

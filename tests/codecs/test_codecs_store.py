@@ -14,7 +14,6 @@ import pytest
 from codec_helpers import dense_step, f32_to_bf16
 
 from apollo_cas import codecs
-from apollo_cas.layout import chunk_key
 
 store_mod = pytest.importorskip("apollo_cas.store")
 gc_mod = pytest.importorskip("apollo_cas.gc")
@@ -67,4 +66,4 @@ def test_dense_steps_with_gc_in_between(tmp_path: Path) -> None:
                     cid = manifest.bases[cid]
                     depth += 1
                 assert 1 <= depth <= policy.max_delta_depth
-                assert codecs.delta_depth(st.backend.get(chunk_key(cid.hex()))) == 0
+                assert codecs.delta_depth(st.chunks.get_blob(cid)) == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from damage import flip_last_byte
 
 from apollo_cas.errors import CorruptChunk, TargetError
 from apollo_cas.sources.seed import SeedSource
@@ -92,7 +93,7 @@ def test_failed_restore_leaves_no_output_and_old_files_untouched(
     st.restore(old, out, format="flat")
     (out / "notes.txt").write_text("keep me")
     before = snapshot(out)
-    monkeypatch.setattr(st, "read_chunk", failing_after(st, after))
+    monkeypatch.setattr(st, "reader", failing_after(st, after))
     with pytest.raises(Boom):
         st.restore(cid, out, format="flat")
     assert snapshot(out) == before  # no new file, no temp file, old ones intact
@@ -100,7 +101,7 @@ def test_failed_restore_leaves_no_output_and_old_files_untouched(
 
 def test_failed_first_restore_creates_nothing_that_looks_valid(saved, tmp_path, monkeypatch):
     st, cid, _ = saved
-    monkeypatch.setattr(st, "read_chunk", failing_after(st, 2))
+    monkeypatch.setattr(st, "reader", failing_after(st, 2))
     with pytest.raises(Boom):
         st.restore(cid, tmp_path / "fresh", format="flat")
     assert list((tmp_path / "fresh").iterdir()) == []
@@ -109,11 +110,7 @@ def test_failed_first_restore_creates_nothing_that_looks_valid(saved, tmp_path, 
 def test_corrupt_chunk_fails_the_restore_naming_it(saved, tmp_path):
     st, cid, _ = saved
     victim = st.manifest(cid).tensors[3].chunks[0].hex()
-    path = next((st.backend.root / "chunks").rglob(victim))
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
+    flip_last_byte(st, bytes.fromhex(victim))
     with pytest.raises(CorruptChunk, match=victim):
         st.restore(cid, tmp_path / "out", format="flat")
     assert not (tmp_path / "out" / "weights.json").exists()

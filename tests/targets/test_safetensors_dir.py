@@ -236,7 +236,7 @@ def test_output_appears_only_when_complete(
         store.restore(None, out, max_shard_size=None if previous == "single" else 25_000)
     cid = store.save(model, block_size=BS).checkpoint_id
     before = snapshot(out)
-    monkeypatch.setattr(store, "read_chunk", failing_after(store, 5))
+    monkeypatch.setattr(store, "reader", failing_after(store, 5))
     with pytest.raises(Boom):
         store.restore(cid, out, max_shard_size=shard_size)
     assert snapshot(out) == before  # no new or temporary file; old ones untouched

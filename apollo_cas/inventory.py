@@ -1,0 +1,443 @@
+"""The chunk inventory: which chunk envelopes a store holds, where, and how to add some.
+
+Two implementations of one small interface, chosen by ``config.format``
+(docs/FORMAT.md):
+
+* :class:`LooseInventory`, format 1: one object per chunk under ``chunks/``;
+* :class:`PackInventory`, format 2: envelopes in pack objects under ``packs/``,
+  found through index objects under ``index/``.
+
+Everything that asks "is this chunk here", "how big is it", "what is it a
+delta against", "where do I read it" or "store this envelope" goes through
+here: the chunk store, gc, verify, stats. Codecs and hashing stay in
+:mod:`apollo_cas.chunkstore`; this module only moves envelopes.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import codecs, layout, packs
+from .backends.base import Backend
+from .errors import CorruptChunk, ObjectNotFound
+from .hashing import digest_hex
+from .parallel import bounded_map
+
+#: Enough of a chunk to parse its envelope and codec parameters.
+HEADER_PEEK = 512
+
+_MISSING_HINT = "run 'apollo-cas verify' to see which checkpoints it breaks; restore another one"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one envelope lies: an object key and a byte range (``length`` -1: all of it)."""
+
+    key: str
+    offset: int
+    length: int
+    raw_size: int | None = None  # known from the index in format 2
+
+
+class ChunkInventory(abc.ABC):
+    """The chunks a store holds (see the module docstring)."""
+
+    format: int
+    #: Whether :meth:`add` must be called in tensor order from one thread
+    #: (format 2 writes a save's chunks into packs in tensor order).
+    ordered_writes: bool = False
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def refresh(self) -> None:  # noqa: B027 - format 1 caches nothing
+        """Forget what is cached: another process (gc) may have changed the store."""
+
+    @abc.abstractmethod
+    def exists(self, chunk_id: bytes) -> bool:
+        """Whether the store holds ``chunk_id``."""
+
+    @abc.abstractmethod
+    def ids(self) -> set[bytes]:
+        """Every chunk id present."""
+
+    @abc.abstractmethod
+    def stored_sizes(self, ids: Iterable[bytes], workers: int) -> dict[bytes, int]:
+        """Stored (envelope) size of each id present (missing ids are left out)."""
+
+    @abc.abstractmethod
+    def stored_bytes(self, workers: int) -> tuple[int, int]:
+        """(bytes of every object holding chunks, chunks present): what the chunks cost."""
+
+    @abc.abstractmethod
+    def locate(self, chunk_id: bytes) -> Location:
+        """Where ``chunk_id`` is; CorruptChunk if the store lacks it."""
+
+    @abc.abstractmethod
+    def add(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+        """Store one envelope unless present; True if written (durable after :meth:`flush`)."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every :meth:`add` so far durable and findable (before a manifest names them)."""
+
+    def discard(self) -> None:  # noqa: B027 - format 1 holds nothing open
+        """Drop writes not yet flushed (a failed save); what was written is garbage for gc."""
+
+    def read_envelope(self, chunk_id: bytes) -> bytes:
+        """The stored envelope of ``chunk_id``."""
+        return self.read_range(self.locate(chunk_id), chunk_id)
+
+    def read_range(self, loc: Location, chunk_id: bytes) -> bytes:
+        try:
+            if loc.length < 0:
+                return self.backend.get(loc.key)
+            data = self.backend.get_range(loc.key, loc.offset, loc.length)
+        except ObjectNotFound:
+            raise CorruptChunk(
+                f"chunk {chunk_id.hex()} is missing from {self.backend.location} ({loc.key})",
+                _MISSING_HINT,
+            ) from None
+        if len(data) != loc.length and loc.length >= 0:
+            raise CorruptChunk(
+                f"chunk {chunk_id.hex()}: {loc.key} ends before its range "
+                f"{loc.offset}-{loc.offset + loc.length} (truncated pack)",
+                "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
+            )
+        return data
+
+    def base_of(self, chunk_id: bytes) -> bytes | None:
+        """The chunk ``chunk_id`` is a delta against (None if full, or absent)."""
+        try:
+            loc = self.locate(chunk_id)
+        except CorruptChunk:
+            return None
+        peek = Location(loc.key, loc.offset, HEADER_PEEK if loc.length < 0 else loc.length)
+        try:
+            head = self.backend.get_range(peek.key, peek.offset, min(peek.length, HEADER_PEEK))
+        except ObjectNotFound:
+            return None
+        b = codecs.base_of(head, f"chunk {chunk_id.hex()}")
+        return bytes.fromhex(b) if b else None
+
+
+class LooseInventory(ChunkInventory):
+    """Format 1: ``chunks/<ab>/<id>``, one object per chunk."""
+
+    format = 1
+
+    def exists(self, chunk_id: bytes) -> bool:
+        return self.backend.exists(layout.chunk_key(chunk_id.hex()))
+
+    def ids(self) -> set[bytes]:
+        out = set()
+        for key in self.backend.list(layout.CHUNKS_PREFIX):
+            hex_id = layout.chunk_id_from_key(key)
+            if hex_id is not None:
+                out.add(bytes.fromhex(hex_id))
+        return out
+
+    def stored_sizes(self, ids: Iterable[bytes], workers: int) -> dict[bytes, int]:
+        ids = list(ids)
+
+        def size(cid: bytes) -> int:
+            try:
+                return self.backend.info(layout.chunk_key(cid.hex())).size
+            except ObjectNotFound:
+                return -1
+
+        sizes = bounded_map(size, ids, workers)
+        return {c: n for c, n in zip(ids, sizes, strict=True) if n >= 0}
+
+    def locate(self, chunk_id: bytes) -> Location:
+        return Location(layout.chunk_key(chunk_id.hex()), 0, -1)
+
+    def stored_bytes(self, workers: int) -> tuple[int, int]:
+        sizes = self.stored_sizes(self.ids(), workers)
+        return sum(sizes.values()), len(sizes)
+
+    def add(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+        return self.backend.put_if_absent(layout.chunk_key(chunk_id.hex()), blob, durable=False)
+
+    def flush(self) -> None:
+        self.backend.sync()
+
+    def delete(self, ids: list[bytes], workers: int) -> None:
+        keys = [layout.chunk_key(c.hex()) for c in ids]
+        for _ in bounded_map(self.backend.delete, keys, workers):
+            pass
+
+
+class PackIndex:
+    """Every index object of a format-2 store, loaded: chunk id -> (pack id, entry)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[bytes, tuple[str, packs.PackEntry]] = {}
+        self.packs: dict[str, packs.PackInfo] = {}
+        self.indexes: dict[str, list[str]] = {}  # index id -> pack ids
+
+    def add_pack(self, info: packs.PackInfo) -> None:
+        self.packs[info.pack_id] = info
+        for e in info.entries:
+            self.chunks.setdefault(e.chunk_id, (info.pack_id, e))
+
+    @classmethod
+    def load(cls, backend: Backend, workers: int = 8) -> PackIndex:
+        idx = cls()
+        keys = [k for k in backend.list(layout.INDEX_PREFIX) if layout.index_id_from_key(k)]
+
+        def one(key: str) -> tuple[str, list[packs.PackInfo]] | None:
+            iid = layout.index_id_from_key(key) or ""
+            try:
+                return iid, packs.decode_index(backend.get(key), key, iid)
+            except ObjectNotFound:  # replaced by gc while we listed
+                return None
+
+        for got in bounded_map(one, keys, workers):
+            if got is not None:
+                iid, infos = got
+                idx.indexes[iid] = [p.pack_id for p in infos]
+                for info in infos:
+                    idx.add_pack(info)
+        return idx
+
+
+class PackInventory(ChunkInventory):
+    """Format 2: chunks in packs, found through index objects (docs/FORMAT.md)."""
+
+    format = 2
+    ordered_writes = True
+
+    def __init__(self, backend: Backend, pack_size: int, workers: int = 8) -> None:
+        super().__init__(backend)
+        self.pack_size = pack_size
+        self.workers = workers
+        self._index: PackIndex | None = None
+        self._lock = threading.Lock()
+        self._writer: PackWriter | None = None
+
+    # -- the index -----------------------------------------------------------
+    def index(self) -> PackIndex:
+        with self._lock:
+            if self._index is None:
+                self._index = PackIndex.load(self.backend, self.workers)
+            return self._index
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._index = None
+
+    def exists(self, chunk_id: bytes) -> bool:
+        w = self._writer
+        return chunk_id in self.index().chunks or (w is not None and chunk_id in w.pending)
+
+    def ids(self) -> set[bytes]:
+        return set(self.index().chunks)
+
+    def stored_sizes(self, ids: Iterable[bytes], workers: int) -> dict[bytes, int]:
+        where = self.index().chunks
+        return {c: where[c][1].length for c in ids if c in where}
+
+    def stored_bytes(self, workers: int) -> tuple[int, int]:
+        idx = self.index()
+        return sum(p.size for p in idx.packs.values()), len(idx.chunks)
+
+    def locate(self, chunk_id: bytes) -> Location:
+        hit = self.index().chunks.get(chunk_id)
+        if hit is None:
+            raise CorruptChunk(
+                f"chunk {chunk_id.hex()} is missing from {self.backend.location} (no index names it)",
+                _MISSING_HINT,
+            )
+        pack_id, e = hit
+        info = self.index().packs[pack_id]
+        body = info.size - packs.trailer_size(len(info.entries))
+        if e.offset + e.length > body:
+            raise CorruptChunk(
+                f"chunk {chunk_id.hex()}: the index names bytes {e.offset}-{e.offset + e.length} "
+                f"of pack {pack_id}, outside its {body} bytes of chunks",
+                "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
+            )
+        return Location(layout.pack_key(pack_id), e.offset, e.length, e.raw_size)
+
+    def read_envelope(self, chunk_id: bytes) -> bytes:
+        try:
+            return self.read_range(self.locate(chunk_id), chunk_id)
+        except CorruptChunk:
+            # gc may have repacked this chunk since we loaded the index (restores
+            # take no lock): look again once before calling it missing.
+            self.refresh()
+            return self.read_range(self.locate(chunk_id), chunk_id)
+
+    def base_of(self, chunk_id: bytes) -> bytes | None:
+        hit = self.index().chunks.get(chunk_id)
+        if hit is None:
+            w = self._writer
+            return w.pending.get(chunk_id) if w is not None else None
+        return hit[1].base
+
+    # -- writing -------------------------------------------------------------
+    def add(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+        if chunk_id in self.index().chunks:
+            return False
+        if self._writer is None:
+            self._writer = PackWriter(self.backend, self.pack_size)
+        return self._writer.append(chunk_id, blob, raw_size, base)
+
+    def flush(self) -> None:
+        w, self._writer = self._writer, None
+        if w is None:
+            self.backend.sync()
+            return
+        infos = w.close()
+        self.backend.sync()  # every pack durable (directory fsyncs) before its index
+        if infos:
+            iid = write_index(self.backend, infos)
+            idx = self.index()
+            idx.indexes[iid] = [p.pack_id for p in infos]
+            for info in infos:
+                idx.add_pack(info)
+
+    def discard(self) -> None:
+        w, self._writer = self._writer, None
+        if w is not None:
+            w.abandon()
+
+    def damaged(self, workers: int) -> dict[bytes, str]:
+        """Chunks whose every copy is in a missing or wrong-sized pack, or lies
+        outside its pack: what ``verify`` reports without reading data."""
+        idx = self.index()
+        present = dict(iter_pack_keys(self.backend))
+
+        def problem(pid: str) -> str | None:
+            info = idx.packs[pid]
+            if pid not in present:
+                return f"its pack {pid} is missing"
+            try:
+                size = self.backend.info(present[pid]).size
+            except ObjectNotFound:
+                return f"its pack {pid} is missing"
+            if size != info.size:
+                return f"its pack {pid} is {size} bytes, its index says {info.size} (truncated?)"
+            return None
+
+        pids = sorted(idx.packs)
+        bad = {
+            p: why for p, why in zip(pids, bounded_map(problem, pids, workers), strict=True) if why
+        }
+        out: dict[bytes, str] = {}
+        healthy: set[bytes] = set()
+        for pid in pids:
+            info = idx.packs[pid]
+            body = info.size - packs.trailer_size(len(info.entries))
+            for e in info.entries:
+                if pid in bad:
+                    out.setdefault(e.chunk_id, bad[pid])
+                elif e.offset + e.length > body:
+                    out.setdefault(
+                        e.chunk_id, f"the index names bytes outside its pack {pid} (damaged index)"
+                    )
+                else:
+                    healthy.add(e.chunk_id)
+        return {c: why for c, why in out.items() if c not in healthy}
+
+
+def write_index(backend: Backend, infos: list[packs.PackInfo]) -> str:
+    """Write one durable index object naming ``infos``; returns its id."""
+    data = packs.encode_index(infos)
+    iid = digest_hex(data)
+    backend.put_if_absent(layout.index_key(iid), data, durable=True)
+    return iid
+
+
+class PackWriter:
+    """Envelopes appended in order become packs of about ``pack_size`` bytes.
+
+    One caller thread appends; sealed packs are written by one background
+    thread while the caller fills the next, and at most two sealed packs wait,
+    so memory stays below three packs.
+    """
+
+    _MAX_WAITING = 2
+
+    def __init__(self, backend: Backend, pack_size: int) -> None:
+        self.backend = backend
+        self.pack_size = pack_size
+        self.pending: dict[bytes, bytes | None] = {}  # id -> base, for everything appended
+        self._open: list[tuple[bytes, bytes | memoryview, int, bytes | None]] = []
+        self._open_bytes = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apollo-pack")
+        self._waiting: list[Future[packs.PackInfo]] = []
+        self._done: list[packs.PackInfo] = []
+
+    def append(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+        if chunk_id in self.pending:
+            return False
+        self.pending[chunk_id] = base
+        self._open.append((chunk_id, blob, raw_size, base))
+        self._open_bytes += len(blob)
+        if self._open_bytes >= self.pack_size:
+            self._seal()
+        return True
+
+    def _seal(self) -> None:
+        if not self._open:
+            return
+        items, self._open, self._open_bytes = self._open, [], 0
+        while len(self._waiting) >= self._MAX_WAITING:
+            self._done.append(self._waiting.pop(0).result())
+        self._waiting.append(self._pool.submit(self._write, items))
+
+    def _write(
+        self, items: list[tuple[bytes, bytes | memoryview, int, bytes | None]]
+    ) -> packs.PackInfo:
+        pack_id, pieces, entries, size = packs.seal(items)
+        # A create-only write: temp + fsync + rename locally (directory fsync at
+        # the store's sync()), a PUT with Content-MD5 on S3.
+        self.backend.put_if_absent(layout.pack_key(pack_id), b"".join(pieces), durable=False)
+        return packs.PackInfo(pack_id, size, entries)
+
+    def close(self) -> list[packs.PackInfo]:
+        """Seal the open pack, wait for every write; the packs written, in order."""
+        try:
+            self._seal()
+            while self._waiting:
+                self._done.append(self._waiting.pop(0).result())
+        finally:
+            self._pool.shutdown(wait=True)
+        return self._done
+
+    def abandon(self) -> None:
+        for f in self._waiting:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+
+def iter_pack_keys(backend: Backend) -> Iterator[tuple[str, str]]:
+    """(pack id, key) of every pack object present."""
+    for key in backend.list(layout.PACKS_PREFIX):
+        pid = layout.pack_id_from_key(key)
+        if pid is not None:
+            yield pid, key
+
+
+def read_trailer(backend: Backend, pack_id: str) -> packs.PackInfo:
+    """A pack's entries from its own trailer (to rebuild a lost index)."""
+    key = layout.pack_key(pack_id)
+    size = backend.info(key).size
+    tail = backend.get_range(key, max(0, size - packs.FOOTER_SIZE), packs.FOOTER_SIZE)
+    count = packs.parse_footer(tail, size, key)
+    need = packs.trailer_size(count)
+    entries = packs.parse_trailer(backend.get_range(key, size - need, need), size, key)
+    return packs.PackInfo(pack_id, size, entries)
+
+
+def open_inventory(backend: Backend, fmt: int, pack_size: int, workers: int) -> ChunkInventory:
+    """The inventory for a store of format ``fmt``."""
+    if fmt == 1:
+        return LooseInventory(backend)
+    return PackInventory(backend, pack_size, workers)

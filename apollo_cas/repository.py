@@ -1,0 +1,367 @@
+"""The repository core: config, refs and tags, manifests, the chunk inventory, the commit.
+
+:class:`Repository` owns everything a store *is* (design review, move 1); the
+:class:`~apollo_cas.store.Store` facade composes it with the save path and the
+restore targets. Nothing here imports a source, a target or the decoder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from . import codecs, layout
+from .backends import Backend
+from .chunkstore import ChunkStore
+from .errors import (
+    AmbiguousRef,
+    ConcurrentUpdate,
+    CorruptManifest,
+    InvalidName,
+    ObjectNotFound,
+    RefNotFound,
+    StoreNotFound,
+    UsageError,
+)
+from .hashing import digest_hex
+from .inventory import ChunkInventory, open_inventory
+from .manifest import (
+    DEFAULT_PACK_SIZE,
+    STORE_FORMATS,
+    GroupRecord,
+    Manifest,
+    SourceInfo,
+    StoreConfig,
+)
+
+_CAS_RETRIES = 20
+
+#: The format new stores are created in (docs/FORMAT.md); ``APOLLO_CAS_FORMAT=1``
+#: creates format-1 stores (for tools that read chunk objects directly).
+DEFAULT_FORMAT = 2
+
+
+def new_store_format() -> int:
+    """The format a store created now gets: ``APOLLO_CAS_FORMAT``, else the default."""
+    env = os.environ.get("APOLLO_CAS_FORMAT", "")
+    if not env:
+        return DEFAULT_FORMAT
+    if env not in {str(f) for f in STORE_FORMATS}:
+        raise UsageError(
+            f"APOLLO_CAS_FORMAT={env!r} is not a store format",
+            f"use one of {', '.join(map(str, STORE_FORMATS))}, or unset it",
+        )
+    return int(env)
+
+
+def new_pack_size() -> int:
+    """The target pack size a format-2 store created now gets:
+    ``APOLLO_CAS_PACK_SIZE`` (bytes; tests and benchmarks use small ones), else 64 MiB."""
+    env = os.environ.get("APOLLO_CAS_PACK_SIZE", "")
+    if not env:
+        return DEFAULT_PACK_SIZE
+    if not env.isdigit() or not 4096 <= int(env) <= 1 << 30:
+        raise UsageError(
+            f"APOLLO_CAS_PACK_SIZE={env!r} is not a pack size",
+            "give a number of bytes between 4096 and 1 GiB, or unset it",
+        )
+    return int(env)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint id with its manifest and the refs that name it."""
+
+    checkpoint_id: str
+    manifest: Manifest
+    tags: tuple[str, ...] = ()
+    latest_of: tuple[str, ...] = ()
+
+
+class Repository:
+    """Config, refs, manifests (cached) and chunks of one store."""
+
+    def __init__(self, backend: Backend, policy: codecs.CodecPolicy, workers: int) -> None:
+        self.backend = backend
+        self.workers = workers
+        self.config: StoreConfig | None = None
+        self.chunks = ChunkStore(backend, policy)
+        self._manifests: dict[str, Manifest] = {}
+        # Format 1 until open_config has read the store's config.
+
+    @property
+    def location(self) -> str:
+        return self.backend.location
+
+    @property
+    def inventory(self) -> ChunkInventory:
+        """The chunks present, in this store's format."""
+        return self.chunks.inventory
+
+    @property
+    def format(self) -> int:
+        return self.config.format if self.config else 1
+
+    def _use(self, cfg: StoreConfig) -> None:
+        if self.config is None or self.config.format != cfg.format:
+            self.chunks.inventory = open_inventory(
+                self.backend, cfg.format, cfg.pack_size, self.workers
+            )
+        self.config = cfg
+
+    def open_config(
+        self, create: bool, fmt: int | None = None, pack_size: int | None = None
+    ) -> StoreConfig:
+        """Read (with ``create``: first write) the config; chooses the inventory."""
+        where = self.location
+        try:
+            cfg = StoreConfig.decode(self.backend.get(layout.CONFIG_KEY), where)
+        except ObjectNotFound:
+            if not create:
+                raise StoreNotFound(
+                    f"no apollo_cas store at {where}",
+                    "check --store / APOLLO_CAS_STORE; a store is created by its first save",
+                ) from None
+            new = StoreConfig(
+                format=fmt or new_store_format(), pack_size=pack_size or new_pack_size()
+            )
+            self.backend.put_if_absent(layout.CONFIG_KEY, new.encode())
+            # Another process may have created it first: what is there wins.
+            cfg = StoreConfig.decode(self.backend.get(layout.CONFIG_KEY), where)
+        self._use(cfg)
+        return cfg
+
+    # -- refs ----------------------------------------------------------------
+    def _read_ref(self, key: str) -> str | None:
+        try:
+            value = self.backend.get(key).decode("ascii", "replace").strip()
+        except ObjectNotFound:
+            return None
+        try:
+            return layout.check_hex_id(value, "ref target")
+        except InvalidName:
+            raise CorruptManifest(
+                f"ref {key} in {self.location} is damaged ({value[:40]!r})",
+                "point it at a good checkpoint with 'apollo-cas tag'",
+            ) from None
+
+    def latest(self, series: str = layout.DEFAULT_SERIES) -> str | None:
+        """The id of the newest checkpoint of ``series``, or None."""
+        return self._read_ref(layout.series_key(series))
+
+    def series(self) -> dict[str, str]:
+        out = {}
+        for key in self.backend.list(layout.SERIES_PREFIX):
+            name = key[len(layout.SERIES_PREFIX) :]
+            target = self._read_ref(key)
+            if target:
+                out[name] = target
+        return out
+
+    def tags(self) -> dict[str, str]:
+        out = {}
+        for key in self.backend.list(layout.TAGS_PREFIX):
+            target = self._read_ref(key)
+            if target:
+                out[key[len(layout.TAGS_PREFIX) :]] = target
+        return out
+
+    def tag(
+        self, ref: str, name: str, *, force: bool = False, series: str = layout.DEFAULT_SERIES
+    ) -> str:
+        """Point tag ``name`` at ``ref``. An existing tag moves only with ``force``.
+
+        The caller holds a shared lock (``Store.tag``), so the checkpoint
+        resolved here still exists when the tag is written.
+        """
+        key = layout.tag_key(name)
+        target = self.resolve(ref, series)
+        for _ in range(_CAS_RETRIES):
+            current = self._read_ref(key)
+            if current is not None and current != target and not force:
+                raise UsageError(
+                    f"tag {name!r} already names {current[:12]}",
+                    "pick another name, or pass --force to move it",
+                )
+            expected = self.backend.get(key) if current is not None else None
+            if self.backend.compare_and_swap(key, expected, target.encode()):
+                return target
+        raise ConcurrentUpdate(f"tag {name!r} kept changing", "retry")
+
+    def untag(self, name: str) -> None:
+        """Delete a tag (the checkpoint stays until gc's retention drops it)."""
+        key = layout.tag_key(name)
+        try:
+            old = self.backend.get(key)
+        except ObjectNotFound:
+            raise RefNotFound(
+                f"no tag {name!r} in {self.location}", "see 'apollo-cas list'"
+            ) from None
+        self.backend.compare_and_swap(key, old, None)
+
+    # -- manifests -----------------------------------------------------------
+    def checkpoint_ids(self) -> list[str]:
+        return [
+            k[len(layout.MANIFESTS_PREFIX) :]
+            for k in self.backend.list(layout.MANIFESTS_PREFIX)
+            if len(k) == len(layout.MANIFESTS_PREFIX) + 32
+        ]
+
+    def manifest(self, checkpoint_id: str) -> Manifest:
+        """Load and check one manifest (its bytes must hash to its id)."""
+        cached = self._manifests.get(checkpoint_id)
+        if cached is not None:
+            return cached
+        key = layout.manifest_key(checkpoint_id)
+        try:
+            data = self.backend.get(key)
+        except ObjectNotFound:
+            raise CorruptManifest(
+                f"checkpoint {checkpoint_id} is referenced but its manifest is missing",
+                "run 'apollo-cas verify'",
+            ) from None
+        if digest_hex(data) != checkpoint_id:
+            raise CorruptManifest(
+                f"manifest {checkpoint_id} is corrupt (content does not match its id)",
+                "run 'apollo-cas verify'; restore another checkpoint",
+            )
+        m = Manifest.decode(data, key)
+        self._manifests[checkpoint_id] = m
+        return m
+
+    def resolve(self, ref: str | None, series: str = layout.DEFAULT_SERIES) -> str:
+        """Turn ``latest``, a tag, or a unique id prefix into a checkpoint id."""
+        ref = ref or "latest"
+        if ref == "latest" or ref.startswith("latest@"):
+            s = ref.split("@", 1)[1] if "@" in ref else series
+            target = self.latest(s)
+            if target is None:
+                raise RefNotFound(
+                    f"series {s!r} in {self.location} has no checkpoint yet",
+                    "save one first, or name a checkpoint id or tag",
+                )
+            return target
+        low = ref.lower()
+        if layout.is_hex_id(low) and self.backend.exists(layout.manifest_key(low)):
+            # A full id: one existence check, not a listing of every manifest.
+            return low
+        try:
+            target = self._read_ref(layout.tag_key(ref))
+        except InvalidName:
+            target = None
+        if target:
+            return target
+        if len(low) >= 4 and all(c in "0123456789abcdef" for c in low):
+            hits = [c for c in self.checkpoint_ids() if c.startswith(low)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise AmbiguousRef(
+                    f"{ref!r} matches {len(hits)} checkpoints", "give more characters of the id"
+                )
+        raise RefNotFound(
+            f"no checkpoint or tag {ref!r} in {self.location}",
+            "see 'apollo-cas list' for ids and tags",
+        )
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint, oldest first, with the refs naming it."""
+        tags: dict[str, list[str]] = {}
+        for t, cid in self.tags().items():
+            tags.setdefault(cid, []).append(t)
+        latest: dict[str, list[str]] = {}
+        for s, cid in self.series().items():
+            latest.setdefault(cid, []).append(s)
+        out = [
+            Checkpoint(
+                cid,
+                self.manifest(cid),
+                tuple(sorted(tags.get(cid, []))),
+                tuple(sorted(latest.get(cid, []))),
+            )
+            for cid in self.checkpoint_ids()
+        ]
+        out.sort(key=lambda c: (c.manifest.created, c.checkpoint_id))
+        return out
+
+    # -- multi-rank groups ---------------------------------------------------------
+    def join_group(self, name: str, series: str, info: SourceInfo, cid: str) -> GroupRecord:
+        """Add this rank's checkpoint to group ``name`` by compare-and-swap."""
+        base_series = series.rsplit(".rank", 1)[0]
+        key = layout.group_key(base_series, name)
+        world = info.world_size or 1
+        rank = info.rank or 0
+        for _ in range(_CAS_RETRIES):
+            try:
+                old: bytes | None = self.backend.get(key)
+            except ObjectNotFound:
+                old = None
+            rec = (
+                GroupRecord.decode(old, key)
+                if old is not None
+                else GroupRecord(series=base_series, name=name, world_size=world, members={})
+            )
+            if rec.world_size != world:
+                raise UsageError(
+                    f"group {name!r} has world size {rec.world_size}, this rank says {world}",
+                    "use another --group name for a different parallel layout",
+                )
+            rec = replace(rec, members={**rec.members, rank: cid})
+            if self.backend.compare_and_swap(key, old, rec.encode()):
+                return rec
+        raise ConcurrentUpdate(f"group {name!r} kept changing", "retry")
+
+    def groups(self) -> list[GroupRecord]:
+        """Every multi-rank checkpoint, oldest first."""
+        out = []
+        for key in self.backend.list(layout.GROUPS_PREFIX):
+            try:
+                out.append(GroupRecord.decode(self.backend.get(key), key))
+            except ObjectNotFound:
+                continue
+        return sorted(out, key=lambda g: (g.created, g.series, g.name))
+
+    def group(self, name: str, series: str = layout.DEFAULT_SERIES) -> GroupRecord:
+        key = layout.group_key(series, name)
+        try:
+            return GroupRecord.decode(self.backend.get(key), key)
+        except ObjectNotFound:
+            raise RefNotFound(
+                f"no group {name!r} in series {series!r} of {self.location}",
+                "see 'apollo-cas list'",
+            ) from None
+
+    def commit(
+        self, manifest: Manifest, parent_id: str | None, force: bool
+    ) -> tuple[str, Manifest, bool]:
+        """Write the manifest durably, then move the series ref by compare-and-swap.
+
+        If another save moved the ref first, re-parent onto it (or, if it
+        recorded the same content, add nothing): neither checkpoint is lost or
+        recorded twice.
+        """
+        key = layout.series_key(manifest.series)
+        for _ in range(_CAS_RETRIES):
+            data = manifest.encode()
+            cid = digest_hex(data)
+            wrote = self.backend.put_if_absent(layout.manifest_key(cid), data)
+            expected = parent_id.encode() if parent_id else None
+            if self.backend.compare_and_swap(key, expected, cid.encode()):
+                self._manifests[cid] = manifest
+                return cid, manifest, False
+            if wrote:
+                # Lost the race: this manifest names the old parent and no ref
+                # names it. Left in place it would list as a second copy of this
+                # checkpoint; the re-parented one below replaces it.
+                self.backend.delete(layout.manifest_key(cid))
+            parent_id = self.latest(manifest.series)
+            if parent_id is None:
+                continue
+            other = self.manifest(parent_id)
+            if other.tensors == manifest.tensors and not force:
+                return parent_id, other, True
+            manifest = replace(manifest, parent=parent_id)
+        raise ConcurrentUpdate(
+            f"series {manifest.series!r} kept moving while saving",
+            "too many concurrent saves to one series; retry",
+        )

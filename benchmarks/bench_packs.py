@@ -1,0 +1,260 @@
+"""Store format 2 (packs) against format 1 (a chunk per object), side by side in one run.
+
+For a generated bf16 model (default 256 MiB, 1 MiB blocks):
+
+* objects written per save: a full save, a save with 0.5% of the blocks
+  changed, a dense step (every block changes a little), on a directory, both
+  formats; the target is at most stored bytes / 16 MiB + 5 per save;
+* S3 requests (PUT, GET, HEAD, LIST, DELETE) per full save, dense step and
+  restore on a local SeaweedFS (tests/s3server.py), both formats (``--no-s3``
+  skips it);
+* page-cache reads: the latest checkpoint's stored bytes read through the
+  restore's read path (spans of a pack, the decoder's threads) and the whole
+  restore (read, decode, re-hash, write to /dev/shm), beside the same number of
+  bytes read from one file with the same threads;
+* a full save beside the disk's fsync'd sequential write bandwidth.
+
+    python benchmarks/bench_packs.py --size 256MiB --out benchmarks/results/packs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from apollo_cas import examples  # noqa: E402
+from apollo_cas.cli.common import parse_size  # noqa: E402
+from apollo_cas.decoding import read_span, spans  # noqa: E402
+from apollo_cas.parallel import bounded_map, default_workers  # noqa: E402
+from apollo_cas.store import Store  # noqa: E402
+
+MiB = 1 << 20
+
+
+def sequence(size: int, seed: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """full, 0.5% of the blocks changed, a dense step (every block changes)."""
+    w = examples.generate(examples.ModelShape.for_bytes(size), seed=seed)
+    sparse = dict(w)
+    names = sorted(w)
+    total_blocks = sum(max(1, a.nbytes // MiB) for a in w.values())
+    budget = max(1, total_blocks // 200)  # 0.5% of the 1 MiB blocks
+    for name in names:
+        if budget <= 0:
+            break
+        a = w[name].copy()
+        flat = a.reshape(-1).view(np.uint8)
+        for b in range(0, min(flat.size, budget * MiB), MiB):
+            flat[b] ^= 1
+            budget -= 1
+        sparse[name] = a
+    dense = {n: (a.view(np.uint16) ^ np.uint16(1)).view(a.dtype) for n, a in sparse.items()}
+    return [("full", w), ("0.5% changed", sparse), ("dense step", dense)]
+
+
+def objects(root: Path) -> set[str]:
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and "locks" not in p.parts and not p.name.startswith(".")
+    }
+
+
+def fsync_write_bandwidth(where: Path, nbytes: int) -> float:
+    """GB/s of one sequential write of ``nbytes`` with an fsync at the end."""
+    path = where / "fsync-probe"
+    block = os.urandom(16 * MiB)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, nbytes // len(block))):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    n = path.stat().st_size
+    path.unlink()
+    return n / dt / 1e9
+
+
+def one_file_read(path: Path, threads: int, piece: int = 16 * MiB) -> float:
+    """GB/s of reading ``path`` (in the page cache) in pieces with ``threads`` threads."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+
+    def one(off: int) -> int:
+        buf = bytearray(min(piece, size - off))
+        return os.preadv(fd, [buf], off)
+
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            got = sum(pool.map(one, range(0, size, piece)))
+        return got / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+
+
+def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    root = work / f"store-f{fmt}"
+    shutil.rmtree(root, ignore_errors=True)
+    out: dict[str, Any] = {"format": fmt, "saves": []}
+    workers = default_workers()
+    with Store.open(root, create=True, format=fmt, workers=workers) as st:
+        for label, w in seq:
+            before = objects(root)
+            t0 = time.perf_counter()
+            r = st.save(w, block_size=MiB)
+            dt = time.perf_counter() - t0
+            new = len(objects(root) - before)
+            stored = r.stats.new_stored_bytes
+            out["saves"].append(
+                {
+                    "save": label,
+                    "seconds": round(dt, 3),
+                    "logical_gb_s": round(r.stats.logical_bytes / dt / 1e9, 3),
+                    "stored_gb_s": round(stored / dt / 1e9, 3),
+                    "new_chunks": r.stats.new_chunks,
+                    "stored_bytes": stored,
+                    "objects_written": new,
+                    "target_objects": stored // (16 * MiB) + 5,
+                }
+            )
+        # Page-cache reads of the latest checkpoint through the restore's read path.
+        m = st.manifest(st.resolve("latest"))
+        jobs = [(0, 0, c) for t in m.tensors for c in t.chunks]
+        stored_bytes = 0
+        for cid in {j[2] for j in jobs}:
+            loc = st.chunks.locate(cid)
+            stored_bytes += loc.length if loc.length >= 0 else st.backend.info(loc.key).size
+        span_list = list(spans(st.chunks, jobs))
+        for s in span_list:  # warm the page cache
+            read_raw(st, s)
+        t0 = time.perf_counter()
+        got = sum(bounded_map(lambda s: read_raw(st, s), span_list, workers))
+        raw_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        decoded = sum(
+            bounded_map(lambda s: sum(map(len, read_span(st.chunks, s))), span_list, workers)
+        )
+        dec_s = time.perf_counter() - t0
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
+        dest = Path(tempfile.mkdtemp(dir=shm, prefix="apollo-bench-"))
+        t0 = time.perf_counter()
+        st.restore("latest", dest, format="flat")
+        restore_s = time.perf_counter() - t0
+        shutil.rmtree(dest)
+        probe = root / "one-file"
+        block = os.urandom(16 * MiB)
+        with open(probe, "wb") as f:
+            for off in range(0, stored_bytes, len(block)):
+                f.write(block[: stored_bytes - off])
+        one_file_read(probe, workers)  # into the page cache
+        one = one_file_read(probe, workers)
+        probe.unlink()
+        out["reads"] = {
+            "threads": workers,
+            "requests": len(span_list),
+            "chunks": len(jobs),
+            "stored_bytes": got,
+            "read_path_gb_s": round(got / raw_s / 1e9, 3),
+            "read_decode_verify_gb_s": round(decoded / dec_s / 1e9, 3),
+            "restore_flat_to_shm_gb_s": round(m.logical_bytes / restore_s / 1e9, 3),
+            "one_file_same_bytes_gb_s": round(one, 3),
+            "read_path_vs_one_file": round(got / raw_s / 1e9 / one, 3),
+        }
+    out["fsync_write_gb_s"] = round(fsync_write_bandwidth(work, 256 * MiB), 3)
+    full = out["saves"][0]
+    out["full_save_stored_vs_fsync_write"] = round(full["stored_gb_s"] / out["fsync_write_gb_s"], 3)
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def read_raw(st: Store, span: Any) -> int:
+    key, first, items = span
+    if items[0][4] < 0:
+        return sum(len(st.backend.get(key)) for _ in items)
+    end = max(it[3] + it[4] for it in items)
+    return len(st.backend.get_range(key, first, end - first))
+
+
+@contextmanager
+def counting(backend: Any) -> Iterator[Counter[str]]:
+    """Count the S3 API calls a backend's boto3 client makes."""
+    calls: Counter[str] = Counter()
+
+    def hook(model: Any, **_: Any) -> None:
+        calls[model.name] += 1
+
+    events = backend._client.meta.events
+    events.register("before-call.s3", hook)
+    try:
+        yield calls
+    finally:
+        events.unregister("before-call.s3", hook)
+
+
+def s3_run(fmt: int, seq: list[tuple[str, dict[str, np.ndarray]]], work: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_s3 import local_s3_location
+
+    out: dict[str, Any] = {"format": fmt}
+    with local_s3_location() as location, Store.open(location, create=True, format=fmt) as st:
+        st.backend._capabilities()  # the one-off capability probe, not counted
+        for label, w in seq:
+            with counting(st.backend) as calls:
+                st.save(w, block_size=MiB)
+            out[label] = dict(calls)
+        dest = work / f"s3-restore-f{fmt}"
+        with counting(st.backend) as calls:
+            st.restore("latest", dest, format="flat")
+        out["restore"] = dict(calls)
+        shutil.rmtree(dest, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="256MiB")
+    ap.add_argument("--dir", default=None, help="work directory on the disk to measure")
+    ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/packs.json")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    work = Path(args.dir or tempfile.mkdtemp(prefix="apollo-packs-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("APOLLO_CAS_PROCESSES", "auto")
+    seq = sequence(size)
+    result: dict[str, Any] = {
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "size_bytes": sum(a.nbytes for a in seq[0][1].values()),
+        "work_dir": str(work),
+        "local": [local_run(fmt, work, seq) for fmt in (1, 2)],
+    }
+    if not args.no_s3:
+        result["s3"] = [s3_run(fmt, seq, work) for fmt in (1, 2)]
+    print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
