@@ -70,7 +70,7 @@ from .chunkplan import (
 )
 from .device_steps import DeviceSteps, Events
 from .host_steps import HostStaging
-from .readers import Arena, BlobReader, RawReader, file_reader, object_reader
+from .readers import Arena, BlobReader, RawReader, file_reader, object_reader, pack_reader
 from .staging import Stager
 from .zstd import FrameDecoder, open_frames
 
@@ -84,6 +84,7 @@ __all__ = [
     "file_reader",
     "memory_bound",
     "object_reader",
+    "pack_reader",
     "parse_chunk",
     "places_of",
 ]
