@@ -26,6 +26,8 @@ __all__ = ["Arena", "BlobReader", "RawReader", "file_reader", "object_reader", "
 #: The longest single ranged read of a pack: one call's group is a few MiB anyway
 #: (a 256 MiB batch over 2 x 16 groups), this only caps a reader called with more.
 MAX_READ = 64 << 20
+#: Slack past an arena's capacity (see :class:`Arena`).
+PAD = 64
 
 #: Stored bytes of chunks, in the order asked: ``reader(ids, arena) -> [buffer, ...]``. A
 #: reader may read into ``arena`` (:class:`Arena`, reusable host memory; None: don't)
@@ -36,27 +38,68 @@ RawReader = Callable[[bytes], bytes]
 
 
 class Arena:
-    """Reusable host memory that readers claim pieces of, from several threads."""
+    """Reusable host memory that readers claim pieces of, from several threads.
 
-    def __init__(self) -> None:
+    ``alloc(n)`` makes its buffer (a 1-D uint8 torch tensor, e.g. pinned: the
+    pipeline then copies what was read straight to the GPU); by default a numpy
+    array. Every buffer has :data:`PAD` bytes past its capacity, so a reader of a
+    piece may read up to 16 bytes beyond it (aligned copies on the device).
+    """
+
+    def __init__(self, alloc: Callable[[int], Any] | None = None) -> None:
+        self._alloc = alloc
+        self.tensor: Any = None
         self._buf: np.ndarray | None = None
+        self._cap = 0
         self._pos = 0
         self._lock = threading.Lock()
+        #: an event recorded after the last copy out of this arena (None: none queued)
+        self.copied: Any = None
 
     def reset(self, capacity: int) -> None:
         """Forget every claim (their views must be dead) and hold at least ``capacity``."""
-        if self._buf is None or len(self._buf) < capacity:
-            self._buf = np.empty(capacity, dtype=np.uint8)
+        self.wait()
+        if self._buf is None or self._cap < capacity:
+            self._buf = None
+            if self._alloc is not None:
+                self.tensor = self._alloc(capacity + PAD)
+                self._buf = self.tensor.numpy()
+            else:
+                self._buf = np.empty(capacity + PAD, dtype=np.uint8)
+            self._cap = capacity
         self._pos = 0
+
+    def wait(self) -> None:
+        """Wait for the copy out of this arena recorded in :attr:`copied`."""
+        ev, self.copied = self.copied, None
+        if ev is not None:
+            ev.synchronize()
+
+    @property
+    def used(self) -> int:
+        """Bytes claimed since the last reset (claims are 64-byte aligned)."""
+        return self._pos
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else len(self._buf)
 
     def claim(self, n: int) -> memoryview | None:
         """A writable view of ``n`` bytes, or None when the arena is full."""
         with self._lock:
-            if self._buf is None or self._pos + n > len(self._buf):
+            if self._buf is None or self._pos + n > self._cap:
                 return None
             a = self._pos
             self._pos = align_up(a + n, 64)
         return self._buf.data[a : a + n]
+
+    def offset_of(self, piece: Any) -> int | None:
+        """Where ``piece`` (a view a reader returned) starts in the arena, or None."""
+        if self._buf is None or piece is None or not len(piece):
+            return None
+        addr = np.frombuffer(piece, dtype=np.uint8).ctypes.data
+        base = self._buf.ctypes.data
+        return addr - base if base <= addr < base + self._cap else None
 
 
 def object_reader(get_blob: Callable[[bytes], Any], workers: int) -> BlobReader:

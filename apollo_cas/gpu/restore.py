@@ -70,7 +70,7 @@ from .chunkplan import (
 )
 from .device_steps import DeviceSteps, Events
 from .host_steps import HostStaging
-from .readers import Arena, BlobReader, RawReader, file_reader, object_reader, pack_reader
+from .readers import PAD, Arena, BlobReader, RawReader, file_reader, object_reader, pack_reader
 from .staging import Stager
 from .zstd import FrameDecoder, open_frames
 
@@ -94,7 +94,9 @@ __all__ = [
 DEFAULT_BATCH_BYTES = 256 << 20
 
 
-def memory_bound(batch_bytes: int, block_size: int, max_depth: int = 4) -> dict[str, int]:
+def memory_bound(
+    batch_bytes: int, block_size: int, max_depth: int = 4, *, direct: bool = False
+) -> dict[str, int]:
     """Upper bounds of the memory the pipeline holds, in bytes, for delta chains of at
     most ``max_depth`` (the store's ``CodecPolicy.max_delta_depth``, 4 by default).
 
@@ -105,13 +107,26 @@ def memory_bound(batch_bytes: int, block_size: int, max_depth: int = 4) -> dict[
     one buffer of decoded rows (every device step runs on one stream). Host arenas (not
     pinned): two of about twice ``batch_bytes``; a reader without room in them returns
     bytes of its own instead.
+
+    ``direct`` (the mode with a frame decoder, nvCOMP on a GPU): no staging slots; the
+    two arenas are the pinned memory, and the device holds a mirror of one arena, the
+    staging layout, the decoded rows, and a copy of each stored chunk that did not fit
+    in the arena (deep delta chains: at most the batch's stored bytes beyond it).
     """
     rows = (max_depth + 1) * (batch_bytes // block_size + 1)
     slot = 2 * (max_depth + 1) * batch_bytes + rows * 16 * ALIGN
-    arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256
+    arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256 + PAD
+    row_bytes = rows * align_up(block_size, 64)
+    if direct:
+        stored = (max_depth + 1) * batch_bytes + rows * (256 + PAD)
+        return {
+            "pinned_host": 2 * arena,
+            "device_scratch": slot + row_bytes + arena + max(0, stored - arena + PAD),
+            "host_arenas": 0,
+        }
     return {
         "pinned_host": 2 * slot,
-        "device_scratch": slot + rows * align_up(block_size, 64),
+        "device_scratch": slot + row_bytes,
         "host_arenas": 2 * arena,
     }
 
@@ -165,6 +180,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         workers: int | None = None,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         frames: FrameDecoder | str | None = "auto",
+        direct: bool | None = None,
     ) -> None:
         self.reader = reader
         self.read_raw = read_raw
@@ -180,10 +196,17 @@ class RestorePipeline(HostStaging, DeviceSteps):
             self.frames: FrameDecoder | None = open_frames(self.device, self.stream, self.workers)
         else:
             self.frames = frames  # type: ignore[assignment]
+        # Direct mode (the default when a frame decoder is there): stored bytes are read
+        # into pinned arenas, copied to the device as they are, and rearranged there.
+        # Without one, zstd frames are decoded on the host while staging (the old path).
+        self.direct = self.frames is not None if direct is None else bool(direct)
+        if self.direct and self.frames is None:
+            raise ValueError("direct restore needs a frame decoder (frames=...)")
         self.stager = Stager(slots=2, pin=self.cuda)
         # One device mirror of the staging layout and one buffer of decoded rows: every
         # device step runs on one stream, so batch k+1 reuses them in stream order.
         self._dev: torch.Tensor | None = None
+        self._mirror: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._events: list[Events] = []
         self._live: dict[bytes, tuple[int, int, int]] = {}
@@ -193,7 +216,12 @@ class RestorePipeline(HostStaging, DeviceSteps):
         self._arena_bytes = (
             2 * self.batch_bytes + (2 * self.batch_bytes // self.block_size + 2) * 256
         )
-        self._arenas = [Arena(), Arena()]
+        pin = self.cuda and self.direct
+
+        def alloc(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+
+        self._arenas = [Arena(alloc), Arena(alloc)]
         self._pools: dict[str, ThreadPoolExecutor] = {}
         # Host slots handed to the producer and not yet released by the device stage.
         self._free = threading.Semaphore(2)
@@ -243,7 +271,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
                     self._acquire(arena_free)
                     arena = self._arenas[k % len(self._arenas)]
                     arena.reset(self._arena_bytes)
-                    self._put(gathered, (k, ps, self._gather(k, ps, arena)))
+                    self._put(gathered, (k, ps, arena, self._gather(k, ps, arena)))
                 self._put(gathered, None)
             except _Stopped:
                 return
@@ -258,9 +286,10 @@ class RestorePipeline(HostStaging, DeviceSteps):
                     if item is None or isinstance(item, BaseException):
                         self._put(staged, item)
                         return
-                    k, ps, (chunks, order) = item
-                    batch = self._stage(k, ps, chunks, order)
-                    arena_free.release()  # every piece is in the pinned slot now
+                    k, ps, arena, (chunks, order) = item
+                    batch = self._stage(k, ps, chunks, order, arena)
+                    if not self.direct:
+                        arena_free.release()  # every piece is in the pinned slot now
                     self._put(staged, batch)
             except _Stopped:
                 return
@@ -284,6 +313,10 @@ class RestorePipeline(HostStaging, DeviceSteps):
                 if isinstance(item, BaseException):
                     raise item
                 self._device_stage(item, dests)
+                if self.direct:
+                    # The arena's copy is queued (an event on it: the reader waits for
+                    # that before reusing it); on the CPU its bytes were used already.
+                    arena_free.release()
                 if progress:
                     progress(sum(p.size for p in item.places))
             if self.cuda:
@@ -296,7 +329,12 @@ class RestorePipeline(HostStaging, DeviceSteps):
             for th in threads:
                 th.join()
             self.stager.drain()
-        self.stats.pinned_bytes = max(self.stats.pinned_bytes, self.stager.host_bytes)
+        pinned = self.stager.host_bytes
+        if self.cuda and self.direct:
+            pinned += sum(a.nbytes for a in self._arenas)
+        elif not self.cuda and self.direct:
+            pinned += sum(a.nbytes for a in self._arenas)  # would be pinned with a GPU
+        self.stats.pinned_bytes = max(self.stats.pinned_bytes, pinned)
         self.stats.seconds += time.perf_counter() - t0
         return self.stats
 
@@ -307,7 +345,11 @@ class RestorePipeline(HostStaging, DeviceSteps):
         self._pools = {}
         self.stager.close()
         self._dev = None
+        self._mirror = None
         self._rows = None
+        for a in self._arenas:
+            a.wait()
+        self._arenas = [Arena(a._alloc) for a in self._arenas]
 
     # -- batching and host staging (producer thread) -----------------------------------
 
@@ -337,7 +379,12 @@ class RestorePipeline(HostStaging, DeviceSteps):
 
         # The reader is called from the pool's threads, one contiguous group of ids each.
         def read_group(sl: slice) -> Sequence[Any]:
-            return self.reader(ids[sl], arena)
+            got = self.reader(ids[sl], arena)
+            if self.direct and arena is not None:
+                # Direct mode copies the arena to the device as is: bring stored bytes
+                # a reader returned as its own (one object per chunk) into it.
+                got = [_into(arena, b) for b in got]
+            return got
 
         parts = self._pool("read").map(read_group, slices(len(ids), self.workers))
         blobs = [b for part in parts for b in part]
@@ -436,17 +483,39 @@ class RestorePipeline(HostStaging, DeviceSteps):
         return chunks, order
 
     def _stage(
-        self, k: int, ps: list[Place], chunks: dict[bytes, ChunkPlan], order: list[bytes]
+        self,
+        k: int,
+        ps: list[Place],
+        chunks: dict[bytes, ChunkPlan],
+        order: list[bytes],
+        arena: Arena | None = None,
     ) -> Batch:
-        """Lay the batch out and copy it into pinned slot ``k % 2``."""
+        """Lay the batch out and copy it into pinned slot ``k % 2`` (direct mode: only
+        the layout; the device builds it from the arena)."""
         t1 = time.perf_counter()
         batch = self._layout(k, ps, chunks, order)
+        if self.direct:
+            batch.arena = arena
+            batch.stage_s = time.perf_counter() - t1
+            self.stats.stage_s += batch.stage_s
+            return batch
         self._acquire(self._free)  # released by the device stage
         batch.host = self.stager.acquire(k)  # and the copy out of it (batch k-2) has finished
         self._fill(batch)
         batch.stage_s = time.perf_counter() - t1
         self.stats.stage_s += batch.stage_s
         return batch
+
+
+def _into(arena: Arena, blob: Any) -> Any:
+    """``blob`` if it lies in ``arena``, else a copy in it (or ``blob`` when it is full)."""
+    if arena.offset_of(blob) is not None:
+        return blob
+    view = arena.claim(len(blob))
+    if view is None:
+        return blob
+    view[:] = memoryview(blob).cast("B")
+    return view
 
 
 class _Stopped(Exception):
