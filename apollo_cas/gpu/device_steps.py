@@ -38,7 +38,8 @@ class DeviceSteps:
     _free: Any
 
     def _buffers(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.cuda and not self.direct:
+        own = self.cuda or self.direct  # else the host slot is the device buffer
+        if not own:
             dev = batch.host
         else:
             if self._dev is None or self._dev.numel() < batch.used:
@@ -49,7 +50,7 @@ class DeviceSteps:
             self._rows = torch.empty(need, dtype=torch.uint8, device=self.device)
         rows = self._rows
         assert rows is not None
-        scratch = int(rows.numel()) + (int(dev.numel()) if dev is self._dev else 0)
+        scratch = int(rows.numel()) + (int(dev.numel()) if own else 0)
         if self.cuda and self._mirror is not None:
             scratch += int(self._mirror.numel())
         self.stats.device_scratch_bytes = max(self.stats.device_scratch_bytes, scratch)
