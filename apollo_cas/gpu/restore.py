@@ -263,6 +263,9 @@ class RestorePipeline(HostStaging, DeviceSteps):
         stop = self._stopping = threading.Event()
         self._free = threading.Semaphore(2)
         arena_free = threading.Semaphore(len(self._arenas))
+        # Arenas as big as the largest batch needs (a small checkpoint pins little).
+        most = max((sum(p.size for p in ps) for ps in batches), default=0)
+        arena_bytes = min(self._arena_bytes, 2 * most + (2 * most // self.block_size + 2) * 256)
 
         def gather() -> None:
             # Batch k+1's chunks are read while batch k is staged and batch k-1 decoded.
@@ -270,7 +273,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
                 for k, ps in enumerate(batches):
                     self._acquire(arena_free)
                     arena = self._arenas[k % len(self._arenas)]
-                    arena.reset(self._arena_bytes)
+                    arena.reset(arena_bytes)
                     self._put(gathered, (k, ps, arena, self._gather(k, ps, arena)))
                 self._put(gathered, None)
             except _Stopped:
