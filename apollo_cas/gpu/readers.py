@@ -102,6 +102,17 @@ class Arena:
         return addr - base if base <= addr < base + self._cap else None
 
 
+def into_arena(arena: Arena, blob: Any) -> Any:
+    """``blob`` if it lies in ``arena``, else a copy in it (or ``blob`` when it is full)."""
+    if arena.offset_of(blob) is not None:
+        return blob
+    view = arena.claim(len(blob))
+    if view is None:
+        return blob
+    view[:] = memoryview(blob).cast("B")
+    return view
+
+
 def object_reader(get_blob: Callable[[bytes], Any], workers: int) -> BlobReader:
     """One backend object per chunk (store format 1, any backend), on ``workers`` threads.
 

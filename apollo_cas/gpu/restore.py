@@ -4,16 +4,20 @@ For every *place* (a block of a destination tensor and the chunk id it must hold
 pipeline runs, in batches of at most ``batch_bytes`` of raw output:
 
 1. **read** (host threads): the stored bytes of the batch's chunks, through a
-   :data:`BlobReader` (today one backend object per chunk; later ranged pack reads),
-   plus, for XOR deltas, the chain of bases they need. Each envelope is parsed on the
-   host and its raw size checked against the size its place needs *before* any decode
-   (a mismatch is :class:`~apollo_cas.errors.CorruptChunk` naming the chunk);
-2. **stage** (host threads): the pieces are copied into one of two reusable pinned
-   buffers (:class:`~apollo_cas.gpu.staging.Stager`), laid out plane-major so that
-   every byte plane of a group of like chunks is one strided tensor: raw planes in
-   place, zstd frames packed 16-byte aligned. Without nvCOMP the frames are decoded
-   here, on the host, straight into their plane slots;
-3. **copy** the used ranges host-to-device, still compressed;
+   :data:`BlobReader` (format 2: :func:`pack_reader`, ranges of packs; format 1: one
+   object per chunk), into a reused arena, plus, for XOR deltas, the chain of bases
+   they need. Each envelope is parsed on the host and its raw size checked against
+   the size its place needs *before* any decode (a mismatch is
+   :class:`~apollo_cas.errors.CorruptChunk` naming the chunk);
+2. **lay out** (host thread): the batch's chunks grouped plane-major so that every
+   byte plane of a group of like chunks is one strided tensor: raw planes in place,
+   zstd frames packed 16-byte aligned;
+3. **copy** host-to-device, still compressed. *Direct mode* (the default when a frame
+   decoder is there, i.e. nvCOMP on a GPU): the arena is pinned and copied as it is,
+   and the layout is built on the device by torch ops from that verbatim copy: no
+   host copy after the read. *Staged mode* (no frame decoder): host threads copy the
+   pieces into one of two reusable pinned buffers (:class:`~apollo_cas.gpu.staging.
+   Stager`), decoding zstd frames there, and the used ranges are copied;
 4. **decode** every zstd frame of the batch in one nvCOMP call into buffers the
    pipeline owns (:mod:`apollo_cas.gpu.zstd`);
 5. **interleave** byte planes back into elements (one strided copy per plane per
@@ -24,19 +28,20 @@ pipeline runs, in batches of at most ``batch_bytes`` of raw output:
    batch reaches a destination;
 7. **place**: only then are the verified blocks copied into the destinations.
 
-Steps 1-2 of batch k+1 run on a host thread while the device runs steps 3-7 of
-batch k. Memory is bounded by ``batch_bytes``, never by the model: pinned host
-memory is two staging slots and device scratch two staging mirrors plus two
-decode buffers (see :func:`memory_bound`).
+Steps 1-2 of batch k+1 run on host threads while the device runs steps 3-7 of
+batch k. Memory is bounded by ``batch_bytes``, never by the model: two arenas (pinned
+in direct mode) or two staging slots, and on the device one mirror, one layout and one
+buffer of decoded rows (see :func:`memory_bound`).
 
 Chunks of codecs this pipeline does not know (any id but raw, zstd, planes and
 delta: e.g. a future sparse codec 4) are decoded on the CPU by ``read_raw`` (the
 store's verified reader) and staged as raw bytes: a per-chunk fallback.
 
-The same code runs on CPU tensors (``device="cpu"``): staging buffers are then
-the device buffers, zstd frames are decoded by python-zstandard and blocks are
-hashed with xxhash, so CI tests the layout, the interleave, the XOR chains, the
-verification order and the bounded buffers without a GPU.
+The same code runs on CPU tensors (``device="cpu"``): zstd frames are decoded by
+python-zstandard (``frames=HostFrames(n)`` runs direct mode, ``frames=None`` the staged
+one) and blocks are hashed with xxhash, so CI tests both modes' layout, the
+interleave, the XOR chains, the verification order and the bounded buffers without a
+GPU.
 
 Imports torch; nvCOMP and triton only when a GPU is there.
 """
@@ -70,7 +75,16 @@ from .chunkplan import (
 )
 from .device_steps import DeviceSteps, Events
 from .host_steps import HostStaging
-from .readers import PAD, Arena, BlobReader, RawReader, file_reader, object_reader, pack_reader
+from .readers import (
+    PAD,
+    Arena,
+    BlobReader,
+    RawReader,
+    file_reader,
+    into_arena,
+    object_reader,
+    pack_reader,
+)
 from .staging import Stager
 from .zstd import FrameDecoder, open_frames
 
@@ -333,10 +347,8 @@ class RestorePipeline(HostStaging, DeviceSteps):
                 th.join()
             self.stager.drain()
         pinned = self.stager.host_bytes
-        if self.cuda and self.direct:
+        if self.direct:  # the arenas are the pinned memory (on the CPU: would be)
             pinned += sum(a.nbytes for a in self._arenas)
-        elif not self.cuda and self.direct:
-            pinned += sum(a.nbytes for a in self._arenas)  # would be pinned with a GPU
         self.stats.pinned_bytes = max(self.stats.pinned_bytes, pinned)
         self.stats.seconds += time.perf_counter() - t0
         return self.stats
@@ -386,7 +398,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
             if self.direct and arena is not None:
                 # Direct mode copies the arena to the device as is: bring stored bytes
                 # a reader returned as its own (one object per chunk) into it.
-                got = [_into(arena, b) for b in got]
+                got = [into_arena(arena, b) for b in got]
             return got
 
         parts = self._pool("read").map(read_group, slices(len(ids), self.workers))
@@ -508,17 +520,6 @@ class RestorePipeline(HostStaging, DeviceSteps):
         batch.stage_s = time.perf_counter() - t1
         self.stats.stage_s += batch.stage_s
         return batch
-
-
-def _into(arena: Arena, blob: Any) -> Any:
-    """``blob`` if it lies in ``arena``, else a copy in it (or ``blob`` when it is full)."""
-    if arena.offset_of(blob) is not None:
-        return blob
-    view = arena.claim(len(blob))
-    if view is None:
-        return blob
-    view[:] = memoryview(blob).cast("B")
-    return view
 
 
 class _Stopped(Exception):
