@@ -280,6 +280,11 @@ class RestorePipeline(HostStaging, DeviceSteps):
         # Arenas as big as the largest batch needs (a small checkpoint pins little).
         most = max((sum(p.size for p in ps) for ps in batches), default=0)
         arena_bytes = min(self._arena_bytes, 2 * most + (2 * most // self.block_size + 2) * 256)
+        if self.cuda and self.direct:
+            # torch's pinned allocator rounds every block up to a power of two: 512 MiB
+            # and a few KiB would pin 1 GiB. Round down instead (what does not fit in an
+            # arena is copied over on its own).
+            arena_bytes = (1 << ((arena_bytes + PAD).bit_length() - 1)) - PAD
 
         def gather() -> None:
             # Batch k+1's chunks are read while batch k is staged and batch k-1 decoded.
