@@ -666,12 +666,18 @@ class Store:
         ``options`` go to the pipeline (``batch_bytes``, ``frames``, ``workers``).
         """
         from .backends.local import LocalBackend
-        from .gpu.restore import RestorePipeline, file_reader, object_reader
+        from .gpu.restore import RestorePipeline, file_reader, object_reader, pack_reader
 
         options.setdefault("workers", self.workers)
+        root = self.backend.root if isinstance(self.backend, LocalBackend) else None
         # The pipeline calls the reader from its own threads: one thread per call here.
-        if isinstance(self.backend, LocalBackend):
-            reader = file_reader(self.backend.root, 1)
+        # Format 2: chunks located in packs, adjacent ones read as one range.
+        if self.format >= 2:
+            reader = pack_reader(
+                self.chunks.locate, self.backend.get_range, root, self.inventory.refresh
+            )
+        elif root is not None:
+            reader = file_reader(root, 1)
         else:
             reader = object_reader(self.chunks.get_blob, 1)
         return RestorePipeline(reader, self.chunks.read, block_size, device=device, **options)

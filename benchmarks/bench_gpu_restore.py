@@ -1,7 +1,9 @@
 """GPU restore pipeline: checkpoints into GPU memory, beside safetensors, same run, same card.
 
-For each model size (bf16, transformer-shaped, generated on the GPU): a full save and a
-dense step into a store in /dev/shm (page cache), then, each timed with its phases:
+For each model size (bf16, transformer-shaped, generated on the GPU) and each store
+format (``--formats 2,1``: format 2 keeps chunks in pack files, the default for a new
+store; format 1 one file per chunk): a full save and a dense step into a store in
+/dev/shm (page cache), then, each timed with its phases:
 
 * ``Store.load(device="cuda")`` through the pipeline: latest after the full save (full
   chunks) and after the dense step (XOR deltas: bases read too);
@@ -10,15 +12,20 @@ dense step into a store in /dev/shm (page cache), then, each timed with its phas
 * the previous CPU-decoding load (``--old``), for the before/after table;
 * hot restore of every block into the live tensors (``Store.restore_into``, only_changed
   False: back to the full save), and forward one dense step (live bases);
-* read floors: every chunk object of the checkpoint read with the pipeline's reader,
-  and the safetensors file read with 16 threads;
+* read floors: every chunk of the checkpoint read with the pipeline's reader into a
+  reused arena (format 2: ranges of packs; format 1: chunk files; ``--objects``: also
+  every chunk as new bytes), and the safetensors file read with 16 threads;
 * frames: exponent planes of real chunks as one 512 KiB frame (today) against 128 and
   64 KiB frames, decoded in one nvCOMP batch (report only).
 
 Every load is checked bit-exact: the loaded tensors' block digests (GPU kernel) must
 equal the manifest's chunk ids.
 
-    python benchmarks/bench_gpu_restore.py --sizes 16GiB --out benchmarks/results/gpu_restore.json
+    python benchmarks/bench_gpu_restore.py --sizes 16GiB --formats 2,1 \
+        --out benchmarks/results/gpu_restore_formats.json
+
+The safetensors file and its ``load_file`` are timed once per size, before the stores.
+The JSON is rewritten after every store, so a run cut short keeps what it measured.
 
 ``--smoke`` runs tiny sizes on the CPU (checks the script only).
 """
@@ -41,7 +48,10 @@ import torch
 from apollo_cas import examples
 from apollo_cas.cli.common import parse_size
 from apollo_cas.gpu.blocks import byte_view, tensor_digests
-from apollo_cas.gpu.restore import Arena, file_reader, object_reader
+from apollo_cas.gpu.chunkplan import slices
+from apollo_cas.gpu.restore import Arena, file_reader, object_reader, pack_reader
+from apollo_cas.gpu.zstd import HostFrames
+from apollo_cas.parallel import bounded_map
 from apollo_cas.store import Store
 from apollo_cas.targets.tensors import load_tensors, load_tensors_pipeline
 
@@ -92,6 +102,10 @@ def timed_load(st: Store, ref: str, dev: str, **options: Any) -> dict[str, Any]:
 
 def _timed_load(st: Store, ref: str, dev: str, **options: Any) -> dict[str, Any]:
     m = st.manifest(st.resolve(ref))
+    if dev == "cpu":
+        # No nvCOMP on the CPU: python-zstandard behind the same interface, so the smoke
+        # run takes the direct path (arena copied as is, layout built by torch ops).
+        options.setdefault("frames", HostFrames(st.workers))
     pipe = st.restore_pipeline(m.block_size, dev, **options)
     sync(dev)
     t0 = time.perf_counter()
@@ -117,22 +131,34 @@ def free(dev: str) -> None:
         torch.cuda.empty_cache()
 
 
-def read_floor(st: Store, ref: str, workers: int, into_arena: bool) -> dict[str, Any]:
-    """Every chunk object of ``ref`` read as new bytes, or into a reused arena."""
+def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
+    """Every chunk of ``ref`` read the way the pipeline reads it: windows of 512 chunks
+    split into ``workers`` contiguous groups, one reader call per group on ``workers``
+    threads. ``kind``: "packs" (format 2, ranges into the arena), "files" (format 1,
+    chunk files into the arena) or "objects" (one object per chunk as new bytes)."""
     m = st.manifest(st.resolve(ref))
     ids = list(dict.fromkeys(c for e in m.tensors for c in e.chunks))
-    if into_arena:
-        reader = file_reader(st.backend.root, workers)  # type: ignore[attr-defined]
+    root = st.backend.root  # type: ignore[attr-defined]
+    if kind == "packs":
+        reader = pack_reader(st.chunks.locate, st.backend.get_range, root)
+    elif kind == "files":
+        reader = file_reader(root, 1)
     else:
-        reader = object_reader(st.chunks.get_blob, workers)
+        reader = object_reader(st.chunks.get_blob, 1)
     arena = Arena()
     t0 = time.perf_counter()
     n = 0
     for i in range(0, len(ids), 512):
+        win = ids[i : i + 512]
         arena.reset(600 << 20)
-        n += sum(len(b) for b in reader(ids[i : i + 512], arena if into_arena else None))
+        use = arena if kind != "objects" else None
+        for got in bounded_map(
+            lambda sl, w=win, a=use: reader(w[sl], a), slices(len(win), workers), workers
+        ):
+            n += sum(len(b) for b in got)
     dt = time.perf_counter() - t0
     return {
+        "kind": kind,
         "chunks": len(ids),
         "bytes": n,
         "seconds": round(dt, 4),
@@ -233,10 +259,13 @@ def frames_experiment(st: Store, ref: str, n_chunks: int) -> dict[str, Any]:
     return out
 
 
-def run_size(size: int, dev: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_size(
+    size: int, dev: str, root: Path, args: argparse.Namespace, save: Any
+) -> dict[str, Any]:
+    """One model size: safetensors once, then every format of ``args.formats``."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"formats": {}}
     t0 = time.perf_counter()
     model = build_model(size, dev)
     logical = sum(t.numel() * t.element_size() for t in model.values())
@@ -246,23 +275,14 @@ def run_size(size: int, dev: str, root: Path, args: argparse.Namespace) -> dict[
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
     print(f"== model {logical / GB:.2f} GB, {len(model)} tensors", flush=True)
-    st = Store.open(root / "store", create=True)
-    t0 = time.perf_counter()
-    r = st.save(model)
-    res["save_full_seconds"] = round(time.perf_counter() - t0, 2)
-    res["stored_full_bytes"] = r.stats.new_stored_bytes
-    full = st.resolve("latest")
-    print(
-        f"full save {res['save_full_seconds']} s, stored {r.stats.new_stored_bytes / GB:.2f} GB",
-        flush=True,
-    )
 
-    # safetensors of the same weights (written by our streaming writer), loaded by the library.
-    from safetensors.torch import load_file
+    # safetensors of the same weights (written by the library), loaded by the library.
+    from safetensors.torch import load_file, save_file
 
-    st_dir = root / "st"
-    st.restore(full, st_dir, max_shard_size=1 << 40)
-    st_file = next(st_dir.glob("*.safetensors"))
+    st_file = root / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.items()}, str(st_file))
+    del model
+    free(dev)
     load_file(str(st_file), device=dev)  # warm (page cache, CUDA context)
     free(dev)
     sync(dev)
@@ -273,13 +293,41 @@ def run_size(size: int, dev: str, root: Path, args: argparse.Namespace) -> dict[
     del ref
     free(dev)
     res["read_floor_file_16_threads"] = file_read_floor(st_file)
-    shutil.rmtree(st_dir)
-    print(f"safetensors load_file {res['safetensors_load_file_seconds']} s", flush=True)
+    st_file.unlink()
+    print(
+        f"safetensors load_file {res['safetensors_load_file_seconds']} s, "
+        f"file read floor {res['read_floor_file_16_threads']['gb_per_s']} GB/s",
+        flush=True,
+    )
+    for fmt in args.formats:
+        res["formats"][str(fmt)] = run_store(size, fmt, dev, root / f"store{fmt}", args)
+        save()
+    shutil.rmtree(root, ignore_errors=True)
+    return res
 
-    res["read_floor_chunk_objects"] = read_floor(st, full, st.workers, False)
-    res["read_floor_chunk_files_into_arena"] = read_floor(st, full, st.workers, True)
-    print(f"read floor (objects as bytes): {res['read_floor_chunk_objects']}", flush=True)
-    print(f"read floor (files into arena): {res['read_floor_chunk_files_into_arena']}", flush=True)
+
+def run_store(
+    size: int, fmt: int, dev: str, root: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One store of format ``fmt``: full save, loads, dense step, loads, hot restores."""
+    res: dict[str, Any] = {"format": fmt}
+    model = build_model(size, dev)  # the same weights as safetensors' (seeded)
+    st = Store.open(root, create=True, format=fmt)
+    assert st.format == fmt
+    print(f"-- store format {fmt}", flush=True)
+    t0 = time.perf_counter()
+    r = st.save(model)
+    res["save_full_seconds"] = round(time.perf_counter() - t0, 2)
+    res["stored_full_bytes"] = r.stats.new_stored_bytes
+    full = st.resolve("latest")
+    print(
+        f"full save {res['save_full_seconds']} s, stored {r.stats.new_stored_bytes / GB:.2f} GB",
+        flush=True,
+    )
+    kinds = ["packs" if fmt == 2 else "files"] + (["objects"] if args.objects else [])
+    for kind in kinds:
+        res[f"read_floor_{kind}"] = floor = read_floor(st, full, st.workers, kind)
+        print(f"read floor ({kind}): {floor}", flush=True)
     first = timed_load(st, full, dev)
     res["load_full_first_call"] = first
     res["load_full"] = timed_load(st, full, dev)
@@ -292,12 +340,10 @@ def run_size(size: int, dev: str, root: Path, args: argparse.Namespace) -> dict[
                 flush=True,
             )
     if args.old:
-        from apollo_cas.decoding import Decoder
-
         m = st.manifest(full)
         sync(dev)
         t0 = time.perf_counter()
-        out = load_tensors(Decoder.for_store(st, m.logical_bytes), m, dev)
+        out = load_tensors(st.decoder(m.logical_bytes), m, dev)
         sync(dev)
         res["load_full_old_cpu_decode_seconds"] = round(time.perf_counter() - t0, 3)
         del out
@@ -351,7 +397,7 @@ def run_size(size: int, dev: str, root: Path, args: argparse.Namespace) -> dict[
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16GiB")
     ap.add_argument("--dir", default="/dev/shm/apollo-bench-restore")
@@ -359,8 +405,11 @@ def main() -> None:
     ap.add_argument("--old", action="store_true", help="also time the previous CPU-decoding load")
     ap.add_argument("--frames", type=int, default=0, help="chunks for the frame-size experiment")
     ap.add_argument("--batch-sweep", action="store_true")
+    ap.add_argument("--formats", default="2,1", help="store formats, in order (2: packs)")
+    ap.add_argument("--objects", action="store_true", help="also read chunks as new bytes")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.formats = [int(f) for f in args.formats.split(",")]
     dev = "cpu" if args.smoke else "cuda"
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
@@ -368,21 +417,33 @@ def main() -> None:
         "torch": torch.__version__,
         "sizes": {},
     }
-    sizes = ["8MiB"] if args.smoke else args.sizes.split(",")
+    out = Path(args.out)
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+
+    sizes = ["4MiB"] if args.smoke else args.sizes.split(",")
     for s in sizes:
-        result["sizes"][s] = run_size(parse_size(s), dev, Path(args.dir), args)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        result["sizes"][s] = {}
+        result["sizes"][s] = run_size(parse_size(s), dev, Path(args.dir), args, save)
+        save()
     print(
-        "\n| model | safetensors load_file | load full | load dense | dense/full | hot every block | hot fwd dense |"
+        "\n| model | format | safetensors load_file | load full | load dense | dense/full "
+        "| hot every block | hot fwd dense | read floor (GB/s) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["sizes"].values():
-        print(
-            f"| {r['model']['bytes'] / GB:.1f} GB | {r['safetensors_load_file_seconds']:.3f} s | "
-            f"{r['load_full']['seconds']:.3f} s | {r['load_dense']['seconds']:.3f} s | {r['dense_over_full']} | "
-            f"{r['hot_every_block_back']['seconds']:.3f} s | {r['hot_forward_dense']['seconds']:.3f} s |"
-        )
+        for fmt, f in r["formats"].items():
+            floor = f.get("read_floor_packs") or f.get("read_floor_files") or {}
+            print(
+                f"| {r['model']['bytes'] / GB:.1f} GB | {fmt} | "
+                f"{r['safetensors_load_file_seconds']:.3f} s | "
+                f"{f['load_full']['seconds']:.3f} s | {f['load_dense']['seconds']:.3f} s | "
+                f"{f['dense_over_full']} | {f['hot_every_block_back']['seconds']:.3f} s | "
+                f"{f['hot_forward_dense']['seconds']:.3f} s | {floor.get('gb_per_s')} |"
+            )
+    return result
 
 
 if __name__ == "__main__":

@@ -173,6 +173,10 @@ class Batch:
     copy_ranges: list[tuple[int, int]] = field(default_factory=list)
     frames: list[tuple[int, int, int, int]] = field(default_factory=list)  # src, n, out, m
     tails: list[tuple[int, int, int]] = field(default_factory=list)  # row, host offset, n
+    #: where the packed frames and tails start (after the plane slots)
+    packed_start: int = 0
+    #: direct mode: the (pinned) arena the stored bytes were read into, copied as is
+    arena: Any = None
     read_s: float = 0.0
     stage_s: float = 0.0
 

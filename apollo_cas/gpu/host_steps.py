@@ -1,4 +1,11 @@
-"""Host staging of the GPU restore pipeline: a batch's layout and its pinned slot's bytes."""
+"""Host steps of the GPU restore pipeline: a batch's layout and, without a frame decoder,
+its pinned slot's bytes.
+
+The layout (plane slots of like chunks, then packed zstd frames and tails) is the same
+in both modes; in *direct* mode (a frame decoder is there: nvCOMP on a GPU) the device
+fills it from a verbatim copy of the stored bytes (:mod:`apollo_cas.gpu.device_steps`)
+and :meth:`HostStaging._fill`, the host copy, does not run.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class HostStaging:
     workers: int
     stager: Stager
     stats: Any
+    direct: bool
 
     def _pool(self, name: str) -> ThreadPoolExecutor:
         raise NotImplementedError
@@ -86,7 +94,9 @@ class HostStaging:
         if fpos > pos:
             add_range(batch.copy_ranges, pos, fpos - pos)
         batch.used = fpos
-        self.stager.ensure(fpos)
+        batch.packed_start = pos
+        if not self.direct:
+            self.stager.ensure(fpos)
         return batch
 
     def _fill(self, batch: Batch) -> None:

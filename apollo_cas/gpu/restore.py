@@ -4,16 +4,20 @@ For every *place* (a block of a destination tensor and the chunk id it must hold
 pipeline runs, in batches of at most ``batch_bytes`` of raw output:
 
 1. **read** (host threads): the stored bytes of the batch's chunks, through a
-   :data:`BlobReader` (today one backend object per chunk; later ranged pack reads),
-   plus, for XOR deltas, the chain of bases they need. Each envelope is parsed on the
-   host and its raw size checked against the size its place needs *before* any decode
-   (a mismatch is :class:`~apollo_cas.errors.CorruptChunk` naming the chunk);
-2. **stage** (host threads): the pieces are copied into one of two reusable pinned
-   buffers (:class:`~apollo_cas.gpu.staging.Stager`), laid out plane-major so that
-   every byte plane of a group of like chunks is one strided tensor: raw planes in
-   place, zstd frames packed 16-byte aligned. Without nvCOMP the frames are decoded
-   here, on the host, straight into their plane slots;
-3. **copy** the used ranges host-to-device, still compressed;
+   :data:`BlobReader` (format 2: :func:`pack_reader`, ranges of packs; format 1: one
+   object per chunk), into a reused arena, plus, for XOR deltas, the chain of bases
+   they need. Each envelope is parsed on the host and its raw size checked against
+   the size its place needs *before* any decode (a mismatch is
+   :class:`~apollo_cas.errors.CorruptChunk` naming the chunk);
+2. **lay out** (host thread): the batch's chunks grouped plane-major so that every
+   byte plane of a group of like chunks is one strided tensor: raw planes in place,
+   zstd frames packed 16-byte aligned;
+3. **copy** host-to-device, still compressed. *Direct mode* (the default when a frame
+   decoder is there, i.e. nvCOMP on a GPU): the arena is pinned and copied as it is,
+   and the layout is built on the device by torch ops from that verbatim copy: no
+   host copy after the read. *Staged mode* (no frame decoder): host threads copy the
+   pieces into one of two reusable pinned buffers (:class:`~apollo_cas.gpu.staging.
+   Stager`), decoding zstd frames there, and the used ranges are copied;
 4. **decode** every zstd frame of the batch in one nvCOMP call into buffers the
    pipeline owns (:mod:`apollo_cas.gpu.zstd`);
 5. **interleave** byte planes back into elements (one strided copy per plane per
@@ -24,19 +28,20 @@ pipeline runs, in batches of at most ``batch_bytes`` of raw output:
    batch reaches a destination;
 7. **place**: only then are the verified blocks copied into the destinations.
 
-Steps 1-2 of batch k+1 run on a host thread while the device runs steps 3-7 of
-batch k. Memory is bounded by ``batch_bytes``, never by the model: pinned host
-memory is two staging slots and device scratch two staging mirrors plus two
-decode buffers (see :func:`memory_bound`).
+Steps 1-2 of batch k+1 run on host threads while the device runs steps 3-7 of
+batch k. Memory is bounded by ``batch_bytes``, never by the model: two arenas (pinned
+in direct mode) or two staging slots, and on the device one mirror, one layout and one
+buffer of decoded rows (see :func:`memory_bound`).
 
 Chunks of codecs this pipeline does not know (any id but raw, zstd, planes and
 delta: e.g. a future sparse codec 4) are decoded on the CPU by ``read_raw`` (the
 store's verified reader) and staged as raw bytes: a per-chunk fallback.
 
-The same code runs on CPU tensors (``device="cpu"``): staging buffers are then
-the device buffers, zstd frames are decoded by python-zstandard and blocks are
-hashed with xxhash, so CI tests the layout, the interleave, the XOR chains, the
-verification order and the bounded buffers without a GPU.
+The same code runs on CPU tensors (``device="cpu"``): zstd frames are decoded by
+python-zstandard (``frames=HostFrames(n)`` runs direct mode, ``frames=None`` the staged
+one) and blocks are hashed with xxhash, so CI tests both modes' layout, the
+interleave, the XOR chains, the verification order and the bounded buffers without a
+GPU.
 
 Imports torch; nvCOMP and triton only when a GPU is there.
 """
@@ -70,7 +75,16 @@ from .chunkplan import (
 )
 from .device_steps import DeviceSteps, Events
 from .host_steps import HostStaging
-from .readers import Arena, BlobReader, RawReader, file_reader, object_reader
+from .readers import (
+    PAD,
+    Arena,
+    BlobReader,
+    RawReader,
+    file_reader,
+    into_arena,
+    object_reader,
+    pack_reader,
+)
 from .staging import Stager
 from .zstd import FrameDecoder, open_frames
 
@@ -84,6 +98,7 @@ __all__ = [
     "file_reader",
     "memory_bound",
     "object_reader",
+    "pack_reader",
     "parse_chunk",
     "places_of",
 ]
@@ -93,7 +108,9 @@ __all__ = [
 DEFAULT_BATCH_BYTES = 256 << 20
 
 
-def memory_bound(batch_bytes: int, block_size: int, max_depth: int = 4) -> dict[str, int]:
+def memory_bound(
+    batch_bytes: int, block_size: int, max_depth: int = 4, *, direct: bool = False
+) -> dict[str, int]:
     """Upper bounds of the memory the pipeline holds, in bytes, for delta chains of at
     most ``max_depth`` (the store's ``CodecPolicy.max_delta_depth``, 4 by default).
 
@@ -104,13 +121,26 @@ def memory_bound(batch_bytes: int, block_size: int, max_depth: int = 4) -> dict[
     one buffer of decoded rows (every device step runs on one stream). Host arenas (not
     pinned): two of about twice ``batch_bytes``; a reader without room in them returns
     bytes of its own instead.
+
+    ``direct`` (the mode with a frame decoder, nvCOMP on a GPU): no staging slots; the
+    two arenas are the pinned memory, and the device holds a mirror of one arena, the
+    staging layout, the decoded rows, and a copy of each stored chunk that did not fit
+    in the arena (deep delta chains: at most the batch's stored bytes beyond it).
     """
     rows = (max_depth + 1) * (batch_bytes // block_size + 1)
     slot = 2 * (max_depth + 1) * batch_bytes + rows * 16 * ALIGN
-    arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256
+    arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256 + PAD
+    row_bytes = rows * align_up(block_size, 64)
+    if direct:
+        stored = (max_depth + 1) * batch_bytes + rows * (256 + PAD)
+        return {
+            "pinned_host": 2 * arena,
+            "device_scratch": slot + row_bytes + arena + max(0, stored - arena + PAD),
+            "host_arenas": 0,
+        }
     return {
         "pinned_host": 2 * slot,
-        "device_scratch": slot + rows * align_up(block_size, 64),
+        "device_scratch": slot + row_bytes,
         "host_arenas": 2 * arena,
     }
 
@@ -164,6 +194,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         workers: int | None = None,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         frames: FrameDecoder | str | None = "auto",
+        direct: bool | None = None,
     ) -> None:
         self.reader = reader
         self.read_raw = read_raw
@@ -179,10 +210,17 @@ class RestorePipeline(HostStaging, DeviceSteps):
             self.frames: FrameDecoder | None = open_frames(self.device, self.stream, self.workers)
         else:
             self.frames = frames  # type: ignore[assignment]
+        # Direct mode (the default when a frame decoder is there): stored bytes are read
+        # into pinned arenas, copied to the device as they are, and rearranged there.
+        # Without one, zstd frames are decoded on the host while staging (the old path).
+        self.direct = self.frames is not None if direct is None else bool(direct)
+        if self.direct and self.frames is None:
+            raise ValueError("direct restore needs a frame decoder (frames=...)")
         self.stager = Stager(slots=2, pin=self.cuda)
         # One device mirror of the staging layout and one buffer of decoded rows: every
         # device step runs on one stream, so batch k+1 reuses them in stream order.
         self._dev: torch.Tensor | None = None
+        self._mirror: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._events: list[Events] = []
         self._live: dict[bytes, tuple[int, int, int]] = {}
@@ -192,7 +230,12 @@ class RestorePipeline(HostStaging, DeviceSteps):
         self._arena_bytes = (
             2 * self.batch_bytes + (2 * self.batch_bytes // self.block_size + 2) * 256
         )
-        self._arenas = [Arena(), Arena()]
+        pin = self.cuda and self.direct
+
+        def alloc(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+
+        self._arenas = [Arena(alloc), Arena(alloc)]
         self._pools: dict[str, ThreadPoolExecutor] = {}
         # Host slots handed to the producer and not yet released by the device stage.
         self._free = threading.Semaphore(2)
@@ -234,6 +277,14 @@ class RestorePipeline(HostStaging, DeviceSteps):
         stop = self._stopping = threading.Event()
         self._free = threading.Semaphore(2)
         arena_free = threading.Semaphore(len(self._arenas))
+        # Arenas as big as the largest batch needs (a small checkpoint pins little).
+        most = max((sum(p.size for p in ps) for ps in batches), default=0)
+        arena_bytes = min(self._arena_bytes, 2 * most + (2 * most // self.block_size + 2) * 256)
+        if self.cuda and self.direct:
+            # torch's pinned allocator rounds every block up to a power of two: 512 MiB
+            # and a few KiB would pin 1 GiB. Round down instead (what does not fit in an
+            # arena is copied over on its own).
+            arena_bytes = (1 << ((arena_bytes + PAD).bit_length() - 1)) - PAD
 
         def gather() -> None:
             # Batch k+1's chunks are read while batch k is staged and batch k-1 decoded.
@@ -241,8 +292,8 @@ class RestorePipeline(HostStaging, DeviceSteps):
                 for k, ps in enumerate(batches):
                     self._acquire(arena_free)
                     arena = self._arenas[k % len(self._arenas)]
-                    arena.reset(self._arena_bytes)
-                    self._put(gathered, (k, ps, self._gather(k, ps, arena)))
+                    arena.reset(arena_bytes)
+                    self._put(gathered, (k, ps, arena, self._gather(k, ps, arena)))
                 self._put(gathered, None)
             except _Stopped:
                 return
@@ -257,9 +308,10 @@ class RestorePipeline(HostStaging, DeviceSteps):
                     if item is None or isinstance(item, BaseException):
                         self._put(staged, item)
                         return
-                    k, ps, (chunks, order) = item
-                    batch = self._stage(k, ps, chunks, order)
-                    arena_free.release()  # every piece is in the pinned slot now
+                    k, ps, arena, (chunks, order) = item
+                    batch = self._stage(k, ps, chunks, order, arena)
+                    if not self.direct:
+                        arena_free.release()  # every piece is in the pinned slot now
                     self._put(staged, batch)
             except _Stopped:
                 return
@@ -283,6 +335,10 @@ class RestorePipeline(HostStaging, DeviceSteps):
                 if isinstance(item, BaseException):
                     raise item
                 self._device_stage(item, dests)
+                if self.direct:
+                    # The arena's copy is queued (an event on it: the reader waits for
+                    # that before reusing it); on the CPU its bytes were used already.
+                    arena_free.release()
                 if progress:
                     progress(sum(p.size for p in item.places))
             if self.cuda:
@@ -295,7 +351,10 @@ class RestorePipeline(HostStaging, DeviceSteps):
             for th in threads:
                 th.join()
             self.stager.drain()
-        self.stats.pinned_bytes = max(self.stats.pinned_bytes, self.stager.host_bytes)
+        pinned = self.stager.host_bytes
+        if self.direct:  # the arenas are the pinned memory (on the CPU: would be)
+            pinned += sum(a.nbytes for a in self._arenas)
+        self.stats.pinned_bytes = max(self.stats.pinned_bytes, pinned)
         self.stats.seconds += time.perf_counter() - t0
         return self.stats
 
@@ -306,7 +365,11 @@ class RestorePipeline(HostStaging, DeviceSteps):
         self._pools = {}
         self.stager.close()
         self._dev = None
+        self._mirror = None
         self._rows = None
+        for a in self._arenas:
+            a.wait()
+        self._arenas = [Arena(a._alloc) for a in self._arenas]
 
     # -- batching and host staging (producer thread) -----------------------------------
 
@@ -336,7 +399,12 @@ class RestorePipeline(HostStaging, DeviceSteps):
 
         # The reader is called from the pool's threads, one contiguous group of ids each.
         def read_group(sl: slice) -> Sequence[Any]:
-            return self.reader(ids[sl], arena)
+            got = self.reader(ids[sl], arena)
+            if self.direct and arena is not None:
+                # Direct mode copies the arena to the device as is: bring stored bytes
+                # a reader returned as its own (one object per chunk) into it.
+                got = [into_arena(arena, b) for b in got]
+            return got
 
         parts = self._pool("read").map(read_group, slices(len(ids), self.workers))
         blobs = [b for part in parts for b in part]
@@ -435,11 +503,22 @@ class RestorePipeline(HostStaging, DeviceSteps):
         return chunks, order
 
     def _stage(
-        self, k: int, ps: list[Place], chunks: dict[bytes, ChunkPlan], order: list[bytes]
+        self,
+        k: int,
+        ps: list[Place],
+        chunks: dict[bytes, ChunkPlan],
+        order: list[bytes],
+        arena: Arena | None = None,
     ) -> Batch:
-        """Lay the batch out and copy it into pinned slot ``k % 2``."""
+        """Lay the batch out and copy it into pinned slot ``k % 2`` (direct mode: only
+        the layout; the device builds it from the arena)."""
         t1 = time.perf_counter()
         batch = self._layout(k, ps, chunks, order)
+        if self.direct:
+            batch.arena = arena
+            batch.stage_s = time.perf_counter() - t1
+            self.stats.stage_s += batch.stage_s
+            return batch
         self._acquire(self._free)  # released by the device stage
         batch.host = self.stager.acquire(k)  # and the copy out of it (batch k-2) has finished
         self._fill(batch)

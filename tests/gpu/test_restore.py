@@ -299,9 +299,10 @@ def test_restore_into_refuses_a_different_layout(store: Store) -> None:
     assert all(bool((v == 0).all()) for v in live.values())
 
 
-def test_file_reader_into_the_arena_or_its_own_bytes(store: Store) -> None:
+def test_file_reader_into_the_arena_or_its_own_bytes(tmp_path: Path) -> None:
     from apollo_cas.gpu.restore import Arena, file_reader
 
+    store = Store.open(tmp_path / "f1", create=True, format=1)  # chunk files
     store.save(model(), block_size=BS)
     man = store.manifest(store.resolve("latest"))
     ids = [c for e in man.tensors for c in e.chunks]

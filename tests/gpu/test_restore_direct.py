@@ -1,0 +1,157 @@
+"""Direct mode of the GPU restore pipeline, on CPU tensors.
+
+With a frame decoder (nvCOMP on a GPU; python-zstandard's HostFrames here) the stored
+bytes are read into the (pinned) arenas, copied to the device as they are, and the
+plane-major layout is built there by torch ops: no host staging copy. The same
+guarantees as the staged path: bit-exact, bases before deltas, nothing of a failing
+batch placed, per-chunk CPU fallback, bounded buffers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from apollo_cas import codecs  # noqa: E402
+from apollo_cas.errors import CorruptChunk  # noqa: E402
+from apollo_cas.gpu.restore import (  # noqa: E402
+    RestorePipeline,
+    memory_bound,
+    object_reader,
+    places_of,
+)
+from apollo_cas.gpu.zstd import HostFrames  # noqa: E402
+from apollo_cas.store import Store  # noqa: E402
+from apollo_cas.targets.tensors import load_tensors_pipeline  # noqa: E402
+from tests.gpu.test_restore import BS, Faulty, flip_last_byte, model, raw, same, step  # noqa: E402
+
+
+@pytest.fixture(params=[1, 2], ids=["format1", "format2"])
+def store(request: Any, tmp_path: Path) -> Store:
+    return Store.open(tmp_path / "store", create=True, format=request.param)
+
+
+def direct(st: Store, reader: Any = None, **options: Any) -> RestorePipeline:
+    options.setdefault("workers", 2)
+    if reader is None:
+        pipe = st.restore_pipeline(BS, "cpu", frames=HostFrames(2), **options)
+    else:
+        pipe = RestorePipeline(reader, st.chunks.read, BS, device="cpu", frames=HostFrames(2))
+        pipe.batch_bytes = options.get("batch_bytes", pipe.batch_bytes)
+    assert pipe.direct
+    return pipe
+
+
+def load(st: Store, ref: str, pipe: RestorePipeline) -> dict[str, torch.Tensor]:
+    return load_tensors_pipeline(pipe, st.manifest(st.resolve(ref)))
+
+
+def test_direct_mode_round_trips_full_chunks_and_chains(store: Store) -> None:
+    ms = [model(scale=3)]
+    for i in range(1, 4):
+        ms.append(step(ms[-1], i))
+    for m in ms:
+        store.save(m, block_size=BS)
+    for batch in (BS, 3 * BS, 1 << 20):
+        pipe = direct(store, batch_bytes=batch)
+        assert same(load(store, "latest", pipe), ms[-1])
+        assert pipe.stats.bases_decoded > 0 and pipe.stats.frames > 0
+        assert pipe.stats.cpu_fallback_chunks == 0
+        assert pipe.stager.host_bytes == 0  # no host staging slot: the arena went as is
+        bound = memory_bound(batch, BS, 3, direct=True)
+        assert pipe.stats.pinned_bytes <= bound["pinned_host"]
+        assert pipe.stats.device_scratch_bytes <= bound["device_scratch"]
+        pipe.close()
+
+
+def test_direct_buffers_do_not_grow_with_the_model(tmp_path: Path) -> None:
+    seen = []
+    for scale in (1, 8):
+        st = Store.open(tmp_path / f"s{scale}", create=True)
+        m = model(scale=scale)
+        st.save(m, block_size=BS)
+        st.save(step(m, 1), block_size=BS)
+        pipe = direct(st, batch_bytes=4 * BS)
+        assert same(load(st, "latest", pipe), step(m, 1))
+        assert pipe.stats.batches > 1
+        seen.append((pipe.stats.pinned_bytes, pipe.stats.device_scratch_bytes))
+    assert seen[1][0] == seen[0][0]  # the arenas are sized by the batch, not the model
+    assert seen[1][1] <= seen[0][1] * 1.5
+
+
+def test_object_reader_bytes_are_brought_into_the_arena(store: Store) -> None:
+    m = model()
+    store.save(m, block_size=BS)
+    store.save(step(m, 1), block_size=BS)
+    pipe = direct(store, object_reader(store.chunks.get_blob, 2))
+    assert same(load(store, "latest", pipe), step(m, 1))
+
+
+def test_a_corrupt_chunk_is_named_and_its_batch_not_placed(store: Store) -> None:
+    m = model()
+    store.save(m, block_size=BS)
+    man = store.manifest(store.resolve("latest"))
+    embed = next(e for e in man.tensors if e.name == "embed")
+    victim = embed.chunks[2]
+    reader = Faulty(store, lambda cid, b: flip_last_byte(b) if cid == victim else None)
+    pipe = direct(store, reader, batch_bytes=2 * BS)
+    dests = [torch.full((e.nbytes,), 0xAB, dtype=torch.uint8) for e in man.tensors]
+    with pytest.raises(CorruptChunk, match=victim.hex()):
+        pipe.run(places_of(man.tensors, BS), dests)
+    ei = [e.name for e in man.tensors].index("embed")
+    assert torch.equal(dests[ei][: 2 * BS], raw(m["embed"])[: 2 * BS])
+    assert bool((dests[ei][2 * BS :] == 0xAB).all())
+
+
+def test_a_damaged_zstd_frame_is_named(store: Store) -> None:
+    m = model()
+    store.save(m, block_size=BS)
+    man = store.manifest(store.resolve("latest"))
+    target = next(
+        c
+        for e in man.tensors
+        for c in e.chunks
+        if "planes" in codecs.info(store.chunks.get_blob(c))[0]
+    )
+
+    def break_frame(cid: bytes, blob: bytes) -> bytes | None:
+        if cid != target:
+            return None
+        b = bytearray(blob)
+        i = b.find(b"\x28\xb5\x2f\xfd")  # the zstd frame's magic
+        assert i > 0
+        b[i + 12] ^= 0xFF
+        return bytes(b)
+
+    with pytest.raises(CorruptChunk, match=target.hex()):
+        load(store, "latest", direct(store, Faulty(store, break_frame)))
+
+
+def test_unknown_codec_falls_back_per_chunk_in_direct_mode(store: Store) -> None:
+    m = model()
+    store.save(m, block_size=BS)
+    man = store.manifest(store.resolve("latest"))
+    target = next(e for e in man.tensors if e.name == "q").chunks[1]
+
+    def as_codec_4(cid: bytes, blob: bytes) -> bytes | None:
+        return blob[:5] + bytes([4]) + blob[6:] if cid == target else None
+
+    pipe = direct(store, Faulty(store, as_codec_4))
+    assert same(load(store, "latest", pipe), m)
+    assert pipe.stats.cpu_fallback_chunks == 1
+
+
+def test_restore_into_in_direct_mode_uses_live_bases(store: Store) -> None:
+    from apollo_cas.targets.live import restore_into
+
+    m0 = model()
+    store.save(m0, block_size=BS)
+    store.save(step(m0, 1), block_size=BS)
+    live = {k: v.clone() for k, v in m0.items()}
+    pipe = direct(store)
+    restore_into(pipe, live, store.manifest(store.resolve("latest")))
+    assert same(live, step(m0, 1)) and pipe.stats.bases_decoded > 0
