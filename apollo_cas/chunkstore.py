@@ -104,6 +104,19 @@ class ChunkStore:
             bytes.fromhex(base_hex) if base_hex else None,
         )
 
+    def put_encoded(self, chunk_id: bytes, blob: bytes, base: bytes | None) -> PutResult:
+        """Store a chunk encoded elsewhere (the GPU delta save) unless it is already there.
+
+        The caller vouches that ``blob`` decodes to bytes hashing to ``chunk_id``
+        (the GPU delta save checks the live block's hash on the device).
+        """
+        if not self._claim(chunk_id) or self.exists(chunk_id):
+            return PutResult(chunk_id, False, 0, None)
+        written = self.backend.put_if_absent(chunk_key(chunk_id.hex()), blob, durable=False)
+        with self._lock:
+            self.known.add(chunk_id)
+        return PutResult(chunk_id, written, len(blob) if written else 0, base if written else None)
+
     def get_blob(self, chunk_id: bytes) -> bytes:
         hex_id = chunk_id.hex()
         try:
