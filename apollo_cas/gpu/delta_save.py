@@ -27,10 +27,11 @@ full chunks, as ``codecs.encode`` does for a base it cannot load). A delta large
 ``DELTA_ACCEPT_FRACTION`` of the block is compared against the block's full encoding
 on the host (the live block is fetched for it), as ``codecs.encode`` does.
 
-Memory, independent of model size, with ``batch_bytes = B`` (default 256 MiB): device
-scratch 4 B (parent rows, live rows, planes, packed planes) plus the restore pipeline's
-(``memory_bound(B // 2, block_size)``); pinned host 2 B (two slots) plus the pipeline's;
-pending comparisons hold at most about B of encoded deltas.
+Memory, independent of model size, with ``batch_bytes = B`` (default 256 MiB, also the
+restore pipeline's batch): device scratch 4 B (parent rows, live rows, planes, packed
+planes) plus the pipeline's (measured 0.58-1.13 GB at 256 MiB, docs/GPU_RESTORE.md);
+pinned host 2 B (two slots) plus the pipeline's (0.63-1.17 GB); deltas waiting for a
+comparison with their full encoding hold at most about B more.
 """
 
 from __future__ import annotations
@@ -190,108 +191,167 @@ class GpuDeltaSaver:
         self.stats = DeltaSaveStats()
 
     def run(self, jobs: Sequence[DeltaJob], tally: TallyFn) -> list[int]:
-        """Store every job; returns the wanted-indices the CPU path must still store."""
+        """Store every job; returns the wanted-indices the CPU path must still store.
+
+        One pipeline run decodes every parent block (its reads and staging of batch k+1
+        overlap the device work and encoding of batch k); each decoded batch is used in
+        the pipeline's ``on_batch`` callback before the next one overwrites the scratch.
+        A batch whose parent chunks fail to decode or verify goes to the CPU path: the
+        remaining jobs are retried one pipeline batch first, then all together again.
+        """
         fallback: list[int] = []
         if not jobs:
             return fallback
+        jobs = sorted(jobs, key=lambda j: j.w)  # one plane width per piece of a batch
         bs = self.block_size
-        nbytes = min(self.rows, len(jobs)) * bs
+        rows = max(1, self.pipe.batch_bytes // bs)
+        self.rows = rows
+        nbytes = min(rows, len(jobs)) * bs
         dev = self.device
-        parent = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        live = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        planes_ = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        packed = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        slots = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self._parent = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._live = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._planes = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._packed = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._slots = [
+            torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
+        ]
+        self._in_slot: list[list[Future[Any]]] = [[], []]
+        self._k = 0
+        self._stream = torch.cuda.Stream(device=dev) if self.cuda else None
+        self._compare_list: list[tuple[DeltaJob, DeltaBlob]] = []
+        self._compare_lock = threading.Lock()
+        self._tally = tally
         self.stats.pinned_bytes = 2 * nbytes
-        bound = memory_bound(self.pipe.batch_bytes, bs)
         self.stats.device_scratch_bytes = 4 * nbytes
         pending: list[Future[Any]] = []
-        in_slot: list[list[Future[Any]]] = [[], []]
-        compare: list[tuple[DeltaJob, DeltaBlob]] = []
-        compare_lock = threading.Lock()
-        stream = torch.cuda.Stream(device=dev) if self.cuda else None
-
-        def encode(job: DeltaJob, views: list[Any]) -> None:
-            d = encode_delta(views, job.w, bs, job.base, job.depth, self.policy.level)
-            if d.accepted:
-                assert d.blob is not None
-                tally(self.chunks.put_encoded(job.cid, d.blob, job.base), bs)
-            else:
-                with compare_lock:
-                    compare.append((job, d))
-
         with ThreadPoolExecutor(self.workers, thread_name_prefix="apollo-delta") as pool:
-            for k, batch in enumerate(_batches(jobs, self.rows)):
-                n = len(batch)
-                p2 = parent[: n * bs].view(n, bs)
+            self._pool = pool
+            self._pending = pending
+            i, probe = 0, False
+            while i < len(jobs):
+                seg = jobs[i : i + rows] if probe else jobs[i:]
+                done = [0]
+
+                def on_batch(
+                    _k: int,
+                    places: Sequence[Place],
+                    seg: Sequence[DeltaJob] = seg,
+                    done: list[int] = done,
+                ) -> None:
+                    n = len(places)
+                    try:
+                        self._use_batch(
+                            seg[done[0] : done[0] + n], [p.offset // bs for p in places]
+                        )
+                    except Exception as exc:
+                        raise _CallbackError(exc) from exc
+                    done[0] += n
+
                 t0 = time.perf_counter()
-                places = [Place(j.base, bs, 0, r * bs) for r, j in enumerate(batch)]
+                places = [Place(j.base, bs, 0, (r % rows) * bs) for r, j in enumerate(seg)]
                 try:
-                    self.pipe.run(places, [parent])
+                    self.pipe.run(places, [self._parent], on_batch=on_batch)
+                except _CallbackError as exc:
+                    raise exc.error from None
                 except CorruptChunk:
-                    # A damaged or missing parent chunk: the CPU path stores these blocks
-                    # (in full where the base cannot be read). Nothing of this batch was
-                    # stored.
-                    self.stats.damaged_batches += 1
-                    fallback.extend(j.i for j in batch)
+                    # A damaged or missing parent chunk in the next batch: nothing of that
+                    # batch was stored; the CPU path stores it (in full where the base
+                    # cannot be read, as codecs.encode does).
+                    i += done[0]
+                    if probe:
+                        self.stats.damaged_batches += 1
+                        fallback.extend(j.i for j in seg[done[0] :])
+                        i += len(seg) - done[0]
+                    probe = not probe
                     continue
-                t1 = time.perf_counter()
-                self.stats.decode_s += t1 - t0
-                ctx = torch.cuda.stream(stream) if stream is not None else _Null()
-                with ctx:
-                    if stream is not None:
-                        stream.wait_stream(torch.cuda.current_stream(dev))
-                    l2 = live[: n * bs].view(n, bs)
-                    runs = delta_ops.row_runs([(j.tensor, j.offset) for j in batch], bs)
-                    delta_ops.gather_rows(self.live, runs, l2, bs)
-                    delta_ops.check_rows(l2, [j.cid for j in batch], bs, self.kernel)
-                    delta_ops.xor_rows_(p2, l2)
-                    w = batch[0].w
-                    q = delta_ops.split_planes(p2, w, planes_)
-                    nz = delta_ops.nonzero_planes(q).flatten()
-                    keep = nz.nonzero().flatten()
-                    packed_q = delta_ops.pack_planes(q, keep, packed)
-                    nz_host = nz.cpu().tolist()
-                    m = bs // w
-                    kept = len(packed_q) * m
-                    # Slot k % 2 is free once batch k-2's planes are encoded.
-                    tw = time.perf_counter()
-                    for f in in_slot[k % 2]:
-                        f.result()
-                    self.stats.wait_s += time.perf_counter() - tw
-                    host = slots[k % 2]
-                    host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
-                    if stream is not None:
-                        stream.synchronize()
-                self.stats.device_s += time.perf_counter() - t1
-                self.stats.d2h_bytes += kept
-                self.stats.planes_total += w * n
-                self.stats.planes_nonzero += len(packed_q)
-                hv = host.numpy().data
-                futs = []
-                pos = 0
-                per_row: list[list[Any]] = [[None] * w for _ in range(n)]
-                for kk in range(w):
-                    for r in range(n):
-                        if nz_host[kk * n + r]:
-                            per_row[r][kk] = hv[pos : pos + m]
-                            pos += m
-                for r, job in enumerate(batch):
-                    futs.append(pool.submit(encode, job, per_row[r]))
-                in_slot[k % 2] = futs
-                pending.extend(futs)
-                self.stats.batches += 1
-                self.stats.blocks += n
-                if len(compare) * bs >= self.rows * bs:
-                    self._compare(compare, compare_lock, tally)
+                finally:
+                    self.stats.decode_s += time.perf_counter() - t0
+                i += len(seg)
+                probe = False
             for f in pending:
                 f.result()
-        self._compare(compare, compare_lock, tally)
+        self._compare(self._compare_list, self._compare_lock, tally)
         self.stats.fallback_blocks = len(fallback)
         self.stats.pipeline = self.pipe.stats.to_dict()
-        self.stats.pinned_bytes += bound["pinned_host"] if self.cuda else 0
+        bound = memory_bound(self.pipe.batch_bytes, bs)
+        self.stats.pinned_bytes += min(bound["pinned_host"], self.pipe.stats.pinned_bytes)
         self.stats.device_scratch_bytes += self.pipe.stats.device_scratch_bytes
+        self._parent = self._live = self._planes = self._packed = None  # type: ignore[assignment]
+        self._slots = []
         return fallback
+
+    def _use_batch(self, batch: Sequence[DeltaJob], rows: Sequence[int]) -> None:
+        """Split one decoded pipeline batch into contiguous pieces of one plane width."""
+        start = 0
+        for r in range(1, len(batch) + 1):
+            if r == len(batch) or rows[r] != rows[r - 1] + 1 or batch[r].w != batch[start].w:
+                self._piece(batch[start:r], rows[start])
+                start = r
+
+    def _piece(self, batch: Sequence[DeltaJob], r0: int) -> None:
+        """XOR, planes and zero planes of parent rows ``r0..`` on the device; encode on the host."""
+        t1 = time.perf_counter()
+        bs = self.block_size
+        n = len(batch)
+        k = self._k
+        self._k += 1
+        p2 = self._parent[r0 * bs : (r0 + n) * bs].view(n, bs)
+        stream = self._stream
+        ctx = torch.cuda.stream(stream) if stream is not None else _Null()
+        with ctx:
+            if stream is not None:
+                stream.wait_stream(self.pipe.stream)  # the pipeline placed the parent rows there
+            l2 = self._live[: n * bs].view(n, bs)
+            runs = delta_ops.row_runs([(j.tensor, j.offset) for j in batch], bs)
+            delta_ops.gather_rows(self.live, runs, l2, bs)
+            delta_ops.check_rows(l2, [j.cid for j in batch], bs, self.kernel)
+            delta_ops.xor_rows_(p2, l2)
+            w = batch[0].w
+            q = delta_ops.split_planes(p2, w, self._planes)
+            nz = delta_ops.nonzero_planes(q).flatten()
+            keep = nz.nonzero().flatten()
+            packed_q = delta_ops.pack_planes(q, keep, self._packed)
+            nz_host = nz.cpu().tolist()
+            m = bs // w
+            kept = len(packed_q) * m
+            # Slot k % 2 is free once piece k-2's planes are encoded.
+            tw = time.perf_counter()
+            for f in self._in_slot[k % 2]:
+                f.result()
+            self.stats.wait_s += time.perf_counter() - tw
+            host = self._slots[k % 2]
+            host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
+            if stream is not None:
+                stream.synchronize()  # the pipeline may overwrite the parent rows now
+        self.stats.device_s += time.perf_counter() - t1
+        self.stats.d2h_bytes += kept
+        self.stats.planes_total += w * n
+        self.stats.planes_nonzero += len(packed_q)
+        hv = host.numpy().data
+        pos = 0
+        per_row: list[list[Any]] = [[None] * w for _ in range(n)]
+        for kk in range(w):
+            for r in range(n):
+                if nz_host[kk * n + r]:
+                    per_row[r][kk] = hv[pos : pos + m]
+                    pos += m
+        futs = [self._pool.submit(self._encode, job, per_row[r]) for r, job in enumerate(batch)]
+        self._in_slot[k % 2] = futs
+        self._pending.extend(futs)
+        self.stats.batches += 1
+        self.stats.blocks += n
+        if len(self._compare_list) >= self.rows:
+            self._compare(self._compare_list, self._compare_lock, self._tally)
+
+    def _encode(self, job: DeltaJob, views: list[Any]) -> None:
+        bs = self.block_size
+        d = encode_delta(views, job.w, bs, job.base, job.depth, self.policy.level)
+        if d.accepted:
+            assert d.blob is not None
+            self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base), bs)
+        else:
+            with self._compare_lock:
+                self._compare_list.append((job, d))
 
     def _compare(
         self,
@@ -320,6 +380,14 @@ class GpuDeltaSaver:
                 self.stats.full_chunks += 1
             tally(self.chunks.put_encoded(job.cid, blob, job.base if is_delta else None), bs)
         self.stats.compare_s += time.perf_counter() - t0
+
+
+class _CallbackError(Exception):
+    """An error of the saver's own step inside the pipeline's callback (not a parent's)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Null:
@@ -386,9 +454,7 @@ def make_hook(
         )
         if not jobs:
             return rest, 0
-        pipe = store.restore_pipeline(
-            block_size, dev, batch_bytes=max(block_size, batch_bytes // 2)
-        )
+        pipe = store.restore_pipeline(block_size, dev, batch_bytes=max(block_size, batch_bytes))
         try:
             saver = GpuDeltaSaver(
                 store.chunks,

@@ -100,7 +100,10 @@ def test_xor_split_nonzero_pack() -> None:
 def test_gather_runs_coalesce_adjacent_blocks() -> None:
     runs = delta_ops.row_runs([(0, 0), (0, BS), (1, 0), (0, 3 * BS)], BS)
     assert runs == [(0, 0, 0, 2), (1, 0, 2, 1), (0, 3 * BS, 3, 1)]
-    srcs = [torch.arange(4 * BS, dtype=torch.int64).to(torch.uint8), torch.full((BS,), 7, dtype=torch.uint8)]
+    srcs = [
+        torch.arange(4 * BS, dtype=torch.int64).to(torch.uint8),
+        torch.full((BS,), 7, dtype=torch.uint8),
+    ]
     rows = torch.empty(4, BS, dtype=torch.uint8)
     delta_ops.gather_rows(srcs, runs, rows, BS)
     assert torch.equal(rows[1], srcs[0][BS : 2 * BS]) and torch.equal(rows[2], srcs[1])
@@ -224,7 +227,12 @@ def test_small_batches_bound_the_buffers(tmp_path: Path) -> None:
     parent = st.manifest(st.resolve("latest"))
     got = []
     hook = make_hook(
-        st, src, st._base_finder(src, parent, BS), BS, "always", batch_bytes=2 * BS,
+        st,
+        src,
+        st._base_finder(src, parent, BS),
+        BS,
+        "always",
+        batch_bytes=2 * BS,
         on_stats=got.append,
     )
     assert hook is not None
@@ -234,9 +242,13 @@ def test_small_batches_bound_the_buffers(tmp_path: Path) -> None:
     st.chunks.known.update(parent.chunk_ids())
     res = write_source(st.chunks, src, BS, 2, st._base_finder(src, parent, BS), None, hook)
     (stats,) = got
-    assert stats.batches >= 7  # 14 blocks, 2 per batch, one width per batch
-    assert stats.pinned_bytes <= 2 * 2 * BS  # no pinning on the CPU: two slots only
-    assert stats.device_scratch_bytes <= 4 * 2 * BS + 6 * BS * 8
+    assert stats.batches >= 7  # 14 blocks, 2 per batch, one width per piece
+    assert stats.pipeline["batches"] == 7
+    from apollo_cas.gpu.restore import memory_bound
+
+    bound = memory_bound(2 * BS, BS)  # the restore pipeline's own buffers
+    assert stats.pinned_bytes <= 2 * 2 * BS + bound["pinned_host"]  # two slots + pipeline's
+    assert stats.device_scratch_bytes <= 4 * 2 * BS + bound["device_scratch"]
     assert res.stats.new_chunks == res.stats.chunks
 
 
@@ -259,3 +271,57 @@ def test_no_parent_and_no_deltas_take_the_cpu_path(tmp_path: Path) -> None:
     dense_step(m, 1)
     save(st, m)
     assert st.last_device_delta is None  # no base finder without deltas
+
+
+def test_damaged_parent_in_a_middle_batch_falls_back_for_that_batch_only(tmp_path: Path) -> None:
+    from apollo_cas.gpu.delta_save import make_hook
+    from apollo_cas.pipeline import write_source
+
+    st = open_store(tmp_path / "s", "never")
+    m = model()
+    save(st, m)
+    parent = st.manifest(st.resolve("latest"))
+    victim = {t.name: t for t in parent.tensors}["w32"].chunks[2]
+    path = tmp_path / "s" / chunk_key(victim.hex())
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")  # a flip only the hash check can see
+    dense_step(m, 1)
+    src = HostHashed(m)
+    got: list = []
+    finder = st._base_finder(src, parent, BS)
+    hook = make_hook(st, src, finder, BS, "always", batch_bytes=2 * BS, on_stats=got.append)
+    st.chunks.known.update(parent.chunk_ids())
+    res = write_source(st.chunks, src, BS, 2, finder, None, hook)
+    (stats,) = got
+    assert stats.damaged_batches == 1 and stats.fallback_blocks == 2  # one batch of 2 blocks
+    assert stats.blocks == 14 - 2
+    entry = {t.name: t for t in res.tensors}["w32"]
+    assert entry.chunks[2] not in res.bases  # full chunk: its parent is damaged
+    assert entry.chunks[0] in res.bases and entry.chunks[3] in res.bases
+    for t in res.tensors:
+        raw = b"".join(st.read_chunk(c) for c in t.chunks)
+        assert raw == m[t.name].view(torch.uint8).numpy().tobytes(), t.name
+
+
+def test_weights_changing_mid_save_is_an_error_not_a_chunk(tmp_path: Path) -> None:
+    from apollo_cas.gpu.delta_save import make_hook
+    from apollo_cas.pipeline import write_source
+
+    st = open_store(tmp_path / "s", "never")
+    m = model()
+    save(st, m)
+    parent = st.manifest(st.resolve("latest"))
+    dense_step(m, 1)
+    src = HostHashed(m)
+    ids = src.block_digests(BS)
+
+    class Stale(HostHashed):
+        def block_digests(self, block_size: int) -> list[list[bytes]] | None:
+            return ids
+
+    dense_step(m, 2)  # the trainer stepped after the ids were taken
+    stale = Stale(m)
+    finder = st._base_finder(stale, parent, BS)
+    hook = make_hook(st, stale, finder, BS, "always")
+    st.chunks.known.update(parent.chunk_ids())
+    with pytest.raises(CorruptChunk, match="changed during the save"):
+        write_source(st.chunks, stale, BS, 2, finder, None, hook)
