@@ -36,6 +36,7 @@ comparison with their full encoding hold at most about B more.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,12 +49,14 @@ import torch
 from .. import codecs
 from ..chunkstore import ChunkStore, PutResult
 from ..codecs import planes
-from ..errors import CorruptChunk
+from ..errors import ApolloError, CorruptChunk
 from ..sources.base import BlockRequest
 from . import delta_ops
 from .blocks import kernel_module
 from .delta_encode import DeltaBlob, choose, encode_delta
 from .restore import Place, memory_bound
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BATCH_BYTES", "DeltaJob", "DeltaSaveStats", "GpuDeltaSaver", "plan_jobs"]
 
@@ -101,6 +104,8 @@ class DeltaSaveStats:
     pinned_bytes: int = 0
     device_scratch_bytes: int = 0
     pipeline: dict[str, Any] = field(default_factory=dict)
+    #: Set when the path failed and the CPU path stored its blocks instead.
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in vars(self).items()}
@@ -466,7 +471,17 @@ def make_hook(
                 batch_bytes=batch_bytes,
                 fetch=source.fetch,
             )
-            rest += saver.run(jobs, tally)
+            try:
+                rest += saver.run(jobs, tally)
+            except ApolloError:
+                raise  # a clear error (weights changed mid-save, disk full): the save fails
+            except Exception as exc:
+                # A defect or device failure of this path. What it wrote is content-addressed
+                # and verified on the device; the CPU path redoes every job (skipping chunks
+                # that exist), so the save still completes, and the stats say why.
+                log.warning("GPU delta save failed, using the CPU path: %r", exc)
+                saver.stats.error = f"{type(exc).__name__}: {exc}"
+                rest = sorted(set(rest) | {j.i for j in jobs})
         finally:
             pipe.close()
         if on_stats is not None:

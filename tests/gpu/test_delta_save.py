@@ -9,6 +9,7 @@ host, as a GPU source would on its device, so the save takes the device branch.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,3 +326,29 @@ def test_weights_changing_mid_save_is_an_error_not_a_chunk(tmp_path: Path) -> No
     st.chunks.known.update(parent.chunk_ids())
     with pytest.raises(CorruptChunk, match="changed during the save"):
         write_source(st.chunks, stale, BS, 2, finder, None, hook)
+
+
+class FailingReads(Store):
+    """A store whose restore pipeline cannot read (an I/O defect of the device path)."""
+
+    def restore_pipeline(self, block_size: int, device: Any = "cuda", **options: Any) -> Any:
+        from apollo_cas.gpu.restore import RestorePipeline
+
+        def reader(ids: Any, arena: Any = None) -> Any:
+            raise RuntimeError("reader broke")
+
+        return RestorePipeline(reader, self.chunks.read, block_size, device=device, **options)
+
+
+def test_a_failing_gpu_path_leaves_the_save_to_the_cpu_path(tmp_path: Path) -> None:
+    st = FailingReads.open(tmp_path / "s", create=True, workers=2)
+    st.device_delta = "always"
+    ref = open_store(tmp_path / "ref", "never")
+    m = model()
+    save(st, m)
+    save(ref, m)
+    dense_step(m, 1)
+    save(st, m)
+    save(ref, m)
+    assert "reader broke" in (st.last_device_delta.error or "")
+    assert chunk_files(tmp_path / "s") == chunk_files(tmp_path / "ref")
