@@ -7,6 +7,10 @@ the stored chunk :func:`apollo_cas.codecs.encode` would write for the same XOR (
 envelope, delta parameters, plane kinds, zstd parameters), so today's decoder reads it
 unchanged (docs/CODECS.md, codec 3 with inner codec 2 or 1).
 
+Where the release has the sparse delta (codec 4, positions and values of the changed
+elements) and the policy tries it, the same XOR is also encoded that way and the smaller
+kept, as ``codecs.encode`` does.
+
 An all-zero plane never reaches the host: its zstd frame depends only on its length
 and level, so it is compressed once and reused (:func:`zero_frame`).
 
@@ -22,6 +26,9 @@ import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from .. import codecs
 from ..codecs import _zstd, delta, envelope, planes
@@ -53,6 +60,26 @@ class DeltaBlob:
         return self.blob is not None and self.size <= codecs.DELTA_ACCEPT_FRACTION * self.raw_size
 
 
+def sparse_codec() -> Any:
+    """The sparse delta codec module (codec 4) when this release has it, else None."""
+    return getattr(codecs, "sparse", None) if hasattr(codecs, "SPARSE") else None
+
+
+def sparse_wanted(policy: codecs.CodecPolicy) -> bool:
+    """Whether ``policy`` tries the sparse delta too (as ``codecs.encode`` does)."""
+    return sparse_codec() is not None and bool(getattr(policy, "sparse", False))
+
+
+def interleave(planes_: Sequence[Any], w: int, m: int) -> np.ndarray:
+    """The XOR block (``m`` elements of ``w`` bytes) from its planes (None: all zero)."""
+    out = np.zeros(m * w, dtype=np.uint8)
+    body = out.reshape(m, w)
+    for k in range(w):
+        if planes_[k] is not None:
+            body[:, k] = np.frombuffer(planes_[k], dtype=np.uint8)
+    return out
+
+
 def encode_delta(
     planes_: Sequence[memoryview | None],
     w: int,
@@ -60,13 +87,17 @@ def encode_delta(
     base_id: bytes,
     depth: int,
     level: int,
+    itemsize: int = 1,
+    sparse: bool = False,
 ) -> DeltaBlob:
-    """The codec-3 chunk of a block whose XOR against ``base_id`` has these planes.
+    """The delta chunk of a block whose XOR against ``base_id`` has these planes.
 
     ``planes_[k]`` is plane k of the XOR (``raw_size // w`` bytes), or None when it is
     all zero; ``w`` is 1 for an inner zstd codec (the one "plane" is the XOR itself),
     else 2, 4 or 8 for inner planes (``raw_size`` a multiple of ``w``: no tail).
-    ``depth`` is the new chunk's depth (1 + the base's).
+    ``depth`` is the new chunk's depth (1 + the base's). With ``sparse`` (a release
+    with codec 4 and a policy that tries it) the sparse delta of the same XOR is also
+    encoded and the smaller kept, exactly as ``codecs.encode`` chooses.
     """
     if raw_size % w:
         raise ValueError(f"raw size {raw_size} is not a multiple of {w}")
@@ -91,13 +122,27 @@ def encode_delta(
                 pieces.append(bytes(p))
         inner, iparams = codecs.PLANES, b"".join(heads)
     isize = len(iparams) + sum(len(x) for x in pieces)
-    if isize > raw_size * (1 - codecs.MIN_SAVING):
-        # codecs.encode would store the XOR raw, and such a delta never beats the
-        # block's full encoding (at most raw_size) by the 0.8 factor: a full chunk.
+    # codecs.encode stores an XOR that does not compress raw; such a codec-3 delta never
+    # beats the block's full encoding (at most raw_size) by the 0.8 factor.
+    raw_inner = isize > raw_size * (1 - codecs.MIN_SAVING)
+    dsize = delta.HEAD_SIZE + (raw_size if raw_inner else isize)
+    best: tuple[int, bytes, list[bytes]] | None = None
+    if not raw_inner:
+        best = (codecs.DELTA, delta.pack_params(base_id, depth, inner, iparams), pieces)
+    sp = sparse_codec() if sparse else None
+    if sp is not None:
+        ws = sp.width_for(itemsize)
+        if sp.usable(raw_size, ws):
+            got = sp.encode(interleave(planes_, w, m), ws, level, base_id, depth)
+            if got is not None:
+                sparams, spieces = got
+                ssize = len(sparams) + sum(len(x) for x in spieces)
+                if ssize < dsize:
+                    best, dsize = (getattr(codecs, "SPARSE", 4), sparams, list(spieces)), ssize
+    if best is None:
         return DeltaBlob(None, 0, raw_size)
-    dparams = delta.pack_params(base_id, depth, inner, iparams)
-    blob = envelope.pack(codecs.DELTA, raw_size, dparams, b"".join(pieces))
-    return DeltaBlob(blob, len(dparams) + isize - len(iparams), raw_size)
+    codec, params, payload = best
+    return DeltaBlob(envelope.pack(codec, raw_size, params, b"".join(payload)), dsize, raw_size)
 
 
 def choose(d: DeltaBlob, raw: memoryview, policy: codecs.CodecPolicy, itemsize: int) -> bytes:

@@ -53,7 +53,7 @@ from ..errors import ApolloError, CorruptChunk
 from ..sources.base import BlockRequest
 from . import delta_ops
 from .blocks import kernel_module
-from .delta_encode import DeltaBlob, choose, encode_delta
+from .delta_encode import DeltaBlob, choose, encode_delta, sparse_wanted
 from .restore import Place, memory_bound
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ class GpuDeltaSaver:
         self.fetch = fetch
         self.kernel = kernel_module() if self.cuda else None
         self.stats = DeltaSaveStats()
+        self._sparse = sparse_wanted(self.policy)
 
     def run(self, jobs: Sequence[DeltaJob], tally: TallyFn) -> list[int]:
         """Store every job; returns the wanted-indices the CPU path must still store.
@@ -350,7 +351,9 @@ class GpuDeltaSaver:
 
     def _encode(self, job: DeltaJob, views: list[Any]) -> None:
         bs = self.block_size
-        d = encode_delta(views, job.w, bs, job.base, job.depth, self.policy.level)
+        d = encode_delta(
+            views, job.w, bs, job.base, job.depth, self.policy.level, job.itemsize, self._sparse
+        )
         if d.accepted:
             assert d.blob is not None
             self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base), bs)

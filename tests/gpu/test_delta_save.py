@@ -19,7 +19,7 @@ from apollo_cas import codecs  # noqa: E402
 from apollo_cas.errors import CorruptChunk  # noqa: E402
 from apollo_cas.gpu import delta_ops  # noqa: E402
 from apollo_cas.gpu.blocks import host_block_digests  # noqa: E402
-from apollo_cas.gpu.delta_encode import encode_delta, zero_frame  # noqa: E402
+from apollo_cas.gpu.delta_encode import encode_delta, sparse_wanted, zero_frame  # noqa: E402
 from apollo_cas.gpu.delta_save import delta_device  # noqa: E402
 from apollo_cas.layout import chunk_key  # noqa: E402
 from apollo_cas.sources.device import DeviceSource  # noqa: E402
@@ -137,7 +137,7 @@ def test_encode_delta_is_byte_identical_to_codecs_encode(dtype: torch.dtype) -> 
         torch.from_numpy(nraw ^ braw).view(1, BS), w, torch.empty(BS, dtype=torch.uint8)
     )
     views = [None if not q[k].any() else q[k, 0].numpy().data for k in range(w)]
-    d = encode_delta(views, w, BS, bid, 1, policy.level)
+    d = encode_delta(views, w, BS, bid, 1, policy.level, w, sparse_wanted(policy))
     assert d.blob is not None
     if d.accepted:
         assert d.blob == want
