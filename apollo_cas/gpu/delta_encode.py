@@ -70,8 +70,39 @@ def sparse_wanted(policy: codecs.CodecPolicy) -> bool:
     return sparse_codec() is not None and bool(getattr(policy, "sparse", False))
 
 
+# Codec 4's parameters (readpath's docs/CODECS.md): base id, depth, w, n, gaps frame length.
+_SPARSE_HEAD = struct.Struct("<16sBBII")
+#: Codec 4 is not tried above this fraction of changed elements (as codecs.sparse).
+SPARSE_MAX_FRACTION = 0.25
+
+
+def _byte_planes(a: np.ndarray, w: int) -> np.ndarray:
+    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T)
+
+
+def encode_sparse(
+    idx: np.ndarray, values: Any, ws: int, level: int, base_id: bytes, depth: int
+) -> tuple[bytes, list[bytes]]:
+    """Codec 4's (params, payload pieces) from the changed elements' indices (increasing)
+    and their ``ws``-byte XOR values: what ``codecs.sparse.encode`` writes for that XOR,
+    with the positions found on the device instead of by a host scan of the block."""
+    n = len(idx)
+    gaps = np.diff(idx.astype(np.int64), prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
+    gframe = _zstd.compress(_byte_planes(gaps.astype("<u4"), 4).data, level)
+    vals = np.frombuffer(values, dtype=np.uint8)
+    vframe = _zstd.compress(_byte_planes(vals, ws).data, level)
+    return _SPARSE_HEAD.pack(base_id, depth, ws, n, len(gframe)), [gframe, vframe]
+
+
 def interleave(planes_: Sequence[Any], w: int, m: int) -> np.ndarray:
     """The XOR block (``m`` elements of ``w`` bytes) from its planes (None: all zero)."""
+    if w == 2 and all(p is not None for p in planes_):
+        out = np.empty(m * 2, dtype=np.uint8)
+        lanes = out.view("<u2")
+        lanes[:] = np.frombuffer(planes_[1], dtype=np.uint8)
+        lanes <<= 8
+        lanes |= np.frombuffer(planes_[0], dtype=np.uint8)
+        return out
     out = np.zeros(m * w, dtype=np.uint8)
     body = out.reshape(m, w)
     for k in range(w):
@@ -89,6 +120,8 @@ def encode_delta(
     level: int,
     itemsize: int = 1,
     sparse: bool = False,
+    changes: tuple[np.ndarray, Any] | None = None,
+    changed: int | None = None,
 ) -> DeltaBlob:
     """The delta chunk of a block whose XOR against ``base_id`` has these planes.
 
@@ -97,7 +130,10 @@ def encode_delta(
     else 2, 4 or 8 for inner planes (``raw_size`` a multiple of ``w``: no tail).
     ``depth`` is the new chunk's depth (1 + the base's). With ``sparse`` (a release
     with codec 4 and a policy that tries it) the sparse delta of the same XOR is also
-    encoded and the smaller kept, exactly as ``codecs.encode`` chooses.
+    encoded and the smaller kept, exactly as ``codecs.encode`` chooses: from
+    ``changes`` (indices, value bytes of the changed elements, found on the device)
+    when given, else by the codec's own scan of the XOR; ``changed`` (the count, when
+    known) skips the scan of a block with too many changes.
     """
     if raw_size % w:
         raise ValueError(f"raw size {raw_size} is not a multiple of {w}")
@@ -132,13 +168,19 @@ def encode_delta(
     sp = sparse_codec() if sparse else None
     if sp is not None:
         ws = sp.width_for(itemsize)
-        if sp.usable(raw_size, ws):
+        if not sp.usable(raw_size, ws):
+            got = None
+        elif changes is not None:
+            got = encode_sparse(changes[0], changes[1], ws, level, base_id, depth)
+        elif changed is not None and changed > SPARSE_MAX_FRACTION * (raw_size // ws):
+            got = None
+        else:
             got = sp.encode(interleave(planes_, w, m), ws, level, base_id, depth)
-            if got is not None:
-                sparams, spieces = got
-                ssize = len(sparams) + sum(len(x) for x in spieces)
-                if ssize < dsize:
-                    best, dsize = (getattr(codecs, "SPARSE", 4), sparams, list(spieces)), ssize
+        if got is not None:
+            sparams, spieces = got
+            ssize = len(sparams) + sum(len(x) for x in spieces)
+            if ssize < dsize:
+                best, dsize = (getattr(codecs, "SPARSE", 4), sparams, list(spieces)), ssize
     if best is None:
         return DeltaBlob(None, 0, raw_size)
     codec, params, payload = best

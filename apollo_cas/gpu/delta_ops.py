@@ -118,3 +118,47 @@ def pack_planes(q: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> torch
     if k:
         torch.index_select(q.view(w * n, m), 0, keep, out=dst)
     return dst
+
+
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def changed_elements(rows: torch.Tensor, ws: int) -> torch.Tensor:
+    """``(n,)`` int64: elements of ``ws`` bytes whose XOR is not zero, per row."""
+    return rows.view(_INT[ws]).ne(0).sum(dim=1)
+
+
+def sparse_rows(
+    rows: torch.Tensor,
+    ws: int,
+    take: Sequence[bool],
+    idx_out: torch.Tensor,
+    val_out: torch.Tensor,
+) -> int:
+    """Positions and XOR values of the changed elements of the rows ``take`` selects.
+
+    For each run of consecutive selected rows, in row order and within a row in element
+    order: the element index (int32) into ``idx_out`` and its ``ws`` value bytes into
+    ``val_out``. The caller picks rows whose counts (:func:`changed_elements`) fit
+    ``idx_out``; returns how many elements were written.
+    """
+    xv = rows.view(_INT[ws])
+    pos = 0
+    r = 0
+    n = len(take)
+    while r < n:
+        if not take[r]:
+            r += 1
+            continue
+        r1 = r
+        while r1 < n and take[r1]:
+            r1 += 1
+        sub = xv[r:r1]
+        nz = torch.nonzero(sub)
+        k = int(nz.shape[0])
+        idx_out[pos : pos + k].copy_(nz[:, 1])
+        vals = sub[nz[:, 0], nz[:, 1]]
+        val_out[pos * ws : (pos + k) * ws].copy_(vals.view(torch.uint8))
+        pos += k
+        r = r1
+    return pos

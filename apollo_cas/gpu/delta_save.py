@@ -53,7 +53,13 @@ from ..errors import ApolloError, CorruptChunk
 from ..sources.base import BlockRequest
 from . import delta_ops
 from .blocks import kernel_module
-from .delta_encode import DeltaBlob, choose, encode_delta, sparse_wanted
+from .delta_encode import (
+    SPARSE_MAX_FRACTION,
+    DeltaBlob,
+    choose,
+    encode_delta,
+    sparse_wanted,
+)
 from .restore import Place, memory_bound
 
 log = logging.getLogger(__name__)
@@ -181,6 +187,7 @@ class GpuDeltaSaver:
         workers: int,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         fetch: Callable[[Sequence[BlockRequest]], Any] | None = None,
+        sparse: bool | None = None,
     ) -> None:
         self.chunks = chunks
         self.policy = chunks.policy
@@ -194,7 +201,8 @@ class GpuDeltaSaver:
         self.fetch = fetch
         self.kernel = kernel_module() if self.cuda else None
         self.stats = DeltaSaveStats()
-        self._sparse = sparse_wanted(self.policy)
+        #: Also try codec 4 (a release with it and a policy that tries it).
+        self._sparse = sparse_wanted(self.policy) if sparse is None else sparse
 
     def run(self, jobs: Sequence[DeltaJob], tally: TallyFn) -> list[int]:
         """Store every job; returns the wanted-indices the CPU path must still store.
@@ -208,7 +216,7 @@ class GpuDeltaSaver:
         fallback: list[int] = []
         if not jobs:
             return fallback
-        jobs = sorted(jobs, key=lambda j: j.w)  # one plane width per piece of a batch
+        jobs = sorted(jobs, key=lambda j: (j.w, j.itemsize))  # one width per piece of a batch
         bs = self.block_size
         rows = max(1, self.pipe.batch_bytes // bs)
         self.rows = rows
@@ -221,14 +229,28 @@ class GpuDeltaSaver:
         self._slots = [
             torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
         ]
+        # Codec 4 (when the release and policy try it): positions and values of the
+        # changed elements, found on the device, for at most `cap` elements per batch
+        # (1/32 of its bytes; the benchmark's step changes ~1.2% of bf16 elements).
+        self._cap = max(1, nbytes // 32) if self._sparse else 0
+        cap = self._cap
+        self._sidx = torch.empty(cap, dtype=torch.int32, device=dev)
+        self._sval = torch.empty(cap * 8, dtype=torch.uint8, device=dev)
+        self._sslots = [
+            (
+                torch.empty(cap, dtype=torch.int32, pin_memory=self.cuda),
+                torch.empty(cap * 8, dtype=torch.uint8, pin_memory=self.cuda),
+            )
+            for _ in range(2)
+        ]
         self._in_slot: list[list[Future[Any]]] = [[], []]
         self._k = 0
         self._stream = torch.cuda.Stream(device=dev) if self.cuda else None
         self._compare_list: list[tuple[DeltaJob, DeltaBlob]] = []
         self._compare_lock = threading.Lock()
         self._tally = tally
-        self.stats.pinned_bytes = 2 * nbytes
-        self.stats.device_scratch_bytes = 4 * nbytes
+        self.stats.pinned_bytes = 2 * nbytes + 2 * 12 * cap
+        self.stats.device_scratch_bytes = 4 * nbytes + 12 * cap + 16 * cap
         pending: list[Future[Any]] = []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="apollo-delta") as pool:
             self._pool = pool
@@ -284,6 +306,7 @@ class GpuDeltaSaver:
         self.stats.device_scratch_bytes += self.pipe.stats.device_scratch_bytes
         self._parent = self._live = self._planes = self._packed = None  # type: ignore[assignment]
         self._slots = []
+        self._sslots = []
         return fallback
 
     def _use_batch(self, batch: Sequence[DeltaJob], rows: Sequence[int]) -> None:
@@ -318,6 +341,19 @@ class GpuDeltaSaver:
             keep = nz.nonzero().flatten()
             packed_q = delta_ops.pack_planes(q, keep, self._packed)
             nz_host = nz.cpu().tolist()
+            ws = batch[0].itemsize if batch[0].itemsize in (1, 2, 4, 8) else 1
+            counts: list[int] | None = None
+            take: list[bool] = []
+            nsparse = 0
+            if self._sparse and bs % ws == 0:
+                counts = delta_ops.changed_elements(p2, ws).cpu().tolist()
+                limit = SPARSE_MAX_FRACTION * (bs // ws)
+                room = self._cap
+                for c in counts:
+                    ok = c <= limit and c <= room
+                    take.append(ok)
+                    room -= c if ok else 0
+                nsparse = delta_ops.sparse_rows(p2, ws, take, self._sidx, self._sval)
             m = bs // w
             kept = len(packed_q) * m
             # Slot k % 2 is free once piece k-2's planes are encoded.
@@ -327,10 +363,15 @@ class GpuDeltaSaver:
             self.stats.wait_s += time.perf_counter() - tw
             host = self._slots[k % 2]
             host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
+            sidx_h, sval_h = self._sslots[k % 2] if self._sslots else (None, None)
+            if nsparse:
+                assert sidx_h is not None and sval_h is not None
+                sidx_h[:nsparse].copy_(self._sidx[:nsparse], non_blocking=self.cuda)
+                sval_h[: nsparse * ws].copy_(self._sval[: nsparse * ws], non_blocking=self.cuda)
             if stream is not None:
                 stream.synchronize()  # the pipeline may overwrite the parent rows now
         self.stats.device_s += time.perf_counter() - t1
-        self.stats.d2h_bytes += kept
+        self.stats.d2h_bytes += kept + nsparse * (4 + ws)
         self.stats.planes_total += w * n
         self.stats.planes_nonzero += len(packed_q)
         hv = host.numpy().data
@@ -341,7 +382,22 @@ class GpuDeltaSaver:
                 if nz_host[kk * n + r]:
                     per_row[r][kk] = hv[pos : pos + m]
                     pos += m
-        futs = [self._pool.submit(self._encode, job, per_row[r]) for r, job in enumerate(batch)]
+        changes: list[Any] = [None] * n
+        if nsparse:
+            assert sidx_h is not None and sval_h is not None and counts is not None
+            iv, vv = sidx_h.numpy(), sval_h.numpy()
+            pos = 0
+            for r in range(n):
+                if take[r]:
+                    c = counts[r]
+                    changes[r] = (iv[pos : pos + c], vv.data[pos * ws : (pos + c) * ws])
+                    pos += c
+        futs = [
+            self._pool.submit(
+                self._encode, job, per_row[r], changes[r], counts[r] if counts else None
+            )
+            for r, job in enumerate(batch)
+        ]
         self._in_slot[k % 2] = futs
         self._pending.extend(futs)
         self.stats.batches += 1
@@ -349,10 +405,21 @@ class GpuDeltaSaver:
         if len(self._compare_list) >= self.rows:
             self._compare(self._compare_list, self._compare_lock, self._tally)
 
-    def _encode(self, job: DeltaJob, views: list[Any]) -> None:
+    def _encode(
+        self, job: DeltaJob, views: list[Any], changes: Any = None, changed: int | None = None
+    ) -> None:
         bs = self.block_size
         d = encode_delta(
-            views, job.w, bs, job.base, job.depth, self.policy.level, job.itemsize, self._sparse
+            views,
+            job.w,
+            bs,
+            job.base,
+            job.depth,
+            self.policy.level,
+            job.itemsize,
+            self._sparse,
+            changes,
+            changed,
         )
         if d.accepted:
             assert d.blob is not None

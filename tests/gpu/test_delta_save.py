@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -146,6 +147,61 @@ def test_encode_delta_is_byte_identical_to_codecs_encode(dtype: torch.dtype) -> 
 
         assert choose(d, nraw.data, policy, w) == want
     assert codecs.decode(want, "x", lambda h: bytes(braw)) == bytes(nraw)
+
+
+def test_sparse_rows_finds_the_changed_elements_of_the_selected_rows() -> None:
+    g = torch.Generator().manual_seed(3)
+    rows = torch.zeros(4, 64, dtype=torch.uint8)
+    rows.view(-1)[torch.randint(0, 256, (20,), generator=g)] = 7
+    xv = rows.view(torch.int16)
+    counts = delta_ops.changed_elements(rows, 2).tolist()
+    assert counts == [int((xv[r] != 0).sum()) for r in range(4)]
+    take = [True, False, True, True]
+    idx = torch.empty(64, dtype=torch.int32)
+    val = torch.empty(64 * 8, dtype=torch.uint8)
+    k = delta_ops.sparse_rows(rows, 2, take, idx, val)
+    want = [np.flatnonzero(xv[r].numpy()) for r in range(4) if take[r]]
+    assert k == sum(len(w) for w in want)
+    assert idx[:k].tolist() == np.concatenate(want).tolist()
+    vals = np.concatenate([xv[r].numpy()[np.flatnonzero(xv[r].numpy())] for r in (0, 2, 3)])
+    assert val[: 2 * k].numpy().tobytes() == vals.astype("<i2").tobytes()
+
+
+def test_encode_sparse_follows_the_codec_4_layout() -> None:
+    """Decoded by hand as readpath's docs/CODECS.md describes codec 4."""
+    import struct
+
+    from apollo_cas.codecs import _zstd
+    from apollo_cas.gpu.delta_encode import encode_sparse
+
+    m = 2048
+    x = np.zeros(m, dtype="<u2")
+    where = np.array([3, 4, 100, 2047])
+    x[where] = [1, 0x8001, 7, 0xFFFF]
+    bid = bytes(range(16))
+    params, (gframe, vframe) = encode_sparse(
+        where.astype(np.int32), x[where].tobytes(), 2, 1, bid, 3
+    )
+    base_id, depth, w, n, glen = struct.unpack("<16sBBII", params)
+    assert (base_id, depth, w, n, glen) == (bid, 3, 2, 4, len(gframe))
+    gaps = np.frombuffer(_zstd.decompress_exact(gframe, 4 * n), np.uint8).reshape(4, n).T
+    gaps = np.ascontiguousarray(gaps).view("<u4").reshape(n)
+    assert (np.cumsum(gaps.astype(np.int64) + 1) - 1).tolist() == where.tolist()
+    vals = np.frombuffer(_zstd.decompress_exact(vframe, 2 * n), np.uint8).reshape(2, n).T
+    assert np.ascontiguousarray(vals).view("<u2").reshape(n).tolist() == x[where].tolist()
+
+
+@pytest.mark.skipif(not hasattr(codecs, "SPARSE"), reason="this release has no codec 4")
+def test_encode_sparse_is_byte_identical_to_the_sparse_codec() -> None:
+    from apollo_cas.gpu.delta_encode import encode_sparse
+
+    g = np.random.default_rng(4)
+    x = np.zeros(1 << 15, dtype="<u2")
+    x[g.choice(len(x), 300, replace=False)] = g.integers(1, 1 << 16, 300)
+    idx = np.flatnonzero(x)
+    want = codecs.sparse.encode(x.view(np.uint8), 2, 1, bytes(16), 2)
+    got = encode_sparse(idx.astype(np.int32), x[idx].tobytes(), 2, 1, bytes(16), 2)
+    assert want is not None and got[0] == want[0] and got[1] == list(want[1])
 
 
 def test_zero_plane_frame_is_the_compressors() -> None:
