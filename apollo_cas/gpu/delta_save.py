@@ -310,10 +310,15 @@ class GpuDeltaSaver:
         return fallback
 
     def _use_batch(self, batch: Sequence[DeltaJob], rows: Sequence[int]) -> None:
-        """Split one decoded pipeline batch into contiguous pieces of one plane width."""
+        """Split one decoded pipeline batch into contiguous pieces of one element width."""
         start = 0
         for r in range(1, len(batch) + 1):
-            if r == len(batch) or rows[r] != rows[r - 1] + 1 or batch[r].w != batch[start].w:
+            b = batch[start]
+            if (
+                r == len(batch)
+                or rows[r] != rows[r - 1] + 1
+                or (batch[r].w, batch[r].itemsize) != (b.w, b.itemsize)
+            ):
                 self._piece(batch[start:r], rows[start])
                 start = r
 

@@ -408,3 +408,18 @@ def test_a_failing_gpu_path_leaves_the_save_to_the_cpu_path(tmp_path: Path) -> N
     save(ref, m)
     assert "reader broke" in (st.last_device_delta.error or "")
     assert chunk_files(tmp_path / "s") == chunk_files(tmp_path / "ref")
+
+
+def test_inner_zstd_policy_gives_the_cpu_paths_chunks(tmp_path: Path) -> None:
+    """codec="zstd": one "plane" per block, bf16, fp32 and uint8 rows in shared batches."""
+    stores = {mode: open_store(tmp_path / mode, mode) for mode in ("always", "never")}
+    for st in stores.values():
+        st.chunks.policy = codecs.CodecPolicy(codec="zstd")
+    m = model()
+    for st in stores.values():
+        save(st, m)
+    dense_step(m, 5)
+    for st in stores.values():
+        save(st, m)
+    assert stores["always"].last_device_delta.blocks == 14
+    assert chunk_files(tmp_path / "always") == chunk_files(tmp_path / "never")
