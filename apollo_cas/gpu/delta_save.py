@@ -203,6 +203,9 @@ class GpuDeltaSaver:
         self.stats = DeltaSaveStats()
         #: Also try codec 4 (a release with it and a policy that tries it).
         self._sparse = sparse_wanted(self.policy) if sparse is None else sparse
+        # A store that writes chunks in order from one thread (pack files, store format
+        # 2) gets them from the caller's thread; one object per chunk: from the pool.
+        self._ordered = bool(getattr(chunks, "ordered_writes", False))
 
     def run(self, jobs: Sequence[DeltaJob], tally: TallyFn) -> list[int]:
         """Store every job; returns the wanted-indices the CPU path must still store.
@@ -251,10 +254,8 @@ class GpuDeltaSaver:
         self._tally = tally
         self.stats.pinned_bytes = 2 * nbytes + 2 * 12 * cap
         self.stats.device_scratch_bytes = 4 * nbytes + 12 * cap + 16 * cap
-        pending: list[Future[Any]] = []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="apollo-delta") as pool:
             self._pool = pool
-            self._pending = pending
             i, probe = 0, False
             while i < len(jobs):
                 seg = jobs[i : i + rows] if probe else jobs[i:]
@@ -296,8 +297,8 @@ class GpuDeltaSaver:
                     self.stats.decode_s += time.perf_counter() - t0
                 i += len(seg)
                 probe = False
-            for f in pending:
-                f.result()
+            for slot in self._in_slot:
+                self._collect(slot)
         self._compare(self._compare_list, self._compare_lock, tally)
         self.stats.fallback_blocks = len(fallback)
         self.stats.pipeline = self.pipe.stats.to_dict()
@@ -363,8 +364,7 @@ class GpuDeltaSaver:
             kept = len(packed_q) * m
             # Slot k % 2 is free once piece k-2's planes are encoded.
             tw = time.perf_counter()
-            for f in self._in_slot[k % 2]:
-                f.result()
+            self._collect(self._in_slot[k % 2])
             self.stats.wait_s += time.perf_counter() - tw
             host = self._slots[k % 2]
             host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
@@ -404,7 +404,6 @@ class GpuDeltaSaver:
             for r, job in enumerate(batch)
         ]
         self._in_slot[k % 2] = futs
-        self._pending.extend(futs)
         self.stats.batches += 1
         self.stats.blocks += n
         if len(self._compare_list) >= self.rows:
@@ -412,7 +411,7 @@ class GpuDeltaSaver:
 
     def _encode(
         self, job: DeltaJob, views: list[Any], changes: Any = None, changed: int | None = None
-    ) -> None:
+    ) -> tuple[DeltaJob, bytes] | None:
         bs = self.block_size
         d = encode_delta(
             views,
@@ -426,12 +425,24 @@ class GpuDeltaSaver:
             changes,
             changed,
         )
-        if d.accepted:
-            assert d.blob is not None
-            self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base), bs)
-        else:
+        if not d.accepted:
             with self._compare_lock:
                 self._compare_list.append((job, d))
+            return None
+        assert d.blob is not None
+        if self._ordered:
+            return job, d.blob  # stored by the caller's thread, in order
+        self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base), bs)
+        return None
+
+    def _collect(self, futs: list[Future[Any]]) -> None:
+        """Wait for one piece's encodings; store them here when writes must be in order."""
+        for f in futs:
+            got = f.result()
+            if got is not None:
+                job, blob = got
+                self._tally(self.chunks.put_encoded(job.cid, blob, job.base), self.block_size)
+        futs.clear()
 
     def _compare(
         self,

@@ -423,3 +423,27 @@ def test_inner_zstd_policy_gives_the_cpu_paths_chunks(tmp_path: Path) -> None:
         save(st, m)
     assert stores["always"].last_device_delta.blocks == 14
     assert chunk_files(tmp_path / "always") == chunk_files(tmp_path / "never")
+
+
+def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Path) -> None:
+    import threading
+
+    from apollo_cas.chunkstore import ChunkStore, PutResult
+
+    class Ordered(ChunkStore):
+        ordered_writes = True
+        threads: set[int] = set()
+
+        def put_encoded(self, chunk_id: bytes, blob: bytes, base: bytes | None) -> PutResult:
+            self.threads.add(threading.get_ident())
+            return super().put_encoded(chunk_id, blob, base)
+
+    st = open_store(tmp_path / "s", "always")
+    st.chunks = Ordered(st.backend, st.chunks.policy)
+    m = model()
+    save(st, m)
+    dense_step(m, 1)
+    save(st, m)
+    assert Ordered.threads == {threading.get_ident()}
+    loaded = st.load("latest")
+    assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in m.items())
