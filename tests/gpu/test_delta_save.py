@@ -430,12 +430,13 @@ def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Pa
 
     from apollo_cas.chunkstore import ChunkStore, PutResult
 
+    threads: set[int] = set()
+
     class Ordered(ChunkStore):
         ordered_writes = True
-        threads: set[int] = set()
 
         def put_encoded(self, chunk_id: bytes, blob: bytes, base: bytes | None) -> PutResult:
-            self.threads.add(threading.get_ident())
+            threads.add(threading.get_ident())
             return super().put_encoded(chunk_id, blob, base)
 
     st = open_store(tmp_path / "s", "always")
@@ -444,6 +445,6 @@ def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Pa
     save(st, m)
     dense_step(m, 1)
     save(st, m)
-    assert Ordered.threads == {threading.get_ident()}
+    assert threads == {threading.get_ident()}
     loaded = st.load("latest")
     assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in m.items())
