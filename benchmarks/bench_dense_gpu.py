@@ -70,8 +70,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _bench_gpu() -> Any:
+    """benchmarks/bench_gpu.py (its model and dense-step generators, on CUDA)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    return bench_gpu
+
+
 def build_model(size: int, device: str) -> dict[str, torch.Tensor]:
-    """bench_gpu.build_model, on any device."""
+    """bench_gpu.build_model itself on CUDA; the same recipe on the CPU."""
+    if device.startswith("cuda"):
+        model: dict[str, torch.Tensor] = _bench_gpu().build_model(size, device)
+        return model
     shape = examples.ModelShape.for_bytes(size)
     g = torch.Generator(device=device).manual_seed(0)
     model = {}
@@ -84,7 +97,11 @@ def build_model(size: int, device: str) -> dict[str, torch.Tensor]:
 
 
 def dense_step(model: dict[str, torch.Tensor], device: str) -> None:
-    """bench_gpu.dense_step (the generator behind its 0.26 GB figure), on any device."""
+    """bench_gpu.dense_step (the generator behind its 0.26 GB figure) on CUDA; the same
+    recipe, seeded, on the CPU."""
+    if device.startswith("cuda"):
+        _bench_gpu().dense_step(model)
+        return
     g = torch.Generator(device=device).manual_seed(1)
     for t in model.values():
         noise = torch.randn(t.shape, generator=g, device=device, dtype=torch.float32)
@@ -211,6 +228,18 @@ def main() -> None:
         result["runs"].append(run_size(size, args, size in cpu_sizes))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
+    print(
+        "\n| model GB | path | wall s | CPU s | stored GB | to host GB |\n|---|---|---|---|---|---|"
+    )
+    for run in result["runs"]:
+        for key in ("dense_gpu", "dense_cpu"):
+            r = run.get(key)
+            if r:
+                print(
+                    f"| {run['model_bytes'] / GB:.1f} | {r['path']} | {r['wall_s']:.2f} | "
+                    f"{r['cpu_s']:.1f} | {r['stored_bytes'] / GB:.3f} | "
+                    f"{r['device_to_host_bytes'] / GB:.2f} |"
+                )
     log(f"wrote {args.out}")
 
 
