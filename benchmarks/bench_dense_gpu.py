@@ -170,11 +170,10 @@ def run_size(size: int, args: argparse.Namespace, with_cpu: bool) -> dict[str, A
         # copy is a second store holding exactly the same checkpoint.
         subprocess.run(["cp", "-al", str(work / "gpu"), str(work / "cpu")], check=True)
     dense_step(model, args.device)
-    log("dense step, GPU delta path")
+    log("dense step 1, GPU delta path")
     mode = "always" if args.device == "cpu" else "auto"
     out["dense_gpu"] = timed_save(gpu_store, model, args.device, mode)
     out["dense_gpu"]["sample_decodes_bit_exact"] = check_sample(gpu_store, model)
-    gpu_store.close()
     if with_cpu:
         log("dense step, today's CPU path (same parent)")
         cpu_store = Store.open(work / "cpu")
@@ -189,6 +188,15 @@ def run_size(size: int, args: argparse.Namespace, with_cpu: bool) -> dict[str, A
             ),
         }
         log(f"  ratios {out['ratios']}")
+    for step in range(2, args.steps + 1):
+        # The next step's parent is itself a checkpoint of deltas: the pipeline resolves
+        # each parent block's chain (delta + base) on the device.
+        dense_step(model, args.device)
+        log(f"dense step {step}, GPU delta path (parent: the deltas of step {step - 1})")
+        row = timed_save(gpu_store, model, args.device, mode)
+        row["sample_decodes_bit_exact"] = check_sample(gpu_store, model)
+        out[f"dense_gpu_step{step}"] = row
+    gpu_store.close()
     del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -204,6 +212,12 @@ def main() -> None:
         "--cpu-sizes",
         default=None,
         help="sizes that also run today's CPU path (default: the first of --sizes)",
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="dense steps per size (steps after the first: GPU path)",
     )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dir", default="/root/apollo-dense")
@@ -232,11 +246,11 @@ def main() -> None:
         "\n| model GB | path | wall s | CPU s | stored GB | to host GB |\n|---|---|---|---|---|---|"
     )
     for run in result["runs"]:
-        for key in ("dense_gpu", "dense_cpu"):
-            r = run.get(key)
+        for key in sorted(k for k in run if k.startswith("dense_")):
+            r = run[key]
             if r:
                 print(
-                    f"| {run['model_bytes'] / GB:.1f} | {r['path']} | {r['wall_s']:.2f} | "
+                    f"| {run['model_bytes'] / GB:.1f} | {key} ({r['path']}) | {r['wall_s']:.2f} | "
                     f"{r['cpu_s']:.1f} | {r['stored_bytes'] / GB:.3f} | "
                     f"{r['device_to_host_bytes'] / GB:.2f} |"
                 )

@@ -35,7 +35,8 @@ def test_bench_dense_gpu_small_on_cpu(tmp_path: Path) -> None:
         sys.argv = old
     (run,) = json.loads(out.read_text())["runs"]
     gpu, cpu = run["dense_gpu"], run["dense_cpu"]
-    assert gpu["sample_decodes_bit_exact"]
+    assert gpu["sample_decodes_bit_exact"] and run["dense_gpu_step2"]["sample_decodes_bit_exact"]
+    assert run["dense_gpu_step2"]["gpu_delta"]["blocks"] == gpu["gpu_delta"]["blocks"]
     assert gpu["gpu_delta"]["blocks"] > 0 and gpu["gpu_delta"]["fallback_blocks"] == 0
     assert gpu["new_chunks"] == cpu["new_chunks"] == gpu["chunks"]
     assert gpu["stored_bytes"] == cpu["stored_bytes"]  # the same chunks, byte for byte
