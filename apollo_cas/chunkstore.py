@@ -104,11 +104,14 @@ class ChunkStore:
             bytes.fromhex(base_hex) if base_hex else None,
         )
 
-    def put_encoded(self, chunk_id: bytes, blob: bytes, base: bytes | None) -> PutResult:
+    def put_encoded(
+        self, chunk_id: bytes, blob: bytes, base: bytes | None, raw_size: int
+    ) -> PutResult:
         """Store a chunk encoded elsewhere (the GPU delta save) unless it is already there.
 
-        The caller vouches that ``blob`` decodes to bytes hashing to ``chunk_id``
-        (the GPU delta save checks the live block's hash on the device).
+        The caller vouches that ``blob`` (``raw_size`` bytes once decoded, a delta against
+        ``base`` or a full chunk when None) decodes to bytes hashing to ``chunk_id`` (the
+        GPU delta save checks the live block's hash on the device).
         """
         if not self._claim(chunk_id) or self.exists(chunk_id):
             return PutResult(chunk_id, False, 0, None)

@@ -432,7 +432,7 @@ class GpuDeltaSaver:
         assert d.blob is not None
         if self._ordered:
             return job, d.blob  # stored by the caller's thread, in order
-        self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base), bs)
+        self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base, bs), bs)
         return None
 
     def _collect(self, futs: list[Future[Any]]) -> None:
@@ -441,7 +441,8 @@ class GpuDeltaSaver:
             got = f.result()
             if got is not None:
                 job, blob = got
-                self._tally(self.chunks.put_encoded(job.cid, blob, job.base), self.block_size)
+                bs = self.block_size
+                self._tally(self.chunks.put_encoded(job.cid, blob, job.base, bs), bs)
         futs.clear()
 
     def _compare(
@@ -469,7 +470,8 @@ class GpuDeltaSaver:
             is_delta = blob is d.blob
             if not is_delta:
                 self.stats.full_chunks += 1
-            tally(self.chunks.put_encoded(job.cid, blob, job.base if is_delta else None), bs)
+            base = job.base if is_delta else None
+            tally(self.chunks.put_encoded(job.cid, blob, base, bs), bs)
         self.stats.compare_s += time.perf_counter() - t0
 
 

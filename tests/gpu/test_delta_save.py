@@ -435,9 +435,11 @@ def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Pa
     class Ordered(ChunkStore):
         ordered_writes = True
 
-        def put_encoded(self, chunk_id: bytes, blob: bytes, base: bytes | None) -> PutResult:
+        def put_encoded(
+            self, chunk_id: bytes, blob: bytes, base: bytes | None, raw_size: int
+        ) -> PutResult:
             threads.add(threading.get_ident())
-            return super().put_encoded(chunk_id, blob, base)
+            return super().put_encoded(chunk_id, blob, base, raw_size)
 
     st = open_store(tmp_path / "s", "always")
     st.chunks = Ordered(st.backend, st.chunks.policy)
