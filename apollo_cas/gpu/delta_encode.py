@@ -88,9 +88,9 @@ def encode_sparse(
     with the positions found on the device instead of by a host scan of the block."""
     n = len(idx)
     gaps = np.diff(idx.astype(np.int64), prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
-    gframe = _zstd.compress(_byte_planes(gaps.astype("<u4"), 4).data, level)
+    gframe = _zstd.compress_plane(_byte_planes(gaps.astype("<u4"), 4).data, level)
     vals = np.frombuffer(values, dtype=np.uint8)
-    vframe = _zstd.compress(_byte_planes(vals, ws).data, level)
+    vframe = _zstd.compress_plane(_byte_planes(vals, ws).data, level)
     return _SPARSE_HEAD.pack(base_id, depth, ws, n, len(gframe)), [gframe, vframe]
 
 
@@ -111,6 +111,22 @@ def interleave(planes_: Sequence[Any], w: int, m: int) -> np.ndarray:
     return out
 
 
+def sparse_outright(raw_size: int, ws: int, changed: int) -> bool:
+    """Whether ``codecs.encode`` keeps codec 4 for this block without computing codec 3
+    (readpath's rule: at most ``ALWAYS_FRACTION`` of the elements changed, in blocks of
+    at least ``ALWAYS_MIN_BYTES``); False where the release has no such rule."""
+    sp = sparse_codec()
+    min_bytes = getattr(sp, "ALWAYS_MIN_BYTES", None)
+    fraction = getattr(sp, "ALWAYS_FRACTION", None)
+    if sp is None or min_bytes is None or fraction is None or not sp.usable(raw_size, ws):
+        return False
+    return raw_size >= min_bytes and changed <= fraction * (raw_size // ws)
+
+
+def _blob(codec: int, raw_size: int, params: bytes, pieces: Sequence[Any], size: int) -> DeltaBlob:
+    return DeltaBlob(envelope.pack(codec, raw_size, params, b"".join(pieces)), size, raw_size)
+
+
 def encode_delta(
     planes_: Sequence[memoryview | None],
     w: int,
@@ -122,6 +138,7 @@ def encode_delta(
     sparse: bool = False,
     changes: tuple[np.ndarray, Any] | None = None,
     changed: int | None = None,
+    planes_dropped: bool = False,
 ) -> DeltaBlob:
     """The delta chunk of a block whose XOR against ``base_id`` has these planes.
 
@@ -130,14 +147,37 @@ def encode_delta(
     else 2, 4 or 8 for inner planes (``raw_size`` a multiple of ``w``: no tail).
     ``depth`` is the new chunk's depth (1 + the base's). With ``sparse`` (a release
     with codec 4 and a policy that tries it) the sparse delta of the same XOR is also
-    encoded and the smaller kept, exactly as ``codecs.encode`` chooses: from
+    encoded, and kept as ``codecs.encode`` chooses (outright when few elements changed,
+    see :func:`sparse_outright`: then ``planes_`` is not read; else if smaller): from
     ``changes`` (indices, value bytes of the changed elements, found on the device)
     when given, else by the codec's own scan of the XOR; ``changed`` (the count, when
-    known) skips the scan of a block with too many changes.
+    known) skips the scan of a block with too many changes. ``planes_dropped``: the
+    caller left the planes on the device because codec 4 is taken outright; anything
+    else is an error (never a codec-3 chunk of planes that were not there).
     """
     if raw_size % w:
         raise ValueError(f"raw size {raw_size} is not a multiple of {w}")
     m = raw_size // w
+    spid = getattr(codecs, "SPARSE", 4)
+    sp = sparse_codec() if sparse else None
+    got: tuple[bytes, list[Any], int | None] | None = None
+    if sp is not None:
+        ws = sp.width_for(itemsize)
+        max_fraction = getattr(sp, "MAX_FRACTION", SPARSE_MAX_FRACTION)
+        if not sp.usable(raw_size, ws):
+            pass
+        elif changes is not None:
+            sparams, spieces = encode_sparse(changes[0], changes[1], ws, level, base_id, depth)
+            got = (sparams, spieces, len(changes[0]))
+        elif changed is None or changed <= max_fraction * (raw_size // ws):
+            r = sp.encode(interleave(planes_, w, m), ws, level, base_id, depth)
+            if r is not None:
+                got = (r[0], list(r[1]), r[2] if len(r) > 2 else None)
+        if got is not None and got[2] is not None and sparse_outright(raw_size, ws, got[2]):
+            ssize = len(got[0]) + sum(len(x) for x in got[1])
+            return _blob(spid, raw_size, got[0], got[1], ssize)
+    if planes_dropped:
+        raise RuntimeError("a block's planes stayed on the device but codec 4 was not taken")
     if w == 1:
         p = planes_[0]
         frame = zero_frame(m, level, plane=False) if p is None else _zstd.compress(p, level)
@@ -162,29 +202,16 @@ def encode_delta(
     # beats the block's full encoding (at most raw_size) by the 0.8 factor.
     raw_inner = isize > raw_size * (1 - codecs.MIN_SAVING)
     dsize = delta.HEAD_SIZE + (raw_size if raw_inner else isize)
-    best: tuple[int, bytes, list[bytes]] | None = None
+    best: tuple[int, bytes, list[Any]] | None = None
     if not raw_inner:
         best = (codecs.DELTA, delta.pack_params(base_id, depth, inner, iparams), pieces)
-    sp = sparse_codec() if sparse else None
-    if sp is not None:
-        ws = sp.width_for(itemsize)
-        if not sp.usable(raw_size, ws):
-            got = None
-        elif changes is not None:
-            got = encode_sparse(changes[0], changes[1], ws, level, base_id, depth)
-        elif changed is not None and changed > SPARSE_MAX_FRACTION * (raw_size // ws):
-            got = None
-        else:
-            got = sp.encode(interleave(planes_, w, m), ws, level, base_id, depth)
-        if got is not None:
-            sparams, spieces = got
-            ssize = len(sparams) + sum(len(x) for x in spieces)
-            if ssize < dsize:
-                best, dsize = (getattr(codecs, "SPARSE", 4), sparams, list(spieces)), ssize
+    if got is not None:
+        ssize = len(got[0]) + sum(len(x) for x in got[1])
+        if ssize < dsize:
+            best, dsize = (spid, got[0], got[1]), ssize
     if best is None:
         return DeltaBlob(None, 0, raw_size)
-    codec, params, payload = best
-    return DeltaBlob(envelope.pack(codec, raw_size, params, b"".join(payload)), dsize, raw_size)
+    return _blob(best[0], raw_size, best[1], best[2], dsize)
 
 
 def choose(d: DeltaBlob, raw: memoryview, policy: codecs.CodecPolicy, itemsize: int) -> bytes:

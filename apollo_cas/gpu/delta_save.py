@@ -58,6 +58,7 @@ from .delta_encode import (
     DeltaBlob,
     choose,
     encode_delta,
+    sparse_outright,
     sparse_wanted,
 )
 from .restore import Place, memory_bound
@@ -343,13 +344,11 @@ class GpuDeltaSaver:
             delta_ops.xor_rows_(p2, l2)
             w = batch[0].w
             q = delta_ops.split_planes(p2, w, self._planes)
-            nz = delta_ops.nonzero_planes(q).flatten()
-            keep = nz.nonzero().flatten()
-            packed_q = delta_ops.pack_planes(q, keep, self._packed)
-            nz_host = nz.cpu().tolist()
+            nz = delta_ops.nonzero_planes(q)
             ws = batch[0].itemsize if batch[0].itemsize in (1, 2, 4, 8) else 1
             counts: list[int] | None = None
             take: list[bool] = []
+            dropped: set[int] = set()
             nsparse = 0
             if self._sparse and bs % ws == 0:
                 counts = delta_ops.changed_elements(p2, ws).cpu().tolist()
@@ -360,6 +359,15 @@ class GpuDeltaSaver:
                     take.append(ok)
                     room -= c if ok else 0
                 nsparse = delta_ops.sparse_rows(p2, ws, take, self._sidx, self._sval)
+                # Rows stored as codec 4 outright never need their planes on the host.
+                drop = [r for r in range(n) if take[r] and sparse_outright(bs, ws, counts[r])]
+                dropped = set(drop)
+                if drop:
+                    nz[:, torch.tensor(drop, device=nz.device)] = False
+            nz = nz.flatten()
+            keep = nz.nonzero().flatten()
+            packed_q = delta_ops.pack_planes(q, keep, self._packed)
+            nz_host = nz.cpu().tolist()
             m = bs // w
             kept = len(packed_q) * m
             # Slot k % 2 is free once piece k-2's planes are encoded.
@@ -399,7 +407,12 @@ class GpuDeltaSaver:
                     pos += c
         futs = [
             self._pool.submit(
-                self._encode, job, per_row[r], changes[r], counts[r] if counts else None
+                self._encode,
+                job,
+                per_row[r],
+                changes[r],
+                counts[r] if counts else None,
+                r in dropped,
             )
             for r, job in enumerate(batch)
         ]
@@ -410,7 +423,12 @@ class GpuDeltaSaver:
             self._compare(self._compare_list, self._compare_lock, self._tally)
 
     def _encode(
-        self, job: DeltaJob, views: list[Any], changes: Any = None, changed: int | None = None
+        self,
+        job: DeltaJob,
+        views: list[Any],
+        changes: Any = None,
+        changed: int | None = None,
+        dropped: bool = False,
     ) -> tuple[DeltaJob, bytes] | None:
         bs = self.block_size
         d = encode_delta(
@@ -424,6 +442,7 @@ class GpuDeltaSaver:
             self._sparse,
             changes,
             changed,
+            dropped,
         )
         if not d.accepted:
             with self._compare_lock:

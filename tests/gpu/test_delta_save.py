@@ -450,3 +450,37 @@ def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Pa
     assert threads == {threading.get_ident()}
     loaded = st.load("latest")
     assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in m.items())
+
+
+def test_large_blocks_same_chunks_as_cpu_path(tmp_path: Path) -> None:
+    """64 KiB blocks: where codec 4 exists, few changes take it outright and their planes
+    never leave the device; either way the chunks are the CPU path's."""
+    bs = 64 << 10
+    g = torch.Generator().manual_seed(7)
+    m = {
+        "a": (0.02 * torch.randn(4 * bs // 2, generator=g)).to(torch.bfloat16),
+        "b": 0.02 * torch.randn(2 * bs // 4, generator=g),
+    }
+    stores = {mode: open_store(tmp_path / mode, mode) for mode in ("always", "never")}
+
+    def save_bs(st: Store) -> None:
+        src = HostHashed(m)
+        try:
+            st.save(src, block_size=bs, force=True)
+        finally:
+            src.close()
+
+    for st in stores.values():
+        save_bs(st)
+    dense_step(m, 1)
+    with torch.no_grad():
+        m["a"][: bs // 4] = m["a"][: bs // 4] * 1.01  # one block: 50% changed, codec 3
+    for st in stores.values():
+        save_bs(st)
+    stats = stores["always"].last_device_delta
+    assert stats.blocks == 6 and stats.fallback_blocks == 0
+    assert chunk_files(tmp_path / "always") == chunk_files(tmp_path / "never")
+    loaded = stores["always"].load("latest")
+    assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in m.items())
+    if hasattr(codecs, "SPARSE"):
+        assert stats.planes_nonzero < stats.planes_total - 4  # bf16 rows kept their planes
