@@ -148,6 +148,20 @@ class ChunkStore:
         """A save failed: drop its unflushed writes."""
         self.inventory.discard()
 
+    def put_encoded(
+        self, chunk_id: bytes, blob: bytes, base: bytes | None, raw_size: int
+    ) -> PutResult:
+        """Store a chunk encoded elsewhere (the GPU delta save) unless it is already there.
+
+        The caller vouches that ``blob`` (``raw_size`` bytes once decoded, a delta against
+        ``base`` or a full chunk when None) decodes to bytes hashing to ``chunk_id`` (the
+        GPU delta save checks the live block's hash on the device). Format 2: called in
+        tensor order from one thread, like :meth:`commit`.
+        """
+        if not self._claim(chunk_id) or self.exists(chunk_id):
+            return PutResult(chunk_id, False, 0, None)
+        return self.commit(Prepared(chunk_id, blob, raw_size, base))
+
     def get_blob(self, chunk_id: bytes) -> bytes:
         return self.inventory.read_envelope(chunk_id)
 

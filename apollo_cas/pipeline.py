@@ -74,6 +74,18 @@ class _Tally:
 
 
 BaseFor = Callable[[int, int], "codecs.Base | None"]
+#: Stores some of a device source's wanted blocks another way (the GPU delta save,
+#: apollo_cas/gpu/delta_save.py): ``hook(wanted, where, ids, tally)`` returns the
+#: indices into ``wanted`` left to the ordinary path and the bytes it copied to the host.
+DeviceDeltaHook = Callable[
+    [
+        list[BlockRequest],
+        list[tuple[int, int]],
+        list[list[bytes]],
+        Callable[[PutResult, int], None],
+    ],
+    tuple[list[int], int],
+]
 
 
 def write_source(
@@ -83,8 +95,13 @@ def write_source(
     workers: int,
     base_for: BaseFor | None = None,
     progress: ProgressFn | None = None,
+    device_delta: DeviceDeltaHook | None = None,
 ) -> WriteResult:
-    """Store every block of ``source`` that the store lacks."""
+    """Store every block of ``source`` that the store lacks.
+
+    ``device_delta``, for a source that hashes on its device, stores what it can of
+    the changed blocks first (deltas computed on the GPU); the rest take this path.
+    """
     tensors = source.tensors()
     spans = [block_spans(t.nbytes, block_size) for t in tensors]
     ids: list[list[bytes]] = [[b""] * len(s) for s in spans]
@@ -136,6 +153,14 @@ def write_source(
                 where.append((ti, bi))
         if progress:
             progress(sum(t.nbytes for t in tensors) - sum(r.length for r in wanted))
+        if device_delta is not None and wanted:
+            before = sum(r.length for r in wanted)
+            rest, moved = device_delta(wanted, where, ids, tally.add)
+            fetched += moved
+            wanted = [wanted[i] for i in rest]
+            where = [where[i] for i in rest]
+            if progress:
+                progress(before - sum(r.length for r in wanted))
 
         def device_task(job: tuple[int, bytes]) -> Prepared:
             i, data = job

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -128,6 +129,13 @@ class Store:
         # The format and pack size a store created by this object gets.
         self._format: int | None = None
         self._pack_size: int | None = None
+        #: Dense-step saves of device tensors with a parent: "auto" decodes the parent's
+        #: blocks and computes the XOR deltas on the GPU when the tensors are on CUDA
+        #: (apollo_cas/gpu/delta_save.py), "always" also runs those steps on CPU
+        #: tensors (tests), "never" keeps the CPU delta path.
+        self.device_delta = "auto"
+        #: What the last save's GPU delta path did (a DeltaSaveStats), None if unused.
+        self.last_device_delta: Any = None
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -299,14 +307,16 @@ class Store:
                 block_size = parent.block_size if parent is not None else DEFAULT_BLOCK_SIZE
             if parent is not None and parent.block_size == block_size:
                 self.chunks.known.update(parent.chunk_ids())
+            base_for = self._base_finder(source, parent, block_size)
             try:
                 res = write_source(
                     self.chunks,
                     source,
                     block_size,
                     self.workers,
-                    self._base_finder(source, parent, block_size),
+                    base_for,
                     progress,
+                    self._device_delta(source, base_for, block_size),
                 )
                 saved_files = self._put_saved_files(source)
                 # Every new chunk durable and findable (format 2: packs, then
@@ -438,6 +448,29 @@ class Store:
             )
 
         return find
+
+    def _device_delta(
+        self,
+        source: Source,
+        base_for: Callable[[int, int], codecs.Base | None] | None,
+        block_size: int,
+    ) -> Any:
+        """The GPU delta hook for a device source with a parent, else None (CPU path)."""
+        self.last_device_delta = None
+        device = sys.modules.get("apollo_cas.sources.device")  # loaded by any device source
+        if (
+            base_for is None
+            or self.device_delta == "never"
+            or device is None
+            or not isinstance(source, device.DeviceSource)
+        ):
+            return None
+        from .gpu.delta_save import make_hook
+
+        def keep(stats: Any) -> None:
+            self.last_device_delta = stats
+
+        return make_hook(self, source, base_for, block_size, self.device_delta, on_stats=keep)
 
     def _bases_closure(self, res: WriteResult, parent: Manifest | None) -> dict[bytes, bytes]:
         """Every (chunk -> base) edge this checkpoint needs, for gc and verify."""

@@ -253,6 +253,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         dests: Sequence[torch.Tensor],
         live: dict[bytes, tuple[int, int, int]] | None = None,
         progress: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, Sequence[Place]], None] | None = None,
     ) -> RestoreStats:
         """Fill ``dests`` (1-D uint8 views on ``device``) at every place, verified.
 
@@ -261,7 +262,9 @@ class RestorePipeline(HostStaging, DeviceSteps):
         base is there copies it on the device instead of reading it, as long as that
         block has not been overwritten yet (a hot restore after a dense step finds
         every base in the live weights). Raises CorruptChunk (naming the chunk)
-        before any block of a batch that fails is placed.
+        before any block of a batch that fails is placed. ``on_batch(k, places)`` is
+        called in this thread once batch k's blocks are placed (queued on ``self.stream``)
+        and before batch k+1 is placed: a caller decoding into scratch uses them there.
         """
         t0 = time.perf_counter()
         self._live = live or {}
@@ -339,6 +342,8 @@ class RestorePipeline(HostStaging, DeviceSteps):
                     # The arena's copy is queued (an event on it: the reader waits for
                     # that before reusing it); on the CPU its bytes were used already.
                     arena_free.release()
+                if on_batch is not None:
+                    on_batch(item.k, item.places)
                 if progress:
                     progress(sum(p.size for p in item.places))
             if self.cuda:

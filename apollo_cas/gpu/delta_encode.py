@@ -1,0 +1,224 @@
+"""Codec-3 chunks (XOR delta, inner planes or zstd) from XOR byte planes already split.
+
+The GPU delta save (:mod:`apollo_cas.gpu.delta_save`) XORs a live block against its
+parent's block and splits the XOR into byte planes on the device; only the planes
+that are not all zero cross PCIe. This module turns one block's planes into exactly
+the stored chunk :func:`apollo_cas.codecs.encode` would write for the same XOR (same
+envelope, delta parameters, plane kinds, zstd parameters), so today's decoder reads it
+unchanged (docs/CODECS.md, codec 3 with inner codec 2 or 1).
+
+Where the release has the sparse delta (codec 4, positions and values of the changed
+elements) and the policy tries it, the same XOR is also encoded that way and the smaller
+kept, as ``codecs.encode`` does.
+
+An all-zero plane never reaches the host: its zstd frame depends only on its length
+and level, so it is compressed once and reused (:func:`zero_frame`).
+
+The choice between the delta and a full chunk follows ``codecs.encode``: a delta of
+at most :data:`~apollo_cas.codecs.DELTA_ACCEPT_FRACTION` of the raw size is kept as
+it is; a larger one is kept only if it is below ``policy.delta_max_ratio`` times the
+full encoding, which needs the live block on the host (:func:`choose`).
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import codecs
+from ..codecs import _zstd, delta, envelope, planes
+
+# The planes parameter layout of docs/CODECS.md (codec 2): w, flags, then per plane
+# (kind u8, stored length u32).
+_PLANES_HEAD = struct.Struct("<BB")
+_PLANE = struct.Struct("<BI")
+
+
+@functools.lru_cache(maxsize=64)
+def zero_frame(m: int, level: int, plane: bool = True) -> bytes:
+    """The zstd frame of ``m`` zero bytes (the same bytes the compressor gives)."""
+    zeros = bytes(m)
+    return _zstd.compress_plane(zeros, level) if plane else _zstd.compress(zeros, level)
+
+
+@dataclass(frozen=True)
+class DeltaBlob:
+    """An encoded delta chunk, or the verdict that its XOR does not compress."""
+
+    blob: bytes | None  # None: the XOR does not compress (a full chunk will win)
+    size: int  # params + payload, as codecs.encode compares them (0 when blob is None)
+    raw_size: int
+
+    @property
+    def accepted(self) -> bool:
+        """Small enough to keep without computing the full encoding."""
+        return self.blob is not None and self.size <= codecs.DELTA_ACCEPT_FRACTION * self.raw_size
+
+
+def sparse_codec() -> Any:
+    """The sparse delta codec module (codec 4) when this release has it, else None."""
+    return getattr(codecs, "sparse", None) if hasattr(codecs, "SPARSE") else None
+
+
+def sparse_wanted(policy: codecs.CodecPolicy) -> bool:
+    """Whether ``policy`` tries the sparse delta too (as ``codecs.encode`` does)."""
+    return sparse_codec() is not None and bool(getattr(policy, "sparse", False))
+
+
+# Codec 4's parameters (readpath's docs/CODECS.md): base id, depth, w, n, gaps frame length.
+_SPARSE_HEAD = struct.Struct("<16sBBII")
+#: Codec 4 is not tried above this fraction of changed elements (as codecs.sparse).
+SPARSE_MAX_FRACTION = 0.25
+
+
+def _byte_planes(a: np.ndarray, w: int) -> np.ndarray:
+    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T)
+
+
+def encode_sparse(
+    idx: np.ndarray, values: Any, ws: int, level: int, base_id: bytes, depth: int
+) -> tuple[bytes, list[bytes]]:
+    """Codec 4's (params, payload pieces) from the changed elements' indices (increasing)
+    and their ``ws``-byte XOR values: what ``codecs.sparse.encode`` writes for that XOR,
+    with the positions found on the device instead of by a host scan of the block."""
+    n = len(idx)
+    gaps = np.diff(idx.astype(np.int64), prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
+    gframe = _zstd.compress_plane(_byte_planes(gaps.astype("<u4"), 4).data, level)
+    vals = np.frombuffer(values, dtype=np.uint8)
+    vframe = _zstd.compress_plane(_byte_planes(vals, ws).data, level)
+    return _SPARSE_HEAD.pack(base_id, depth, ws, n, len(gframe)), [gframe, vframe]
+
+
+def interleave(planes_: Sequence[Any], w: int, m: int) -> np.ndarray:
+    """The XOR block (``m`` elements of ``w`` bytes) from its planes (None: all zero)."""
+    if w == 2 and all(p is not None for p in planes_):
+        out = np.empty(m * 2, dtype=np.uint8)
+        lanes = out.view("<u2")
+        lanes[:] = np.frombuffer(planes_[1], dtype=np.uint8)
+        lanes <<= 8
+        lanes |= np.frombuffer(planes_[0], dtype=np.uint8)
+        return out
+    out = np.zeros(m * w, dtype=np.uint8)
+    body = out.reshape(m, w)
+    for k in range(w):
+        if planes_[k] is not None:
+            body[:, k] = np.frombuffer(planes_[k], dtype=np.uint8)
+    return out
+
+
+def sparse_outright(raw_size: int, ws: int, changed: int) -> bool:
+    """Whether ``codecs.encode`` keeps codec 4 for this block without computing codec 3
+    (readpath's rule: at most ``ALWAYS_FRACTION`` of the elements changed, in blocks of
+    at least ``ALWAYS_MIN_BYTES``); False where the release has no such rule."""
+    sp = sparse_codec()
+    min_bytes = getattr(sp, "ALWAYS_MIN_BYTES", None)
+    fraction = getattr(sp, "ALWAYS_FRACTION", None)
+    if sp is None or min_bytes is None or fraction is None or not sp.usable(raw_size, ws):
+        return False
+    return raw_size >= min_bytes and changed <= fraction * (raw_size // ws)
+
+
+def _blob(codec: int, raw_size: int, params: bytes, pieces: Sequence[Any], size: int) -> DeltaBlob:
+    return DeltaBlob(envelope.pack(codec, raw_size, params, b"".join(pieces)), size, raw_size)
+
+
+def encode_delta(
+    planes_: Sequence[memoryview | None],
+    w: int,
+    raw_size: int,
+    base_id: bytes,
+    depth: int,
+    level: int,
+    itemsize: int = 1,
+    sparse: bool = False,
+    changes: tuple[np.ndarray, Any] | None = None,
+    changed: int | None = None,
+    planes_dropped: bool = False,
+) -> DeltaBlob:
+    """The delta chunk of a block whose XOR against ``base_id`` has these planes.
+
+    ``planes_[k]`` is plane k of the XOR (``raw_size // w`` bytes), or None when it is
+    all zero; ``w`` is 1 for an inner zstd codec (the one "plane" is the XOR itself),
+    else 2, 4 or 8 for inner planes (``raw_size`` a multiple of ``w``: no tail).
+    ``depth`` is the new chunk's depth (1 + the base's). With ``sparse`` (a release
+    with codec 4 and a policy that tries it) the sparse delta of the same XOR is also
+    encoded, and kept as ``codecs.encode`` chooses (outright when few elements changed,
+    see :func:`sparse_outright`: then ``planes_`` is not read; else if smaller): from
+    ``changes`` (indices, value bytes of the changed elements, found on the device)
+    when given, else by the codec's own scan of the XOR; ``changed`` (the count, when
+    known) skips the scan of a block with too many changes. ``planes_dropped``: the
+    caller left the planes on the device because codec 4 is taken outright; anything
+    else is an error (never a codec-3 chunk of planes that were not there).
+    """
+    if raw_size % w:
+        raise ValueError(f"raw size {raw_size} is not a multiple of {w}")
+    m = raw_size // w
+    spid = getattr(codecs, "SPARSE", 4)
+    sp = sparse_codec() if sparse else None
+    got: tuple[bytes, list[Any], int | None] | None = None
+    if sp is not None:
+        ws = sp.width_for(itemsize)
+        max_fraction = getattr(sp, "MAX_FRACTION", SPARSE_MAX_FRACTION)
+        if not sp.usable(raw_size, ws):
+            pass
+        elif changes is not None:
+            sparams, spieces = encode_sparse(changes[0], changes[1], ws, level, base_id, depth)
+            got = (sparams, spieces, len(changes[0]))
+        elif changed is None or changed <= max_fraction * (raw_size // ws):
+            r = sp.encode(interleave(planes_, w, m), ws, level, base_id, depth)
+            if r is not None:
+                got = (r[0], list(r[1]), r[2] if len(r) > 2 else None)
+        if got is not None and got[2] is not None and sparse_outright(raw_size, ws, got[2]):
+            ssize = len(got[0]) + sum(len(x) for x in got[1])
+            return _blob(spid, raw_size, got[0], got[1], ssize)
+    if planes_dropped:
+        raise RuntimeError("a block's planes stayed on the device but codec 4 was not taken")
+    if w == 1:
+        p = planes_[0]
+        frame = zero_frame(m, level, plane=False) if p is None else _zstd.compress(p, level)
+        inner, iparams, pieces = codecs.ZSTD, b"", [frame]
+    else:
+        heads = [_PLANES_HEAD.pack(w, 0)]
+        pieces = []
+        limit = m * (1 - planes.PLANE_MIN_SAVING)
+        for k in range(w):
+            p = planes_[k]
+            frame = zero_frame(m, level) if p is None else _zstd.compress_plane(p, level)
+            if len(frame) < limit:
+                heads.append(_PLANE.pack(planes.PLANE_ZSTD, len(frame)))
+                pieces.append(frame)
+            else:
+                assert p is not None  # a zero plane always compresses
+                heads.append(_PLANE.pack(planes.PLANE_RAW, m))
+                pieces.append(bytes(p))
+        inner, iparams = codecs.PLANES, b"".join(heads)
+    isize = len(iparams) + sum(len(x) for x in pieces)
+    # codecs.encode stores an XOR that does not compress raw; such a codec-3 delta never
+    # beats the block's full encoding (at most raw_size) by the 0.8 factor.
+    raw_inner = isize > raw_size * (1 - codecs.MIN_SAVING)
+    dsize = delta.HEAD_SIZE + (raw_size if raw_inner else isize)
+    best: tuple[int, bytes, list[Any]] | None = None
+    if not raw_inner:
+        best = (codecs.DELTA, delta.pack_params(base_id, depth, inner, iparams), pieces)
+    if got is not None:
+        ssize = len(got[0]) + sum(len(x) for x in got[1])
+        if ssize < dsize:
+            best, dsize = (spid, got[0], got[1]), ssize
+    if best is None:
+        return DeltaBlob(None, 0, raw_size)
+    return _blob(best[0], raw_size, best[1], best[2], dsize)
+
+
+def choose(d: DeltaBlob, raw: memoryview, policy: codecs.CodecPolicy, itemsize: int) -> bytes:
+    """The chunk to store for a delta that was not accepted outright: the delta if it is
+    below ``policy.delta_max_ratio`` of the full encoding of ``raw``, else the full one."""
+    full = codecs.encode(raw, policy, itemsize)
+    full_size = len(full) - envelope.HEADER_SIZE
+    if d.blob is not None and d.size < policy.delta_max_ratio * full_size:
+        return d.blob
+    return full

@@ -1,0 +1,164 @@
+"""The device-side steps of a GPU delta save, as plain torch ops (they run on CPU tensors too).
+
+Rows are blocks: a ``(n, block_size)`` uint8 tensor holds ``n`` whole blocks. The steps,
+in the order :mod:`apollo_cas.gpu.delta_save` runs them on each batch:
+
+1. :func:`gather_rows`: the live blocks into rows (one copy per run of consecutive
+   blocks of one tensor);
+2. :func:`check_rows`: every live row hashes to the id the save recorded for it
+   (the Triton kernel on a GPU, xxhash on the CPU), so weights that changed since the
+   digests were taken are an error, never a chunk named wrongly;
+3. :func:`xor_rows_`: parent rows ^= live rows, on 8-byte lanes;
+4. :func:`split_planes`: the XOR rows into byte planes, ``(w, n, m)``, plane k = byte k
+   of every element (the layout of codec 2);
+5. :func:`nonzero_planes` and :func:`pack_planes`: which (plane, row) pairs hold a
+   non-zero byte, and only those packed contiguously for the one device-to-host copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from ..errors import CorruptChunk
+
+#: (source tensor index, byte offset in it, first row, rows): one copy of whole blocks.
+Run = tuple[int, int, int, int]
+
+
+def row_runs(blocks: Sequence[tuple[int, int]], block_size: int) -> list[Run]:
+    """Coalesce ``(tensor, offset)`` of consecutive rows into runs of adjacent blocks."""
+    runs: list[Run] = []
+    for row, (ti, off) in enumerate(blocks):
+        if runs:
+            t, o, r, n = runs[-1]
+            if t == ti and o + n * block_size == off and r + n == row:
+                runs[-1] = (t, o, r, n + 1)
+                continue
+        runs.append((ti, off, row, 1))
+    return runs
+
+
+def gather_rows(
+    srcs: Sequence[torch.Tensor], runs: Sequence[Run], rows: torch.Tensor, block_size: int
+) -> None:
+    """Copy every run of whole blocks of the 1-D uint8 ``srcs`` into ``rows``."""
+    flat = rows.view(-1)
+    for ti, off, row, n in runs:
+        nb = n * block_size
+        flat[row * block_size : row * block_size + nb].copy_(
+            srcs[ti][off : off + nb], non_blocking=True
+        )
+
+
+def check_rows(
+    rows: torch.Tensor, ids: Sequence[bytes], block_size: int, kernel: ModuleType | None
+) -> None:
+    """Raise CorruptChunk unless row i hashes to ``ids[i]`` (XXH3-128)."""
+    n = len(ids)
+    if not n:
+        return
+    if kernel is not None:
+        got = kernel.block_digests(rows.reshape(-1)[: n * block_size], block_size)
+        want = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16)
+        bad = (got != want.to(got.device)).any(dim=1).nonzero().flatten().tolist()
+    else:
+        import xxhash
+
+        host = rows[:n].contiguous().cpu().numpy()
+        bad = [i for i in range(n) if xxhash.xxh3_128_digest(host[i].data) != ids[i]]
+    if bad:
+        raise CorruptChunk(
+            f"block with id {ids[bad[0]].hex()} no longer hashes to it on the device "
+            f"({len(bad)} blocks of this batch differ)",
+            "the weights changed during the save (pause training while saving); retry",
+        )
+
+
+def xor_rows_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a ^= b`` for two equal ``(n, block_size)`` uint8 tensors; returns ``a``."""
+    if a.shape[-1] % 8 == 0:
+        a.view(torch.int64).bitwise_xor_(b.view(torch.int64))
+    else:
+        a.bitwise_xor_(b)
+    return a
+
+
+def split_planes(rows: torch.Tensor, w: int, out: torch.Tensor) -> torch.Tensor:
+    """Byte planes of ``w``-byte elements: ``out[k, i, j] = rows[i, j*w + k]``.
+
+    ``out`` is a contiguous uint8 buffer of at least ``rows.numel()`` bytes; returns
+    its ``(w, n, m)`` view. ``w = 1`` is a copy (an inner zstd codec has one "plane").
+    """
+    n, bs = rows.shape
+    m = bs // w
+    q = out.view(-1)[: n * bs].view(w, n, m)
+    src = rows.view(n, m, w)
+    for k in range(w):
+        q[k].copy_(src[:, :, k])
+    return q
+
+
+def nonzero_planes(q: torch.Tensor) -> torch.Tensor:
+    """``(w, n)`` bool: whether plane k of row i holds any non-zero byte."""
+    m = q.shape[2]
+    if m % 8 == 0:
+        return q.view(torch.int64).ne(0).any(dim=2)
+    return q.ne(0).any(dim=2)
+
+
+def pack_planes(q: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The planes ``keep`` selects (indices into the flattened ``(w*n)`` planes), packed
+    into ``out`` in that order; returns the ``(len(keep), m)`` view."""
+    w, n, m = q.shape
+    k = int(keep.numel())
+    dst = out.view(-1)[: k * m].view(k, m)
+    if k:
+        torch.index_select(q.view(w * n, m), 0, keep, out=dst)
+    return dst
+
+
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def changed_elements(rows: torch.Tensor, ws: int) -> torch.Tensor:
+    """``(n,)`` int64: elements of ``ws`` bytes whose XOR is not zero, per row."""
+    return rows.view(_INT[ws]).ne(0).sum(dim=1)
+
+
+def sparse_rows(
+    rows: torch.Tensor,
+    ws: int,
+    take: Sequence[bool],
+    idx_out: torch.Tensor,
+    val_out: torch.Tensor,
+) -> int:
+    """Positions and XOR values of the changed elements of the rows ``take`` selects.
+
+    For each run of consecutive selected rows, in row order and within a row in element
+    order: the element index (int32) into ``idx_out`` and its ``ws`` value bytes into
+    ``val_out``. The caller picks rows whose counts (:func:`changed_elements`) fit
+    ``idx_out``; returns how many elements were written.
+    """
+    xv = rows.view(_INT[ws])
+    pos = 0
+    r = 0
+    n = len(take)
+    while r < n:
+        if not take[r]:
+            r += 1
+            continue
+        r1 = r
+        while r1 < n and take[r1]:
+            r1 += 1
+        sub = xv[r:r1]
+        nz = torch.nonzero(sub)
+        k = int(nz.shape[0])
+        idx_out[pos : pos + k].copy_(nz[:, 1])
+        vals = sub[nz[:, 0], nz[:, 1]]
+        val_out[pos * ws : (pos + k) * ws].copy_(vals.view(torch.uint8))
+        pos += k
+        r = r1
+    return pos

@@ -1,0 +1,598 @@
+"""A dense-step save of device tensors: parent blocks decoded on the GPU, only XOR planes cross PCIe.
+
+After a dense optimizer step every block changed, and the CPU delta path
+(``codecs.encode`` with a base loader) reads and decodes every parent chunk on the
+host to XOR against (24.9 s for 17.1 GB on the H200, benchmarks/results/gpu.md).
+Here, per batch of at most ``batch_bytes`` of changed blocks:
+
+1. the parent's blocks at the same places (the bases ``Store._base_finder`` offers,
+   with the same depth and root rules as ``codecs.encode``) are decoded **on the
+   device** by the restore pipeline (:class:`~apollo_cas.gpu.restore.RestorePipeline`)
+   into a scratch buffer; the pipeline checks each decoded block's XXH3-128 against
+   its id before anything uses it;
+2. the live blocks are gathered into rows and re-hashed on the device against the ids
+   the save recorded (weights changing mid-save are an error, not a wrong chunk);
+3. XOR, byte-plane split and zero-plane detection run on the device
+   (:mod:`apollo_cas.gpu.delta_ops`); only planes that hold a non-zero byte are packed
+   and copied to a pinned host slot;
+4. host threads zstd-compress those planes (an all-zero plane's frame is a constant)
+   and write codec-3 chunks (:mod:`apollo_cas.gpu.delta_encode`) that today's decoder
+   reads unchanged, while the device works on the next batch.
+
+Fallbacks to the CPU path (``write_source``'s ordinary device branch), per block: a
+block shorter than ``block_size`` (tensor tails), a block without a usable base (new
+tensor, chain too deep with no root), and every block of a batch whose parent chunks
+the pipeline could not decode or verify (a damaged parent: the CPU path then stores
+full chunks, as ``codecs.encode`` does for a base it cannot load). A delta larger than
+``DELTA_ACCEPT_FRACTION`` of the block is compared against the block's full encoding
+on the host (the live block is fetched for it), as ``codecs.encode`` does.
+
+Memory, independent of model size, with ``batch_bytes = B`` (default 256 MiB, also the
+restore pipeline's batch): device scratch 4 B (parent rows, live rows, planes, packed
+planes) plus the pipeline's (measured 0.58-1.13 GB at 256 MiB, docs/GPU_RESTORE.md);
+pinned host 2 B (two slots) plus the pipeline's (0.63-1.17 GB); deltas waiting for a
+comparison with their full encoding hold at most about B more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import codecs
+from ..chunkstore import ChunkStore, PutResult
+from ..codecs import planes
+from ..errors import ApolloError, CorruptChunk
+from ..sources.base import BlockRequest
+from . import delta_ops
+from .blocks import kernel_module
+from .delta_encode import (
+    SPARSE_MAX_FRACTION,
+    DeltaBlob,
+    choose,
+    encode_delta,
+    sparse_outright,
+    sparse_wanted,
+)
+from .restore import Place, memory_bound
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_BATCH_BYTES", "DeltaJob", "DeltaSaveStats", "GpuDeltaSaver", "plan_jobs"]
+
+#: Changed blocks per batch. 256 MiB keeps device scratch near 1 GiB and pinned host
+#: memory near 0.5 GiB beside the pipeline's own, at any model size.
+DEFAULT_BATCH_BYTES = 256 << 20
+
+#: Tally callback of the save pipeline: (put result, raw length).
+TallyFn = Callable[[PutResult, int], None]
+#: base_for(tensor index, block index) -> codecs.Base | None (Store._base_finder).
+BaseFor = Callable[[int, int], "codecs.Base | None"]
+
+
+@dataclass(frozen=True)
+class DeltaJob:
+    """One changed block the GPU path stores as a delta."""
+
+    i: int  # index in the save's list of wanted blocks
+    tensor: int
+    offset: int
+    cid: bytes  # the live block's id (GPU hash)
+    base: bytes  # the base chunk's id
+    depth: int  # the new chunk's depth (1 + the base's)
+    w: int  # plane width: the itemsize for inner planes, 1 for inner zstd
+    itemsize: int
+
+
+@dataclass
+class DeltaSaveStats:
+    """What one GPU delta save did (seconds are wall time of the caller's thread)."""
+
+    blocks: int = 0
+    batches: int = 0
+    fallback_blocks: int = 0
+    damaged_batches: int = 0
+    compared_blocks: int = 0
+    full_chunks: int = 0
+    planes_total: int = 0
+    planes_nonzero: int = 0
+    d2h_bytes: int = 0
+    decode_s: float = 0.0
+    device_s: float = 0.0
+    wait_s: float = 0.0
+    compare_s: float = 0.0
+    pinned_bytes: int = 0
+    device_scratch_bytes: int = 0
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    #: Set when the path failed and the CPU path stored its blocks instead.
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in vars(self).items()}
+
+
+def inner_width(policy: codecs.CodecPolicy, itemsize: int, n: int) -> int | None:
+    """The plane width the full codec would use (1: zstd), None when no delta is tried."""
+    if policy.codec == "raw" or not policy.delta or policy.max_delta_depth == 0:
+        return None
+    if policy.codec in ("planes", "auto") and planes.usable(n, itemsize):
+        return itemsize
+    return 1
+
+
+def plan_jobs(
+    wanted: Sequence[BlockRequest],
+    ids: Sequence[Sequence[bytes]],
+    where: Sequence[tuple[int, int]],
+    itemsizes: Sequence[int],
+    base_for: BaseFor,
+    policy: codecs.CodecPolicy,
+    block_size: int,
+) -> tuple[list[DeltaJob], list[int]]:
+    """Split the wanted blocks into GPU delta jobs and the indices left to the CPU path.
+
+    The base is the one ``base_for`` offers, with ``codecs.encode``'s chain rules: a
+    base at the depth limit is replaced by its root; no usable base, a short block or
+    a policy without deltas leaves the block to the CPU path.
+    """
+    jobs: list[DeltaJob] = []
+    rest: list[int] = []
+    for i, r in enumerate(wanted):
+        ti, bi = where[i]
+        w = inner_width(policy, itemsizes[ti], r.length)
+        base = base_for(ti, bi) if w is not None and r.length == block_size else None
+        if base is not None and base.depth + 1 > policy.max_delta_depth:
+            base = base.root
+        if base is None or base.depth + 1 > policy.max_delta_depth or w is None:
+            rest.append(i)
+            continue
+        jobs.append(
+            DeltaJob(i, ti, r.offset, ids[ti][bi], base.chunk_id, base.depth + 1, w, itemsizes[ti])
+        )
+    return jobs, rest
+
+
+def _batches(jobs: Sequence[DeltaJob], rows: int) -> list[list[DeltaJob]]:
+    """Consecutive jobs, at most ``rows`` per batch and one plane width per batch."""
+    out: list[list[DeltaJob]] = []
+    for j in jobs:
+        if not out or len(out[-1]) >= rows or out[-1][0].w != j.w:
+            out.append([])
+        out[-1].append(j)
+    return out
+
+
+class GpuDeltaSaver:
+    """Stores delta jobs through the device; see the module doc for the steps.
+
+    ``pipeline`` is a :class:`~apollo_cas.gpu.restore.RestorePipeline` on ``device``
+    (``Store.restore_pipeline``); the saver runs it one batch at a time into its own
+    scratch. ``live`` are the source tensors' 1-D uint8 views on ``device``.
+    """
+
+    def __init__(
+        self,
+        chunks: ChunkStore,
+        pipeline: Any,
+        live: Sequence[torch.Tensor],
+        block_size: int,
+        device: torch.device,
+        *,
+        workers: int,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        fetch: Callable[[Sequence[BlockRequest]], Any] | None = None,
+        sparse: bool | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.policy = chunks.policy
+        self.pipe = pipeline
+        self.live = live
+        self.block_size = int(block_size)
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.workers = max(1, workers)
+        self.rows = max(1, int(batch_bytes) // self.block_size)
+        self.fetch = fetch
+        self.kernel = kernel_module() if self.cuda else None
+        self.stats = DeltaSaveStats()
+        #: Also try codec 4 (a release with it and a policy that tries it).
+        self._sparse = sparse_wanted(self.policy) if sparse is None else sparse
+        # A store that writes chunks in order from one thread (pack files, store format
+        # 2) gets them from the caller's thread; one object per chunk: from the pool.
+        self._ordered = bool(getattr(chunks, "ordered_writes", False))
+
+    def run(self, jobs: Sequence[DeltaJob], tally: TallyFn) -> list[int]:
+        """Store every job; returns the wanted-indices the CPU path must still store.
+
+        One pipeline run decodes every parent block (its reads and staging of batch k+1
+        overlap the device work and encoding of batch k); each decoded batch is used in
+        the pipeline's ``on_batch`` callback before the next one overwrites the scratch.
+        A batch whose parent chunks fail to decode or verify goes to the CPU path: the
+        remaining jobs are retried one pipeline batch first, then all together again.
+        """
+        fallback: list[int] = []
+        if not jobs:
+            return fallback
+        jobs = sorted(jobs, key=lambda j: (j.w, j.itemsize))  # one width per piece of a batch
+        bs = self.block_size
+        rows = max(1, self.pipe.batch_bytes // bs)
+        self.rows = rows
+        nbytes = min(rows, len(jobs)) * bs
+        dev = self.device
+        self._parent = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._live = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._planes = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._packed = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self._slots = [
+            torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
+        ]
+        # Codec 4 (when the release and policy try it): positions and values of the
+        # changed elements, found on the device, for at most `cap` elements per batch
+        # (1/32 of its bytes; the benchmark's step changes ~1.2% of bf16 elements).
+        self._cap = max(1, nbytes // 32) if self._sparse else 0
+        cap = self._cap
+        self._sidx = torch.empty(cap, dtype=torch.int32, device=dev)
+        self._sval = torch.empty(cap * 8, dtype=torch.uint8, device=dev)
+        self._sslots = [
+            (
+                torch.empty(cap, dtype=torch.int32, pin_memory=self.cuda),
+                torch.empty(cap * 8, dtype=torch.uint8, pin_memory=self.cuda),
+            )
+            for _ in range(2)
+        ]
+        self._in_slot: list[list[Future[Any]]] = [[], []]
+        self._k = 0
+        self._stream = torch.cuda.Stream(device=dev) if self.cuda else None
+        self._compare_list: list[tuple[DeltaJob, DeltaBlob]] = []
+        self._compare_lock = threading.Lock()
+        self._tally = tally
+        self.stats.pinned_bytes = 2 * nbytes + 2 * 12 * cap
+        self.stats.device_scratch_bytes = 4 * nbytes + 12 * cap + 16 * cap
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="apollo-delta") as pool:
+            self._pool = pool
+            i, probe = 0, False
+            while i < len(jobs):
+                seg = jobs[i : i + rows] if probe else jobs[i:]
+                done = [0]
+
+                def on_batch(
+                    _k: int,
+                    places: Sequence[Place],
+                    seg: Sequence[DeltaJob] = seg,
+                    done: list[int] = done,
+                ) -> None:
+                    n = len(places)
+                    try:
+                        self._use_batch(
+                            seg[done[0] : done[0] + n], [p.offset // bs for p in places]
+                        )
+                    except Exception as exc:
+                        raise _CallbackError(exc) from exc
+                    done[0] += n
+
+                t0 = time.perf_counter()
+                places = [Place(j.base, bs, 0, (r % rows) * bs) for r, j in enumerate(seg)]
+                try:
+                    self.pipe.run(places, [self._parent], on_batch=on_batch)
+                except _CallbackError as exc:
+                    raise exc.error from None
+                except CorruptChunk:
+                    # A damaged or missing parent chunk in the next batch: nothing of that
+                    # batch was stored; the CPU path stores it (in full where the base
+                    # cannot be read, as codecs.encode does).
+                    i += done[0]
+                    if probe:
+                        self.stats.damaged_batches += 1
+                        fallback.extend(j.i for j in seg[done[0] :])
+                        i += len(seg) - done[0]
+                    probe = not probe
+                    continue
+                finally:
+                    self.stats.decode_s += time.perf_counter() - t0
+                i += len(seg)
+                probe = False
+            for slot in self._in_slot:
+                self._collect(slot)
+        self._compare(self._compare_list, self._compare_lock, tally)
+        self.stats.fallback_blocks = len(fallback)
+        self.stats.pipeline = self.pipe.stats.to_dict()
+        bound = memory_bound(self.pipe.batch_bytes, bs)
+        self.stats.pinned_bytes += min(bound["pinned_host"], self.pipe.stats.pinned_bytes)
+        self.stats.device_scratch_bytes += self.pipe.stats.device_scratch_bytes
+        self._parent = self._live = self._planes = self._packed = None  # type: ignore[assignment]
+        self._slots = []
+        self._sslots = []
+        return fallback
+
+    def _use_batch(self, batch: Sequence[DeltaJob], rows: Sequence[int]) -> None:
+        """Split one decoded pipeline batch into contiguous pieces of one element width."""
+        start = 0
+        for r in range(1, len(batch) + 1):
+            b = batch[start]
+            if (
+                r == len(batch)
+                or rows[r] != rows[r - 1] + 1
+                or (batch[r].w, batch[r].itemsize) != (b.w, b.itemsize)
+            ):
+                self._piece(batch[start:r], rows[start])
+                start = r
+
+    def _piece(self, batch: Sequence[DeltaJob], r0: int) -> None:
+        """XOR, planes and zero planes of parent rows ``r0..`` on the device; encode on the host."""
+        t1 = time.perf_counter()
+        bs = self.block_size
+        n = len(batch)
+        k = self._k
+        self._k += 1
+        p2 = self._parent[r0 * bs : (r0 + n) * bs].view(n, bs)
+        stream = self._stream
+        ctx = torch.cuda.stream(stream) if stream is not None else _Null()
+        with ctx:
+            if stream is not None:
+                stream.wait_stream(self.pipe.stream)  # the pipeline placed the parent rows there
+            l2 = self._live[: n * bs].view(n, bs)
+            runs = delta_ops.row_runs([(j.tensor, j.offset) for j in batch], bs)
+            delta_ops.gather_rows(self.live, runs, l2, bs)
+            delta_ops.check_rows(l2, [j.cid for j in batch], bs, self.kernel)
+            delta_ops.xor_rows_(p2, l2)
+            w = batch[0].w
+            q = delta_ops.split_planes(p2, w, self._planes)
+            nz = delta_ops.nonzero_planes(q)
+            ws = batch[0].itemsize if batch[0].itemsize in (1, 2, 4, 8) else 1
+            counts: list[int] | None = None
+            take: list[bool] = []
+            dropped: set[int] = set()
+            nsparse = 0
+            if self._sparse and bs % ws == 0:
+                counts = delta_ops.changed_elements(p2, ws).cpu().tolist()
+                limit = SPARSE_MAX_FRACTION * (bs // ws)
+                room = self._cap
+                for c in counts:
+                    ok = c <= limit and c <= room
+                    take.append(ok)
+                    room -= c if ok else 0
+                nsparse = delta_ops.sparse_rows(p2, ws, take, self._sidx, self._sval)
+                # Rows stored as codec 4 outright never need their planes on the host.
+                drop = [r for r in range(n) if take[r] and sparse_outright(bs, ws, counts[r])]
+                dropped = set(drop)
+                if drop:
+                    nz[:, torch.tensor(drop, device=nz.device)] = False
+            nz = nz.flatten()
+            keep = nz.nonzero().flatten()
+            packed_q = delta_ops.pack_planes(q, keep, self._packed)
+            nz_host = nz.cpu().tolist()
+            m = bs // w
+            kept = len(packed_q) * m
+            # Slot k % 2 is free once piece k-2's planes are encoded.
+            tw = time.perf_counter()
+            self._collect(self._in_slot[k % 2])
+            self.stats.wait_s += time.perf_counter() - tw
+            host = self._slots[k % 2]
+            host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
+            sidx_h, sval_h = self._sslots[k % 2] if self._sslots else (None, None)
+            if nsparse:
+                assert sidx_h is not None and sval_h is not None
+                sidx_h[:nsparse].copy_(self._sidx[:nsparse], non_blocking=self.cuda)
+                sval_h[: nsparse * ws].copy_(self._sval[: nsparse * ws], non_blocking=self.cuda)
+            if stream is not None:
+                stream.synchronize()  # the pipeline may overwrite the parent rows now
+        self.stats.device_s += time.perf_counter() - t1
+        self.stats.d2h_bytes += kept + nsparse * (4 + ws)
+        self.stats.planes_total += w * n
+        self.stats.planes_nonzero += len(packed_q)
+        hv = host.numpy().data
+        pos = 0
+        per_row: list[list[Any]] = [[None] * w for _ in range(n)]
+        for kk in range(w):
+            for r in range(n):
+                if nz_host[kk * n + r]:
+                    per_row[r][kk] = hv[pos : pos + m]
+                    pos += m
+        changes: list[Any] = [None] * n
+        if nsparse:
+            assert sidx_h is not None and sval_h is not None and counts is not None
+            iv, vv = sidx_h.numpy(), sval_h.numpy()
+            pos = 0
+            for r in range(n):
+                if take[r]:
+                    c = counts[r]
+                    changes[r] = (iv[pos : pos + c], vv.data[pos * ws : (pos + c) * ws])
+                    pos += c
+        futs = [
+            self._pool.submit(
+                self._encode,
+                job,
+                per_row[r],
+                changes[r],
+                counts[r] if counts else None,
+                r in dropped,
+            )
+            for r, job in enumerate(batch)
+        ]
+        self._in_slot[k % 2] = futs
+        self.stats.batches += 1
+        self.stats.blocks += n
+        if len(self._compare_list) >= self.rows:
+            self._compare(self._compare_list, self._compare_lock, self._tally)
+
+    def _encode(
+        self,
+        job: DeltaJob,
+        views: list[Any],
+        changes: Any = None,
+        changed: int | None = None,
+        dropped: bool = False,
+    ) -> tuple[DeltaJob, bytes] | None:
+        bs = self.block_size
+        d = encode_delta(
+            views,
+            job.w,
+            bs,
+            job.base,
+            job.depth,
+            self.policy.level,
+            job.itemsize,
+            self._sparse,
+            changes,
+            changed,
+            dropped,
+        )
+        if not d.accepted:
+            with self._compare_lock:
+                self._compare_list.append((job, d))
+            return None
+        assert d.blob is not None
+        if self._ordered:
+            return job, d.blob  # stored by the caller's thread, in order
+        self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base, bs), bs)
+        return None
+
+    def _collect(self, futs: list[Future[Any]]) -> None:
+        """Wait for one piece's encodings; store them here when writes must be in order."""
+        for f in futs:
+            got = f.result()
+            if got is not None:
+                job, blob = got
+                bs = self.block_size
+                self._tally(self.chunks.put_encoded(job.cid, blob, job.base, bs), bs)
+        futs.clear()
+
+    def _compare(
+        self,
+        compare: list[tuple[DeltaJob, DeltaBlob]],
+        lock: threading.Lock,
+        tally: TallyFn,
+    ) -> None:
+        """Deltas above the accept fraction against the full encoding of the live block."""
+        with lock:
+            todo = list(compare)
+            compare.clear()
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        bs = self.block_size
+        reqs = [BlockRequest(j.tensor, j.offset, bs) for j, _ in todo]
+        if self.fetch is None:
+            raise RuntimeError("a delta needs its full encoding to compare, and no fetch was given")
+        for i, view in self.fetch(reqs):
+            job, d = todo[i]
+            blob = choose(d, view, self.policy, job.itemsize)
+            self.stats.d2h_bytes += bs
+            self.stats.compared_blocks += 1
+            is_delta = blob is d.blob
+            if not is_delta:
+                self.stats.full_chunks += 1
+            base = job.base if is_delta else None
+            tally(self.chunks.put_encoded(job.cid, blob, base, bs), bs)
+        self.stats.compare_s += time.perf_counter() - t0
+
+
+class _CallbackError(Exception):
+    """An error of the saver's own step inside the pipeline's callback (not a parent's)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+#: The hook ``pipeline.write_source`` calls for a device source:
+#: ``hook(wanted, where, ids, tally) -> (wanted-indices left to the CPU path, D2H bytes)``.
+DeviceDeltaHook = Callable[
+    [Sequence[BlockRequest], Sequence[tuple[int, int]], Sequence[Sequence[bytes]], TallyFn],
+    tuple[list[int], int],
+]
+
+
+def delta_device(source: Any, mode: str) -> torch.device | None:
+    """The one device of ``source``'s tensors the GPU delta path runs on, or None.
+
+    ``mode`` "auto": only when every tensor is on one CUDA device; "always": also on
+    the CPU (every tensor on the CPU: the same steps on CPU tensors, for tests and
+    smoke runs); "never": None.
+    """
+    if mode == "never":
+        return None
+    if mode not in ("auto", "always"):
+        raise ValueError(f"device delta mode {mode!r}: use auto, always or never")
+    ts = source.tensors()
+    devs = {t.bytes.device for t in ts if t.nbytes}
+    if len(devs) != 1:
+        return None
+    (d,) = devs
+    if d.type == "cuda":
+        return d if torch.cuda.is_available() else None
+    return d if mode == "always" and d.type == "cpu" else None
+
+
+def make_hook(
+    store: Any,
+    source: Any,
+    base_for: BaseFor,
+    block_size: int,
+    mode: str = "auto",
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    on_stats: Callable[[DeltaSaveStats], None] | None = None,
+) -> DeviceDeltaHook | None:
+    """The GPU delta hook for a save of ``source`` into ``store`` (None: not usable here)."""
+    dev = delta_device(source, mode)
+    if dev is None:
+        return None
+    tensors = source.tensors()
+
+    def hook(
+        wanted: Sequence[BlockRequest],
+        where: Sequence[tuple[int, int]],
+        ids: Sequence[Sequence[bytes]],
+        tally: TallyFn,
+    ) -> tuple[list[int], int]:
+        itemsizes = [t.dtype.itemsize for t in tensors]
+        jobs, rest = plan_jobs(
+            wanted, ids, where, itemsizes, base_for, store.chunks.policy, block_size
+        )
+        if not jobs:
+            return rest, 0
+        pipe = store.restore_pipeline(block_size, dev, batch_bytes=max(block_size, batch_bytes))
+        try:
+            saver = GpuDeltaSaver(
+                store.chunks,
+                pipe,
+                [t.bytes for t in tensors],
+                block_size,
+                dev,
+                workers=store.workers,
+                batch_bytes=batch_bytes,
+                fetch=source.fetch,
+            )
+            try:
+                rest += saver.run(jobs, tally)
+            except ApolloError:
+                raise  # a clear error (weights changed mid-save, disk full): the save fails
+            except Exception as exc:
+                # A defect or device failure of this path. What it wrote is content-addressed
+                # and verified on the device; the CPU path redoes every job (skipping chunks
+                # that exist), so the save still completes, and the stats say why.
+                log.warning("GPU delta save failed, using the CPU path: %r", exc)
+                saver.stats.error = f"{type(exc).__name__}: {exc}"
+                rest = sorted(set(rest) | {j.i for j in jobs})
+        finally:
+            pipe.close()
+        if on_stats is not None:
+            on_stats(saver.stats)
+        return sorted(rest), saver.stats.d2h_bytes
+
+    return hook
