@@ -87,6 +87,7 @@ class Repository:
         self.backend = backend
         self.workers = workers
         self.config: StoreConfig | None = None
+        self._planned: StoreConfig | None = None  # an unborn store's config-to-be
         self.chunks = ChunkStore(backend, policy)
         self._manifests: dict[str, Manifest] = {}
         # Format 1 until open_config has read the store's config.
@@ -124,14 +125,30 @@ class Repository:
                     f"no apollo_cas store at {where}",
                     f"check {frontend.store_origin()}; a store is created by its first save",
                 ) from None
-            new = StoreConfig(
-                format=fmt or new_store_format(), pack_size=pack_size or new_pack_size()
-            )
+            new = self._planned or self.plan_config(fmt, pack_size)
             self.backend.put_if_absent(layout.CONFIG_KEY, new.encode())
             # Another process may have created it first: what is there wins.
             cfg = StoreConfig.decode(self.backend.get(layout.CONFIG_KEY), where)
+            if cfg.format != new.format:
+                # Our chunks were written in the layout we planned, not this one.
+                raise ConcurrentUpdate(
+                    f"another process created {where} in store format {cfg.format} while this "
+                    f"save wrote format {new.format}; nothing was committed",
+                    "run the save again",
+                ) from None
         self._use(cfg)
         return cfg
+
+    def plan_config(self, fmt: int | None = None, pack_size: int | None = None) -> StoreConfig:
+        """The config an unborn store gets at its first commit (``unborn.py``), used
+        from now on: the first save's chunks go into that format's layout before
+        the config that names the format exists."""
+        if self._planned is None:
+            self._planned = StoreConfig(
+                format=fmt or new_store_format(), pack_size=pack_size or new_pack_size()
+            )
+        self._use(self._planned)
+        return self._planned
 
     # -- refs ----------------------------------------------------------------
     def read_ref(self, key: str) -> str | None:

@@ -294,6 +294,8 @@ class Store:
         ):
             if not first:
                 self._check_config(create=False)  # a store of another format is refused
+            else:  # chunks go into the layout the config will name at the first commit
+                self.repo.plan_config(self._format, self._pack_size)
             # Only what is known *now*, under the lock, may be trusted: gc may have
             # swept chunks this process saw in an earlier save.
             self.chunks.forget_known()

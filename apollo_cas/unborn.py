@@ -53,7 +53,12 @@ def discard(backend: Backend, locks: Locks) -> bool:
         with locks.hold("exclusive", "remove a failed first save", timeout=0):
             if exists(backend):
                 return False  # another save committed: the store is born
-            for prefix in (layout.CHUNKS_PREFIX, layout.MANIFESTS_PREFIX):
+            for prefix in (
+                layout.CHUNKS_PREFIX,
+                layout.PACKS_PREFIX,
+                layout.INDEX_PREFIX,
+                layout.MANIFESTS_PREFIX,
+            ):
                 for key in list(backend.list(prefix)):
                     backend.delete(key)
     except ApolloError:
