@@ -59,7 +59,14 @@ def test_manifest_linked_out_of_the_store(saved, run_cli, tmp_path):
 
 def test_chunk_linked_out_of_the_store(saved, run_cli, tmp_path):
     store, _ = saved
-    chunk = next(p for p in (store / "chunks").rglob("*") if p.is_file())
+    # A chunk object (format 1) or the pack holding the chunks (format 2).
+    chunk = next(
+        p
+        for d in ("chunks", "packs")
+        if (store / d).is_dir()
+        for p in (store / d).rglob("*")
+        if p.is_file()
+    )
     outside = tmp_path / "chunk"
     shutil.copy(chunk, outside)
     _replace_with_link(chunk, outside)
