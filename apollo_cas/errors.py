@@ -106,6 +106,10 @@ class CorruptChunk(CorruptObject):
     """A chunk's bytes do not hash to its name, or cannot be decoded."""
 
 
+class MissingChunk(CorruptChunk):
+    """A chunk a manifest or delta names is not in the store (either format)."""
+
+
 class CorruptManifest(CorruptObject):
     """A manifest cannot be decoded or fails its checks."""
 

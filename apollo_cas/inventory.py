@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from . import codecs, layout, packs
 from .backends.base import Backend
-from .errors import CorruptChunk, ObjectNotFound
+from .errors import CorruptChunk, MissingChunk, ObjectNotFound
 from .hashing import digest_hex
 from .parallel import bounded_map
 
@@ -98,7 +98,7 @@ class ChunkInventory(abc.ABC):
                 return self.backend.get(loc.key)
             data = self.backend.get_range(loc.key, loc.offset, loc.length)
         except ObjectNotFound:
-            raise CorruptChunk(
+            raise MissingChunk(
                 f"chunk {chunk_id.hex()} is missing from {self.backend.location} ({loc.key})",
                 _MISSING_HINT,
             ) from None
@@ -253,7 +253,7 @@ class PackInventory(ChunkInventory):
             self.refresh()
             hit = self.index().chunks.get(chunk_id)
         if hit is None:
-            raise CorruptChunk(
+            raise MissingChunk(
                 f"chunk {chunk_id.hex()} is missing from {self.backend.location} (no index names it)",
                 _MISSING_HINT,
             )

@@ -41,7 +41,10 @@ def rle_zstd_frame(total: int) -> bytes:
 
 
 def chunkstore() -> ChunkStore:
-    return Store.open("memory://reads", create=True).chunks
+    """A format-1 store: these tests plant hand-made envelopes (loops, huge claims)
+    as chunk objects under ``chunks/``; the checks under test (codecs.chain) are the
+    same for an envelope read from a pack (``ChunkStore.decode``)."""
+    return Store.open("memory://reads", create=True, format=1).chunks
 
 
 def test_rle_frame_is_a_real_zstd_frame() -> None:

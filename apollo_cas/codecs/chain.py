@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import CorruptChunk, ObjectNotFound
+from ..errors import CorruptChunk, MissingChunk, ObjectNotFound
 from ..hashing import digest
 from . import delta
 
@@ -84,8 +84,12 @@ def read_verified(
         name = f"chunk {cid.hex()}"
         try:
             blob = get_blob(cid)
-        except ObjectNotFound:
+        except (ObjectNotFound, MissingChunk) as exc:
+            # The inventory names a missing chunk itself (MissingChunk); a missing
+            # base must still name the chunk that needed it.
             if not links:
+                if isinstance(exc, MissingChunk):
+                    raise
                 raise CorruptChunk(
                     f"{name} is missing from {where}",
                     "run 'apollo-cas verify' to see which checkpoints it breaks; "
