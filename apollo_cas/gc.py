@@ -339,7 +339,7 @@ def gc(
     if isinstance(inventory, PackInventory):
         return _gc_packs(
             store, inventory, report, sel, manifests, forget_ids, dead_groups, reachable,
-            checkpoints, dry_run, grace, lock_timeout, max_unused, step, t0,
+            checkpoints, dry_run, grace, lock_timeout, max_unused, step, t0, started,
         )  # fmt: skip
     assert isinstance(inventory, LooseInventory)
     present = inventory.ids()
@@ -479,8 +479,15 @@ def _gc_packs(
     max_unused: float,
     step: ProgressFn,
     t0: float,
+    started: float,
 ) -> GcReport:
     """gc of a format-2 store: plan (the dry run), copy, then sweep under the lock."""
+    # Young unreferenced chunks (a save in flight?) and their bases stay, as in format 1.
+    candidates = inventory.ids() - reachable
+    infos = packgc.chunk_infos(inventory, candidates, store.workers)
+    young = _young_orphans(store, candidates, manifests.values(), infos, started - grace)
+    report.young_chunks_kept = len(young)
+    reachable = reachable | young
     plan, _idx = packgc.plan(inventory, reachable, max_unused=max_unused, grace=grace)
     manifest_size = dict(
         zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
@@ -515,7 +522,7 @@ def _gc_packs(
         )
         forget_ids = forget_ids - rescued
         live = _reachable(m for c, m in manifests.items() if c not in forget_ids)
-        live |= _reachable(new.values())
+        live |= _reachable(new.values()) | young
         done = packgc.sweep(inventory, plan, live, store.workers, written)
         report.packs.update(packs_deleted=done.packs_deleted, kept_for_safety=done.kept_for_safety)
         report.chunk_bytes = done.bytes_freed - plan.new_pack_bytes

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import layout, packs
+from .backends.base import ObjectInfo
 from .errors import ApolloError, ObjectNotFound
 from .inventory import (
     PackIndex,
@@ -137,6 +138,38 @@ def _assign(idx: PackIndex, live: set[bytes]) -> dict[str, int]:
                 placed.add(e.chunk_id)
                 used[pid] += e.length
     return used
+
+
+def chunk_infos(
+    inv: PackInventory, chunk_ids: set[bytes], workers: int
+) -> dict[bytes, ObjectInfo | None]:
+    """Size and age of each indexed chunk in ``chunk_ids``: its envelope's length and
+    the modification time of the newest pack holding it (one stat per pack). The
+    grace window for young unreferenced chunks (gc) reads a pack's age as its
+    chunks' age, as format 1 reads a chunk object's."""
+    idx = inv.index()
+    holders: dict[str, list[packs.PackEntry]] = {}
+    for pid, info in idx.packs.items():
+        hit = [e for e in info.entries if e.chunk_id in chunk_ids]
+        if hit:
+            holders[pid] = hit
+
+    def mtime(pid: str) -> float | None:
+        try:
+            return inv.backend.info(layout.pack_key(pid)).mtime
+        except ObjectNotFound:  # deleted meanwhile
+            return None
+
+    pids = sorted(holders)
+    out: dict[bytes, ObjectInfo | None] = {}
+    for pid, t in zip(pids, bounded_map(mtime, pids, workers), strict=True):
+        if t is None:
+            continue
+        for e in holders[pid]:
+            prev = out.get(e.chunk_id)
+            if prev is None or prev.mtime < t:
+                out[e.chunk_id] = ObjectInfo(e.length, t)
+    return out
 
 
 def plan(

@@ -98,7 +98,14 @@ class Repository:
 
     @property
     def inventory(self) -> ChunkInventory:
-        """The chunks present, in this store's format."""
+        """The chunks present, in this store's format (its config is read first if
+        nothing has read it yet: a ``Store(backend)`` that gc or verify walks must
+        not take a format-2 store for a format-1 one)."""
+        if self.config is None and self._planned is None:
+            try:
+                self.open_config(create=False)
+            except StoreNotFound:  # unborn: nothing stored yet, in either format
+                pass
         return self.chunks.inventory
 
     @property

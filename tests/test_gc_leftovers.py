@@ -33,6 +33,7 @@ from apollo_cas.hashing import digest_hex
 from apollo_cas.retention import RetentionPolicy
 from apollo_cas.store import Store
 from apollo_cas.verify import verify
+from tests.damage import chunk_file_range
 
 BS = 4096
 POOL = np.random.default_rng(77).integers(0, 256, (8, BS), dtype=np.uint8)
@@ -49,6 +50,12 @@ def chunk_file(root: Path, cid: bytes) -> Path:
     return root / layout.chunk_key(cid.hex())
 
 
+def stored(st: Store, cid: bytes) -> bool:
+    """Whether the store holds ``cid``, in either format (format 2: an index names it)."""
+    st.inventory.refresh()
+    return cid in st.inventory.ids()
+
+
 def age(path: Path, seconds: float) -> None:
     t = time.time() - seconds
     os.utime(path, (t, t))
@@ -58,9 +65,10 @@ def age(path: Path, seconds: float) -> None:
 # young unreferenced chunks (item 2)
 
 
-def test_young_unreferenced_chunks_and_their_bases_are_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_young_unreferenced_chunks_and_their_bases_are_kept(tmp_path: Path, fmt: int) -> None:
     root = tmp_path / "store"
-    with Store.open(root, create=True) as st:
+    with Store.open(root, create=True, format=fmt) as st:
         base_id = st.save(model([0, 1, 2]), block_size=BS, created=1.0).checkpoint_id or ""
         st.save(model([3]), block_size=BS, created=2.0)  # the latest
         base = st.manifest(base_id)
@@ -71,31 +79,35 @@ def test_young_unreferenced_chunks_and_their_bases_are_kept(tmp_path: Path) -> N
         for raw, parent_chunk in zip(blocks, base.tensors[0].chunks, strict=True):
             b = codecs.Base(chunk_id=parent_chunk, raw=lambda c=parent_chunk: st.read_chunk(c))
             young.append(st.chunks.put_block(raw, 1, base=b))
+        st.chunks.flush()  # format 2: its pack and index written, as a save does before its manifest
         deltas = [r.chunk_id for r in young if r.base is not None]
         if not deltas:
             pytest.skip("this codec policy stored no deltas")
         old_orphan = st.chunks.put_block(b"\x42" * BS).chunk_id
-        age(chunk_file(root, old_orphan), 7200)
+        st.chunks.flush()  # format 2: a pack of its own, aged below
+        age(chunk_file_range(st, old_orphan)[0], 7200)
         r = gc(st, RetentionPolicy(keep_last=1))  # forgets base: its chunks are candidates
         assert base_id in r.forgotten
         assert r.young_chunks_kept >= 2 * len(deltas)
         for d in deltas:
-            assert chunk_file(root, d).exists()
+            assert stored(st, d)
             # ... and the chunk it is a delta against, though its manifest is gone
-            assert chunk_file(root, st.chunks.base_of(d) or b"").exists()
-        assert not chunk_file(root, old_orphan).exists()  # an old leftover goes
+            assert stored(st, st.chunks.base_of(d) or b"")
+        assert not stored(st, old_orphan)  # an old leftover goes
         for d, raw in zip(young, blocks, strict=True):
             assert st.read_chunk(d.chunk_id) == raw
         assert gc(st, grace=0).young_chunks_kept == 0  # without a window they go too
-        assert not any(chunk_file(root, d).exists() for d in deltas)
+        assert not any(stored(st, d) for d in deltas)
         assert verify(st, read_data=True).ok
 
 
-def test_dry_run_counts_what_the_grace_window_keeps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_dry_run_counts_what_the_grace_window_keeps(tmp_path: Path, fmt: int) -> None:
     root = tmp_path / "store"
-    with Store.open(root, create=True) as st:
+    with Store.open(root, create=True, format=fmt) as st:
         st.save(model([0]), block_size=BS)
         st.chunks.put_block(b"\x01" * BS)
+        st.chunks.flush()  # format 2: in a pack and its index, as by a save's end
         dry = gc(st, dry_run=True)
         assert dry.chunks_deleted == 0 and dry.young_chunks_kept == 1
         assert dry.to_json()["young_chunks_kept"] == 1
