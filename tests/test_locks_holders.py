@@ -197,6 +197,7 @@ def test_a_save_in_another_pid_namespace_keeps_its_lock_against_gc(
     [name] = lock_files(root)
     with Store.open(root) as st:
         st.chunks.put_block(b"\x01" * BS)  # something gc would sweep
+        st.chunks.flush()  # format 2: in a pack and its index, as by a save's end
         assert st.locks.clear_stale() == 0
         with pytest.raises(StoreLocked, match="shared lock by pid"):
             gc(st, grace=0, lock_timeout=1.0)
@@ -243,7 +244,8 @@ def test_an_unreadable_lock_counts_until_it_has_not_been_rewritten_for_a_ttl(roo
 
 
 class DiesAfter(Backend):
-    """A backend whose server "dies" after ``n`` chunk writes: every call fails then."""
+    """A backend whose server "dies" after ``n`` chunk writes (chunk objects in
+    format 1, packs in format 2): every call fails then."""
 
     def __init__(self, inner: Backend, n: int) -> None:
         self.inner, self.location, self.left, self.dead = inner, inner.location, n, False
@@ -262,7 +264,7 @@ class DiesAfter(Backend):
 
     def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self._check("writing", key)
-        if key.startswith("chunks/"):
+        if key.startswith(("chunks/", "packs/")):
             self.left -= 1
             if self.left < 0:
                 self.dead = True
@@ -297,13 +299,19 @@ class DiesAfter(Backend):
         return self.inner.compare_and_swap(key, expected, data)
 
 
-def test_the_error_of_a_dead_server_names_the_write_not_the_lock_cleanup(root: Path) -> None:
-    backend = DiesAfter(LocalBackend(root), 3)
+@pytest.mark.parametrize("fmt,written", [(1, "chunks/"), (2, "packs/")])
+def test_the_error_of_a_dead_server_names_the_write_not_the_lock_cleanup(
+    tmp_path: Path, fmt: int, written: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store this save creates, in the format under test.
+    monkeypatch.setenv("APOLLO_CAS_FORMAT", str(fmt))
+    monkeypatch.setenv("APOLLO_CAS_PACK_SIZE", str(BS))  # format 2: a pack per block
+    backend = DiesAfter(LocalBackend(tmp_path / "store"), 3)
     st = Store(backend, workers=1)
     data = np.random.default_rng(5).integers(0, 256, 16 * BS, dtype=np.uint8)
     with pytest.raises(BackendUnavailable) as exc:
         st.save({"w": data}, block_size=BS)
-    assert "writing chunks/" in str(exc.value), str(exc.value)
+    assert f"writing {written}" in str(exc.value), str(exc.value)
     assert "locks/" not in str(exc.value)
 
 
