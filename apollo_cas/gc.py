@@ -249,6 +249,13 @@ def _still_held(lease: Lease) -> bool:
     return lease.confirm()
 
 
+def lease_held(lease: Lease) -> Callable[[], bool]:
+    """What a pack sweep asks before it replaces the index and before each batch of
+    deletes: our lease held without a gap (:func:`_still_held`, as format 1 asks
+    before each batch)."""
+    return lambda: _still_held(lease)
+
+
 def _delete_while_held(store: Store, lease: Lease, keys: list[str]) -> bool:
     """Delete ``keys`` while ``lease`` is held; False (some maybe left) if it lapsed."""
     if not _still_held(lease):
@@ -508,29 +515,56 @@ def _gc_packs(
     step("repack", 0, len(plan.copy))
     written = packgc.copy_live(inventory, store.chunks.decode, plan)
     step("repack", len(plan.copy), len(plan.copy))
-    t_lock = time.perf_counter()
-    with store.locks.hold("exclusive", "gc", timeout=lock_timeout) as lease:
-        report.lock_wait_seconds += time.perf_counter() - t_lock
-        seen = set(manifests)
-        new_ids = set(store.checkpoint_ids()) - seen
-        new = _load_manifests(store, new_ids)
-        seen |= new_ids
-        if not _still_held(lease):  # frozen past our lease: what we listed may be stale
-            raise ConcurrentUpdate("gc lost its lock before sweeping", "run it again")
-        rescued = _forget_under_lock(
-            store, sel, manifests, forget_ids, seen, manifest_size, report, step
-        )
-        forget_ids = forget_ids - rescued
-        live = _reachable(m for c, m in manifests.items() if c not in forget_ids)
-        live |= _reachable(new.values()) | young
-        done = packgc.sweep(inventory, plan, live, store.workers, written)
-        report.packs.update(packs_deleted=done.packs_deleted, kept_for_safety=done.kept_for_safety)
-        report.chunk_bytes = done.bytes_freed - plan.new_pack_bytes
-        report.rescued_chunks = done.rescued_chunks
-        report.chunks_deleted = done.chunks_dropped
-        report.temporaries_removed = store.backend.remove_temporaries(
-            older_than=time.time() - grace
-        )
+    seen = set(manifests)
+    new: dict[str, Manifest] = {}
+    left: dict[str, Any] | None = None  # unindexed packs a lapsed sweep left to delete
+    forgotten = False
+    deleted = safety = 0
+    while True:
+        t_lock = time.perf_counter()
+        with store.locks.hold("exclusive", "gc", timeout=lock_timeout) as lease:
+            report.lock_wait_seconds += time.perf_counter() - t_lock
+            # Saves that finished since we last looked: what they need stays.
+            fresh = set(store.checkpoint_ids()) - seen
+            new.update(_load_manifests(store, fresh))
+            seen |= fresh
+            if not _still_held(lease):  # frozen past our lease: what we listed may be stale
+                continue
+            if not forgotten:
+                forgotten = True
+                rescued = _forget_under_lock(
+                    store, sel, manifests, forget_ids, seen, manifest_size, report, step
+                )
+                forget_ids = forget_ids - rescued
+            live = _reachable(m for c, m in manifests.items() if c not in forget_ids)
+            live |= _reachable(new.values()) | young
+            held = lease_held(lease)
+            if left is None:
+                done = packgc.sweep(
+                    inventory, plan, live, store.workers, written,
+                    held=held, batch=_BATCH, step=step,
+                )  # fmt: skip
+                report.chunk_bytes = done.bytes_freed - plan.new_pack_bytes
+                report.chunks_deleted = done.chunks_dropped
+                deleted, safety = 0, 0
+            else:
+                done = packgc.finish(
+                    inventory, left, live, store.workers, held=held, batch=_BATCH, step=step
+                )
+                report.chunk_bytes += done.bytes_freed
+            deleted += done.packs_deleted
+            safety += done.kept_for_safety
+            report.packs.update(packs_deleted=deleted, kept_for_safety=safety)
+            report.rescued_chunks += done.rescued_chunks
+            if done.lapsed:  # lost our lease: re-list before deleting more
+                if done.left:
+                    left = done.left
+                continue
+            report.temporaries_removed = store.backend.remove_temporaries(
+                older_than=time.time() - grace
+            )
+            break
+    new_ids = set(new)
     store.chunks.forget_known()
     report.kept = [c.checkpoint_id for c in checkpoints if c.checkpoint_id not in forget_ids]
     report.kept += sorted(new_ids)

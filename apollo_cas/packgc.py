@@ -267,14 +267,35 @@ class PackSweep:
     chunks_dropped: int = 0
     kept_for_safety: int = 0  # planned packs kept: a save deduplicated against them
     rescued_chunks: int = 0  # chunks of planned packs that became live meanwhile
+    #: The lease lapsed (gc was frozen): nothing more was deleted. Before the new
+    #: index was written, ``left`` is empty and the whole sweep runs again; after,
+    #: ``left`` holds the unindexed packs still to delete (see :func:`finish`).
+    lapsed: bool = False
+    left: dict[str, packs.PackInfo | None] = field(default_factory=dict)
+
+
+def _no_lapse() -> bool:
+    return True
 
 
 def sweep(
-    inv: PackInventory, p: PackPlan, live: set[bytes], workers: int, written: str | None = None
+    inv: PackInventory,
+    p: PackPlan,
+    live: set[bytes],
+    workers: int,
+    written: str | None = None,
+    *,
+    held: Callable[[], bool] = _no_lapse,
+    batch: int = 512,
+    step: ProgressFn | None = None,
 ) -> PackSweep:
     """Steps 2-3, under the exclusive lock: ``live`` includes every chunk that
     a manifest present now needs; ``written`` is the index step 1 wrote (not
-    counted as freed when it is replaced)."""
+    counted as freed when it is replaced). ``held()`` says whether gc's lease
+    is still held (a clock check): it is asked before the index is replaced and
+    before each ``batch`` of pack deletes, and a lapse stops the sweep there
+    (``lapsed``): a save may have deduplicated against what we planned to drop,
+    so gc must re-list the manifests before it deletes more (as in format 1)."""
     idx = PackIndex.load(inv.backend, inv.workers)
     doomed = {pid for pid in (*p.delete, *p.repack) if pid in idx.packs}
     staying = {
@@ -292,6 +313,10 @@ def sweep(
             staying |= {e.chunk_id for e in idx.packs[pid].entries}
     remaining = [info for pid, info in sorted(idx.packs.items()) if pid not in doomed]
     if doomed or p.orphans or len(idx.indexes) > 1:
+        if not held():
+            res.lapsed = True
+            res.rescued_chunks = res.kept_for_safety = 0
+            return res
         new_id = write_index(inv.backend, remaining) if remaining else None
         old = [iid for iid in idx.indexes if iid != new_id]
         if remaining and (new_id not in idx.indexes or new_id == written):
@@ -304,17 +329,102 @@ def sweep(
         for _ in bounded_map(inv.backend.delete, [layout.index_key(i) for i in old], workers):
             pass
         inv.backend.sync()
-    victims = {pid: idx.packs[pid].size for pid in doomed}
-    victims.update({pid: n for pid, n in p.orphans.items() if pid not in idx.packs})
-    keys = [layout.pack_key(pid) for pid in sorted(victims)]
-    for _ in bounded_map(inv.backend.delete, keys, workers):
-        pass
-    inv.backend.sync()
-    inv.refresh()
-    res.packs_deleted = len(victims)
-    res.bytes_freed += sum(victims.values())
+    victims: dict[str, packs.PackInfo | None] = {pid: idx.packs[pid] for pid in doomed}
+    victims.update({pid: None for pid in p.orphans if pid not in idx.packs})
+    sizes = {pid: idx.packs[pid].size for pid in doomed}
+    sizes.update({pid: n for pid, n in p.orphans.items() if pid not in idx.packs})
     res.chunks_dropped = (
         sum(1 for pid in doomed for e in idx.packs[pid].entries if e.chunk_id not in live)
         + p.orphan_chunks
     )
+    _delete_packs(inv, victims, sizes, res, workers, held, batch, step)
     return res
+
+
+def finish(
+    inv: PackInventory,
+    left: dict[str, packs.PackInfo | None],
+    live: set[bytes],
+    workers: int,
+    *,
+    held: Callable[[], bool] = _no_lapse,
+    batch: int = 512,
+    step: ProgressFn | None = None,
+) -> PackSweep:
+    """The rest of a sweep whose lease lapsed after it replaced the index, under a
+    new lease, with ``live`` re-listed: an unindexed pack that holds a live chunk
+    no index names is indexed again (never a reason to lose data); the others go."""
+    idx = PackIndex.load(inv.backend, inv.workers)
+    res = PackSweep()
+    victims: dict[str, packs.PackInfo | None] = {}
+    sizes: dict[str, int] = {}
+    rescue: list[packs.PackInfo] = []
+    for pid, known in sorted(left.items()):
+        if pid in idx.packs:
+            # A save wrote the same pack again meanwhile (pack ids are content
+            # hashes) and indexed it: it is that save's now.
+            continue
+        try:
+            info = known or read_trailer(inv.backend, pid)
+        except ObjectNotFound:
+            continue  # already gone
+        except ApolloError:  # not a readable pack: nothing can be read from it
+            info = None
+        if info is not None and any(
+            e.chunk_id in live and e.chunk_id not in idx.chunks for e in info.entries
+        ):
+            rescue.append(info)
+            continue
+        victims[pid] = info
+        sizes[pid] = info.size if info is not None else _size(inv, pid)
+    if rescue:
+        if not held():
+            return PackSweep(lapsed=True, left=dict(left))
+        write_index(inv.backend, rescue)
+        inv.backend.sync()
+        res.kept_for_safety = len(rescue)
+        res.rescued_chunks = sum(
+            1
+            for i in rescue
+            for e in i.entries
+            if e.chunk_id in live and e.chunk_id not in idx.chunks
+        )
+    _delete_packs(inv, victims, sizes, res, workers, held, batch, step)
+    return res
+
+
+def _size(inv: PackInventory, pid: str) -> int:
+    try:
+        return inv.backend.info(layout.pack_key(pid)).size
+    except ApolloError:
+        return 0
+
+
+def _delete_packs(
+    inv: PackInventory,
+    victims: dict[str, packs.PackInfo | None],
+    sizes: dict[str, int],
+    res: PackSweep,
+    workers: int,
+    held: Callable[[], bool],
+    batch: int,
+    step: ProgressFn | None,
+) -> None:
+    """Delete ``victims`` a batch at a time while ``held()``; a lapse leaves the rest in ``res.left``."""
+    order = sorted(victims)
+    done = 0
+    while order:
+        if not held():
+            res.lapsed = True
+            res.left = {pid: victims[pid] for pid in order}
+            break
+        part, order = order[:batch], order[batch:]
+        for _ in bounded_map(inv.backend.delete, [layout.pack_key(q) for q in part], workers):
+            pass
+        done += len(part)
+        res.packs_deleted += len(part)
+        res.bytes_freed += sum(sizes.get(q, 0) for q in part)
+        if step is not None:
+            step("sweep", done, len(victims))
+    inv.backend.sync()
+    inv.refresh()

@@ -7,6 +7,7 @@ restore targets. Nothing here imports a source, a target or the decoder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -102,10 +103,9 @@ class Repository:
         nothing has read it yet: a ``Store(backend)`` that gc or verify walks must
         not take a format-2 store for a format-1 one)."""
         if self.config is None and self._planned is None:
-            try:
+            # unborn: nothing stored yet, in either format
+            with contextlib.suppress(StoreNotFound):
                 self.open_config(create=False)
-            except StoreNotFound:  # unborn: nothing stored yet, in either format
-                pass
         return self.chunks.inventory
 
     @property
