@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import shutil
 import struct
 from dataclasses import replace
@@ -19,6 +18,7 @@ from apollo_cas import layout
 from apollo_cas.filesets import MAX_GAP_BYTES
 from apollo_cas.hashing import digest_hex
 from apollo_cas.store import Store
+from tests.damage import flip_last_byte
 
 INDEX = "model.safetensors.index.json"
 
@@ -324,11 +324,12 @@ def test_checkpoint_saved_before_records_restores_as_before(
 # the record in the store
 
 
-def record_path(store: str) -> tuple[Path, str]:
+def record_chunk(store: str) -> str:
+    """The chunk holding the latest checkpoint's saved-file record."""
     with Store.open(store) as st:
         ref = st.manifest(st.resolve("latest")).saved_files
     assert ref is not None
-    return Path(store) / layout.chunk_key(ref.chunk.hex()), ref.chunk.hex()
+    return ref.chunk.hex()
 
 
 def test_damaged_record_is_an_error_never_another_file(
@@ -337,11 +338,9 @@ def test_damaged_record_is_an_error_never_another_file(
     src = write_safetensors(model, fast_tmp_dir / "in" / "a.safetensors")
     save(run_cli, tmp_store, src, "--block-size", "4K")
     assert cli_json(run_cli, "verify", "--store", tmp_store, "--read-data")["ok"] is True
-    path, hex_id = record_path(tmp_store)
-    os.chmod(path, 0o644)
-    blob = bytearray(path.read_bytes())
-    blob[-1] ^= 0x01
-    path.write_bytes(bytes(blob))
+    hex_id = record_chunk(tmp_store)
+    with Store.open(tmp_store) as st:  # its chunk object (format 1) or its pack range (2)
+        flip_last_byte(st, bytes.fromhex(hex_id))
     out = fast_tmp_dir / "out"
     fails(run_cli("restore", "--store", tmp_store, "--to", out), 1, hex_id)
     assert not out.exists() or list(out.iterdir()) == []  # no file, no temporary
@@ -359,11 +358,12 @@ def test_gc_keeps_the_record_and_verify_counts_it(
 ):
     src = write_safetensors(model, fast_tmp_dir / "in" / "a.safetensors")
     save(run_cli, tmp_store, src, "--block-size", "4K")
-    path, _ = record_path(tmp_store)
+    record = bytes.fromhex(record_chunk(tmp_store))
     with Store.open(tmp_store) as st:
         data_chunks = {c for t in st.manifest(st.resolve("latest")).tensors for c in t.chunks}
-    assert run_cli("gc", "--store", tmp_store).returncode == 0
-    assert path.is_file()
+    assert run_cli("gc", "--store", tmp_store, "--grace", "0s").returncode == 0
+    with Store.open(tmp_store) as st:  # in either format
+        assert record in st.inventory.ids()
     v = cli_json(run_cli, "verify", "--store", tmp_store)
     assert v["chunks_referenced"] == len(data_chunks) + 1
     assert restore(run_cli, tmp_store, fast_tmp_dir / "out")["exact"] is True
