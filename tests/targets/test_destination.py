@@ -19,6 +19,8 @@ import pytest
 from apollo_cas.errors import DiskFull
 from apollo_cas.store import Store
 
+from .failures import FailingReader
+
 BS = 65536
 MountFn = Callable[..., Path]
 
@@ -114,12 +116,16 @@ def test_the_disk_filling_up_during_the_writes(
     """Another process fills the destination after the space check (thread path)."""
     dest = mount("3m")
     st = Store.open(store, workers=2)
-    real = st.read_chunk
-    calls = [0]
 
-    def read_then_fill(cid: bytes, size: int | None = None) -> bytes:
-        calls[0] += 1
-        if calls[0] == 3:
+    class FillsTheDisk(FailingReader):
+        """Once a few chunks were read, another process takes the rest of the disk
+        (through ``st.reader``: restores read chunk by chunk or a pack span at once)."""
+
+        def _tick(self, k: int = 1) -> None:
+            with self.lock:
+                self.count += k
+                if self.count < self.n or self.count - k >= self.n:
+                    return
             with open(dest / "filler", "wb") as f:  # the rest of the filesystem
                 try:
                     while True:
@@ -127,9 +133,8 @@ def test_the_disk_filling_up_during_the_writes(
                         f.flush()
                 except OSError:
                     pass
-        return real(cid, size)
 
-    monkeypatch.setattr(st, "read_chunk", read_then_fill)
+    st.reader = FillsTheDisk(st.reader, 3)
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "0")
     with pytest.raises(DiskFull, match="no space left on the restore destination") as err:
         st.restore("latest", dest / "out", format="flat")

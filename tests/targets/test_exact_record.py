@@ -113,7 +113,7 @@ def test_output_appears_only_when_complete(store, make_model, fast_tmp_dir, snap
     assert store.restore_files(old, out).exact
     (out / "config.json").write_text("{}")
     before = snapshot(out)
-    monkeypatch.setattr(store, "read_chunk", failing_after(store, 5))
+    monkeypatch.setattr(store, "reader", failing_after(store, 5))
     with pytest.raises(Boom):
         store.restore(new, out)
     assert snapshot(out) == before  # no new or temporary file; the old ones untouched
