@@ -94,7 +94,7 @@ def test_a_save_of_a_dense_step_against_a_looping_parent(
 def test_a_dense_step_against_a_damaged_parent_chunk_restores_right(fast_tmp_dir: Path) -> None:
     """The parent's chunk under a block is damaged: the new block cannot be a delta
     against it (sparse or planes), so it is stored in full and restores bit-exactly."""
-    from apollo_cas import layout
+    from tests.damage import flip_last_byte
 
     root = fast_tmp_dir / "s"
     w0 = _model(0)
@@ -102,10 +102,7 @@ def test_a_dense_step_against_a_damaged_parent_chunk_restores_right(fast_tmp_dir
     with Store.open(root, create=True) as st:
         st.save(w0, block_size=BS)
         victim = st.manifest(st.resolve("latest")).tensors[0].chunks[2]
-        path = root / layout.chunk_key(victim.hex())
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x40
-        path.write_bytes(bytes(data))
+        flip_last_byte(st, victim)  # its chunk object (format 1) or its pack range (2)
         st.save(w1, block_size=BS)
         m = st.manifest(st.resolve("latest"))
         assert victim not in m.chunk_ids()  # nothing of the new checkpoint needs it
