@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import codecs, frontend, layout
 from ..backends import open_backend
-from ..errors import Refused, StoreNotFound
+from ..errors import ApolloError, Refused, StoreNotFound
 from ..store import Store
 from .common import note
 
@@ -73,5 +73,13 @@ def refuse_foreign_directory(location: str) -> None:
 
 def announce_created(store: Store, created: bool) -> None:
     """Say so when this command made a new store (a typo in a path makes one too)."""
-    if created and store.backend.exists(layout.CONFIG_KEY):
+    if not created:
+        return
+    try:
+        born = store.backend.exists(layout.CONFIG_KEY)
+    except ApolloError:
+        # Called on the way out of a failed command too: a server that died
+        # must not replace that command's error with one about this check.
+        return
+    if born:
         note(f"created store at {store.location}")
