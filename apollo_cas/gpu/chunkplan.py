@@ -3,7 +3,10 @@
 A *place* is a block of a destination and the chunk id it must hold. Each stored chunk
 is parsed on the host into a :class:`ChunkPlan` (its codec pieces, plane kinds, delta
 base), and the chunks of a batch into :class:`PlaneGroup` s laid out plane-major in
-one staging buffer (:class:`Batch`). The byte layouts parsed here are docs/CODECS.md's.
+one staging buffer (:class:`Batch`). A sparse delta (codec 4) is no plane group: its
+two zstd frames (gaps, values) decode into slots of their own and the device scatters
+them (:mod:`apollo_cas.gpu.sparse_steps`). The byte layouts parsed here are
+docs/CODECS.md's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codecs import DELTA, PLANES, RAW, ZSTD, delta, envelope, planes
+from ..codecs import DELTA, PLANES, RAW, SPARSE, ZSTD, delta, envelope, planes, sparse
 from ..errors import CorruptChunk
 
 __all__ = ["Batch", "ChunkPlan", "Place", "PlaneGroup", "parse_chunk", "places_of"]
@@ -55,6 +58,15 @@ class ChunkPlan:
     #: a live destination block that already holds these bytes: (dest, offset)
     live: tuple[int, int] | None = None
     row: int = -1
+    #: codec 4: number of changed elements (``w`` is their width), else -1; its
+    #: pieces are the gaps frame and the values frame (none when it is 0)
+    nchanged: int = -1
+    #: codec 4: staging offsets the gaps (``4*n`` bytes) and values (``w*n``) decode to
+    slots: tuple[int, int] = (0, 0)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.nchanged >= 0
 
 
 def corrupt(cid: bytes, what: str) -> CorruptChunk:
@@ -93,6 +105,8 @@ def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
         raise corrupt(cid, f"its header says {env.raw_size} raw bytes, its place needs {size}")
     codec, params = env.codec, env.params
     c = ChunkPlan(cid, size, blob=view)
+    if codec == SPARSE:
+        return _parse_sparse(c, view, params, len(view) - len(env.payload))
     if codec == DELTA:
         try:
             base, depth, codec, params = delta.parse_params(params)
@@ -141,6 +155,36 @@ def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
     return c
 
 
+def _parse_sparse(c: ChunkPlan, view: memoryview, params: Any, start: int) -> ChunkPlan | None:
+    """Codec 4's plan: base, depth, and its two frames checked against their sizes."""
+    cid, size = c.cid, c.size
+    try:
+        base, depth, w, n, glen = sparse.parse_params(params)
+    except ValueError as exc:
+        raise corrupt(cid, str(exc)) from exc
+    if size % w:
+        raise corrupt(cid, f"raw size {size} is not a multiple of the element width {w}")
+    if n > size // w:
+        raise corrupt(cid, f"{n} changed elements in a block of {size // w}")
+    payload = len(view) - start
+    if glen > payload:
+        raise corrupt(cid, f"gaps frame of {glen} bytes runs past the payload ({payload})")
+    if (4 + w) * n > size:
+        # Decoded gaps and values would outgrow the block's own size in the staging
+        # layout (memory_bound counts raw size per chunk): the CPU decodes it. The
+        # writer keeps codec 4 only up to 25% changed, so only w=1 can get here.
+        return None
+    _frame_size_ok(view, cid, start, glen, 4 * n)
+    _frame_size_ok(view, cid, start + glen, payload - glen, w * n)
+    c.base, c.depth, c.w, c.nchanged = base, depth, w, n
+    if n:
+        c.kinds = (FRAME, FRAME)
+        c.pieces = [(start, glen), (start + glen, payload - glen)]
+    else:
+        c.kinds, c.pieces = (), []
+    return c
+
+
 @dataclass
 class PlaneGroup:
     """Chunks decoded alike: same element width, plane length and plane kinds."""
@@ -168,6 +212,8 @@ class Batch:
     groups: list[PlaneGroup]
     rows: list[ChunkPlan]
     row_bytes: int
+    #: codec-4 chunks, in row order (their rows follow the plane groups' rows)
+    sparse: list[ChunkPlan] = field(default_factory=list)
     host: Any = None  # the pinned slot
     used: int = 0
     copy_ranges: list[tuple[int, int]] = field(default_factory=list)

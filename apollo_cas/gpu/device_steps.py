@@ -1,5 +1,5 @@
 """Device steps of the GPU restore pipeline: copy (and, in direct mode, the plane-major
-rearrangement), decode, interleave, XOR, verify, place."""
+rearrangement), decode, interleave (and codec 4's scatter), XOR, verify, place."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..errors import CorruptChunk
 from .blocks import host_block_digests
 from .chunkplan import COPY, FRAME, HINT, Batch, ChunkPlan, align_up, corrupt
 from .readers import PAD, BlobReader
+from .sparse_steps import scatter_sparse
 from .staging import Stager
 from .zstd import FrameDecoder
 
@@ -120,6 +121,10 @@ class DeviceSteps:
                         packed.append(t[b + off : b + off + align_up(ln)])
                 if c.tail[1]:
                     packed.append(t[b + c.tail[0] : b + c.tail[0] + align_up(c.tail[1])])
+        for c in batch.sparse:  # its two frames, after the groups' (as _layout packed them)
+            t, b = src(c)
+            for off, ln in c.pieces:
+                packed.append(t[b + off : b + off + align_up(ln)])
         if packed:
             torch.cat(packed, out=dev[batch.packed_start : batch.used])
         self.stats.frames += len(batch.frames)
@@ -176,7 +181,16 @@ class DeviceSteps:
 
         # The arena the blobs were read into may hold the next batch by now: read again.
         ids = [c.cid for g in batch.groups for c in g.chunks if FRAME in g.kinds]
+        ids += [c.cid for c in batch.sparse if c.pieces]
         blobs = dict(zip(ids, self.reader(ids, None), strict=True))
+        for c in batch.sparse:
+            sizes = (4 * c.nchanged, c.w * c.nchanged)
+            for (off, n), a, m in zip(c.pieces, c.slots, sizes, strict=False):
+                try:
+                    raw = _zstd.decompress_exact(memoryview(blobs[c.cid])[off : off + n], m)
+                except _zstd.FrameError as exc:
+                    raise corrupt(c.cid, str(exc)) from exc
+                dev[a : a + m].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         for g in batch.groups:
             for j, c in enumerate(g.chunks):
                 for kk, kind in enumerate(g.kinds):
@@ -211,6 +225,10 @@ class DeviceSteps:
             if c.live is not None:
                 d, o = c.live
                 r2[c.row, : c.size].copy_(dests[d][o : o + c.size])
+        if batch.sparse:
+            # Codec 4: its row becomes block XOR base (zero but at the changed
+            # elements), then the chains below XOR the base in like codec 3's.
+            scatter_sparse(batch.sparse, dev, r2)
         # XOR chains, shallowest first: a base's row is final before its deltas use it.
         by_depth: dict[int, list[ChunkPlan]] = {}
         for c in batch.rows:

@@ -30,6 +30,11 @@ from .staging import Stager
 from .zstd import FrameDecoder
 
 
+def _sparse_sizes(c: ChunkPlan) -> tuple[int, int]:
+    """Decoded sizes of a codec-4 chunk's two frames: gaps, values."""
+    return 4 * c.nchanged, c.w * c.nchanged
+
+
 class HostStaging:
     """The pipeline's host steps (a mixin of :class:`~apollo_cas.gpu.restore.RestorePipeline`)."""
 
@@ -50,10 +55,14 @@ class HostStaging:
         host_frames = self.frames is None
         groups: dict[tuple[int, int, tuple[int, ...]], PlaneGroup] = {}
         lives: list[ChunkPlan] = []
+        sparse: list[ChunkPlan] = []
         for cid in order:
             c = chunks[cid]
             if c.live is not None:
                 lives.append(c)
+                continue
+            if c.is_sparse:
+                sparse.append(c)
                 continue
             kinds = tuple(COPY for _ in c.kinds) if host_frames else c.kinds
             key = (c.w, c.size // c.w, kinds)
@@ -70,16 +79,29 @@ class HostStaging:
             for c in g.chunks:
                 c.row = len(rows)
                 rows.append(c)
+        # Codec 4: rows after the groups' (one run: zeroed at once), and a slot for its
+        # decoded gaps and values each (at most its raw size: _parse_sparse).
+        sparse_start = pos
+        for c in sparse:
+            c.row = len(rows)
+            rows.append(c)
+            gslot = pos
+            pos = align_up(pos + 4 * c.nchanged)
+            c.slots = (gslot, pos)
+            pos = align_up(pos + c.w * c.nchanged)
         for c in lives:
             c.row = len(rows)
             rows.append(c)
         batch = Batch(k, ps, chunks, list(groups.values()), rows, align_up(self.block_size, 64))
+        batch.sparse = sparse
         # Copy ranges: plane runs that arrive as bytes; frames and tails packed after.
         for g in batch.groups:
             for kk, kind in enumerate(g.kinds):
                 if kind == COPY:
                     a = g.slot(kk, 0)
                     add_range(batch.copy_ranges, a, len(g.chunks) * g.mp)
+        if host_frames and pos > sparse_start:
+            add_range(batch.copy_ranges, sparse_start, pos - sparse_start)
         fpos = pos
         for g in batch.groups:
             for j, c in enumerate(g.chunks):
@@ -91,6 +113,11 @@ class HostStaging:
                 if c.tail[1]:
                     batch.tails.append((c.row, fpos, c.tail[1]))
                     fpos = align_up(fpos + c.tail[1])
+        if not host_frames:
+            for c in sparse:
+                for (_off, n), out, m in zip(c.pieces, c.slots, _sparse_sizes(c), strict=False):
+                    batch.frames.append((fpos, n, out, m))
+                    fpos = align_up(fpos + n)
         if fpos > pos:
             add_range(batch.copy_ranges, pos, fpos - pos)
         batch.used = fpos
@@ -123,6 +150,14 @@ class HostStaging:
                 if c.tail[1]:
                     _row, tdst, tn = next(tails)
                     jobs.append((src[c.tail[0] : c.tail[0] + tn], tdst, tn, -1, c.cid))
+        for c in batch.sparse:  # after the groups: the order _layout packed the frames in
+            for (off, n), out, m in zip(c.pieces, c.slots, _sparse_sizes(c), strict=False):
+                piece = c.blob[off : off + n]
+                if self.frames is not None:
+                    fsrc, fn, _out, _m = next(frames)
+                    jobs.append((piece, fsrc, fn, -1, c.cid))
+                else:
+                    jobs.append((piece, out, m, m, c.cid))
 
         def one(job: tuple[Any, int, int, int, bytes]) -> None:
             piece, dst, n, m, cid = job

@@ -21,7 +21,9 @@ pipeline runs, in batches of at most ``batch_bytes`` of raw output:
 4. **decode** every zstd frame of the batch in one nvCOMP call into buffers the
    pipeline owns (:mod:`apollo_cas.gpu.zstd`);
 5. **interleave** byte planes back into elements (one strided copy per plane per
-   group) and resolve XOR-delta chains depth by depth (torch ops on the device);
+   group), scatter sparse deltas' changed elements into their rows
+   (:mod:`apollo_cas.gpu.sparse_steps`) and resolve XOR-delta chains depth by depth
+   (torch ops on the device);
 6. **verify** every decoded block's XXH3-128 on the device (the Triton kernel,
    :mod:`apollo_cas.gpu.xxh3_kernel`) against its chunk id; a mismatch is
    :class:`~apollo_cas.errors.CorruptChunk` naming the chunk, and nothing of that
@@ -33,9 +35,10 @@ batch k. Memory is bounded by ``batch_bytes``, never by the model: two arenas (p
 in direct mode) or two staging slots, and on the device one mirror, one layout and one
 buffer of decoded rows (see :func:`memory_bound`).
 
-Chunks of codecs this pipeline does not know (any id but raw, zstd, planes and
-delta: e.g. a future sparse codec 4) are decoded on the CPU by ``read_raw`` (the
-store's verified reader) and staged as raw bytes: a per-chunk fallback.
+Chunks of codecs this pipeline does not know (any id but raw, zstd, planes, delta
+and sparse), and sparse chunks whose decoded gaps and values would outgrow their
+block, are decoded on the CPU by ``read_raw`` (the store's verified reader) and
+staged as raw bytes: a per-chunk fallback.
 
 The same code runs on CPU tensors (``device="cpu"``): zstd frames are decoded by
 python-zstandard (``frames=HostFrames(n)`` runs direct mode, ``frames=None`` the staged
@@ -126,6 +129,10 @@ def memory_bound(
     two arenas are the pinned memory, and the device holds a mirror of one arena, the
     staging layout, the decoded rows, and a copy of each stored chunk that did not fit
     in the arena (deep delta chains: at most the batch's stored bytes beyond it).
+
+    Sparse deltas (codec 4) add index temporaries on the device for at most
+    :data:`~apollo_cas.gpu.sparse_steps.SUB_ELEMENTS` changed elements at a time
+    (about 160 MiB), transient and not counted here.
     """
     rows = (max_depth + 1) * (batch_bytes // block_size + 1)
     slot = 2 * (max_depth + 1) * batch_bytes + rows * 16 * ALIGN

@@ -8,6 +8,7 @@ host, as a GPU source would on its device, so the save takes the device branch.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from damage import chunk_file_range, flip_last_byte  # noqa: E402
+
 from apollo_cas import codecs  # noqa: E402
 from apollo_cas.errors import CorruptChunk  # noqa: E402
 from apollo_cas.gpu import delta_ops  # noqa: E402
 from apollo_cas.gpu.blocks import host_block_digests  # noqa: E402
 from apollo_cas.gpu.delta_encode import encode_delta, sparse_wanted, zero_frame  # noqa: E402
 from apollo_cas.gpu.delta_save import delta_device  # noqa: E402
-from apollo_cas.layout import chunk_key  # noqa: E402
 from apollo_cas.sources.device import DeviceSource  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 
@@ -258,9 +260,10 @@ def test_damaged_parent_chunk_gives_full_chunks_never_a_wrong_delta(tmp_path: Pa
     save(st, m)
     parent = st.manifest(st.resolve("latest"))
     victim = {t.name: t for t in parent.tensors}["embed"].chunks[1]
-    path = tmp_path / "s" / chunk_key(victim.hex())
+    path, offset, length = chunk_file_range(st, victim)  # its object, or its range of a pack
+    os.chmod(path, 0o644)
     blob = bytearray(path.read_bytes())
-    blob[-7] ^= 0xFF  # inside the raw mantissa plane: only the hash check sees it
+    blob[offset + length - 7] ^= 0xFF  # inside the raw mantissa plane: only the hash sees it
     path.write_bytes(bytes(blob))
     dense_step(m, 1)
     save(st, m)
@@ -339,8 +342,7 @@ def test_damaged_parent_in_a_middle_batch_falls_back_for_that_batch_only(tmp_pat
     save(st, m)
     parent = st.manifest(st.resolve("latest"))
     victim = {t.name: t for t in parent.tensors}["w32"].chunks[2]
-    path = tmp_path / "s" / chunk_key(victim.hex())
-    path.write_bytes(path.read_bytes()[:-1] + b"\x00")  # a flip only the hash check can see
+    flip_last_byte(st, victim)  # a flip only the hash check can see
     dense_step(m, 1)
     src = HostHashed(m)
     got: list = []
@@ -354,6 +356,7 @@ def test_damaged_parent_in_a_middle_batch_falls_back_for_that_batch_only(tmp_pat
     entry = {t.name: t for t in res.tensors}["w32"]
     assert entry.chunks[2] not in res.bases  # full chunk: its parent is damaged
     assert entry.chunks[0] in res.bases and entry.chunks[3] in res.bases
+    st.chunks.flush()  # format 2: the save's packs are findable once flushed (as a save does)
     for t in res.tensors:
         raw = b"".join(st.read_chunk(c) for c in t.chunks)
         assert raw == m[t.name].view(torch.uint8).numpy().tobytes(), t.name
@@ -442,7 +445,7 @@ def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Pa
             return super().put_encoded(chunk_id, blob, base, raw_size)
 
     st = open_store(tmp_path / "s", "always")
-    st.chunks = Ordered(st.backend, st.chunks.policy)
+    st.chunks = Ordered(st.backend, st.chunks.policy, st.chunks.inventory)
     m = model()
     save(st, m)
     dense_step(m, 1)

@@ -32,6 +32,8 @@ from apollo_cas.store import Store  # noqa: E402
 from apollo_cas.targets.tensors import load_tensors_pipeline  # noqa: E402
 
 BS = 4096
+#: A codec id no release writes: the pipeline and the CPU decoder refuse it.
+UNKNOWN_CODEC = 9
 
 
 def model(seed: int = 0, scale: int = 1) -> dict[str, torch.Tensor]:
@@ -239,16 +241,17 @@ def test_unknown_codec_falls_back_to_the_cpu_decoder_per_chunk(store: Store) -> 
     target = next(e for e in man.tensors if e.name == "q").chunks[1]
     asked: list[bytes] = []
 
-    def as_codec_4(cid: bytes, blob: bytes) -> bytes | None:
-        return blob[:5] + bytes([4]) + blob[6:] if cid == target else None
+    def as_unknown_codec(cid: bytes, blob: bytes) -> bytes | None:
+        # An id no release writes (codec 4, sparse, is decoded on the device now).
+        return blob[:5] + bytes([UNKNOWN_CODEC]) + blob[6:] if cid == target else None
 
     def read_raw(cid: bytes) -> bytes:
         asked.append(cid)
         return store.chunks.read(cid)
 
-    assert parse_chunk(as_codec_4(target, store.chunks.get_blob(target)), target, BS) is None
+    assert parse_chunk(as_unknown_codec(target, store.chunks.get_blob(target)), target, BS) is None
     pipe = RestorePipeline(
-        Faulty(store, as_codec_4), read_raw, BS, device="cpu", workers=2, frames=None
+        Faulty(store, as_unknown_codec), read_raw, BS, device="cpu", workers=2, frames=None
     )
     assert same(load(store, "latest", pipe), m)
     assert asked == [target] and pipe.stats.cpu_fallback_chunks == 1

@@ -27,7 +27,16 @@ from apollo_cas.gpu.restore import (  # noqa: E402
 from apollo_cas.gpu.zstd import HostFrames  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 from apollo_cas.targets.tensors import load_tensors_pipeline  # noqa: E402
-from tests.gpu.test_restore import BS, Faulty, flip_last_byte, model, raw, same, step  # noqa: E402
+from tests.gpu.test_restore import (  # noqa: E402
+    BS,
+    UNKNOWN_CODEC,
+    Faulty,
+    flip_last_byte,
+    model,
+    raw,
+    same,
+    step,
+)
 
 
 @pytest.fixture(params=[1, 2], ids=["format1", "format2"])
@@ -137,10 +146,11 @@ def test_unknown_codec_falls_back_per_chunk_in_direct_mode(store: Store) -> None
     man = store.manifest(store.resolve("latest"))
     target = next(e for e in man.tensors if e.name == "q").chunks[1]
 
-    def as_codec_4(cid: bytes, blob: bytes) -> bytes | None:
-        return blob[:5] + bytes([4]) + blob[6:] if cid == target else None
+    def as_unknown_codec(cid: bytes, blob: bytes) -> bytes | None:
+        # An id no release writes (codec 4, sparse, is decoded on the device now).
+        return blob[:5] + bytes([UNKNOWN_CODEC]) + blob[6:] if cid == target else None
 
-    pipe = direct(store, Faulty(store, as_codec_4))
+    pipe = direct(store, Faulty(store, as_unknown_codec))
     assert same(load(store, "latest", pipe), m)
     assert pipe.stats.cpu_fallback_chunks == 1
 
