@@ -11,15 +11,15 @@ error, not a SIGBUS.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import SourceError, UnsafePickle, UnsupportedSource
 from ..manifest import SourceInfo
-from .base import Source, SourceTensor, by_unique_name
+from .base import by_unique_name
 from .mapping import tensor_from_object
-from .safetensors_file import FileTensor, SourceFile
+from .safetensors_file import FileTensor, OneFileSource, SourceFile
 
 _WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
 
@@ -64,7 +64,7 @@ def _unwrap(obj: Mapping[Any, Any]) -> Mapping[Any, Any]:
     return obj
 
 
-class PtSource(Source):
+class PtSource(OneFileSource):
     """A state_dict saved with ``torch.save``."""
 
     def __init__(self, path: Path, info: SourceInfo | None = None) -> None:
@@ -150,19 +150,6 @@ class PtSource(Source):
             ]
         self._tensors = tensors
         self.left_out = _left_out(obj, _unwrap(obj))
-
-    def tensors(self) -> Sequence[SourceTensor]:
-        return self._tensors
-
-    def check_unchanged(self) -> None:
-        if self._file is not None:
-            self._file.check_unchanged()
-
-    def close(self) -> None:
-        self._tensors = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def _file_offsets(path: Path, flat: list[tuple[str, Any]]) -> dict[str, int] | None:

@@ -227,6 +227,28 @@ def parse_entries(path: Path, header: dict[str, Any], data_size: int) -> list[He
     return entries
 
 
+class OneFileSource(Source):
+    """A source whose tensors are read from one open :class:`SourceFile` (a ``.pt``
+    file, the original tool's ``weights.bin``): the file's change check and
+    closing, shared."""
+
+    _file: SourceFile | None
+    _tensors: list[SourceTensor]
+
+    def tensors(self) -> Sequence[SourceTensor]:
+        return self._tensors
+
+    def check_unchanged(self) -> None:
+        if self._file is not None:
+            self._file.check_unchanged()
+
+    def close(self) -> None:
+        self._tensors = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class SafetensorsSource(Source):
     """One or more safetensors files seen as one set of tensors.
 

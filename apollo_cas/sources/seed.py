@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +20,8 @@ from ..errors import InvalidName, SourceError, UnsupportedSource
 from ..layout import check_tensor_name
 from ..manifest import SourceInfo
 from . import strict_json
-from .base import Source, SourceTensor
-from .safetensors_file import FileTensor, SourceFile
+from .base import SourceTensor
+from .safetensors_file import FileTensor, OneFileSource, SourceFile
 
 if TYPE_CHECKING:
     from ..filesets import FileSet
@@ -74,7 +73,7 @@ def _meta_timestamp(path: Path) -> str | None:
     return str(v) if v else None
 
 
-class SeedSource(Source):
+class SeedSource(OneFileSource):
     """One checkpoint directory of the original tool."""
 
     def __init__(self, path: Path, info: SourceInfo | None = None) -> None:
@@ -109,24 +108,11 @@ class SeedSource(Source):
             self.close()
             raise
 
-    def tensors(self) -> Sequence[SourceTensor]:
-        return self._tensors
-
     def saved_files(self) -> FileSet:
         """weights.bin and weights.json as they are, for exact restores."""
         from ..filesets import seed_record
 
         return seed_record(self.path, {t.name: t.nbytes for t in self._tensors})
-
-    def check_unchanged(self) -> None:
-        if self._file is not None:
-            self._file.check_unchanged()
-
-    def close(self) -> None:
-        self._tensors = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def _index_tensors(index: dict[str, object], index_path: Path, f: SourceFile) -> list[SourceTensor]:
