@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from apollo_cas import layout, packs
+from apollo_cas.hashing import digest_hex
+from apollo_cas.inventory import PackIndex
 from apollo_cas.store import Store
 
 
@@ -26,3 +29,27 @@ def flip_last_byte(st: Store, cid: bytes) -> None:
         b = f.read(1)
         f.seek(offset + length - 1)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+def point_outside_its_pack(st: Store, cid: bytes) -> None:
+    """Rewrite the index naming ``cid`` (format 2, local store) so that its entry
+    points 10 bytes past the end of its pack."""
+    root = Path(st.location)
+    idx = PackIndex.load(st.backend)
+    pack_id, _entry = idx.chunks[cid]
+    for iid, pids in idx.indexes.items():
+        if pack_id not in pids:
+            continue
+        infos = []
+        for pid in pids:
+            info = idx.packs[pid]
+            entries = tuple(
+                packs.PackEntry(e.chunk_id, info.size + 10, e.length, e.raw_size, e.base)
+                if e.chunk_id == cid
+                else e
+                for e in info.entries
+            )
+            infos.append(packs.PackInfo(pid, info.size, entries))
+        (root / layout.index_key(iid)).unlink()
+        data = packs.encode_index(infos)
+        (root / layout.index_key(digest_hex(data))).write_bytes(data)

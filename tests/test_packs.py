@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 import xxhash
 
-from apollo_cas import layout, packs
+from apollo_cas import packs
 from apollo_cas.backends.base import Backend, ObjectInfo
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.errors import CorruptChunk, StoreError
 from apollo_cas.hashing import digest_hex
-from apollo_cas.inventory import PackIndex, read_trailer
+from apollo_cas.inventory import read_trailer
 from apollo_cas.store import Store
 from apollo_cas.verify import verify
+from tests.damage import point_outside_its_pack
 
 BS = 4096
 PACK = 64 << 10  # 16 blocks: a model of 100 blocks fills several packs
@@ -248,25 +249,7 @@ def test_a_truncated_pack_is_found_without_reading_data(st: Store, tmp_path: Pat
 def test_an_index_naming_a_range_outside_its_pack(st: Store, tmp_store: str) -> None:
     ia, ib, _, b = two_checkpoints(st)
     victim = st.manifest(ia).tensors[0].chunks[0]
-    # Rewrite ia's index with the victim's entry pointing past its pack's end.
-    idx = PackIndex.load(st.backend)
-    pack_id, _entry = idx.chunks[victim]
-    for iid, pids in idx.indexes.items():
-        if pack_id not in pids:
-            continue
-        infos = []
-        for pid in pids:
-            info = idx.packs[pid]
-            entries = tuple(
-                packs.PackEntry(e.chunk_id, info.size + 10, e.length, e.raw_size, e.base)
-                if e.chunk_id == victim
-                else e
-                for e in info.entries
-            )
-            infos.append(packs.PackInfo(pid, info.size, entries))
-        (Path(tmp_store) / layout.index_key(iid)).unlink()
-        data = packs.encode_index(infos)
-        (Path(tmp_store) / layout.index_key(digest_hex(data))).write_bytes(data)
+    point_outside_its_pack(st, victim)  # ia's index: its entry past its pack's end
     with Store.open(tmp_store) as fresh:
         r = verify(fresh)
         assert [d.chunk for d in r.damaged_chunks] == [victim.hex()]

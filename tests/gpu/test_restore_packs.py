@@ -17,14 +17,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from damage import chunk_file_range, flip_last_byte  # noqa: E402
+from damage import chunk_file_range, flip_last_byte, point_outside_its_pack  # noqa: E402
 
-from apollo_cas import layout, packs  # noqa: E402
 from apollo_cas.errors import CorruptChunk  # noqa: E402
 from apollo_cas.gpu.restore import Arena, pack_reader  # noqa: E402
 from apollo_cas.gpu.zstd import HostFrames  # noqa: E402
-from apollo_cas.hashing import digest_hex  # noqa: E402
-from apollo_cas.inventory import PackIndex  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 from apollo_cas.targets.tensors import load_tensors_pipeline  # noqa: E402
 from tests.gpu.test_restore import BS, model, same, step  # noqa: E402
@@ -145,24 +142,7 @@ def test_an_index_naming_a_range_outside_its_pack(tmp_path: Path) -> None:
     st, _ = saved(tmp_path, 2)
     victim = victim_of(st)
     root = Path(st.location)
-    idx = PackIndex.load(st.backend)
-    pack_id, _e = idx.chunks[victim]
-    for iid, pids in idx.indexes.items():
-        if pack_id not in pids:
-            continue
-        infos = []
-        for pid in pids:
-            info = idx.packs[pid]
-            entries = tuple(
-                packs.PackEntry(e.chunk_id, info.size + 10, e.length, e.raw_size, e.base)
-                if e.chunk_id == victim
-                else e
-                for e in info.entries
-            )
-            infos.append(packs.PackInfo(pid, info.size, entries))
-        (root / layout.index_key(iid)).unlink()
-        data = packs.encode_index(infos)
-        (root / layout.index_key(digest_hex(data))).write_bytes(data)
+    point_outside_its_pack(st, victim)
     with Store.open(root) as fresh:
         dests: list[Any] = []
         with pytest.raises(CorruptChunk, match=f"chunk {victim.hex()}: .*outside"):
