@@ -4,7 +4,8 @@ rearrangement), decode, interleave (and codec 4's scatter), XOR, verify, place."
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ class DeviceSteps:
     _dev: torch.Tensor | None
     _mirror: torch.Tensor | None
     direct: bool
-    _rows: torch.Tensor | None
+    _rows: list[torch.Tensor | None]
     _events: list[Events]
     _free: Any
 
@@ -47,11 +48,15 @@ class DeviceSteps:
                 self._dev = torch.empty(max(1, batch.used), dtype=torch.uint8, device=self.device)
             dev = self._dev
         need = max(1, len(batch.rows)) * batch.row_bytes
-        if self._rows is None or self._rows.numel() < need:
-            self._rows = torch.empty(need, dtype=torch.uint8, device=self.device)
-        rows = self._rows
-        assert rows is not None
-        scratch = int(rows.numel()) + (int(dev.numel()) if own else 0)
+        # Two row buffers: batch k+1 is decoded and verified before batch k's verdict is
+        # read and its rows placed (see :meth:`_device_stage`).
+        slot = batch.k % 2
+        have = self._rows[slot]
+        if have is None or have.numel() < need:
+            have = self._rows[slot] = torch.empty(need, dtype=torch.uint8, device=self.device)
+        rows = have
+        scratch = sum(int(r.numel()) for r in self._rows if r is not None)
+        scratch += int(dev.numel()) if own else 0
         if self.cuda and self._mirror is not None:
             scratch += int(self._mirror.numel())
         self.stats.device_scratch_bytes = max(self.stats.device_scratch_bytes, scratch)
@@ -129,7 +134,12 @@ class DeviceSteps:
             torch.cat(packed, out=dev[batch.packed_start : batch.used])
         self.stats.frames += len(batch.frames)
 
-    def _device_stage(self, batch: Batch, dests: Sequence[torch.Tensor]) -> None:
+    def _device_stage(self, batch: Batch, dests: Sequence[torch.Tensor]) -> Pending:
+        """Queue batch ``batch``'s copy, decode, interleave and verification; its
+        verdict is read and its rows placed by :meth:`_finish`, after the caller has
+        queued the next batch: the host never waits for the device between batches
+        (reading each batch's verdict at once cost a stream synchronisation per batch,
+        0.38 s of a 2.35 s load of 17 GB on the H200, with the device idle meanwhile)."""
         ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext_()
         with ctx:
             ev = Events(self.cuda)
@@ -165,13 +175,31 @@ class DeviceSteps:
             r2 = rows[: len(batch.rows) * batch.row_bytes].view(len(batch.rows), batch.row_bytes)
             self._interleave(batch, dev, r2, dests)
             ev.mark("interleaved")
-            self._verify(batch, r2)
+            verdict = self._verify(batch, r2)
             ev.mark("verified")
-            self._place(batch, r2, dests)
-            ev.mark("placed")
         if not self.cuda and not self.direct:
             self._free.release()  # on the CPU the slot itself was the device buffer
-        self._events.append(ev)
+        return Pending(batch, r2, verdict, ev)
+
+    def _finish(self, pending: Pending, dests: Sequence[torch.Tensor]) -> None:
+        """Raise CorruptChunk if ``pending``'s batch failed verification, else queue the
+        copies of its verified rows into the destinations."""
+        batch = pending.batch
+        bad = pending.verdict()
+        if bad:
+            worst = min((batch.rows[i] for i in bad), key=lambda c: (c.depth, c.row))
+            more = f" ({len(bad)} chunks of this batch failed)" if len(bad) > 1 else ""
+            raise CorruptChunk(
+                f"chunk {worst.cid.hex()} is corrupt: its decoded content does not hash to "
+                f"its name{more}",
+                HINT,
+            )
+        ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext_()
+        with ctx:
+            pending.events.mark("placing")
+            self._place(batch, pending.rows, dests)
+            pending.events.mark("placed")
+        self._events.append(pending.events)
         self.stats.batches += 1
         self.stats.raw_bytes += sum(p.size for p in batch.places)
 
@@ -249,8 +277,9 @@ class DeviceSteps:
                 it = torch.tensor(idx, device=r2.device)
                 wide.index_copy_(0, it, wide.index_select(0, it).bitwise_xor_(bases))
 
-    def _verify(self, batch: Batch, r2: torch.Tensor) -> None:
-        """Hash every row; raise CorruptChunk for the shallowest bad one (bases first)."""
+    def _verify(self, batch: Batch, r2: torch.Tensor) -> Callable[[], list[int]]:
+        """Hash every row against its chunk id; returns the verdict: a function giving
+        the rows that failed (on a GPU it waits for the device only when called)."""
         if self._kernel is not None and self._kernel_ok():
             n = len(batch.rows)
             if all(c.size == batch.row_bytes for c in batch.rows):
@@ -264,24 +293,29 @@ class DeviceSteps:
             want = torch.frombuffer(
                 bytearray(b"".join(c.cid for c in batch.rows)), dtype=torch.uint8
             ).view(-1, 16)
-            bad_t = (got != want.to(self.device, non_blocking=False)).any(dim=1).nonzero()
-            bad = [int(i) for i in bad_t.flatten().tolist()]
-        else:
-            views = [r2[c.row, : c.size] for c in batch.rows]
             if self.cuda:
-                host = [v.cpu().numpy().data for v in views]
-            else:
-                host = [v.numpy().data for v in views]
-            ds = host_block_digests(host, self.block_size, self.workers)
-            bad = [i for i, c in enumerate(batch.rows) if ds[i] != [c.cid]]
-        if bad:
-            worst = min((batch.rows[i] for i in bad), key=lambda c: (c.depth, c.row))
-            more = f" ({len(bad)} chunks of this batch failed)" if len(bad) > 1 else ""
-            raise CorruptChunk(
-                f"chunk {worst.cid.hex()} is corrupt: its decoded content does not hash to "
-                f"its name{more}",
-                HINT,
-            )
+                want = want.pin_memory()
+            mismatch = (got != want.to(self.device, non_blocking=True)).any(dim=1)
+            flags = torch.empty(n, dtype=torch.bool, pin_memory=self.cuda)
+            flags.copy_(mismatch, non_blocking=True)
+            done = torch.cuda.Event() if self.cuda else None
+            if done is not None:
+                done.record()
+
+            def verdict() -> list[int]:
+                if done is not None:
+                    done.synchronize()
+                return [int(i) for i in flags.nonzero().flatten().tolist()]
+
+            return verdict
+        views = [r2[c.row, : c.size] for c in batch.rows]
+        if self.cuda:
+            host = [v.cpu().numpy().data for v in views]
+        else:
+            host = [v.numpy().data for v in views]
+        ds = host_block_digests(host, self.block_size, self.workers)
+        bad = [i for i, c in enumerate(batch.rows) if ds[i] != [c.cid]]
+        return lambda: bad
 
     def _kernel_ok(self) -> bool:
         try:
@@ -322,6 +356,7 @@ class DeviceSteps:
             self.stats.decode_s += t.get("decoded", 0.0)
             self.stats.interleave_s += t.get("interleaved", 0.0)
             self.stats.verify_s += t.get("verified", 0.0)
+            # "placing" spans the next batch's work, queued before this one's verdict.
             self.stats.place_s += t.get("placed", 0.0)
         self._events = []
 
@@ -329,6 +364,16 @@ class DeviceSteps:
 def _copy(dests: Sequence[torch.Tensor], flat: torch.Tensor, run: list[int]) -> None:
     d, o, s, n = run
     dests[d][o : o + n].copy_(flat[s : s + n], non_blocking=True)
+
+
+@dataclass
+class Pending:
+    """A batch queued up to its verification, waiting for its verdict and placement."""
+
+    batch: Batch
+    rows: torch.Tensor
+    verdict: Callable[[], list[int]]
+    events: Events
 
 
 class Events:

@@ -76,7 +76,7 @@ from .chunkplan import (
     places_of,
     slices,
 )
-from .device_steps import DeviceSteps, Events
+from .device_steps import DeviceSteps, Events, Pending
 from .host_steps import HostStaging
 from .readers import (
     PAD,
@@ -121,13 +121,14 @@ def memory_bound(
     ``max_depth`` bases. A staging slot holds every plane slot of its chunks (raw size:
     the device decodes frames into them) plus the packed frames (at most raw size
     again), plus alignment per chunk. Pinned: two slots. Device: one staging mirror and
-    one buffer of decoded rows (every device step runs on one stream). Host arenas (not
+    two buffers of decoded rows (every device step runs on one stream; batch k+1 is
+    decoded before batch k's verdict is read and its rows placed). Host arenas (not
     pinned): two of about twice ``batch_bytes``; a reader without room in them returns
     bytes of its own instead.
 
     ``direct`` (the mode with a frame decoder, nvCOMP on a GPU): no staging slots; the
     two arenas are the pinned memory, and the device holds a mirror of one arena, the
-    staging layout, the decoded rows, and a copy of each stored chunk that did not fit
+    staging layout, two buffers of decoded rows, and a copy of each stored chunk that did not fit
     in the arena (deep delta chains: at most the batch's stored bytes beyond it).
 
     Sparse deltas (codec 4) add index temporaries on the device for at most
@@ -137,7 +138,7 @@ def memory_bound(
     rows = (max_depth + 1) * (batch_bytes // block_size + 1)
     slot = 2 * (max_depth + 1) * batch_bytes + rows * 16 * ALIGN
     arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256 + PAD
-    row_bytes = rows * align_up(block_size, 64)
+    row_bytes = 2 * rows * align_up(block_size, 64)  # two buffers of rows
     if direct:
         stored = (max_depth + 1) * batch_bytes + rows * (256 + PAD)
         return {
@@ -224,11 +225,12 @@ class RestorePipeline(HostStaging, DeviceSteps):
         if self.direct and self.frames is None:
             raise ValueError("direct restore needs a frame decoder (frames=...)")
         self.stager = Stager(slots=2, pin=self.cuda)
-        # One device mirror of the staging layout and one buffer of decoded rows: every
-        # device step runs on one stream, so batch k+1 reuses them in stream order.
+        # One device mirror of the staging layout and two buffers of decoded rows (by
+        # batch parity): every device step runs on one stream, so batches reuse them in
+        # stream order.
         self._dev: torch.Tensor | None = None
         self._mirror: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None
+        self._rows: list[torch.Tensor | None] = [None, None]
         self._events: list[Events] = []
         self._live: dict[bytes, tuple[int, int, int]] = {}
         self._batch_of: list[int] = []
@@ -335,24 +337,44 @@ class RestorePipeline(HostStaging, DeviceSteps):
         ]
         for th in threads:
             th.start()
+
+        def finish(pending: Pending) -> None:
+            self._finish(pending, dests)
+            if on_batch is not None:
+                on_batch(pending.batch.k, pending.batch.places)
+            if progress:
+                progress(sum(p.size for p in pending.batch.places))
+
         try:
+            # Batch k's verdict is read (and its rows placed) once batch k+1 is queued
+            # behind it, so the device always has the next batch's work.
+            pending: Pending | None = None
             while True:
                 tw = time.perf_counter()
                 item = staged.get()
                 self.stats.wait_s += time.perf_counter() - tw
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
+                if item is None or isinstance(item, BaseException):
+                    if pending is not None:
+                        finish(pending)  # verified before the error: placed, as before
+                        pending = None
+                    if item is None:
+                        break
                     raise item
-                self._device_stage(item, dests)
+                try:
+                    queued = self._device_stage(item, dests)
+                except BaseException:
+                    if pending is not None:
+                        finish(pending)  # the batch before the damaged one is placed
+                    raise
                 if self.direct:
                     # The arena's copy is queued (an event on it: the reader waits for
                     # that before reusing it); on the CPU its bytes were used already.
                     arena_free.release()
-                if on_batch is not None:
-                    on_batch(item.k, item.places)
-                if progress:
-                    progress(sum(p.size for p in item.places))
+                if pending is not None:
+                    finish(pending)
+                pending = queued
+            if pending is not None:
+                finish(pending)
             if self.cuda:
                 assert self.stream is not None
                 torch.cuda.current_stream(self.device).wait_stream(self.stream)
@@ -378,7 +400,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         self.stager.close()
         self._dev = None
         self._mirror = None
-        self._rows = None
+        self._rows = [None, None]
         for a in self._arenas:
             a.wait()
         self._arenas = [Arena(a._alloc) for a in self._arenas]
