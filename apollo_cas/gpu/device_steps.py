@@ -14,6 +14,7 @@ from ..errors import CorruptChunk
 from .blocks import host_block_digests
 from .chunkplan import COPY, FRAME, HINT, Batch, ChunkPlan, align_up, corrupt
 from .readers import PAD, BlobReader
+from .segments import Segments
 from .sparse_steps import scatter_sparse
 from .staging import Stager
 from .zstd import FrameDecoder
@@ -89,8 +90,11 @@ class DeviceSteps:
         mirror = self._mirror_of(batch)
         arena = batch.arena
         srcs: dict[bytes, tuple[torch.Tensor, int]] = {}
+        # One bulk copy per source buffer: the mirror of the arena, and (rarely) a
+        # chunk's own copy when it is not in the arena.
+        bulk: dict[int, tuple[torch.Tensor, Segments]] = {}
 
-        def src(c: ChunkPlan) -> tuple[torch.Tensor, int]:
+        def src(c: ChunkPlan) -> tuple[Segments, int]:
             got = srcs.get(c.cid)
             if got is None:
                 data = c.fallback if c.fallback is not None else c.blob
@@ -104,34 +108,39 @@ class DeviceSteps:
                     got = (t.to(self.device), 0)
                     self.stats.h2d_bytes += len(data)
                 srcs[c.cid] = got
-            return got
+            t, b = got
+            entry = bulk.get(id(t))
+            if entry is None:
+                entry = bulk[id(t)] = (t, Segments())
+            return entry[1], b
 
-        packed: list[torch.Tensor] = []
+        pos = batch.packed_start
         for g in batch.groups:
-            n = len(g.chunks)
             where = [src(c) for c in g.chunks]
             for kk, kind in enumerate(g.kinds):
                 if kind != COPY:
                     continue
                 a = g.slot(kk, 0)
-                parts = [
-                    t[b + c.pieces[kk][0] : b + c.pieces[kk][0] + g.mp]
-                    for (t, b), c in zip(where, g.chunks, strict=True)
-                ]
-                torch.cat(parts, out=dev[a : a + n * g.mp])
-            for (t, b), c in zip(where, g.chunks, strict=True):
+                for i, ((segs, b), c) in enumerate(zip(where, g.chunks, strict=True)):
+                    segs.add(b + c.pieces[kk][0], a + i * g.mp, g.mp)
+            for (segs, b), c in zip(where, g.chunks, strict=True):
                 for kk, kind in enumerate(g.kinds):
                     if kind == FRAME:
                         off, ln = c.pieces[kk]
-                        packed.append(t[b + off : b + off + align_up(ln)])
+                        segs.add(b + off, pos, align_up(ln))
+                        pos += align_up(ln)
                 if c.tail[1]:
-                    packed.append(t[b + c.tail[0] : b + c.tail[0] + align_up(c.tail[1])])
+                    segs.add(b + c.tail[0], pos, align_up(c.tail[1]))
+                    pos += align_up(c.tail[1])
         for c in batch.sparse:  # its two frames, after the groups' (as _layout packed them)
-            t, b = src(c)
+            segs, b = src(c)
             for off, ln in c.pieces:
-                packed.append(t[b + off : b + off + align_up(ln)])
-        if packed:
-            torch.cat(packed, out=dev[batch.packed_start : batch.used])
+                segs.add(b + off, pos, align_up(ln))
+                pos += align_up(ln)
+        if pos != batch.used:
+            raise AssertionError(f"staging layout ends at {pos}, the batch uses {batch.used}")
+        for t, segs in bulk.values():
+            segs.copy(t, dev)
         self.stats.frames += len(batch.frames)
 
     def _device_stage(self, batch: Batch, dests: Sequence[torch.Tensor]) -> Pending:

@@ -10,6 +10,7 @@ call, so a reader need not parallelise.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -97,7 +98,12 @@ class Arena:
         """Where ``piece`` (a view a reader returned) starts in the arena, or None."""
         if self._buf is None or piece is None or not len(piece):
             return None
-        addr = np.frombuffer(piece, dtype=np.uint8).ctypes.data
+        try:
+            # 0.44 us against numpy's 2.4 us: ~16k calls per 17 GB restore, on the
+            # thread that feeds the device (H200 profile, 2026-12-02).
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(piece))
+        except TypeError:  # read-only bytes (not from a reader's arena)
+            addr = np.frombuffer(piece, dtype=np.uint8).ctypes.data
         base = self._buf.ctypes.data
         return addr - base if base <= addr < base + self._cap else None
 

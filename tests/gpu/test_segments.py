@@ -1,0 +1,85 @@
+"""The bulk range copy of the GPU restore's staging step: the piece table, the
+range-by-range CPU copy, and the Triton kernel (under TRITON_INTERPRET=1 on the CPU)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+from apollo_cas.gpu.segments import Segments, pieces  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _expected(src: np.ndarray, dst: np.ndarray, ranges: list[tuple[int, int, int]]) -> np.ndarray:
+    out = dst.copy()
+    for a, b, k in ranges:
+        out[b : b + k] = src[a : a + k]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 3 * 37 + 5), min_size=1, max_size=12),
+    st.integers(1, 37),
+)
+def test_pieces_cover_every_byte_of_every_range_once(lengths: list[int], piece: int) -> None:
+    n = np.asarray(lengths, dtype=np.int64)
+    s = np.cumsum(n) - n + 1000
+    d = np.cumsum(n) - n
+    t = pieces(s, d, n, piece)
+    assert (t[2] <= piece).all() and (t[2] > 0).all()
+    covered = sorted((int(b), int(b + k)) for b, k in zip(t[1], t[2], strict=True) if k)
+    want = sorted((int(b), int(b + k)) for b, k in zip(d, n, strict=True) if k)
+    # the pieces of a range tile it: same bytes, no overlap
+    assert sum(e - b for b, e in covered) == sum(e - b for b, e in want)
+    assert (t[0] - t[1] == 1000).all()
+
+
+def _ranges(rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
+    out, pos = [], 0
+    while True:
+        k = int(rng.integers(1, 40_000))
+        if pos + k > size:
+            return out
+        out.append((int(rng.integers(0, size - k)), pos, k))
+        pos += k + int(rng.integers(0, 17))
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_copy_places_every_range(kernel: bool) -> None:
+    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+    if kernel and dev == "cpu" and not INTERPRET:
+        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    if kernel:
+        pytest.importorskip("triton")
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 256, 200_000, dtype=np.uint8)
+    dst = np.zeros(150_000, dtype=np.uint8)
+    ranges = _ranges(rng, dst.size)
+    segs = Segments()
+    for r in ranges:
+        segs.add(*r)
+    segs.add(5, 5, 0)  # an empty range is no range
+    assert len(segs) == len(ranges)
+    out = torch.from_numpy(dst.copy()).to(dev)
+    segs.copy(torch.from_numpy(src).to(dev), out, kernel=kernel)
+    assert np.array_equal(out.cpu().numpy(), _expected(src, dst, ranges))
+
+
+def test_a_range_outside_a_buffer_is_refused_before_anything_is_copied() -> None:
+    src, dst = torch.arange(10, dtype=torch.uint8), torch.zeros(10, dtype=torch.uint8)
+    segs = Segments()
+    segs.add(0, 0, 4)
+    segs.add(8, 4, 4)  # reads past the source's end
+    with pytest.raises(ValueError, match="past its buffer"):
+        segs.copy(src, dst)
+    assert int(dst.sum()) == 0
