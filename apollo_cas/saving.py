@@ -158,10 +158,8 @@ def save(
         store.locks.hold("shared", f"save {series}") as lease,
         worker_limit(store.workers),
     ):
-        if not first:
-            store.repo.open_config(
-                False, new_format, new_pack_size
-            )  # a store of another format is refused
+        if not first:  # a store of another format is refused
+            store.repo.open_config(False, new_format, new_pack_size)
         else:  # chunks go into the layout the config will name at the first commit
             store.repo.plan_config(new_format, new_pack_size)
         # Only what is known *now*, under the lock, may be trusted: gc may have
