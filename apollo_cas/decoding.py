@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import errors as errors_module
+from . import settings
 from .errors import ApolloError, CorruptChunk, TargetError
 from .parallel import bounded_map
 
@@ -199,7 +200,7 @@ class Decoder:
         nbytes: int,
     ) -> Decoder:
         """Processes when they pay off and another process can open the store."""
-        env = os.environ.get("APOLLO_CAS_PROCESSES", "auto")
+        env = settings.processes()  # APOLLO_CAS_PROCESSES: auto, 0 or 1
         shareable = capabilities.shareable_across_processes
         big = nbytes >= PROCESS_THRESHOLD and workers >= 4
         use = shareable and (env == "1" or (env == "auto" and big))

@@ -26,33 +26,27 @@ so, and the save writes it again). Chunks are deleted dependents first, so a
 delta's base is never gone while the delta can still be found. The full
 argument is in docs/CONCURRENCY.md.
 
-Phase 1 is the plan (what ``--dry-run`` prints), phase 2 its execution. Both
-go through the store's chunk inventory: in format 1 the sweep deletes chunk
-objects (below); in format 2 it deletes and repacks pack objects
-(:mod:`apollo_cas.packgc`), with the same locks and the same re-checks.
+Phase 1 is the plan (:mod:`apollo_cas.gcplan`; what ``--dry-run`` prints),
+phase 2 its execution (here). Both go through the store's chunk inventory: in
+format 1 the sweep deletes chunk objects (below); in format 2 it deletes and
+repacks pack objects (:mod:`apollo_cas.packgc`), with the same locks and the
+same re-checks.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from . import layout, packgc
-from .backends.base import ObjectInfo
-from .errors import (
-    ApolloError,
-    ConcurrentUpdate,
-    CorruptManifest,
-    ObjectNotFound,
-    Refused,
-)
+from . import gcplan, layout, packgc
+from .errors import ConcurrentUpdate, CorruptManifest, Refused
+from .gcplan import GcReport, Marked
 from .inventory import LooseInventory, PackInventory
 from .locks import Lease
 from .manifest import Manifest
 from .parallel import bounded_map
-from .retention import RetentionPolicy, select
+from .retention import RetentionPolicy
 from .store import Store
 
 #: Leftovers of interrupted writes younger than this are left alone: temporary
@@ -72,174 +66,6 @@ _YIELD_SECONDS = 3.5
 _BATCH = 512
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-@dataclass
-class GcReport:
-    """What gc did (or, with ``dry_run``, would do)."""
-
-    dry_run: bool
-    policy: str
-    kept: list[str] = field(default_factory=list)
-    forgotten: list[str] = field(default_factory=list)
-    reasons: dict[str, list[str]] = field(default_factory=dict)
-    manifests_deleted: int = 0
-    manifest_bytes: int = 0
-    chunks_deleted: int = 0
-    chunk_bytes: int = 0
-    chunks_kept: int = 0
-    temporaries_removed: int = 0
-    groups_deleted: int = 0
-    rescued_chunks: int = 0  # candidates protected by saves that finished during phase 1
-    young_chunks_kept: int = 0  # unreferenced but younger than the grace window (a save in flight?)
-    #: format 2: what happened to packs (packgc.PackPlan.to_json, plus what the sweep did)
-    packs: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    lock_wait_seconds: float = 0.0
-
-    @property
-    def bytes_freed(self) -> int:
-        return self.manifest_bytes + self.chunk_bytes
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "policy": self.policy,
-            "kept": self.kept,
-            "forgotten": self.forgotten,
-            "reasons": {k: v for k, v in self.reasons.items() if k in set(self.kept)},
-            "manifests_deleted": self.manifests_deleted,
-            "chunks_deleted": self.chunks_deleted,
-            "chunks_kept": self.chunks_kept,
-            "bytes_freed": self.bytes_freed,
-            "temporaries_removed": self.temporaries_removed,
-            "groups_deleted": self.groups_deleted,
-            "rescued_chunks": self.rescued_chunks,
-            "young_chunks_kept": self.young_chunks_kept,
-            **({"packs": self.packs} if self.packs else {}),
-            "seconds": round(self.seconds, 4),
-            "lock_wait_seconds": round(self.lock_wait_seconds, 4),
-        }
-
-
-def _load_manifests(store: Store, ids: Iterable[str]) -> dict[str, Manifest]:
-    """Load manifests on the store's threads (S3 gets are latency-bound)."""
-    ids = list(ids)
-    return dict(zip(ids, bounded_map(store.manifest, ids, store.workers), strict=True))
-
-
-def _reachable(manifests: Iterable[Manifest]) -> set[bytes]:
-    out: set[bytes] = set()
-    for m in manifests:
-        out |= m.chunk_ids()
-    return out
-
-
-def _sizes(store: Store, keys: list[str]) -> list[int]:
-    """Stored size of each key (0 if it is gone), in order."""
-
-    def size(key: str) -> int:
-        try:
-            return store.backend.info(key).size
-        except ApolloError:  # ObjectNotFound: deleted meanwhile
-            return 0
-
-    return list(bounded_map(size, keys, store.workers))
-
-
-def _dependents_first(
-    store: Store, candidates: set[bytes], manifests: Iterable[Manifest]
-) -> list[bytes]:
-    """Candidates ordered so that a delta chunk goes before the chunk it is a delta
-    against.
-
-    The sweep may release its lock between batches; a save that runs in such a
-    gap may deduplicate against a candidate not yet deleted, and its manifest
-    then rescues that chunk *and its base chain*. That is only possible if no
-    base was deleted before its dependents, hence this order (deepest first).
-    Edges come from the manifests' ``bases``; chunks no manifest names
-    (leftovers of interrupted saves) have their header read.
-    """
-    bases: dict[bytes, bytes] = {}
-    for m in manifests:
-        bases.update(m.bases)
-    covered = set(bases)
-    for m in manifests:
-        covered |= m.chunk_ids()
-    orphans = sorted(candidates - covered)
-
-    def base_of(cid: bytes) -> bytes | None:
-        try:
-            return store.chunks.base_of(cid)
-        except ApolloError:  # an unreadable leftover: nothing can depend on it
-            return None
-
-    for cid, base in zip(orphans, bounded_map(base_of, orphans, store.workers), strict=True):
-        if base is not None:
-            bases[cid] = base
-
-    def depth(cid: bytes) -> int:
-        d = 0
-        while cid in bases and d < 1024:
-            cid = bases[cid]
-            d += 1
-        return d
-
-    return sorted(candidates, key=lambda c: (-depth(c), c))
-
-
-def _infos(store: Store, chunk_ids: Iterable[bytes]) -> dict[bytes, ObjectInfo | None]:
-    """Size and modification time of each chunk (None if it is gone), one stat or HEAD each."""
-    ids = list(chunk_ids)
-
-    def info(cid: bytes) -> ObjectInfo | None:
-        try:
-            return store.backend.info(layout.chunk_key(cid.hex()))
-        except ObjectNotFound:
-            return None
-
-    return dict(zip(ids, bounded_map(info, ids, store.workers), strict=True))
-
-
-def _stored_size(info: ObjectInfo | None) -> int:
-    return info.size if info is not None else 0
-
-
-def _young_orphans(
-    store: Store,
-    candidates: set[bytes],
-    manifests: Iterable[Manifest],
-    infos: dict[bytes, ObjectInfo | None],
-    since: float,
-) -> set[bytes]:
-    """Candidates gc must keep for now: chunks no manifest names that were written
-    after ``since`` (gc's start minus its grace window), and their delta bases.
-
-    Such a chunk may belong to a save still in flight whose lock lapsed (frozen
-    past its lease): it is kept until it is older than the window, which is at
-    least a lock TTL by default. Chunks of forgotten manifests are not young
-    leftovers and go whatever their age: a save that re-uses them is caught by
-    its fencing (docs/CONCURRENCY.md). A kept delta keeps its base chain, so no
-    save can later deduplicate against a chunk whose base is gone.
-    """
-    manifests = list(manifests)
-    named: set[bytes] = set()
-    bases: dict[bytes, bytes] = {}
-    for m in manifests:
-        named |= m.chunk_ids()
-        bases.update(m.bases)
-    keep = {c for c in candidates - named if (i := infos.get(c)) is not None and i.mtime > since}
-    todo = list(keep)
-    while todo:
-        cid = todo.pop()
-        try:
-            base = bases[cid] if cid in bases else store.chunks.base_of(cid)
-        except ApolloError:  # an unreadable leftover: nothing to keep for it
-            base = None
-        if base is not None and base not in keep and base in candidates:
-            keep.add(base)
-            todo.append(base)
-    return keep
 
 
 def _still_held(lease: Lease) -> bool:
@@ -268,35 +94,6 @@ def _delete_while_held(store: Store, lease: Lease, keys: list[str]) -> bool:
     for _ in bounded_map(delete, keys, store.workers):
         pass
     return not lease.lapsed()
-
-
-def _referenced(store: Store) -> set[str]:
-    return set(store.tags().values()) | set(store.series().values())
-
-
-def _groups(store: Store) -> list[Any]:
-    """Multi-rank group records (``GroupRecord``), if this store version has them."""
-    fn = getattr(store, "groups", None)
-    return list(fn()) if fn is not None else []
-
-
-def _apply_groups(groups: list[Any], keep: set[str], reasons: dict[str, list[str]]) -> list[Any]:
-    """A group is restored as a whole: keep every member of a group any of whose
-    members is kept (adds to ``keep``). Returns the groups none of whose members
-    is kept: their records go too."""
-    dead = []
-    for g in groups:
-        members = set(g.members.values())
-        if members & keep:
-            for cid in members - keep:
-                if cid in reasons:
-                    keep.add(cid)
-                    why = f"group {g.series}/{g.name}"
-                    if why not in reasons[cid]:
-                        reasons[cid].append(why)
-        else:
-            dead.append(g)
-    return dead
 
 
 def gc(
@@ -331,43 +128,28 @@ def gc(
 
     # -- phase 1: mark, concurrently with saves ----------------------------------
     step("mark", 0, 1)
-    checkpoints = store.checkpoints()
-    sel = select(checkpoints, policy, time.time() if now is None else now)
-    manifests = {c.checkpoint_id: c.manifest for c in checkpoints}
-    keep_ids = set(sel.keep)
-    dead_groups = _apply_groups(_groups(store), keep_ids, sel.reasons)
-    forget_ids = set(sel.forget) - keep_ids
-    sel = sel._replace(
-        keep=[c for c in manifests if c in keep_ids],
-        forget=[c for c in sel.forget if c in forget_ids],
-    )
-    reachable = _reachable(m for cid, m in manifests.items() if cid not in forget_ids)
+    marked = gcplan.mark(store, policy, now)
     inventory = store.inventory
     if isinstance(inventory, PackInventory):
         return _gc_packs(
-            store, inventory, report, sel, manifests, forget_ids, dead_groups, reachable,
-            checkpoints, dry_run, grace, lock_timeout, max_unused, step, t0, started,
+            store, inventory, report, marked, dry_run, grace, lock_timeout, max_unused, step,
+            t0, started,
         )  # fmt: skip
     assert isinstance(inventory, LooseInventory)
+    sel, manifests, forget_ids = marked.sel, marked.manifests, marked.forget_ids
     present = inventory.ids()
-    candidates = present - reachable
+    candidates = present - marked.reachable
     # Sizes and ages are gathered now, outside the lock (one stat or HEAD per object).
-    infos = _infos(store, candidates)
-    young = _young_orphans(store, candidates, manifests.values(), infos, started - grace)
+    infos = gcplan.infos(store, candidates)
+    young = gcplan.young_orphans(store, candidates, manifests.values(), infos, started - grace)
     candidates -= young
     report.young_chunks_kept = len(young)
-    ordered = _dependents_first(store, candidates, manifests.values())
-    chunk_size = {c: _stored_size(infos.get(c)) for c in ordered}
-    manifest_size = dict(
-        zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
-    )
+    ordered = gcplan.dependents_first(store, candidates, manifests.values())
+    chunk_size = {c: gcplan.stored_size(infos.get(c)) for c in ordered}
     step("mark", 1, 1)
 
     if dry_run:
-        report.kept, report.forgotten, report.reasons = sel.keep, sel.forget, sel.reasons
-        report.groups_deleted = len(dead_groups)
-        report.manifests_deleted = len(sel.forget)
-        report.manifest_bytes = sum(manifest_size.values())
+        gcplan.report_plan(report, marked)
         report.chunks_deleted = len(candidates)
         report.chunk_bytes = sum(chunk_size.values())
         report.chunks_kept = len(present) - len(candidates)
@@ -388,19 +170,17 @@ def gc(
             # stays, including chunks they deduplicated against our candidates.
             new_ids = set(store.checkpoint_ids()) - seen
             if new_ids:
-                needed = _reachable(_load_manifests(store, new_ids).values())
+                needed = gcplan.reachable(gcplan.load_manifests(store, new_ids).values())
                 seen |= new_ids
                 kept = [c for c in pending if c not in needed]
                 report.rescued_chunks += len(pending) - len(kept)
                 pending = kept
             if first and _still_held(lease):
                 first = False
-                rescued = _forget_under_lock(
-                    store, sel, manifests, forget_ids, seen, manifest_size, report, step
-                )
+                rescued = _forget_under_lock(store, marked, forget_ids, seen, report, step)
                 if rescued:
                     forget_ids -= rescued
-                    needed = _reachable(manifests[c] for c in rescued)
+                    needed = gcplan.reachable(manifests[c] for c in rescued)
                     pending = [c for c in pending if c not in needed]
                 forget_sorted = [c for c in sel.forget if c in forget_ids]
             while pending and not first:  # at least one batch per hold, then until max_hold
@@ -426,7 +206,7 @@ def gc(
 
     store.chunks.forget_known()  # this process's cache may name chunks just swept
     report.chunks_kept = len(present) - report.chunks_deleted
-    report.kept = [c.checkpoint_id for c in checkpoints if c.checkpoint_id not in forget_ids]
+    report.kept = [c.checkpoint_id for c in marked.checkpoints if c.checkpoint_id not in forget_ids]
     report.kept += sorted(seen - set(manifests))
     report.forgotten = forget_sorted
     report.reasons = sel.reasons
@@ -436,11 +216,9 @@ def gc(
 
 def _forget_under_lock(
     store: Store,
-    sel: Any,
-    manifests: dict[str, Manifest],
+    marked: Marked,
     forget_ids: set[str],
     seen: set[str],
-    manifest_size: dict[str, int],
     report: GcReport,
     step: ProgressFn,
 ) -> set[str]:
@@ -449,9 +227,10 @@ def _forget_under_lock(
     longer forgotten: a ref or a kept group names them now)."""
     # Refs may have moved and tags may have been added since phase 1:
     # never delete what a ref names now, nor the chunks it needs.
-    rescued = forget_ids & _referenced(store)
+    sel = marked.sel
+    rescued = forget_ids & gcplan.referenced(store)
     live = seen - forget_ids - rescued
-    dead_groups = _apply_groups(_groups(store), live, sel.reasons)
+    dead_groups = gcplan.apply_groups(gcplan.group_records(store), live, sel.reasons)
     rescued |= forget_ids & live
     forget_sorted = [c for c in sel.forget if c in forget_ids - rescued]
     # Group records name manifests like refs do: they go before the
@@ -466,7 +245,7 @@ def _forget_under_lock(
         step("forget", i + 1, len(forget_sorted))
     store.backend.sync()
     report.manifests_deleted = len(forget_sorted)
-    report.manifest_bytes = sum(manifest_size.get(c, 0) for c in forget_sorted)
+    report.manifest_bytes = sum(marked.manifest_size.get(c, 0) for c in forget_sorted)
     return rescued
 
 
@@ -474,12 +253,7 @@ def _gc_packs(
     store: Store,
     inventory: PackInventory,
     report: GcReport,
-    sel: Any,
-    manifests: dict[str, Manifest],
-    forget_ids: set[str],
-    dead_groups: list[Any],
-    reachable: set[bytes],
-    checkpoints: list[Any],
+    marked: Marked,
     dry_run: bool,
     grace: float,
     lock_timeout: float,
@@ -489,24 +263,19 @@ def _gc_packs(
     started: float,
 ) -> GcReport:
     """gc of a format-2 store: plan (the dry run), copy, then sweep under the lock."""
+    sel, manifests, forget_ids = marked.sel, marked.manifests, marked.forget_ids
     # Young unreferenced chunks (a save in flight?) and their bases stay, as in format 1.
-    candidates = inventory.ids() - reachable
+    candidates = inventory.ids() - marked.reachable
     infos = packgc.chunk_infos(inventory, candidates, store.workers)
-    young = _young_orphans(store, candidates, manifests.values(), infos, started - grace)
+    young = gcplan.young_orphans(store, candidates, manifests.values(), infos, started - grace)
     report.young_chunks_kept = len(young)
-    reachable = reachable | young
+    reachable = marked.reachable | young
     plan, _idx = packgc.plan(inventory, reachable, max_unused=max_unused, grace=grace)
-    manifest_size = dict(
-        zip(sel.forget, _sizes(store, [layout.manifest_key(c) for c in sel.forget]), strict=True)
-    )
     step("mark", 1, 1)
     report.packs = plan.to_json()
     report.chunks_kept = plan.live_chunks
     if dry_run:
-        report.kept, report.forgotten, report.reasons = sel.keep, sel.forget, sel.reasons
-        report.groups_deleted = len(dead_groups)
-        report.manifests_deleted = len(sel.forget)
-        report.manifest_bytes = sum(manifest_size.values())
+        gcplan.report_plan(report, marked)
         report.chunk_bytes = plan.bytes_freed
         report.chunks_deleted = plan.chunks_dropped
         report.seconds = time.perf_counter() - t0
@@ -526,18 +295,16 @@ def _gc_packs(
             report.lock_wait_seconds += time.perf_counter() - t_lock
             # Saves that finished since we last looked: what they need stays.
             fresh = set(store.checkpoint_ids()) - seen
-            new.update(_load_manifests(store, fresh))
+            new.update(gcplan.load_manifests(store, fresh))
             seen |= fresh
             if not _still_held(lease):  # frozen past our lease: what we listed may be stale
                 continue
             if not forgotten:
                 forgotten = True
-                rescued = _forget_under_lock(
-                    store, sel, manifests, forget_ids, seen, manifest_size, report, step
-                )
+                rescued = _forget_under_lock(store, marked, forget_ids, seen, report, step)
                 forget_ids = forget_ids - rescued
-            live = _reachable(m for c, m in manifests.items() if c not in forget_ids)
-            live |= _reachable(new.values()) | young
+            live = gcplan.reachable(m for c, m in manifests.items() if c not in forget_ids)
+            live |= gcplan.reachable(new.values()) | young
             held = lease_held(lease)
             if left is None:
                 done = packgc.sweep(
@@ -566,7 +333,7 @@ def _gc_packs(
             break
     new_ids = set(new)
     store.chunks.forget_known()
-    report.kept = [c.checkpoint_id for c in checkpoints if c.checkpoint_id not in forget_ids]
+    report.kept = [c.checkpoint_id for c in marked.checkpoints if c.checkpoint_id not in forget_ids]
     report.kept += sorted(new_ids)
     report.forgotten = [c for c in sel.forget if c in forget_ids]
     report.reasons = sel.reasons
@@ -590,7 +357,7 @@ def forget(store: Store, checkpoint_id: str, *, lock_timeout: float = DEFAULT_LO
                 f"checkpoint {checkpoint_id[:12]} is tagged {', '.join(tags)}",
                 f"delete the tag first: apollo-cas tag --delete {tags[0]}",
             )
-        for g in _groups(store):
+        for g in gcplan.group_records(store):
             ranks = sorted(r for r, c in g.members.items() if c == checkpoint_id)
             if ranks:
                 raise Refused(

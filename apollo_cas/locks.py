@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import threading
@@ -41,9 +40,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from . import procinfo
+from . import procinfo, settings
 from .backends.base import Backend
-from .errors import ApolloError, ObjectNotFound, StoreLocked, UsageError
+from .errors import ApolloError, ObjectNotFound, StoreLocked
 from .layout import LOCKS_PREFIX, lock_key
 
 log = logging.getLogger(__name__)
@@ -57,22 +56,12 @@ LOCK_TTL = 30 * 60.0
 #: 5/6 of its TTL left whenever the holder is running normally.
 REFRESH_FRACTION = 1 / 6
 REFRESH_EVERY = LOCK_TTL * REFRESH_FRACTION
-#: ``APOLLO_CAS_LOCK_TTL`` (seconds) overrides the TTL of the locks this process takes.
-TTL_ENV = "APOLLO_CAS_LOCK_TTL"
 
 
 def ttl_from_env() -> float:
-    """The lease length this process uses: ``APOLLO_CAS_LOCK_TTL`` or 30 minutes."""
-    text = os.environ.get(TTL_ENV, "").strip()
-    if not text:
-        return LOCK_TTL
-    try:
-        ttl = float(text)
-    except ValueError:
-        ttl = -1.0
-    if not ttl > 0:
-        raise UsageError(f"{TTL_ENV}={text!r} is not a positive number of seconds", "unset it")
-    return ttl
+    """The lease length this process uses: ``APOLLO_CAS_LOCK_TTL`` (seconds,
+    :mod:`apollo_cas.settings`) or 30 minutes."""
+    return settings.lock_ttl() or LOCK_TTL
 
 
 def _boottime() -> float:

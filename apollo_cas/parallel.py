@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
 
+from . import settings
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -40,9 +42,9 @@ def _capped(n: int) -> int:
 
 
 def default_workers() -> int:
-    env = os.environ.get("APOLLO_CAS_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return _capped(int(env))
+    threads = settings.threads()  # APOLLO_CAS_THREADS
+    if threads is not None:
+        return _capped(threads)
     return _capped(
         max(
             1,

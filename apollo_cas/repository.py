@@ -8,10 +8,9 @@ restore targets. Nothing here imports a source, a target or the decoder.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, replace
 
-from . import codecs, frontend, layout
+from . import codecs, frontend, layout, settings
 from .backends import Backend
 from .chunkstore import ChunkStore
 from .errors import (
@@ -23,14 +22,12 @@ from .errors import (
     RefNotFound,
     Refused,
     StoreNotFound,
-    UsageError,
 )
 from .filesets import same_files
 from .hashing import digest_hex
 from .inventory import ChunkInventory, open_inventory
 from .manifest import (
     DEFAULT_PACK_SIZE,
-    STORE_FORMATS,
     GroupRecord,
     Manifest,
     SourceInfo,
@@ -46,29 +43,13 @@ DEFAULT_FORMAT = 2
 
 def new_store_format() -> int:
     """The format a store created now gets: ``APOLLO_CAS_FORMAT``, else the default."""
-    env = os.environ.get("APOLLO_CAS_FORMAT", "")
-    if not env:
-        return DEFAULT_FORMAT
-    if env not in {str(f) for f in STORE_FORMATS}:
-        raise UsageError(
-            f"APOLLO_CAS_FORMAT={env!r} is not a store format",
-            f"use one of {', '.join(map(str, STORE_FORMATS))}, or unset it",
-        )
-    return int(env)
+    return settings.store_format() or DEFAULT_FORMAT
 
 
 def new_pack_size() -> int:
     """The target pack size a format-2 store created now gets:
     ``APOLLO_CAS_PACK_SIZE`` (bytes; tests and benchmarks use small ones), else 64 MiB."""
-    env = os.environ.get("APOLLO_CAS_PACK_SIZE", "")
-    if not env:
-        return DEFAULT_PACK_SIZE
-    if not env.isdigit() or not 4096 <= int(env) <= 1 << 30:
-        raise UsageError(
-            f"APOLLO_CAS_PACK_SIZE={env!r} is not a pack size",
-            "give a number of bytes between 4096 and 1 GiB, or unset it",
-        )
-    return int(env)
+    return settings.pack_size() or DEFAULT_PACK_SIZE
 
 
 @dataclass(frozen=True)

@@ -2,108 +2,41 @@
 
 :class:`~apollo_cas.repository.Repository` owns what a store is (config,
 refs, manifests, the chunk inventory, the commit); :class:`Store` adds the
-verbs users call (save, restore, load, tag) with their locks. Sources, targets,
-gc, verify and the CLI go through it.
+verbs users call (save, restore, load, tag) with their locks. The save
+orchestration lives in :mod:`apollo_cas.saving`, the restore entry points in
+:mod:`apollo_cas.restoring`: the methods here keep the public signatures and
+their documentation, and hand over. Sources, targets, gc, verify and the CLI
+go through it.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import sys
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Any
 
-from . import codecs, layout, unborn
+from . import codecs, layout, restoring, saving
 from .backends import Backend, open_backend
-from .codecs import chain
 from .decoding import ChunkReader, Decoder
-from .errors import (
-    ConcurrentUpdate,
-    CorruptChunk,
-    RefNotFound,
-    Refused,
-    UsageError,
-)
-from .filesets import same_files
 from .inventory import ChunkInventory
-from .locks import Lease, Locks
-from .manifest import (
-    DEFAULT_BLOCK_SIZE,
-    GroupRecord,
-    Manifest,
-    SavedFilesRef,
-    SaveStats,
-    SourceInfo,
-    StoreConfig,
-    TensorEntry,
-)
-from .parallel import default_workers, worker_limit
-from .pipeline import ProgressFn, WriteResult, same_content, write_source
+from .locks import Locks
+from .manifest import GroupRecord, Manifest, StoreConfig
+from .parallel import default_workers
+from .pipeline import ProgressFn
 from .repository import Checkpoint, Repository
-from .sources import open_mapping
+from .restoring import RestoreResult
+from .saving import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SaveResult, check_block_size
 from .sources.base import Source
 
-MIN_BLOCK_SIZE = 4096
-MAX_BLOCK_SIZE = 256 << 20
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What a save did."""
-
-    checkpoint_id: str | None  # the new checkpoint, or the unchanged latest
-    parent: str | None
-    series: str
-    unchanged: bool  # nothing changed: no checkpoint was added
-    manifest: Manifest | None  # the new checkpoint's (or the unchanged latest's) manifest
-    stats: SaveStats  # what this save did (new chunks are 0 when unchanged)
-    seconds: float
-    fetched_bytes: int = 0
-    #: CPU seconds of this process during the save (all threads), beside ``seconds``
-    cpu_seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        st = self.stats
-        return {
-            "checkpoint": self.checkpoint_id,
-            "parent": self.parent,
-            "series": self.series,
-            "unchanged": self.unchanged,
-            "seconds": round(self.seconds, 4),
-            "cpu_seconds": round(self.cpu_seconds, 4),
-            "logical_bytes": st.logical_bytes,
-            "chunks": st.chunks,
-            "new_chunks": st.new_chunks,
-            "new_raw_bytes": st.new_raw_bytes,
-            "new_stored_bytes": st.new_stored_bytes,
-            "device_to_host_bytes": self.fetched_bytes,
-        }
-
-
-@dataclass(frozen=True)
-class RestoreResult:
-    """What a restore wrote, and whether it is the saved files byte for byte."""
-
-    checkpoint_id: str
-    paths: list[str]
-    format: str  # safetensors or flat
-    exact: bool  # the files as saved: same names, same bytes
-    reason: str | None = None  # why not exact, when not
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "exact": self.exact, "not_exact_because": self.reason}
-
-
-def check_block_size(block_size: int) -> int:
-    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 256:
-        raise UsageError(
-            f"block size {block_size} out of range",
-            f"use a multiple of 256 between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE} (default 1 MiB)",
-        )
-    return block_size
+__all__ = [
+    "MAX_BLOCK_SIZE",
+    "MIN_BLOCK_SIZE",
+    "Checkpoint",
+    "RestoreResult",
+    "SaveResult",
+    "Store",
+    "check_block_size",
+]
 
 
 class Store:
@@ -213,14 +146,7 @@ class Store:
         Moving a tag takes ``apollo-cas tag --force``, as it always did."""
         current = self.repo.read_ref(layout.tag_key(name))
         if current is not None and current != self.latest(series):
-            raise self._tag_taken(name, current)
-
-    @staticmethod
-    def _tag_taken(name: str, current: str) -> Refused:
-        return Refused(
-            f"tag {name!r} already names {current[:12]}; nothing was saved",
-            "pick another --tag name, or move the tag first with 'apollo-cas tag --force'",
-        )
+            raise saving.tag_taken(name, current)
 
     def untag(self, name: str) -> None:
         """Delete a tag (the checkpoint stays until gc's retention drops it)."""
@@ -274,269 +200,28 @@ class Store:
         ``block_size`` a save uses its series' latest checkpoint's block size
         (1 MiB for a series' first save), so deltas and dedup carry on.
         """
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        layout.check_name(series, "series")
-        for name in (tag, group):
-            if name is not None:
-                layout.check_name(name, "tag" if name is tag else "group")
-        if block_size is not None:
-            check_block_size(block_size)
-        if not isinstance(source, Source):
-            source = open_mapping(source, SourceInfo(kind="mapping"))
-        info = source.info
-        if metadata:
-            info = replace(info, metadata={**info.metadata, **dict(metadata)})
-        series = self._series_for(series, info, group)
-        with (
-            unborn.first_save(self.backend, self.locks) as first,
-            self.locks.hold("shared", f"save {series}") as lease,
-            worker_limit(self.workers),
-        ):
-            if not first:
-                self._check_config(create=False)  # a store of another format is refused
-            else:  # chunks go into the layout the config will name at the first commit
-                self.repo.plan_config(self._format, self._pack_size)
-            # Only what is known *now*, under the lock, may be trusted: gc may have
-            # swept chunks this process saw in an earlier save.
-            self.chunks.forget_known()
-            parent_id = self.latest(series)
-            parent = self.manifest(parent_id) if parent_id else None
-            if check is not None:
-                check(parent, source)
-            if tag is not None:  # before anything is written: a tag never moves silently
-                self.check_tag(tag, series)
-            if block_size is None:
-                block_size = parent.block_size if parent is not None else DEFAULT_BLOCK_SIZE
-            if parent is not None and parent.block_size == block_size:
-                self.chunks.known.update(parent.chunk_ids())
-            base_for = self._base_finder(source, parent, block_size)
-            try:
-                res = write_source(
-                    self.chunks,
-                    source,
-                    block_size,
-                    self.workers,
-                    base_for,
-                    progress,
-                    self._device_delta(source, base_for, block_size),
-                )
-                saved_files = self._put_saved_files(source)
-                # Every new chunk durable and findable (format 2: packs, then
-                # their index) before the manifest that names them.
-                self.chunks.flush()
-            except BaseException:
-                self.chunks.discard()
-                raise
-            source.check_unchanged()  # bytes read from a file rewritten meanwhile are torn
-            elapsed = time.perf_counter() - t0
-            if same_content(res.tensors, parent) and same_files(saved_files, parent) and not force:
-                cid, manifest, unchanged = parent_id, parent, True
-            else:
-                manifest = Manifest(
-                    series=series,
-                    created=created if created is not None else (source.created or time.time()),
-                    block_size=block_size,
-                    tensors=res.tensors,
-                    source=info,
-                    parent=parent_id,
-                    stats=replace(res.stats, seconds=round(elapsed, 6)),
-                    bases=self._bases_closure(res, parent),
-                    saved_files=saved_files,
-                )
-                taken = self.repo.read_ref(layout.tag_key(tag)) if tag is not None else None
-                if tag is not None and taken is not None:
-                    # It names the parent (check_tag), and this save adds a checkpoint.
-                    raise self._tag_taken(tag, taken)
-                if first:  # the store is born with its first commit, and only if it can
-                    manifest.encode_checked(f"save of {info.location or info.kind}")
-                    self._check_config(create=True)
-                # A time the source recorded (an import) may be older than latest;
-                # the clock's "now" never counts as older (hosts' clocks differ).
-                dated = created is not None or source.created is not None
-                self._fence(lease, manifest)
-                cid, manifest, unchanged = self.repo.commit(manifest, parent_id, force, dated)
-                if not unchanged and lease.lapsed():
-                    self._fence(lease, manifest, committed=cid)
-            # Still under the shared lock: once released, a concurrent save may
-            # move latest past cid and gc could forget it before it is named.
-            if tag and cid:
-                try:
-                    self.tag(cid, tag, series=series)
-                except UsageError as exc:  # another process took the name meanwhile
-                    raise UsageError(
-                        f"checkpoint {cid[:12]} was saved, but {exc.message} (set by another "
-                        "process during this save)",
-                        f"name it with 'apollo-cas tag {cid[:12]} OTHER_NAME'",
-                    ) from None
-            if group and cid:
-                self.repo.join_group(group, series, info, cid)
-        stats = res.stats if unchanged else manifest.stats if manifest else res.stats
-        return SaveResult(
-            cid,
-            manifest.parent if manifest else None,
-            series,
-            unchanged,
-            manifest,
-            stats,
-            time.perf_counter() - t0,
-            res.fetched_bytes,
-            time.process_time() - cpu0,
+        return saving.save(
+            self,
+            source,
+            series=series,
+            tag=tag,
+            block_size=block_size,
+            force=force,
+            metadata=metadata,
+            created=created,
+            progress=progress,
+            check=check,
+            group=group,
+            new_format=self._format,
+            new_pack_size=self._pack_size,
         )
-
-    def _put_saved_files(self, source: Source) -> SavedFilesRef | None:
-        """Store the record of the files ``source`` was read from (exact restores)."""
-        record = source.saved_files()
-        if record is None:
-            return None
-        data = record.encode()
-        return SavedFilesRef(record.kind, self.chunks.put_block(data).chunk_id, len(data))
-
-    @staticmethod
-    def _series_for(series: str, info: SourceInfo, group: str | None) -> str:
-        """Ranks of a tensor-parallel model save into one series each."""
-        if info.rank is not None and (info.world_size or 1) > 1:
-            if not 0 <= info.rank < (info.world_size or 1):
-                raise UsageError(f"rank {info.rank} outside world size {info.world_size}")
-            return layout.rank_series(series, info.rank)
-        if group is not None:
-            raise UsageError(
-                "--group needs --rank and --world-size",
-                "a group joins the checkpoints of several ranks",
-            )
-        return series
 
     def _base_finder(
         self, source: Source, parent: Manifest | None, block_size: int
     ) -> Callable[[int, int], codecs.Base | None] | None:
-        """Delta bases: the parent's block at the same place of the same tensor."""
-        policy = self.chunks.policy
-        if (
-            parent is None
-            or not policy.delta
-            or policy.max_delta_depth == 0
-            or parent.block_size != block_size
-        ):
-            return None
-        by_name = {t.name: t for t in parent.tensors}
-        tensors = source.tensors()
-        matches: list[TensorEntry | None] = []
-        for t in tensors:
-            p = by_name.get(t.name)
-            ok = p is not None and p.dtype == t.dtype.name and p.shape == tuple(t.shape)
-            matches.append(p if ok else None)
-        bases = parent.bases
-
-        def find(ti: int, bi: int) -> codecs.Base | None:
-            p = matches[ti]
-            if p is None:
-                return None
-            cid = p.chunks[bi]
-            try:
-                links = chain.walk(cid, bases.get)
-            except chain.ChainError:
-                # The parent's bases loop (or run on past the format's bound): a
-                # delta against it could not be restored; store the block in full.
-                return None
-            root, d = links[-1], len(links) - 1
-            # When the parent's chain is at the depth limit the codec deltas
-            # against the chain's full root instead of storing a full chunk.
-            root_base = (
-                codecs.Base(chunk_id=root, raw=lambda: self.chunks.read(root), depth=0)
-                if d
-                else None
-            )
-            return codecs.Base(
-                chunk_id=cid, raw=lambda: self.chunks.read(cid), depth=d, root=root_base
-            )
-
-        return find
-
-    def _device_delta(
-        self,
-        source: Source,
-        base_for: Callable[[int, int], codecs.Base | None] | None,
-        block_size: int,
-    ) -> Any:
-        """The GPU delta hook for a device source with a parent, else None (CPU path)."""
-        self.last_device_delta = None
-        device = sys.modules.get("apollo_cas.sources.device")  # loaded by any device source
-        if (
-            base_for is None
-            or self.device_delta == "never"
-            or device is None
-            or not isinstance(source, device.DeviceSource)
-        ):
-            return None
-        from .gpu.delta_save import make_hook
-
-        def keep(stats: Any) -> None:
-            self.last_device_delta = stats
-
-        return make_hook(self, source, base_for, block_size, self.device_delta, on_stats=keep)
-
-    def _bases_closure(self, res: WriteResult, parent: Manifest | None) -> dict[bytes, bytes]:
-        """Every (chunk -> base) edge this checkpoint needs, for gc and verify."""
-        known = dict(parent.bases) if parent else {}
-        known.update(res.bases)
-        parent_ids = parent.chunk_ids() if parent else set()
-
-        def base_of(cid: bytes) -> bytes | None:
-            if cid in known:
-                return known[cid]
-            if cid in parent_ids or cid in res.bases:
-                return None
-            return self.chunks.base_of(cid)  # a dedup hit outside the parent: read its header
-
-        out: dict[bytes, bytes] = {}
-        done: set[bytes] = set()
-        for cid in dict.fromkeys(c for t in res.tensors for c in t.chunks):
-            if cid in done:
-                continue
-            try:
-                links = chain.walk(cid, base_of)
-            except chain.ChainError:
-                # The parent's manifest says these bases loop: believe the chunks'
-                # own headers, which a restore follows; if they loop too, the
-                # chunk cannot be restored and no manifest may name it.
-                try:
-                    links = chain.walk(cid, self.chunks.base_of)
-                except chain.ChainError as exc:
-                    raise CorruptChunk(
-                        f"chunk {cid.hex()} cannot be restored: {exc}",
-                        "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
-                    ) from None
-            out.update(itertools.pairwise(links))
-            done.update(links)
-        return out
-
-    def _fence(self, lease: Lease, manifest: Manifest, committed: str | None = None) -> None:
-        """Commit only on a lease held without a gap (fencing; docs/CONCURRENCY.md).
-
-        A save frozen past its lock's TTL (SIGSTOP, a suspended VM, swapping)
-        may have lost its lock to a gc that then swept chunks this save had
-        found present. Then take the lock again and prove that every chunk the
-        manifest names (delta bases included) still exists; if not, fail with
-        nothing committed (a ``committed`` checkpoint, whose lease lapsed while
-        its ref moved, is withdrawn if its ref still names it).
-        """
-        if committed is None and lease.confirm():
-            return
-        lease.reacquire()
-        self.chunks.forget_known()
-        self.inventory.refresh()  # what the store holds now, not what this process saw
-        missing = len(manifest.chunk_ids() - self.inventory.ids())
-        if not missing:
-            return
-        if committed is not None:
-            key = layout.series_key(manifest.series)
-            old = manifest.parent.encode() if manifest.parent else None
-            if self.backend.compare_and_swap(key, committed.encode(), old):
-                self.backend.delete(layout.manifest_key(committed))
-        raise ConcurrentUpdate(
-            f"save to series {manifest.series!r} was stalled past its lock's lease and "
-            f"{missing} of its chunks were removed meanwhile by gc; nothing was committed",
-            "run the save again",
-        )
+        """Delta bases: the parent's block at the same place of the same tensor
+        (:func:`apollo_cas.saving.base_finder`; the GPU delta tests drive it)."""
+        return saving.base_finder(self, source, parent, block_size)
 
     # -- reading -------------------------------------------------------------
     def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:
@@ -589,43 +274,17 @@ class Store:
         checkpoints are rewritten (``format`` defaults to safetensors). Outputs
         appear only when complete.
         """
-        from pathlib import Path
-
-        from .targets.exact import choose_form, restore_exact
-
-        cid = self.resolve(ref, series)
-        manifest = self.manifest(cid)
-        form, record = choose_form(
-            manifest,
-            cid,
-            self.read_chunk,
+        return restoring.restore_files(
+            self,
+            ref,
+            to,
             format=format,
-            layout=safetensors_layout,
+            series=series,
             max_shard_size=max_shard_size,
+            safetensors_layout=safetensors_layout,
             exact=exact,
+            progress=progress,
         )
-        dest = Path(to)
-        decoder = self.decoder(manifest.logical_bytes)
-        if record is not None:
-            paths = restore_exact(decoder, manifest, record, dest, progress)
-        elif form.format == "flat":
-            from .targets.flat import restore_flat
-
-            paths = restore_flat(decoder, manifest, dest, progress)
-        elif form.format == "safetensors":
-            from .targets.safetensors_dir import DEFAULT_SHARD_SIZE, restore_safetensors
-
-            paths = restore_safetensors(
-                decoder,
-                manifest,
-                dest,
-                max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
-                layout=safetensors_layout,
-                progress=progress,
-            )
-        else:
-            raise UsageError(f"unknown restore format {form.format!r}", "use flat or safetensors")
-        return RestoreResult(cid, [str(p) for p in paths], form.format, form.exact, form.reason)
 
     def restore_group(
         self,
@@ -643,34 +302,16 @@ class Store:
         safetensors: vLLM's per-rank layout (``model-rank-R-part-P``), all ranks in
         one directory; flat: ``rank-R/weights.bin`` + ``weights.json`` per rank.
         """
-        from pathlib import Path
-
-        rec = self.group(name, series)
-        if not rec.complete:
-            missing = sorted(set(range(rec.world_size)) - set(rec.members))
-            if rank is None or rank not in rec.members:
-                raise RefNotFound(
-                    f"group {name!r} is incomplete: ranks {missing} never saved",
-                    "restore the ranks that exist with --rank, or an older group",
-                )
-        ranks = [rank] if rank is not None else sorted(rec.members)
-        paths: list[str] = []
-        for r in ranks:
-            if r not in rec.members:
-                raise RefNotFound(
-                    f"group {name!r} has no rank {r}", f"ranks present: {sorted(rec.members)}"
-                )
-            dest = Path(to) / f"rank-{r}" if format == "flat" else Path(to)
-            paths += self.restore(
-                rec.members[r],
-                dest,
-                format=format,
-                series=series,
-                max_shard_size=max_shard_size,
-                safetensors_layout="vllm-sharded",
-                progress=progress,
-            )
-        return paths
+        return restoring.restore_group(
+            self,
+            name,
+            to,
+            format=format,
+            series=series,
+            rank=rank,
+            max_shard_size=max_shard_size,
+            progress=progress,
+        )
 
     def load(
         self,
@@ -684,38 +325,14 @@ class Store:
         On a CUDA device the chunks are copied to the GPU compressed, decoded and
         verified there (docs/GPU_RESTORE.md); elsewhere they are decoded on the CPU.
         """
-        from .targets.tensors import load_tensors, load_tensors_pipeline
-
-        manifest = self.manifest(self.resolve(ref, series))
-        if device is not None and str(device).startswith("cuda"):
-            pipe = self.restore_pipeline(manifest.block_size, device)
-            try:
-                return load_tensors_pipeline(pipe, manifest)
-            finally:
-                pipe.close()
-        return load_tensors(self.decoder(manifest.logical_bytes), manifest, device)
+        return restoring.load(self, ref, device=device, series=series)
 
     def restore_pipeline(self, block_size: int, device: str | Any = "cuda", **options: Any) -> Any:
         """A :class:`~apollo_cas.gpu.restore.RestorePipeline` reading this store's chunks.
 
         ``options`` go to the pipeline (``batch_bytes``, ``frames``, ``workers``).
         """
-        from .backends.local import LocalBackend
-        from .gpu.restore import RestorePipeline, file_reader, object_reader, pack_reader
-
-        options.setdefault("workers", self.workers)
-        root = self.backend.root if isinstance(self.backend, LocalBackend) else None
-        # The pipeline calls the reader from its own threads: one thread per call here.
-        # Format 2: chunks located in packs, adjacent ones read as one range.
-        if self.format >= 2:
-            reader = pack_reader(
-                self.chunks.locate, self.backend.get_range, root, self.inventory.refresh
-            )
-        elif root is not None:
-            reader = file_reader(root, 1)
-        else:
-            reader = object_reader(self.chunks.get_blob, 1)
-        return RestorePipeline(reader, self.chunks.read, block_size, device=device, **options)
+        return restoring.restore_pipeline(self, block_size, device, **options)
 
     def restore_into(
         self,
@@ -737,31 +354,15 @@ class Store:
         training) while this runs. Returns a
         :class:`~apollo_cas.targets.live.LiveRestoreReport`.
         """
-        import torch
-
-        from .targets.live import restore_into
-
-        manifest = self.manifest(self.resolve(ref, series))
-        devices = {str(t.device) for t in tensors.values() if isinstance(t, torch.Tensor)}
-        devices = devices or {"cpu"}
-        device = sorted(devices)[0]
-        if len(devices) > 1:
-            raise UsageError(
-                f"tensors on several devices ({', '.join(sorted(devices))})",
-                "restore each device's tensors with its own restore_into call",
-            )
-        pipe = self.restore_pipeline(manifest.block_size, device)
-        try:
-            return restore_into(
-                pipe,
-                tensors,
-                manifest,
-                only_changed=only_changed,
-                dry_run=dry_run,
-                progress=progress,
-            )
-        finally:
-            pipe.close()
+        return restoring.restore_into(
+            self,
+            ref,
+            tensors,
+            only_changed=only_changed,
+            series=series,
+            dry_run=dry_run,
+            progress=progress,
+        )
 
     def decoder(self, nbytes: int) -> Decoder:
         """A decoder for a restore of ``nbytes``: worker processes when they pay

@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import frontend
+from .. import frontend, settings
 from ..errors import ApolloError, StoreNotFound, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STORE_ENV = "APOLLO_CAS_STORE"
+STORE_ENV = settings.STORE  # click reads it for --store (envvar)
 
 store_option = click.option(
     "--store",
@@ -155,12 +155,7 @@ def progress(
     total: int, label: str, enabled: bool = True
 ) -> Iterator[Callable[[int], None] | None]:
     """A byte progress bar on stderr, only when stderr is a terminal."""
-    if (
-        not enabled
-        or total <= 0
-        or not sys.stderr.isatty()
-        or os.environ.get("APOLLO_CAS_NO_PROGRESS")
-    ):
+    if not enabled or total <= 0 or not sys.stderr.isatty() or settings.no_progress():
         yield None
         return
     with click.progressbar(

@@ -12,7 +12,6 @@ so that a script reading stdout always gets one JSON document.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 
 import click
 
-from .. import frontend
+from .. import frontend, settings
 from ..errors import ApolloError
 from . import demo, exits, maintenance, migrate, report, restore, save
 from .allocator import keep_freed_memory
@@ -120,8 +119,10 @@ def run(
     """Run a click group with apollo_cas's error contract; returns the exit code."""
     argv = list(sys.argv[1:] if args is None else args)
     as_json = _wants_json(argv)
+    debug = False  # read inside the try: a bad APOLLO_CAS_DEBUG is a usage error
     with frontend.using(fe), _sigterm_unwinds():
         try:
+            debug = settings.debug()
             group.main(args=argv, prog_name=prog, standalone_mode=False)
         except click.exceptions.Exit as exc:
             return int(exc.exit_code or 0)
@@ -136,7 +137,7 @@ def run(
         except ApolloError as exc:
             code = exits.code_for(exc)
             click.echo(f"error: {exc}", err=True)
-            if os.environ.get("APOLLO_CAS_DEBUG"):
+            if debug:
                 traceback.print_exc()
             if as_json:
                 emit_json(error_json(exc, code))
@@ -160,7 +161,7 @@ def run(
                 "(set APOLLO_CAS_DEBUG=1 for a traceback and report it)",
                 err=True,
             )
-            if os.environ.get("APOLLO_CAS_DEBUG"):
+            if debug:
                 traceback.print_exc()
             if as_json:
                 emit_json(error_json(exc, exits.ERROR))

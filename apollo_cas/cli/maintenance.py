@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from typing import Any
 
 import click
 
+from .. import settings
 from ..errors import DamageFound
 from ..store import Store
 from .common import (
@@ -53,9 +53,7 @@ class _StageBar:
     terminal's stderr; silent when stderr is not a terminal (cron, pipes)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = (
-            enabled and sys.stderr.isatty() and not os.environ.get("APOLLO_CAS_NO_PROGRESS")
-        )
+        self.enabled = enabled and sys.stderr.isatty() and not settings.no_progress()
         self.stage = ""
         self.bar: Any = None
         self.done = 0

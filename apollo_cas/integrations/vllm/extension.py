@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -75,11 +74,12 @@ def _opt_str(v: Any) -> str | None:
 
 
 def _store(worker: Any, location: Any) -> Any:
+    from ... import settings
     from ...errors import UsageError
     from ...store import Store
 
     st = _state(worker)
-    loc = _opt_str(location) or st.default_store or os.environ.get("APOLLO_CAS_STORE")
+    loc = _opt_str(location) or st.default_store or settings.store()
     if not loc:
         raise UsageError(
             "no store given", "pass store=PATH or s3://bucket/prefix, or set APOLLO_CAS_STORE"

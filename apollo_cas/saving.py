@@ -1,0 +1,412 @@
+"""The save orchestration behind ``Store.save``: locks, parent, delta bases, fencing, commit.
+
+:func:`save` runs one save under the store's shared lock: it finds the series'
+parent, offers its blocks as delta bases (:func:`base_finder`), lets the save
+path write the new chunks (:mod:`apollo_cas.pipeline` does the blocks, hashes
+and codecs), builds the manifest with every delta edge it needs
+(:func:`bases_closure`), proves its lease was held without a gap
+(:func:`fence`) and commits through the repository. It reaches the store only
+through :class:`SavingStore`, so this module does not import the facade.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from . import codecs, layout, unborn
+from .backends import Backend
+from .chunkstore import ChunkStore
+from .codecs import chain
+from .errors import ConcurrentUpdate, CorruptChunk, Refused, UsageError
+from .filesets import same_files
+from .inventory import ChunkInventory
+from .locks import Lease, Locks
+from .manifest import (
+    DEFAULT_BLOCK_SIZE,
+    Manifest,
+    SavedFilesRef,
+    SaveStats,
+    SourceInfo,
+    TensorEntry,
+)
+from .parallel import worker_limit
+from .pipeline import ProgressFn, WriteResult, same_content, write_source
+from .repository import Repository
+from .sources import open_mapping
+from .sources.base import Source
+
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 256 << 20
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did."""
+
+    checkpoint_id: str | None  # the new checkpoint, or the unchanged latest
+    parent: str | None
+    series: str
+    unchanged: bool  # nothing changed: no checkpoint was added
+    manifest: Manifest | None  # the new checkpoint's (or the unchanged latest's) manifest
+    stats: SaveStats  # what this save did (new chunks are 0 when unchanged)
+    seconds: float
+    fetched_bytes: int = 0
+    #: CPU seconds of this process during the save (all threads), beside ``seconds``
+    cpu_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        st = self.stats
+        return {
+            "checkpoint": self.checkpoint_id,
+            "parent": self.parent,
+            "series": self.series,
+            "unchanged": self.unchanged,
+            "seconds": round(self.seconds, 4),
+            "cpu_seconds": round(self.cpu_seconds, 4),
+            "logical_bytes": st.logical_bytes,
+            "chunks": st.chunks,
+            "new_chunks": st.new_chunks,
+            "new_raw_bytes": st.new_raw_bytes,
+            "new_stored_bytes": st.new_stored_bytes,
+            "device_to_host_bytes": self.fetched_bytes,
+        }
+
+
+def check_block_size(block_size: int) -> int:
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 256:
+        raise UsageError(
+            f"block size {block_size} out of range",
+            f"use a multiple of 256 between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE} (default 1 MiB)",
+        )
+    return block_size
+
+
+class SavingStore(Protocol):
+    """What a save uses of the :class:`~apollo_cas.store.Store` facade."""
+
+    backend: Backend
+    locks: Locks
+    repo: Repository
+    chunks: ChunkStore
+    workers: int
+    #: "auto", "always" or "never": see ``Store.device_delta``.
+    device_delta: str
+    last_device_delta: Any
+
+    @property
+    def inventory(self) -> ChunkInventory: ...
+
+    def latest(self, series: str = ...) -> str | None: ...
+
+    def manifest(self, checkpoint_id: str) -> Manifest: ...
+
+    def check_tag(self, name: str, series: str = ...) -> None: ...
+
+    def tag(self, ref: str, name: str, *, force: bool = ..., series: str = ...) -> str: ...
+
+    def restore_pipeline(self, block_size: int, device: str | Any = ..., **options: Any) -> Any: ...
+
+
+def tag_taken(name: str, current: str) -> Refused:
+    """The refusal of a save whose ``--tag`` names another checkpoint."""
+    return Refused(
+        f"tag {name!r} already names {current[:12]}; nothing was saved",
+        "pick another --tag name, or move the tag first with 'apollo-cas tag --force'",
+    )
+
+
+def save(
+    store: SavingStore,
+    source: Source | Mapping[str, Any],
+    *,
+    series: str = layout.DEFAULT_SERIES,
+    tag: str | None = None,
+    block_size: int | None = None,
+    force: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    created: float | None = None,
+    progress: ProgressFn | None = None,
+    check: Callable[[Manifest | None, Source], None] | None = None,
+    group: str | None = None,
+    new_format: int | None = None,
+    new_pack_size: int | None = None,
+) -> SaveResult:
+    """:meth:`Store.save <apollo_cas.store.Store.save>`, which documents the options.
+
+    ``new_format`` and ``new_pack_size`` are what the store gets if this save
+    creates it (the ``Store.open`` arguments)."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    layout.check_name(series, "series")
+    for name in (tag, group):
+        if name is not None:
+            layout.check_name(name, "tag" if name is tag else "group")
+    if block_size is not None:
+        check_block_size(block_size)
+    if not isinstance(source, Source):
+        source = open_mapping(source, SourceInfo(kind="mapping"))
+    info = source.info
+    if metadata:
+        info = replace(info, metadata={**info.metadata, **dict(metadata)})
+    series = series_for(series, info, group)
+    with (
+        unborn.first_save(store.backend, store.locks) as first,
+        store.locks.hold("shared", f"save {series}") as lease,
+        worker_limit(store.workers),
+    ):
+        if not first:  # a store of another format is refused
+            store.repo.open_config(False, new_format, new_pack_size)
+        else:  # chunks go into the layout the config will name at the first commit
+            store.repo.plan_config(new_format, new_pack_size)
+        # Only what is known *now*, under the lock, may be trusted: gc may have
+        # swept chunks this process saw in an earlier save.
+        store.chunks.forget_known()
+        parent_id = store.latest(series)
+        parent = store.manifest(parent_id) if parent_id else None
+        if check is not None:
+            check(parent, source)
+        if tag is not None:  # before anything is written: a tag never moves silently
+            store.check_tag(tag, series)
+        if block_size is None:
+            block_size = parent.block_size if parent is not None else DEFAULT_BLOCK_SIZE
+        if parent is not None and parent.block_size == block_size:
+            store.chunks.known.update(parent.chunk_ids())
+        base_for = base_finder(store, source, parent, block_size)
+        try:
+            res = write_source(
+                store.chunks,
+                source,
+                block_size,
+                store.workers,
+                base_for,
+                progress,
+                device_delta_hook(store, source, base_for, block_size),
+            )
+            saved_files = put_saved_files(store, source)
+            # Every new chunk durable and findable (format 2: packs, then
+            # their index) before the manifest that names them.
+            store.chunks.flush()
+        except BaseException:
+            store.chunks.discard()
+            raise
+        source.check_unchanged()  # bytes read from a file rewritten meanwhile are torn
+        elapsed = time.perf_counter() - t0
+        if same_content(res.tensors, parent) and same_files(saved_files, parent) and not force:
+            cid, manifest, unchanged = parent_id, parent, True
+        else:
+            manifest = Manifest(
+                series=series,
+                created=created if created is not None else (source.created or time.time()),
+                block_size=block_size,
+                tensors=res.tensors,
+                source=info,
+                parent=parent_id,
+                stats=replace(res.stats, seconds=round(elapsed, 6)),
+                bases=bases_closure(store, res, parent),
+                saved_files=saved_files,
+            )
+            taken = store.repo.read_ref(layout.tag_key(tag)) if tag is not None else None
+            if tag is not None and taken is not None:
+                # It names the parent (check_tag), and this save adds a checkpoint.
+                raise tag_taken(tag, taken)
+            if first:  # the store is born with its first commit, and only if it can
+                manifest.encode_checked(f"save of {info.location or info.kind}")
+                store.repo.open_config(True, new_format, new_pack_size)
+            # A time the source recorded (an import) may be older than latest;
+            # the clock's "now" never counts as older (hosts' clocks differ).
+            dated = created is not None or source.created is not None
+            fence(store, lease, manifest)
+            cid, manifest, unchanged = store.repo.commit(manifest, parent_id, force, dated)
+            if not unchanged and lease.lapsed():
+                fence(store, lease, manifest, committed=cid)
+        # Still under the shared lock: once released, a concurrent save may
+        # move latest past cid and gc could forget it before it is named.
+        if tag and cid:
+            try:
+                store.tag(cid, tag, series=series)
+            except UsageError as exc:  # another process took the name meanwhile
+                raise UsageError(
+                    f"checkpoint {cid[:12]} was saved, but {exc.message} (set by another "
+                    "process during this save)",
+                    f"name it with 'apollo-cas tag {cid[:12]} OTHER_NAME'",
+                ) from None
+        if group and cid:
+            store.repo.join_group(group, series, info, cid)
+    stats = res.stats if unchanged else manifest.stats if manifest else res.stats
+    return SaveResult(
+        cid,
+        manifest.parent if manifest else None,
+        series,
+        unchanged,
+        manifest,
+        stats,
+        time.perf_counter() - t0,
+        res.fetched_bytes,
+        time.process_time() - cpu0,
+    )
+
+
+def put_saved_files(store: SavingStore, source: Source) -> SavedFilesRef | None:
+    """Store the record of the files ``source`` was read from (exact restores)."""
+    record = source.saved_files()
+    if record is None:
+        return None
+    data = record.encode()
+    return SavedFilesRef(record.kind, store.chunks.put_block(data).chunk_id, len(data))
+
+
+def series_for(series: str, info: SourceInfo, group: str | None) -> str:
+    """Ranks of a tensor-parallel model save into one series each."""
+    if info.rank is not None and (info.world_size or 1) > 1:
+        if not 0 <= info.rank < (info.world_size or 1):
+            raise UsageError(f"rank {info.rank} outside world size {info.world_size}")
+        return layout.rank_series(series, info.rank)
+    if group is not None:
+        raise UsageError(
+            "--group needs --rank and --world-size",
+            "a group joins the checkpoints of several ranks",
+        )
+    return series
+
+
+def base_finder(
+    store: SavingStore, source: Source, parent: Manifest | None, block_size: int
+) -> Callable[[int, int], codecs.Base | None] | None:
+    """Delta bases: the parent's block at the same place of the same tensor."""
+    policy = store.chunks.policy
+    if (
+        parent is None
+        or not policy.delta
+        or policy.max_delta_depth == 0
+        or parent.block_size != block_size
+    ):
+        return None
+    by_name = {t.name: t for t in parent.tensors}
+    tensors = source.tensors()
+    matches: list[TensorEntry | None] = []
+    for t in tensors:
+        p = by_name.get(t.name)
+        ok = p is not None and p.dtype == t.dtype.name and p.shape == tuple(t.shape)
+        matches.append(p if ok else None)
+    bases = parent.bases
+
+    def find(ti: int, bi: int) -> codecs.Base | None:
+        p = matches[ti]
+        if p is None:
+            return None
+        cid = p.chunks[bi]
+        try:
+            links = chain.walk(cid, bases.get)
+        except chain.ChainError:
+            # The parent's bases loop (or run on past the format's bound): a
+            # delta against it could not be restored; store the block in full.
+            return None
+        root, d = links[-1], len(links) - 1
+        # When the parent's chain is at the depth limit the codec deltas
+        # against the chain's full root instead of storing a full chunk.
+        root_base = (
+            codecs.Base(chunk_id=root, raw=lambda: store.chunks.read(root), depth=0) if d else None
+        )
+        return codecs.Base(
+            chunk_id=cid, raw=lambda: store.chunks.read(cid), depth=d, root=root_base
+        )
+
+    return find
+
+
+def device_delta_hook(
+    store: SavingStore,
+    source: Source,
+    base_for: Callable[[int, int], codecs.Base | None] | None,
+    block_size: int,
+) -> Any:
+    """The GPU delta hook for a device source with a parent, else None (CPU path)."""
+    store.last_device_delta = None
+    device = sys.modules.get("apollo_cas.sources.device")  # loaded by any device source
+    if (
+        base_for is None
+        or store.device_delta == "never"
+        or device is None
+        or not isinstance(source, device.DeviceSource)
+    ):
+        return None
+    from .gpu.delta_save import make_hook
+
+    def keep(stats: Any) -> None:
+        store.last_device_delta = stats
+
+    return make_hook(store, source, base_for, block_size, store.device_delta, on_stats=keep)
+
+
+def bases_closure(
+    store: SavingStore, res: WriteResult, parent: Manifest | None
+) -> dict[bytes, bytes]:
+    """Every (chunk -> base) edge this checkpoint needs, for gc and verify."""
+    known = dict(parent.bases) if parent else {}
+    known.update(res.bases)
+    parent_ids = parent.chunk_ids() if parent else set()
+
+    def base_of(cid: bytes) -> bytes | None:
+        if cid in known:
+            return known[cid]
+        if cid in parent_ids or cid in res.bases:
+            return None
+        return store.chunks.base_of(cid)  # a dedup hit outside the parent: read its header
+
+    out: dict[bytes, bytes] = {}
+    done: set[bytes] = set()
+    for cid in dict.fromkeys(c for t in res.tensors for c in t.chunks):
+        if cid in done:
+            continue
+        try:
+            links = chain.walk(cid, base_of)
+        except chain.ChainError:
+            # The parent's manifest says these bases loop: believe the chunks'
+            # own headers, which a restore follows; if they loop too, the
+            # chunk cannot be restored and no manifest may name it.
+            try:
+                links = chain.walk(cid, store.chunks.base_of)
+            except chain.ChainError as exc:
+                raise CorruptChunk(
+                    f"chunk {cid.hex()} cannot be restored: {exc}",
+                    "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
+                ) from None
+        out.update(itertools.pairwise(links))
+        done.update(links)
+    return out
+
+
+def fence(
+    store: SavingStore, lease: Lease, manifest: Manifest, committed: str | None = None
+) -> None:
+    """Commit only on a lease held without a gap (fencing; docs/CONCURRENCY.md).
+
+    A save frozen past its lock's TTL (SIGSTOP, a suspended VM, swapping)
+    may have lost its lock to a gc that then swept chunks this save had
+    found present. Then take the lock again and prove that every chunk the
+    manifest names (delta bases included) still exists; if not, fail with
+    nothing committed (a ``committed`` checkpoint, whose lease lapsed while
+    its ref moved, is withdrawn if its ref still names it).
+    """
+    if committed is None and lease.confirm():
+        return
+    lease.reacquire()
+    store.chunks.forget_known()
+    store.inventory.refresh()  # what the store holds now, not what this process saw
+    missing = len(manifest.chunk_ids() - store.inventory.ids())
+    if not missing:
+        return
+    if committed is not None:
+        key = layout.series_key(manifest.series)
+        old = manifest.parent.encode() if manifest.parent else None
+        if store.backend.compare_and_swap(key, committed.encode(), old):
+            store.backend.delete(layout.manifest_key(committed))
+    raise ConcurrentUpdate(
+        f"save to series {manifest.series!r} was stalled past its lock's lease and "
+        f"{missing} of its chunks were removed meanwhile by gc; nothing was committed",
+        "run the save again",
+    )
