@@ -80,18 +80,44 @@ def _byte_planes(a: np.ndarray, w: int) -> np.ndarray:
     return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T)
 
 
+@dataclass(frozen=True)
+class SparsePlanes:
+    """A block's changed elements as codec 4 compresses them: ``n`` elements, the byte
+    planes of their gaps (``4*n`` bytes, plane 0 first) and of their XOR values
+    (``w*n`` bytes). The GPU delta save builds these on the device
+    (:func:`apollo_cas.gpu.delta_ops.sparse_planes`), so the host only compresses."""
+
+    n: int
+    gaps: Any
+    values: Any
+
+
+def sparse_planes_of(idx: np.ndarray, values: Any, ws: int) -> SparsePlanes:
+    """:class:`SparsePlanes` from the changed elements' indices (increasing) and their
+    ``ws``-byte XOR values, on the host."""
+    n = len(idx)
+    gaps = np.diff(idx.astype(np.int64), prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
+    vals = np.frombuffer(values, dtype=np.uint8)
+    return SparsePlanes(n, _byte_planes(gaps.astype("<u4"), 4).data, _byte_planes(vals, ws).data)
+
+
+def encode_sparse_planes(
+    sp: SparsePlanes, ws: int, level: int, base_id: bytes, depth: int
+) -> tuple[bytes, list[bytes]]:
+    """Codec 4's (params, payload pieces) of these planes: what ``codecs.sparse.encode``
+    writes for the same XOR (two zstd frames; the GIL is released while they run)."""
+    gframe = _zstd.compress_plane(sp.gaps, level)
+    vframe = _zstd.compress_plane(sp.values, level)
+    return _SPARSE_HEAD.pack(base_id, depth, ws, sp.n, len(gframe)), [gframe, vframe]
+
+
 def encode_sparse(
     idx: np.ndarray, values: Any, ws: int, level: int, base_id: bytes, depth: int
 ) -> tuple[bytes, list[bytes]]:
     """Codec 4's (params, payload pieces) from the changed elements' indices (increasing)
     and their ``ws``-byte XOR values: what ``codecs.sparse.encode`` writes for that XOR,
     with the positions found on the device instead of by a host scan of the block."""
-    n = len(idx)
-    gaps = np.diff(idx.astype(np.int64), prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
-    gframe = _zstd.compress_plane(_byte_planes(gaps.astype("<u4"), 4).data, level)
-    vals = np.frombuffer(values, dtype=np.uint8)
-    vframe = _zstd.compress_plane(_byte_planes(vals, ws).data, level)
-    return _SPARSE_HEAD.pack(base_id, depth, ws, n, len(gframe)), [gframe, vframe]
+    return encode_sparse_planes(sparse_planes_of(idx, values, ws), ws, level, base_id, depth)
 
 
 def interleave(planes_: Sequence[Any], w: int, m: int) -> np.ndarray:
@@ -136,7 +162,7 @@ def encode_delta(
     level: int,
     itemsize: int = 1,
     sparse: bool = False,
-    changes: tuple[np.ndarray, Any] | None = None,
+    changes: SparsePlanes | tuple[np.ndarray, Any] | None = None,
     changed: int | None = None,
     planes_dropped: bool = False,
 ) -> DeltaBlob:
@@ -149,8 +175,8 @@ def encode_delta(
     with codec 4 and a policy that tries it) the sparse delta of the same XOR is also
     encoded, and kept as ``codecs.encode`` chooses (outright when few elements changed,
     see :func:`sparse_outright`: then ``planes_`` is not read; else if smaller): from
-    ``changes`` (indices, value bytes of the changed elements, found on the device)
-    when given, else by the codec's own scan of the XOR; ``changed`` (the count, when
+    ``changes`` (the changed elements' planes, or their indices and value bytes,
+    found on the device) when given, else by the codec's own scan of the XOR; ``changed`` (the count, when
     known) skips the scan of a block with too many changes. ``planes_dropped``: the
     caller left the planes on the device because codec 4 is taken outright; anything
     else is an error (never a codec-3 chunk of planes that were not there).
@@ -167,8 +193,10 @@ def encode_delta(
         if not sp.usable(raw_size, ws):
             pass
         elif changes is not None:
-            sparams, spieces = encode_sparse(changes[0], changes[1], ws, level, base_id, depth)
-            got = (sparams, spieces, len(changes[0]))
+            if not isinstance(changes, SparsePlanes):
+                changes = sparse_planes_of(changes[0], changes[1], ws)
+            sparams, spieces = encode_sparse_planes(changes, ws, level, base_id, depth)
+            got = (sparams, spieces, changes.n)
         elif changed is None or changed <= max_fraction * (raw_size // ws):
             r = sp.encode(interleave(planes_, w, m), ws, level, base_id, depth)
             if r is not None:

@@ -56,6 +56,7 @@ from .blocks import kernel_module
 from .delta_encode import (
     SPARSE_MAX_FRACTION,
     DeltaBlob,
+    SparsePlanes,
     choose,
     encode_delta,
     sparse_outright,
@@ -240,12 +241,9 @@ class GpuDeltaSaver:
         cap = self._cap
         self._sidx = torch.empty(cap, dtype=torch.int32, device=dev)
         self._sval = torch.empty(cap * 8, dtype=torch.uint8, device=dev)
+        self._splanes = torch.empty(cap * 12, dtype=torch.uint8, device=dev)
         self._sslots = [
-            (
-                torch.empty(cap, dtype=torch.int32, pin_memory=self.cuda),
-                torch.empty(cap * 8, dtype=torch.uint8, pin_memory=self.cuda),
-            )
-            for _ in range(2)
+            torch.empty(cap * 12, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
         ]
         self._in_slot: list[list[Future[Any]]] = [[], []]
         self._k = 0
@@ -254,7 +252,8 @@ class GpuDeltaSaver:
         self._compare_lock = threading.Lock()
         self._tally = tally
         self.stats.pinned_bytes = 2 * nbytes + 2 * 12 * cap
-        self.stats.device_scratch_bytes = 4 * nbytes + 12 * cap + 16 * cap
+        # + the planes' 12 bytes per element and sparse_planes' index temporaries
+        self.stats.device_scratch_bytes = 4 * nbytes + 12 * cap + 12 * cap + 48 * cap
         with ThreadPoolExecutor(self.workers, thread_name_prefix="apollo-delta") as pool:
             self._pool = pool
             i, probe = 0, False
@@ -376,11 +375,12 @@ class GpuDeltaSaver:
             self.stats.wait_s += time.perf_counter() - tw
             host = self._slots[k % 2]
             host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
-            sidx_h, sval_h = self._sslots[k % 2] if self._sslots else (None, None)
+            splanes_h = self._sslots[k % 2] if self._sslots else None
             if nsparse:
-                assert sidx_h is not None and sval_h is not None
-                sidx_h[:nsparse].copy_(self._sidx[:nsparse], non_blocking=self.cuda)
-                sval_h[: nsparse * ws].copy_(self._sval[: nsparse * ws], non_blocking=self.cuda)
+                assert splanes_h is not None and counts is not None
+                taken = [counts[r] for r in range(n) if take[r]]
+                planes_d = delta_ops.sparse_planes(self._sidx, self._sval, taken, ws, self._splanes)
+                splanes_h[: len(planes_d)].copy_(planes_d, non_blocking=self.cuda)
             if stream is not None:
                 stream.synchronize()  # the pipeline may overwrite the parent rows now
         self.stats.device_s += time.perf_counter() - t1
@@ -395,28 +395,27 @@ class GpuDeltaSaver:
                 if nz_host[kk * n + r]:
                     per_row[r][kk] = hv[pos : pos + m]
                     pos += m
-        changes: list[Any] = [None] * n
+        changes: list[SparsePlanes | None] = [None] * n
         if nsparse:
-            assert sidx_h is not None and sval_h is not None and counts is not None
-            iv, vv = sidx_h.numpy(), sval_h.numpy()
+            assert splanes_h is not None and counts is not None
+            pv = splanes_h.numpy().data
             pos = 0
             for r in range(n):
                 if take[r]:
                     c = counts[r]
-                    changes[r] = (iv[pos : pos + c], vv.data[pos * ws : (pos + c) * ws])
-                    pos += c
-        futs = [
-            self._pool.submit(
-                self._encode,
-                job,
-                per_row[r],
-                changes[r],
-                counts[r] if counts else None,
-                r in dropped,
-            )
+                    g = pos + 4 * c
+                    changes[r] = SparsePlanes(c, pv[pos:g], pv[g : g + ws * c])
+                    pos = g + ws * c
+        items = [
+            (job, per_row[r], changes[r], counts[r] if counts else None, r in dropped)
             for r, job in enumerate(batch)
         ]
-        self._in_slot[k % 2] = futs
+        # A task per group of blocks, not per block: a submit is ~28 us of the pipeline
+        # thread's time (24,602 of them: 0.68 s of a 17 GB dense step on the H200).
+        step = max(1, -(-n // (4 * self.workers)))
+        self._in_slot[k % 2] = [
+            self._pool.submit(self._encode_many, items[a : a + step]) for a in range(0, n, step)
+        ]
         self.stats.batches += 1
         self.stats.blocks += n
         if len(self._compare_list) >= self.rows:
@@ -454,13 +453,20 @@ class GpuDeltaSaver:
         self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base, bs), bs)
         return None
 
+    def _encode_many(self, items: Sequence[tuple[Any, ...]]) -> list[tuple[DeltaJob, bytes]]:
+        """:meth:`_encode` of each item; the chunks left for the caller to store in order."""
+        out = []
+        for item in items:
+            got = self._encode(*item)
+            if got is not None:
+                out.append(got)
+        return out
+
     def _collect(self, futs: list[Future[Any]]) -> None:
         """Wait for one piece's encodings; store them here when writes must be in order."""
+        bs = self.block_size
         for f in futs:
-            got = f.result()
-            if got is not None:
-                job, blob = got
-                bs = self.block_size
+            for job, blob in f.result():
                 self._tally(self.chunks.put_encoded(job.cid, blob, job.base, bs), bs)
         futs.clear()
 

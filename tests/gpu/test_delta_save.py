@@ -487,3 +487,32 @@ def test_large_blocks_same_chunks_as_cpu_path(tmp_path: Path) -> None:
     assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in m.items())
     if hasattr(codecs, "SPARSE"):
         assert stats.planes_nonzero < stats.planes_total - 4  # bf16 rows kept their planes
+
+
+@pytest.mark.parametrize("ws", [1, 2, 4, 8])
+def test_sparse_planes_are_the_host_split_of_each_rows_changes(ws: int) -> None:
+    """The device's planes of every selected row equal the host's (sparse_planes_of),
+    row after row, including a selected row with no change and one of one change."""
+    from apollo_cas.gpu.delta_encode import sparse_planes_of
+
+    g = torch.Generator().manual_seed(ws)
+    rows = torch.zeros(5, 256, dtype=torch.uint8)
+    for r, k in enumerate([9, 0, 1, 30, 4]):
+        rows[r].view(-1)[torch.randperm(256, generator=g)[:k]] = torch.randint(
+            1, 256, (k,), dtype=torch.uint8, generator=g
+        )
+    take = [True, True, True, False, True]
+    counts = delta_ops.changed_elements(rows, ws).tolist()
+    idx = torch.empty(256, dtype=torch.int32)
+    val = torch.empty(256 * 8, dtype=torch.uint8)
+    n = delta_ops.sparse_rows(rows, ws, take, idx, val)
+    taken = [c for c, t in zip(counts, take, strict=True) if t]
+    out = torch.full((12 * 256,), 0xAA, dtype=torch.uint8)
+    got = delta_ops.sparse_planes(idx, val, taken, ws, out).numpy().tobytes()
+    assert len(got) == (4 + ws) * n
+    want, e = b"", 0
+    for c in taken:
+        sp = sparse_planes_of(idx[e : e + c].numpy(), val[ws * e : ws * (e + c)].numpy(), ws)
+        want += bytes(sp.gaps) + bytes(sp.values)
+        e += c
+    assert got == want
