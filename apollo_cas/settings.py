@@ -6,7 +6,8 @@ empty mean the same (the default). Any other value the variable does not take
 is a :class:`~apollo_cas.errors.UsageError` that names the variable and the
 values it takes, instead of being ignored or read as something else.
 :data:`VARIABLES` is the table docs/DESIGN.md prints (a test keeps the two in
-step). The S3 ones are read by ``backends/s3.py``; the test suites' own
+step). The S3 backend (``backends/s3/config.py``) reads the S3 ones through
+the ``s3_*`` accessors and applies its own defaults; the test suites' own
 variables (``APOLLO_CAS_REQUIRE_S3``, ``APOLLO_CAS_FAULT_*``) are not the
 package's and live with the tests.
 """

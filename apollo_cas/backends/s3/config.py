@@ -15,10 +15,10 @@ keys and prefixes are refused.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
+from ... import settings
 from ...errors import BackendError, UsageError
 
 #: Objects of the backend's own compare-and-swap machinery (lock objects,
@@ -41,44 +41,29 @@ DEFAULT_LOCK_TTL = 60.0
 DEFAULT_MULTIPART_THRESHOLD = 256 * 1024 * 1024
 DEFAULT_MULTIPART_CHUNKSIZE = 64 * 1024 * 1024
 
-CAS_MODES = ("auto", "conditional", "lock")
+CAS_MODES = settings.S3_CAS_MODES
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise UsageError(
-            f"{name}={raw!r} is not a number", f"unset {name} or give seconds"
-        ) from None
-
-
 def endpoint_from_env() -> str | None:
-    """The S3 endpoint URL configured in the environment, or None for AWS."""
-    for var in ("APOLLO_CAS_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        value = os.environ.get(var, "").strip()
-        if value:
-            if "://" not in value:
-                raise UsageError(
-                    f"{var}={value!r} is not a URL",
-                    "give the scheme too, for example http://127.0.0.1:8333",
-                )
-            return value.rstrip("/")
-    return None
+    """The S3 endpoint URL configured in the environment, or None for AWS
+    (:func:`apollo_cas.settings.s3_endpoint`; kept under this name because the
+    package exports it)."""
+    return settings.s3_endpoint()
 
 
 def cas_mode_from_env(cas_mode: str | None = None) -> str:
-    """``cas_mode`` if given, else ``APOLLO_CAS_S3_CAS``, else ``auto`` (checked)."""
-    mode = (cas_mode or os.environ.get("APOLLO_CAS_S3_CAS", "") or "auto").strip().lower()
+    """``cas_mode`` if given (checked), else ``APOLLO_CAS_S3_CAS``, else ``auto``."""
+    if not cas_mode:
+        return settings.s3_cas() or "auto"
+    # An argument is the caller's, not the environment's: the message names the
+    # parameter, not the variable (settings checks the variable's own values).
+    mode = cas_mode.strip().lower()
     if mode not in CAS_MODES:
         raise UsageError(
-            f"unknown S3 compare-and-swap mode {mode!r}",
-            "APOLLO_CAS_S3_CAS must be auto, conditional or lock",
+            f"unknown S3 compare-and-swap mode {cas_mode!r}",
+            f"cas_mode must be {', '.join(CAS_MODES[:-1])} or {CAS_MODES[-1]}",
         )
     return mode
 
@@ -121,16 +106,14 @@ class ClientSettings:
         max_attempts: int | None = None,
         max_pool_connections: int | None = None,
     ) -> ClientSettings:
-        """The arguments given (not None or 0), else the environment, else the defaults."""
-        connect = connect_timeout or _env_float(
-            "APOLLO_CAS_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
+        """The arguments given (not None or 0), else the environment (read and
+        checked by :mod:`apollo_cas.settings`), else the defaults."""
+        return cls(
+            connect_timeout or settings.s3_connect_timeout() or DEFAULT_CONNECT_TIMEOUT,
+            read_timeout or settings.s3_read_timeout() or DEFAULT_READ_TIMEOUT,
+            max_attempts or settings.s3_max_attempts() or DEFAULT_MAX_ATTEMPTS,
+            max_pool_connections or settings.s3_max_pool() or DEFAULT_MAX_POOL,
         )
-        read = read_timeout or _env_float("APOLLO_CAS_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT)
-        attempts = max_attempts or int(
-            _env_float("APOLLO_CAS_S3_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)
-        )
-        pool = max_pool_connections or int(_env_float("APOLLO_CAS_S3_MAX_POOL", DEFAULT_MAX_POOL))
-        return cls(connect, read, attempts, pool)
 
 
 @dataclass(frozen=True)
