@@ -2,9 +2,9 @@
 
 CI has no GPU, so handle files are crafted on the CPU: ``torch.save`` pickles
 ``rebuild_cuda_tensor`` by reference, and the arguments are made up. Opening
-them end to end replaces ``handles._rebuild`` with a function that returns CPU
-tensors (never allowed in production, where the real function opens CUDA IPC
-memory).
+them end to end passes ``ipc=`` a :class:`~apollo_cas.sources.handles.CudaIpc`
+whose ``rebuild`` returns CPU tensors (never in production, where the real one
+opens CUDA IPC memory).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from apollo_cas.errors import (  # noqa: E402
 from apollo_cas.manifest import Manifest, SourceInfo, TensorEntry  # noqa: E402
 from apollo_cas.sources import handles  # noqa: E402
 from apollo_cas.sources.device import DeviceSource  # noqa: E402
+from apollo_cas.sources.handles import format as handles_format  # noqa: E402
+from apollo_cas.sources.handles import owner  # noqa: E402
 from apollo_cas.sources.mapping import MappingSource  # noqa: E402
 
 PID = os.getpid()
@@ -249,7 +251,7 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 
 
 def test_huge_file_is_not_a_handles_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handles, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr(handles_format, "MAX_FILE_BYTES", 100)
     with pytest.raises(UnsupportedSource, match="state_dict"):
         handles.read_handles(handles_file(tmp_path))
 
@@ -273,7 +275,7 @@ def test_exported_meta_loads_with_the_allowlist(tmp_path: Path) -> None:
         and hf.meta["rank"] == 1
         and hf.meta["torch"] == str(torch.__version__)
     )
-    assert hf.meta["pid_start"] == handles._proc_start_ticks(PID)
+    assert hf.meta["pid_start"] == owner.proc_start_ticks(PID)
     handles.check_owner(hf)
 
 
@@ -305,7 +307,7 @@ def test_live_owner_passes(tmp_path: Path) -> None:
 
 def test_file_older_than_owner_is_stale(tmp_path: Path) -> None:
     p = handles_file(tmp_path)
-    start = handles._proc_start_epoch(PID)
+    start = owner.proc_start_epoch(PID)
     assert start is not None
     os.utime(p, (start - 3600, start - 3600))
     with pytest.raises(StaleHandles, match="pid was reused"):
@@ -327,10 +329,10 @@ def test_max_age(tmp_path: Path) -> None:
 
 
 def test_owner_alloc_conf_detection() -> None:
-    assert handles._expandable("expandable_segments:True")
-    assert handles._expandable("max_split_size_mb:128, expandable_segments : true")
-    assert not handles._expandable("expandable_segments:False")
-    assert not handles._expandable(None)
+    assert owner.expandable("expandable_segments:True")
+    assert owner.expandable("max_split_size_mb:128, expandable_segments : true")
+    assert not owner.expandable("expandable_segments:False")
+    assert not owner.expandable(None)
 
 
 # ---------------------------------------------------------------------- device mapping
@@ -375,34 +377,45 @@ def test_parse_device_map() -> None:
 # ------------------------------------------------------------------- end to end (CPU)
 
 
-@pytest.fixture
-def cpu_rebuild(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
-    """Replace the CUDA rebuild with CPU tensors filled from the handle's shape."""
-    made: dict[str, torch.Tensor] = {}
+class CpuIpc(handles.CudaIpc):
+    """One local GPU, and handles opened as CPU tensors filled from their shape."""
 
-    def fake(e: handles.HandleEntry, device: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(len(made) + 1)
+    def __init__(self) -> None:
+        self.made: dict[str, torch.Tensor] = {}
+
+    def local_gpus(self) -> list[str]:
+        return ["aaaa"]
+
+    def rebuild(self, e: handles.HandleEntry, device: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(len(self.made) + 1)
         t = torch.randn(e.size, generator=g).to(e.dtype)
-        made[e.name] = t
+        self.made[e.name] = t
         return t
 
-    monkeypatch.setattr(handles, "_local_gpus", lambda: ["aaaa"])
-    monkeypatch.setattr(handles, "_rebuild", fake)
-    return made
+
+class FailingIpc(CpuIpc):
+    def rebuild(self, e: handles.HandleEntry, device: int) -> torch.Tensor:
+        raise RuntimeError("CUDA error: invalid resource handle\nmore lines")
 
 
-def test_open_handles_end_to_end(tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]) -> None:
+@pytest.fixture
+def cpu_ipc() -> CpuIpc:
+    """Replace the CUDA rebuild with CPU tensors filled from the handle's shape."""
+    return CpuIpc()
+
+
+def test_open_handles_end_to_end(tmp_path: Path, cpu_ipc: CpuIpc) -> None:
     p = handles_file(tmp_path, meta={"rank": 1, "world_size": 4, "pid": PID})
-    src = handles.open_handles(p)
+    src = handles.open_handles(p, ipc=cpu_ipc)
     assert isinstance(src, DeviceSource)
     assert src.info.kind == "handles" and src.info.location == str(p)
     assert (src.info.rank, src.info.world_size) == (1, 4)
     assert src.info.metadata["device_map"] == "0:0"
     assert src.info.metadata["owner_pid"] == str(PID)
     names = [t.name for t in src.tensors()]
-    assert names == sorted(cpu_rebuild)
+    assert names == sorted(cpu_ipc.made)
     for t in src.tensors():
-        raw = cpu_rebuild[t.name].reshape(-1).view(torch.uint8).numpy().tobytes()
+        raw = cpu_ipc.made[t.name].reshape(-1).view(torch.uint8).numpy().tobytes()
         assert bytes(t.read(0, t.nbytes)) == raw
     assert src.block_digests(256) is None  # CPU tensors: the pipeline hashes
     from apollo_cas.sources.base import BlockRequest
@@ -412,48 +425,39 @@ def test_open_handles_end_to_end(tmp_path: Path, cpu_rebuild: dict[str, torch.Te
     assert bytes(got[0]) == bytes(t0.read(0, 16))
 
 
-def test_rank_options(tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]) -> None:
+def test_rank_options(tmp_path: Path, cpu_ipc: CpuIpc) -> None:
     p = handles_file(tmp_path)
-    src = handles.open_handles(p, rank=2, world_size=8)
+    src = handles.open_handles(p, rank=2, world_size=8, ipc=cpu_ipc)
     assert (src.info.rank, src.info.world_size) == (2, 8)
     p2 = handles_file(tmp_path, meta={"rank": 1, "world_size": 2}, name="h2.pt")
     with pytest.raises(UsageError, match="rank 1"):
-        handles.open_handles(p2, rank=0)
+        handles.open_handles(p2, rank=0, ipc=cpu_ipc)
     with pytest.raises(UsageError, match="outside"):
-        handles.open_handles(p, rank=3, world_size=2)
+        handles.open_handles(p, rank=3, world_size=2, ipc=cpu_ipc)
 
 
-def test_open_through_source_detection(
-    tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]
-) -> None:
+def test_open_through_source_detection(tmp_path: Path, cpu_ipc: CpuIpc) -> None:
     from apollo_cas.sources import detect_kind, open_path
 
     p = handles_file(tmp_path)
     assert detect_kind(p) == "handles"
-    src = open_path(p)
+    src = open_path(p, ipc=cpu_ipc)
     assert src.info.kind == "handles" and len(src.tensors()) == 2
 
 
-def test_open_failure_is_stale_with_hints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(e: handles.HandleEntry, device: int) -> torch.Tensor:
-        raise RuntimeError("CUDA error: invalid resource handle\nmore lines")
-
-    monkeypatch.setattr(handles, "_local_gpus", lambda: ["aaaa"])
-    monkeypatch.setattr(handles, "_rebuild", fail)
+def test_open_failure_is_stale_with_hints(tmp_path: Path) -> None:
     with pytest.raises(StaleHandles) as ei:
-        handles.open_handles(handles_file(tmp_path))
+        handles.open_handles(handles_file(tmp_path), ipc=FailingIpc())
     msg = str(ei.value)
     assert "invalid resource handle" in msg and "exited" in msg and "\n" not in msg
     with pytest.raises(StaleHandles, match="expandable_segments"):
-        handles.open_handles(handles_file(tmp_path, kind=b"e"))
+        handles.open_handles(handles_file(tmp_path, kind=b"e"), ipc=FailingIpc())
 
 
-def test_dead_owner_refused_before_opening(
-    tmp_path: Path, cpu_rebuild: dict[str, torch.Tensor]
-) -> None:
+def test_dead_owner_refused_before_opening(tmp_path: Path, cpu_ipc: CpuIpc) -> None:
     with pytest.raises(StaleHandles):
-        handles.open_handles(handles_file(tmp_path, pid=_dead_pid()))
-    assert cpu_rebuild == {}
+        handles.open_handles(handles_file(tmp_path, pid=_dead_pid()), ipc=cpu_ipc)
+    assert cpu_ipc.made == {}
 
 
 def test_write_handles_needs_cuda(tmp_path: Path) -> None:
