@@ -376,8 +376,8 @@ class PackWriter:
     One caller thread appends; sealed packs are written by ``writers``
     background threads while the caller fills the next. A save's packs are
     independent objects (the index names them all, after every one is
-    durable), so several can be written and fsynced at once: one writer
-    alternating write and fsync leaves the disk idle half the time. At most
+    durable), so several can be assembled, written and fsynced at once: with
+    one writer, the save waited on it (H200, docs/BENCHMARKS.md). At most
     ``writers + 1`` sealed packs wait, and each writer keeps one reusable pack
     buffer, so memory stays below ``2 * writers + 2`` packs.
     """

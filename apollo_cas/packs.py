@@ -13,6 +13,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import CorruptChunk
 from .hashing import digest_hex
 
@@ -85,14 +87,13 @@ def seal(
     """Build a pack from ``(chunk id, envelope, raw size, base)`` in order.
 
     The pack is assembled in ``buf`` (a fresh buffer when None or too small:
-    :func:`packed_size` says how big it must be) and returned as a view of it with its id and entries. A writer reuses
-    one buffer for all its packs: a fresh 64 MiB allocation per pack costs more
-    in page faults than the copy itself (measured: ``b"".join`` of a pack's
-    envelopes 0.8 GB/s, a copy into a reused buffer 5 GB/s), and numpy's copy
-    releases the GIL where a slice assignment would hold it.
+    :func:`packed_size` says how big it must be) and returned as a view of it,
+    with its id and entries. A writer reuses one buffer for all its packs: a
+    fresh 64 MiB allocation per pack costs more in page faults than the copy
+    itself (measured on the development VM: ``b"".join`` of a pack's envelopes
+    0.8 GB/s, a copy into a reused buffer 5 GB/s), and numpy's copy releases
+    the GIL, which a slice assignment would hold.
     """
-    import numpy as np
-
     entries = []
     offset = 0
     for cid, blob, raw, base in envelopes:
