@@ -222,6 +222,11 @@ class PackInventory(ChunkInventory):
 
     # -- the index -----------------------------------------------------------
     def index(self) -> PackIndex:
+        idx = self._index
+        if idx is not None:
+            # Every prepare and commit of a save asks: a loaded index is read
+            # without the lock, which 16 encoding threads would queue on.
+            return idx
         with self._lock:
             if self._index is None:
                 self._index = PackIndex.load(self.backend, self.workers)
@@ -289,7 +294,7 @@ class PackInventory(ChunkInventory):
         if chunk_id in self.index().chunks:
             return False
         if self._writer is None:
-            self._writer = PackWriter(self.backend, self.pack_size)
+            self._writer = PackWriter(self.backend, self.pack_size, pack_writers(self.workers))
         return self._writer.append(chunk_id, blob, raw_size, base)
 
     def flush(self) -> None:
@@ -358,25 +363,36 @@ def write_index(backend: Backend, infos: list[packs.PackInfo]) -> str:
     return iid
 
 
+def pack_writers(workers: int) -> int:
+    """How many packs a save writes at once: a few streams keep a disk's queue
+    full (and overlap one pack's fsync with the next's write); more only add
+    buffers."""
+    return max(1, min(4, workers // 2))
+
+
 class PackWriter:
     """Envelopes appended in order become packs of about ``pack_size`` bytes.
 
-    One caller thread appends; sealed packs are written by one background
-    thread while the caller fills the next, and at most two sealed packs wait,
-    so memory stays below three packs.
+    One caller thread appends; sealed packs are written by ``writers``
+    background threads while the caller fills the next. A save's packs are
+    independent objects (the index names them all, after every one is
+    durable), so several can be assembled, written and fsynced at once: with
+    one writer, the save waited on it (H200, docs/BENCHMARKS.md). At most
+    ``writers + 1`` sealed packs wait, and each writer keeps one reusable pack
+    buffer, so memory stays below ``2 * writers + 2`` packs.
     """
 
-    _MAX_WAITING = 2
-
-    def __init__(self, backend: Backend, pack_size: int) -> None:
+    def __init__(self, backend: Backend, pack_size: int, writers: int = 1) -> None:
         self.backend = backend
         self.pack_size = pack_size
         self.pending: dict[bytes, bytes | None] = {}  # id -> base, for everything appended
         self._open: list[tuple[bytes, bytes | memoryview, int, bytes | None]] = []
         self._open_bytes = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apollo-pack")
+        self._writers = max(1, writers)
+        self._pool = ThreadPoolExecutor(max_workers=self._writers, thread_name_prefix="apollo-pack")
         self._waiting: list[Future[packs.PackInfo]] = []
         self._done: list[packs.PackInfo] = []
+        self._buffers = threading.local()  # one pack buffer per writer thread
 
     def append(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
         if chunk_id in self.pending:
@@ -392,18 +408,25 @@ class PackWriter:
         if not self._open:
             return
         items, self._open, self._open_bytes = self._open, [], 0
-        while len(self._waiting) >= self._MAX_WAITING:
+        while len(self._waiting) > self._writers:
             self._done.append(self._waiting.pop(0).result())
         self._waiting.append(self._pool.submit(self._write, items))
 
     def _write(
         self, items: list[tuple[bytes, bytes | memoryview, int, bytes | None]]
     ) -> packs.PackInfo:
-        pack_id, pieces, entries, size = packs.seal(items)
+        need = packs.packed_size(items)
+        buf: bytearray | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < need:
+            # Room for a pack a little larger than this one: packs differ by up
+            # to one envelope, and a regrown buffer is page-faulted again.
+            buf = self._buffers.buf = bytearray(need + need // 16)
+        pack_id, view, entries = packs.seal(items, buf)
         # A create-only write: temp + fsync + rename locally (directory fsync at
-        # the store's sync()), a PUT with Content-MD5 on S3.
-        self.backend.put_if_absent(layout.pack_key(pack_id), b"".join(pieces), durable=False)
-        return packs.PackInfo(pack_id, size, entries)
+        # the store's sync()), a PUT with Content-MD5 on S3. Every backend is
+        # done with ``view`` when the call returns, so the buffer can be reused.
+        self.backend.put_if_absent(layout.pack_key(pack_id), view, durable=False)
+        return packs.PackInfo(pack_id, len(view), entries)
 
     def close(self) -> list[packs.PackInfo]:
         """Seal the open pack, wait for every write; the packs written, in order."""
@@ -413,12 +436,14 @@ class PackWriter:
                 self._done.append(self._waiting.pop(0).result())
         finally:
             self._pool.shutdown(wait=True)
+            self._buffers = threading.local()
         return self._done
 
     def abandon(self) -> None:
         for f in self._waiting:
             f.cancel()
         self._pool.shutdown(wait=True)
+        self._buffers = threading.local()
 
 
 def iter_pack_keys(backend: Backend) -> Iterator[tuple[str, str]]:

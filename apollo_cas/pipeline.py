@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .chunkstore import ChunkStore, Prepared, PutResult
 from .manifest import Manifest, SaveStats, TensorEntry
 from .parallel import bounded_map
@@ -162,7 +164,7 @@ def write_source(
             if progress:
                 progress(before - sum(r.length for r in wanted))
 
-        def device_task(job: tuple[int, bytes]) -> Prepared:
+        def device_task(job: tuple[int, memoryview]) -> Prepared:
             i, data = job
             ti, bi = where[i]
             base = base_for(ti, bi) if base_for else None
@@ -172,8 +174,12 @@ def write_source(
             return p
 
         # A fetched view lives in a reusable pinned buffer: copy it before the
-        # source refills that buffer (the copy is cheap next to zstd).
-        copied = ((i, bytes(view)) for i, view in source.fetch(wanted))
+        # source refills that buffer. numpy's copy releases the GIL where
+        # bytes(view) holds it: this thread copies every fetched byte, and the
+        # encoding threads would queue behind it.
+        copied = (
+            (i, np.frombuffer(view, np.uint8).copy().data) for i, view in source.fetch(wanted)
+        )
         for p in bounded_map(device_task, copied, workers):
             if ordered:
                 store(p)

@@ -15,6 +15,16 @@ For a generated bf16 model (default 256 MiB, 1 MiB blocks):
 * a full save beside the disk's fsync'd sequential write bandwidth.
 
     python benchmarks/bench_packs.py --size 256MiB --out benchmarks/results/packs.json
+
+``--full-save-only`` measures just the last point, side by side in one run: full
+saves into a fresh store of format 1 and of format 2 (``--repeat`` times each,
+alternating), and one sequential write of as many bytes as the save stored, with
+an fsync, into the same directory; each save's stored bytes per second over that
+bandwidth (issue 18's target: at least 0.85). ``--source torch`` saves torch
+tensors (``--device cuda``: on the GPU, through the device path).
+
+    python benchmarks/bench_packs.py --full-save-only --size 2GiB --dir /tmp/apollo-packs \
+        --out benchmarks/results/full_save_vs_disk_vm.json
 """
 
 from __future__ import annotations
@@ -108,6 +118,75 @@ def one_file_read(path: Path, threads: int, piece: int = 16 * MiB) -> float:
         return got / (time.perf_counter() - t0) / 1e9
     finally:
         os.close(fd)
+
+
+def fsync_probe(where: Path, nbytes: int, repeat: int) -> dict[str, Any]:
+    """The best of ``repeat`` sequential writes of ``nbytes`` with an fsync (GB/s)."""
+    runs = [fsync_write_bandwidth(where, nbytes) for _ in range(max(1, repeat))]
+    return {"bytes": nbytes, "runs_gb_s": [round(r, 3) for r in runs], "gb_s": round(max(runs), 3)}
+
+
+def torch_weights(w: dict[str, np.ndarray], device: str) -> dict[str, Any]:
+    """The same weights as torch tensors on ``device`` (bf16 kept as bf16)."""
+    import torch
+
+    out = {}
+    for k, a in w.items():
+        t = (
+            torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+            if a.dtype.itemsize == 2
+            else None
+        )
+        out[k] = (t if t is not None else torch.from_numpy(a)).to(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out
+
+
+def full_save_vs_disk(
+    work: Path, weights: dict[str, Any], repeat: int, formats: tuple[int, ...] = (1, 2)
+) -> dict[str, Any]:
+    """Full saves of ``weights`` into fresh stores of each format under ``work``,
+    alternating, beside the fsync'd sequential write bandwidth of ``work``."""
+    workers = default_workers()
+    saves: dict[int, list[dict[str, Any]]] = {f: [] for f in formats}
+    stored = 0
+    for _ in range(max(1, repeat)):
+        for fmt in formats:
+            root = work / f"full-f{fmt}"
+            shutil.rmtree(root, ignore_errors=True)
+            with Store.open(root, create=True, format=fmt, workers=workers) as st:
+                c0, t0 = time.process_time(), time.perf_counter()
+                r = st.save(weights, block_size=MiB)
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            shutil.rmtree(root, ignore_errors=True)
+            stored = r.stats.new_stored_bytes
+            saves[fmt].append(
+                {
+                    "seconds": round(dt, 3),
+                    "cpu_seconds": round(cpu, 2),
+                    "logical_bytes": r.stats.logical_bytes,
+                    "stored_bytes": stored,
+                    "stored_gb_s": round(stored / dt / 1e9, 3),
+                }
+            )
+            print(f"full save format {fmt}: {saves[fmt][-1]}", flush=True)
+    probe = fsync_probe(work, max(stored, 256 * MiB), repeat)
+    print(f"fsync'd sequential write: {probe}", flush=True)
+    out: dict[str, Any] = {"threads": workers, "fsync_write": probe}
+    for fmt, rows in saves.items():
+        best = min(rows, key=lambda r: r["seconds"])
+        out[f"format_{fmt}"] = {
+            "runs": rows,
+            "best_seconds": best["seconds"],
+            "best_stored_gb_s": best["stored_gb_s"],
+            "stored_vs_fsync_write": round(best["stored_gb_s"] / probe["gb_s"], 3),
+        }
+    if 1 in saves and 2 in saves:
+        out["format_2_over_format_1_seconds"] = round(
+            out["format_2"]["best_seconds"] / out["format_1"]["best_seconds"], 3
+        )
+    return out
 
 
 def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
@@ -290,12 +369,36 @@ def main() -> None:
     ap.add_argument("--size", default="256MiB")
     ap.add_argument("--dir", default=None, help="work directory on the disk to measure")
     ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--full-save-only", action="store_true", help="see the module docstring")
+    ap.add_argument(
+        "--repeat", type=int, default=2, help="full saves per format (--full-save-only)"
+    )
+    ap.add_argument("--source", choices=("numpy", "torch"), default="numpy")
+    ap.add_argument("--device", default="cpu", help="torch device of --source torch")
     ap.add_argument("--out", default="benchmarks/results/packs.json")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(args.dir or tempfile.mkdtemp(prefix="apollo-packs-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("APOLLO_CAS_PROCESSES", "auto")
+    if args.full_save_only:
+        w: dict[str, Any] = dict(examples.generate(examples.ModelShape.for_bytes(size), seed=0))
+        if args.source == "torch":
+            w = torch_weights(w, args.device)
+        res = {
+            "machine": platform.node(),
+            "cpus": os.cpu_count(),
+            "source": args.source if args.source == "numpy" else f"torch on {args.device}",
+            "size_bytes": sum(int(a.nbytes) for a in w.values()),
+            "work_dir": str(work),
+            "full_save_vs_disk": full_save_vs_disk(work, w, args.repeat),
+        }
+        print(json.dumps(res, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     seq = sequence(size)
     result: dict[str, Any] = {
         "machine": platform.node(),

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import xxhash
 
-from apollo_cas import packs
+from apollo_cas import layout, packs
 from apollo_cas.backends.base import Backend, ObjectInfo
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.errors import CorruptChunk, StoreError
 from apollo_cas.hashing import digest_hex
-from apollo_cas.inventory import read_trailer
+from apollo_cas.inventory import PackWriter, read_trailer
 from apollo_cas.store import Store
 from apollo_cas.verify import verify
 from tests.damage import point_outside_its_pack
@@ -88,6 +88,45 @@ def test_a_save_writes_packs_in_tensor_order_then_one_index(st: Store, tmp_store
     pack_order = [e.chunk_id for i in infos for e in i.entries]
     assert pack_order == list(dict.fromkeys(manifest_order))
     assert restored(st, cid, Path(tmp_store) / "out") == flat(m)
+
+
+def test_packs_written_at_once_keep_tensor_order(tmp_store: str) -> None:
+    """Eight workers: several packs are written at once, yet the index lists
+    them, and each its chunks, in tensor order, and every pack is named by its bytes."""
+    m = model(3, blocks=300)
+    with Store.open(tmp_store, create=True, format=2, pack_size=PACK, workers=8) as s:
+        cid = s.save(m, block_size=BS).checkpoint_id or ""
+        [index] = list((Path(tmp_store) / "index").iterdir())
+        infos = packs.decode_index(index.read_bytes(), index.name, index.name)
+        assert len(infos) >= 8
+        manifest_order = [c for t in s.manifest(cid).tensors for c in t.chunks]
+        assert [e.chunk_id for i in infos for e in i.entries] == list(dict.fromkeys(manifest_order))
+        for p in pack_paths(tmp_store):
+            assert digest_hex(p.read_bytes()) == p.name
+        assert restored(s, cid, Path(tmp_store) / "out") == flat(m)
+
+
+def test_a_pack_writer_reusing_its_buffers_never_mixes_packs(tmp_path: Path) -> None:
+    """Writers assemble packs in buffers they reuse (and regrow for a larger
+    pack): every envelope reads back from its pack exactly as appended."""
+    backend = LocalBackend(tmp_path / "s")
+    rng = np.random.default_rng(5)
+    writer = PackWriter(backend, 50_000, writers=3)
+    blobs = {}
+    for i in range(400):
+        # Sizes vary a lot, so later packs need larger buffers than earlier ones.
+        blob = rng.integers(0, 256, int(rng.integers(1, 4000 if i < 200 else 30_000)), np.uint8)
+        cid = xxhash.xxh3_128_digest(blob.tobytes())
+        blobs[cid] = blob.tobytes()
+        assert writer.append(cid, blob.tobytes(), len(blob), None)
+    infos = writer.close()
+    assert [e.chunk_id for i in infos for e in i.entries] == list(blobs)
+    for info in infos:
+        raw = (tmp_path / "s" / layout.pack_key(info.pack_id)).read_bytes()
+        assert digest_hex(raw) == info.pack_id and len(raw) == info.size
+        assert read_trailer(backend, info.pack_id).entries == info.entries
+        for e in info.entries:
+            assert raw[e.offset : e.offset + e.length] == blobs[e.chunk_id]
 
 
 def test_objects_written_per_save(st: Store, tmp_store: str) -> None:
