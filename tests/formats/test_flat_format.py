@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,35 +16,10 @@ from apollo_cas import dtypes
 from apollo_cas.errors import InvalidName, SourceError, UnsupportedSource
 from apollo_cas.formats import flat
 
+from .specs import Spec, names, specs
+
 INDEX = Path(flat.INDEX)
 WEIGHTS = Path(flat.WEIGHTS)
-
-
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for d in self.shape:
-            count *= d
-        return count * dtypes.BY_NAME[self.dtype].itemsize
-
-
-names = st.from_regex(r"[a-z][a-z0-9_.]{0,16}", fullmatch=True)
-specs = st.lists(
-    st.builds(
-        Spec,
-        names,
-        st.sampled_from(sorted(dtypes.BY_NAME)),
-        st.lists(st.integers(0, 30), max_size=3).map(tuple),
-    ),
-    max_size=12,
-    unique_by=lambda s: s.name,
-)
 
 
 def read_back(data: bytes, weights_size: int) -> list[flat.Entry]:

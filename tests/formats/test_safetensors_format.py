@@ -6,45 +6,20 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apollo_cas import dtypes
 from apollo_cas.errors import InvalidName, SourceError, UnsupportedSource
 from apollo_cas.formats import safetensors as fmt
+
+from .specs import Spec, names, specs
 
 HERE = Path("m.safetensors")
 
 
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for d in self.shape:
-            count *= d
-        return count * dtypes.BY_NAME[self.dtype].itemsize
-
-
-names = st.from_regex(r"[a-z][a-z0-9_.]{0,16}", fullmatch=True)
-specs = st.lists(
-    st.builds(
-        Spec,
-        names,
-        st.sampled_from(sorted(dtypes.BY_NAME)),
-        st.lists(st.integers(0, 40), max_size=3).map(tuple),
-    ),
-    max_size=12,
-    unique_by=lambda s: s.name,
-)
 metadata = st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)
 
 
