@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats.safetensors import header_bytes
+
 BF16 = "BF16"
 F32 = "F32"
 
@@ -154,8 +156,6 @@ def perturb_layers(
 
 def write_safetensors(weights: dict[str, np.ndarray], path: str, dtype: str = BF16) -> None:
     """Write ``weights`` as one safetensors file (bf16 bit patterns tagged BF16)."""
-    from .targets.safetensors_dir import header_bytes
-
     names = sorted(weights)
     entries = [
         _Entry(

@@ -27,9 +27,7 @@ why; tensors are saved either way.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import CorruptManifest
+from .errors import CorruptManifest, InvalidName, SourceError
+from .formats import flat
+from .formats import safetensors as st_format
 from .manifest import Manifest, SavedFilesRef
 
 RECORD_FORMAT = 1
@@ -247,27 +247,26 @@ def _gaps(fd: int, size: int, covered: list[tuple[int, int]]) -> tuple[tuple[int
     return tuple(out)
 
 
+def _pread(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise ValueError("file shrank while it was read")
+    return data
+
+
 def _safetensors_file(path: Path) -> tuple[SavedFile, dict[str, int]]:
     """One file's record and its tensors' byte lengths, from a second read of the file."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        (n,) = struct.unpack("<Q", head)
-        raw = f.read(n)
-        if len(raw) != n:
-            raise ValueError("header shorter than its length")
-        header = json.loads(raw)
-        start = 8 + n
-        tensors, covered, lengths = [], [(0, start)], {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = (int(x) for x in meta["data_offsets"])
-            tensors.append((name, start + begin))
-            covered.append((start + begin, start + end))
-            lengths[name] = end - begin
-        gaps = _gaps(f.fileno(), size, covered)
-    return SavedFile(path.name, size, head + raw, tuple(tensors), gaps), lengths
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        header, start = st_format.read_header(path, size, lambda o, n: _pread(fd, o, n))
+        entries = st_format.parse_entries(path, header, size - start)
+        tensors = [(e.name, start + e.begin) for e in entries]
+        covered = [(0, start)] + [(start + e.begin, start + e.end) for e in entries]
+        lengths = {e.name: e.end - e.begin for e in entries}
+        gaps = _gaps(fd, size, covered)
+        head = _pread(fd, 0, start)
+    return SavedFile(path.name, size, head, tuple(tensors), gaps), lengths
 
 
 def _plain_names(kind: str, names: Sequence[str]) -> FileSet | None:
@@ -300,7 +299,7 @@ def safetensors_record(
     for p in files:
         try:
             sf, file_lengths = _safetensors_file(p)
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        except (OSError, ValueError, SourceError, InvalidName) as exc:
             return FileSet.refuse(kind, f"{p.name}: {exc}")
         saved.append(sf)
         lengths.update(file_lengths)
@@ -315,25 +314,22 @@ def safetensors_record(
 
 def seed_record(directory: Path, sizes: Mapping[str, int]) -> FileSet:
     """The record of the original tool's checkpoint in ``directory``."""
-    from .sources.seed import INDEX, WEIGHTS
-
     kind = "seed"
+    index_path, weights_path = directory / flat.INDEX, directory / flat.WEIGHTS
     try:
-        index_bytes = (directory / INDEX).read_bytes()
-        entries = json.loads(index_bytes)
-        tensors, covered, lengths = [], [], {}
-        for name, e in entries.items():
-            off, n = int(e["offset"]), int(e["size"])
-            tensors.append((name, off))
-            covered.append((off, off + n))
-            lengths[name] = n
-        with open(directory / WEIGHTS, "rb") as f:
+        index_bytes = index_path.read_bytes()
+        index = flat.loads_index(index_bytes, index_path)
+        with open(weights_path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            gaps = _gaps(f.fileno(), size, covered)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # In the index's order, as it is in the file the record writes back.
+            entries = flat.parse_index(index, index_path, weights_path, size)
+            tensors = [(e.name, e.offset) for e in entries]
+            lengths = {e.name: e.size for e in entries}
+            gaps = _gaps(f.fileno(), size, [(e.offset, e.offset + e.size) for e in entries])
+    except (OSError, ValueError, SourceError, InvalidName) as exc:
         return FileSet.refuse(kind, f"{directory.name}: {exc}")
-    weights = SavedFile(WEIGHTS, size, b"", tuple(tensors), gaps)
-    return _finish(FileSet(kind, (weights,), (INDEX, index_bytes)), sizes, lengths)
+    weights = SavedFile(flat.WEIGHTS, size, b"", tuple(tensors), gaps)
+    return _finish(FileSet(kind, (weights,), (flat.INDEX, index_bytes)), sizes, lengths)
 
 
 __all__ = [

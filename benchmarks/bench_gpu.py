@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from apollo_cas import examples
+from apollo_cas import dtypes, examples
 from apollo_cas.cli.common import parse_size
+from apollo_cas.formats import flat
 from apollo_cas.sources.device import DeviceSource
 from apollo_cas.store import Store
 from apollo_cas.targets.live import restore_live
@@ -98,21 +99,17 @@ def original_dump(model: dict[str, torch.Tensor], out: Path) -> float:
     """What apollo-checkpoint's Python helper does (bf16 made to work via a uint8 view)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    index = {}
-    offset = 0
-    with open(out / "weights.bin", "wb") as f:
-        for name in sorted(model):
-            t = model[name]
-            data = t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-            f.write(data)
-            index[name] = {
-                "offset": offset,
-                "size": len(data),
-                "shape": list(t.shape),
-                "dtype": str(t.dtype),
-            }
-            offset += len(data)
-    (out / "weights.json").write_text(json.dumps(index))
+    with open(out / flat.WEIGHTS, "wb") as f:
+        entries = flat.write_weights(
+            f,
+            model,
+            lambda t: (
+                dtypes.from_torch(t.dtype),
+                t.shape,
+                t.contiguous().cpu().view(torch.uint8).numpy().tobytes(),
+            ),
+        )
+    (out / flat.INDEX).write_bytes(flat.dumps_index(entries, indent=None))
     return time.perf_counter() - t0
 
 
@@ -341,7 +338,7 @@ def main() -> None:
         change_fraction(model, 0.005, step=11)
         dump2 = original_dump(model, work / "orig-1")
         diff_s, diff_bytes = original_diff(
-            work / "orig-0" / "weights.bin", work / "orig-1" / "weights.bin"
+            work / "orig-0" / flat.WEIGHTS, work / "orig-1" / flat.WEIGHTS
         )
         result["original"] = {
             "full_dump_seconds": round(full, 3),

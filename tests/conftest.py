@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
-import json
 import os
 import shutil
 import subprocess
@@ -35,6 +34,10 @@ from typing import Any
 
 import pytest
 import torch
+
+from apollo_cas import dtypes
+from apollo_cas.formats import flat
+from apollo_cas.formats import safetensors as st_format
 
 # ---------------------------------------------------------------------------
 # tensors
@@ -121,12 +124,14 @@ def write_safetensors(
     weight_map = {}
     for i in range(shards):
         part = names[i::shards]
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        fname = st_format.hf_shard_name(i, shards)
+        # The library's writer, not apollo_cas's: sources are tested on files
+        # apollo_cas did not make.
         save_file({k: tensors[k] for k in part}, str(path / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
     total = sum(len(tensor_bytes(t)) for t in tensors.values())
-    index = path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    index = path / st_format.INDEX
+    index.write_bytes(st_format.index_bytes(weight_map, total, indent=None))
     return index
 
 
@@ -145,23 +150,12 @@ def write_seed_checkpoint(
     spellings, pretty-printed, and ``checkpoint-meta.json``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    index: dict[str, dict[str, Any]] = {}
-    offset = 0
-    with open(d / "weights.bin", "wb") as f:
-        for name in sorted(tensors):
-            t = tensors[name]
-            data = tensor_bytes(t)
-            f.write(data)
-            index[name] = {
-                "offset": offset,
-                "size": len(data),
-                "shape": list(t.shape),
-                "dtype": str(t.dtype),
-            }
-            offset += len(data)
-    (d / "weights.json").write_text(json.dumps(index, indent=2))
-    meta = {"timestamp": timestamp or d.name, "n_params": len(index), "total_bytes": offset}
-    (d / "checkpoint-meta.json").write_text(json.dumps(meta, indent=2))
+    with open(d / flat.WEIGHTS, "wb") as f:
+        entries = flat.write_weights(
+            f, tensors, lambda t: (dtypes.from_torch(t.dtype), t.shape, tensor_bytes(t))
+        )
+    (d / flat.INDEX).write_bytes(flat.dumps_index(entries, indent=flat.TOOL_INDENT))
+    (d / flat.META).write_bytes(flat.dumps_meta(timestamp or d.name, entries))
     return d
 
 
@@ -195,19 +189,19 @@ def write_seed_root(
     t = start or dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
     out = SeedRoot(root, [], [], [dict(m) for m in models])
     for m in models:
-        name = t.strftime("%Y-%m-%d-%H%M")
+        name = t.strftime(flat.TIME_FORMAT)
         out.dirs.append(write_seed_checkpoint(root / name, m))
         out.timestamps.append(float(calendar.timegm(t.utctimetuple())))
         t += dt.timedelta(minutes=step_minutes)
     latest_target = out.dirs[-1].name if out.dirs else None
     if half_written:
-        d = root / t.strftime("%Y-%m-%d-%H%M")
+        d = root / t.strftime(flat.TIME_FORMAT)
         d.mkdir()
-        (d / "weights.bin").write_bytes(b"\x01" * 1000)  # cut off mid-dump: no index
+        (d / flat.WEIGHTS).write_bytes(b"\x01" * 1000)  # cut off mid-dump: no index
         out.half_written.append(d)
         t += dt.timedelta(minutes=step_minutes)
     if dangling_latest:
-        latest_target = t.strftime("%Y-%m-%d-%H%M")  # deleted by the same-minute bug
+        latest_target = t.strftime(flat.TIME_FORMAT)  # deleted by the same-minute bug
     if latest_target:
         os.symlink(latest_target, root / "latest")
     return out

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import examples, reports
 from ..errors import ApolloError, Refused, StoreNotFound, UsageError
+from ..formats import safetensors as st_format
 from ..sources import open_path
 from ..store import Store
 from .common import emit_json, human_bytes, json_option, parse_size, ratio
@@ -149,7 +150,7 @@ def _run(work: Path, store: Path, shape: examples.ModelShape, as_json: bool) -> 
     saves = []
     with Store.open(store, create=True) as st:
         for label, w in versions.items():
-            path = work / "model.safetensors"
+            path = work / st_format.SINGLE
             examples.write_safetensors(w, str(path))
             with open_path(path) as src:
                 r = st.save(src, metadata={DEMO_KEY: label.split()[0]})

@@ -1,34 +1,26 @@
 """safetensors files, single or sharded, read without torch.
 
-The format is an 8-byte little-endian header length, a JSON header
-(``dtype``, ``shape``, ``data_offsets`` per tensor, optional ``__metadata__``)
-and the bytes. Parsing it here (rather than through the library) gives
-the raw bytes of every dtype, bf16 and fp8 included, with no torch import, and
-checks as strict as the format's reference parser.
+The format's rules (header, index, shard names) are in
+:mod:`apollo_cas.formats.safetensors`; this module opens the files, reads them
+with ``pread`` (:class:`SourceFile`) and turns their entries into tensors.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import dtypes
 from ..errors import SourceError, UnsupportedSource
-from ..layout import check_tensor_name
+from ..formats import safetensors as st_format
 from ..manifest import SourceInfo
-from . import strict_json
 from .base import Source, SourceTensor
 
 if TYPE_CHECKING:
     from ..filesets import FileSet
-
-INDEX_NAME = "model.safetensors.index.json"
-_MAX_HEADER = 100 << 20
 
 
 class SourceFile:
@@ -120,113 +112,6 @@ class FileTensor(SourceTensor):
         return self._file.read(self._start + offset, length)
 
 
-_NOT_SAFETENSORS = "pass a .safetensors file, a .pt state_dict or a checkpoint directory"
-
-
-def read_header(
-    path: Path, file: SourceFile | None = None
-) -> tuple[dict[str, dict[str, object]], int]:
-    """The JSON header of a safetensors file and the offset where data starts.
-
-    With ``file`` (the open :class:`SourceFile` of ``path``) the header comes
-    from the same open file as the tensors' bytes, even if ``path`` is replaced
-    meanwhile.
-    """
-    if file is None:
-        f = SourceFile(path)
-        try:
-            return read_header(path, f)
-        finally:
-            f.close()
-    if file.size < 8:
-        raise UnsupportedSource(f"{path} is not a safetensors file (too short)", _NOT_SAFETENSORS)
-    (n,) = struct.unpack("<Q", file.read(0, 8))
-    if n > _MAX_HEADER or n > file.size - 8:
-        raise UnsupportedSource(
-            f"{path} is not a safetensors file (bad header length)", _NOT_SAFETENSORS
-        )
-    raw = bytes(file.read(8, n))
-    header = strict_json.loads(raw, str(path), "safetensors header", _NOT_SAFETENSORS)
-    if not isinstance(header, dict):
-        raise UnsupportedSource(f"{path}: safetensors header is not an object")
-    return header, 8 + n
-
-
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor of a safetensors header: bytes ``[begin, end)`` after the header."""
-
-    name: str
-    dtype: dtypes.DType
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def parse_entries(path: Path, header: dict[str, Any], data_size: int) -> list[HeaderEntry]:
-    """The tensors of a header, checked as strictly as the reference parser does.
-
-    Known dtypes in their safetensors spelling; shapes of integers ``>= 0``;
-    ``data_offsets`` a pair of integers; the ranges, sorted, contiguous from 0
-    with no gap or overlap and ending exactly at the end of the file;
-    ``__metadata__`` a map of strings. The reserved name is never a tensor.
-    """
-    meta = header.get("__metadata__")
-    if meta is not None and not (
-        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
-    ):
-        raise UnsupportedSource(
-            f"{path}: __metadata__ is not a map of strings", "re-export the file"
-        )
-    entries: list[HeaderEntry] = []
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        check_tensor_name(name)
-        where = f"{path}:{name}"
-        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
-            raise UnsupportedSource(f"{path}: malformed entry for {name!r}")
-        dt = dtypes.lookup(e["dtype"], where, exact=True)
-        shape = dtypes.check_shape(e["shape"], dt, None, where)
-        offsets = e["data_offsets"]
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(dtypes.is_int(x) for x in offsets)
-        ):
-            raise UnsupportedSource(
-                f"{path}: malformed entry for {name!r} (data_offsets {offsets!r} is not "
-                "a pair of integers)"
-            )
-        begin, end = offsets
-        count = 1
-        for d in shape:
-            count *= d
-        if end - begin != count * dt.itemsize:
-            raise SourceError(
-                f"{path}: tensor {name!r} has inconsistent offsets ({begin}..{end} for "
-                f"shape {list(shape)} of {dt.name})",
-                "re-export the file",
-            )
-        entries.append(HeaderEntry(name, dt, shape, begin, end))
-    at = 0
-    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
-        if e.begin != at:
-            how = "overlaps the tensor before it" if e.begin < at else f"leaves a gap at {at}"
-            raise SourceError(
-                f"{path}: tensor {e.name!r} has inconsistent offsets (it {how})",
-                "re-export the file",
-            )
-        at = e.end
-    if at != data_size:
-        raise SourceError(
-            f"{path}: inconsistent offsets: the tensors end at byte {at} of the data but the "
-            f"file holds {data_size} (file truncated, or trailing bytes)",
-            "re-export the file",
-        )
-    return entries
-
-
 class OneFileSource(Source):
     """A source whose tensors are read from one open :class:`SourceFile` (a ``.pt``
     file, the original tool's ``weights.bin``): the file's change check and
@@ -274,8 +159,10 @@ class SafetensorsSource(Source):
             for path in files:
                 sf = SourceFile(path)
                 self._files.append(sf)
-                header, data_start = read_header(path, sf)
-                for e in parse_entries(path, header, sf.size - data_start):
+                # The header from the same open file as the tensors' bytes, even
+                # if the path is replaced meanwhile.
+                header, data_start = st_format.read_header(path, sf.size, sf.read)
+                for e in st_format.parse_entries(path, header, sf.size - data_start):
                     if e.name in tensors:
                         raise SourceError(
                             f"tensor {e.name!r} appears twice ({found_in[e.name]} and {path})",
@@ -322,7 +209,7 @@ class SafetensorsSource(Source):
 
 def index_weight_map(path: Path) -> dict[str, str] | None:
     """The tensor -> shard map of the index ``path`` stands for, if it has one."""
-    index = path if path.is_file() and path.name.endswith(".json") else path / INDEX_NAME
+    index = path if path.is_file() and path.name.endswith(".json") else path / st_format.INDEX
     if not index.is_file():
         return None
     return _weight_map(index)
@@ -335,10 +222,10 @@ def safetensors_files(path: Path) -> list[Path]:
         if path.name.endswith(".json"):
             return _from_index(path)
         return [path]
-    index = path / INDEX_NAME
+    index = path / st_format.INDEX
     if index.is_file():
         return _from_index(index)
-    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
+    files = sorted(p for p in path.glob("*" + st_format.SUFFIX) if not p.name.startswith("."))
     if not files:
         raise UnsupportedSource(
             f"no .safetensors files in {path}",
@@ -352,20 +239,13 @@ def _weight_map(index: Path) -> dict[str, str]:
         text = index.read_bytes()
     except OSError as exc:
         raise SourceError(f"cannot read {index}: {exc.strerror}") from exc
-    d = strict_json.loads(text, str(index), "safetensors index")
-    wm = d.get("weight_map") if isinstance(d, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-        raise UnsupportedSource(f"{index} is not a safetensors index (no weight_map)")
-    return wm
+    return st_format.parse_index(text, index)
 
 
 def _from_index(index: Path) -> list[Path]:
-    names = sorted(set(_weight_map(index).values()))
     files = []
-    for n in names:
-        if "/" in n or "\\" in n or n.startswith("."):
-            raise UnsupportedSource(f"{index}: shard name {n!r} escapes the directory")
-        p = index.parent / n
+    for n in sorted(set(_weight_map(index).values())):
+        p = index.parent / st_format.check_shard_name(index, n)
         if not p.is_file():
             raise SourceError(
                 f"{index} lists {n}, which does not exist",
@@ -379,7 +259,7 @@ def safetensors_index(path: Path) -> Path | None:
     """The index a safetensors path is read through, if any (see :func:`safetensors_files`)."""
     if path.is_file():
         return path if path.name.endswith(".json") else None
-    index = path / INDEX_NAME
+    index = path / st_format.INDEX
     return index if index.is_file() else None
 
 

@@ -15,21 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import dtypes
 from ..errors import InvalidName, SourceError, UnsupportedSource
-from ..layout import check_tensor_name
+from ..formats import flat
+from ..formats.flat import INDEX, META, TIME_FORMAT, WEIGHTS
 from ..manifest import SourceInfo
-from . import strict_json
 from .base import SourceTensor
 from .safetensors_file import FileTensor, OneFileSource, SourceFile
 
 if TYPE_CHECKING:
     from ..filesets import FileSet
-
-WEIGHTS = "weights.bin"
-INDEX = "weights.json"
-META = "checkpoint-meta.json"
-TIME_FORMAT = "%Y-%m-%d-%H%M"
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -66,11 +60,9 @@ def _mtime(path: Path) -> float | None:
 
 def _meta_timestamp(path: Path) -> str | None:
     try:
-        d = strict_json.loads((path / META).read_bytes(), str(path / META), "meta file")
+        return flat.meta_timestamp((path / META).read_bytes(), str(path / META))
     except (OSError, SourceError):
         return None
-    v = d.get("timestamp") if isinstance(d, dict) else None
-    return str(v) if v else None
 
 
 class SeedSource(OneFileSource):
@@ -93,9 +85,7 @@ class SeedSource(OneFileSource):
             ) from None
         except OSError as exc:
             raise UnsupportedSource(f"{index_path} is unreadable ({exc})") from exc
-        index = strict_json.loads(text, str(index_path), "index", "skip it; it is damaged")
-        if not isinstance(index, dict):
-            raise UnsupportedSource(f"{index_path} is not a name -> entry map")
+        index = flat.loads_index(text, index_path)
         try:
             self._file: SourceFile | None = SourceFile(weights_path)
         except SourceError:
@@ -117,31 +107,11 @@ class SeedSource(OneFileSource):
 
 def _index_tensors(index: dict[str, object], index_path: Path, f: SourceFile) -> list[SourceTensor]:
     """The tensors a weights.json lists, each checked against weights.bin."""
-    size, weights_path = f.size, f.path
-    tensors: list[SourceTensor] = []
-    for name in sorted(index):
-        e = index[name]
-        check_tensor_name(name)
-        where = f"{index_path}:{name}"
-        if not isinstance(e, dict) or not {"offset", "size", "shape", "dtype"} <= e.keys():
-            raise UnsupportedSource(f"{index_path}: malformed entry for {name!r}")
-        off, n = e["offset"], e["size"]
-        if not (dtypes.is_int(off) and dtypes.is_int(n)) or off < 0 or n < 0:
-            raise UnsupportedSource(
-                f"{index_path}: malformed entry for {name!r} (offset {off!r} and size {n!r} "
-                "must be integers >= 0)",
-                "skip it; the index is damaged",
-            )
-        dt = dtypes.lookup(e["dtype"], where)
-        shape = dtypes.check_shape(e["shape"], dt, n, where)
-        if off + n > size:
-            raise SourceError(
-                f"{weights_path} is shorter than {INDEX} says ({name!r} ends at {off + n}, "
-                f"file has {size} bytes): half-written checkpoint",
-                "skip it; the newest complete checkpoint is older",
-            )
-        tensors.append(FileTensor(name, dt, shape, f, off, n))
-    return tensors
+    entries = flat.parse_index(index, index_path, f.path, f.size)
+    return [
+        FileTensor(e.name, e.dtype, e.shape, f, e.offset, e.size)
+        for e in sorted(entries, key=lambda e: e.name)
+    ]
 
 
 @dataclass(frozen=True)

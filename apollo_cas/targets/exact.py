@@ -17,7 +17,6 @@ before records existed, have no record and restore rewritten, as before.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +24,12 @@ from pathlib import Path
 from ..decoding import Decoder, pwrite_all
 from ..errors import CorruptChunk, CorruptManifest, UsageError
 from ..filesets import FileSet
+from ..formats import flat
+from ..formats import safetensors as st_format
 from ..manifest import Manifest
 from .assemble import Placement, write_chunks
 from .files import commit_all, pending_files, prepare_dir
 
-#: Names the rewritten safetensors target writes; an exact restore drops stale
-#: ones as that target does, so an older restore's shards do not linger.
-_HF_NAMES = re.compile(r"^(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors)$")
-_ST_INDEX = "model.safetensors.index.json"
-_SEED_INDEX = "weights.json"
 _SAVED_FORMAT = {"safetensors": "safetensors", "seed": "flat"}
 
 
@@ -171,10 +167,15 @@ def restore_exact(
     ]
     names = {f.name for f in record.files}
     if record.kind == "seed":
-        remove_first, stale = [to / _SEED_INDEX], []
+        remove_first, stale = [to / flat.INDEX], []
     else:
-        remove_first = [to / _ST_INDEX]
-        stale = [p for p in to.iterdir() if _HF_NAMES.match(p.name) and p.name not in names]
+        remove_first = [to / st_format.INDEX]
+        # The names the rewritten safetensors target writes: an exact restore
+        # drops stale ones as that target does, so an older restore's shards
+        # do not linger.
+        stale = [
+            p for p in to.iterdir() if st_format.HF_NAMES.match(p.name) and p.name not in names
+        ]
     if record.index is not None:
         remove_first.append(to / record.index[0])
     with pending_files(specs) as files:
