@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,3 +46,32 @@ def test_leftover_temporaries_are_hidden_and_reaped(tmp_path: Path) -> None:
     assert not leftover.exists()
     assert fresh.exists()
     assert b.get(f"chunks/ab/{HEX_A}") == b"x"
+
+
+def test_racing_creates_of_the_config_have_one_winner(tmp_path: Path) -> None:
+    """The config is not content-addressed: racing first saves write different
+    bytes, and exactly one of them may be told it created the store."""
+    writers = 8
+    for round_ in range(20):
+        root = tmp_path / f"store{round_}"
+        start = threading.Barrier(writers)
+        won: list[int] = []
+
+        def create(
+            i: int, root: Path = root, start: threading.Barrier = start, won: list[int] = won
+        ) -> None:
+            b = LocalBackend(root)  # one backend each, as separate processes have
+            start.wait()
+            if b.put_if_absent("config", f"config of writer {i}".encode()):
+                won.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1, f"round {round_}: writers {won} were all told they won"
+        b = LocalBackend(root)
+        assert b.get("config") == f"config of writer {won[0]}".encode()
+        assert b.put_if_absent("config", b"late") is False
+        assert sorted(p.name for p in root.iterdir()) == ["config"]  # no temporaries left
