@@ -116,7 +116,8 @@ def temp_writer(name: str, prefix: str = TMP_PREFIX) -> str | None:
 
 
 class Temporary:
-    """A file being written under a temporary name beside ``final``.
+    """A file being written under a temporary name beside ``final`` (created here:
+    if the open fails, there is nothing to discard).
 
     :meth:`commit` renames it onto ``final``, :meth:`publish` links it there
     unless ``final`` exists; :meth:`discard` drops it. The descriptor is open
@@ -124,11 +125,17 @@ class Temporary:
     """
 
     def __init__(
-        self, final: Path, *, prefix: str = TMP_PREFIX, mode: int = 0o666, fs: FileSystem = REAL
+        self,
+        final: Path,
+        *,
+        path: Path | None = None,
+        mode: int = 0o666,
+        fs: FileSystem = REAL,
     ) -> None:
         self.final = final
         self.fs = fs
-        self.path = temp_path(final, prefix)
+        #: The temporary: ``path``, or by default :func:`temp_path` of ``final``.
+        self.path = path or temp_path(final)
         # O_EXCL: the name is unique, and a link planted under it is not followed.
         self.fd = fs.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
 

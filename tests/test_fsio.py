@@ -161,7 +161,7 @@ def test_temporary_names_carry_the_writer(tmp_path: Path) -> None:
 
 
 def test_temporary_commit_and_discard(tmp_path: Path) -> None:
-    t = fsio.Temporary(tmp_path / "out", prefix=".tmp-apollo-")
+    t = fsio.Temporary(tmp_path / "out", path=fsio.temp_path(tmp_path / "out", ".tmp-apollo-"))
     os.pwrite(t.fd, b"data", 0)  # what restore decoders do
     t.sync()
     t.commit()
