@@ -10,6 +10,7 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -191,25 +192,29 @@ def test_create_exclusive_full_disk_creates_nothing(tmp_path: Path) -> None:
     assert names(tmp_path) == []
 
 
+def racing_winners(writers: int, attempt: Callable[[int], bool]) -> list[int]:
+    """Run ``attempt(i)`` on ``writers`` threads released at once; who got True.
+    (Also used by tests/backends/test_local.py.)"""
+    start = threading.Barrier(writers)
+    won: list[int] = []
+
+    def run(i: int) -> None:
+        start.wait()
+        if attempt(i):
+            won.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
 def test_racing_exclusive_creates_have_one_winner(tmp_path: Path) -> None:
-    writers = 16
     for round_ in range(20):
         p = tmp_path / f"config{round_}"
-        start = threading.Barrier(writers)
-        won: list[int] = []
-
-        def create(
-            i: int, p: Path = p, start: threading.Barrier = start, won: list[int] = won
-        ) -> None:
-            start.wait()
-            if fsio.create_exclusive(p, f"writer {i}".encode()):
-                won.append(i)
-
-        threads = [threading.Thread(target=create, args=(i,)) for i in range(writers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        won = racing_winners(16, lambda i, p=p: fsio.create_exclusive(p, f"writer {i}".encode()))
         assert len(won) == 1
         assert p.read_bytes() == f"writer {won[0]}".encode()
     assert all(not n.startswith(fsio.TMP_PREFIX) for n in names(tmp_path))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from apollo_cas.backends import Backend, open_backend
 from apollo_cas.backends.local import LocalBackend
+from tests.test_fsio import racing_winners
 
 from .contract import HEX_A, BackendContract
 
@@ -51,25 +51,14 @@ def test_leftover_temporaries_are_hidden_and_reaped(tmp_path: Path) -> None:
 def test_racing_creates_of_the_config_have_one_winner(tmp_path: Path) -> None:
     """The config is not content-addressed: racing first saves write different
     bytes, and exactly one of them may be told it created the store."""
-    writers = 8
     for round_ in range(20):
         root = tmp_path / f"store{round_}"
-        start = threading.Barrier(writers)
-        won: list[int] = []
+        backends = [LocalBackend(root) for _ in range(8)]  # one each, as processes have
 
-        def create(
-            i: int, root: Path = root, start: threading.Barrier = start, won: list[int] = won
-        ) -> None:
-            b = LocalBackend(root)  # one backend each, as separate processes have
-            start.wait()
-            if b.put_if_absent("config", f"config of writer {i}".encode()):
-                won.append(i)
+        def create(i: int, backends: list[LocalBackend] = backends) -> bool:
+            return backends[i].put_if_absent("config", f"config of writer {i}".encode())
 
-        threads = [threading.Thread(target=create, args=(i,)) for i in range(writers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        won = racing_winners(len(backends), create)
         assert len(won) == 1, f"round {round_}: writers {won} were all told they won"
         b = LocalBackend(root)
         assert b.get("config") == f"config of writer {won[0]}".encode()
