@@ -1,7 +1,7 @@
 """A store in a local directory.
 
-Every write goes temp file -> write -> fsync -> rename -> fsync directory, the
-sequence restic and git use, so a crash leaves either the old object or the
+Every write goes through :mod:`apollo_cas.fsio`: temp file -> write -> fsync ->
+rename -> fsync directory, so a crash leaves either the old object or the
 whole new one plus, at worst, a ``.tmp-*`` leftover that gc removes. For chunk
 writes (``durable=False``) the directory fsync is deferred to :meth:`sync`,
 which the store calls once before it writes a manifest that names the chunks:
@@ -17,53 +17,27 @@ import os
 import stat
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
-from .. import procinfo
-from ..errors import (
-    BackendError,
-    CorruptObject,
-    DiskFull,
-    ObjectNotFound,
-    PermissionDenied,
-)
+from .. import fsio, layout, procinfo
+from ..errors import BackendError, CorruptObject, ObjectNotFound
+
+# write_file_atomic (the backend's one write) and temp_path are names of this
+# module too: the fault suite (tests/faults) replaces the first to kill a save
+# half-way through a chunk, an index or a pack, and names its temporary with the
+# second.
+from ..fsio import atomic_write as write_file_atomic
+from ..fsio import fsync_dir, os_error
+from ..fsio import temp_path as temp_path
 from ..parallel import bounded_map
 from .base import TEMPORARY_FLOOR, Backend, ObjectInfo
 
-_TMP_PREFIX = ".tmp-"
+T = TypeVar("T")
+
 _CAS_LOCK = ".refs.lock"
-
-
-def os_error(exc: OSError, what: str, where: str) -> BackendError:
-    """Translate an OSError into the package's error with an actionable hint."""
-    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
-        return DiskFull(
-            f"no space left while {what} {where}",
-            "free disk space (apollo-cas gc reclaims unreferenced chunks) and run the command again",
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermissionDenied(
-            f"permission denied while {what} {where}",
-            "check the owner and mode of the directory, or use a store you can write",
-        )
-    return BackendError(f"{exc.strerror or exc} while {what} {where}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    """The temporary a write of ``path`` goes through: ``.tmp-<writer>-<rand>-<name>``,
-    ``<writer>`` being :func:`procinfo.tag` (pid, host/boot/namespace digest, start)."""
-    return path.with_name(f"{_TMP_PREFIX}{procinfo.tag()}-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
 def removable_temporary(name: str, mtime: float, older_than: float, now: float) -> bool:
@@ -75,35 +49,12 @@ def removable_temporary(name: str, mtime: float, older_than: float, now: float) 
     a name of an older version) only once it is also older than
     :data:`TEMPORARY_FLOOR`.
     """
-    verdict = procinfo.judge_tag(name[len(_TMP_PREFIX) :].split("-", 1)[0])
+    verdict = procinfo.judge_tag(fsio.temp_writer(name) or "")
     if verdict == procinfo.ALIVE:
         return False
     if verdict == procinfo.DEAD:
         return mtime < older_than
     return mtime < min(older_than, now - TEMPORARY_FLOOR)
-
-
-def write_file_atomic(
-    path: Path, chunks: list[bytes | memoryview], *, sync_dir: bool = True
-) -> None:
-    """Write ``path`` atomically and durably (temp, fsync, rename, fsync dir).
-
-    Also used by restore targets, so outputs appear only when complete.
-    """
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with suppress(OSError):  # the write's own error is the one to report
-            tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
 
 
 class LocalBackend(Backend):
@@ -137,7 +88,7 @@ class LocalBackend(Backend):
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise os_error(exc, "creating", str(parent)) from exc
+            raise os_error(exc, parent, "creating") from exc
         self._check_parents(path)  # a directory created meanwhile is checked too
         with self._lock:
             self._made.add(parent)
@@ -161,7 +112,7 @@ class LocalBackend(Backend):
             except FileNotFoundError:
                 return  # the object cannot exist; the caller reports it missing
             except OSError as exc:
-                raise os_error(exc, "inspecting", str(d)) from exc
+                raise os_error(exc, d, "inspecting") from exc
             if not stat.S_ISDIR(st.st_mode):
                 raise self._foreign(d, "symlink" if stat.S_ISLNK(st.st_mode) else "not a directory")
             with self._lock:
@@ -188,7 +139,7 @@ class LocalBackend(Backend):
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise self._foreign(path, "symlink") from None
-            raise os_error(exc, "reading", str(path)) from exc
+            raise os_error(exc, path, "reading") from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise self._foreign(path, "special file")
@@ -201,7 +152,7 @@ class LocalBackend(Backend):
             with open(fd, "rb", closefd=True) as f:
                 return f.read()
         except OSError as exc:
-            raise os_error(exc, "reading", str(path)) from exc
+            raise os_error(exc, path, "reading") from exc
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         fd, path = self._open(key)
@@ -210,14 +161,15 @@ class LocalBackend(Backend):
                 f.seek(offset)
                 return f.read(length)
         except OSError as exc:
-            raise os_error(exc, "reading", str(path)) from exc
+            raise os_error(exc, path, "reading") from exc
 
-    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+    def _write(self, key: str, write: Callable[[Path], T], durable: bool) -> T:
+        """Run ``write`` on the path of ``key`` once its directory exists."""
         path = self._path(key)
         self._ensure_parent(path)
         try:
             try:
-                write_file_atomic(path, [data], sync_dir=durable)
+                done = write(path)
             except FileNotFoundError:
                 # The directory went away since it was made (a failed first save
                 # of another process removed its empty directories): make it again.
@@ -225,20 +177,29 @@ class LocalBackend(Backend):
                     self._made.discard(path.parent)
                     self._real_dirs.discard(path.parent)
                 self._ensure_parent(path)
-                write_file_atomic(path, [data], sync_dir=durable)
+                done = write(path)
         except OSError as exc:
-            raise os_error(exc, "writing", str(path)) from exc
+            raise os_error(exc, path, "writing") from exc
         if not durable:
             with self._lock:
                 self._dirty.add(path.parent)
+        return done
+
+    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        # write_file_atomic is looked up at each call: see its import.
+        self._write(key, lambda p: write_file_atomic(p, [data], sync_dir=durable), durable)
 
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
         if self.exists(key):
             return False
-        # Content-addressed keys: two writers of one key write the same bytes, so
-        # a lost race is harmless; rename simply replaces equal content.
-        self.put(key, data, durable=durable)
-        return True
+        if layout.is_hex_id(key.rsplit("/", 1)[-1]):
+            # Content-addressed keys: two writers of one key write the same bytes,
+            # so a lost race is harmless; rename simply replaces equal content.
+            self.put(key, data, durable=durable)
+            return True
+        # Any other key (the config): racing writers write different bytes, and
+        # exactly one of them may be told it created the object.
+        return self._write(key, lambda p: fsio.create_exclusive(p, data, sync_dir=durable), durable)
 
     def exists(self, key: str) -> bool:
         try:
@@ -255,7 +216,7 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             raise ObjectNotFound(f"{key} is missing in {self.location}") from None
         except OSError as exc:
-            raise os_error(exc, "inspecting", str(path)) from exc
+            raise os_error(exc, path, "inspecting") from exc
         if not stat.S_ISREG(st.st_mode):
             raise self._foreign(path, "symlink" if stat.S_ISLNK(st.st_mode) else "special file")
         return st
@@ -270,7 +231,7 @@ class LocalBackend(Backend):
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
-            raise os_error(exc, "deleting", str(path)) from exc
+            raise os_error(exc, path, "deleting") from exc
         with self._lock:
             self._dirty.add(path.parent)
 
@@ -296,7 +257,7 @@ class LocalBackend(Backend):
                     if key.startswith(prefix):
                         yield key
         except OSError as exc:
-            raise os_error(exc, "listing", str(start)) from exc
+            raise os_error(exc, start, "listing") from exc
 
     @contextmanager
     def _cas_lock(self) -> Iterator[None]:
@@ -331,7 +292,7 @@ class LocalBackend(Backend):
                     self.put(key, data, durable=True)
                 return True
         except OSError as exc:
-            raise os_error(exc, "updating", key) from exc
+            raise os_error(exc, key, "updating") from exc
 
     def sync(self) -> None:
         with self._lock:
@@ -343,7 +304,7 @@ class LocalBackend(Backend):
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise os_error(exc, "syncing", str(d)) from exc
+                raise os_error(exc, d, "syncing") from exc
 
         # An incremental save touches ~100 chunk directories; their fsyncs are
         # independent and each waits on the disk, so issue them concurrently.
@@ -375,7 +336,7 @@ class LocalBackend(Backend):
             return 0
         for dirpath, _dirnames, filenames in os.walk(self.root):
             for name in filenames:
-                if not name.startswith(_TMP_PREFIX):
+                if fsio.temp_writer(name) is None:
                     continue
                 p = Path(dirpath) / name
                 try:

@@ -13,16 +13,21 @@ import errno
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
-from .. import procinfo
-from ..backends.local import fsync_dir, write_file_atomic
+from .. import fsio, procinfo
 from ..decoding import Output
 from ..errors import ApolloError, DiskFull, PermissionDenied, TargetError
 
+# Under a name of this module: the fault suite replaces it to kill a restore
+# before its index is written.
+from ..fsio import atomic_write as write_file_atomic
+
+#: The prefix of a restore's temporaries (docs/CONCURRENCY.md), named by the
+#: rule of :func:`fsio.temp_path`; apart from the store's ``.tmp-`` so that a
+#: restore only ever removes its own kind.
 TMP_PREFIX = ".tmp-apollo-"
 #: Extended attribute on every file a restore writes (docs/FORMAT.md, "Restore
 #: outputs"): the mark that lets a later restore remove it as a stale output. A
@@ -36,22 +41,24 @@ log = logging.getLogger(__name__)
 def destination_error(exc: OSError, what: str, path: str | Path) -> ApolloError:
     """An OSError on a restore's destination, as one line that names the destination.
 
-    Not ``backends.local.os_error``: that one speaks of the store (its hint for a
-    full disk is ``apollo-cas gc``, which frees space only in the store).
+    Not :func:`fsio.os_error`: that one speaks of the store (its hint for a full
+    disk is ``apollo-cas gc``, which frees space only in the store); both read
+    the errno by :func:`fsio.error_kind`.
     """
     where = Path(path)
     directory = where if where.is_dir() else where.parent
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    kind = fsio.error_kind(exc)
+    if kind is fsio.ErrorKind.FULL:
         return DiskFull(
             f"no space left on the restore destination while {what} {where}",
             f"free space on the filesystem of {directory}, or restore somewhere else with --to",
         )
-    if exc.errno == errno.EROFS:
+    if kind is fsio.ErrorKind.READ_ONLY:
         return PermissionDenied(
             f"the restore destination {directory} is on a read-only filesystem",
             "restore into a writable directory with --to",
         )
-    if exc.errno in (errno.EACCES, errno.EPERM):
+    if kind is fsio.ErrorKind.DENIED:
         return PermissionDenied(
             f"permission denied on the restore destination while {what} {where}",
             f"check the owner and mode of {directory}, or restore somewhere else with --to",
@@ -86,8 +93,7 @@ def remove_dead_temporaries(path: Path) -> int:
     """
     removed = 0
     for p in path.glob(TMP_PREFIX + "*"):
-        token = p.name[len(TMP_PREFIX) :].split("-", 1)[0]
-        if procinfo.judge_tag(token) != procinfo.DEAD:
+        if procinfo.judge_tag(fsio.temp_writer(p.name, TMP_PREFIX) or "") != procinfo.DEAD:
             continue
         p.unlink(missing_ok=True)
         removed += 1
@@ -145,47 +151,36 @@ def _check_room(directory: Path, total: int) -> None:
         raise destination_error(err, f"reserving {total} bytes in", directory)
 
 
-class PendingFile:
+class PendingFile(fsio.Temporary):
     """A temporary output of a known size, committed by :meth:`commit`."""
 
     def __init__(self, final: Path, size: int) -> None:
-        self.final = final
-        self.tmp = final.with_name(
-            f"{TMP_PREFIX}{procinfo.tag()}-{uuid.uuid4().hex[:8]}-{final.name}"
-        )
+        tmp = fsio.temp_path(final, TMP_PREFIX)
         try:
-            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            super().__init__(final, path=tmp, mode=0o644)
+        except OSError as exc:
+            raise destination_error(exc, "creating", tmp) from exc
+        try:
             if size:
-                reserve(self.fd, self.tmp.parent, size)
+                reserve(self.fd, self.path.parent, size)
         except OSError as exc:
             self.discard()
-            raise destination_error(exc, "creating", self.tmp) from exc
+            raise destination_error(exc, "creating", self.path) from exc
 
     @property
     def output(self) -> Output:
         """Where decoders write: the open descriptor and the temporary path."""
-        return Output(self.fd, str(self.tmp))
+        return Output(self.fd, str(self.path))
 
     def sync(self) -> None:
         try:
-            os.fsync(self.fd)
+            super().sync()
         except OSError as exc:
-            raise destination_error(exc, "writing", self.tmp) from exc
+            raise destination_error(exc, "writing", self.path) from exc
 
     def commit(self) -> None:
         mark_output(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        os.rename(self.tmp, self.final)
-
-    def discard(self) -> None:
-        """Drop the temporary; never raises (it runs while another error propagates)."""
-        with suppress(OSError):
-            if getattr(self, "fd", -1) >= 0:
-                fd, self.fd = self.fd, -1
-                os.close(fd)
-        with suppress(OSError):
-            self.tmp.unlink(missing_ok=True)
+        super().commit()
 
 
 @contextmanager
@@ -257,7 +252,7 @@ def commit_all(
             write_file_atomic(index[0], [index[1]])
             mark_output(index[0])
         elif files:
-            fsync_dir(files[0].final.parent)
+            fsio.fsync_dir(files[0].final.parent)
     except OSError as exc:
         where = files[0].final.parent if files else Path(".")
         raise destination_error(exc, "finishing the files in", where) from exc

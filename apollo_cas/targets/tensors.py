@@ -18,13 +18,13 @@ import bisect
 import mmap
 import os
 import queue
-import tempfile
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import dtypes
+from .. import dtypes, fsio
 from ..decoding import Decoder, Output
 from ..manifest import Manifest, TensorEntry
 from ..parallel import bounded_map
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from ..gpu.restore import RestorePipeline
 
 SHM_DIR = "/dev/shm"
+#: The shared file's name, by the rule of :func:`fsio.temp_path`
+#: (``apollo-load-<writer>-<rand>-tensors``): one a killed load leaves behind
+#: names its writer.
+SHM_PREFIX = "apollo-load-"
 _ALIGN = 64  # every tensor starts 64-byte aligned in the shared file
 
 
@@ -106,12 +110,16 @@ def _load_via_shm(
     for t in entries:
         offsets.append(pos)
         pos += t.nbytes + (-t.nbytes % _ALIGN)
-    fd, path = tempfile.mkstemp(prefix="apollo-load-", dir=SHM_DIR)
+    final = Path(SHM_DIR) / "tensors"
+    shared = fsio.Temporary(final, path=fsio.temp_path(final, SHM_PREFIX), mode=0o600)
     try:
-        os.ftruncate(fd, max(pos, 1))
-        mm = mmap.mmap(fd, max(pos, 1))
-    finally:
-        os.close(fd)
+        os.ftruncate(shared.fd, max(pos, 1))
+        mm = mmap.mmap(shared.fd, max(pos, 1))
+    except BaseException:
+        shared.discard()
+        raise
+    shared.close()
+    path = str(shared.path)
     out: dict[str, torch.Tensor] = {}
     remaining = [t.nbytes for t in entries]
     ready: queue.Queue[int | None] = queue.Queue()
@@ -150,7 +158,7 @@ def _load_via_shm(
     try:
         decoder.write([Output(-1, path)], jobs, on_done=on_done)
     finally:
-        os.unlink(path)  # the mapping stays valid; the memory goes with the last view
+        shared.discard()  # the mapping stays valid; the memory goes with the last view
         if thread:
             ready.put(None)
             thread.join()

@@ -11,6 +11,7 @@ import pytest
 
 from apollo_cas.backends import Backend, open_backend
 from apollo_cas.backends.local import LocalBackend
+from tests.test_fsio import racing_winners
 
 from .contract import HEX_A, BackendContract
 
@@ -45,3 +46,21 @@ def test_leftover_temporaries_are_hidden_and_reaped(tmp_path: Path) -> None:
     assert not leftover.exists()
     assert fresh.exists()
     assert b.get(f"chunks/ab/{HEX_A}") == b"x"
+
+
+def test_racing_creates_of_the_config_have_one_winner(tmp_path: Path) -> None:
+    """The config is not content-addressed: racing first saves write different
+    bytes, and exactly one of them may be told it created the store."""
+    for round_ in range(20):
+        root = tmp_path / f"store{round_}"
+        backends = [LocalBackend(root) for _ in range(8)]  # one each, as processes have
+
+        def create(i: int, backends: list[LocalBackend] = backends) -> bool:
+            return backends[i].put_if_absent("config", f"config of writer {i}".encode())
+
+        won = racing_winners(len(backends), create)
+        assert len(won) == 1, f"round {round_}: writers {won} were all told they won"
+        b = LocalBackend(root)
+        assert b.get("config") == f"config of writer {won[0]}".encode()
+        assert b.put_if_absent("config", b"late") is False
+        assert sorted(p.name for p in root.iterdir()) == ["config"]  # no temporaries left

@@ -8,7 +8,6 @@ is the ``__meta__`` it adds, which lets readers detect a restarted server
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ... import procinfo
+from ... import fsio, procinfo
 from ...errors import SourceError
 from ...layout import check_tensor_name
 from .format import META_FORMAT, META_KEY
@@ -89,21 +88,5 @@ def write_handles(
         devices.add(t.device.index if t.device.index is not None else torch.cuda.current_device())
     if include_meta:
         obj[META_KEY] = export_meta(sorted(devices), rank=rank, world_size=world_size)
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # Mode 0600: whoever can open the file can read and overwrite the weights.
+    fsio.atomic_write(Path(path), lambda f: torch.save(obj, f), mode=0o600)

@@ -1,0 +1,307 @@
+"""Filesystem writes in one place: temporary names, atomic writes, exclusive creates, errors.
+
+Every file apollo_cas writes (a store object, a restore output, a handles file)
+goes temp file -> write -> fsync -> rename -> fsync directory, the sequence
+restic and git use, so a crash leaves either the old file or the whole new one
+plus, at worst, a temporary. Temporaries follow one naming rule,
+``<prefix><writer>-<8 hex>-<name>`` in the directory of ``<name>``, ``<writer>``
+being :func:`procinfo.tag`: whoever cleans leftovers up (gc in a store, the next
+restore in an output directory) reads the writer back with :func:`temp_writer`
+and never removes the temporary of a writer that still runs.
+
+OS errors stay :class:`OSError` here; callers map them once, where they know
+what the path is: :func:`os_error` for a store, ``targets.files.destination_error``
+for a restore's destination, both by :func:`error_kind`.
+
+Tests inject failures (a full disk, a filesystem without hard links) through
+the ``fs`` argument, a :class:`FileSystem` whose calls can fail, instead of
+patching module internals.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from pathlib import Path
+from typing import IO
+
+from . import procinfo
+from .errors import BackendError, DiskFull, PermissionDenied
+
+__all__ = [
+    "REAL",
+    "TMP_PREFIX",
+    "Bytes",
+    "Data",
+    "ErrorKind",
+    "FileSystem",
+    "Temporary",
+    "atomic_write",
+    "create_exclusive",
+    "error_kind",
+    "fsync_dir",
+    "os_error",
+    "temp_path",
+    "temp_writer",
+]
+
+#: The prefix of a store's temporaries (docs/FORMAT.md): the leading dot keeps
+#: them out of every listing.
+TMP_PREFIX = ".tmp-"
+
+#: One piece of a file's contents.
+Bytes = bytes | bytearray | memoryview
+#: What a write puts in a file: bytes, pieces of bytes written in order, or a
+#: callback that writes into the open file (``torch.save``).
+Data = Bytes | Iterable[Bytes] | Callable[[IO[bytes]], object]
+
+# errno values that say "this filesystem makes no hard links" (vfat, some FUSE
+# and network filesystems), for which an exclusive create falls back to rename.
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+class FileSystem:
+    """The os calls this module makes, looked up on :mod:`os` at call time.
+
+    The seam for tests: a subclass whose ``write`` raises ENOSPC is a full disk,
+    one whose ``link`` raises EPERM a filesystem without hard links.
+    """
+
+    def open(self, path: Path, flags: int, mode: int) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def link(self, src: Path, dst: Path) -> None:
+        os.link(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+
+#: The real filesystem.
+REAL = FileSystem()
+
+
+# -- temporary names ------------------------------------------------------
+
+
+def temp_path(path: Path, prefix: str = TMP_PREFIX) -> Path:
+    """The temporary a write of ``path`` goes through: ``<prefix><writer>-<rand>-<name>``
+    beside it, ``<writer>`` being :func:`procinfo.tag` (pid, host/boot/namespace
+    digest, start); the random part keeps two threads of one writer apart."""
+    return path.with_name(f"{prefix}{procinfo.tag()}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def temp_writer(name: str, prefix: str = TMP_PREFIX) -> str | None:
+    """The writer token of the temporary ``name`` (for :func:`procinfo.judge_tag`),
+    or None if ``name`` is not a temporary of that prefix."""
+    if not name.startswith(prefix):
+        return None
+    return name[len(prefix) :].split("-", 1)[0]
+
+
+class Temporary:
+    """A file being written under a temporary name beside ``final`` (created here:
+    if the open fails, there is nothing to discard).
+
+    :meth:`commit` renames it onto ``final``, :meth:`publish` links it there
+    unless ``final`` exists; :meth:`discard` drops it. The descriptor is open
+    read-write (restore decoders ``pwrite`` into it and preallocate it).
+    """
+
+    def __init__(
+        self,
+        final: Path,
+        *,
+        path: Path | None = None,
+        mode: int = 0o666,
+        fs: FileSystem = REAL,
+    ) -> None:
+        self.final = final
+        self.fs = fs
+        #: The temporary: ``path``, or by default :func:`temp_path` of ``final``.
+        self.path = path or temp_path(final)
+        # O_EXCL: the name is unique, and a link planted under it is not followed.
+        self.fd = fs.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+
+    def write(self, data: Data) -> None:
+        """Write all of ``data`` at the current position."""
+        if callable(data):
+            with os.fdopen(self.fd, "wb", closefd=False) as f:
+                data(f)
+            return
+        # A bytes-like object is one piece, not an iterable of ints.
+        pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            while view:
+                view = view[self.fs.write(self.fd, view) :]
+
+    def sync(self) -> None:
+        self.fs.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            self.fs.close(fd)
+
+    def commit(self) -> None:
+        """Close and rename onto ``final`` (replacing what is there)."""
+        self.close()
+        self.fs.rename(self.path, self.final)
+
+    def publish(self) -> bool:
+        """Close and link onto ``final`` unless it exists; False if it did.
+
+        ``link`` fails with EEXIST where ``rename`` would replace, so of two
+        racing writers exactly one is told it created the file, and the file
+        never appears half-written (as an ``O_EXCL`` create of ``final`` would).
+        On a filesystem without hard links this falls back to rename, which
+        keeps the file whole but lets a racing writer replace it.
+        """
+        self.close()
+        try:
+            self.fs.link(self.path, self.final)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            if self.final.exists():
+                return False
+            self.fs.rename(self.path, self.final)
+            return True
+        with suppress(OSError):  # a leftover link is a temporary gc removes
+            self.fs.unlink(self.path)
+        return True
+
+    def discard(self) -> None:
+        """Drop the temporary; never raises (it runs while another error propagates)."""
+        with suppress(OSError):
+            self.close()
+        with suppress(OSError):
+            self.fs.unlink(self.path)
+
+
+def _write_temporary(path: Path, data: Data, fsync: bool, mode: int, fs: FileSystem) -> Temporary:
+    tmp = Temporary(path, mode=mode, fs=fs)
+    try:
+        tmp.write(data)
+        if fsync:
+            tmp.sync()
+    except BaseException:
+        tmp.discard()
+        raise
+    return tmp
+
+
+def atomic_write(
+    path: Path,
+    data: Data,
+    *,
+    fsync: bool = True,
+    sync_dir: bool = True,
+    mode: int = 0o666,
+    fs: FileSystem = REAL,
+) -> None:
+    """Write ``path`` atomically: temporary, write, fsync, rename, fsync the directory.
+
+    ``sync_dir=False`` leaves the directory fsync to the caller (the local
+    backend batches it for chunks: one per directory, not one per chunk).
+    ``mode`` is masked by the umask, as ``open`` does.
+    """
+    tmp = _write_temporary(path, data, fsync, mode, fs)
+    try:
+        tmp.commit()
+    except BaseException:
+        tmp.discard()
+        raise
+    if sync_dir:
+        fsync_dir(path.parent, fs)
+
+
+def create_exclusive(
+    path: Path,
+    data: Data,
+    *,
+    sync_dir: bool = True,
+    mode: int = 0o666,
+    fs: FileSystem = REAL,
+) -> bool:
+    """Create ``path`` with ``data`` unless it exists; True if this call created it.
+
+    For files whose racing writers write different bytes (the store's config):
+    the whole file is written and fsynced under a temporary name, then linked
+    into place (see :meth:`Temporary.publish`).
+    """
+    tmp = _write_temporary(path, data, True, mode, fs)
+    try:
+        created = tmp.publish()
+    finally:
+        tmp.discard()
+    if created and sync_dir:
+        fsync_dir(path.parent, fs)
+    return created
+
+
+def fsync_dir(path: Path, fs: FileSystem = REAL) -> None:
+    """fsync the directory ``path``, which makes the names created in it durable."""
+    fd = fs.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0)
+    try:
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
+# -- errors ---------------------------------------------------------------
+
+
+class ErrorKind(enum.Enum):
+    """What an OSError means for the user."""
+
+    FULL = "full"  # no space or quota left
+    READ_ONLY = "read-only"  # a read-only filesystem
+    DENIED = "denied"  # the owner or mode forbids it
+    OTHER = "other"
+
+
+def error_kind(exc: OSError) -> ErrorKind:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ErrorKind.FULL
+    if exc.errno == errno.EROFS:
+        return ErrorKind.READ_ONLY
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ErrorKind.DENIED
+    return ErrorKind.OTHER
+
+
+def os_error(exc: OSError, path: str | os.PathLike[str], action: str) -> BackendError:
+    """An OSError on the store's filesystem as the package's error, one line that
+    names the path, with what to do (``action``: "writing", "reading", ...)."""
+    kind = error_kind(exc)
+    if kind is ErrorKind.FULL:
+        return DiskFull(
+            f"no space left while {action} {os.fspath(path)}",
+            "free disk space (apollo-cas gc reclaims unreferenced chunks) and run the command again",
+        )
+    if kind is not ErrorKind.OTHER:
+        return PermissionDenied(
+            f"permission denied while {action} {os.fspath(path)}",
+            "check the owner and mode of the directory, or use a store you can write",
+        )
+    return BackendError(f"{exc.strerror or exc} while {action} {os.fspath(path)}")
