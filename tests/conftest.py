@@ -398,6 +398,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("APOLLO_CAS_FAULT_SEED", str(int(time.time()) % 100_000))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Under pytest-xdist the tests marked slow (a minute or two each, most of the
+    # suite's time) are handed out first: started last, they would keep one
+    # worker busy long after the others ran out of work. Serial runs keep the
+    # collection order.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: hand the counts to the controller
