@@ -27,6 +27,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,6 +366,65 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+# ---------------------------------------------------------------------------
+# the fault suites' summary (tests/faults), also under pytest-xdist
+#
+# It lives here, not in tests/faults/conftest.py: with ``-n N`` the controller
+# process collects nothing, so only this conftest's hooks run there. Each worker
+# hands its counts over at the end of its session and the controller adds them up.
+
+#: operation -> outcome -> count, filled by the tests, printed by the hook below.
+FAULT_STATS: dict[str, Counter[str]] = {}
+_WORKER_KEY = "apollo_cas_fault_stats"
+
+
+@pytest.fixture
+def fault_stats() -> dict[str, Counter[str]]:
+    return FAULT_STATS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One seed for the whole run: xdist workers import the fault modules at
+    # different instants, and would each draw their own from the clock. Set
+    # before the workers start, so they inherit it.
+    os.environ.setdefault("APOLLO_CAS_FAULT_SEED", str(int(time.time()) % 100_000))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Under pytest-xdist the tests marked slow (a minute or two each, most of the
+    # suite's time) are handed out first: started last, they would keep one
+    # worker busy long after the others ran out of work. Serial runs keep the
+    # collection order.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the counts to the controller
+        workeroutput[_WORKER_KEY] = {op: dict(c) for op, c in FAULT_STATS.items()}
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown without pytest-xdist
+def pytest_testnodedown(node: Any, error: object) -> None:
+    for op, counts in getattr(node, "workeroutput", {}).get(_WORKER_KEY, {}).items():
+        merged = FAULT_STATS.setdefault(op, Counter())
+        if op.startswith("seed"):  # a value, not a count: the same in every worker
+            for k in counts:
+                merged[k] = 1
+        else:
+            merged.update(counts)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FAULT_STATS:
+        return
+    terminalreporter.section("apollo_cas fault injection")
+    for op, counts in sorted(FAULT_STATS.items()):
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        terminalreporter.write_line(f"{op}: {parts}")
 
 
 from s3server import s3_env, s3_location, s3_server  # noqa: E402, F401

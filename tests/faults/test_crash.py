@@ -263,6 +263,7 @@ def checkpoint_digest(store: Path, cid: str) -> str:
 # SIGKILL during save
 
 
+@pytest.mark.slow
 def test_kill_during_save(
     tmp_path: Path, weights: Weights, rng: random.Random, fault_stats: dict[str, Counter[str]]
 ) -> None:
@@ -318,6 +319,7 @@ def test_kill_during_save(
 # SIGKILL during gc
 
 
+@pytest.mark.slow
 def test_kill_during_gc(
     tmp_path: Path,
     weights: Weights,
@@ -414,6 +416,7 @@ def _output_state(out: Path, fmt: str, valid: dict[str, str]) -> str:
     return "empty"
 
 
+@pytest.mark.slow
 def test_kill_during_restore(
     tmp_path: Path, weights: Weights, rng: random.Random, fault_stats: dict[str, Counter[str]]
 ) -> None:

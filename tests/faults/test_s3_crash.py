@@ -191,6 +191,7 @@ def rng(fault_stats: dict[str, Counter[str]]) -> random.Random:
     return random.Random(SEED)
 
 
+@pytest.mark.slow
 def test_kill_save_and_gc_on_s3(
     s3_server: S3Server,
     s3_location: str,
