@@ -43,3 +43,14 @@ def test_cli_start_up_does_not_import_torch() -> None:
     code = "import sys, apollo_cas.cli.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_ci_runs_exactly_the_readmes_test_command() -> None:
+    """`.ci/run`'s last command is the README's step 2, word for word."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    step = readme.index("# 2. run the tests")
+    readme_cmd = readme[step + 1].split("&&")[-1].strip()
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci_cmds = [ln for ln in ci if ln and not ln.startswith("#")]
+    assert readme_cmd.startswith("python -m pytest"), readme_cmd
+    assert ci_cmds[-1] == readme_cmd
