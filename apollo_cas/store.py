@@ -85,7 +85,29 @@ class Store:
         """Open the store at ``location``. With ``create``, a missing store is
         created (in ``format``, default 2: packs); otherwise it must exist (a
         typo must not silently make a new one). An existing store keeps its format."""
-        store = cls(open_backend(os.fspath(location)), policy, workers)
+        return cls.from_backend(
+            open_backend(os.fspath(location)),
+            create=create,
+            policy=policy,
+            workers=workers,
+            format=format,
+            pack_size=pack_size,
+        )
+
+    @classmethod
+    def from_backend(
+        cls,
+        backend: Backend,
+        *,
+        create: bool = False,
+        policy: codecs.CodecPolicy | None = None,
+        workers: int | None = None,
+        format: int | None = None,
+        pack_size: int | None = None,
+    ) -> Store:
+        """:meth:`open` on a backend object (a wrapper that counts, logs or fails
+        calls, in tests and benchmarks): the same checks of the store's config."""
+        store = cls(backend, policy, workers)
         store._format = format
         store._pack_size = pack_size
         store._check_config(create)
@@ -215,13 +237,6 @@ class Store:
             new_format=self._format,
             new_pack_size=self._pack_size,
         )
-
-    def _base_finder(
-        self, source: Source, parent: Manifest | None, block_size: int
-    ) -> Callable[[int, int], codecs.Base | None] | None:
-        """Delta bases: the parent's block at the same place of the same tensor
-        (:func:`apollo_cas.saving.base_finder`; the GPU delta tests drive it)."""
-        return saving.base_finder(self, source, parent, block_size)
 
     # -- reading -------------------------------------------------------------
     def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:

@@ -209,8 +209,7 @@ def test_restore_reads_long_ranges_in_output_order(
     m = model(6, blocks=200)
     st.save(m, block_size=BS)
     backend = CountingBackend(tmp_store)
-    with Store(backend, workers=2) as reader:
-        reader._check_config(create=False)
+    with Store.from_backend(backend, workers=2) as reader:
         reader.restore("latest", tmp_path / "out", format="flat")
     assert (tmp_path / "out" / "weights.bin").read_bytes() == flat(m)
     n_packs = len(pack_paths(tmp_store))
@@ -349,8 +348,7 @@ class PutLog(Backend):
 
 def test_write_order_packs_then_index_then_manifest_then_ref(tmp_store: str) -> None:
     log = PutLog(LocalBackend(tmp_store))
-    with Store(log, workers=2) as s:
-        s._format, s._pack_size = 2, PACK
+    with Store.from_backend(log, create=True, workers=2, format=2, pack_size=PACK) as s:
         s.save(model(12), block_size=BS)
     writes = [k for k in log.puts if not k.startswith(("locks/", "config"))]
     kinds = [k.split("/", 1)[0] for k in writes]

@@ -5,7 +5,7 @@ After a dense optimizer step every block changed, and the CPU delta path
 host to XOR against (24.9 s for 17.1 GB on the H200, benchmarks/results/gpu.md).
 Here, per batch of at most ``batch_bytes`` of changed blocks:
 
-1. the parent's blocks at the same places (the bases ``Store._base_finder`` offers,
+1. the parent's blocks at the same places (the bases ``saving.base_finder`` offers,
    with the same depth and root rules as ``codecs.encode``) are decoded **on the
    device** by the restore pipeline (:class:`~apollo_cas.gpu.restore.RestorePipeline`)
    into a scratch buffer; the pipeline checks each decoded block's XXH3-128 against
@@ -74,7 +74,7 @@ DEFAULT_BATCH_BYTES = 256 << 20
 
 #: Tally callback of the save pipeline: (put result, raw length).
 TallyFn = Callable[[PutResult, int], None]
-#: base_for(tensor index, block index) -> codecs.Base | None (Store._base_finder).
+#: base_for(tensor index, block index) -> codecs.Base | None (saving.base_finder).
 BaseFor = Callable[[int, int], "codecs.Base | None"]
 
 

@@ -25,6 +25,7 @@ from apollo_cas.gpu import delta_ops  # noqa: E402
 from apollo_cas.gpu.blocks import host_block_digests  # noqa: E402
 from apollo_cas.gpu.delta_encode import encode_delta, sparse_wanted, zero_frame  # noqa: E402
 from apollo_cas.gpu.delta_save import delta_device  # noqa: E402
+from apollo_cas.saving import base_finder  # noqa: E402
 from apollo_cas.sources.device import DeviceSource  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 
@@ -289,7 +290,7 @@ def test_small_batches_bound_the_buffers(tmp_path: Path) -> None:
     hook = make_hook(
         st,
         src,
-        st._base_finder(src, parent, BS),
+        base_finder(st, src, parent, BS),
         BS,
         "always",
         batch_bytes=2 * BS,
@@ -300,7 +301,7 @@ def test_small_batches_bound_the_buffers(tmp_path: Path) -> None:
     from apollo_cas.pipeline import write_source
 
     st.chunks.known.update(parent.chunk_ids())
-    res = write_source(st.chunks, src, BS, 2, st._base_finder(src, parent, BS), None, hook)
+    res = write_source(st.chunks, src, BS, 2, base_finder(st, src, parent, BS), None, hook)
     (stats,) = got
     assert stats.batches >= 7  # 14 blocks, 2 per batch, one width per piece
     assert stats.pipeline["batches"] == 7
@@ -346,7 +347,7 @@ def test_damaged_parent_in_a_middle_batch_falls_back_for_that_batch_only(tmp_pat
     dense_step(m, 1)
     src = HostHashed(m)
     got: list = []
-    finder = st._base_finder(src, parent, BS)
+    finder = base_finder(st, src, parent, BS)
     hook = make_hook(st, src, finder, BS, "always", batch_bytes=2 * BS, on_stats=got.append)
     st.chunks.known.update(parent.chunk_ids())
     res = write_source(st.chunks, src, BS, 2, finder, None, hook)
@@ -380,7 +381,7 @@ def test_weights_changing_mid_save_is_an_error_not_a_chunk(tmp_path: Path) -> No
 
     dense_step(m, 2)  # the trainer stepped after the ids were taken
     stale = Stale(m)
-    finder = st._base_finder(stale, parent, BS)
+    finder = base_finder(st, stale, parent, BS)
     hook = make_hook(st, stale, finder, BS, "always")
     st.chunks.known.update(parent.chunk_ids())
     with pytest.raises(CorruptChunk, match="changed during the save"):
