@@ -203,7 +203,7 @@ def frames_experiment(st: Store, ref: str, n_chunks: int) -> dict[str, Any]:
     """Exponent planes of real chunks: one 512 KiB frame vs 128 / 64 KiB frames on nvCOMP."""
     import numpy as np
 
-    from apollo_cas.codecs import _zstd, planes
+    from apollo_cas.codecs import planes, zstd_frames
     from apollo_cas.gpu.zstd import NvcompFrames, nvcomp_available
 
     if not nvcomp_available():
@@ -217,7 +217,9 @@ def frames_experiment(st: Store, ref: str, n_chunks: int) -> dict[str, Any]:
     out: dict[str, Any] = {"chunks": len(ids), "plane_bytes": plane}
     for frame in (plane, 128 << 10, 64 << 10):
         frames = [
-            _zstd.compress_plane(p[o : o + frame], 1) for p in exps for o in range(0, plane, frame)
+            zstd_frames.compress_plane(p[o : o + frame], 1)
+            for p in exps
+            for o in range(0, plane, frame)
         ]
         offs, pos = [], 0
         for f in frames:

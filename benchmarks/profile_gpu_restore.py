@@ -146,13 +146,13 @@ def nvcomp_experiment(st: Store, ref: str) -> dict[str, Any]:
     import numpy as np
     from nvidia import nvcomp
 
-    from apollo_cas.codecs import _zstd, planes
+    from apollo_cas.codecs import planes, zstd_frames
 
     m = st.manifest(st.resolve(ref))
     ids = [c for e in m.tensors for c in e.chunks if e.nbytes >= m.block_size][:4096]
     exps = [planes.split(st.chunks.read(c), 2)[0][1] for c in ids]
     plane = len(exps[0])
-    frames = [_zstd.compress_plane(p, 1) for p in exps]
+    frames = [zstd_frames.compress_plane(p, 1) for p in exps]
     offs, pos = [], 0
     for f in frames:
         offs.append(pos)

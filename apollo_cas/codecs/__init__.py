@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CorruptChunk, CorruptObject, ObjectNotFound, UsageError
-from . import _zstd, delta, envelope, planes, sparse
+from . import delta, envelope, planes, sparse, zstd_frames
 
 RAW = 0
 ZSTD = 1
@@ -177,7 +177,7 @@ def _encode_as(
     if method == PLANES:
         params, pieces = planes.encode(data, itemsize, level)
     elif method == ZSTD:
-        params, pieces = b"", [_zstd.compress(data, level)]
+        params, pieces = b"", [zstd_frames.compress(data, level)]
     else:
         return RAW, b"", [data], n
     size = len(params) + sum(len(p) for p in pieces)
@@ -298,7 +298,7 @@ def _decode_plain(
         if len(payload) != raw_size:
             raise ValueError(f"raw payload is {len(payload)} bytes, header says {raw_size}")
         return payload
-    return _zstd.decompress_exact(payload, raw_size)
+    return zstd_frames.decompress_exact(payload, raw_size)
 
 
 def decode(
@@ -324,7 +324,7 @@ def decode(
             return _to_bytes(_decode_plain(env.codec, env.params, env.payload, env.raw_size))
         else:
             base_id, depth, inner, iparams = delta.parse_params(env.params)
-    except (ValueError, _zstd.FrameError) as exc:
+    except (ValueError, zstd_frames.FrameError) as exc:
         raise CorruptChunk(f"{name}: {exc}", _HINT) from exc
     base_hex = base_id.hex()
     base_raw = _resolve_base(name, base_hex, load_base)
@@ -337,7 +337,7 @@ def decode(
         if inner == SPARSE:
             return sparse.decode(iparams, env.payload, base_raw)
         x = _decode_plain(inner, iparams, env.payload, env.raw_size)
-    except (ValueError, _zstd.FrameError) as exc:
+    except (ValueError, zstd_frames.FrameError) as exc:
         raise CorruptChunk(
             f"{name}: delta (depth {depth}) against {base_hex}: {exc}", _HINT
         ) from exc
@@ -419,12 +419,12 @@ def info(blob: Buffer, name: str = "chunk") -> tuple[str, int, int]:
 
 def zstd_compress(data: Buffer, level: int) -> bytes:
     """One zstd frame of ``data`` with this thread's compressor for ``level``."""
-    return _zstd.compress(data, level)
+    return zstd_frames.compress(data, level)
 
 
 def zstd_decompress(data: Buffer, size: int) -> bytes:
     """Decode one zstd frame that must give exactly ``size`` bytes."""
-    return _zstd.decompress_exact(data, size)
+    return zstd_frames.decompress_exact(data, size)
 
 
 __all__ = [

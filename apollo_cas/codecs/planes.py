@@ -26,7 +26,7 @@ import struct
 
 import numpy as np
 
-from . import _zstd
+from . import zstd_frames
 
 WIDTHS = (2, 4, 8)
 PLANE_RAW = 0
@@ -70,7 +70,7 @@ def encode(raw: bytes | memoryview, w: int, level: int) -> tuple[bytes, list[byt
     limit = m * (1 - PLANE_MIN_SAVING)
     for k in range(w):
         plane = planes[k]
-        frame = _zstd.compress_plane(plane, level)
+        frame = zstd_frames.compress_plane(plane, level)
         if len(frame) < limit:
             params.append(_PLANE.pack(PLANE_ZSTD, len(frame)))
             pieces.append(frame)
@@ -103,7 +103,7 @@ def parse_params(params: memoryview | bytes) -> tuple[int, list[tuple[int, int]]
 def decode(params: memoryview | bytes, payload: memoryview, raw_size: int) -> np.ndarray:
     """Decode a plane-coded payload into a new uint8 array of ``raw_size`` bytes.
 
-    Raises ValueError (or ``_zstd.FrameError``) on any inconsistency between
+    Raises ValueError (or ``zstd_frames.FrameError``) on any inconsistency between
     the parameters, the payload and ``raw_size``.
     """
     w, layout = parse_params(params)
@@ -123,7 +123,7 @@ def decode(params: memoryview | bytes, payload: memoryview, raw_size: int) -> np
                 raise ValueError(f"raw plane {k} is {length} bytes, expected {m}")
             decoded.append(np.frombuffer(piece, dtype=np.uint8))
         else:
-            decoded.append(np.frombuffer(_zstd.decompress_exact(piece, m), dtype=np.uint8))
+            decoded.append(np.frombuffer(zstd_frames.decompress_exact(piece, m), dtype=np.uint8))
     # Allocate only now: every plane has proved it holds m bytes, so a damaged
     # raw size in the header cannot make us allocate what the chunk cannot fill.
     out = np.empty(raw_size, dtype=np.uint8)

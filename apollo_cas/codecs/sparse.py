@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _zstd
+from . import zstd_frames
 
 WIDTHS = (1, 2, 4, 8)
 _HEAD = struct.Struct("<16sBBII")
@@ -86,8 +86,8 @@ def encode(
     if n > MAX_FRACTION * len(xv):
         return None
     gaps = np.diff(idx, prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
-    gframe = _zstd.compress_plane(_planes(gaps.astype("<u4"), 4).data, level)
-    vframe = _zstd.compress_plane(_planes(np.ascontiguousarray(xv[idx]), w).data, level)
+    gframe = zstd_frames.compress_plane(_planes(gaps.astype("<u4"), 4).data, level)
+    vframe = zstd_frames.compress_plane(_planes(np.ascontiguousarray(xv[idx]), w).data, level)
     params = _HEAD.pack(base_id, depth, w, n, len(gframe))
     return params, [gframe, vframe], n
 
@@ -119,8 +119,8 @@ def decode(params: memoryview | bytes, payload: memoryview, base: memoryview) ->
         raise ValueError(f"{n} changed elements in a block of {m}")
     if glen > len(payload):
         raise ValueError(f"gaps frame of {glen} bytes runs past the payload ({len(payload)})")
-    gaps = _unplanes(_zstd.decompress_exact(payload[:glen], 4 * n), 4, n)
-    values = _unplanes(_zstd.decompress_exact(payload[glen:], w * n), w, n)
+    gaps = _unplanes(zstd_frames.decompress_exact(payload[:glen], 4 * n), 4, n)
+    values = _unplanes(zstd_frames.decompress_exact(payload[glen:], w * n), w, n)
     idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
     if n and idx[-1] >= m:
         raise ValueError(f"changed element {int(idx[-1])} is past the block's {m} elements")

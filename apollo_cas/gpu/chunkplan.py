@@ -74,7 +74,7 @@ def corrupt(cid: bytes, what: str) -> CorruptChunk:
 
 
 def _frame_size_ok(blob: memoryview, cid: bytes, off: int, n: int, size: int) -> None:
-    from ..codecs import _zstd
+    from ..codecs import zstd_frames
 
     frame = blob[off : off + n]
     try:
@@ -86,8 +86,8 @@ def _frame_size_ok(blob: memoryview, cid: bytes, off: int, n: int, size: int) ->
     if declared != size:
         raise corrupt(cid, f"zstd frame declares {declared} bytes, expected {size}")
     try:
-        length = _zstd.frame_size(frame)
-    except _zstd.FrameError as exc:
+        length = zstd_frames.frame_size(frame)
+    except zstd_frames.FrameError as exc:
         raise corrupt(cid, str(exc)) from exc
     if length != n:
         raise corrupt(cid, "zstd frame is truncated or followed by stray bytes")

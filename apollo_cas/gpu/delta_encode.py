@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .. import codecs
-from ..codecs import _zstd, delta, envelope, planes
+from ..codecs import delta, envelope, planes, zstd_frames
 
 # The planes parameter layout of docs/CODECS.md (codec 2): w, flags, then per plane
 # (kind u8, stored length u32).
@@ -43,7 +43,7 @@ _PLANE = struct.Struct("<BI")
 def zero_frame(m: int, level: int, plane: bool = True) -> bytes:
     """The zstd frame of ``m`` zero bytes (the same bytes the compressor gives)."""
     zeros = bytes(m)
-    return _zstd.compress_plane(zeros, level) if plane else _zstd.compress(zeros, level)
+    return zstd_frames.compress_plane(zeros, level) if plane else zstd_frames.compress(zeros, level)
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def encode_sparse_planes(
 ) -> tuple[bytes, list[bytes]]:
     """Codec 4's (params, payload pieces) of these planes: what ``codecs.sparse.encode``
     writes for the same XOR (two zstd frames; the GIL is released while they run)."""
-    gframe = _zstd.compress_plane(sp.gaps, level)
-    vframe = _zstd.compress_plane(sp.values, level)
+    gframe = zstd_frames.compress_plane(sp.gaps, level)
+    vframe = zstd_frames.compress_plane(sp.values, level)
     return _SPARSE_HEAD.pack(base_id, depth, ws, sp.n, len(gframe)), [gframe, vframe]
 
 
@@ -208,7 +208,7 @@ def encode_delta(
         raise RuntimeError("a block's planes stayed on the device but codec 4 was not taken")
     if w == 1:
         p = planes_[0]
-        frame = zero_frame(m, level, plane=False) if p is None else _zstd.compress(p, level)
+        frame = zero_frame(m, level, plane=False) if p is None else zstd_frames.compress(p, level)
         inner, iparams, pieces = codecs.ZSTD, b"", [frame]
     else:
         heads = [_PLANES_HEAD.pack(w, 0)]
@@ -216,7 +216,7 @@ def encode_delta(
         limit = m * (1 - planes.PLANE_MIN_SAVING)
         for k in range(w):
             p = planes_[k]
-            frame = zero_frame(m, level) if p is None else _zstd.compress_plane(p, level)
+            frame = zero_frame(m, level) if p is None else zstd_frames.compress_plane(p, level)
             if len(frame) < limit:
                 heads.append(_PLANE.pack(planes.PLANE_ZSTD, len(frame)))
                 pieces.append(frame)

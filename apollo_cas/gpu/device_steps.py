@@ -214,7 +214,7 @@ class DeviceSteps:
 
     def _host_frames(self, batch: Batch, dev: torch.Tensor) -> None:
         """Every frame of ``batch`` decoded by python-zstandard from its blob, then copied."""
-        from ..codecs import _zstd
+        from ..codecs import zstd_frames
 
         # The arena the blobs were read into may hold the next batch by now: read again.
         ids = [c.cid for g in batch.groups for c in g.chunks if FRAME in g.kinds]
@@ -224,8 +224,8 @@ class DeviceSteps:
             sizes = (4 * c.nchanged, c.w * c.nchanged)
             for (off, n), a, m in zip(c.pieces, c.slots, sizes, strict=False):
                 try:
-                    raw = _zstd.decompress_exact(memoryview(blobs[c.cid])[off : off + n], m)
-                except _zstd.FrameError as exc:
+                    raw = zstd_frames.decompress_exact(memoryview(blobs[c.cid])[off : off + n], m)
+                except zstd_frames.FrameError as exc:
                     raise corrupt(c.cid, str(exc)) from exc
                 dev[a : a + m].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         for g in batch.groups:
@@ -235,8 +235,10 @@ class DeviceSteps:
                         continue
                     off, n = c.pieces[kk]
                     try:
-                        raw = _zstd.decompress_exact(memoryview(blobs[c.cid])[off : off + n], g.m)
-                    except _zstd.FrameError as exc:
+                        raw = zstd_frames.decompress_exact(
+                            memoryview(blobs[c.cid])[off : off + n], g.m
+                        )
+                    except zstd_frames.FrameError as exc:
                         raise corrupt(c.cid, str(exc)) from exc
                     a = g.slot(kk, j)
                     dev[a : a + g.m].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))

@@ -128,7 +128,7 @@ class HostStaging:
 
     def _fill(self, batch: Batch) -> None:
         """Copy every piece into the pinned slot (host-decoding frames when no nvCOMP)."""
-        from ..codecs import _zstd
+        from ..codecs import zstd_frames
 
         h = batch.host.numpy()
         frames = iter(batch.frames)
@@ -163,8 +163,8 @@ class HostStaging:
             piece, dst, n, m, cid = job
             if m >= 0:
                 try:
-                    raw = _zstd.decompress_exact(piece, m)
-                except _zstd.FrameError as exc:
+                    raw = zstd_frames.decompress_exact(piece, m)
+                except zstd_frames.FrameError as exc:
                     raise corrupt(cid, str(exc)) from exc
                 h[dst : dst + m] = np.frombuffer(raw, np.uint8)
             else:

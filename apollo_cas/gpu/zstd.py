@@ -67,7 +67,7 @@ class HostFrames:
         out_offsets: Sequence[int],
         out_sizes: Sequence[int],
     ) -> Any:
-        from ..codecs import _zstd
+        from ..codecs import zstd_frames
         from ..parallel import bounded_map
 
         s = src.numpy()
@@ -75,7 +75,7 @@ class HostFrames:
 
         def one(i: int) -> None:
             frame = s[src_offsets[i] : src_offsets[i] + src_sizes[i]].data
-            raw = _zstd.decompress_exact(frame, out_sizes[i])
+            raw = zstd_frames.decompress_exact(frame, out_sizes[i])
             o[out_offsets[i] : out_offsets[i] + out_sizes[i]] = np.frombuffer(raw, np.uint8)
 
         for _ in bounded_map(one, range(len(src_offsets)), self.workers):

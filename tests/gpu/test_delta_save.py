@@ -174,7 +174,7 @@ def test_encode_sparse_follows_the_codec_4_layout() -> None:
     """Decoded by hand as readpath's docs/CODECS.md describes codec 4."""
     import struct
 
-    from apollo_cas.codecs import _zstd
+    from apollo_cas.codecs import zstd_frames
     from apollo_cas.gpu.delta_encode import encode_sparse
 
     m = 2048
@@ -187,10 +187,10 @@ def test_encode_sparse_follows_the_codec_4_layout() -> None:
     )
     base_id, depth, w, n, glen = struct.unpack("<16sBBII", params)
     assert (base_id, depth, w, n, glen) == (bid, 3, 2, 4, len(gframe))
-    gaps = np.frombuffer(_zstd.decompress_exact(gframe, 4 * n), np.uint8).reshape(4, n).T
+    gaps = np.frombuffer(zstd_frames.decompress_exact(gframe, 4 * n), np.uint8).reshape(4, n).T
     gaps = np.ascontiguousarray(gaps).view("<u4").reshape(n)
     assert (np.cumsum(gaps.astype(np.int64) + 1) - 1).tolist() == where.tolist()
-    vals = np.frombuffer(_zstd.decompress_exact(vframe, 2 * n), np.uint8).reshape(2, n).T
+    vals = np.frombuffer(zstd_frames.decompress_exact(vframe, 2 * n), np.uint8).reshape(2, n).T
     assert np.ascontiguousarray(vals).view("<u2").reshape(n).tolist() == x[where].tolist()
 
 
@@ -208,9 +208,9 @@ def test_encode_sparse_is_byte_identical_to_the_sparse_codec() -> None:
 
 
 def test_zero_plane_frame_is_the_compressors() -> None:
-    from apollo_cas.codecs import _zstd
+    from apollo_cas.codecs import zstd_frames
 
-    assert zero_frame(2048, 1) == _zstd.compress_plane(bytes(2048), 1)
+    assert zero_frame(2048, 1) == zstd_frames.compress_plane(bytes(2048), 1)
 
 
 # ------------------------------------------------------------------ the save path

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from apollo_cas import codecs  # noqa: E402
-from apollo_cas.codecs import _zstd, envelope, sparse  # noqa: E402
+from apollo_cas.codecs import envelope, sparse, zstd_frames  # noqa: E402
 from apollo_cas.errors import CorruptChunk  # noqa: E402
 from apollo_cas.gpu.restore import RestorePipeline, object_reader, parse_chunk, places_of  # noqa: E402
 from apollo_cas.gpu.zstd import HostFrames  # noqa: E402
@@ -134,11 +134,11 @@ def reencode(blob: bytes, change: Callable[[np.ndarray, np.ndarray, int], None])
     """A codec-4 chunk with its gaps and values changed by ``change(gaps, values, m)``."""
     env = envelope.unpack(blob)
     base, depth, w, n, glen = sparse.parse_params(env.params)
-    gaps = sparse._unplanes(_zstd.decompress_exact(env.payload[:glen], 4 * n), 4, n).copy()
-    vals = sparse._unplanes(_zstd.decompress_exact(env.payload[glen:], w * n), w, n).copy()
+    gaps = sparse._unplanes(zstd_frames.decompress_exact(env.payload[:glen], 4 * n), 4, n).copy()
+    vals = sparse._unplanes(zstd_frames.decompress_exact(env.payload[glen:], w * n), w, n).copy()
     change(gaps, vals, env.raw_size // w)
-    gframe = _zstd.compress_plane(sparse._planes(gaps.astype("<u4"), 4).data, 3)
-    vframe = _zstd.compress_plane(sparse._planes(vals, w).data, 3)
+    gframe = zstd_frames.compress_plane(sparse._planes(gaps.astype("<u4"), 4).data, 3)
+    vframe = zstd_frames.compress_plane(sparse._planes(vals, w).data, 3)
     params = sparse._HEAD.pack(base, depth, w, n, len(gframe))
     return envelope.pack(codecs.SPARSE, env.raw_size, params, gframe + vframe)
 
