@@ -93,7 +93,8 @@ def proc_start(pid: int) -> str:
     return fields[19].decode() if len(fields) > 19 else ""
 
 
-def _state(pid: int) -> str:
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (R, S, T, Z, ...), or "" when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read()
@@ -127,7 +128,7 @@ def pid_alive(pid: int, start: str = "") -> bool:
         return False
     except PermissionError:
         pass  # it exists, owned by another user
-    if _state(pid) in ("Z", "X"):
+    if process_state(pid) in ("Z", "X"):
         return False
     now = proc_start(pid)
     return not start or not now or now == start

@@ -48,7 +48,7 @@ def test_an_exited_process_is_dead() -> None:
 def test_a_zombie_is_dead() -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30
-    while procinfo._state(p.pid) != "Z" and time.monotonic() < deadline:
+    while procinfo.process_state(p.pid) != "Z" and time.monotonic() < deadline:
         time.sleep(0.01)
     try:
         assert not procinfo.pid_alive(p.pid)

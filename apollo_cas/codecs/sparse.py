@@ -65,12 +65,13 @@ def width_for(itemsize: int) -> int:
     return itemsize if itemsize in WIDTHS else 1
 
 
-def _planes(a: np.ndarray, w: int) -> np.ndarray:
+def byte_planes(a: np.ndarray, w: int) -> np.ndarray:
     """Byte planes of ``a`` (little-endian w-byte values): plane 0 first."""
     return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T)
 
 
-def _unplanes(planes: bytes, w: int, n: int) -> np.ndarray:
+def from_byte_planes(planes: bytes, w: int, n: int) -> np.ndarray:
+    """The ``n`` w-byte values whose byte planes are ``planes`` (:func:`byte_planes`'s inverse)."""
     p = np.frombuffer(planes, dtype=np.uint8).reshape(w, n)
     return np.ascontiguousarray(p.T).view(_UINT[w]).reshape(n)
 
@@ -86,8 +87,8 @@ def encode(
     if n > MAX_FRACTION * len(xv):
         return None
     gaps = np.diff(idx, prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
-    gframe = zstd_frames.compress_plane(_planes(gaps.astype("<u4"), 4).data, level)
-    vframe = zstd_frames.compress_plane(_planes(np.ascontiguousarray(xv[idx]), w).data, level)
+    gframe = zstd_frames.compress_plane(byte_planes(gaps.astype("<u4"), 4).data, level)
+    vframe = zstd_frames.compress_plane(byte_planes(np.ascontiguousarray(xv[idx]), w).data, level)
     params = _HEAD.pack(base_id, depth, w, n, len(gframe))
     return params, [gframe, vframe], n
 
@@ -119,8 +120,8 @@ def decode(params: memoryview | bytes, payload: memoryview, base: memoryview) ->
         raise ValueError(f"{n} changed elements in a block of {m}")
     if glen > len(payload):
         raise ValueError(f"gaps frame of {glen} bytes runs past the payload ({len(payload)})")
-    gaps = _unplanes(zstd_frames.decompress_exact(payload[:glen], 4 * n), 4, n)
-    values = _unplanes(zstd_frames.decompress_exact(payload[glen:], w * n), w, n)
+    gaps = from_byte_planes(zstd_frames.decompress_exact(payload[:glen], 4 * n), 4, n)
+    values = from_byte_planes(zstd_frames.decompress_exact(payload[glen:], w * n), w, n)
     idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
     if n and idx[-1] >= m:
         raise ValueError(f"changed element {int(idx[-1])} is past the block's {m} elements")

@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import codecs
 from ..codecs import delta, envelope, planes, zstd_frames
+from ..codecs.sparse import byte_planes
 
 # The planes parameter layout of docs/CODECS.md (codec 2): w, flags, then per plane
 # (kind u8, stored length u32).
@@ -76,10 +77,6 @@ _SPARSE_HEAD = struct.Struct("<16sBBII")
 SPARSE_MAX_FRACTION = 0.25
 
 
-def _byte_planes(a: np.ndarray, w: int) -> np.ndarray:
-    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T)
-
-
 @dataclass(frozen=True)
 class SparsePlanes:
     """A block's changed elements as codec 4 compresses them: ``n`` elements, the byte
@@ -98,7 +95,7 @@ def sparse_planes_of(idx: np.ndarray, values: Any, ws: int) -> SparsePlanes:
     n = len(idx)
     gaps = np.diff(idx.astype(np.int64), prepend=-1) - 1 if n else np.empty(0, dtype=np.int64)
     vals = np.frombuffer(values, dtype=np.uint8)
-    return SparsePlanes(n, _byte_planes(gaps.astype("<u4"), 4).data, _byte_planes(vals, ws).data)
+    return SparsePlanes(n, byte_planes(gaps.astype("<u4"), 4).data, byte_planes(vals, ws).data)
 
 
 def encode_sparse_planes(

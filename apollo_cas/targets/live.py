@@ -265,10 +265,10 @@ def _write(
             if progress:
                 progress(n)
     if dev:
-        _write_device(views, entries, dev, bs, read_chunk, buffer_bytes, workers, progress)
+        write_device(views, entries, dev, bs, read_chunk, buffer_bytes, workers, progress)
 
 
-def _write_device(
+def write_device(
     views: Sequence[torch.Tensor],
     entries: Sequence[TensorEntry],
     todo: Sequence[tuple[int, int]],
@@ -313,7 +313,7 @@ def _write_device(
             for _ in bounded_map(fill, batch, workers):
                 pass
             used_streams: dict[int, Any] = {}
-            for ti, bi, n, dst in _coalesce(batch, bs):
+            for ti, bi, n, dst in coalesce(batch, bs):
                 if views[ti].device.type == "cpu":  # tests drive this path on the CPU
                     views[ti][bi * bs : bi * bs + n].copy_(buf[dst : dst + n])
                     continue
@@ -337,7 +337,7 @@ def _write_device(
         stager.close()
 
 
-def _coalesce(
+def coalesce(
     batch: Sequence[tuple[int, int, int, int]], bs: int
 ) -> list[tuple[int, int, int, int]]:
     """Merge runs of consecutive blocks of one tensor (adjacent in the buffer) into one copy.

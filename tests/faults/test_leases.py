@@ -100,7 +100,7 @@ class FrozenSave:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             for pid in descendants(self.proc.pid):
-                if procinfo._state(pid) == "T":
+                if procinfo.process_state(pid) == "T":
                     return pid
             time.sleep(0.01)
         raise AssertionError("the save never stopped")

@@ -134,11 +134,15 @@ def reencode(blob: bytes, change: Callable[[np.ndarray, np.ndarray, int], None])
     """A codec-4 chunk with its gaps and values changed by ``change(gaps, values, m)``."""
     env = envelope.unpack(blob)
     base, depth, w, n, glen = sparse.parse_params(env.params)
-    gaps = sparse._unplanes(zstd_frames.decompress_exact(env.payload[:glen], 4 * n), 4, n).copy()
-    vals = sparse._unplanes(zstd_frames.decompress_exact(env.payload[glen:], w * n), w, n).copy()
+    gaps = sparse.from_byte_planes(
+        zstd_frames.decompress_exact(env.payload[:glen], 4 * n), 4, n
+    ).copy()
+    vals = sparse.from_byte_planes(
+        zstd_frames.decompress_exact(env.payload[glen:], w * n), w, n
+    ).copy()
     change(gaps, vals, env.raw_size // w)
-    gframe = zstd_frames.compress_plane(sparse._planes(gaps.astype("<u4"), 4).data, 3)
-    vframe = zstd_frames.compress_plane(sparse._planes(vals, w).data, 3)
+    gframe = zstd_frames.compress_plane(sparse.byte_planes(gaps.astype("<u4"), 4).data, 3)
+    vframe = zstd_frames.compress_plane(sparse.byte_planes(vals, w).data, 3)
     params = sparse._HEAD.pack(base, depth, w, n, len(gframe))
     return envelope.pack(codecs.SPARSE, env.raw_size, params, gframe + vframe)
 

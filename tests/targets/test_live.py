@@ -179,7 +179,7 @@ def test_device_write_path_on_cpu() -> None:
     entries = list(manifest.tensors)
     todo = [(ti, bi) for ti, e in enumerate(entries) for bi in range(len(e.chunks))]
     written: list[int] = []
-    live._write_device(
+    live.write_device(
         views,
         entries,
         todo,
@@ -197,4 +197,4 @@ def test_device_write_path_on_cpu() -> None:
 
 def test_coalesce() -> None:
     batch = [(0, 0, 256, 0), (0, 1, 256, 256), (0, 3, 256, 512), (1, 4, 100, 768)]
-    assert live._coalesce(batch, 256) == [(0, 0, 512, 0), (0, 3, 256, 512), (1, 4, 100, 768)]
+    assert live.coalesce(batch, 256) == [(0, 0, 512, 0), (0, 3, 256, 512), (1, 4, 100, 768)]
