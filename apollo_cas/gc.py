@@ -62,8 +62,10 @@ DEFAULT_LOCK_TIMEOUT = 600.0
 #: The longest the sweep holds the exclusive lock at a time; saves that wait
 #: for it give up after a minute (locks.hold's default timeout).
 DEFAULT_MAX_HOLD = 20.0
-_YIELD_SECONDS = 3.5
-_BATCH = 512
+#: Between holds the sweep waits this long, so waiting saves get the lock.
+YIELD_SECONDS = 3.5
+#: Objects deleted per step of a hold (the lease is checked between steps).
+DELETE_BATCH = 512
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -184,7 +186,7 @@ def gc(
                     pending = [c for c in pending if c not in needed]
                 forget_sorted = [c for c in sel.forget if c in forget_ids]
             while pending and not first:  # at least one batch per hold, then until max_hold
-                batch, pending = pending[:_BATCH], pending[_BATCH:]
+                batch, pending = pending[:DELETE_BATCH], pending[DELETE_BATCH:]
                 keys = [layout.chunk_key(c.hex()) for c in batch]
                 if not _delete_while_held(store, lease, keys):
                     pending = batch + pending  # lost our lease: re-list before going on
@@ -202,7 +204,7 @@ def gc(
                 break
         # Let saves that queued up behind us in before the next batch: their lock
         # retries back off up to ~3 s.
-        time.sleep(_YIELD_SECONDS)
+        time.sleep(YIELD_SECONDS)
 
     store.chunks.forget_known()  # this process's cache may name chunks just swept
     report.chunks_kept = len(present) - report.chunks_deleted
@@ -309,14 +311,14 @@ def _gc_packs(
             if left is None:
                 done = packgc.sweep(
                     inventory, plan, live, store.workers, written,
-                    held=held, batch=_BATCH, step=step,
+                    held=held, batch=DELETE_BATCH, step=step,
                 )  # fmt: skip
                 report.chunk_bytes = done.bytes_freed - plan.new_pack_bytes
                 report.chunks_deleted = done.chunks_dropped
                 deleted, safety = 0, 0
             else:
                 done = packgc.finish(
-                    inventory, left, live, store.workers, held=held, batch=_BATCH, step=step
+                    inventory, left, live, store.workers, held=held, batch=DELETE_BATCH, step=step
                 )
                 report.chunk_bytes += done.bytes_freed
             deleted += done.packs_deleted

@@ -309,8 +309,8 @@ def test_batched_sweep_with_a_save_in_a_gap(
     candidates not yet deleted, including delta chunks: their bases must still be
     there, which is why dependents are deleted before their bases. (Format 1:
     a format-2 sweep deletes a few packs in one hold.)"""
-    monkeypatch.setattr(gc_mod, "_BATCH", 1)
-    monkeypatch.setattr(gc_mod, "_YIELD_SECONDS", 0.0)
+    monkeypatch.setattr(gc_mod, "DELETE_BATCH", 1)
+    monkeypatch.setattr(gc_mod, "YIELD_SECONDS", 0.0)
     blocks = list(range(8))
     with Store.open(tmp_store, create=True, format=1) as st:
         st.save(model(blocks), block_size=BS, created=1.0)

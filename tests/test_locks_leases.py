@@ -157,8 +157,8 @@ def test_a_gc_that_lost_its_lock_mid_sweep_relists_before_deleting_more(
     deduplicate against gc's remaining candidates. On resuming, gc must see
     that it lost its lease and re-list the manifests (rescuing those chunks)
     before it deletes anything more."""
-    monkeypatch.setattr(gc_mod, "_BATCH", 1)  # one chunk per batch, many batches per hold
-    monkeypatch.setattr(gc_mod, "_YIELD_SECONDS", 0.0)
+    monkeypatch.setattr(gc_mod, "DELETE_BATCH", 1)  # one chunk per batch, many batches per hold
+    monkeypatch.setattr(gc_mod, "YIELD_SECONDS", 0.0)
     root = tmp_path / "store"
     old = model(1)
     with Store.open(root, create=True, format=fmt, pack_size=BS) as st:
