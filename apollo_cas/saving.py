@@ -334,7 +334,7 @@ def device_delta_hook(
         or not isinstance(source, device.DeviceSource)
     ):
         return None
-    from .gpu.delta_save import make_hook
+    from .gpu.delta_hook import make_hook
 
     def keep(stats: Any) -> None:
         store.last_device_delta = stats

@@ -41,15 +41,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .. import codecs
-from ..chunkstore import ChunkStore, PutResult
-from ..codecs import planes
-from ..errors import ApolloError, CorruptChunk
+from ..chunkstore import ChunkStore
+from ..errors import CorruptChunk
 from ..sources.base import BlockRequest
 from . import delta_ops
 from .blocks import kernel_module
@@ -62,112 +59,12 @@ from .delta_encode import (
     sparse_outright,
     sparse_wanted,
 )
+from .delta_jobs import DEFAULT_BATCH_BYTES, DeltaJob, DeltaSaveStats, TallyFn
 from .restore import Place, memory_bound
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BATCH_BYTES", "DeltaJob", "DeltaSaveStats", "GpuDeltaSaver", "plan_jobs"]
-
-#: Changed blocks per batch. 256 MiB keeps device scratch near 1 GiB and pinned host
-#: memory near 0.5 GiB beside the pipeline's own, at any model size.
-DEFAULT_BATCH_BYTES = 256 << 20
-
-#: Tally callback of the save pipeline: (put result, raw length).
-TallyFn = Callable[[PutResult, int], None]
-#: base_for(tensor index, block index) -> codecs.Base | None (saving.base_finder).
-BaseFor = Callable[[int, int], "codecs.Base | None"]
-
-
-@dataclass(frozen=True)
-class DeltaJob:
-    """One changed block the GPU path stores as a delta."""
-
-    i: int  # index in the save's list of wanted blocks
-    tensor: int
-    offset: int
-    cid: bytes  # the live block's id (GPU hash)
-    base: bytes  # the base chunk's id
-    depth: int  # the new chunk's depth (1 + the base's)
-    w: int  # plane width: the itemsize for inner planes, 1 for inner zstd
-    itemsize: int
-
-
-@dataclass
-class DeltaSaveStats:
-    """What one GPU delta save did (seconds are wall time of the caller's thread)."""
-
-    blocks: int = 0
-    batches: int = 0
-    fallback_blocks: int = 0
-    damaged_batches: int = 0
-    compared_blocks: int = 0
-    full_chunks: int = 0
-    planes_total: int = 0
-    planes_nonzero: int = 0
-    d2h_bytes: int = 0
-    decode_s: float = 0.0
-    device_s: float = 0.0
-    wait_s: float = 0.0
-    compare_s: float = 0.0
-    pinned_bytes: int = 0
-    device_scratch_bytes: int = 0
-    pipeline: dict[str, Any] = field(default_factory=dict)
-    #: Set when the path failed and the CPU path stored its blocks instead.
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in vars(self).items()}
-
-
-def inner_width(policy: codecs.CodecPolicy, itemsize: int, n: int) -> int | None:
-    """The plane width the full codec would use (1: zstd), None when no delta is tried."""
-    if policy.codec == "raw" or not policy.delta or policy.max_delta_depth == 0:
-        return None
-    if policy.codec in ("planes", "auto") and planes.usable(n, itemsize):
-        return itemsize
-    return 1
-
-
-def plan_jobs(
-    wanted: Sequence[BlockRequest],
-    ids: Sequence[Sequence[bytes]],
-    where: Sequence[tuple[int, int]],
-    itemsizes: Sequence[int],
-    base_for: BaseFor,
-    policy: codecs.CodecPolicy,
-    block_size: int,
-) -> tuple[list[DeltaJob], list[int]]:
-    """Split the wanted blocks into GPU delta jobs and the indices left to the CPU path.
-
-    The base is the one ``base_for`` offers, with ``codecs.encode``'s chain rules: a
-    base at the depth limit is replaced by its root; no usable base, a short block or
-    a policy without deltas leaves the block to the CPU path.
-    """
-    jobs: list[DeltaJob] = []
-    rest: list[int] = []
-    for i, r in enumerate(wanted):
-        ti, bi = where[i]
-        w = inner_width(policy, itemsizes[ti], r.length)
-        base = base_for(ti, bi) if w is not None and r.length == block_size else None
-        if base is not None and base.depth + 1 > policy.max_delta_depth:
-            base = base.root
-        if base is None or base.depth + 1 > policy.max_delta_depth or w is None:
-            rest.append(i)
-            continue
-        jobs.append(
-            DeltaJob(i, ti, r.offset, ids[ti][bi], base.chunk_id, base.depth + 1, w, itemsizes[ti])
-        )
-    return jobs, rest
-
-
-def _batches(jobs: Sequence[DeltaJob], rows: int) -> list[list[DeltaJob]]:
-    """Consecutive jobs, at most ``rows`` per batch and one plane width per batch."""
-    out: list[list[DeltaJob]] = []
-    for j in jobs:
-        if not out or len(out[-1]) >= rows or out[-1][0].w != j.w:
-            out.append([])
-        out[-1].append(j)
-    return out
+__all__ = ["GpuDeltaSaver"]
 
 
 class GpuDeltaSaver:
@@ -514,91 +411,3 @@ class _Null:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-#: The hook ``pipeline.write_source`` calls for a device source:
-#: ``hook(wanted, where, ids, tally) -> (wanted-indices left to the CPU path, D2H bytes)``.
-DeviceDeltaHook = Callable[
-    [Sequence[BlockRequest], Sequence[tuple[int, int]], Sequence[Sequence[bytes]], TallyFn],
-    tuple[list[int], int],
-]
-
-
-def delta_device(source: Any, mode: str) -> torch.device | None:
-    """The one device of ``source``'s tensors the GPU delta path runs on, or None.
-
-    ``mode`` "auto": only when every tensor is on one CUDA device; "always": also on
-    the CPU (every tensor on the CPU: the same steps on CPU tensors, for tests and
-    smoke runs); "never": None.
-    """
-    if mode == "never":
-        return None
-    if mode not in ("auto", "always"):
-        raise ValueError(f"device delta mode {mode!r}: use auto, always or never")
-    ts = source.tensors()
-    devs = {t.bytes.device for t in ts if t.nbytes}
-    if len(devs) != 1:
-        return None
-    (d,) = devs
-    if d.type == "cuda":
-        return d if torch.cuda.is_available() else None
-    return d if mode == "always" and d.type == "cpu" else None
-
-
-def make_hook(
-    store: Any,
-    source: Any,
-    base_for: BaseFor,
-    block_size: int,
-    mode: str = "auto",
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
-    on_stats: Callable[[DeltaSaveStats], None] | None = None,
-) -> DeviceDeltaHook | None:
-    """The GPU delta hook for a save of ``source`` into ``store`` (None: not usable here)."""
-    dev = delta_device(source, mode)
-    if dev is None:
-        return None
-    tensors = source.tensors()
-
-    def hook(
-        wanted: Sequence[BlockRequest],
-        where: Sequence[tuple[int, int]],
-        ids: Sequence[Sequence[bytes]],
-        tally: TallyFn,
-    ) -> tuple[list[int], int]:
-        itemsizes = [t.dtype.itemsize for t in tensors]
-        jobs, rest = plan_jobs(
-            wanted, ids, where, itemsizes, base_for, store.chunks.policy, block_size
-        )
-        if not jobs:
-            return rest, 0
-        pipe = store.restore_pipeline(block_size, dev, batch_bytes=max(block_size, batch_bytes))
-        try:
-            saver = GpuDeltaSaver(
-                store.chunks,
-                pipe,
-                [t.bytes for t in tensors],
-                block_size,
-                dev,
-                workers=store.workers,
-                batch_bytes=batch_bytes,
-                fetch=source.fetch,
-            )
-            try:
-                rest += saver.run(jobs, tally)
-            except ApolloError:
-                raise  # a clear error (weights changed mid-save, disk full): the save fails
-            except Exception as exc:
-                # A defect or device failure of this path. What it wrote is content-addressed
-                # and verified on the device; the CPU path redoes every job (skipping chunks
-                # that exist), so the save still completes, and the stats say why.
-                log.warning("GPU delta save failed, using the CPU path: %r", exc)
-                saver.stats.error = f"{type(exc).__name__}: {exc}"
-                rest = sorted(set(rest) | {j.i for j in jobs})
-        finally:
-            pipe.close()
-        if on_stats is not None:
-            on_stats(saver.stats)
-        return sorted(rest), saver.stats.d2h_bytes
-
-    return hook

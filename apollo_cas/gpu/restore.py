@@ -57,20 +57,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import FormatVersionError
 from ..parallel import default_workers
+from .accounting import DEFAULT_BATCH_BYTES, RestoreStats, memory_bound
 from .blocks import kernel_module
 from .chunkplan import (
-    ALIGN,
     Batch,
     ChunkPlan,
     Place,
-    align_up,
     corrupt,
     parse_chunk,
     places_of,
@@ -105,82 +103,6 @@ __all__ = [
     "parse_chunk",
     "places_of",
 ]
-
-#: Raw bytes decoded per batch. 256 MiB is ~256 1 MiB blocks (a few hundred zstd frames
-#: per nvCOMP call) and keeps pinned memory at ~1 GiB at most.
-DEFAULT_BATCH_BYTES = 256 << 20
-
-
-def memory_bound(
-    batch_bytes: int, block_size: int, max_depth: int = 4, *, direct: bool = False
-) -> dict[str, int]:
-    """Upper bounds of the memory the pipeline holds, in bytes, for delta chains of at
-    most ``max_depth`` (the store's ``CodecPolicy.max_delta_depth``, 4 by default).
-
-    A batch holds at most ``batch_bytes`` of places, and each of them at most
-    ``max_depth`` bases. A staging slot holds every plane slot of its chunks (raw size:
-    the device decodes frames into them) plus the packed frames (at most raw size
-    again), plus alignment per chunk. Pinned: two slots. Device: one staging mirror and
-    two buffers of decoded rows (every device step runs on one stream; batch k+1 is
-    decoded before batch k's verdict is read and its rows placed). Host arenas (not
-    pinned): two of about twice ``batch_bytes``; a reader without room in them returns
-    bytes of its own instead.
-
-    ``direct`` (the mode with a frame decoder, nvCOMP on a GPU): no staging slots; the
-    two arenas are the pinned memory, and the device holds a mirror of one arena, the
-    staging layout, two buffers of decoded rows, and a copy of each stored chunk that did not fit
-    in the arena (deep delta chains: at most the batch's stored bytes beyond it).
-
-    Sparse deltas (codec 4) add index temporaries on the device for at most
-    :data:`~apollo_cas.gpu.sparse_steps.SUB_ELEMENTS` changed elements at a time
-    (about 160 MiB), transient and not counted here.
-    """
-    rows = (max_depth + 1) * (batch_bytes // block_size + 1)
-    slot = 2 * (max_depth + 1) * batch_bytes + rows * 16 * ALIGN
-    arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256 + PAD
-    row_bytes = 2 * rows * align_up(block_size, 64)  # two buffers of rows
-    if direct:
-        stored = (max_depth + 1) * batch_bytes + rows * (256 + PAD)
-        return {
-            "pinned_host": 2 * arena,
-            "device_scratch": slot + row_bytes + arena + max(0, stored - arena + PAD),
-            "host_arenas": 0,
-        }
-    return {
-        "pinned_host": 2 * slot,
-        "device_scratch": slot + row_bytes,
-        "host_arenas": 2 * arena,
-    }
-
-
-@dataclass
-class RestoreStats:
-    """Phase times of one run (seconds; device phases from CUDA events, summed)."""
-
-    places: int = 0
-    chunks_decoded: int = 0
-    bases_decoded: int = 0
-    cpu_fallback_chunks: int = 0
-    raw_bytes: int = 0
-    stored_bytes_read: int = 0
-    h2d_bytes: int = 0
-    batches: int = 0
-    frames: int = 0
-    gpu_frames: bool = False
-    read_s: float = 0.0
-    stage_s: float = 0.0
-    wait_s: float = 0.0
-    copy_s: float = 0.0
-    decode_s: float = 0.0
-    interleave_s: float = 0.0
-    verify_s: float = 0.0
-    place_s: float = 0.0
-    seconds: float = 0.0
-    pinned_bytes: int = 0
-    device_scratch_bytes: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in vars(self).items()}
 
 
 class RestorePipeline(HostStaging, DeviceSteps):

@@ -24,7 +24,7 @@ from apollo_cas.errors import CorruptChunk  # noqa: E402
 from apollo_cas.gpu import delta_ops  # noqa: E402
 from apollo_cas.gpu.blocks import host_block_digests  # noqa: E402
 from apollo_cas.gpu.delta_encode import encode_delta, sparse_wanted, zero_frame  # noqa: E402
-from apollo_cas.gpu.delta_save import delta_device  # noqa: E402
+from apollo_cas.gpu.delta_hook import delta_device  # noqa: E402
 from apollo_cas.saving import base_finder  # noqa: E402
 from apollo_cas.sources.device import DeviceSource  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
@@ -278,7 +278,7 @@ def test_damaged_parent_chunk_gives_full_chunks_never_a_wrong_delta(tmp_path: Pa
 
 
 def test_small_batches_bound_the_buffers(tmp_path: Path) -> None:
-    from apollo_cas.gpu.delta_save import make_hook
+    from apollo_cas.gpu.delta_hook import make_hook
 
     st = open_store(tmp_path / "s", "never")
     m = model()
@@ -335,7 +335,7 @@ def test_no_parent_and_no_deltas_take_the_cpu_path(tmp_path: Path) -> None:
 
 
 def test_damaged_parent_in_a_middle_batch_falls_back_for_that_batch_only(tmp_path: Path) -> None:
-    from apollo_cas.gpu.delta_save import make_hook
+    from apollo_cas.gpu.delta_hook import make_hook
     from apollo_cas.pipeline import write_source
 
     st = open_store(tmp_path / "s", "never")
@@ -364,7 +364,7 @@ def test_damaged_parent_in_a_middle_batch_falls_back_for_that_batch_only(tmp_pat
 
 
 def test_weights_changing_mid_save_is_an_error_not_a_chunk(tmp_path: Path) -> None:
-    from apollo_cas.gpu.delta_save import make_hook
+    from apollo_cas.gpu.delta_hook import make_hook
     from apollo_cas.pipeline import write_source
 
     st = open_store(tmp_path / "s", "never")

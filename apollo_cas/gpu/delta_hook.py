@@ -1,0 +1,106 @@
+"""The GPU delta path's entry: whether a save's source can take it, and the hook the
+save pipeline calls for a device source (docs/GPU_DELTA.md)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ApolloError
+from ..sources.base import BlockRequest
+from .delta_jobs import DEFAULT_BATCH_BYTES, BaseFor, DeltaSaveStats, TallyFn, plan_jobs
+from .delta_save import GpuDeltaSaver
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeviceDeltaHook", "delta_device", "make_hook"]
+
+#: The hook ``pipeline.write_source`` calls for a device source:
+#: ``hook(wanted, where, ids, tally) -> (wanted-indices left to the CPU path, D2H bytes)``.
+DeviceDeltaHook = Callable[
+    [Sequence[BlockRequest], Sequence[tuple[int, int]], Sequence[Sequence[bytes]], TallyFn],
+    tuple[list[int], int],
+]
+
+
+def delta_device(source: Any, mode: str) -> torch.device | None:
+    """The one device of ``source``'s tensors the GPU delta path runs on, or None.
+
+    ``mode`` "auto": only when every tensor is on one CUDA device; "always": also on
+    the CPU (every tensor on the CPU: the same steps on CPU tensors, for tests and
+    smoke runs); "never": None.
+    """
+    if mode == "never":
+        return None
+    if mode not in ("auto", "always"):
+        raise ValueError(f"device delta mode {mode!r}: use auto, always or never")
+    ts = source.tensors()
+    devs = {t.bytes.device for t in ts if t.nbytes}
+    if len(devs) != 1:
+        return None
+    (d,) = devs
+    if d.type == "cuda":
+        return d if torch.cuda.is_available() else None
+    return d if mode == "always" and d.type == "cpu" else None
+
+
+def make_hook(
+    store: Any,
+    source: Any,
+    base_for: BaseFor,
+    block_size: int,
+    mode: str = "auto",
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    on_stats: Callable[[DeltaSaveStats], None] | None = None,
+) -> DeviceDeltaHook | None:
+    """The GPU delta hook for a save of ``source`` into ``store`` (None: not usable here)."""
+    dev = delta_device(source, mode)
+    if dev is None:
+        return None
+    tensors = source.tensors()
+
+    def hook(
+        wanted: Sequence[BlockRequest],
+        where: Sequence[tuple[int, int]],
+        ids: Sequence[Sequence[bytes]],
+        tally: TallyFn,
+    ) -> tuple[list[int], int]:
+        itemsizes = [t.dtype.itemsize for t in tensors]
+        jobs, rest = plan_jobs(
+            wanted, ids, where, itemsizes, base_for, store.chunks.policy, block_size
+        )
+        if not jobs:
+            return rest, 0
+        pipe = store.restore_pipeline(block_size, dev, batch_bytes=max(block_size, batch_bytes))
+        try:
+            saver = GpuDeltaSaver(
+                store.chunks,
+                pipe,
+                [t.bytes for t in tensors],
+                block_size,
+                dev,
+                workers=store.workers,
+                batch_bytes=batch_bytes,
+                fetch=source.fetch,
+            )
+            try:
+                rest += saver.run(jobs, tally)
+            except ApolloError:
+                raise  # a clear error (weights changed mid-save, disk full): the save fails
+            except Exception as exc:
+                # A defect or device failure of this path. What it wrote is content-addressed
+                # and verified on the device; the CPU path redoes every job (skipping chunks
+                # that exist), so the save still completes, and the stats say why.
+                log.warning("GPU delta save failed, using the CPU path: %r", exc)
+                saver.stats.error = f"{type(exc).__name__}: {exc}"
+                rest = sorted(set(rest) | {j.i for j in jobs})
+        finally:
+            pipe.close()
+        if on_stats is not None:
+            on_stats(saver.stats)
+        return sorted(rest), saver.stats.d2h_bytes
+
+    return hook

@@ -1,0 +1,107 @@
+"""The GPU delta save's plan: which changed blocks become delta jobs, against which base,
+and the figures one save reports (:mod:`apollo_cas.gpu.delta_save` runs the jobs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import codecs
+from ..chunkstore import PutResult
+from ..codecs import planes
+from ..sources.base import BlockRequest
+from .accounting import rounded
+
+__all__ = ["DEFAULT_BATCH_BYTES", "DeltaJob", "DeltaSaveStats", "inner_width", "plan_jobs"]
+
+#: Changed blocks per batch. 256 MiB keeps device scratch near 1 GiB and pinned host
+#: memory near 0.5 GiB beside the pipeline's own, at any model size.
+DEFAULT_BATCH_BYTES = 256 << 20
+
+#: Tally callback of the save pipeline: (put result, raw length).
+TallyFn = Callable[[PutResult, int], None]
+#: base_for(tensor index, block index) -> codecs.Base | None (saving.base_finder).
+BaseFor = Callable[[int, int], "codecs.Base | None"]
+
+
+@dataclass(frozen=True)
+class DeltaJob:
+    """One changed block the GPU path stores as a delta."""
+
+    i: int  # index in the save's list of wanted blocks
+    tensor: int
+    offset: int
+    cid: bytes  # the live block's id (GPU hash)
+    base: bytes  # the base chunk's id
+    depth: int  # the new chunk's depth (1 + the base's)
+    w: int  # plane width: the itemsize for inner planes, 1 for inner zstd
+    itemsize: int
+
+
+@dataclass
+class DeltaSaveStats:
+    """What one GPU delta save did (seconds are wall time of the caller's thread)."""
+
+    blocks: int = 0
+    batches: int = 0
+    fallback_blocks: int = 0
+    damaged_batches: int = 0
+    compared_blocks: int = 0
+    full_chunks: int = 0
+    planes_total: int = 0
+    planes_nonzero: int = 0
+    d2h_bytes: int = 0
+    decode_s: float = 0.0
+    device_s: float = 0.0
+    wait_s: float = 0.0
+    compare_s: float = 0.0
+    pinned_bytes: int = 0
+    device_scratch_bytes: int = 0
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    #: Set when the path failed and the CPU path stored its blocks instead.
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return rounded(self)
+
+
+def inner_width(policy: codecs.CodecPolicy, itemsize: int, n: int) -> int | None:
+    """The plane width the full codec would use (1: zstd), None when no delta is tried."""
+    if policy.codec == "raw" or not policy.delta or policy.max_delta_depth == 0:
+        return None
+    if policy.codec in ("planes", "auto") and planes.usable(n, itemsize):
+        return itemsize
+    return 1
+
+
+def plan_jobs(
+    wanted: Sequence[BlockRequest],
+    ids: Sequence[Sequence[bytes]],
+    where: Sequence[tuple[int, int]],
+    itemsizes: Sequence[int],
+    base_for: BaseFor,
+    policy: codecs.CodecPolicy,
+    block_size: int,
+) -> tuple[list[DeltaJob], list[int]]:
+    """Split the wanted blocks into GPU delta jobs and the indices left to the CPU path.
+
+    The base is the one ``base_for`` offers, with ``codecs.encode``'s chain rules: a
+    base at the depth limit is replaced by its root; no usable base, a short block or
+    a policy without deltas leaves the block to the CPU path.
+    """
+    jobs: list[DeltaJob] = []
+    rest: list[int] = []
+    for i, r in enumerate(wanted):
+        ti, bi = where[i]
+        w = inner_width(policy, itemsizes[ti], r.length)
+        base = base_for(ti, bi) if w is not None and r.length == block_size else None
+        if base is not None and base.depth + 1 > policy.max_delta_depth:
+            base = base.root
+        if base is None or base.depth + 1 > policy.max_delta_depth or w is None:
+            rest.append(i)
+            continue
+        jobs.append(
+            DeltaJob(i, ti, r.offset, ids[ti][bi], base.chunk_id, base.depth + 1, w, itemsizes[ti])
+        )
+    return jobs, rest
