@@ -241,7 +241,7 @@ class DeviceSource(Source):
         # Buffers no bigger than needed: an incremental save fetching 80 MB should not
         # pay for pinning 512 MiB (pinning costs ~20 ms per GiB).
         cap = max(biggest, min(self.buffer_bytes, -(-dev_total // 2)), 1)
-        batches = _batches(requests, ts, cap, self._stage_host)
+        batches = fetch_batches(requests, ts, cap, self._stage_host)
         if dev_total:
             self._stager.ensure(cap)
         stager = self._stager
@@ -299,19 +299,21 @@ class DeviceSource(Source):
 
 
 @dataclass
-class _Batch:
+class FetchBatch:
+    """Requests fetched with one staging buffer: their places and coalesced copies."""
+
     #: (request index, tensor index, offset, length, offset in buffer or -1 for host)
     items: list[tuple[int, int, int, int, int]]
     #: coalesced copies: (tensor index, offset in tensor, length, offset in buffer)
     copies: list[tuple[int, int, int, int]]
 
 
-def _batches(
+def fetch_batches(
     requests: Sequence[BlockRequest], ts: Sequence[DeviceTensor], cap: int, stage_host: bool = False
-) -> list[_Batch]:
+) -> list[FetchBatch]:
     """Group requests, in order, into batches of at most ``cap`` device bytes."""
-    batches: list[_Batch] = []
-    cur = _Batch([], [])
+    batches: list[FetchBatch] = []
+    cur = FetchBatch([], [])
     used = 0
     for i, r in enumerate(requests):
         t = ts[r.tensor]
@@ -320,7 +322,7 @@ def _batches(
             continue
         if used + r.length > cap and cur.items:
             batches.append(cur)
-            cur, used = _Batch([], []), 0
+            cur, used = FetchBatch([], []), 0
         cur.items.append((i, r.tensor, r.offset, r.length, used))
         last = cur.copies[-1] if cur.copies else None
         if (

@@ -23,9 +23,9 @@ from apollo_cas.sources.base import BlockRequest  # noqa: E402
 from apollo_cas.sources.device import (  # noqa: E402
     SHORT_INPUT_MAX,
     DeviceSource,
-    _batches,
     byte_view,
     device_block_digests,
+    fetch_batches,
     host_block_digests,
     open_tensors,
     plan_hashing,
@@ -139,7 +139,7 @@ def test_fetch_batches_and_coalescing() -> None:
         BlockRequest(0, 300, 100),
         BlockRequest(0, 400, 100),
     ]
-    bs = _batches(reqs, src.tensors(), 250, stage_host=True)
+    bs = fetch_batches(reqs, src.tensors(), 250, stage_host=True)
     assert [[it[0] for it in b.items] for b in bs] == [[0, 1, 2], [3, 4]]
     assert bs[0].copies == [(0, 0, 200, 0), (1, 0, 40, 200)]  # adjacent blocks: one copy
     assert bs[1].copies == [(0, 300, 200, 0)]
