@@ -39,6 +39,7 @@ from .pipeline import ProgressFn, WriteResult, same_content, write_source
 from .repository import Repository
 from .sources import open_mapping
 from .sources.base import Source
+from .sources.previous import ChecksPrevious
 
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 256 << 20
@@ -167,6 +168,8 @@ def save(
         store.chunks.forget_known()
         parent_id = store.latest(series)
         parent = store.manifest(parent_id) if parent_id else None
+        if isinstance(source, ChecksPrevious):  # always: the source's own guarantee
+            source.check_previous(parent, force=force)
         if check is not None:
             check(parent, source)
         if tag is not None:  # before anything is written: a tag never moves silently

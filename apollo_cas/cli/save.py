@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -199,11 +198,8 @@ def _save_one(
     with open_path(path, k, info, **options) as src:
         for what in src.left_out:
             note(f"{path}: not saved: {what} (only tensors of the model are checkpointed)")
-        check = None
-        if k == "handles":
-            from ..sources.handles import check_against
-
-            check = functools.partial(check_against, force=force)
+        # A handles source is checked against the series' previous checkpoint
+        # by Store.save itself (HandlesSource.check_previous), as for any caller.
         total = sum(t.nbytes for t in src.tensors())
         with progress(total, f"save {path.name}", not as_json) as bar:
             r = store.save(
@@ -214,7 +210,6 @@ def _save_one(
                 metadata=meta,
                 tag=tag,
                 progress=bar,
-                check=check,
                 group=group,
             )
     print_result(r, str(path), as_json)

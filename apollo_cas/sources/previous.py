@@ -5,12 +5,16 @@ manifest of the series' latest checkpoint before a save. For a handles source a
 difference usually means the handles are stale (the server reloaded or
 reallocated its weights) and the bytes behind them are not the model; for any
 other source it means the model changed. :func:`check_against` fits the store's
-``save(check=...)`` hook (``apollo-cas save --handles`` passes it).
+``save(check=...)`` hook. A source that must always be checked (the handles
+source) says so itself by being a :class:`ChecksPrevious`: ``Store.save`` runs
+its check on every save, whoever the caller is, so a Python caller gets the
+same refusal as ``apollo-cas save --handles``.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol, runtime_checkable
 
 from .. import dtypes, frontend
 from ..errors import SourceError, StaleHandles
@@ -19,7 +23,19 @@ from .base import Source
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_against", "differences"]
+__all__ = ["ChecksPrevious", "check_against", "differences"]
+
+
+@runtime_checkable
+class ChecksPrevious(Protocol):
+    """A source that refuses to be saved unless it matches the series' previous
+    checkpoint. ``Store.save`` calls :meth:`check_previous` under its lock,
+    before anything is written, on every save of such a source (no opt-in):
+    the guarantee belongs to the source, not to the front end that saves it."""
+
+    def check_previous(self, manifest: Manifest | None, *, force: bool) -> None:
+        """Raise if the source does not match ``manifest`` (None: a first save);
+        with ``force`` (the save's own) the differences are only logged."""
 
 
 def differences(manifest: Manifest, source: Source) -> list[str]:

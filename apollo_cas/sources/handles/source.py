@@ -5,6 +5,12 @@ What ``apollo-cas save --handles`` (``--source-kind handles``) and
 this adds the tensor-parallel rank and world size (options, else the file's
 metadata) and the notes of the opening (owner pid, device map, handle kind) to
 the source's :class:`~apollo_cas.manifest.SourceInfo`, which the manifest records.
+
+The source carries its own staleness check (:class:`HandlesSource`): the owner
+checks run when it is opened, and the comparison with the series' previous
+checkpoint runs inside every ``Store.save`` of it, so a Python caller's
+``store.save(open_handles(path))`` is refused exactly as ``apollo-cas save
+--handles`` is.
 """
 
 from __future__ import annotations
@@ -15,11 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UsageError
-from ...manifest import SourceInfo
+from ...manifest import Manifest, SourceInfo
 from ..device import DEFAULT_BUFFER_BYTES, DEFAULT_STREAMS, DeviceSource
+from ..previous import check_against
 from .ipc import CudaIpc, open_handle_tensors
 
-__all__ = ["open_handles"]
+__all__ = ["HandlesSource", "open_handles"]
+
+
+class HandlesSource(DeviceSource):
+    """The live tensors behind a handles file. Handles that outlived the
+    server's weights (it reloaded or reallocated them) point at bytes that are
+    not the model, and only the previous checkpoint shows it: every save of
+    this source compares against it first (a
+    :class:`~apollo_cas.sources.previous.ChecksPrevious`)."""
+
+    def check_previous(self, manifest: Manifest | None, *, force: bool) -> None:
+        check_against(manifest, self, force=force)
 
 
 def _meta_int(meta: Mapping[str, Any], key: str) -> int | None:
@@ -39,13 +57,15 @@ def open_handles(
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     streams: int = DEFAULT_STREAMS,
     ipc: CudaIpc | None = None,
-) -> DeviceSource:
+) -> HandlesSource:
     """A :class:`DeviceSource` over the live tensors of a handles file.
 
     ``rank`` / ``world_size`` (the CLI's ``--rank`` / ``--world-size``) override
     the file's metadata and are recorded in the manifest: handles of vLLM's own
     parameters carry its internal, tensor-parallel-sharded names, which only make
     sense with them. See :func:`open_handle_tensors` for the other options.
+    ``Store.save`` of the result refuses it if it no longer matches the series'
+    previous checkpoint (:class:`HandlesSource`).
     """
     tensors, hf, notes = open_handle_tensors(
         path,
@@ -75,4 +95,4 @@ def open_handles(
         world_size=world_size,
         metadata={**base.metadata, **notes},
     )
-    return DeviceSource(tensors, info, buffer_bytes=buffer_bytes, streams=streams)
+    return HandlesSource(tensors, info, buffer_bytes=buffer_bytes, streams=streams)
