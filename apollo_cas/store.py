@@ -215,8 +215,9 @@ class Store:
 
         Only blocks the store lacks are compressed and written. If nothing changed
         since the series' latest checkpoint, no checkpoint is added unless
-        ``force``. ``check(parent_manifest, source)`` may refuse the save (stale
-        handles) before anything is written. A source with a rank and a world
+        ``force``. ``check(parent_manifest, source)`` may refuse the save before
+        anything is written; a source that checks itself against the previous
+        checkpoint (a handles file: stale handles) is always checked, unless ``force``. A source with a rank and a world
         size above 1 saves into the series ``<series>.rank<r>``; ``group`` joins
         its checkpoint to the multi-rank checkpoint of that name. Without
         ``block_size`` a save uses its series' latest checkpoint's block size
