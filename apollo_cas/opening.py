@@ -56,6 +56,8 @@ def refuse_foreign_directory(location: str) -> None:
         prefix.split("/", 1)[0]
         for prefix in (
             layout.CHUNKS_PREFIX,
+            layout.PACKS_PREFIX,
+            layout.INDEX_PREFIX,
             layout.MANIFESTS_PREFIX,
             layout.GROUPS_PREFIX,
             layout.SERIES_PREFIX,

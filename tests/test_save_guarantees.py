@@ -135,3 +135,15 @@ def test_open_for_save_refuses_someones_files(tmp_path: Path) -> None:
     st, created = opening.open_for_save(str(tmp_path), allow_non_empty=True)
     assert created
     st.close()
+
+
+def test_what_a_killed_format_2_first_save_left_is_not_someone_elses_files(tmp_path: Path) -> None:
+    """Packs and an index without a config are the store being made (its first save died
+    after writing them): the next save may make the store there, without --force."""
+    root = tmp_path / "store"
+    for sub in ("packs/ab", "index", "locks"):
+        (root / sub).mkdir(parents=True)
+    (root / "packs" / "ab" / "leftover").write_bytes(b"x")
+    store, new = opening.open_for_save(str(root))
+    assert new
+    store.close()
