@@ -128,7 +128,7 @@ def _sync(device: str) -> None:
 def check_all_blocks(buf: torch.Tensor, block_size: int, config: LaunchConfig) -> dict[str, Any]:
     """Compare every block's digest with xxhash (the buffer is copied to the host once)."""
     host = buf.cpu().numpy().tobytes()
-    got = xk._block_digests(buf, block_size, config).cpu().numpy()
+    got = xk.block_digests(buf, block_size, config).cpu().numpy()
     expected = [
         xxhash.xxh3_128_digest(host[i : i + block_size]) for i in range(0, len(host), block_size)
     ]
@@ -170,7 +170,7 @@ def time_call(buf: torch.Tensor, block_size: int, config: LaunchConfig, device: 
         from triton.testing import do_bench
 
         ms = do_bench(
-            lambda: xk._block_digests(buf, block_size, config),
+            lambda: xk.block_digests(buf, block_size, config),
             warmup=50,
             rep=200,
             return_mode="median",
@@ -179,7 +179,7 @@ def time_call(buf: torch.Tensor, block_size: int, config: LaunchConfig, device: 
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        xk._block_digests(buf, block_size, config)
+        xk.block_digests(buf, block_size, config)
         times.append(time.perf_counter() - t0)
     return sorted(times)[1]
 
@@ -305,13 +305,13 @@ def whole_model(gib: float, device: str, smoke: bool, block_sizes: list[int]) ->
         for group, unroll, warps, stages in MANY_SWEEP if cuda else MANY_SWEEP[:1]:
             cfg = xk.LaunchConfig(group=group, unroll=unroll, num_warps=warps, num_stages=stages)
             try:
-                xk._block_digests_many(parts, bs, cfg)
+                xk.block_digests_many(parts, bs, cfg)
                 if cuda:
                     from triton.testing import do_bench
 
                     ms = float(
                         do_bench(
-                            lambda c=cfg, p=parts, b=bs: xk._block_digests_many(p, b, c),
+                            lambda c=cfg, p=parts, b=bs: xk.block_digests_many(p, b, c),
                             warmup=25,
                             rep=100,
                             return_mode="median",
@@ -321,7 +321,7 @@ def whole_model(gib: float, device: str, smoke: bool, block_sizes: list[int]) ->
                     ms = (
                         1e3
                         * _wall_median(
-                            lambda c=cfg, p=parts, b=bs: xk._block_digests_many(p, b, c), device, 1
+                            lambda c=cfg, p=parts, b=bs: xk.block_digests_many(p, b, c), device, 1
                         )[0]
                     )
                 entry = {
@@ -450,7 +450,7 @@ def main() -> int:
     mid_len = GiB if scale else 64 * KiB
     mid = _random_buffer(mid_len, device, seed=2)
     for bs in [64 * KiB, MiB, 4 * MiB] if scale else [1024, 4 * KiB]:
-        digests = xk._block_digests(mid, bs, cfg0)
+        digests = xk.block_digests(mid, bs, cfg0)
         r = check_sample(mid, bs, digests, n_sample=256, seed=bs)
         r.update(kind="sample", bytes=mid_len, block_size=bs, blocks=digests.shape[0])
         result["correctness"].append(r)
@@ -469,7 +469,7 @@ def main() -> int:
 
     def bench(bs: int, cfg: LaunchConfig, buf: torch.Tensor, tag: str) -> dict[str, Any]:
         t0 = time.perf_counter()
-        digests = xk._block_digests(buf, bs, cfg)  # compiles
+        digests = xk.block_digests(buf, bs, cfg)  # compiles
         _sync(device)
         compile_s = time.perf_counter() - t0
         chk = check_sample(buf, bs, digests, n_sample=32, seed=7)

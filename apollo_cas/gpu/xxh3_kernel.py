@@ -48,6 +48,7 @@ __all__ = [
     "available",
     "block_digests",
     "block_digests_many",
+    "interpreted",
     "check_block_size",
 ]
 
@@ -87,7 +88,7 @@ _T_SCRAMBLE = 16  # the scramble key is the secret's last 64 bytes = words 16 ..
 _T_LAST = 24  # 8 words at byte 192 - 64 - 7 = 121: key of the final stripe
 _T_MERGE_LO = 32  # 8 words at byte 11: merge key of the low half
 _T_MERGE_HI = 40  # 8 words at byte 192 - 64 - 11 = 117: merge key of the high half
-_T_INIT = 48  # the 8 initial accumulator values
+T_INIT = 48  # the 8 initial accumulator values
 _T_WORDS = 56
 
 # The same constants, visible inside @triton.jit code (which only reads constexpr globals).
@@ -100,7 +101,7 @@ _C_T_SCRAMBLE = tl.constexpr(_T_SCRAMBLE)
 _C_T_LAST = tl.constexpr(_T_LAST)
 _C_T_MERGE_LO = tl.constexpr(_T_MERGE_LO)
 _C_T_MERGE_HI = tl.constexpr(_T_MERGE_HI)
-_C_T_INIT = tl.constexpr(_T_INIT)
+_C_T_INIT = tl.constexpr(T_INIT)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class LaunchConfig:
 DEFAULT_CONFIG = LaunchConfig()
 
 
-def _secret_table_words() -> list[int]:
+def secret_table_words() -> list[int]:
     """The 56 unsigned 64-bit words the kernels read (layout: the ``_T_*`` offsets)."""
 
     def word(offset: int) -> int:
@@ -155,7 +156,7 @@ def _secret_table(device: torch.device) -> torch.Tensor:
     with _TABLES_LOCK:
         table = _TABLES.get(device)
         if table is None:
-            signed = [w - (1 << 64) if w >= 1 << 63 else w for w in _secret_table_words()]
+            signed = [w - (1 << 64) if w >= 1 << 63 else w for w in secret_table_words()]
             table = torch.tensor(signed, dtype=torch.int64, device=device)
             _TABLES[device] = table
         return table
@@ -486,7 +487,9 @@ def check_block_size(block_size: int) -> None:
         )
 
 
-def block_digests(data: torch.Tensor, block_size: int) -> torch.Tensor:
+def block_digests(
+    data: torch.Tensor, block_size: int, config: LaunchConfig | None = None
+) -> torch.Tensor:
     """XXH3-128 (seed 0) of every ``block_size`` block of ``data``, on ``data``'s device.
 
     ``data`` is a tensor of any dtype (hashed as its row-major bytes, see
@@ -494,13 +497,10 @@ def block_digests(data: torch.Tensor, block_size: int) -> torch.Tensor:
     Returns a ``(n_blocks, 16)`` uint8 tensor on the same device whose row ``i`` equals
     ``xxhash.xxh3_128_digest(bytes(data[i * block_size:(i + 1) * block_size]))``;
     ``n_blocks = ceil(len / block_size)`` and the last block may be shorter. Raises
-    ValueError unless ``block_size`` is a multiple of 64 and at least 256.
+    ValueError unless ``block_size`` is a multiple of 64 and at least 256. ``config``:
+    another launch configuration (tests and benchmarks), else :data:`DEFAULT_CONFIG`.
     """
-    return _block_digests(data, block_size, DEFAULT_CONFIG)
-
-
-def _block_digests(data: torch.Tensor, block_size: int, config: LaunchConfig) -> torch.Tensor:
-    """:func:`block_digests` with an explicit launch configuration (tests and benchmarks)."""
+    config = config or DEFAULT_CONFIG
     check_block_size(block_size)
     buf = as_bytes(data)
     device = buf.device
@@ -559,7 +559,7 @@ def _block_digests(data: torch.Tensor, block_size: int, config: LaunchConfig) ->
 #: the table of block addresses is built once; a few entries cover several models or
 #: block sizes without holding much memory (8 bytes per block: 128 KiB for 16 GiB in
 #: 1 MiB blocks).
-_PLAN_CACHE_SIZE = 8
+PLAN_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -590,8 +590,8 @@ class _ManyPlan:
     ready: Any
 
 
-_PLANS: OrderedDict[tuple[Any, ...], _ManyPlan] = OrderedDict()
-_PLANS_LOCK = threading.Lock()
+PLANS: OrderedDict[tuple[Any, ...], _ManyPlan] = OrderedDict()
+PLANS_LOCK = threading.Lock()
 _TAIL_STREAMS: dict[torch.device, Any] = {}
 
 
@@ -672,7 +672,7 @@ def _build_plan(
     )
 
 
-def _plan_for(
+def plan_for(
     bufs: Sequence[torch.Tensor], block_size: int, device: torch.device, cache: bool
 ) -> _ManyPlan:
     """The cached plan of these exact addresses and lengths, or a new one."""
@@ -681,17 +681,17 @@ def _plan_for(
     # The plan is a pure function of the addresses and lengths, so a hit is correct
     # even if the tensors were freed and others allocated at the same places.
     key = (str(device), block_size, ptrs, lens)
-    with _PLANS_LOCK:
-        plan = _PLANS.get(key)
+    with PLANS_LOCK:
+        plan = PLANS.get(key)
         if plan is not None:
-            _PLANS.move_to_end(key)
+            PLANS.move_to_end(key)
             return plan
     plan = _build_plan(ptrs, lens, block_size, device)
     if cache:
-        with _PLANS_LOCK:
-            _PLANS[key] = plan
-            while len(_PLANS) > _PLAN_CACHE_SIZE:
-                _PLANS.popitem(last=False)
+        with PLANS_LOCK:
+            PLANS[key] = plan
+            while len(PLANS) > PLAN_CACHE_SIZE:
+                PLANS.popitem(last=False)
     return plan
 
 
@@ -713,7 +713,9 @@ def _flat_bytes(v: torch.Tensor) -> torch.Tensor:
     return as_bytes(v)
 
 
-def block_digests_many(views: Sequence[torch.Tensor], block_size: int) -> torch.Tensor:
+def block_digests_many(
+    views: Sequence[torch.Tensor], block_size: int, config: LaunchConfig | None = None
+) -> torch.Tensor:
     """XXH3-128 of every ``block_size`` block of each of ``views``, in one kernel launch.
 
     The result equals ``torch.cat([block_digests(v, block_size) for v in views])``: a
@@ -729,15 +731,9 @@ def block_digests_many(views: Sequence[torch.Tensor], block_size: int) -> torch.
     per (addresses, lengths, block size): repeated saves of the same live tensors do
     not rebuild them. Views that do not start on a 16-byte boundary are copied (and
     such calls are not cached). Raises ValueError for a bad ``block_size`` or views on
-    different devices.
+    different devices. ``config``: as for :func:`block_digests`.
     """
-    return _block_digests_many(views, block_size, DEFAULT_CONFIG)
-
-
-def _block_digests_many(
-    views: Sequence[torch.Tensor], block_size: int, config: LaunchConfig
-) -> torch.Tensor:
-    """:func:`block_digests_many` with an explicit launch configuration."""
+    config = config or DEFAULT_CONFIG
     check_block_size(block_size)
     if not views:
         return torch.empty((0, 16), dtype=torch.uint8)
@@ -749,10 +745,10 @@ def _block_digests_many(
     cache = True
     for i, b in enumerate(bufs):
         if b.numel() and b.data_ptr() % 16:
-            # Stripes are loaded as aligned 16-byte pairs of words (see _block_digests).
+            # Stripes are loaded as aligned 16-byte pairs of words (see block_digests).
             bufs[i] = b.clone()
             cache = False  # the copy's address is new every call
-    plan = _plan_for(bufs, block_size, device, cache)
+    plan = plan_for(bufs, block_size, device, cache)
     if plan.n_rows == 0:
         return torch.empty((0, 16), dtype=torch.uint8, device=device)
     base = bufs[plan.base]
@@ -763,7 +759,7 @@ def _block_digests_many(
     except RuntimeError:  # storage offset not a multiple of 8: cannot alias as words
         base_words = None
     if base_words is None and plan.n_full + plan.n_tail:
-        return torch.cat([_block_digests(b, block_size, config) for b in bufs])
+        return torch.cat([block_digests(b, block_size, config) for b in bufs])
     cuda = device.type == "cuda"
     n_int = plan.n_full + plan.n_tail
     out = torch.empty((n_int, 2), dtype=torch.int64, device=device)
@@ -836,3 +832,9 @@ def _launch_tails(
     _xxh3_many_tail_kernel[(plan.n_tail,)](
         base_words, base, plan.tails, table, out[plan.n_full :], num_warps=1
     )
+
+
+def interpreted() -> bool:
+    """Whether the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` was set
+    before triton was imported): then they take CPU tensors."""
+    return type(_xxh3_full_blocks_kernel).__name__ == "InterpretedFunction"

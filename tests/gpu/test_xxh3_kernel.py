@@ -34,7 +34,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 # Triton chooses interpreter or compiler when a function is decorated, including its own
 # library functions (tl.sum) at `import triton`: if something imported triton before
 # this module set TRITON_INTERPRET, the kernels cannot run on the CPU in this process.
-if INTERPRET and type(xk._xxh3_full_blocks_kernel).__name__ != "InterpretedFunction":
+if INTERPRET and not xk.interpreted():
     pytest.skip(
         "triton was imported before TRITON_INTERPRET=1 was set; "
         "run with TRITON_INTERPRET=1 in the environment",
@@ -117,7 +117,7 @@ def test_launch_configurations(config: xk.LaunchConfig) -> None:
     # 5 * 4096-byte blocks = 3 scramble blocks each, so unroll 2 and 3 leave remainders.
     block_size = 4096
     data = _random_bytes(5 * block_size + 500, config.group * 100 + config.unroll)
-    got = xk._block_digests(data.to(DEVICE), block_size, config)
+    got = xk.block_digests(data.to(DEVICE), block_size, config)
     assert _rows(got) == _expected(data.numpy().tobytes(), block_size)
 
 
@@ -177,9 +177,9 @@ def test_available_never_raises() -> None:
 
 def test_secret_table_matches_spec_constants() -> None:
     # Guards the host-side table against an edited secret byte or offset.
-    words = xk._secret_table_words()
+    words = xk.secret_table_words()
     assert words[0] == 0xBE4BA423396CFEB8  # first 8 bytes of the default secret, LE
-    assert words[xk._T_INIT : xk._T_INIT + 8] == [
+    assert words[xk.T_INIT : xk.T_INIT + 8] == [
         0xC2B2AE3D,
         0x9E3779B185EBCA87,
         0xC2B2AE3D27D4EB4F,
@@ -251,7 +251,7 @@ def test_many_only_short_views() -> None:
 def test_many_single_view_needs_no_reordering() -> None:
     view = _random_bytes(4 * 256 + 250, 3).to(DEVICE)
     _check_many([view], 256)
-    plan = xk._plan_for([view], 256, view.device, cache=False)
+    plan = xk.plan_for([view], 256, view.device, cache=False)
     assert plan.perm is None and plan.n_full == 4 and plan.n_tail == 1
 
 
@@ -270,7 +270,7 @@ def test_many_launch_configurations(config: xk.LaunchConfig) -> None:
     # blocks in all, not a multiple of any group, so spare lanes re-hash the last one.
     sizes = [4096 * 3 + 500, 4096 * 2, 100, 4096 * 6 + 4000]
     views = [_random_bytes(n, config.group + n).to(DEVICE) for n in sizes]
-    got = xk._block_digests_many(views, 4096, config)
+    got = xk.block_digests_many(views, 4096, config)
     assert _rows(got) == _expected_many(views, 4096)
 
 
@@ -287,29 +287,29 @@ def test_many_other_dtypes_and_shapes() -> None:
 def test_many_unaligned_view_is_copied_and_not_cached() -> None:
     data = _random_bytes(3 * 512 + 300, 11).to(DEVICE)
     other = _random_bytes(1000, 12).to(DEVICE)
-    xk._PLANS.clear()
+    xk.PLANS.clear()
     _check_many([other, data[3:]], 512)
-    assert len(xk._PLANS) == 0  # the copy's address changes every call
+    assert len(xk.PLANS) == 0  # the copy's address changes every call
     _check_many([other, data[16:]], 512)
-    assert len(xk._PLANS) == 1
+    assert len(xk.PLANS) == 1
 
 
 def test_many_plan_is_cached_and_sees_new_contents(monkeypatch: pytest.MonkeyPatch) -> None:
-    xk._PLANS.clear()
+    xk.PLANS.clear()
     views = [_random_bytes(n, n).to(DEVICE) for n in (1024 + 300, 2048, 600)]
     _check_many(views, 256)
-    plan = next(iter(xk._PLANS.values()))
+    plan = next(iter(xk.PLANS.values()))
     # Same tensors, new bytes (a training step): same plan, new digests.
     for v in views:
         v.copy_(_random_bytes(v.numel(), v.numel() + 1).to(DEVICE))
     _check_many(views, 256)
-    assert len(xk._PLANS) == 1 and next(iter(xk._PLANS.values())) is plan
+    assert len(xk.PLANS) == 1 and next(iter(xk.PLANS.values())) is plan
     # Another block size is another plan; the cache stays bounded (block sizes the
     # other tests use, so a compiled run compiles nothing new here).
-    monkeypatch.setattr(xk, "_PLAN_CACHE_SIZE", 2)
+    monkeypatch.setattr(xk, "PLAN_CACHE_SIZE", 2)
     for bs in (512, 1024, 256):
         _check_many(views, bs)
-    assert [k[1] for k in xk._PLANS] == [1024, 256]
+    assert [k[1] for k in xk.PLANS] == [1024, 256]
 
 
 def test_many_base_not_viewable_as_words_falls_back() -> None:
