@@ -48,8 +48,8 @@ __all__ = [
     "available",
     "block_digests",
     "block_digests_many",
-    "interpreted",
     "check_block_size",
+    "interpreted",
 ]
 
 #: Smallest block size accepted: every full block must take XXH3's long path (> 240 bytes).
