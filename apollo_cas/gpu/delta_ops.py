@@ -184,7 +184,8 @@ def sparse_planes(
         return used
     dev = idx.device
     c = torch.tensor(list(counts), dtype=torch.int64, device=dev)
-    row = torch.repeat_interleave(torch.arange(len(counts), device=dev), c)
+    # output_size and torch.where keep this free of host synchronisations.
+    row = torch.repeat_interleave(torch.arange(len(counts), device=dev), c, output_size=n)
     start = (torch.cumsum(c, 0) - c)[row]  # first element of each element's row
     j = torch.arange(n, device=dev) - start  # position within its row
     crow = c[row]
@@ -192,7 +193,7 @@ def sparse_planes(
     prev = torch.empty_like(ix)
     prev[0] = -1
     prev[1:] = ix[:-1]
-    prev[j == 0] = -1
+    prev = torch.where(j == 0, -1, prev)
     gaps = (ix - prev - 1).to(torch.int32).view(torch.uint8).view(n, 4)
     vals = val[: ws * n].view(n, ws)
     base = (4 + ws) * start + j
