@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from apollo_cas import examples
@@ -199,10 +200,21 @@ def file_read_floor(path: Path, threads: int = 16) -> dict[str, Any]:
     }
 
 
+def packed_frames(frames: list[bytes]) -> tuple[torch.Tensor, list[int]]:
+    """zstd frames back to back, each 16-byte aligned (as nvCOMP wants), in one CUDA
+    buffer; returns it and the frames' offsets."""
+    offs, pos = [], 0
+    for f in frames:
+        offs.append(pos)
+        pos = -(-(pos + len(f)) // 16) * 16
+    host = np.zeros(pos, dtype=np.uint8)
+    for o, f in zip(offs, frames, strict=True):
+        host[o : o + len(f)] = np.frombuffer(f, np.uint8)
+    return torch.from_numpy(host).cuda(), offs
+
+
 def frames_experiment(st: Store, ref: str, n_chunks: int) -> dict[str, Any]:
     """Exponent planes of real chunks: one 512 KiB frame vs 128 / 64 KiB frames on nvCOMP."""
-    import numpy as np
-
     from apollo_cas.codecs import planes, zstd_frames
     from apollo_cas.gpu.zstd import NvcompFrames, nvcomp_available
 
@@ -221,14 +233,7 @@ def frames_experiment(st: Store, ref: str, n_chunks: int) -> dict[str, Any]:
             for p in exps
             for o in range(0, plane, frame)
         ]
-        offs, pos = [], 0
-        for f in frames:
-            offs.append(pos)
-            pos = -(-(pos + len(f)) // 16) * 16
-        host = np.zeros(pos, dtype=np.uint8)
-        for o, f in zip(offs, frames, strict=True):
-            host[o : o + len(f)] = np.frombuffer(f, np.uint8)
-        src = torch.from_numpy(host).cuda()
+        src, offs = packed_frames(frames)
         sizes = [min(frame, plane - o) for _ in exps for o in range(0, plane, frame)]
         outs = torch.empty(len(exps) * plane, dtype=torch.uint8, device="cuda")
         o_offs = [i * plane + o for i in range(len(exps)) for o in range(0, plane, frame)]

@@ -153,14 +153,7 @@ def nvcomp_experiment(st: Store, ref: str) -> dict[str, Any]:
     exps = [planes.split(st.chunks.read(c), 2)[0][1] for c in ids]
     plane = len(exps[0])
     frames = [zstd_frames.compress_plane(p, 1) for p in exps]
-    offs, pos = [], 0
-    for f in frames:
-        offs.append(pos)
-        pos = -(-(pos + len(f)) // 16) * 16
-    host = np.zeros(pos, dtype=np.uint8)
-    for o, f in zip(offs, frames, strict=True):
-        host[o : o + len(f)] = np.frombuffer(f, np.uint8)
-    src = torch.from_numpy(host).cuda()
+    src, offs = bgr.packed_frames(frames)
     outs = torch.empty(len(exps) * plane, dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()
     s = int(stream.cuda_stream)
