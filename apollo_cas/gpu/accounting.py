@@ -81,6 +81,19 @@ class RestoreStats:
     read_s: float = 0.0
     stage_s: float = 0.0
     wait_s: float = 0.0
+    #: host wall seconds of the read thread waiting for a free arena (the device side
+    #: has not queued, or not finished copying, the batch two back)
+    arena_wait_s: float = 0.0
+    #: host wall seconds of the thread feeding the device: queueing each batch's device
+    #: steps, and reading verdicts and placing (``wait_s`` is its wait for the stager)
+    queue_s: float = 0.0
+    finish_s: float = 0.0
+    #: CPU seconds (``time.thread_time``) of the feeding thread, and summed over the
+    #: read and stage threads: with the wall times above they say whether a thread
+    #: worked or waited for the GIL
+    main_cpu_s: float = 0.0
+    read_cpu_s: float = 0.0
+    stage_cpu_s: float = 0.0
     copy_s: float = 0.0
     decode_s: float = 0.0
     interleave_s: float = 0.0

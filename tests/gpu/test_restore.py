@@ -112,6 +112,11 @@ def test_round_trip_full_and_delta(store: Store, frames: str | None, batch: int)
         assert pipe.stats.bases_decoded > 0  # the dense step is stored as XOR deltas
         if frames:
             assert pipe.stats.frames > 0  # zstd frames went through the frames region
+        # Each host thread's figures are counted (a profile reads them side by side).
+        st = pipe.stats
+        assert st.read_cpu_s > 0 and st.main_cpu_s > 0 and st.queue_s > 0
+        assert st.read_s >= 0 and st.arena_wait_s >= 0 and st.finish_s >= 0
+        assert st.main_cpu_s <= st.seconds + 0.05
     parent = store.manifest(store.resolve("latest")).parent
     assert parent is not None
     pipe = pipeline(store, frames=dec, batch_bytes=batch)
