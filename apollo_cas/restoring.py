@@ -180,13 +180,17 @@ def load(
     *,
     device: str | None = None,
     series: str = layout.DEFAULT_SERIES,
+    batch_bytes: int | None = None,
 ) -> dict[str, Any]:
     """:meth:`Store.load <apollo_cas.store.Store.load>`."""
+    from .gpu.accounting import LOAD_BATCH_BYTES
     from .targets.tensors import load_tensors, load_tensors_pipeline
 
     manifest = store.manifest(store.resolve(ref, series))
     if device is not None and str(device).startswith("cuda"):
-        pipe = store.restore_pipeline(manifest.block_size, device)
+        pipe = store.restore_pipeline(
+            manifest.block_size, device, batch_bytes=batch_bytes or LOAD_BATCH_BYTES
+        )
         try:
             return load_tensors_pipeline(pipe, manifest)
         finally:
@@ -228,6 +232,7 @@ def restore_into(
     series: str = layout.DEFAULT_SERIES,
     dry_run: bool = False,
     progress: ProgressFn | None = None,
+    batch_bytes: int | None = None,
 ) -> Any:
     """:meth:`Store.restore_into <apollo_cas.store.Store.restore_into>`."""
     import torch
@@ -243,7 +248,8 @@ def restore_into(
             f"tensors on several devices ({', '.join(sorted(devices))})",
             "restore each device's tensors with its own restore_into call",
         )
-    pipe = store.restore_pipeline(manifest.block_size, device)
+    options = {"batch_bytes": batch_bytes} if batch_bytes else {}
+    pipe = store.restore_pipeline(manifest.block_size, device, **options)
     try:
         return restore_live(
             pipe,

@@ -335,13 +335,17 @@ class Store:
         *,
         device: str | None = None,
         series: str = layout.DEFAULT_SERIES,
+        batch_bytes: int | None = None,
     ) -> dict[str, Any]:
         """Checkpoint ``ref`` as a dict of torch tensors (on ``device`` if given).
 
         On a CUDA device the chunks are copied to the GPU compressed, decoded and
-        verified there (docs/GPU_RESTORE.md); elsewhere they are decoded on the CPU.
+        verified there (docs/GPU_RESTORE.md), in batches of ``batch_bytes`` of raw
+        output (default :data:`~apollo_cas.gpu.accounting.LOAD_BATCH_BYTES`, 1 GiB: 4 GiB
+        of pinned memory and about 6 GB of device scratch; smaller batches hold less
+        and load more slowly); elsewhere they are decoded on the CPU.
         """
-        return restoring.load(self, ref, device=device, series=series)
+        return restoring.load(self, ref, device=device, series=series, batch_bytes=batch_bytes)
 
     def restore_pipeline(self, block_size: int, device: str | Any = "cuda", **options: Any) -> Any:
         """A :class:`~apollo_cas.gpu.restore.RestorePipeline` reading this store's chunks.
@@ -359,6 +363,7 @@ class Store:
         series: str = layout.DEFAULT_SERIES,
         dry_run: bool = False,
         progress: ProgressFn | None = None,
+        batch_bytes: int | None = None,
     ) -> Any:
         """Restore checkpoint ``ref`` into ``tensors`` (the caller's, e.g. live parameters), in place.
 
@@ -367,7 +372,10 @@ class Store:
         ``only_changed`` only the blocks whose XXH3-128 differs from the checkpoint are
         written, else every block. Every written block is decoded and verified on the
         tensors' device first. Pause whatever reads or writes the tensors (serving,
-        training) while this runs. Returns a
+        training) while this runs. ``batch_bytes`` (default
+        :data:`~apollo_cas.gpu.accounting.DEFAULT_BATCH_BYTES`, 256 MiB: about 1 GiB
+        pinned and 1.5-2 GB of device scratch beside the caller's tensors) bounds what
+        the pipeline holds; 1 GiB restores faster where the device has room. Returns a
         :class:`~apollo_cas.targets.live.LiveRestoreReport`.
         """
         return restoring.restore_into(
@@ -378,6 +386,7 @@ class Store:
             series=series,
             dry_run=dry_run,
             progress=progress,
+            batch_bytes=batch_bytes,
         )
 
     def decoder(self, nbytes: int) -> Decoder:
