@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...errors import BackendError, BackendUnavailable, ObjectNotFound
+from ...leases import expired
 from ..base import TEMPORARY_FLOOR, Backend, ObjectInfo
 from ._boto import AVAILABLE, bexc
 from .capabilities import ConditionalWrites, conditional_writes
@@ -256,7 +257,7 @@ class S3Backend(Backend):
         client = self.transport.client
         locks = self.transport.list_raw(self.prefix + CAS_LOCK_PREFIX, self.list_page_size)
         for name, mtime, headers in list(locks):
-            if mtime < older_than and server_time(headers) - mtime > self.lock_ttl:
+            if mtime < older_than and expired(mtime + self.lock_ttl, server_time(headers)):
                 self.transport.call(
                     "deleting",
                     name[len(self.prefix) :],
