@@ -146,6 +146,27 @@ def test_s3_configuration_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
         S3Backend.from_url("s3://bucket")
 
 
+def test_capabilities_are_declared_by_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compare-and-swap way comes from ``cas_mode`` / ``APOLLO_CAS_S3_CAS``, with
+    no request (the endpoint here does not exist); only ``auto`` probes, at the
+    first swap. Creates are promised atomic only with conditional writes."""
+    monkeypatch.setenv("APOLLO_CAS_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("APOLLO_CAS_S3_CAS", raising=False)
+    auto = S3Backend.from_url("s3://bucket/p").capabilities
+    assert (auto.compare_and_swap, auto.atomic_create) == ("auto", False)
+    lock = S3Backend.from_url("s3://bucket/p", cas_mode="lock").capabilities
+    assert (lock.compare_and_swap, lock.atomic_create) == ("lock", False)
+    monkeypatch.setenv("APOLLO_CAS_S3_CAS", "conditional")
+    cond = S3Backend.from_url("s3://bucket/p")
+    assert (cond.capabilities.compare_and_swap, cond.capabilities.atomic_create) == (
+        "conditional",
+        True,
+    )
+    assert cond.cas_method == "conditional"  # declared: no probe, so no request either
+    for caps in (auto, lock, cond.capabilities):
+        assert caps.shareable_across_processes and caps.files_root is None
+
+
 def test_boto3_is_not_imported_with_the_package() -> None:
     code = (
         "import sys, apollo_cas, apollo_cas.backends; "

@@ -15,7 +15,7 @@ from ...errors import BackendError, BackendUnavailable, ObjectNotFound
 from ...leases import expired
 from ..base import TEMPORARY_FLOOR, Backend, ObjectInfo
 from ._boto import AVAILABLE, bexc
-from .capabilities import ConditionalWrites, conditional_writes
+from .capabilities import ConditionalWrites, conditional_writes, declared
 from .cas import RefSwap
 from .config import (
     CAS_LOCK_PREFIX,
@@ -66,6 +66,8 @@ class S3Backend(Backend):
         self.location = f"s3://{bucket}/{self.prefix}"
         self.endpoint = endpoint_url if endpoint_url is not None else endpoint_from_env()
         self.cas_mode = cas_mode_from_env(cas_mode)
+        #: Declared by the configuration (``cas_mode``); no request is made here.
+        self.capabilities = declared(self.cas_mode)
         self.lock_ttl = float(lock_ttl)
         self.lock_wait = float(lock_wait) if lock_wait is not None else 2 * self.lock_ttl + 30
         self.list_page_size = int(list_page_size)
@@ -230,9 +232,9 @@ class S3Backend(Backend):
 
     # -- compare and swap --------------------------------------------------
     def _capabilities(self) -> ConditionalWrites:
-        """What this server honours, probed once (forced by ``cas_mode`` if set)."""
+        """What this server honours: as declared, or probed once where ``auto``."""
         if self._caps is None:
-            self._caps = conditional_writes(self.transport, self.cas_mode)
+            self._caps = conditional_writes(self.transport, self.capabilities.compare_and_swap)
         return self._caps
 
     @property
