@@ -33,6 +33,7 @@ from apollo_cas.errors import (
 )
 
 from .contract import HEX_A, HEX_B, REPO, BackendContract
+from .s3faults import ANSWER_LOST, NOT_SENT, FaultyTransport
 
 pytestmark = pytest.mark.s3
 
@@ -456,70 +457,47 @@ def test_errors_are_apollo_errors_with_one_line(s3: S3Backend) -> None:
 
 
 # ---------------------------------------------------------------------------
-# compare-and-swap when a request's fate is unknown (faults injected into the
-# real client: the request does or does not reach the real server)
+# compare-and-swap when a request's fate is unknown (faults injected through a
+# transport that fails the request before it is sent, or after the real server
+# applied it: tests/backends/s3faults.py)
 
 
-def _inject(client: Any, event: str, exc_factory: Callable[[], Exception], times: int) -> None:
-    left = {"n": times}
-
-    def hook(**_kwargs: Any) -> None:
-        if left["n"] > 0:
-            left["n"] -= 1
-            raise exc_factory()
-
-    client.meta.events.register(event, hook)
+def faulty(location: str, mode: str) -> tuple[S3Backend, FaultyTransport]:
+    b = S3Backend.from_url(location, cas_mode=mode, transport=FaultyTransport)
+    assert isinstance(b.transport, FaultyTransport)
+    return b, b.transport
 
 
 @pytest.mark.parametrize("mode", ["conditional", "lock"])
 def test_cas_write_applied_but_response_lost(s3_location: str, mode: str) -> None:
     """The swap reached the server, the answer did not: read back, counted as done
     (not reported as a lost race, which would make the caller redo its update)."""
-    import botocore.exceptions
-
-    b = S3Backend.from_url(s3_location, cas_mode=mode)
+    b, faults = faulty(s3_location, mode)
     key = "refs/series/default"
     assert b.compare_and_swap(key, None, b"1")
-    _inject(
-        b.transport.client_once,
-        "after-call.s3.PutObject",  # after the server applied the PUT
-        lambda: botocore.exceptions.ReadTimeoutError(endpoint_url=b.endpoint),
-        times=1,
-    )
+    faults.fail_next(1, ANSWER_LOST)  # after the server applied the PUT
     assert b.compare_and_swap(key, b"1", b"2") is True
+    assert faults.injected == 1
     assert b.get(key) == b"2"
     assert b.compare_and_swap(key, b"1", b"3") is False
 
 
 @pytest.mark.parametrize("mode", ["conditional", "lock"])
 def test_cas_write_never_sent_is_retried(s3_location: str, mode: str) -> None:
-    import botocore.exceptions
-
-    b = S3Backend.from_url(s3_location, cas_mode=mode)
+    b, faults = faulty(s3_location, mode)
     key = "refs/series/default"
     assert b.compare_and_swap(key, None, b"1")
-    _inject(
-        b.transport.client_once,
-        "before-send.s3.PutObject",
-        lambda: botocore.exceptions.EndpointConnectionError(endpoint_url=b.endpoint),
-        times=2,
-    )
+    faults.fail_next(2, NOT_SENT)
     assert b.compare_and_swap(key, b"1", b"2") is True
+    assert faults.injected == 2
     assert b.get(key) == b"2"
 
 
 def test_cas_gives_up_when_the_server_stays_unreachable(s3_location: str) -> None:
-    import botocore.exceptions
-
-    b = S3Backend.from_url(s3_location, cas_mode="conditional")
+    b, faults = faulty(s3_location, "conditional")
     key = "refs/series/default"
     assert b.compare_and_swap(key, None, b"1")
-    _inject(
-        b.transport.client_once,
-        "before-send.s3.PutObject",
-        lambda: botocore.exceptions.EndpointConnectionError(endpoint_url=b.endpoint),
-        times=100,
-    )
+    faults.fail_next(100, NOT_SENT)
     with pytest.raises(BackendUnavailable, match="cannot reach"):
         b.compare_and_swap(key, b"1", b"2")
     assert b.get(key) == b"1"

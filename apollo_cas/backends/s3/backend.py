@@ -8,7 +8,7 @@ import functools
 import io
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import BackendError, BackendUnavailable, ObjectNotFound
@@ -32,9 +32,19 @@ from .config import (
 from .errormap import CONFLICT, INVALID_RANGE, PRECONDITION, UNSUPPORTED, error_code
 from .transport import S3Transport, content_md5, new_session, server_time
 
+#: What makes a store's :class:`~.transport.S3Transport` from the boto3 session,
+#: the store's place and the client settings: the class itself, or a subclass
+#: (tests pass one that injects network faults, ``tests/backends/s3faults.py``).
+TransportFactory = Callable[[Any, Place, ClientSettings], S3Transport]
+
 
 class S3Backend(Backend):
-    """Objects under ``prefix`` in ``bucket``; keys map to object names one to one."""
+    """Objects under ``prefix`` in ``bucket``; keys map to object names one to one.
+
+    ``transport`` makes the object all requests go through (default
+    :class:`~.transport.S3Transport`): the seam for wrappers that count, slow
+    down or fail requests, instead of hooks into the boto3 clients.
+    """
 
     def __init__(
         self,
@@ -54,6 +64,7 @@ class S3Backend(Backend):
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
         temporary_floor: float = TEMPORARY_FLOOR,
+        transport: TransportFactory = S3Transport,
     ) -> None:
         if not AVAILABLE:
             raise BackendUnavailable(
@@ -84,8 +95,8 @@ class S3Backend(Backend):
         session = new_session()
         self.region = region or session.region_name or DEFAULT_REGION
         self.place = Place(self.bucket, self.prefix, self.endpoint, self.region)
-        #: The boto3 clients (public: tests and benchmarks hook botocore events on them).
-        self.transport = S3Transport(session, self.place, settings)
+        #: Every request goes through it (see ``transport`` above).
+        self.transport = transport(session, self.place, settings)
         # benchmarks/bench_packs.py counts requests on this name; new code uses
         # transport.client.
         self._client: Any = self.transport.client
