@@ -8,6 +8,8 @@ conflicts with any exclusive one; an exclusive lock conflicts with *every*
 other lock, exclusive ones included, whatever their age. A lock of a dead process on
 this host is removed on sight (cron after a crash must just work); locks of
 other hosts count until they expire. Long operations refresh their lock.
+The lock body, its lease clocks and the expiry rule live in
+:mod:`apollo_cas.leases`, shared with the S3 backend's compare-and-swap locks.
 
 Why this shape: saves only take *shared* locks, so any number of ranks and
 hosts save at once. gc computes what to delete without any lock and takes the
@@ -28,7 +30,6 @@ proceed while another's lock is visible.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -37,13 +38,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import replace
 
 from . import procinfo, settings
 from .backends.base import Backend
 from .errors import ApolloError, ObjectNotFound, StoreLocked
 from .layout import LOCKS_PREFIX, lock_key
+from .leases import LockInfo, Term, parse_lock
 
 log = logging.getLogger(__name__)
 
@@ -64,151 +65,30 @@ def ttl_from_env() -> float:
     return settings.lock_ttl() or LOCK_TTL
 
 
-def _boottime() -> float:
-    """A clock that keeps counting while the machine is suspended (Linux), else monotonic."""
-    clock = getattr(time, "CLOCK_BOOTTIME", None)
-    return time.clock_gettime(clock) if clock is not None else time.monotonic()
-
-
-@dataclass(frozen=True)
-class LockInfo:
-    """One lock object's content.
-
-    ``boot_id`` and ``pid_ns`` are empty in locks written by versions before
-    they were recorded: such a lock is judged by its expiry only.
-    """
-
-    lock_id: str
-    kind: str  # "shared" | "exclusive" (anything else conflicts like "exclusive")
-    host: str
-    pid: int
-    start: str
-    created: float
-    expires: float
-    purpose: str
-    boot_id: str = ""
-    pid_ns: str = ""
-
-    @property
-    def holder(self) -> procinfo.Holder:
-        return procinfo.Holder(self.host, self.boot_id, self.pid_ns, self.pid, self.start)
-
-    def stale(self, now: float) -> bool:
-        """Whether the holder is gone: provably dead here, or (foreign) past its expiry."""
-        verdict = procinfo.judge(self.holder)
-        if verdict == procinfo.ALIVE:
-            return False
-        if verdict == procinfo.DEAD:
-            return True
-        return now > self.expires
-
-    @property
-    def exclusive(self) -> bool:
-        return self.kind != "shared"
-
-    def encode(self) -> bytes:
-        """The lock object's bytes: the eight keys every version knows, with boot id
-        and pid namespace carried in ``host`` (``"<host> boot=<id> pidns=<ns>"``).
-
-        Versions before this one fail on any key they do not know and delete
-        such a lock as torn, and judge a lock of their own hostname by its pid:
-        a host they do not recognise makes them judge it by its lease instead,
-        which is safe during a rolling upgrade.
-        """
-        d = asdict(self)
-        del d["boot_id"], d["pid_ns"]
-        if self.boot_id and self.pid_ns:
-            d["host"] = f"{self.host} boot={self.boot_id} pidns={self.pid_ns}"
-        return json.dumps(d).encode()
-
-    def describe(self) -> str:
-        return (
-            f"{self.kind} lock by pid {self.pid} on {self.host} ({self.purpose}, "
-            f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.created))})"
-        )
-
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "lock_id": (str,),
-    "kind": (str,),
-    "host": (str,),
-    "pid": (int,),
-    "start": (str,),
-    "created": (int, float),
-    "expires": (int, float),
-    "purpose": (str,),
-    "boot_id": (str,),
-    "pid_ns": (str,),
-}
-_REQUIRED = {f.name for f in fields(LockInfo) if f.name not in ("boot_id", "pid_ns")}
-
-
-def parse_lock(name: str, data: bytes) -> LockInfo | None:
-    """Decode a lock object; None if it is not one this version can read.
-
-    Fields this version does not know are ignored: lock writes are atomic, so
-    an unknown field is a newer writer, not damage.
-    """
-    try:
-        d = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(d, dict) or not d.keys() >= _REQUIRED:
-        return None
-    known: dict[str, Any] = {}
-    for key, types in _TYPES.items():
-        if key in d:
-            v = d[key]
-            if isinstance(v, bool) or not isinstance(v, types):
-                return None
-            known[key] = v
-    known["lock_id"] = name  # the object's name is what we delete and compare
-    m = _HOST_WITH_IDS.fullmatch(known["host"])
-    if m is not None and "boot_id" not in known and "pid_ns" not in known:
-        known["host"], known["boot_id"], known["pid_ns"] = m.groups()
-    return LockInfo(**known)
-
-
-#: ``host`` as :meth:`LockInfo.encode` writes it.
-_HOST_WITH_IDS = re.compile(r"(.*) boot=(\S+) pidns=(\S+)")
-
-
-def _unreadable(name: str, mtime: float, ttl: float) -> LockInfo:
-    """An unreadable lock object: a foreign lock of the kind its name says,
-    whose lease runs from its last write (its modification time)."""
-    return LockInfo(
-        lock_id=name,
-        kind="shared" if name.startswith("s-") else "exclusive",
-        host="(unreadable lock object)",
-        pid=0,
-        start="",
-        created=mtime,
-        expires=mtime + ttl,
-        purpose="unreadable",
-    )
-
-
 class Lease:
     """A lock this process holds, and until when its lease is valid.
 
-    ``valid_until`` is the expiry written in the lock object at its last
-    successful renewal, counted from *before* that write began. A lease that
+    ``term`` (:class:`~apollo_cas.leases.Term`) is the lease as of the last
+    successful write of the lock object, counted from *before* that write
+    began; ``valid_until`` is its end as written in the object. A lease that
     passed it (the process was frozen: SIGSTOP, a suspended VM, swapping) or
     whose object vanished or changed under it (another process judged it
     expired, ``unlock --force``) is lost: others may have deleted chunks
     meanwhile.
     """
 
-    def __init__(
-        self, locks: Locks, info: LockInfo, data: bytes, valid_until: float, boot_until: float
-    ) -> None:
+    def __init__(self, locks: Locks, info: LockInfo, data: bytes, term: Term) -> None:
         self.locks = locks
         self.info = info
         self.data = data  # the lock object's bytes as we last wrote them
-        self.valid_until = valid_until
-        self.boot_until = boot_until  # the same on a clock that counts suspend
+        self.term = term
         self.lost = False
         self.mutex = threading.Lock()
+
+    @property
+    def valid_until(self) -> float:
+        """The end of the lease on the wall clock (the ``expires`` last written)."""
+        return self.term.until
 
     @property
     def lock_id(self) -> str:
@@ -271,7 +151,7 @@ class Locks:
                     # cannot read (or damage): it counts as a foreign lock until
                     # it has not been rewritten for a TTL.
                     mtime = self.backend.info(key).mtime
-                    info = _unreadable(name, mtime, max(self.ttl, LOCK_TTL))
+                    info = LockInfo.unreadable(name, mtime, max(self.ttl, LOCK_TTL))
             except ObjectNotFound:
                 continue
             out.append(info)
@@ -357,8 +237,8 @@ class Locks:
         delay = self.min_delay
         key = lock_key(info.lock_id)
         while True:
-            t0, b0 = self.clock(), _boottime()
-            info = replace(info, expires=t0 + self.ttl)
+            term = Term.begin(self.ttl, self.clock)
+            info = replace(info, expires=term.until)
             data = info.encode()
             self.backend.put(key, data)
             try:
@@ -367,7 +247,7 @@ class Locks:
                 self._delete_quietly(key)  # the listing failed: do not leave ours behind
                 raise
             if conflict is None:
-                return Lease(self, info, data, t0 + self.ttl, b0 + self.ttl)
+                return Lease(self, info, data, term)
             # Withdraw before waiting: a lock left in place while we sleep would
             # make every other contender back off too (livelock).
             self.backend.delete(key)
@@ -389,7 +269,7 @@ class Locks:
     # -- leases ----------------------------------------------------------------
     def lapsed(self, lease: Lease) -> bool:
         """Whether ``lease`` is lost or has passed its expiry (on either clock)."""
-        return lease.lost or self.clock() > lease.valid_until or _boottime() > lease.boot_until
+        return lease.lost or lease.term.lapsed(self.clock)
 
     def renew(self, lease: Lease) -> bool:
         """Extend ``lease`` by a TTL, by compare-and-swap of its lock object.
@@ -401,14 +281,13 @@ class Locks:
         with lease.mutex:
             if self.lapsed(lease):
                 return False
-            t0, b0 = self.clock(), _boottime()
-            info = replace(lease.info, expires=t0 + self.ttl)
+            term = Term.begin(self.ttl, self.clock)
+            info = replace(lease.info, expires=term.until)
             data = info.encode()
             if not self.backend.compare_and_swap(lock_key(info.lock_id), lease.data, data):
                 lease.lost = True
                 return False
-            lease.info, lease.data = info, data
-            lease.valid_until, lease.boot_until = t0 + self.ttl, b0 + self.ttl
+            lease.info, lease.data, lease.term = info, data, term
             return True
 
     def confirm(self, lease: Lease) -> bool:
@@ -428,8 +307,7 @@ class Locks:
         with lease.mutex:
             old = lease.lock_id
             fresh = self._acquire(lease.kind, lease.info.purpose, timeout)
-            lease.info, lease.data = fresh.info, fresh.data
-            lease.valid_until, lease.boot_until = fresh.valid_until, fresh.boot_until
+            lease.info, lease.data, lease.term = fresh.info, fresh.data, fresh.term
             lease.lost = False
         self._delete_quietly(lock_key(old))
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import pytest
 
 from apollo_cas.backends import Backend, open_backend
-from apollo_cas.backends.base import ObjectInfo
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.locks import Locks
+from tests.backends.wrappers import ForwardingBackend
 
 
-class SlowLockIO(Backend):
+class SlowLockIO(ForwardingBackend):
     """Wraps a backend; lock writes and listings take a random 0..``max_s`` seconds.
 
     Latency between taking a timestamp and the lock object becoming visible, and
@@ -44,47 +44,22 @@ class SlowLockIO(Backend):
     """
 
     def __init__(self, inner: Backend, max_s: float, seed: int) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self.max_s = max_s
         self.rng = random.Random(seed)
 
     def _pause(self) -> None:
         time.sleep(self.rng.random() * self.max_s)
 
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        return self.inner.get_range(key, offset, length)
-
     def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         if key.startswith("locks/"):
             self._pause()
-        self.inner.put(key, data, durable=durable)
-
-    def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
-        return self.inner.put_if_absent(key, data, durable=durable)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def info(self, key: str) -> ObjectInfo:
-        return self.inner.info(key)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
+        super().put(key, data, durable=durable)
 
     def list(self, prefix: str) -> Iterator[str]:
-        keys = list(self.inner.list(prefix))
+        keys = list(super().list(prefix))
         self._pause()  # act on a listing that is already a little old
         return iter(keys)
-
-    def compare_and_swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
-        return self.inner.compare_and_swap(key, expected, data)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def fast_locks(backend: Backend) -> Locks:

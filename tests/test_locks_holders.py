@@ -34,6 +34,7 @@ from apollo_cas.errors import BackendUnavailable, StoreLocked
 from apollo_cas.gc import gc
 from apollo_cas.locks import Locks
 from apollo_cas.store import Store
+from tests.backends.wrappers import ForwardingBackend
 
 BS = 4096
 LINUX_PROC = os.path.isdir("/proc/self/ns") and bool(procinfo.current().boot_id)
@@ -243,12 +244,13 @@ def test_an_unreadable_lock_counts_until_it_has_not_been_rewritten_for_a_ttl(roo
 # item 18: the lock's cleanup never masks the error that ended the block
 
 
-class DiesAfter(Backend):
+class DiesAfter(ForwardingBackend):
     """A backend whose server "dies" after ``n`` chunk writes (chunk objects in
     format 1, packs in format 2): every call fails then."""
 
     def __init__(self, inner: Backend, n: int) -> None:
-        self.inner, self.location, self.left, self.dead = inner, inner.location, n, False
+        super().__init__(inner)
+        self.left, self.dead = n, False
 
     def _check(self, what: str, key: str) -> None:
         if self.dead:
@@ -256,11 +258,11 @@ class DiesAfter(Backend):
 
     def get(self, key: str) -> bytes:
         self._check("reading", key)
-        return self.inner.get(key)
+        return super().get(key)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         self._check("reading", key)
-        return self.inner.get_range(key, offset, length)
+        return super().get_range(key, offset, length)
 
     def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self._check("writing", key)
@@ -269,7 +271,7 @@ class DiesAfter(Backend):
             if self.left < 0:
                 self.dead = True
                 self._check("writing", key)
-        self.inner.put(key, data, durable=durable)
+        super().put(key, data, durable=durable)
 
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
         self._check("checking", key)
@@ -280,23 +282,27 @@ class DiesAfter(Backend):
 
     def exists(self, key: str) -> bool:
         self._check("checking", key)
-        return self.inner.exists(key)
+        return super().exists(key)
 
     def info(self, key: str) -> ObjectInfo:
         self._check("inspecting", key)
-        return self.inner.info(key)
+        return super().info(key)
 
     def delete(self, key: str) -> None:
         self._check("deleting", key)
-        self.inner.delete(key)
+        super().delete(key)
 
     def list(self, prefix: str) -> Iterator[str]:
         self._check("listing", prefix)
-        return self.inner.list(prefix)
+        return super().list(prefix)
 
     def compare_and_swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
         self._check("updating", key)
-        return self.inner.compare_and_swap(key, expected, data)
+        return super().compare_and_swap(key, expected, data)
+
+    def sync(self) -> None:
+        self._check("syncing", "")
+        super().sync()
 
 
 @pytest.mark.parametrize("fmt,written", [(1, "chunks/"), (2, "packs/")])

@@ -13,6 +13,7 @@ The same with a real process, SIGSTOP and a real pid namespace:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from apollo_cas import layout
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.errors import ConcurrentUpdate
 from apollo_cas.gc import gc
+from apollo_cas.leases import LockInfo, SwapLockInfo, Term, boottime, expired, parse_lock
 from apollo_cas.locks import Locks
 from apollo_cas.retention import RetentionPolicy
 from apollo_cas.store import Store
@@ -215,3 +217,39 @@ def test_a_lease_lost_during_the_commit_withdraws_the_checkpoint(tmp_path: Path)
     with Store.open(root) as st:
         assert st.latest() == latest and st.checkpoint_ids() == [latest]
         assert verify(st, read_data=True).ok
+
+
+# ---------------------------------------------------------------------------
+# one lease rule and two lock bodies (apollo_cas.leases)
+
+
+def test_a_term_lapses_on_either_clock() -> None:
+    now = [1000.0]
+    term = Term.begin(60.0, lambda: now[0])
+    assert term.until == 1060.0 and not term.lapsed(lambda: now[0])
+    assert term.within(1 / 3, lambda: now[0])
+    now[0] += 20.0  # a third of the TTL gone on the wall clock: no longer young
+    assert not term.within(1 / 3, lambda: now[0]) and not term.lapsed(lambda: now[0])
+    now[0] += 40.5
+    assert term.lapsed(lambda: now[0])
+    # The wall clock stood still (or went back) while the machine was suspended:
+    # the boot clock still counts the time that passed.
+    asleep = Term(60.0, 1000.0, boottime() - 61.0)
+    assert asleep.lapsed(lambda: 1000.0) and not asleep.within(1.0, lambda: 1000.0)
+    assert expired(1060.0, 1060.5) and not expired(1060.0, 1060.0)
+
+
+def test_the_two_lock_bodies_keep_their_bytes_and_read_only_their_own_kind() -> None:
+    cas = SwapLockInfo("refs/series/default", "host-a", 4242, 60.0)
+    # The bytes CAS lock objects have always carried.
+    assert cas.encode() == (
+        b'{"kind": "compare-and-swap", "key": "refs/series/default", '
+        b'"host": "host-a", "pid": 4242, "ttl": 60.0}'
+    )
+    assert SwapLockInfo.parse(cas.encode()) == cas
+    assert SwapLockInfo.mine("refs/tags/t", 5.0).pid == os.getpid()
+    store_lock = LockInfo("s-" + "a" * 32, "shared", "h", 1, "9", 1.0, 2.0, "save", "b", "n")
+    assert parse_lock(store_lock.lock_id, store_lock.encode()) == store_lock
+    assert parse_lock("s-" + "a" * 32, cas.encode()) is None
+    assert SwapLockInfo.parse(store_lock.encode()) is None
+    assert SwapLockInfo.parse(b"\x00 not json") is None

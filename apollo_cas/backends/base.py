@@ -28,15 +28,38 @@ from dataclasses import dataclass
 TEMPORARY_FLOOR = 300.0
 
 
+#: Values of :attr:`Capabilities.compare_and_swap`: how a backend makes
+#: :meth:`Backend.compare_and_swap` atomic.
+CAS_FLOCK = "flock"  # read-compare-write under a kernel file lock (a directory)
+CAS_MUTEX = "mutex"  # a lock of this process (memory: nobody else can see the store)
+CAS_CONDITIONAL = "conditional"  # one conditional request (S3 If-Match / If-None-Match)
+CAS_LOCK_OBJECTS = "lock"  # a lock-object protocol (S3 servers without conditional writes)
+CAS_AUTO = "auto"  # one of the two S3 ways, chosen by probing the server at first use
+CAS_METHODS = (CAS_FLOCK, CAS_MUTEX, CAS_CONDITIONAL, CAS_LOCK_OBJECTS, CAS_AUTO)
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do, declared by it instead of guessed from its location."""
+    """What a backend can do, declared by it instead of guessed from its type or
+    location: callers above ``backends/`` read these flags, never ``isinstance``
+    or a URL scheme."""
 
     #: Another process can open the same store from its location (a directory,
     #: S3), so restores may decode on worker processes; not the memory backend.
     shareable_across_processes: bool = True
-    #: ``put_if_absent`` never replaces an existing object with other bytes.
+    #: ``put_if_absent`` never replaces an existing object with other bytes, even
+    #: between two racing writers (False where that is not promised: S3 without
+    #: conditional creates checks, then writes).
     atomic_create: bool = True
+    #: How :meth:`Backend.compare_and_swap` is made atomic (one of
+    #: :data:`CAS_METHODS`), as configured; ``"auto"`` is resolved at the first
+    #: swap (``S3Backend.cas_method`` then says which way was taken). Empty: not
+    #: declared (a backend written before this flag).
+    compare_and_swap: str = ""
+    #: A directory in which every key is the plain file ``<files_root>/<key>``:
+    #: readers with I/O of their own (the GPU restore path) may open those files
+    #: directly. None where keys are not files.
+    files_root: str | None = None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from ..fsio import atomic_write as write_file_atomic
 from ..fsio import fsync_dir, os_error
 from ..fsio import temp_path as temp_path
 from ..parallel import bounded_map
-from .base import TEMPORARY_FLOOR, Backend, ObjectInfo
+from .base import CAS_FLOCK, TEMPORARY_FLOOR, Backend, Capabilities, ObjectInfo
 
 T = TypeVar("T")
 
@@ -63,6 +63,7 @@ class LocalBackend(Backend):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.location = str(self.root)
+        self.capabilities = Capabilities(compare_and_swap=CAS_FLOCK, files_root=self.location)
         self._dirty: set[Path] = set()
         self._made: set[Path] = set()
         #: Directories under the root already seen to be real directories.

@@ -7,14 +7,14 @@ import time
 from collections.abc import Iterator
 
 from ..errors import ObjectNotFound
-from .base import Backend, Capabilities, ObjectInfo
+from .base import CAS_MUTEX, Backend, Capabilities, ObjectInfo
 
 
 class MemoryBackend(Backend):
     """A dict of key -> (bytes, mtime), guarded by one lock."""
 
     #: Lives in this process only: restores stay on threads.
-    capabilities = Capabilities(shareable_across_processes=False)
+    capabilities = Capabilities(shareable_across_processes=False, compare_and_swap=CAS_MUTEX)
 
     def __init__(self, location: str = "memory://") -> None:
         self.location = location

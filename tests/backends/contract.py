@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from apollo_cas.backends import Backend
+from apollo_cas.backends.base import CAS_METHODS
 from apollo_cas.errors import ObjectNotFound
 
 REPO = Path(__file__).resolve().parents[2]
@@ -394,6 +395,18 @@ class BackendContract:
             _out, err = p.communicate(timeout=120)
             assert p.returncode == 0, err.decode(errors="replace")[-3000:]
         assert int(here.get(key)) == (self.processes + 1) * self.increments
+
+    # -- what the backend declares ----------------------------------------
+    def test_capabilities_are_declared(self, backend: Backend, location: str | None) -> None:
+        """Callers above ``backends/`` read these flags, never the type or the URL,
+        so each must hold: shareable exactly where another process can open the
+        location, and ``files_root`` a directory holding each key as a file."""
+        caps = backend.capabilities
+        assert caps.compare_and_swap in CAS_METHODS
+        assert caps.shareable_across_processes == (location is not None)
+        if caps.files_root is not None:
+            backend.put(f"chunks/ab/{HEX_A}", b"as a file")
+            assert (Path(caps.files_root) / "chunks" / "ab" / HEX_A).read_bytes() == b"as a file"
 
     # -- optional hooks -----------------------------------------------------
     def test_sync_close_remove_temporaries(self, make_backend: Callable[[], Backend]) -> None:

@@ -33,6 +33,7 @@ from apollo_cas.errors import (
 )
 
 from .contract import HEX_A, HEX_B, REPO, BackendContract
+from .s3faults import ANSWER_LOST, NOT_SENT, FaultyTransport
 
 pytestmark = pytest.mark.s3
 
@@ -144,6 +145,27 @@ def test_s3_configuration_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("APOLLO_CAS_S3_CAS", "sometimes")
     with pytest.raises(UsageError, match="APOLLO_CAS_S3_CAS"):
         S3Backend.from_url("s3://bucket")
+
+
+def test_capabilities_are_declared_by_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compare-and-swap way comes from ``cas_mode`` / ``APOLLO_CAS_S3_CAS``, with
+    no request (the endpoint here does not exist); only ``auto`` probes, at the
+    first swap. Creates are promised atomic only with conditional writes."""
+    monkeypatch.setenv("APOLLO_CAS_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("APOLLO_CAS_S3_CAS", raising=False)
+    auto = S3Backend.from_url("s3://bucket/p").capabilities
+    assert (auto.compare_and_swap, auto.atomic_create) == ("auto", False)
+    lock = S3Backend.from_url("s3://bucket/p", cas_mode="lock").capabilities
+    assert (lock.compare_and_swap, lock.atomic_create) == ("lock", False)
+    monkeypatch.setenv("APOLLO_CAS_S3_CAS", "conditional")
+    cond = S3Backend.from_url("s3://bucket/p")
+    assert (cond.capabilities.compare_and_swap, cond.capabilities.atomic_create) == (
+        "conditional",
+        True,
+    )
+    assert cond.cas_method == "conditional"  # declared: no probe, so no request either
+    for caps in (auto, lock, cond.capabilities):
+        assert caps.shareable_across_processes and caps.files_root is None
 
 
 def test_boto3_is_not_imported_with_the_package() -> None:
@@ -435,70 +457,47 @@ def test_errors_are_apollo_errors_with_one_line(s3: S3Backend) -> None:
 
 
 # ---------------------------------------------------------------------------
-# compare-and-swap when a request's fate is unknown (faults injected into the
-# real client: the request does or does not reach the real server)
+# compare-and-swap when a request's fate is unknown (faults injected through a
+# transport that fails the request before it is sent, or after the real server
+# applied it: tests/backends/s3faults.py)
 
 
-def _inject(client: Any, event: str, exc_factory: Callable[[], Exception], times: int) -> None:
-    left = {"n": times}
-
-    def hook(**_kwargs: Any) -> None:
-        if left["n"] > 0:
-            left["n"] -= 1
-            raise exc_factory()
-
-    client.meta.events.register(event, hook)
+def faulty(location: str, mode: str) -> tuple[S3Backend, FaultyTransport]:
+    b = S3Backend.from_url(location, cas_mode=mode, transport=FaultyTransport)
+    assert isinstance(b.transport, FaultyTransport)
+    return b, b.transport
 
 
 @pytest.mark.parametrize("mode", ["conditional", "lock"])
 def test_cas_write_applied_but_response_lost(s3_location: str, mode: str) -> None:
     """The swap reached the server, the answer did not: read back, counted as done
     (not reported as a lost race, which would make the caller redo its update)."""
-    import botocore.exceptions
-
-    b = S3Backend.from_url(s3_location, cas_mode=mode)
+    b, faults = faulty(s3_location, mode)
     key = "refs/series/default"
     assert b.compare_and_swap(key, None, b"1")
-    _inject(
-        b.transport.client_once,
-        "after-call.s3.PutObject",  # after the server applied the PUT
-        lambda: botocore.exceptions.ReadTimeoutError(endpoint_url=b.endpoint),
-        times=1,
-    )
+    faults.fail_next(1, ANSWER_LOST)  # after the server applied the PUT
     assert b.compare_and_swap(key, b"1", b"2") is True
+    assert faults.injected == 1
     assert b.get(key) == b"2"
     assert b.compare_and_swap(key, b"1", b"3") is False
 
 
 @pytest.mark.parametrize("mode", ["conditional", "lock"])
 def test_cas_write_never_sent_is_retried(s3_location: str, mode: str) -> None:
-    import botocore.exceptions
-
-    b = S3Backend.from_url(s3_location, cas_mode=mode)
+    b, faults = faulty(s3_location, mode)
     key = "refs/series/default"
     assert b.compare_and_swap(key, None, b"1")
-    _inject(
-        b.transport.client_once,
-        "before-send.s3.PutObject",
-        lambda: botocore.exceptions.EndpointConnectionError(endpoint_url=b.endpoint),
-        times=2,
-    )
+    faults.fail_next(2, NOT_SENT)
     assert b.compare_and_swap(key, b"1", b"2") is True
+    assert faults.injected == 2
     assert b.get(key) == b"2"
 
 
 def test_cas_gives_up_when_the_server_stays_unreachable(s3_location: str) -> None:
-    import botocore.exceptions
-
-    b = S3Backend.from_url(s3_location, cas_mode="conditional")
+    b, faults = faulty(s3_location, "conditional")
     key = "refs/series/default"
     assert b.compare_and_swap(key, None, b"1")
-    _inject(
-        b.transport.client_once,
-        "before-send.s3.PutObject",
-        lambda: botocore.exceptions.EndpointConnectionError(endpoint_url=b.endpoint),
-        times=100,
-    )
+    faults.fail_next(100, NOT_SENT)
     with pytest.raises(BackendUnavailable, match="cannot reach"):
         b.compare_and_swap(key, b"1", b"2")
     assert b.get(key) == b"1"

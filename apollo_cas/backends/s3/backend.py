@@ -8,13 +8,14 @@ import functools
 import io
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import BackendError, BackendUnavailable, ObjectNotFound
+from ...leases import expired
 from ..base import TEMPORARY_FLOOR, Backend, ObjectInfo
 from ._boto import AVAILABLE, bexc
-from .capabilities import ConditionalWrites, conditional_writes
+from .capabilities import ConditionalWrites, conditional_writes, declared
 from .cas import RefSwap
 from .config import (
     CAS_LOCK_PREFIX,
@@ -31,9 +32,19 @@ from .config import (
 from .errormap import CONFLICT, INVALID_RANGE, PRECONDITION, UNSUPPORTED, error_code
 from .transport import S3Transport, content_md5, new_session, server_time
 
+#: What makes a store's :class:`~.transport.S3Transport` from the boto3 session,
+#: the store's place and the client settings: the class itself, or a subclass
+#: (tests pass one that injects network faults, ``tests/backends/s3faults.py``).
+TransportFactory = Callable[[Any, Place, ClientSettings], S3Transport]
+
 
 class S3Backend(Backend):
-    """Objects under ``prefix`` in ``bucket``; keys map to object names one to one."""
+    """Objects under ``prefix`` in ``bucket``; keys map to object names one to one.
+
+    ``transport`` makes the object all requests go through (default
+    :class:`~.transport.S3Transport`): the seam for wrappers that count, slow
+    down or fail requests, instead of hooks into the boto3 clients.
+    """
 
     def __init__(
         self,
@@ -53,6 +64,7 @@ class S3Backend(Backend):
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
         temporary_floor: float = TEMPORARY_FLOOR,
+        transport: TransportFactory = S3Transport,
     ) -> None:
         if not AVAILABLE:
             raise BackendUnavailable(
@@ -65,6 +77,8 @@ class S3Backend(Backend):
         self.location = f"s3://{bucket}/{self.prefix}"
         self.endpoint = endpoint_url if endpoint_url is not None else endpoint_from_env()
         self.cas_mode = cas_mode_from_env(cas_mode)
+        #: Declared by the configuration (``cas_mode``); no request is made here.
+        self.capabilities = declared(self.cas_mode)
         self.lock_ttl = float(lock_ttl)
         self.lock_wait = float(lock_wait) if lock_wait is not None else 2 * self.lock_ttl + 30
         self.list_page_size = int(list_page_size)
@@ -81,8 +95,8 @@ class S3Backend(Backend):
         session = new_session()
         self.region = region or session.region_name or DEFAULT_REGION
         self.place = Place(self.bucket, self.prefix, self.endpoint, self.region)
-        #: The boto3 clients (public: tests and benchmarks hook botocore events on them).
-        self.transport = S3Transport(session, self.place, settings)
+        #: Every request goes through it (see ``transport`` above).
+        self.transport = transport(session, self.place, settings)
         # benchmarks/bench_packs.py counts requests on this name; new code uses
         # transport.client.
         self._client: Any = self.transport.client
@@ -229,9 +243,9 @@ class S3Backend(Backend):
 
     # -- compare and swap --------------------------------------------------
     def _capabilities(self) -> ConditionalWrites:
-        """What this server honours, probed once (forced by ``cas_mode`` if set)."""
+        """What this server honours: as declared, or probed once where ``auto``."""
         if self._caps is None:
-            self._caps = conditional_writes(self.transport, self.cas_mode)
+            self._caps = conditional_writes(self.transport, self.capabilities.compare_and_swap)
         return self._caps
 
     @property
@@ -256,7 +270,7 @@ class S3Backend(Backend):
         client = self.transport.client
         locks = self.transport.list_raw(self.prefix + CAS_LOCK_PREFIX, self.list_page_size)
         for name, mtime, headers in list(locks):
-            if mtime < older_than and server_time(headers) - mtime > self.lock_ttl:
+            if mtime < older_than and expired(mtime + self.lock_ttl, server_time(headers)):
                 self.transport.call(
                     "deleting",
                     name[len(self.prefix) :],

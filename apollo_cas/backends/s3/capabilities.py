@@ -4,7 +4,11 @@ Where the server honours ``If-None-Match: *`` on PUT, creates are one request;
 where it also honours ``If-Match`` on PUT and DELETE (SeaweedFS 4.x does), a
 compare-and-swap is one conditional request. A server that ignores the headers
 overwrites or deletes anyway, one that does not know them answers 400/501;
-either way it gets the lock protocol. ``APOLLO_CAS_S3_CAS`` forces an answer.
+either way it gets the lock protocol.
+
+The configuration declares the answer (``cas_mode`` / ``APOLLO_CAS_S3_CAS``:
+``conditional`` or ``lock``, see :func:`declared`); the server is probed only
+when it says ``auto``, the default.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
+from ..base import CAS_AUTO, CAS_CONDITIONAL, CAS_LOCK_OBJECTS, Capabilities
 from ._boto import bexc
 from .config import CAS_LOCK_PREFIX
 from .errormap import NOT_FOUND, Outcome, error_code
@@ -32,16 +37,31 @@ class ConditionalWrites:
     compare_and_swap: bool  # ... and PUT If-Match, DELETE If-Match work too
 
 
+def declared(cas_mode: str) -> Capabilities:
+    """What an S3 store with this ``cas_mode`` declares, from configuration alone
+    (no request). ``put_if_absent`` is promised atomic only where conditional
+    creates are configured: with ``lock`` it checks, then writes, and with
+    ``auto`` that depends on the probe."""
+    if cas_mode not in (CAS_AUTO, CAS_CONDITIONAL, CAS_LOCK_OBJECTS):
+        raise ValueError(f"unknown S3 compare-and-swap mode {cas_mode!r}")
+    return Capabilities(
+        shareable_across_processes=True,
+        atomic_create=cas_mode == CAS_CONDITIONAL,
+        compare_and_swap=cas_mode,
+    )
+
+
 # One probe per (endpoint, bucket) and process: all backends on it see one server.
 _CACHE: dict[tuple[str | None, str], ConditionalWrites] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def conditional_writes(transport: S3Transport, cas_mode: str) -> ConditionalWrites:
-    """What this server honours: forced by ``cas_mode``, else probed once per process."""
-    if cas_mode == "conditional":
+    """What this server honours: as ``cas_mode`` declares, or (``auto``) probed
+    once per process."""
+    if cas_mode == CAS_CONDITIONAL:
         return ConditionalWrites(True, True)
-    if cas_mode == "lock":
+    if cas_mode == CAS_LOCK_OBJECTS:
         return ConditionalWrites(False, False)
     place = transport.place
     cache_key = (place.endpoint, place.bucket)

@@ -10,7 +10,8 @@ must take the same one):
   and proceeds only when it sees none (of several that see each other, the
   oldest waits and the others withdraw); a lock whose holder died expires
   after ``lock_ttl`` seconds (judged by the server's clock), and a holder never
-  writes after a third of that time.
+  writes after a third of that time (the lease rules and the lock body:
+  :mod:`apollo_cas.leases`, shared with the store locks).
 
 Neither retries a write blindly: a retried write that did land looks like a
 lost race. Each reads back what an unknown outcome left instead.
@@ -20,11 +21,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
-import os
 import random
-import socket
 import threading
 import time
 import uuid
@@ -33,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ...errors import BackendError, ConcurrentUpdate, ObjectNotFound, StoreLocked
+from ...leases import SwapLockInfo, Term, expired
 from .config import CAS_LOCK_PREFIX, DEFAULT_MAX_ATTEMPTS
 from .errormap import Outcome
 from .transport import S3Transport, content_md5, server_time
@@ -43,17 +42,10 @@ log = logging.getLogger(__name__)
 _Competitor = tuple[tuple[float, str], str]
 
 
-class Lease:
-    """A held CAS lock: may be used to write only while young enough."""
-
-    def __init__(self, started: float, ttl: float) -> None:
-        self.started = started
-        self.ttl = ttl
-
-    def fresh(self) -> bool:
-        # A third of the TTL for the read-compare step; the write itself is one
-        # request bounded by the connect + read timeouts, well inside the rest.
-        return time.monotonic() - self.started < self.ttl / 3
+#: A CAS lock's holder writes only within this fraction of the TTL: the rest is
+#: for the read-compare step and the write itself, one request bounded by the
+#: connect + read timeouts, well inside it.
+WRITE_WINDOW = 1 / 3
 
 
 class RefSwap:
@@ -154,12 +146,12 @@ class RefSwap:
                     return False
                 if data is None and current is None:
                     return True
-                if not lease.fresh():
+                if not lease.within(WRITE_WINDOW):
                     continue  # too slow to write safely: take the lock again
                 self._write_under_lease(key, data, lease)
                 return True
 
-    def _write_under_lease(self, key: str, data: bytes | None, lease: Lease) -> None:
+    def _write_under_lease(self, key: str, data: bytes | None, lease: Term) -> None:
         t = self.transport
         k = t.place.object_name(key)
         c = t.client_once
@@ -180,13 +172,13 @@ class RefSwap:
             if outcome == Outcome.OK:
                 return
             assert exc is not None
-            if outcome == Outcome.UNSUPPORTED or not lease.fresh():
+            if outcome == Outcome.UNSUPPORTED or not lease.within(WRITE_WINDOW):
                 raise t.translate(exc, "updating", key) from exc
             time.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 1.0)
 
     @contextmanager
-    def _lock(self, key: str) -> Iterator[Lease]:
+    def _lock(self, key: str) -> Iterator[Term]:
         """Hold the lock for ``key``: restic-style lock objects with owners and expiry.
 
         Each contender writes its own object ``locks/cas-<hash>.<uuid>``, then
@@ -201,21 +193,13 @@ class RefSwap:
         place = t.place
         base = f"{CAS_LOCK_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:32]}."
         full_base = place.object_name(base + "x")[:-1]
-        record = json.dumps(
-            {
-                "kind": "compare-and-swap",
-                "key": key,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "ttl": self.lock_ttl,
-            }
-        ).encode()
+        record = SwapLockInfo.mine(key, self.lock_ttl).encode()
         deadline = time.monotonic() + self.lock_wait
         backoff = 0.01
         while True:
             mine = base + uuid.uuid4().hex
             mine_full = place.object_name(mine)
-            started = time.monotonic()
+            lease = Term.begin(self.lock_ttl)  # before the write: see apollo_cas.leases
             t.call(
                 "locking",
                 mine,
@@ -227,7 +211,6 @@ class RefSwap:
                     ContentMD5=content_md5(record),
                 ),
             )
-            lease = Lease(started, self.lock_ttl)
             acquired = False
             blocker = ""
             try:
@@ -243,7 +226,7 @@ class RefSwap:
                     if (
                         my_stamp is None
                         or oldest[0] < my_stamp
-                        or not lease.fresh()
+                        or not lease.within(WRITE_WINDOW)
                         or time.monotonic() > deadline
                     ):
                         break  # withdraw: someone older is competing (or we aged)
@@ -280,7 +263,7 @@ class RefSwap:
             if name == mine_full:
                 mine = stamp
                 continue
-            if now - mtime > self.lock_ttl:
+            if expired(mtime + self.lock_ttl, now):
                 self.transport.delete_quietly(name)
                 continue
             live.append((stamp, name))

@@ -5,8 +5,13 @@ retries (botocore's standard mode) and serves every idempotent request;
 :attr:`S3Transport.client_once` makes one attempt, for conditional writes,
 whose blind retry could mistake our own landed write for a conflict (the
 compare-and-swap code retries them itself, knowing what each outcome means).
-Both are public so that tests and benchmarks can register botocore event hooks
-on them (fault injection, request counting) instead of patching internals.
+
+Every one-shot request whose outcome the backend judges itself (conditional
+writes, writes under a compare-and-swap lease, capability probes) goes through
+:meth:`S3Transport.attempt`, every other one through :meth:`S3Transport.call`
+or the read and list helpers. A subclass, handed to ``S3Backend(transport=...)``,
+may override them to inject faults or latency (``tests/backends/s3faults.py``);
+nothing needs to hook into the clients.
 """
 
 from __future__ import annotations
