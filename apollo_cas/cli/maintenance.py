@@ -14,7 +14,6 @@ from .. import settings
 from ..errors import DamageFound
 from ..store import Store
 from .common import (
-    PartialFailure,
     emit_json,
     human_bytes,
     human_time,
@@ -346,40 +345,30 @@ def forget(refs: tuple[str, ...], store: str | None, series: str, as_json: bool)
     REFs, one that fails does not stop the others; the summary says which
     were forgotten and which not (exit 1).
     """
-    from ..errors import AmbiguousRef, ApolloError, InvalidName, RefNotFound, Refused
+    from ..batch import each
+    from ..errors import AmbiguousRef, InvalidName, RefNotFound, Refused
     from ..gc import forget as run_forget
 
-    done: list[str] = []
-    failed: list[tuple[object, ApolloError]] = []
-    not_tried: list[str] = []
     with Store.open(need_store(store)) as st:
-        for i, ref in enumerate(refs):
-            try:
-                cid = st.resolve(ref, series)
-                run_forget(st, cid)
-            except ApolloError as exc:
-                if len(refs) == 1:
-                    raise
-                note(f"failed: {exc}")
-                failed.append((ref, exc))
-                if not isinstance(exc, (RefNotFound, AmbiguousRef, Refused, InvalidName)):
-                    not_tried = list(refs[i + 1 :])  # the store failed: so would the rest
-                    break
-                continue
-            done.append(cid)
+
+        def one(_: int, ref: str) -> str:
+            cid = st.resolve(ref, series)
+            run_forget(st, cid)
             if not as_json:
                 click.echo(f"forgot {cid[:12]}")
+            return cid
+
+        batch = each(
+            refs,
+            one,
+            # An error about one ref; any other is the store's, and so would the rest fail.
+            recoverable=(RefNotFound, AmbiguousRef, Refused, InvalidName),
+            failed=lambda _, exc: note(f"failed: {exc}"),
+        )
+    done = [cid for _, cid in batch.done]
     if done and not as_json:
         note("run 'apollo-cas gc' to reclaim the chunks only they used")
-    if failed:
-        raise PartialFailure.of(
-            "ref",
-            [c[:12] for c in done],
-            failed,
-            {"forgotten": done},
-            total=len(refs),
-            not_tried=not_tried,
-        )
+    batch.raise_if_failed("ref", [c[:12] for c in done], {"forgotten": done})
     if as_json:
         emit_json({"forgotten": done})
 

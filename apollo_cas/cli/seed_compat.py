@@ -13,20 +13,17 @@ from pathlib import Path
 import click
 
 from .. import frontend
+from ..history import resume_history, series_block_size
+from ..opening import open_for_save
+from ..save_paths import SaveOptions, check_sources
 from ..store import Store
 from .allocator import keep_freed_memory
 from .common import human_bytes, human_time, note
+from .history import Shown
 from .main import run
+from .opening import announce_created
 from .options import make_policy
-from .save import (
-    announce_created,
-    checked_block_size,
-    import_seed_history,
-    open_for_save,
-    precheck_sources,
-    save_sources,
-    warn_block_size,
-)
+from .save import checked_block_size, warn_block_size
 
 DEFAULT_HANDLES = "/tmp/vllm_weight_handles.pt"
 DEFAULT_DIR = "/home/ubuntu/checkpoints"
@@ -61,30 +58,19 @@ def compat() -> None:
 def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
     """Save a checkpoint (only changed blocks are written)."""
     bs = checked_block_size(block_size, warn=False) if block_size else None
-    precheck_sources([handles], "handles")  # before the history import touches DIR
+    checked = check_sources([handles], "handles")  # before the history import touches DIR
     if bs is not None:
         warn_block_size(bs)
     st, created = open_for_save(str(checkpoint_dir), make_policy("auto", 1, None))
+    shown = Shown(as_json=False)
     with st:
         try:
-            import_seed_history(st, checkpoint_dir, "default", as_json=False)
+            resume_history(st, checkpoint_dir, series="default", events=shown)
             if bs is None:
-                from .save import store_block_size
-
-                bs = store_block_size(st, "default")
-            save_sources(
-                st,
-                [handles],
-                kind="handles",
-                series="default",
-                tag=None,
-                block_size=bs,
-                force=False,
-                meta={},
-                rank=None,
-                world_size=None,
-                as_json=False,
-            )
+                # The original tool's block size, once its history is imported
+                # (the series "default" even for a rank's handles file).
+                bs = series_block_size(st, "default")
+            checked.save(st, SaveOptions(block_size=bs), events=shown)
         finally:
             announce_created(st, created)
 
