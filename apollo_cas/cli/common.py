@@ -17,6 +17,7 @@ import click
 from .. import frontend, settings
 from ..errors import StoreNotFound, UsageError
 
+#: A decorated command (what an option decorator takes and returns).
 F = TypeVar("F", bound=Callable[..., Any])
 
 STORE_ENV = settings.STORE  # click reads it for --store (envvar)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,6 +14,7 @@ from .. import settings
 from ..errors import DamageFound
 from ..store import Store
 from .common import (
+    F,
     emit_json,
     human_bytes,
     human_time,
@@ -86,26 +87,18 @@ def _stage_bar(enabled: bool) -> Iterator[_StageBar]:
         bar.close()
 
 
+def keep_count(name: str, help: str) -> Callable[[F], F]:
+    """A retention option that keeps N checkpoints (gc's --keep-last/-hourly/-daily)."""
+    return click.option(name, type=click.IntRange(min=0), metavar="N", help=help)
+
+
 @click.command()
 @store_option
-@click.option(
-    "--keep-last",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Keep the N newest checkpoints of each series.",
+@keep_count("--keep-last", "Keep the N newest checkpoints of each series.")
+@keep_count(
+    "--keep-hourly", "Keep the newest checkpoint of each of the last N hours that have one."
 )
-@click.option(
-    "--keep-hourly",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Keep the newest checkpoint of each of the last N hours that have one.",
-)
-@click.option(
-    "--keep-daily",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Keep the newest checkpoint of each of the last N days that have one.",
-)
+@keep_count("--keep-daily", "Keep the newest checkpoint of each of the last N days that have one.")
 @click.option(
     "--keep-within",
     metavar="DURATION",

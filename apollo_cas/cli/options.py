@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 
 from .. import codecs
-
-F = TypeVar("F", bound=Callable[..., Any])
+from .common import F
 
 
 def codec_options(fn: F) -> F:

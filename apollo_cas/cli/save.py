@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
@@ -13,6 +12,7 @@ from ..manifest import DEFAULT_BLOCK_SIZE
 from ..save_paths import SaveOptions, check_sources
 from ..store import check_block_size
 from .common import (
+    F,
     emit_json,
     human_bytes,
     json_option,
@@ -25,8 +25,6 @@ from .common import (
 from .history import Shown, import_only
 from .opening import announce_created, open_for_save
 from .options import codec_options, make_policy
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: Below this, the object count gets large enough to hurt (4 KiB, the original
 #: tool's default, makes 256 objects per MiB of weights).

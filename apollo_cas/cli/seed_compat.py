@@ -8,6 +8,7 @@ store; the original tool's checkpoints in it are imported on first use.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -18,7 +19,7 @@ from ..opening import open_for_save
 from ..save_paths import SaveOptions, check_sources
 from ..store import Store
 from .allocator import keep_freed_memory
-from .common import human_bytes, human_time, note
+from .common import F, human_bytes, human_time, note
 from .history import Shown
 from .main import run
 from .opening import announce_created
@@ -34,21 +35,21 @@ def compat() -> None:
     """Efficient GPU weight checkpointing (apollo_cas, compatible with apollo-checkpoint)."""
 
 
+def path_option(name: str, default: str, help: str) -> Callable[[F], F]:
+    """An option naming a path, with the original tool's default (shown in --help)."""
+    return click.option(
+        name, default=default, show_default=True, type=click.Path(path_type=Path), help=help
+    )
+
+
+checkpoint_dir_option = path_option(
+    "--checkpoint-dir", DEFAULT_DIR, "Checkpoint directory (the store)."
+)
+
+
 @compat.command()
-@click.option(
-    "--handles",
-    default=DEFAULT_HANDLES,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Path to vLLM weight IPC handles.",
-)
-@click.option(
-    "--checkpoint-dir",
-    default=DEFAULT_DIR,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Checkpoint directory (the store).",
-)
+@path_option("--handles", DEFAULT_HANDLES, "Path to vLLM weight IPC handles.")
+@checkpoint_dir_option
 @click.option(
     "--block-size",
     default=None,
@@ -76,13 +77,7 @@ def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
 
 
 @compat.command("list")
-@click.option(
-    "--checkpoint-dir",
-    default=DEFAULT_DIR,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Checkpoint directory (the store).",
-)
+@checkpoint_dir_option
 def list_cmd(checkpoint_dir: Path) -> None:
     """List checkpoints."""
     if not checkpoint_dir.exists():
