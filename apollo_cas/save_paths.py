@@ -27,7 +27,7 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import layout
 from .batch import each
@@ -86,6 +86,26 @@ class SaveOptions:
     world_size: int | None = None
     handle_options: Mapping[str, Any] = field(default_factory=dict)
     group: str | None = None
+
+    def save_args(self) -> SaveArgs:
+        """What ``Store.save`` and a history import both take of these options."""
+        return SaveArgs(
+            series=self.series,
+            tag=self.tag,
+            block_size=self.block_size,
+            force=self.force,
+            metadata=self.metadata,
+        )
+
+
+class SaveArgs(TypedDict):
+    """The keyword arguments of :meth:`SaveOptions.save_args`."""
+
+    series: str
+    tag: str | None
+    block_size: int | None
+    force: bool
+    metadata: Mapping[str, str]
 
 
 def check_sources(paths: Sequence[Path], kind: str | None = None) -> CheckedSources:
@@ -189,16 +209,7 @@ def save_path(
     events = events or SaveEvents()
     k = kind or detect_kind(path)
     if k == "seed" and is_checkpoint_root(path):
-        return import_history(
-            store,
-            path,
-            series=options.series,
-            block_size=options.block_size,
-            force=options.force,
-            metadata=options.metadata,
-            tag=options.tag,
-            events=events,
-        )
+        return import_history(store, path, events=events, **options.save_args())
     info = SourceInfo(kind=k, location=str(path), rank=options.rank, world_size=options.world_size)
     handle_options = dict(options.handle_options) if k == "handles" else {}
     with open_path(path, k, info, **handle_options) as src:
@@ -208,15 +219,6 @@ def save_path(
         # by Store.save itself (HandlesSource.check_previous), as for any caller.
         total = sum(t.nbytes for t in src.tensors())
         with events.progress(path, total) as bar:
-            r = store.save(
-                src,
-                series=options.series,
-                block_size=options.block_size,
-                force=options.force,
-                metadata=options.metadata,
-                tag=options.tag,
-                progress=bar,
-                group=options.group,
-            )
+            r = store.save(src, progress=bar, group=options.group, **options.save_args())
     events.source_saved(path, r)
     return [r]

@@ -12,7 +12,7 @@ go through it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import codecs, layout, restoring, saving
 from .backends import Backend, open_backend
@@ -25,6 +25,9 @@ from .repository import Checkpoint, Repository
 from .restoring import RestoreResult
 from .saving import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SaveResult, check_block_size
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
 __all__ = [
     "MAX_BLOCK_SIZE",
     "MIN_BLOCK_SIZE",
@@ -34,6 +37,16 @@ __all__ = [
     "Store",
     "check_block_size",
 ]
+
+
+class OpenOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Store.from_backend`, which :meth:`Store.open` passes on."""
+
+    create: bool
+    policy: codecs.CodecPolicy | None
+    workers: int | None
+    format: int | None
+    pack_size: int | None
 
 
 class Store:
@@ -69,27 +82,12 @@ class Store:
 
     # -- opening -------------------------------------------------------------
     @classmethod
-    def open(
-        cls,
-        location: str | os.PathLike[str],
-        *,
-        create: bool = False,
-        policy: codecs.CodecPolicy | None = None,
-        workers: int | None = None,
-        format: int | None = None,
-        pack_size: int | None = None,
-    ) -> Store:
+    def open(cls, location: str | os.PathLike[str], **options: Unpack[OpenOptions]) -> Store:
         """Open the store at ``location``. With ``create``, a missing store is
         created (in ``format``, default 2: packs); otherwise it must exist (a
-        typo must not silently make a new one). An existing store keeps its format."""
-        return cls.from_backend(
-            open_backend(os.fspath(location)),
-            create=create,
-            policy=policy,
-            workers=workers,
-            format=format,
-            pack_size=pack_size,
-        )
+        typo must not silently make a new one). An existing store keeps its format.
+        The options are :meth:`from_backend`'s."""
+        return cls.from_backend(open_backend(os.fspath(location)), **options)
 
     @classmethod
     def from_backend(
@@ -103,7 +101,9 @@ class Store:
         pack_size: int | None = None,
     ) -> Store:
         """:meth:`open` on a backend object (a wrapper that counts, logs or fails
-        calls, in tests and benchmarks): the same checks of the store's config."""
+        calls, in tests and benchmarks): the same checks of the store's config.
+        ``policy``: the codecs of new chunks; ``workers``: see :class:`Store`;
+        ``format`` and ``pack_size``: those of a store this object creates."""
         store = cls(backend, policy, workers)
         store.new_format = format
         store.new_pack_size = pack_size

@@ -167,31 +167,17 @@ def gc(
         )
         return
     verb = "would forget" if dry_run else "forgot"
+
+    def row(cid: str) -> list[str]:
+        cp = checkpoints.get(cid)
+        created = human_time(cp.manifest.created) if cp else "-"
+        return [cid[:12], created, cp.manifest.series if cp else "-"]
+
     if r.forgotten:
-        rows = []
-        for cid in r.forgotten:
-            cp = checkpoints.get(cid)
-            rows.append(
-                [
-                    cid[:12],
-                    human_time(cp.manifest.created) if cp else "-",
-                    cp.manifest.series if cp else "-",
-                ]
-            )
         click.echo(f"{verb} {len(r.forgotten)} checkpoint(s):")
-        click.echo(table(rows, ["ID", "TIME", "SERIES"]))
+        click.echo(table([row(cid) for cid in r.forgotten], ["ID", "TIME", "SERIES"]))
     if dry_run and r.kept:
-        rows = []
-        for cid in r.kept:
-            cp = checkpoints.get(cid)
-            rows.append(
-                [
-                    cid[:12],
-                    human_time(cp.manifest.created) if cp else "-",
-                    cp.manifest.series if cp else "-",
-                    "; ".join(r.reasons.get(cid) or ["-"]),
-                ]
-            )
+        rows = [[*row(cid), "; ".join(r.reasons.get(cid) or ["-"])] for cid in r.kept]
         click.echo(f"would keep {len(r.kept)} checkpoint(s):")
         click.echo(table(rows, ["ID", "TIME", "SERIES", "KEPT BY"]))
     if held[0]:

@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from ..errors import UsageError
-from ..manifest import DEFAULT_BLOCK_SIZE
 from ..save_paths import SaveOptions, check_sources
-from ..store import check_block_size
 from .common import (
-    F,
     emit_json,
-    human_bytes,
     json_option,
     need_store,
-    note,
-    parse_size,
     series_option,
     store_option,
 )
 from .history import Shown, import_only
 from .opening import announce_created, open_for_save
-from .options import codec_options, make_policy
-
-#: Below this, the object count gets large enough to hurt (4 KiB, the original
-#: tool's default, makes 256 objects per MiB of weights).
-SMALL_BLOCK_WARNING = 64 * 1024
+from .options import (
+    block_size_option,
+    checked_block_size,
+    codec_options,
+    make_policy,
+    warn_block_size,
+)
 
 
 def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
@@ -39,33 +34,6 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"--meta {item!r} is not KEY=VALUE")
         out[key] = value
     return out
-
-
-def block_size_option(default: str | None = "1MiB") -> Callable[[F], F]:
-    return click.option(
-        "--block-size",
-        default=default,
-        show_default=default is not None,
-        metavar="SIZE",
-        help="Block size (bytes, or with K/M suffix). 1 MiB balances dedup "
-        "granularity against object count."
-        + ("" if default else " Default: the series' latest checkpoint's, else 1 MiB."),
-    )
-
-
-def checked_block_size(text: str, warn: bool = True) -> int:
-    bs = check_block_size(parse_size(text, "block size"))  # a usage error before any warning
-    if warn:
-        warn_block_size(bs)
-    return bs
-
-
-def warn_block_size(bs: int) -> None:
-    if bs < SMALL_BLOCK_WARNING:
-        note(
-            f"warning: block size {bs} makes {(1 << 30) // max(bs, 1):,} objects per GiB of weights; "
-            f"the default {human_bytes(DEFAULT_BLOCK_SIZE)} is much cheaper to store and list"
-        )
 
 
 @click.command()

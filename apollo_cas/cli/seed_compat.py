@@ -23,8 +23,7 @@ from .common import F, human_bytes, human_time, note
 from .history import Shown
 from .main import run
 from .opening import announce_created
-from .options import make_policy
-from .save import checked_block_size, warn_block_size
+from .options import checked_block_size, make_policy, warn_block_size
 
 DEFAULT_HANDLES = "/tmp/vllm_weight_handles.pt"
 DEFAULT_DIR = "/home/ubuntu/checkpoints"

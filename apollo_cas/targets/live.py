@@ -83,6 +83,35 @@ class LiveRestoreReport:
         """Plain dict for ``--json``."""
         return asdict(self)
 
+    @classmethod
+    def of(
+        cls,
+        views: Sequence[torch.Tensor],
+        entries: Sequence[TensorEntry],
+        written: tuple[int, int],
+        started: float,
+        phases: tuple[float, float, float],
+        verified: bool,
+        dry_run: bool,
+    ) -> LiveRestoreReport:
+        """The report of a hot restore into ``views`` (of manifest ``entries``) that
+        began at ``started``: ``written`` (blocks, bytes; none on a dry run) and the
+        ``phases`` (hash, write, verify seconds)."""
+        blocks, nbytes = written
+        return cls(
+            tensors=len(entries),
+            blocks_checked=sum(len(e.chunks) for e in entries),
+            blocks_written=blocks,
+            bytes_written=0 if dry_run else nbytes,
+            seconds=time.perf_counter() - started,
+            hash_seconds=phases[0],
+            write_seconds=phases[1],
+            verify_seconds=phases[2],
+            device=",".join(sorted({str(v.device) for v in views}) or ["cpu"]),
+            verified=verified,
+            dry_run=dry_run,
+        )
+
 
 def restore_live(
     tensors: Mapping[str, torch.Tensor],
@@ -123,9 +152,6 @@ def restore_live(
         if live[ti][bi] != cid
     ]
     nbytes = sum(min(bs, entries[ti].nbytes - bi * bs) for ti, bi in todo)
-    checked = sum(len(e.chunks) for e in entries)
-    devices = sorted({str(v.device) for v in views}) or ["cpu"]
-
     write_s = verify_s = 0.0
     verified = False
     if not dry_run:
@@ -151,18 +177,8 @@ def restore_live(
                     "hot restore again, or restart the server from a restored file",
                 )
             verified = True
-    return LiveRestoreReport(
-        tensors=len(entries),
-        blocks_checked=checked,
-        blocks_written=len(todo),
-        bytes_written=0 if dry_run else nbytes,
-        seconds=time.perf_counter() - t0,
-        hash_seconds=hash_s,
-        write_seconds=write_s,
-        verify_seconds=verify_s,
-        device=",".join(devices),
-        verified=verified,
-        dry_run=dry_run,
+    return LiveRestoreReport.of(
+        views, entries, (len(todo), nbytes), t0, (hash_s, write_s, verify_s), verified, dry_run
     )
 
 
@@ -400,23 +416,17 @@ def restore_into(
             if old is None or (old[2] >= 0 and (q < 0 or q > old[2])):
                 blocks[d] = (ti, bi * bs, q)  # prefer a block that is never overwritten
     nbytes = sum(p.size for p in places)
-    checked = sum(len(e.chunks) for e in entries)
     write_s = 0.0
     if not dry_run and places:
         t_write = time.perf_counter()
         pipeline.run(places, views, live=blocks, progress=progress)
         write_s = time.perf_counter() - t_write
-    devices = sorted({str(v.device) for v in views}) or ["cpu"]
-    return LiveRestoreReport(
-        tensors=len(entries),
-        blocks_checked=checked,
-        blocks_written=len(places),
-        bytes_written=0 if dry_run else nbytes,
-        seconds=time.perf_counter() - t0,
-        hash_seconds=hash_s,
-        write_seconds=write_s,
-        verify_seconds=pipeline.stats.verify_s,
-        device=",".join(devices),
-        verified=not dry_run,
-        dry_run=dry_run,
+    return LiveRestoreReport.of(
+        views,
+        entries,
+        (len(places), nbytes),
+        t0,
+        (hash_s, write_s, pipeline.stats.verify_s),
+        not dry_run,
+        dry_run,
     )
