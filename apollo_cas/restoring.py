@@ -206,17 +206,24 @@ def load(
     *,
     device: str | None = None,
     series: str = layout.DEFAULT_SERIES,
+    batch_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Checkpoint ``ref`` as a dict of torch tensors (on ``device`` if given).
 
     On a CUDA device the chunks are copied to the GPU compressed, decoded and
-    verified there (docs/GPU_RESTORE.md); elsewhere they are decoded on the CPU.
+    verified there (docs/GPU_RESTORE.md), in batches of ``batch_bytes`` of raw
+    output (default :data:`~apollo_cas.gpu.accounting.LOAD_BATCH_BYTES`, 1 GiB: 4 GiB
+    of pinned memory and about 6 GB of device scratch; smaller batches hold less
+    and load more slowly); elsewhere they are decoded on the CPU.
     """
+    from .gpu.accounting import LOAD_BATCH_BYTES
     from .targets.tensors import load_tensors, load_tensors_pipeline
 
     manifest = store.manifest(store.resolve(ref, series))
     if device is not None and str(device).startswith("cuda"):
-        pipe = store.restore_pipeline(manifest.block_size, device)
+        pipe = store.restore_pipeline(
+            manifest.block_size, device, batch_bytes=batch_bytes or LOAD_BATCH_BYTES
+        )
         try:
             return load_tensors_pipeline(pipe, manifest)
         finally:
@@ -258,6 +265,7 @@ def restore_into(
     series: str = layout.DEFAULT_SERIES,
     dry_run: bool = False,
     progress: ProgressFn | None = None,
+    batch_bytes: int | None = None,
 ) -> Any:
     """Restore checkpoint ``ref`` into ``tensors`` (the caller's, e.g. live parameters), in place.
 
@@ -266,7 +274,10 @@ def restore_into(
     ``only_changed`` only the blocks whose XXH3-128 differs from the checkpoint are
     written, else every block. Every written block is decoded and verified on the
     tensors' device first. Pause whatever reads or writes the tensors (serving,
-    training) while this runs. Returns a
+    training) while this runs. ``batch_bytes`` (default
+    :data:`~apollo_cas.gpu.accounting.DEFAULT_BATCH_BYTES`, 256 MiB: about 1 GiB
+    pinned and 1.5-2 GB of device scratch beside the caller's tensors) bounds what
+    the pipeline holds; 1 GiB restores faster where the device has room. Returns a
     :class:`~apollo_cas.targets.live.LiveRestoreReport`.
     """
     import torch
@@ -282,7 +293,8 @@ def restore_into(
             f"tensors on several devices ({', '.join(sorted(devices))})",
             "restore each device's tensors with its own restore_into call",
         )
-    pipe = store.restore_pipeline(manifest.block_size, device)
+    options = {"batch_bytes": batch_bytes} if batch_bytes else {}
+    pipe = store.restore_pipeline(manifest.block_size, device, **options)
     try:
         return restore_live(
             pipe,

@@ -48,6 +48,7 @@ import torch
 
 from apollo_cas import examples
 from apollo_cas.cli.common import parse_size
+from apollo_cas.gpu.accounting import LOAD_BATCH_BYTES
 from apollo_cas.gpu.blocks import byte_view, tensor_digests
 from apollo_cas.gpu.chunkplan import slices
 from apollo_cas.gpu.restore import Arena, file_reader, object_reader, pack_reader
@@ -107,6 +108,7 @@ def _timed_load(st: Store, ref: str, dev: str, **options: Any) -> dict[str, Any]
         # No nvCOMP on the CPU: python-zstandard behind the same interface, so the smoke
         # run takes the direct path (arena copied as is, layout built by torch ops).
         options.setdefault("frames", HostFrames(st.workers))
+    options.setdefault("batch_bytes", LOAD_BATCH_BYTES)  # what Store.load uses
     pipe = st.restore_pipeline(m.block_size, dev, **options)
     sync(dev)
     t0 = time.perf_counter()
@@ -340,7 +342,7 @@ def run_store(
     res["load_full"] = timed_load(st, full, dev)
     print(f"load full: first {first['seconds']} s, then {res['load_full']}", flush=True)
     if args.batch_sweep:
-        for bb in (128 << 20, 1 << 30):
+        for bb in (256 << 20, 512 << 20, 2 << 30):
             res[f"load_full_batch_{bb >> 20}MiB"] = timed_load(st, full, dev, batch_bytes=bb)
             print(
                 f"  batch {bb >> 20} MiB: {res[f'load_full_batch_{bb >> 20}MiB']['seconds']} s",
@@ -375,14 +377,16 @@ def run_store(
     print(f"load dense: {res['load_dense']}", flush=True)
 
     # Hot restore into the live tensors: back to the full save (every block), forward again.
-    for label, target, only in (
-        ("hot_every_block_back", full, False),
-        ("hot_forward_dense", dense, True),
+    for label, target, only, batch in (
+        ("hot_every_block_back", full, False, None),
+        ("hot_forward_dense", dense, True, None),
+        ("hot_every_block_back_1GiB_batches", full, False, 1 << 30),
+        ("hot_forward_dense_1GiB_batches", dense, True, 1 << 30),
     ):
         sync(dev)
         t0 = time.perf_counter()
         try:
-            rep = st.restore_into(target, model, only_changed=only)
+            rep = st.restore_into(target, model, only_changed=only, batch_bytes=batch)
         except Exception as exc:
             res[label] = {"error": repr(exc), "seconds": float("nan")}
             continue

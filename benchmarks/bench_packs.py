@@ -108,8 +108,11 @@ def one_file_read(path: Path, threads: int, piece: int = 16 * MiB) -> float:
     fd = os.open(path, os.O_RDONLY)
 
     def one(off: int) -> int:
-        buf = bytearray(min(piece, size - off))
-        return os.preadv(fd, [buf], off)
+        # New bytes per piece, like the read path's ranged reads (Backend.get_range).
+        # A zero-filled bytearray per piece instead measured 10.4 GB/s against the
+        # read path's 42.6 GB/s on the H200 host (16 threads, /dev/shm): the floor
+        # must not pay for a memset the read path does not do.
+        return len(os.pread(fd, min(piece, size - off), off))
 
     try:
         t0 = time.perf_counter()

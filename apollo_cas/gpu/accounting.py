@@ -9,7 +9,7 @@ from typing import Any
 from .chunkplan import ALIGN, align_up
 from .readers import PAD
 
-__all__ = ["DEFAULT_BATCH_BYTES", "RestoreStats", "memory_bound", "rounded"]
+__all__ = ["DEFAULT_BATCH_BYTES", "LOAD_BATCH_BYTES", "RestoreStats", "memory_bound", "rounded"]
 
 
 def rounded(stats: Any) -> dict[str, Any]:
@@ -18,8 +18,16 @@ def rounded(stats: Any) -> dict[str, Any]:
 
 
 #: Raw bytes decoded per batch. 256 MiB is ~256 1 MiB blocks (a few hundred zstd frames
-#: per nvCOMP call) and keeps pinned memory at ~1 GiB at most.
+#: per nvCOMP call) and keeps pinned memory at ~1 GiB at most: the default where the
+#: pipeline shares a GPU with its user (hot restore into a server's live tensors).
 DEFAULT_BATCH_BYTES = 256 << 20
+#: Batches of ``Store.load`` (a whole checkpoint into new GPU memory). A warm load of
+#: 17.1 GB on the H200 (2026-12-02, benchmarks/results/h200_2026-12-02b_restore/):
+#: 1.79 s at 256 MiB, 1.48 s at 512 MiB, 1.12-1.18 s at 1 GiB, 1.13 s at 2 GiB. nvCOMP
+#: decodes 1,024 frames per call about 3x as fast as 256 (38.8 against 13.1 GB/s of
+#: output), and the host's fixed cost per batch (~8 ms on the feeding thread) is paid
+#: 17 times instead of 65. Costs 4 GiB of pinned memory and ~6 GB of device scratch.
+LOAD_BATCH_BYTES = 1 << 30
 
 
 def memory_bound(
@@ -81,6 +89,19 @@ class RestoreStats:
     read_s: float = 0.0
     stage_s: float = 0.0
     wait_s: float = 0.0
+    #: host wall seconds of the read thread waiting for a free arena (the device side
+    #: has not queued, or not finished copying, the batch two back)
+    arena_wait_s: float = 0.0
+    #: host wall seconds of the thread feeding the device: queueing each batch's device
+    #: steps, and reading verdicts and placing (``wait_s`` is its wait for the stager)
+    queue_s: float = 0.0
+    finish_s: float = 0.0
+    #: CPU seconds (``time.thread_time``) of the feeding thread, and summed over the
+    #: read and stage threads: with the wall times above they say whether a thread
+    #: worked or waited for the GIL
+    main_cpu_s: float = 0.0
+    read_cpu_s: float = 0.0
+    stage_cpu_s: float = 0.0
     copy_s: float = 0.0
     decode_s: float = 0.0
     interleave_s: float = 0.0

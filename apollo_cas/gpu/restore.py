@@ -224,9 +224,11 @@ class RestorePipeline(HostStaging, DeviceSteps):
             # Batch k+1's chunks are read while batch k is staged and batch k-1 decoded.
             try:
                 for k, ps in enumerate(batches):
+                    ta = time.perf_counter()
                     self._acquire(arena_free)
                     arena = self._arenas[k % len(self._arenas)]
                     arena.reset(arena_bytes)
+                    self.stats.arena_wait_s += time.perf_counter() - ta
                     self._put(gathered, (k, ps, arena, self._gather(k, ps, arena)))
                 self._put(gathered, None)
             except _Stopped:
@@ -243,7 +245,9 @@ class RestorePipeline(HostStaging, DeviceSteps):
                         self._put(staged, item)
                         return
                     k, ps, arena, (chunks, order) = item
+                    tc = time.thread_time()
                     batch = self._stage(k, ps, chunks, order, arena)
+                    self.stats.stage_cpu_s += time.thread_time() - tc
                     if not self.direct:
                         arena_free.release()  # every piece is in the pinned slot now
                     self._put(staged, batch)
@@ -271,6 +275,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
             # Batch k's verdict is read (and its rows placed) once batch k+1 is queued
             # behind it, so the device always has the next batch's work.
             pending: Pending | None = None
+            main_cpu = time.thread_time()
             while True:
                 tw = time.perf_counter()
                 item = staged.get()
@@ -282,6 +287,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
                     if item is None:
                         break
                     raise item
+                tq = time.perf_counter()
                 try:
                     queued = self._device_stage(item, dests)
                 except BaseException:
@@ -292,11 +298,15 @@ class RestorePipeline(HostStaging, DeviceSteps):
                     # The arena's copy is queued (an event on it: the reader waits for
                     # that before reusing it); on the CPU its bytes were used already.
                     arena_free.release()
+                tf = time.perf_counter()
+                self.stats.queue_s += tf - tq
                 if pending is not None:
                     finish(pending)
+                self.stats.finish_s += time.perf_counter() - tf
                 pending = queued
             if pending is not None:
                 finish(pending)
+            self.stats.main_cpu_s += time.thread_time() - main_cpu
             if self.cuda:
                 assert self.stream is not None
                 torch.cuda.current_stream(self.device).wait_stream(self.stream)
@@ -366,6 +376,13 @@ class RestorePipeline(HostStaging, DeviceSteps):
         # the same thread parses what it read, so one group's parsing overlaps another's
         # reads (a barrier between reading and parsing the whole batch cost read time).
         def read_group(sl: slice) -> tuple[int, list[ChunkPlan]]:
+            tc = time.thread_time()
+            try:
+                return read_parse(sl)
+            finally:
+                self.stats.read_cpu_s += time.thread_time() - tc
+
+        def read_parse(sl: slice) -> tuple[int, list[ChunkPlan]]:
             got = self.reader(ids[sl], arena)
             if self.direct and arena is not None:
                 # Direct mode copies the arena to the device as is: bring stored bytes

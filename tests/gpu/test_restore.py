@@ -112,6 +112,11 @@ def test_round_trip_full_and_delta(store: Store, frames: str | None, batch: int)
         assert pipe.stats.bases_decoded > 0  # the dense step is stored as XOR deltas
         if frames:
             assert pipe.stats.frames > 0  # zstd frames went through the frames region
+        # Each host thread's figures are counted (a profile reads them side by side).
+        st = pipe.stats
+        assert st.read_cpu_s > 0 and st.main_cpu_s > 0 and st.queue_s > 0
+        assert st.read_s >= 0 and st.arena_wait_s >= 0 and st.finish_s >= 0
+        assert st.main_cpu_s <= st.seconds + 0.05
     parent = store.manifest(store.resolve("latest")).parent
     assert parent is not None
     pipe = pipeline(store, frames=dec, batch_bytes=batch)
@@ -333,3 +338,35 @@ def test_restore_into_refuses_arrays_that_are_not_tensors(store: Store) -> None:
     live["norm"] = np.zeros(96, dtype=np.float32)
     with pytest.raises(TargetError, match="not a tensor"):
         store.restore_into("latest", live)
+
+
+class RecordingStore(Store):
+    """A Store that records the options each restore pipeline is built with and builds
+    it on the CPU (python-zstandard for frames), so the device paths run in CI."""
+
+    built: list[dict[str, Any]]
+
+    def restore_pipeline(self, block_size: int, device: Any = "cuda", **options: Any) -> Any:
+        self.built.append({"device": str(device), **options})
+        options.setdefault("frames", HostFrames(2))
+        return super().restore_pipeline(block_size, "cpu", **options)
+
+
+def test_load_and_restore_into_batch_sizes(tmp_path: Path) -> None:
+    """Store.load on a GPU takes 1 GiB batches unless told otherwise; restore_into
+    (beside a server's own memory) 256 MiB; both pass the caller's batch_bytes on."""
+    from apollo_cas.gpu.accounting import DEFAULT_BATCH_BYTES, LOAD_BATCH_BYTES
+
+    st = RecordingStore.from_backend(Store.open(tmp_path / "s", create=True).backend, create=True)
+    st.built = []
+    m0 = model()
+    st.save(m0, block_size=BS)
+    assert same(st.load(device="cuda"), m0)
+    assert same(st.load(device="cuda", batch_bytes=2 * BS), m0)
+    live = {k: torch.zeros_like(v) for k, v in m0.items()}
+    st.restore_into("latest", live, only_changed=False)
+    assert same(live, m0)
+    st.restore_into("latest", live, only_changed=False, batch_bytes=3 * BS)
+    got = [b.get("batch_bytes") for b in st.built]
+    assert got == [LOAD_BATCH_BYTES, 2 * BS, None, 3 * BS]
+    assert LOAD_BATCH_BYTES > DEFAULT_BATCH_BYTES
