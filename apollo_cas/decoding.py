@@ -162,6 +162,21 @@ class _CallableReader:
         return [self.read(cid, size) for cid, _o, _n, size in items]
 
 
+def _settle(
+    done: list[tuple[int, int, int]],
+    progress: Callable[[int], None] | None,
+    on_done: DoneFn | None,
+) -> int:
+    """Report pieces written ((output, offset, bytes)) to ``progress`` and
+    ``on_done``; returns their bytes."""
+    for out, offset, n in done:
+        if progress:
+            progress(n)
+        if on_done:
+            on_done(out, offset, n)
+    return sum(n for _, _, n in done)
+
+
 class Decoder:
     """Writes verified chunks at their offsets in output files."""
 
@@ -235,12 +250,7 @@ class Decoder:
 
         total = 0
         for done in bounded_map(task, spans(self.reader, jobs), self.workers):
-            for out, offset, n in done:
-                total += n
-                if progress:
-                    progress(n)
-                if on_done:
-                    on_done(out, offset, n)
+            total += _settle(done, progress, on_done)
         return total
 
     def _write_processes(
@@ -266,12 +276,7 @@ class Decoder:
         def settle(done: list[tuple[int, int, int]]) -> None:
             nonlocal total
             with lock:
-                for out, offset, n in done:
-                    total += n
-                    if progress:
-                        progress(n)
-                    if on_done:
-                        on_done(out, offset, n)
+                total += _settle(done, progress, on_done)
 
         def drive(worker: _Worker) -> None:
             try:

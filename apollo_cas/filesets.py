@@ -38,9 +38,12 @@ import msgpack
 from .errors import CorruptManifest, InvalidName, SourceError
 from .formats import flat
 from .formats import safetensors as st_format
-from .manifest import Manifest, SavedFilesRef
+from .manifest import Manifest, MsgpackRecord, SavedFilesRef
 
 RECORD_FORMAT = 1
+RECORD = MsgpackRecord(
+    "saved-file record", CorruptManifest, "restore with --no-exact; run 'apollo-cas verify'"
+)
 #: Bytes per file that no tensor or header covers and that a record keeps inline.
 #: Files written by the safetensors library and the original tool have none; a
 #: hand-made file with padding between tensors has a few bytes per tensor.
@@ -118,15 +121,7 @@ class FileSet:
     @classmethod
     def decode(cls, data: bytes, where: str) -> FileSet:
         """Parse a record; anything malformed is :class:`CorruptManifest` naming ``where``."""
-        try:
-            d = msgpack.unpackb(data, raw=False)
-            if not isinstance(d, dict):
-                raise TypeError("not a map")
-        except Exception as exc:
-            raise CorruptManifest(
-                f"{where}: unreadable saved-file record ({exc})",
-                "restore with --no-exact; run 'apollo-cas verify'",
-            ) from exc
+        d = RECORD.unpack(data, where)
         if d.get("format") != RECORD_FORMAT:
             raise CorruptManifest(
                 f"{where}: saved-file record format {d.get('format')!r}, this apollo_cas "

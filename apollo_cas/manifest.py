@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from . import dtypes
-from .errors import CorruptManifest, FormatVersionError, StoreError
+from .errors import ApolloError, CorruptManifest, FormatVersionError, StoreError
 from .hashing import digest_hex
 
 STORE_FORMAT = 1
@@ -37,6 +37,40 @@ def _check_format(found: Any, expected: int, what: str, where: str) -> None:
             f"{where}: {what} format version {found!r}, this apollo_cas reads version {expected}",
             "use the apollo_cas release that wrote this store, or a newer one",
         )
+
+
+@dataclass(frozen=True)
+class MsgpackRecord:
+    """A kind of msgpack-encoded record: its name in messages, the error that
+    bytes which are not such a record raise, and that error's hint."""
+
+    what: str
+    error: type[ApolloError]
+    hint: str
+
+    def unpack(self, data: bytes, where: str, strict_map_key: bool = True) -> dict[Any, Any]:
+        """The map encoded in ``data``; bytes that do not decode, or decode to
+        anything but a map, raise ``error`` naming ``where``."""
+        try:
+            d = msgpack.unpackb(data, raw=False, strict_map_key=strict_map_key)
+            if not isinstance(d, dict):
+                raise TypeError("not a map")
+        except Exception as exc:
+            raise self.error(f"{where}: unreadable {self.what} ({exc})", self.hint) from exc
+        return d
+
+
+CONFIG_RECORD = MsgpackRecord(
+    "store config",
+    StoreError,
+    "the directory is not an apollo_cas store, or its config is damaged",
+)
+MANIFEST_RECORD = MsgpackRecord(
+    "manifest", CorruptManifest, "run apollo-cas verify; restore an older checkpoint"
+)
+GROUP_RECORD = MsgpackRecord(
+    "group record", CorruptManifest, "delete it; the rank checkpoints are intact"
+)
 
 
 @dataclass(frozen=True)
@@ -62,15 +96,7 @@ class StoreConfig:
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> StoreConfig:
-        try:
-            d = msgpack.unpackb(data)
-            if not isinstance(d, dict):
-                raise TypeError("not a map")
-        except Exception as exc:
-            raise StoreError(
-                f"{where}: unreadable store config ({exc})",
-                "the directory is not an apollo_cas store, or its config is damaged",
-            ) from exc
+        d = CONFIG_RECORD.unpack(data, where)
         if d.get("format") not in STORE_FORMATS:
             _check_format(d.get("format"), STORE_FORMATS[-1], "store", where)
         if d.get("chunk_hash") != "xxh3-128":
@@ -294,15 +320,7 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> Manifest:
-        try:
-            d = msgpack.unpackb(data, raw=False, strict_map_key=False)
-            if not isinstance(d, dict):
-                raise TypeError("not a map")
-        except Exception as exc:
-            raise CorruptManifest(
-                f"{where}: unreadable manifest ({exc})",
-                "run apollo-cas verify; restore an older checkpoint",
-            ) from exc
+        d = MANIFEST_RECORD.unpack(data, where, strict_map_key=False)
         _check_format(d.get("format"), MANIFEST_FORMAT, "manifest", where)
         try:
             bs = int(d["block_size"])
@@ -370,15 +388,7 @@ class GroupRecord:
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> GroupRecord:
-        try:
-            d = msgpack.unpackb(data, strict_map_key=False)
-        except Exception as exc:
-            raise CorruptManifest(
-                f"{where}: unreadable group record ({exc})",
-                "delete it; the rank checkpoints are intact",
-            ) from exc
-        if not isinstance(d, dict):
-            raise CorruptManifest(f"{where}: group record is not a map")
+        d = GROUP_RECORD.unpack(data, where, strict_map_key=False)
         _check_format(d.get("format"), GROUP_FORMAT, "group", where)
         try:
             return cls(

@@ -7,7 +7,8 @@ place; CUDA destinations go through the GPU restore pipeline
 (:func:`restore_pipeline`, docs/GPU_RESTORE.md). The targets, torch and the
 GPU code are imported only by the paths that use them (torch-free start-up).
 The store is reached only through :class:`RestoringStore`, so this module
-does not import the facade.
+does not import the facade. These functions are the :class:`~apollo_cas.store.Store`
+methods of the same names (the facade binds them; their documentation is here).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from . import layout
 from .backends import Backend
@@ -25,6 +26,9 @@ from .errors import RefNotFound, UsageError
 from .inventory import ChunkInventory
 from .manifest import GroupRecord, Manifest
 from .pipeline import ProgressFn
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 
 @dataclass(frozen=True)
@@ -64,19 +68,6 @@ class RestoringStore(Protocol):
 
     def decoder(self, nbytes: int) -> Decoder: ...
 
-    def restore(
-        self,
-        ref: str | None,
-        to: str | os.PathLike[str],
-        *,
-        format: str | None = ...,
-        series: str = ...,
-        max_shard_size: int | None = ...,
-        safetensors_layout: str = ...,
-        exact: bool | None = ...,
-        progress: ProgressFn | None = ...,
-    ) -> list[str]: ...
-
     def restore_pipeline(self, block_size: int, device: str | Any = ..., **options: Any) -> Any: ...
 
 
@@ -92,7 +83,15 @@ def restore_files(
     exact: bool | None = None,
     progress: ProgressFn | None = None,
 ) -> RestoreResult:
-    """:meth:`Store.restore_files <apollo_cas.store.Store.restore_files>`."""
+    """Write checkpoint ``ref`` into directory ``to`` as ``flat`` or ``safetensors``.
+
+    A checkpoint saved from files comes back as those files, byte for byte and
+    under their names (``exact``), unless ``format``, ``safetensors_layout``
+    (other than auto) or ``max_shard_size`` ask for another form or ``exact``
+    is False; ``exact=True`` that cannot be honoured is a UsageError. Other
+    checkpoints are rewritten (``format`` defaults to safetensors). Outputs
+    appear only when complete.
+    """
     from pathlib import Path
 
     from .targets.exact import choose_form, restore_exact
@@ -132,6 +131,28 @@ def restore_files(
     return RestoreResult(cid, [str(p) for p in paths], form.format, form.exact, form.reason)
 
 
+class RestoreOptions(TypedDict, total=False):
+    """The keyword options of :func:`restore_files`, which :func:`restore` passes on."""
+
+    format: str | None
+    series: str
+    max_shard_size: int | None
+    safetensors_layout: str
+    exact: bool | None
+    progress: ProgressFn | None
+
+
+def restore(
+    store: RestoringStore,
+    ref: str | None,
+    to: str | os.PathLike[str],
+    **options: Unpack[RestoreOptions],
+) -> list[str]:
+    """Write checkpoint ``ref`` into directory ``to``; returns the paths written.
+    See :func:`restore_files` for the options."""
+    return restore_files(store, ref, to, **options).paths
+
+
 def restore_group(
     store: RestoringStore,
     name: str,
@@ -143,7 +164,11 @@ def restore_group(
     max_shard_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> list[str]:
-    """:meth:`Store.restore_group <apollo_cas.store.Store.restore_group>`."""
+    """Restore every rank of a multi-rank checkpoint (or one ``rank``) into ``to``.
+
+    safetensors: vLLM's per-rank layout (``model-rank-R-part-P``), all ranks in
+    one directory; flat: ``rank-R/weights.bin`` + ``weights.json`` per rank.
+    """
     from pathlib import Path
 
     rec = store.group(name, series)
@@ -162,7 +187,8 @@ def restore_group(
                 f"group {name!r} has no rank {r}", f"ranks present: {sorted(rec.members)}"
             )
         dest = Path(to) / f"rank-{r}" if format == "flat" else Path(to)
-        paths += store.restore(
+        paths += restore(
+            store,
             rec.members[r],
             dest,
             format=format,
@@ -182,7 +208,14 @@ def load(
     series: str = layout.DEFAULT_SERIES,
     batch_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """:meth:`Store.load <apollo_cas.store.Store.load>`."""
+    """Checkpoint ``ref`` as a dict of torch tensors (on ``device`` if given).
+
+    On a CUDA device the chunks are copied to the GPU compressed, decoded and
+    verified there (docs/GPU_RESTORE.md), in batches of ``batch_bytes`` of raw
+    output (default :data:`~apollo_cas.gpu.accounting.LOAD_BATCH_BYTES`, 1 GiB: 4 GiB
+    of pinned memory and about 6 GB of device scratch; smaller batches hold less
+    and load more slowly); elsewhere they are decoded on the CPU.
+    """
     from .gpu.accounting import LOAD_BATCH_BYTES
     from .targets.tensors import load_tensors, load_tensors_pipeline
 
@@ -234,7 +267,19 @@ def restore_into(
     progress: ProgressFn | None = None,
     batch_bytes: int | None = None,
 ) -> Any:
-    """:meth:`Store.restore_into <apollo_cas.store.Store.restore_into>`."""
+    """Restore checkpoint ``ref`` into ``tensors`` (the caller's, e.g. live parameters), in place.
+
+    ``tensors`` must match the checkpoint's names, dtypes and shapes exactly and be
+    contiguous (TargetError before anything is written otherwise). With
+    ``only_changed`` only the blocks whose XXH3-128 differs from the checkpoint are
+    written, else every block. Every written block is decoded and verified on the
+    tensors' device first. Pause whatever reads or writes the tensors (serving,
+    training) while this runs. ``batch_bytes`` (default
+    :data:`~apollo_cas.gpu.accounting.DEFAULT_BATCH_BYTES`, 256 MiB: about 1 GiB
+    pinned and 1.5-2 GB of device scratch beside the caller's tensors) bounds what
+    the pipeline holds; 1 GiB restores faster where the device has room. Returns a
+    :class:`~apollo_cas.targets.live.LiveRestoreReport`.
+    """
     import torch
 
     from .targets.live import restore_into as restore_live

@@ -95,6 +95,9 @@ class SavingStore(Protocol):
     repo: Repository
     chunks: ChunkStore
     workers: int
+    #: The format and pack size a store created by this save gets (``Store.open``'s).
+    new_format: int | None
+    new_pack_size: int | None
     #: "auto", "always" or "never": see ``Store.device_delta``.
     device_delta: str
     last_device_delta: Any
@@ -134,13 +137,22 @@ def save(
     progress: ProgressFn | None = None,
     check: Callable[[Manifest | None, Source], None] | None = None,
     group: str | None = None,
-    new_format: int | None = None,
-    new_pack_size: int | None = None,
 ) -> SaveResult:
-    """:meth:`Store.save <apollo_cas.store.Store.save>`, which documents the options.
+    """Checkpoint ``source`` (a Source, or a mapping of tensors / arrays).
 
-    ``new_format`` and ``new_pack_size`` are what the store gets if this save
-    creates it (the ``Store.open`` arguments)."""
+    Only blocks the store lacks are compressed and written. If nothing changed
+    since the series' latest checkpoint, no checkpoint is added unless
+    ``force``. ``check(parent_manifest, source)`` may refuse the save before
+    anything is written; a source that checks itself against the previous
+    checkpoint (a handles file: stale handles) is always checked, unless
+    ``force``. A source with a rank and a world size above 1 saves into the
+    series ``<series>.rank<r>``; ``group`` joins its checkpoint to the
+    multi-rank checkpoint of that name. Without ``block_size`` a save uses its
+    series' latest checkpoint's block size (1 MiB for a series' first save), so
+    deltas and dedup carry on. A store this save creates gets ``Store.open``'s
+    ``format`` and ``pack_size`` (``store.new_format``, ``store.new_pack_size``).
+    """
+    new_format, new_pack_size = store.new_format, store.new_pack_size
     t0, cpu0 = time.perf_counter(), time.process_time()
     layout.check_name(series, "series")
     for name in (tag, group):

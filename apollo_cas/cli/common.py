@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 import click
 
 from .. import frontend, settings
-from ..errors import ApolloError, StoreNotFound, UsageError
+from ..errors import StoreNotFound, UsageError
 
+#: A decorated command (what an option decorator takes and returns).
 F = TypeVar("F", bound=Callable[..., Any])
 
 STORE_ENV = settings.STORE  # click reads it for --store (envvar)
@@ -61,43 +62,6 @@ def need_store(store: str | None, origin: str | None = None) -> str:
             "directory for a new store",
         )
     return store
-
-
-class PartialFailure(ApolloError):
-    """A command over several items (sources to save, refs to forget) did some and
-    failed on others. Each failure was reported on stderr as it happened; this
-    is the summary line. ``done`` goes into the ``--json`` error document."""
-
-    def __init__(self, message: str, hint: str | None, done: dict[str, Any]) -> None:
-        super().__init__(message, hint)
-        self.done = done
-
-    @classmethod
-    def of(
-        cls,
-        what: str,
-        done_names: list[str],
-        failed: list[tuple[object, ApolloError]],
-        done_json: dict[str, Any],
-        total: int,
-        not_tried: list[str] | None = None,
-    ) -> PartialFailure:
-        names = ", ".join(str(item) for item, _ in failed)
-        message = f"{len(failed)} of {total} {what}s failed ({names}); " + (
-            f"done: {', '.join(done_names)}" if done_names else "none was done"
-        )
-        if not_tried:
-            message += f"; not tried: {', '.join(not_tried)}"
-            done_json = {**done_json, "not_tried": not_tried}
-        failures = [
-            {what: str(item), "type": type(e).__name__, "message": e.message, "hint": e.hint}
-            for item, e in failed
-        ]
-        return cls(
-            message,
-            "each failure is shown above; fix those and run them again",
-            {**done_json, "failed": failures},
-        )
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

@@ -1,31 +1,29 @@
-"""The history import as the command line shows it (``save``, ``apollo-checkpoint``).
+"""The save of sources and the history import as the command line shows them (``save``, ``apollo-checkpoint``).
 
-What is imported, in which order, and what counts as already imported is the
-library's (:mod:`apollo_cas.history`); this renders its events: a note on
-stderr for each directory skipped, and for each imported checkpoint the line
-``save`` prints for its sources (:func:`print_result`, which lives here for both).
+What is saved and imported, in which order, and what counts as already
+imported is the library's (:mod:`apollo_cas.save_paths`, :mod:`apollo_cas.history`);
+this renders its events (:class:`Shown`): a note on stderr for each directory
+skipped, each source that failed and what a source leaves out, a progress bar,
+and for each saved or imported checkpoint the line of :func:`print_result`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from .. import codecs, history
-from ..errors import UsageError
-from ..history import series_block_size as store_block_size
-from ..store import SaveResult, Store
-from .common import emit_json, human_bytes, note
+from ..errors import ApolloError, UsageError
+from ..history import series_block_size
+from ..pipeline import ProgressFn
+from ..save_paths import SaveEvents
+from ..store import SaveResult
+from .common import emit_json, human_bytes, note, progress
 from .opening import announce_created, open_for_save
 
-__all__ = [
-    "import_history",
-    "import_only",
-    "import_seed_history",
-    "print_result",
-    "store_block_size",
-]
+__all__ = ["Shown", "import_only", "print_result"]
 
 
 def print_result(r: SaveResult, label: str, as_json: bool) -> None:
@@ -45,11 +43,26 @@ def print_result(r: SaveResult, label: str, as_json: bool) -> None:
     )
 
 
-class Shown(history.ImportEvents):
-    """The import's events as lines: notes on stderr, results on stdout."""
+class Shown(SaveEvents):
+    """A save's and an import's events as lines: notes on stderr, results on
+    stdout (none with ``--json``, whose document is printed at the end)."""
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
+
+    def left_out(self, path: Path, what: str) -> None:
+        note(f"{path}: not saved: {what} (only tensors of the model are checkpointed)")
+
+    def progress(
+        self, path: Path, total: int
+    ) -> contextlib.AbstractContextManager[ProgressFn | None]:
+        return progress(total, f"save {path.name}", not self.as_json)
+
+    def source_saved(self, path: Path, result: SaveResult) -> None:
+        print_result(result, str(path), self.as_json)
+
+    def failed(self, path: Path, error: ApolloError) -> None:
+        note(f"failed: {error}")
 
     def started(self, root: Path) -> None:
         note(
@@ -83,8 +96,12 @@ def import_only(
     st, created = open_for_save(location, policy)
     with st:
         try:
-            results = import_history(
-                st, root, series=series, block_size=store_block_size(st, series), as_json=as_json
+            results = history.import_history(
+                st,
+                root,
+                series=series,
+                block_size=series_block_size(st, series),
+                events=Shown(as_json),
             )
         finally:
             announce_created(st, created)
@@ -92,32 +109,3 @@ def import_only(
         emit_json([r.to_json() for r in results])
     elif not results:
         click.echo(f"{root}: nothing new to import (its checkpoints are already in the store)")
-
-
-def import_history(
-    store: Store,
-    root: Path,
-    *,
-    series: str,
-    block_size: int | None,
-    force: bool = False,
-    meta: dict[str, str] | None = None,
-    tag: str | None = None,
-    as_json: bool = False,
-) -> list[SaveResult]:
-    """:func:`apollo_cas.history.import_history`, its progress shown."""
-    return history.import_history(
-        store,
-        root,
-        series=series,
-        block_size=block_size,
-        force=force,
-        metadata=meta,
-        tag=tag,
-        events=Shown(as_json),
-    )
-
-
-def import_seed_history(store: Store, root: Path, series: str, as_json: bool) -> list[SaveResult]:
-    """:func:`apollo_cas.history.resume_history`, its progress shown."""
-    return history.resume_history(store, root, series=series, events=Shown(as_json))

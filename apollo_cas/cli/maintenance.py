@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +14,7 @@ from .. import settings
 from ..errors import DamageFound
 from ..store import Store
 from .common import (
-    PartialFailure,
+    F,
     emit_json,
     human_bytes,
     human_time,
@@ -87,26 +87,18 @@ def _stage_bar(enabled: bool) -> Iterator[_StageBar]:
         bar.close()
 
 
+def keep_count(name: str, help: str) -> Callable[[F], F]:
+    """A retention option that keeps N checkpoints (gc's --keep-last/-hourly/-daily)."""
+    return click.option(name, type=click.IntRange(min=0), metavar="N", help=help)
+
+
 @click.command()
 @store_option
-@click.option(
-    "--keep-last",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Keep the N newest checkpoints of each series.",
+@keep_count("--keep-last", "Keep the N newest checkpoints of each series.")
+@keep_count(
+    "--keep-hourly", "Keep the newest checkpoint of each of the last N hours that have one."
 )
-@click.option(
-    "--keep-hourly",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Keep the newest checkpoint of each of the last N hours that have one.",
-)
-@click.option(
-    "--keep-daily",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Keep the newest checkpoint of each of the last N days that have one.",
-)
+@keep_count("--keep-daily", "Keep the newest checkpoint of each of the last N days that have one.")
 @click.option(
     "--keep-within",
     metavar="DURATION",
@@ -175,31 +167,17 @@ def gc(
         )
         return
     verb = "would forget" if dry_run else "forgot"
+
+    def row(cid: str) -> list[str]:
+        cp = checkpoints.get(cid)
+        created = human_time(cp.manifest.created) if cp else "-"
+        return [cid[:12], created, cp.manifest.series if cp else "-"]
+
     if r.forgotten:
-        rows = []
-        for cid in r.forgotten:
-            cp = checkpoints.get(cid)
-            rows.append(
-                [
-                    cid[:12],
-                    human_time(cp.manifest.created) if cp else "-",
-                    cp.manifest.series if cp else "-",
-                ]
-            )
         click.echo(f"{verb} {len(r.forgotten)} checkpoint(s):")
-        click.echo(table(rows, ["ID", "TIME", "SERIES"]))
+        click.echo(table([row(cid) for cid in r.forgotten], ["ID", "TIME", "SERIES"]))
     if dry_run and r.kept:
-        rows = []
-        for cid in r.kept:
-            cp = checkpoints.get(cid)
-            rows.append(
-                [
-                    cid[:12],
-                    human_time(cp.manifest.created) if cp else "-",
-                    cp.manifest.series if cp else "-",
-                    "; ".join(r.reasons.get(cid) or ["-"]),
-                ]
-            )
+        rows = [[*row(cid), "; ".join(r.reasons.get(cid) or ["-"])] for cid in r.kept]
         click.echo(f"would keep {len(r.kept)} checkpoint(s):")
         click.echo(table(rows, ["ID", "TIME", "SERIES", "KEPT BY"]))
     if held[0]:
@@ -346,40 +324,30 @@ def forget(refs: tuple[str, ...], store: str | None, series: str, as_json: bool)
     REFs, one that fails does not stop the others; the summary says which
     were forgotten and which not (exit 1).
     """
-    from ..errors import AmbiguousRef, ApolloError, InvalidName, RefNotFound, Refused
+    from ..batch import each
+    from ..errors import AmbiguousRef, InvalidName, RefNotFound, Refused
     from ..gc import forget as run_forget
 
-    done: list[str] = []
-    failed: list[tuple[object, ApolloError]] = []
-    not_tried: list[str] = []
     with Store.open(need_store(store)) as st:
-        for i, ref in enumerate(refs):
-            try:
-                cid = st.resolve(ref, series)
-                run_forget(st, cid)
-            except ApolloError as exc:
-                if len(refs) == 1:
-                    raise
-                note(f"failed: {exc}")
-                failed.append((ref, exc))
-                if not isinstance(exc, (RefNotFound, AmbiguousRef, Refused, InvalidName)):
-                    not_tried = list(refs[i + 1 :])  # the store failed: so would the rest
-                    break
-                continue
-            done.append(cid)
+
+        def one(_: int, ref: str) -> str:
+            cid = st.resolve(ref, series)
+            run_forget(st, cid)
             if not as_json:
                 click.echo(f"forgot {cid[:12]}")
+            return cid
+
+        batch = each(
+            refs,
+            one,
+            # An error about one ref; any other is the store's, and so would the rest fail.
+            recoverable=(RefNotFound, AmbiguousRef, Refused, InvalidName),
+            failed=lambda _, exc: note(f"failed: {exc}"),
+        )
+    done = [cid for _, cid in batch.done]
     if done and not as_json:
         note("run 'apollo-cas gc' to reclaim the chunks only they used")
-    if failed:
-        raise PartialFailure.of(
-            "ref",
-            [c[:12] for c in done],
-            failed,
-            {"forgotten": done},
-            total=len(refs),
-            not_tried=not_tried,
-        )
+    batch.raise_if_failed("ref", [c[:12] for c in done], {"forgotten": done})
     if as_json:
         emit_json({"forgotten": done})
 

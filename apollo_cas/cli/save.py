@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from ..errors import ApolloError, InvalidName, SourceError, SourceNotFound, UsageError
-from ..manifest import DEFAULT_BLOCK_SIZE, SourceInfo
-from ..store import SaveResult, Store, check_block_size
+from ..errors import UsageError
+from ..save_paths import SaveOptions, check_sources
 from .common import (
-    PartialFailure,
     emit_json,
-    human_bytes,
     json_option,
     need_store,
-    note,
-    parse_size,
-    progress,
     series_option,
     store_option,
 )
-from .history import import_history, import_only, import_seed_history, print_result
-from .history import store_block_size as store_block_size  # re-exported for seed_compat
+from .history import Shown, import_only
 from .opening import announce_created, open_for_save
-from .options import codec_options, make_policy
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: Below this, the object count gets large enough to hurt (4 KiB, the original
-#: tool's default, makes 256 objects per MiB of weights).
-SMALL_BLOCK_WARNING = 64 * 1024
+from .options import (
+    block_size_option,
+    checked_block_size,
+    codec_options,
+    make_policy,
+    warn_block_size,
+)
 
 
 def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
@@ -43,177 +34,6 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"--meta {item!r} is not KEY=VALUE")
         out[key] = value
     return out
-
-
-def block_size_option(default: str | None = "1MiB") -> Callable[[F], F]:
-    return click.option(
-        "--block-size",
-        default=default,
-        show_default=default is not None,
-        metavar="SIZE",
-        help="Block size (bytes, or with K/M suffix). 1 MiB balances dedup "
-        "granularity against object count."
-        + ("" if default else " Default: the series' latest checkpoint's, else 1 MiB."),
-    )
-
-
-def checked_block_size(text: str, warn: bool = True) -> int:
-    bs = check_block_size(parse_size(text, "block size"))  # a usage error before any warning
-    if warn:
-        warn_block_size(bs)
-    return bs
-
-
-def warn_block_size(bs: int) -> None:
-    if bs < SMALL_BLOCK_WARNING:
-        note(
-            f"warning: block size {bs} makes {(1 << 30) // max(bs, 1):,} objects per GiB of weights; "
-            f"the default {human_bytes(DEFAULT_BLOCK_SIZE)} is much cheaper to store and list"
-        )
-
-
-def precheck_sources(paths: list[Path], kind: str | None) -> None:
-    """Refuse a missing or foreign source before the store is touched, so a
-    failed save leaves the store (and the history import) as it was."""
-    from ..sources import detect_kind
-    from ..sources.seed import is_checkpoint_root
-
-    for path in paths:
-        if path.is_dir() and (path / "config").is_file() and not is_checkpoint_root(path):
-            raise UsageError(
-                f"{path} is an apollo_cas store, not weights to save",
-                "name it with --store; to copy a checkpoint out of it, "
-                f"run 'apollo-cas restore --store {path} --to DIR'",
-            )
-        if (kind or detect_kind(path)) == "handles":
-            from ..sources.handles import read_handles
-
-            read_handles(path)  # parses and checks the file; opens no CUDA memory
-        elif not path.exists():
-            raise SourceNotFound(f"{path} does not exist", "check the path of the source")
-
-
-def save_sources(
-    store: Store,
-    paths: list[Path],
-    *,
-    kind: str | None,
-    series: str,
-    tag: str | None,
-    block_size: int | None,
-    force: bool,
-    meta: dict[str, str],
-    rank: int | None,
-    world_size: int | None,
-    as_json: bool,
-    handle_options: dict[str, Any] | None = None,
-    group: str | None = None,
-) -> list[SaveResult]:
-    """Save each source path in order; a seed root imports its whole history.
-
-    Each source is its own checkpoint, so one that fails while being read does
-    not stop the others (an error of the store itself does): every failure is
-    reported as it happens, and if any failed the call ends with
-    :class:`PartialFailure` listing what was saved and what was not (exit 1).
-    A single source's error is raised as it is.
-    """
-    results: list[SaveResult] = []
-    saved: list[str] = []
-    failed: list[tuple[object, ApolloError]] = []
-    for i, path in enumerate(paths):
-        try:
-            results += _save_one(
-                store,
-                path,
-                kind=kind,
-                series=series,
-                tag=tag if i == len(paths) - 1 else None,
-                block_size=block_size,
-                force=force,
-                meta=meta,
-                rank=rank,
-                world_size=world_size,
-                as_json=as_json,
-                handle_options=handle_options,
-                group=group,
-            )
-            saved.append(str(path))
-        except ApolloError as exc:
-            if len(paths) == 1:
-                raise
-            note(f"failed: {exc}")
-            failed.append((path, exc))
-            if not isinstance(exc, (SourceError, InvalidName)):
-                # The store itself failed (locked, full, unreachable): the next
-                # sources would fail the same way.
-                not_tried = [str(p) for p in paths[i + 1 :]]
-                break
-    else:
-        not_tried = []
-    if failed:
-        raise PartialFailure.of(
-            "source",
-            saved,
-            failed,
-            {"results": [r.to_json() for r in results]},
-            total=len(paths),
-            not_tried=not_tried,
-        )
-    return results
-
-
-def _save_one(
-    store: Store,
-    path: Path,
-    *,
-    kind: str | None,
-    series: str,
-    tag: str | None,
-    block_size: int | None,
-    force: bool,
-    meta: dict[str, str],
-    rank: int | None,
-    world_size: int | None,
-    as_json: bool,
-    handle_options: dict[str, Any] | None,
-    group: str | None,
-) -> list[SaveResult]:
-    from ..sources import detect_kind, open_path
-    from ..sources.seed import is_checkpoint_root
-
-    k = kind or detect_kind(path)
-    if k == "seed" and is_checkpoint_root(path):
-        return import_history(
-            store,
-            path,
-            series=series,
-            block_size=block_size,
-            force=force,
-            meta=meta,
-            tag=tag,
-            as_json=as_json,
-        )
-    info = SourceInfo(kind=k, location=str(path), rank=rank, world_size=world_size)
-    options = dict(handle_options or {}) if k == "handles" else {}
-    with open_path(path, k, info, **options) as src:
-        for what in src.left_out:
-            note(f"{path}: not saved: {what} (only tensors of the model are checkpointed)")
-        # A handles source is checked against the series' previous checkpoint
-        # by Store.save itself (HandlesSource.check_previous), as for any caller.
-        total = sum(t.nbytes for t in src.tensors())
-        with progress(total, f"save {path.name}", not as_json) as bar:
-            r = store.save(
-                src,
-                series=series,
-                block_size=block_size,
-                force=force,
-                metadata=meta,
-                tag=tag,
-                progress=bar,
-                group=group,
-            )
-    print_result(r, str(path), as_json)
-    return [r]
 
 
 @click.command()
@@ -341,40 +161,30 @@ def save(
         assert checkpoint_dir is not None
         import_only(checkpoint_dir, location, make_policy(codec, level, delta), series, as_json)
         return
-    precheck_sources(paths, kind)
+    checked = check_sources(paths, kind)  # before the store (or its history) is touched
     if bs is not None:
         warn_block_size(bs)
     st, created = open_for_save(
         location, make_policy(codec, level, delta), allow_non_empty=force, workers=workers
     )
+    options = SaveOptions(
+        series=series,
+        tag=tag,
+        block_size=bs,
+        force=force,
+        metadata=meta_map,
+        rank=rank,
+        world_size=world_size,
+        handle_options={
+            "max_age": max_handles_age,
+            "check_owner_pid": not no_owner_check,
+            "device_map": device_map,
+        },
+        group=group,
+    )
     with st:
         try:
-            if tag is not None and rank is None:
-                st.check_tag(tag, series)  # before the first of several sources is saved
-            results = (
-                import_seed_history(st, checkpoint_dir, series, as_json)
-                if checkpoint_dir is not None
-                else []
-            )
-            results += save_sources(
-                st,
-                paths,
-                kind=kind,
-                series=series,
-                tag=tag,
-                block_size=bs,
-                force=force,
-                meta=meta_map,
-                rank=rank,
-                world_size=world_size,
-                as_json=as_json,
-                handle_options={
-                    "max_age": max_handles_age,
-                    "check_owner_pid": not no_owner_check,
-                    "device_map": device_map,
-                },
-                group=group,
-            )
+            results = checked.save(st, options, history=checkpoint_dir, events=Shown(as_json))
         finally:
             announce_created(st, created)
     if as_json:

@@ -8,25 +8,22 @@ store; the original tool's checkpoints in it are imported on first use.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from .. import frontend
+from ..history import resume_history, series_block_size
+from ..opening import open_for_save
+from ..save_paths import SaveOptions, check_sources
 from ..store import Store
 from .allocator import keep_freed_memory
-from .common import human_bytes, human_time, note
+from .common import F, human_bytes, human_time, note
+from .history import Shown
 from .main import run
-from .options import make_policy
-from .save import (
-    announce_created,
-    checked_block_size,
-    import_seed_history,
-    open_for_save,
-    precheck_sources,
-    save_sources,
-    warn_block_size,
-)
+from .opening import announce_created
+from .options import checked_block_size, make_policy, warn_block_size
 
 DEFAULT_HANDLES = "/tmp/vllm_weight_handles.pt"
 DEFAULT_DIR = "/home/ubuntu/checkpoints"
@@ -37,21 +34,21 @@ def compat() -> None:
     """Efficient GPU weight checkpointing (apollo_cas, compatible with apollo-checkpoint)."""
 
 
+def path_option(name: str, default: str, help: str) -> Callable[[F], F]:
+    """An option naming a path, with the original tool's default (shown in --help)."""
+    return click.option(
+        name, default=default, show_default=True, type=click.Path(path_type=Path), help=help
+    )
+
+
+checkpoint_dir_option = path_option(
+    "--checkpoint-dir", DEFAULT_DIR, "Checkpoint directory (the store)."
+)
+
+
 @compat.command()
-@click.option(
-    "--handles",
-    default=DEFAULT_HANDLES,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Path to vLLM weight IPC handles.",
-)
-@click.option(
-    "--checkpoint-dir",
-    default=DEFAULT_DIR,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Checkpoint directory (the store).",
-)
+@path_option("--handles", DEFAULT_HANDLES, "Path to vLLM weight IPC handles.")
+@checkpoint_dir_option
 @click.option(
     "--block-size",
     default=None,
@@ -61,42 +58,25 @@ def compat() -> None:
 def save(handles: Path, checkpoint_dir: Path, block_size: str | None) -> None:
     """Save a checkpoint (only changed blocks are written)."""
     bs = checked_block_size(block_size, warn=False) if block_size else None
-    precheck_sources([handles], "handles")  # before the history import touches DIR
+    checked = check_sources([handles], "handles")  # before the history import touches DIR
     if bs is not None:
         warn_block_size(bs)
     st, created = open_for_save(str(checkpoint_dir), make_policy("auto", 1, None))
+    shown = Shown(as_json=False)
     with st:
         try:
-            import_seed_history(st, checkpoint_dir, "default", as_json=False)
+            resume_history(st, checkpoint_dir, series="default", events=shown)
             if bs is None:
-                from .save import store_block_size
-
-                bs = store_block_size(st, "default")
-            save_sources(
-                st,
-                [handles],
-                kind="handles",
-                series="default",
-                tag=None,
-                block_size=bs,
-                force=False,
-                meta={},
-                rank=None,
-                world_size=None,
-                as_json=False,
-            )
+                # The original tool's block size, once its history is imported
+                # (the series "default" even for a rank's handles file).
+                bs = series_block_size(st, "default")
+            checked.save(st, SaveOptions(block_size=bs), events=shown)
         finally:
             announce_created(st, created)
 
 
 @compat.command("list")
-@click.option(
-    "--checkpoint-dir",
-    default=DEFAULT_DIR,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Checkpoint directory (the store).",
-)
+@checkpoint_dir_option
 def list_cmd(checkpoint_dir: Path) -> None:
     """List checkpoints."""
     if not checkpoint_dir.exists():

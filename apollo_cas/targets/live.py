@@ -83,6 +83,35 @@ class LiveRestoreReport:
         """Plain dict for ``--json``."""
         return asdict(self)
 
+    @classmethod
+    def of(
+        cls,
+        views: Sequence[torch.Tensor],
+        entries: Sequence[TensorEntry],
+        written: tuple[int, int],
+        started: float,
+        phases: tuple[float, float, float],
+        verified: bool,
+        dry_run: bool,
+    ) -> LiveRestoreReport:
+        """The report of a hot restore into ``views`` (of manifest ``entries``) that
+        began at ``started``: ``written`` (blocks, bytes; none on a dry run) and the
+        ``phases`` (hash, write, verify seconds)."""
+        blocks, nbytes = written
+        return cls(
+            tensors=len(entries),
+            blocks_checked=sum(len(e.chunks) for e in entries),
+            blocks_written=blocks,
+            bytes_written=0 if dry_run else nbytes,
+            seconds=time.perf_counter() - started,
+            hash_seconds=phases[0],
+            write_seconds=phases[1],
+            verify_seconds=phases[2],
+            device=",".join(sorted({str(v.device) for v in views}) or ["cpu"]),
+            verified=verified,
+            dry_run=dry_run,
+        )
+
 
 def restore_live(
     tensors: Mapping[str, torch.Tensor],
@@ -123,14 +152,11 @@ def restore_live(
         if live[ti][bi] != cid
     ]
     nbytes = sum(min(bs, entries[ti].nbytes - bi * bs) for ti, bi in todo)
-    checked = sum(len(e.chunks) for e in entries)
-    devices = sorted({str(v.device) for v in views}) or ["cpu"]
-
     write_s = verify_s = 0.0
     verified = False
     if not dry_run:
         t_write = time.perf_counter()
-        _write(views, entries, todo, bs, read_chunk, buffer_bytes, workers, progress)
+        BlockWrites(views, entries, bs, read_chunk, buffer_bytes, workers, progress).write(todo)
         write_s = time.perf_counter() - t_write
         if verify:
             t_verify = time.perf_counter()
@@ -151,18 +177,8 @@ def restore_live(
                     "hot restore again, or restart the server from a restored file",
                 )
             verified = True
-    return LiveRestoreReport(
-        tensors=len(entries),
-        blocks_checked=checked,
-        blocks_written=len(todo),
-        bytes_written=0 if dry_run else nbytes,
-        seconds=time.perf_counter() - t0,
-        hash_seconds=hash_s,
-        write_seconds=write_s,
-        verify_seconds=verify_s,
-        device=",".join(devices),
-        verified=verified,
-        dry_run=dry_run,
+    return LiveRestoreReport.of(
+        views, entries, (len(todo), nbytes), t0, (hash_s, write_s, verify_s), verified, dry_run
     )
 
 
@@ -226,115 +242,111 @@ def _digests(
 # --------------------------------------------------------------------------- writing
 
 
-def _chunk(read_chunk: ReadFn, cid: bytes, length: int, name: str) -> bytes:
-    data = read_chunk(cid, length)
-    if len(data) != length:
-        raise TargetError(
-            f"chunk {cid.hex()} of {name!r} has {len(data)} bytes, expected {length}",
-            "run apollo-cas verify on the store; nothing after this block was written",
-        )
-    return data
+@dataclass(frozen=True)
+class BlockWrites:
+    """Blocks of a checkpoint written into live tensors: their byte ``views`` and
+    manifest ``entries`` (in the same order), the block size ``bs``, where the
+    chunks come from (``read_chunk``), the size of each of the two pinned buffers
+    of the device path, the threads that read chunks, and ``progress`` (bytes)."""
 
+    views: Sequence[torch.Tensor]
+    entries: Sequence[TensorEntry]
+    bs: int
+    read_chunk: ReadFn
+    buffer_bytes: int
+    workers: int
+    progress: Callable[[int], None] | None = None
 
-def _write(
-    views: Sequence[torch.Tensor],
-    entries: Sequence[TensorEntry],
-    todo: Sequence[tuple[int, int]],
-    bs: int,
-    read_chunk: ReadFn,
-    buffer_bytes: int,
-    workers: int,
-    progress: Callable[[int], None] | None,
-) -> None:
-    host = [(ti, bi) for ti, bi in todo if views[ti].device.type == "cpu"]
-    dev = [(ti, bi) for ti, bi in todo if views[ti].device.type != "cpu"]
-    if host:
-        arrays = {ti: views[ti].numpy() for ti, _ in host}
-
-        def write_host(job: tuple[int, int]) -> int:
-            ti, bi = job
-            e = entries[ti]
-            off = bi * bs
-            n = min(bs, e.nbytes - off)
-            arrays[ti][off : off + n] = np.frombuffer(
-                _chunk(read_chunk, e.chunks[bi], n, e.name), dtype=np.uint8
+    def chunk(self, ti: int, bi: int, length: int) -> bytes:
+        """Block ``bi`` of tensor ``ti``: its chunk's raw bytes, ``length`` long."""
+        e = self.entries[ti]
+        cid = e.chunks[bi]
+        data = self.read_chunk(cid, length)
+        if len(data) != length:
+            raise TargetError(
+                f"chunk {cid.hex()} of {e.name!r} has {len(data)} bytes, expected {length}",
+                "run apollo-cas verify on the store; nothing after this block was written",
             )
-            return n
+        return data
 
-        for n in bounded_map(write_host, host, workers):
-            if progress:
-                progress(n)
-    if dev:
-        write_device(views, entries, dev, bs, read_chunk, buffer_bytes, workers, progress)
+    def write(self, todo: Sequence[tuple[int, int]]) -> None:
+        """Write blocks ``todo`` ((tensor, block) pairs): CPU tensors directly,
+        device tensors through the pinned buffers (:meth:`write_device`)."""
+        views, bs = self.views, self.bs
+        host = [(ti, bi) for ti, bi in todo if views[ti].device.type == "cpu"]
+        dev = [(ti, bi) for ti, bi in todo if views[ti].device.type != "cpu"]
+        if host:
+            arrays = {ti: views[ti].numpy() for ti, _ in host}
 
-
-def write_device(
-    views: Sequence[torch.Tensor],
-    entries: Sequence[TensorEntry],
-    todo: Sequence[tuple[int, int]],
-    bs: int,
-    read_chunk: ReadFn,
-    buffer_bytes: int,
-    workers: int,
-    progress: Callable[[int], None] | None,
-) -> None:
-    """Chunks -> pinned buffer (threads) -> device (side stream), two buffers in turn."""
-    total = sum(min(bs, entries[ti].nbytes - bi * bs) for ti, bi in todo)
-    cap = max(bs, min(buffer_bytes, -(-total // 2)))
-    # Batches of whole blocks, each fitting one buffer.
-    batches: list[list[tuple[int, int, int, int]]] = []  # (ti, bi, length, buffer offset)
-    cur: list[tuple[int, int, int, int]] = []
-    used = 0
-    for ti, bi in todo:
-        n = min(bs, entries[ti].nbytes - bi * bs)
-        if cur and used + n > cap:
-            batches.append(cur)
-            cur, used = [], 0
-        cur.append((ti, bi, n, used))
-        used += n
-    if cur:
-        batches.append(cur)
-    stager = Stager(cap, slots=2)
-    arrays = [stager.acquire(k).numpy() for k in range(2)]
-
-    try:
-        for k, batch in enumerate(batches):
-            buf = stager.acquire(k)  # the copy out of this slot (batch k-2) is done
-            arr = arrays[k % 2]
-
-            def fill(job: tuple[int, int, int, int], arr: np.ndarray = arr) -> int:
-                ti, bi, n, dst = job
-                e = entries[ti]
-                arr[dst : dst + n] = np.frombuffer(
-                    _chunk(read_chunk, e.chunks[bi], n, e.name), dtype=np.uint8
-                )
+            def write_host(job: tuple[int, int]) -> int:
+                ti, bi = job
+                off = bi * bs
+                n = min(bs, self.entries[ti].nbytes - off)
+                arrays[ti][off : off + n] = np.frombuffer(self.chunk(ti, bi, n), dtype=np.uint8)
                 return n
 
-            for _ in bounded_map(fill, batch, workers):
-                pass
-            used_streams: dict[int, Any] = {}
-            for ti, bi, n, dst in coalesce(batch, bs):
-                if views[ti].device.type == "cpu":  # tests drive this path on the CPU
-                    views[ti][bi * bs : bi * bs + n].copy_(buf[dst : dst + n])
-                    continue
-                idx = device_index(views[ti].device)
-                s = used_streams.get(idx)
-                if s is None:
-                    # Our copies come after anything already queued on that device.
-                    s = used_streams[idx] = stager.copy_stream(idx)
-                with torch.cuda.stream(s):
-                    off = bi * bs
-                    views[ti][off : off + n].copy_(buf[dst : dst + n], non_blocking=True)
-            stager.release(k, used_streams.values())
-            if progress:
-                progress(sum(n for _, _, n, _ in batch))
-    finally:
-        stager.drain()
-        if stager.pin:
-            # Later work on the current streams (our verification) sees the writes.
-            stager.join_streams()
-            torch.cuda.synchronize()
-        stager.close()
+            for n in bounded_map(write_host, host, self.workers):
+                if self.progress:
+                    self.progress(n)
+        if dev:
+            self.write_device(dev)
+
+    def write_device(self, todo: Sequence[tuple[int, int]]) -> None:
+        """Chunks -> pinned buffer (threads) -> device (side stream), two buffers in turn."""
+        views, entries, bs = self.views, self.entries, self.bs
+        total = sum(min(bs, entries[ti].nbytes - bi * bs) for ti, bi in todo)
+        cap = max(bs, min(self.buffer_bytes, -(-total // 2)))
+        # Batches of whole blocks, each fitting one buffer.
+        batches: list[list[tuple[int, int, int, int]]] = []  # (ti, bi, length, buffer offset)
+        cur: list[tuple[int, int, int, int]] = []
+        used = 0
+        for ti, bi in todo:
+            n = min(bs, entries[ti].nbytes - bi * bs)
+            if cur and used + n > cap:
+                batches.append(cur)
+                cur, used = [], 0
+            cur.append((ti, bi, n, used))
+            used += n
+        if cur:
+            batches.append(cur)
+        stager = Stager(cap, slots=2)
+        arrays = [stager.acquire(k).numpy() for k in range(2)]
+
+        try:
+            for k, batch in enumerate(batches):
+                buf = stager.acquire(k)  # the copy out of this slot (batch k-2) is done
+                arr = arrays[k % 2]
+
+                def fill(job: tuple[int, int, int, int], arr: np.ndarray = arr) -> int:
+                    ti, bi, n, dst = job
+                    arr[dst : dst + n] = np.frombuffer(self.chunk(ti, bi, n), dtype=np.uint8)
+                    return n
+
+                for _ in bounded_map(fill, batch, self.workers):
+                    pass
+                used_streams: dict[int, Any] = {}
+                for ti, bi, n, dst in coalesce(batch, bs):
+                    if views[ti].device.type == "cpu":  # tests drive this path on the CPU
+                        views[ti][bi * bs : bi * bs + n].copy_(buf[dst : dst + n])
+                        continue
+                    idx = device_index(views[ti].device)
+                    s = used_streams.get(idx)
+                    if s is None:
+                        # Our copies come after anything already queued on that device.
+                        s = used_streams[idx] = stager.copy_stream(idx)
+                    with torch.cuda.stream(s):
+                        off = bi * bs
+                        views[ti][off : off + n].copy_(buf[dst : dst + n], non_blocking=True)
+                stager.release(k, used_streams.values())
+                if self.progress:
+                    self.progress(sum(n for _, _, n, _ in batch))
+        finally:
+            stager.drain()
+            if stager.pin:
+                # Later work on the current streams (our verification) sees the writes.
+                stager.join_streams()
+                torch.cuda.synchronize()
+            stager.close()
 
 
 def coalesce(
@@ -404,23 +416,17 @@ def restore_into(
             if old is None or (old[2] >= 0 and (q < 0 or q > old[2])):
                 blocks[d] = (ti, bi * bs, q)  # prefer a block that is never overwritten
     nbytes = sum(p.size for p in places)
-    checked = sum(len(e.chunks) for e in entries)
     write_s = 0.0
     if not dry_run and places:
         t_write = time.perf_counter()
         pipeline.run(places, views, live=blocks, progress=progress)
         write_s = time.perf_counter() - t_write
-    devices = sorted({str(v.device) for v in views}) or ["cpu"]
-    return LiveRestoreReport(
-        tensors=len(entries),
-        blocks_checked=checked,
-        blocks_written=len(places),
-        bytes_written=0 if dry_run else nbytes,
-        seconds=time.perf_counter() - t0,
-        hash_seconds=hash_s,
-        write_seconds=write_s,
-        verify_seconds=pipeline.stats.verify_s,
-        device=",".join(devices),
-        verified=not dry_run,
-        dry_run=dry_run,
+    return LiveRestoreReport.of(
+        views,
+        entries,
+        (len(places), nbytes),
+        t0,
+        (hash_s, write_s, pipeline.stats.verify_s),
+        not dry_run,
+        dry_run,
     )

@@ -96,6 +96,7 @@ def test_callers_names_stay_importable_from_the_package() -> None:
         "CudaIpc",
         "HandleEntry",
         "HandlesFile",
+        "HandlesSource",  # what open_handles returns; Store.save stale-checks it
         "META_KEY",
         "MAX_FILE_BYTES",
         "allowlist",

@@ -10,8 +10,9 @@ import shutil
 import pytest
 import torch
 
-from apollo_cas.cli.save import save_sources
+from apollo_cas.cli.history import Shown
 from apollo_cas.errors import InvalidName, SourceError, UnsupportedDtype, UnsupportedSource
+from apollo_cas.save_paths import SaveOptions, save_paths
 from apollo_cas.sources import detect_kind, open_path
 from apollo_cas.sources.seed import SeedSource, scan_root
 from apollo_cas.store import Store
@@ -181,18 +182,11 @@ def test_scan_root_orders_whole_checkpoints_and_reports_the_rest(history):
 
 def test_import_history_keeps_timestamps_and_order(history, tmp_store, capsys, assert_same_tensors):
     with Store.open(tmp_store, create=True) as st:
-        results = save_sources(
+        results = save_paths(
             st,
             [history.root],
-            kind=None,
-            series="default",
-            tag="imported",
-            block_size=4096,
-            force=False,
-            meta={},
-            rank=None,
-            world_size=None,
-            as_json=False,
+            SaveOptions(tag="imported", block_size=4096),
+            events=Shown(as_json=False),  # what the CLI prints, on stderr
         )
         assert len(results) == len(history.dirs)
         cps = st.checkpoints()
@@ -219,18 +213,8 @@ def test_import_history_keeps_timestamps_and_order(history, tmp_store, capsys, a
 
 def test_importing_the_same_history_twice_adds_nothing(history, tmp_store, capsys):
     def run():
-        return save_sources(
-            st,
-            [history.root],
-            kind=None,
-            series="default",
-            tag=None,
-            block_size=4096,
-            force=False,
-            meta={},
-            rank=None,
-            world_size=None,
-            as_json=True,
+        return save_paths(
+            st, [history.root], SaveOptions(block_size=4096), events=Shown(as_json=True)
         )
 
     with Store.open(tmp_store, create=True) as st:

@@ -179,16 +179,15 @@ def test_device_write_path_on_cpu() -> None:
     entries = list(manifest.tensors)
     todo = [(ti, bi) for ti, e in enumerate(entries) for bi in range(len(e.chunks))]
     written: list[int] = []
-    live.write_device(
+    live.BlockWrites(
         views,
         entries,
-        todo,
         BS,
         by_id(chunks),
         buffer_bytes=3 * BS,
         workers=2,
         progress=written.append,
-    )
+    ).write_device(todo)
     for k in saved:
         assert torch.equal(live_t[k], saved[k]), k
     assert sum(written) == sum(e.nbytes for e in entries)

@@ -14,14 +14,14 @@ tensor, written by a live vLLM server (docs/HANDLES.md). One module per job:
   (:func:`map_devices`, :func:`parse_device_map`);
 * :mod:`.ipc` — the device side: handles opened over CUDA IPC
   (:func:`open_handle_tensors`, :class:`CudaIpc`);
-* :mod:`.source` — the Source: :func:`open_handles`, a
-  :class:`~apollo_cas.sources.device.DeviceSource` over the live weights;
+* :mod:`.source` — the Source: :func:`open_handles`, a :class:`HandlesSource`
+  (a :class:`~apollo_cas.sources.device.DeviceSource` over the live weights,
+  checked against the series' previous checkpoint by every ``Store.save``);
 * :mod:`.export` — the server side: :func:`write_handles`, :func:`export_meta`.
 
 :func:`check_against` (names, dtypes and shapes against the series' previous
 checkpoint; stale handles when a handles source differs) lives in
-:mod:`apollo_cas.sources.previous` and is importable from here, where the CLI
-takes it. docs/HANDLES.md lists what cannot be detected.
+:mod:`apollo_cas.sources.previous` and is importable from here. docs/HANDLES.md lists what cannot be detected.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .export import export_meta, write_handles
 from .format import MAX_FILE_BYTES, META_KEY, HandleEntry, HandlesFile, read_handles
 from .ipc import CudaIpc, open_handle_tensors
 from .owner import check_owner
-from .source import open_handles
+from .source import HandlesSource, open_handles
 from .unpickling import allowlist
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "CudaIpc",
     "HandleEntry",
     "HandlesFile",
+    "HandlesSource",
     "allowlist",
     "check_against",
     "check_owner",
