@@ -212,9 +212,10 @@ def load(
 
     On a CUDA device the chunks are copied to the GPU compressed, decoded and
     verified there (docs/GPU_RESTORE.md), in batches of ``batch_bytes`` of raw
-    output (default :data:`~apollo_cas.gpu.accounting.LOAD_BATCH_BYTES`, 1 GiB: 4 GiB
-    of pinned memory and about 6 GB of device scratch; smaller batches hold less
-    and load more slowly); elsewhere they are decoded on the CPU.
+    output (default :data:`~apollo_cas.gpu.accounting.LOAD_BATCH_BYTES`, 1 GiB: about
+    2 GiB of pinned memory, 4 GiB at most, and 4.5-6.7 GB of device scratch, whatever
+    the model's size; smaller batches hold less and load more slowly); elsewhere they
+    are decoded on the CPU.
     """
     from .gpu.accounting import LOAD_BATCH_BYTES
     from .targets.tensors import load_tensors, load_tensors_pipeline
@@ -238,11 +239,12 @@ def restore_pipeline(
 
     ``options`` go to the pipeline (``batch_bytes``, ``frames``, ``workers``).
     """
-    from .backends.local import LocalBackend
     from .gpu.restore import RestorePipeline, file_reader, object_reader, pack_reader
 
     options.setdefault("workers", store.workers)
-    root = store.backend.root if isinstance(store.backend, LocalBackend) else None
+    # Chunk files or packs read straight into the pipeline's arena where each key is a
+    # plain file (declared by the backend, not guessed from its type).
+    root = store.backend.capabilities.files_root
     # The pipeline calls the reader from its own threads: one thread per call here.
     # Format 2: chunks located in packs, adjacent ones read as one range.
     if store.format >= 2:

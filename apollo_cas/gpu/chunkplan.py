@@ -11,15 +11,16 @@ docs/CODECS.md's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..codecs import DELTA, PLANES, RAW, SPARSE, ZSTD, delta, envelope, planes, sparse
 from ..errors import CorruptChunk
 
 __all__ = ["Batch", "ChunkPlan", "Place", "PlaneGroup", "parse_chunk", "places_of"]
 
+T = TypeVar("T")
 HINT = "run 'apollo-cas verify --read-data' to see which checkpoints it breaks"
 COPY, FRAME = 0, 1
 ALIGN = 16  # nvCOMP wants 16-byte aligned frames and outputs; the kernel 16-byte views
@@ -232,6 +233,23 @@ def slices(n: int, workers: int) -> list[slice]:
     parts = max(1, min(n, 2 * workers))
     step = -(-n // parts) if n else 1
     return [slice(a, min(n, a + step)) for a in range(0, n, step)] or [slice(0, 0)]
+
+
+def runs_within(items: Sequence[T], weight: Callable[[T], int], limit: int) -> Iterator[list[T]]:
+    """``items`` in order, cut into runs whose weights sum to at most ``limit`` (a single
+    item heavier than ``limit`` is a run of its own): batches of places, parts of a
+    batch's sparse chunks."""
+    cur: list[T] = []
+    used = 0
+    for it in items:
+        w = weight(it)
+        if cur and used + w > limit:
+            yield cur
+            cur, used = [], 0
+        cur.append(it)
+        used += w
+    if cur:
+        yield cur
 
 
 def add_range(ranges: list[tuple[int, int]], a: int, n: int) -> None:

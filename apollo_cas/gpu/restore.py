@@ -55,7 +55,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -72,6 +72,7 @@ from .chunkplan import (
     corrupt,
     parse_chunk,
     places_of,
+    runs_within,
     slices,
 )
 from .device_steps import DeviceSteps, Events, Pending
@@ -199,7 +200,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         """
         t0 = time.perf_counter()
         self._live = live or {}
-        batches = list(self._split(places))
+        batches = list(runs_within(places, lambda p: p.size, self.batch_bytes))
         self._batch_of = [k for k, ps in enumerate(batches) for _ in ps]
         if self.cuda:
             assert self.stream is not None
@@ -338,18 +339,6 @@ class RestorePipeline(HostStaging, DeviceSteps):
         self._arenas = [Arena(a._alloc) for a in self._arenas]
 
     # -- batching and host staging (producer thread) -----------------------------------
-
-    def _split(self, places: Sequence[Place]) -> Iterator[list[Place]]:
-        cur: list[Place] = []
-        used = 0
-        for p in places:
-            if cur and used + p.size > self.batch_bytes:
-                yield cur
-                cur, used = [], 0
-            cur.append(p)
-            used += p.size
-        if cur:
-            yield cur
 
     def _pool(self, name: str) -> ThreadPoolExecutor:
         """A pool kept for the pipeline's life (one for reads, one for staging), fed

@@ -19,11 +19,11 @@ the chunk.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .chunkplan import ChunkPlan
+from .chunkplan import ChunkPlan, runs_within
 
 #: Changed elements scattered per round: bounds the index temporaries (about 80 bytes
 #: per element: ~160 MiB), whatever the batch size.
@@ -44,21 +44,8 @@ def scatter_sparse(chunks: Sequence[ChunkPlan], dev: torch.Tensor, r2: torch.Ten
         if c.nchanged:
             by_w.setdefault(c.w, []).append(c)
     for w, cs in by_w.items():
-        for part in _parts(cs):
+        for part in runs_within(cs, lambda c: c.nchanged, SUB_ELEMENTS):
             _scatter(part, w, dev, r2)
-
-
-def _parts(cs: list[ChunkPlan]) -> Iterator[list[ChunkPlan]]:
-    cur: list[ChunkPlan] = []
-    n = 0
-    for c in cs:
-        if cur and n + c.nchanged > SUB_ELEMENTS:
-            yield cur
-            cur, n = [], 0
-        cur.append(c)
-        n += c.nchanged
-    if cur:
-        yield cur
 
 
 def _scatter(cs: list[ChunkPlan], w: int, dev: torch.Tensor, r2: torch.Tensor) -> None:
