@@ -264,9 +264,7 @@ def encode(
 
 
 def _pack(codec: int, n: int, params: bytes, pieces: Sequence[bytes | memoryview]) -> bytes:
-    if len(pieces) == 1:
-        return envelope.pack(codec, n, params, pieces[0])
-    return envelope.pack(codec, n, params, b"".join(pieces))
+    return envelope.pack(codec, n, params, *pieces)
 
 
 # ---------------------------------------------------------------- decoding

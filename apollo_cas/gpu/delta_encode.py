@@ -147,7 +147,7 @@ def sparse_outright(raw_size: int, ws: int, changed: int) -> bool:
 
 
 def _blob(codec: int, raw_size: int, params: bytes, pieces: Sequence[Any], size: int) -> DeltaBlob:
-    return DeltaBlob(envelope.pack(codec, raw_size, params, b"".join(pieces)), size, raw_size)
+    return DeltaBlob(envelope.pack(codec, raw_size, params, *pieces), size, raw_size)
 
 
 def encode_delta(
