@@ -57,20 +57,17 @@ def variant(
 ) -> dict[str, Any]:
     """One warm load; ``sync``: nvCOMP without a prebuilt configuration (it then
     synchronises the stream on every batch, as before 2026-12-02's second session)."""
-    from apollo_cas.gpu.restore import RestorePipeline
     from apollo_cas.gpu.zstd import NvcompFrames
 
     old = sys.getswitchinterval()
     if switch is not None:
         sys.setswitchinterval(switch)
     NvcompFrames.PRECONFIGURED = not sync
-    RestorePipeline.FAST_PARSE = options.pop("fast_parse", True)
     try:
         got = bgr.timed_load(st, ref, dev, **options)
     finally:
         sys.setswitchinterval(old)
         NvcompFrames.PRECONFIGURED = True
-        RestorePipeline.FAST_PARSE = True
     ph = got.get("phases", {})
     got["threads"] = {k: ph.get(k) for k in KEYS}
     got.pop("phases", None)
@@ -122,16 +119,21 @@ def main() -> None:
     dense = st.resolve("latest")
     print("saves", out["full_save_seconds"], out["dense_saves"], flush=True)
     mib = 1 << 20
-    gib = {"batch_bytes": 1024 * mib}
     variants: list[tuple[str, float | None, bool, dict[str, Any]]] = [
-        ("1 GiB batches", None, False, gib),
-        ("1 GiB batches, envelopes parsed one by one", None, False, {**gib, "fast_parse": False}),
-        ("1 GiB batches again", None, False, gib),
-        ("1 GiB batches, one by one again", None, False, {**gib, "fast_parse": False}),
+        ("256 MiB batches, nvCOMP syncing", None, True, {"batch_bytes": 256 * mib}),
         ("256 MiB batches", None, False, {"batch_bytes": 256 * mib}),
+        ("512 MiB batches, nvCOMP syncing", None, True, {"batch_bytes": 512 * mib}),
+        ("512 MiB batches", None, False, {"batch_bytes": 512 * mib}),
+        ("1 GiB batches, nvCOMP syncing", None, True, {"batch_bytes": 1024 * mib}),
+        ("1 GiB batches", None, False, {"batch_bytes": 1024 * mib}),
+        ("1 GiB batches, switch 0.2 ms", 2e-4, False, {"batch_bytes": 1024 * mib}),
+        ("1 GiB batches, 8 read threads", None, False, {"batch_bytes": 1024 * mib, "workers": 8}),
+        ("2 GiB batches", None, False, {"batch_bytes": 2048 * mib}),
+        ("256 MiB batches again", None, False, {"batch_bytes": 256 * mib}),
+        ("1 GiB batches again", None, False, {"batch_bytes": 1024 * mib}),
     ]
     for _label, _s, _y, options in variants:  # pinned arenas of every size cached first
-        bgr.timed_load(st, full, dev, **{k: v for k, v in options.items() if k != "fast_parse"})
+        bgr.timed_load(st, full, dev, **options)
     out["loads"] = []
     for ckpt, ref in (("full", full), ("dense", dense)):
         for label, switch, sync, options in variants:

@@ -76,7 +76,6 @@ from .chunkplan import (
     slices,
 )
 from .device_steps import DeviceSteps, Events, Pending
-from .envelopes import parse_planes
 from .host_steps import HostStaging
 from .readers import (
     PAD,
@@ -110,17 +109,11 @@ __all__ = [
 class RestorePipeline(HostStaging, DeviceSteps):
     """Runs batches of places through read, stage, copy, decode, interleave, verify, place.
 
-    ``fast_parse`` (default :attr:`FAST_PARSE`, on): chunks of 2-byte byte planes read
-    into an arena are parsed together with numpy (:mod:`apollo_cas.gpu.envelopes`),
-    every other chunk one by one (a benchmark compares both in one run).
-
     ``reader`` gives stored bytes (:data:`BlobReader`); ``read_raw`` is the CPU
     decoder used for chunks of codecs not handled here. ``device`` is where the
     destinations live ("cuda", "cuda:1" or "cpu"). ``frames`` overrides the zstd
     decoder (None: nvCOMP when it runs on ``device``, else decode while staging).
     """
-
-    FAST_PARSE = True
 
     def __init__(
         self,
@@ -136,7 +129,6 @@ class RestorePipeline(HostStaging, DeviceSteps):
     ) -> None:
         self.reader = reader
         self.read_raw = read_raw
-        self.fast_parse = self.FAST_PARSE
         self.block_size = int(block_size)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -380,33 +372,17 @@ class RestorePipeline(HostStaging, DeviceSteps):
                 self.stats.read_cpu_s += time.thread_time() - tc
 
         def read_parse(sl: slice) -> tuple[int, list[ChunkPlan]]:
-            got = list(self.reader(ids[sl], arena))
+            got = self.reader(ids[sl], arena)
+            if self.direct and arena is not None:
+                # Direct mode copies the arena to the device as is: bring stored bytes
+                # a reader returned as its own (one object per chunk) into it.
+                got = [into_arena(arena, b) for b in got]
             if len(got) != len(ids[sl]):
                 raise RuntimeError(f"blob reader returned {len(got)} chunks for {len(ids[sl])} ids")
-            where: list[int | None] = [None] * len(got)
-            if arena is not None:
-                where = [arena.offset_of(b) for b in got]
-                if self.direct:
-                    # Direct mode copies the arena to the device as is: bring stored
-                    # bytes a reader returned as its own (one object per chunk) into it.
-                    for i, at in enumerate(where):
-                        if at is None:
-                            got[i] = into_arena(arena, got[i])
-                            where[i] = arena.offset_of(got[i])
-            group = want[sl]
-            lengths = [len(b) for b in got]
-            fast: list[ChunkPlan | None] = [None] * len(got)
-            if self.fast_parse and arena is not None and arena.array is not None:
-                fast = parse_planes(
-                    arena.array, where, lengths, got, ids[sl], [size for _, size in group]
-                )
-            plans = [
-                c if c is not None else parse(cid, size, b)
-                for c, (cid, size), b in zip(fast, group, got, strict=True)
+            nbytes = sum(len(b) for b in got)
+            return nbytes, [
+                parse(cid, size, b) for (cid, size), b in zip(want[sl], got, strict=True)
             ]
-            for c, at in zip(plans, where, strict=True):
-                c.at = at
-            return sum(lengths), plans
 
         out: list[ChunkPlan] = []
         for nbytes, plans in self._pool("read").map(read_group, slices(len(ids), self.workers)):
