@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 from . import errors as errors_module
 from . import settings
 from .errors import ApolloError, CorruptChunk, TargetError
+from .fsio import destination_error
 from .parallel import bounded_map
 
 if TYPE_CHECKING:
@@ -242,8 +243,6 @@ class Decoder:
                 try:
                     pwrite_all(outputs[it[0]].fd, data, it[1])
                 except OSError as exc:
-                    from .targets.files import destination_error
-
                     raise destination_error(exc, "writing", outputs[it[0]].path) from exc
                 done.append((it[0], it[1], len(data)))
             return done

@@ -10,7 +10,7 @@ restore in an output directory) reads the writer back with :func:`temp_writer`
 and never removes the temporary of a writer that still runs.
 
 OS errors stay :class:`OSError` here; callers map them once, where they know
-what the path is: :func:`os_error` for a store, ``targets.files.destination_error``
+what the path is: :func:`os_error` for a store, :func:`destination_error`
 for a restore's destination, both by :func:`error_kind`.
 
 Tests inject failures (a full disk, a filesystem without hard links) through
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from . import procinfo
-from .errors import BackendError, DiskFull, PermissionDenied
+from .errors import ApolloError, BackendError, DiskFull, PermissionDenied, TargetError
 
 __all__ = [
     "REAL",
@@ -42,6 +42,7 @@ __all__ = [
     "Temporary",
     "atomic_write",
     "create_exclusive",
+    "destination_error",
     "error_kind",
     "fsync_dir",
     "os_error",
@@ -305,3 +306,34 @@ def os_error(exc: OSError, path: str | os.PathLike[str], action: str) -> Backend
             "check the owner and mode of the directory, or use a store you can write",
         )
     return BackendError(f"{exc.strerror or exc} while {action} {os.fspath(path)}")
+
+
+def destination_error(exc: OSError, what: str, path: str | Path) -> ApolloError:
+    """An OSError on a restore's destination, as one line that names the destination.
+
+    Not :func:`os_error`: that one speaks of the store (its hint for a full
+    disk is ``apollo-cas gc``, which frees space only in the store); both read
+    the errno by :func:`error_kind`.
+    """
+    where = Path(path)
+    directory = where if where.is_dir() else where.parent
+    kind = error_kind(exc)
+    if kind is ErrorKind.FULL:
+        return DiskFull(
+            f"no space left on the restore destination while {what} {where}",
+            f"free space on the filesystem of {directory}, or restore somewhere else with --to",
+        )
+    if kind is ErrorKind.READ_ONLY:
+        return PermissionDenied(
+            f"the restore destination {directory} is on a read-only filesystem",
+            "restore into a writable directory with --to",
+        )
+    if kind is ErrorKind.DENIED:
+        return PermissionDenied(
+            f"permission denied on the restore destination while {what} {where}",
+            f"check the owner and mode of {directory}, or restore somewhere else with --to",
+        )
+    return TargetError(
+        f"{exc.strerror or exc} on the restore destination while {what} {where}",
+        "check the destination directory and run the restore again",
+    )

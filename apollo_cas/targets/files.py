@@ -19,11 +19,12 @@ from pathlib import Path
 
 from .. import fsio, procinfo
 from ..decoding import Output
-from ..errors import ApolloError, DiskFull, PermissionDenied, TargetError
+from ..errors import TargetError
 
 # Under a name of this module: the fault suite replaces it to kill a restore
 # before its index is written.
 from ..fsio import atomic_write as write_file_atomic
+from ..fsio import destination_error
 
 #: The prefix of a restore's temporaries (docs/CONCURRENCY.md), named by the
 #: rule of :func:`fsio.temp_path`; apart from the store's ``.tmp-`` so that a
@@ -36,37 +37,6 @@ TMP_PREFIX = ".tmp-apollo-"
 OUTPUT_XATTR = "user.apollo_cas.output"
 
 log = logging.getLogger(__name__)
-
-
-def destination_error(exc: OSError, what: str, path: str | Path) -> ApolloError:
-    """An OSError on a restore's destination, as one line that names the destination.
-
-    Not :func:`fsio.os_error`: that one speaks of the store (its hint for a full
-    disk is ``apollo-cas gc``, which frees space only in the store); both read
-    the errno by :func:`fsio.error_kind`.
-    """
-    where = Path(path)
-    directory = where if where.is_dir() else where.parent
-    kind = fsio.error_kind(exc)
-    if kind is fsio.ErrorKind.FULL:
-        return DiskFull(
-            f"no space left on the restore destination while {what} {where}",
-            f"free space on the filesystem of {directory}, or restore somewhere else with --to",
-        )
-    if kind is fsio.ErrorKind.READ_ONLY:
-        return PermissionDenied(
-            f"the restore destination {directory} is on a read-only filesystem",
-            "restore into a writable directory with --to",
-        )
-    if kind is fsio.ErrorKind.DENIED:
-        return PermissionDenied(
-            f"permission denied on the restore destination while {what} {where}",
-            f"check the owner and mode of {directory}, or restore somewhere else with --to",
-        )
-    return TargetError(
-        f"{exc.strerror or exc} on the restore destination while {what} {where}",
-        "check the destination directory and run the restore again",
-    )
 
 
 def prepare_dir(path: Path) -> None:
