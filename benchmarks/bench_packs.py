@@ -56,6 +56,8 @@ from apollo_cas.parallel import bounded_map, default_workers  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 
 MiB = 1 << 20
+#: Passes of each page-cache read measurement (the best is kept).
+READ_REPEATS = 5
 
 
 def sequence(size: int, seed: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -230,9 +232,13 @@ def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]
         span_list = list(spans(st.chunks, jobs))
         for s in span_list:  # warm the page cache
             read_raw(st, s)
-        t0 = time.perf_counter()
-        got = sum(bounded_map(lambda s: read_raw(st, s), span_list, workers))
-        raw_s = time.perf_counter() - t0
+        # The best of READ_REPEATS passes: one pass of a small model is ~10 ms, too
+        # short to compare on a shared machine; the one-file floor gets the same.
+        raw_s = float("inf")
+        for _ in range(READ_REPEATS):
+            t0 = time.perf_counter()
+            got = sum(bounded_map(lambda s: read_raw(st, s), span_list, workers))
+            raw_s = min(raw_s, time.perf_counter() - t0)
         t0 = time.perf_counter()
         decoded = sum(
             bounded_map(lambda s: sum(map(len, read_span(st.chunks, s))), span_list, workers)
@@ -250,7 +256,7 @@ def local_run(fmt: int, work: Path, seq: list[tuple[str, dict[str, np.ndarray]]]
             for off in range(0, stored_bytes, len(block)):
                 f.write(block[: stored_bytes - off])
         one_file_read(probe, workers)  # into the page cache
-        one = one_file_read(probe, workers)
+        one = max(one_file_read(probe, workers) for _ in range(READ_REPEATS))
         probe.unlink()
         out["reads"] = {
             "threads": workers,
