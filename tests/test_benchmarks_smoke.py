@@ -190,3 +190,30 @@ def test_targets_are_judged_as_stated(bench: tuple[ModuleType, ...]) -> None:
     assert by[("save", "c")]["need"] == 1.0  # dense: only "faster" is required
     assert by[("restore", None)]["ratio"] == 3.0 and by[("restore", None)]["met"] is True
     assert "| save | s | restic |" in "\n".join(compare.target_lines(rows))
+
+
+def test_bench_packs_smoke(tmp_path: Path) -> None:
+    """benchmarks/bench_packs.py at a tiny size (no S3): both formats, every save, the
+    read figures and the gc figures are written, and format 2 writes few objects."""
+    import json
+    import subprocess
+
+    out = tmp_path / "packs.json"
+    args = ["--size", "4MiB", "--no-s3", "--dir", str(tmp_path / "w"), "--out", str(out)]
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "bench_packs.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = {run["format"]: run for run in json.loads(out.read_text())["local"]}
+    assert set(runs) == {1, 2}
+    for run in runs.values():
+        assert [s["save"] for s in run["saves"]] == ["full", "0.5% changed", "dense step"]
+        reads = run["reads"]
+        assert reads["read_path_gb_s"] > 0 and reads["one_file_same_bytes_gb_s"] > 0
+        assert reads["stored_bytes"] > 0
+        assert run["gc_keep_last_1"]["reclaimed_fraction_of_unreachable"] >= 0.95
+    full2 = runs[2]["saves"][0]
+    assert full2["objects_written"] <= full2["target_objects"]
