@@ -217,3 +217,26 @@ def test_bench_packs_smoke(tmp_path: Path) -> None:
         assert run["gc_keep_last_1"]["reclaimed_fraction_of_unreachable"] >= 0.95
     full2 = runs[2]["saves"][0]
     assert full2["objects_written"] <= full2["target_objects"]
+
+
+def test_probe_restore_threads_smoke(tmp_path: Path) -> None:
+    """benchmarks/probe_restore_threads.py on a tiny CPU model: every variant's load is
+    bit-exact and reports each host thread's figures."""
+    import json
+    import subprocess
+
+    out = tmp_path / "threads.json"
+    args = ["--smoke", "--dir", str(tmp_path / "w"), "--out", str(out)]
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "probe_restore_threads.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert {load["checkpoint"] for load in got["loads"]} == {"full", "dense"}
+    for load in got["loads"]:
+        assert load["bit_exact"] is True
+        assert load["threads"]["main_cpu_s"] > 0 and load["threads"]["read_cpu_s"] > 0
+    assert got["dense_saves"] and all(s["stored_bytes"] > 0 for s in got["dense_saves"])
