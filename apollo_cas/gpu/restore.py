@@ -364,12 +364,12 @@ class RestorePipeline(HostStaging, DeviceSteps):
         # The reader is called from the pool's threads, one contiguous group of ids each;
         # the same thread parses what it read, so one group's parsing overlaps another's
         # reads (a barrier between reading and parsing the whole batch cost read time).
-        def read_group(sl: slice) -> tuple[int, list[ChunkPlan]]:
+        def read_group(sl: slice) -> tuple[int, list[ChunkPlan], float]:
+            # CPU seconds go back with the result: pool threads adding to the stats
+            # themselves could lose updates.
             tc = time.thread_time()
-            try:
-                return read_parse(sl)
-            finally:
-                self.stats.read_cpu_s += time.thread_time() - tc
+            nbytes, plans = read_parse(sl)
+            return nbytes, plans, time.thread_time() - tc
 
         def read_parse(sl: slice) -> tuple[int, list[ChunkPlan]]:
             got = self.reader(ids[sl], arena)
@@ -385,8 +385,11 @@ class RestorePipeline(HostStaging, DeviceSteps):
             ]
 
         out: list[ChunkPlan] = []
-        for nbytes, plans in self._pool("read").map(read_group, slices(len(ids), self.workers)):
+        for nbytes, plans, cpu in self._pool("read").map(
+            read_group, slices(len(ids), self.workers)
+        ):
             self.stats.stored_bytes_read += nbytes
+            self.stats.read_cpu_s += cpu
             out.extend(plans)
         return out
 
