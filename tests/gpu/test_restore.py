@@ -370,3 +370,18 @@ def test_load_and_restore_into_batch_sizes(tmp_path: Path) -> None:
     got = [b.get("batch_bytes") for b in st.built]
     assert got == [LOAD_BATCH_BYTES, 2 * BS, None, 3 * BS]
     assert LOAD_BATCH_BYTES > DEFAULT_BATCH_BYTES
+
+
+@pytest.mark.parametrize("bad", [0, -1, "1GiB", 1.5, True])
+def test_a_bad_batch_size_is_a_usage_error(tmp_path: Path, bad: Any) -> None:
+    from apollo_cas.errors import UsageError
+
+    st = RecordingStore.from_backend(Store.open(tmp_path / "s", create=True).backend, create=True)
+    st.built = []
+    m0 = model()
+    st.save(m0, block_size=BS)
+    with pytest.raises(UsageError, match="batch_bytes must be a positive number of bytes"):
+        st.load(device="cuda", batch_bytes=bad)
+    with pytest.raises(UsageError, match="batch_bytes"):
+        st.restore_into("latest", {k: torch.zeros_like(v) for k, v in m0.items()}, batch_bytes=bad)
+    assert st.built == []  # refused before any pipeline was built
