@@ -20,13 +20,14 @@ import pytest
 import xxhash
 
 from apollo_cas import layout, packs
-from apollo_cas.backends.base import Backend, ObjectInfo
+from apollo_cas.backends.base import Backend
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.errors import CorruptChunk, StoreError
 from apollo_cas.hashing import digest_hex
 from apollo_cas.inventory import PackWriter, read_trailer
 from apollo_cas.store import Store
 from apollo_cas.verify import verify
+from tests.backends.wrappers import ForwardingBackend
 from tests.damage import point_outside_its_pack
 
 BS = 4096
@@ -303,47 +304,28 @@ def test_an_index_naming_a_range_outside_its_pack(st: Store, tmp_store: str) -> 
 # S3-like backends: a pack is one create-only PUT
 
 
-class PutLog(Backend):
+class PutLog(ForwardingBackend):
     """Wraps a backend and records its writes."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self.puts: list[str] = []
-
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        return self.inner.get_range(key, offset, length)
 
     def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.puts.append(key)
-        self.inner.put(key, data, durable=durable)
+        super().put(key, data, durable=durable)
 
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
         self.puts.append(key)
-        return self.inner.put_if_absent(key, data, durable=durable)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def info(self, key: str) -> ObjectInfo:
-        return self.inner.info(key)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return self.inner.list(prefix)
+        return super().put_if_absent(key, data, durable=durable)
 
     def compare_and_swap(self, key: str, expected: bytes | None, data: bytes | None) -> bool:
         self.puts.append(key)
-        return self.inner.compare_and_swap(key, expected, data)
+        return super().compare_and_swap(key, expected, data)
 
     def sync(self) -> None:
         self.puts.append("<sync>")
-        self.inner.sync()
+        super().sync()
 
 
 def test_write_order_packs_then_index_then_manifest_then_ref(tmp_store: str) -> None:
