@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,22 +193,24 @@ def test_targets_are_judged_as_stated(bench: tuple[ModuleType, ...]) -> None:
     assert "| save | s | restic |" in "\n".join(compare.target_lines(rows))
 
 
-def test_bench_packs_smoke(tmp_path: Path) -> None:
-    """benchmarks/bench_packs.py at a tiny size (no S3): both formats, every save, the
-    read figures and the gc figures are written, and format 2 writes few objects."""
+def run_script(tmp_path: Path, script: str, *args: str) -> Any:
+    """Run ``benchmarks/<script>`` in a subprocess with a work dir and a JSON output
+    under ``tmp_path``; the JSON it wrote."""
     import json
     import subprocess
 
-    out = tmp_path / "packs.json"
-    args = ["--size", "4MiB", "--no-s3", "--dir", str(tmp_path / "w"), "--out", str(out)]
-    r = subprocess.run(
-        [sys.executable, str(BENCH / "bench_packs.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(BENCH / script), *args, "--dir", str(tmp_path / "w")]
+    r = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    runs = {run["format"]: run for run in json.loads(out.read_text())["local"]}
+    return json.loads(out.read_text())
+
+
+def test_bench_packs_smoke(tmp_path: Path) -> None:
+    """benchmarks/bench_packs.py at a tiny size (no S3): both formats, every save, the
+    read figures and the gc figures are written, and format 2 writes few objects."""
+    got = run_script(tmp_path, "bench_packs.py", "--size", "4MiB", "--no-s3")
+    runs = {run["format"]: run for run in got["local"]}
     assert set(runs) == {1, 2}
     for run in runs.values():
         assert [s["save"] for s in run["saves"]] == ["full", "0.5% changed", "dense step"]
@@ -222,19 +225,7 @@ def test_bench_packs_smoke(tmp_path: Path) -> None:
 def test_probe_restore_threads_smoke(tmp_path: Path) -> None:
     """benchmarks/probe_restore_threads.py on a tiny CPU model: every variant's load is
     bit-exact and reports each host thread's figures."""
-    import json
-    import subprocess
-
-    out = tmp_path / "threads.json"
-    args = ["--smoke", "--dir", str(tmp_path / "w"), "--out", str(out)]
-    r = subprocess.run(
-        [sys.executable, str(BENCH / "probe_restore_threads.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(out.read_text())
+    got = run_script(tmp_path, "probe_restore_threads.py", "--smoke")
     assert {load["checkpoint"] for load in got["loads"]} == {"full", "dense"}
     for load in got["loads"]:
         assert load["bit_exact"] is True
