@@ -100,6 +100,7 @@ class SavingStore(Protocol):
     new_pack_size: int | None
     #: "auto", "always" or "never": see ``Store.device_delta``.
     device_delta: str
+    device_delta_batch_bytes: int | None
     last_device_delta: Any
 
     @property
@@ -354,7 +355,15 @@ def device_delta_hook(
     def keep(stats: Any) -> None:
         store.last_device_delta = stats
 
-    return make_hook(store, source, base_for, block_size, store.device_delta, on_stats=keep)
+    return make_hook(
+        store,
+        source,
+        base_for,
+        block_size,
+        store.device_delta,
+        batch_bytes=store.device_delta_batch_bytes,
+        on_stats=keep,
+    )
 
 
 def bases_closure(

@@ -77,6 +77,9 @@ class Store:
         #: (apollo_cas/gpu/delta_save.py), "always" also runs those steps on CPU
         #: tensors (tests), "never" keeps the CPU delta path.
         self.device_delta = "auto"
+        #: Changed blocks per batch of that path, in bytes (device scratch and pinned
+        #: memory grow with it, docs/GPU_DELTA.md); None: its default, 256 MiB.
+        self.device_delta_batch_bytes: int | None = None
         #: What the last save's GPU delta path did (a DeltaSaveStats), None if unused.
         self.last_device_delta: Any = None
 

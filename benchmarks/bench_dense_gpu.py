@@ -131,7 +131,14 @@ def timed_save(st: Store, model: dict[str, torch.Tensor], device: str, mode: str
         "host_peak_rss_gb": round(peak_rss_gb(), 3),
     }
     if st.last_device_delta is not None:
-        row["gpu_delta"] = st.last_device_delta.to_dict()
+        row["gpu_delta"] = d = st.last_device_delta.to_dict()
+        p = d.get("pipeline", {})
+        log(
+            f"  GPU path: decode {d['decode_s']:.2f} s, callback {d['device_s']:.2f} s, "
+            f"slot wait {d['wait_s']:.2f} s; steps {d['steps']}; pipeline read "
+            f"{p.get('read_s', 0):.2f} s, queue {p.get('queue_s', 0):.2f} s, copy "
+            f"{p.get('copy_s', 0):.2f} s, decode {p.get('decode_s', 0):.2f} s"
+        )
     log(
         f"  save ({mode}): {wall:.3f} s wall, {cpu:.2f} s CPU, stored {s.new_stored_bytes / GB:.3f}"
         f" GB, to host {r.fetched_bytes / GB:.3f} GB, {s.new_chunks}/{s.chunks} chunks new"
@@ -165,13 +172,27 @@ def run_size(size: int, args: argparse.Namespace, with_cpu: bool) -> dict[str, A
     gpu_store = Store.open(work / "gpu", create=True)
     log("full save")
     out["full"] = timed_save(gpu_store, model, args.device, "auto")
+    # Same parent for every dense save of step 1: chunk and pack files are write-once,
+    # so a hard-linked copy is a second store holding exactly the same checkpoint.
     if with_cpu:
-        # Same parent for both dense saves: chunk files are write-once, so a hard-linked
-        # copy is a second store holding exactly the same checkpoint.
         subprocess.run(["cp", "-al", str(work / "gpu"), str(work / "cpu")], check=True)
+    batches = [parse_size(b) for b in args.batch_bytes.split(",") if b]
+    for b in batches[1:]:
+        subprocess.run(["cp", "-al", str(work / "gpu"), str(work / f"gpu-{b}")], check=True)
     dense_step(model, args.device)
-    log("dense step 1, GPU delta path")
     mode = "always" if args.device == "cpu" else "auto"
+    for b in batches[1:]:
+        log(f"dense step 1, GPU delta path, batches of {b >> 20} MiB")
+        other = Store.open(work / f"gpu-{b}")
+        other.device_delta_batch_bytes = b
+        row = timed_save(other, model, args.device, mode)
+        row["batch_bytes"] = b
+        row["sample_decodes_bit_exact"] = check_sample(other, model)
+        out[f"dense_gpu_batch_{b >> 20}MiB"] = row
+        other.close()
+        shutil.rmtree(work / f"gpu-{b}", ignore_errors=True)
+    log("dense step 1, GPU delta path")
+    gpu_store.device_delta_batch_bytes = batches[0] if batches else None
     out["dense_gpu"] = timed_save(gpu_store, model, args.device, mode)
     out["dense_gpu"]["sample_decodes_bit_exact"] = check_sample(gpu_store, model)
     if with_cpu:
@@ -220,6 +241,12 @@ def main() -> None:
         type=int,
         default=2,
         help="dense steps for the --cpu-sizes (steps after the first: GPU path only)",
+    )
+    ap.add_argument(
+        "--batch-bytes",
+        default="256MiB",
+        help="batch sizes of the GPU path, comma-separated: the first for every step, "
+        "each other for step 1 only, from the same parent",
     )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dir", default="/root/apollo-dense")

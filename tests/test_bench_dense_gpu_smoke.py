@@ -26,6 +26,7 @@ def test_bench_dense_gpu_small_on_cpu(tmp_path: Path) -> None:
         sys.path.remove(str(BENCH))
     out = tmp_path / "dense.json"
     argv = ["bench_dense_gpu.py", "--device", "cpu", "--sizes", "12MiB"]
+    argv += ["--batch-bytes", "4MiB,1MiB"]
     argv += ["--dir", str(tmp_path / "work"), "--out", str(out)]
     old = sys.argv
     sys.argv = argv
@@ -40,4 +41,10 @@ def test_bench_dense_gpu_small_on_cpu(tmp_path: Path) -> None:
     assert gpu["gpu_delta"]["blocks"] > 0 and gpu["gpu_delta"]["fallback_blocks"] == 0
     assert gpu["new_chunks"] == cpu["new_chunks"] == gpu["chunks"]
     assert gpu["stored_bytes"] == cpu["stored_bytes"]  # the same chunks, byte for byte
+    # The second batch size saved the same step from the same parent: the same chunks.
+    small = run["dense_gpu_batch_1MiB"]
+    assert small["batch_bytes"] == 1 << 20 and small["sample_decodes_bit_exact"]
+    assert small["stored_bytes"] == gpu["stored_bytes"]
+    assert small["gpu_delta"]["batches"] > gpu["gpu_delta"]["batches"]
+    assert {"gather", "check", "xor_planes", "to_host"} <= set(gpu["gpu_delta"]["steps"])
     assert not (tmp_path / "work").exists()

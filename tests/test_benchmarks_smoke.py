@@ -231,3 +231,20 @@ def test_probe_restore_threads_smoke(tmp_path: Path) -> None:
         assert load["bit_exact"] is True
         assert load["threads"]["main_cpu_s"] > 0 and load["threads"]["read_cpu_s"] > 0
     assert got["dense_saves"] and all(s["stored_bytes"] > 0 for s in got["dense_saves"])
+
+
+def test_bench_cold_restore_smoke(tmp_path: Path) -> None:
+    """benchmarks/bench_cold_restore.py on a tiny CPU model: the floors, cold and warm
+    loads (bit-exact), safetensors beside them and both CPU restore targets."""
+    got = run_script(
+        tmp_path,
+        "bench_cold_restore.py",
+        *("--size", "8MiB", "--device", "cpu", "--threads", "2"),
+        *("--cpu-target", str(tmp_path / "t")),
+    )
+    assert got["evict_method"] in ("drop_caches", "fadvise")
+    assert got["floor_packs_cold"]["bytes"] == got["stored_pack_bytes"] > 0
+    assert got["load_cold"]["bit_exact"] and got["load_warm"]["bit_exact"]
+    assert got["safetensors_cold_seconds"] > 0 and got["cold_load_over_disk_read"] > 0
+    assert {"safetensors", "flat"} <= set(got["cpu_restore"])
+    assert not (tmp_path / "w").exists() and not any((tmp_path / "t").iterdir())

@@ -53,7 +53,7 @@ def make_hook(
     base_for: BaseFor,
     block_size: int,
     mode: str = "auto",
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    batch_bytes: int | None = None,
     on_stats: Callable[[DeltaSaveStats], None] | None = None,
 ) -> DeviceDeltaHook | None:
     """The GPU delta hook for a save of ``source`` into ``store`` (None: not usable here)."""
@@ -61,6 +61,7 @@ def make_hook(
     if dev is None:
         return None
     tensors = source.tensors()
+    batch = DEFAULT_BATCH_BYTES if batch_bytes is None else int(batch_bytes)
 
     def hook(
         wanted: Sequence[BlockRequest],
@@ -74,7 +75,7 @@ def make_hook(
         )
         if not jobs:
             return rest, 0
-        pipe = store.restore_pipeline(block_size, dev, batch_bytes=max(block_size, batch_bytes))
+        pipe = store.restore_pipeline(block_size, dev, batch_bytes=max(block_size, batch))
         try:
             saver = GpuDeltaSaver(
                 store.chunks,
@@ -83,7 +84,7 @@ def make_hook(
                 block_size,
                 dev,
                 workers=store.workers,
-                batch_bytes=batch_bytes,
+                batch_bytes=batch,
                 fetch=source.fetch,
             )
             try:

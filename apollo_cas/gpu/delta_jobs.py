@@ -58,12 +58,19 @@ class DeltaSaveStats:
     compare_s: float = 0.0
     pinned_bytes: int = 0
     device_scratch_bytes: int = 0
+    #: Seconds between the device steps of every batch, summed (CUDA events on the
+    #: device, the host clock on the CPU): gather, check, xor_planes, count,
+    #: sparse_rows, pack, slot_wait, to_host. A step that reads a result on the host
+    #: (count, sparse_rows, pack) includes the wait for the device work before it.
+    steps: dict[str, float] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
     #: Set when the path failed and the CPU path stored its blocks instead.
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return rounded(self)
+        out = rounded(self)
+        out["steps"] = {k: round(v, 5) for k, v in self.steps.items()}
+        return out
 
 
 def inner_width(policy: codecs.CodecPolicy, itemsize: int, n: int) -> int | None:

@@ -60,6 +60,7 @@ from .delta_encode import (
     sparse_wanted,
 )
 from .delta_jobs import DEFAULT_BATCH_BYTES, DeltaJob, DeltaSaveStats, TallyFn
+from .device_steps import Events
 from .restore import Place, memory_bound
 
 log = logging.getLogger(__name__)
@@ -230,17 +231,22 @@ class GpuDeltaSaver:
         p2 = self._parent[r0 * bs : (r0 + n) * bs].view(n, bs)
         stream = self._stream
         ctx = torch.cuda.stream(stream) if stream is not None else _Null()
+        ev = Events(self.cuda)
         with ctx:
             if stream is not None:
                 stream.wait_stream(self.pipe.stream)  # the pipeline placed the parent rows there
+            ev.mark("start")
             l2 = self._live[: n * bs].view(n, bs)
             runs = delta_ops.row_runs([(j.tensor, j.offset) for j in batch], bs)
             delta_ops.gather_rows(self.live, runs, l2, bs)
+            ev.mark("gather")
             delta_ops.check_rows(l2, [j.cid for j in batch], bs, self.kernel)
+            ev.mark("check")
             delta_ops.xor_rows_(p2, l2)
             w = batch[0].w
             q = delta_ops.split_planes(p2, w, self._planes)
             nz = delta_ops.nonzero_planes(q)
+            ev.mark("xor_planes")
             ws = batch[0].itemsize if batch[0].itemsize in (1, 2, 4, 8) else 1
             counts: list[int] | None = None
             take: list[bool] = []
@@ -248,6 +254,7 @@ class GpuDeltaSaver:
             nsparse = 0
             if self._sparse and bs % ws == 0:
                 counts = delta_ops.changed_elements(p2, ws).cpu().tolist()
+                ev.mark("count")
                 limit = SPARSE_MAX_FRACTION * (bs // ws)
                 room = self._cap
                 for c in counts:
@@ -255,6 +262,7 @@ class GpuDeltaSaver:
                     take.append(ok)
                     room -= c if ok else 0
                 nsparse = delta_ops.sparse_rows(p2, ws, take, self._sidx, self._sval)
+                ev.mark("sparse_rows")
                 # Rows stored as codec 4 outright never need their planes on the host.
                 drop = [r for r in range(n) if take[r] and sparse_outright(bs, ws, counts[r])]
                 dropped = set(drop)
@@ -264,6 +272,7 @@ class GpuDeltaSaver:
             keep = nz.nonzero().flatten()
             packed_q = delta_ops.pack_planes(q, keep, self._packed)
             nz_host = nz.cpu().tolist()
+            ev.mark("pack")
             m = bs // w
             kept = len(packed_q) * m
             # Slot k % 2 is free once piece k-2's planes are encoded.
@@ -271,6 +280,7 @@ class GpuDeltaSaver:
             self._collect(self._in_slot[k % 2])
             self.stats.wait_s += time.perf_counter() - tw
             host = self._slots[k % 2]
+            ev.mark("slot_wait")
             host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
             splanes_h = self._sslots[k % 2] if self._sslots else None
             if nsparse:
@@ -278,9 +288,12 @@ class GpuDeltaSaver:
                 taken = [counts[r] for r in range(n) if take[r]]
                 planes_d = delta_ops.sparse_planes(self._sidx, self._sval, taken, ws, self._splanes)
                 splanes_h[: len(planes_d)].copy_(planes_d, non_blocking=self.cuda)
+            ev.mark("to_host")
             if stream is not None:
                 stream.synchronize()  # the pipeline may overwrite the parent rows now
         self.stats.device_s += time.perf_counter() - t1
+        for step, sec in ev.elapsed().items():
+            self.stats.steps[step] = self.stats.steps.get(step, 0.0) + sec
         self.stats.d2h_bytes += kept + nsparse * (4 + ws)
         self.stats.planes_total += w * n
         self.stats.planes_nonzero += len(packed_q)
