@@ -292,8 +292,8 @@ class GpuDeltaSaver:
             if stream is not None:
                 stream.synchronize()  # the pipeline may overwrite the parent rows now
         self.stats.device_s += time.perf_counter() - t1
-        for step, sec in ev.elapsed().items():
-            self.stats.steps[step] = self.stats.steps.get(step, 0.0) + sec
+        for name, sec in ev.elapsed().items():
+            self.stats.steps[name] = self.stats.steps.get(name, 0.0) + sec
         self.stats.d2h_bytes += kept + nsparse * (4 + ws)
         self.stats.planes_total += w * n
         self.stats.planes_nonzero += len(packed_q)
