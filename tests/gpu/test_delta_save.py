@@ -309,7 +309,8 @@ def test_small_batches_bound_the_buffers(tmp_path: Path) -> None:
 
     bound = memory_bound(2 * BS, BS)  # the restore pipeline's own buffers
     assert stats.pinned_bytes <= 2 * 2 * BS + bound["pinned_host"]  # two slots + pipeline's
-    assert stats.device_scratch_bytes <= 4 * 2 * BS + bound["device_scratch"]
+    # parent rows in two halves, live rows, planes, packed planes: 5 batches' worth
+    assert stats.device_scratch_bytes <= 5 * 2 * BS + bound["device_scratch"]
     assert res.stats.new_chunks == res.stats.chunks
 
 
@@ -363,7 +364,31 @@ def test_damaged_parent_in_a_middle_batch_falls_back_for_that_batch_only(tmp_pat
         assert raw == m[t.name].view(torch.uint8).numpy().tobytes(), t.name
 
 
-def test_weights_changing_mid_save_is_an_error_not_a_chunk(tmp_path: Path) -> None:
+def test_small_batches_through_the_store_give_the_cpu_paths_chunks(tmp_path: Path) -> None:
+    """``Store.device_delta_batch_bytes`` of two blocks: seven batches, placed in turn
+    into the two halves of the parent scratch while the device thread uses the other;
+    the chunks are the CPU path's, byte for byte, and load back exactly."""
+    stores = {mode: open_store(tmp_path / mode, mode) for mode in ("always", "never")}
+    stores["always"].device_delta_batch_bytes = 2 * BS
+    m = model()
+    for st in stores.values():
+        save(st, m)
+    for step in (1, 2):  # the second step's parent is itself deltas
+        dense_step(m, step)
+        for st in stores.values():
+            save(st, m)
+        stats = stores["always"].last_device_delta
+        assert stats.pipeline["batches"] == 7 and stats.fallback_blocks == 0
+        assert chunk_files(tmp_path / "always") == chunk_files(tmp_path / "never")
+    loaded = stores["always"].load("latest")
+    for k, v in m.items():
+        assert torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("batch_bytes", [None, 2 * BS])
+def test_weights_changing_mid_save_is_an_error_not_a_chunk(
+    tmp_path: Path, batch_bytes: int | None
+) -> None:
     from apollo_cas.gpu.delta_hook import make_hook
     from apollo_cas.pipeline import write_source
 
@@ -382,8 +407,10 @@ def test_weights_changing_mid_save_is_an_error_not_a_chunk(tmp_path: Path) -> No
     dense_step(m, 2)  # the trainer stepped after the ids were taken
     stale = Stale(m)
     finder = base_finder(st, stale, parent, BS)
-    hook = make_hook(st, stale, finder, BS, "always")
+    hook = make_hook(st, stale, finder, BS, "always", batch_bytes=batch_bytes)
     st.chunks.known.update(parent.chunk_ids())
+    # Raised on the device thread, in any batch: the save fails (never a CPU fallback
+    # that would store the changed weights under the ids taken before).
     with pytest.raises(CorruptChunk, match="changed during the save"):
         write_source(st.chunks, stale, BS, 2, finder, None, hook)
 
@@ -429,12 +456,17 @@ def test_inner_zstd_policy_gives_the_cpu_paths_chunks(tmp_path: Path) -> None:
     assert chunk_files(tmp_path / "always") == chunk_files(tmp_path / "never")
 
 
-def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Path) -> None:
+def test_stores_that_write_in_order_never_get_two_writes_at_once(tmp_path: Path) -> None:
+    """A store that writes in order (packs) gets its chunks one call at a time, from
+    the saver's device thread or the caller's, never from the encode pool's threads."""
     import threading
+    import time
 
     from apollo_cas.chunkstore import ChunkStore, PutResult
 
-    threads: set[int] = set()
+    threads: set[str] = set()
+    active = [0, 0]  # now, most at once
+    lock = threading.Lock()
 
     class Ordered(ChunkStore):
         ordered_writes = True
@@ -442,8 +474,16 @@ def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Pa
         def put_encoded(
             self, chunk_id: bytes, blob: bytes, base: bytes | None, raw_size: int
         ) -> PutResult:
-            threads.add(threading.get_ident())
-            return super().put_encoded(chunk_id, blob, base, raw_size)
+            with lock:
+                threads.add(threading.current_thread().name)
+                active[0] += 1
+                active[1] = max(active)
+            time.sleep(0.001)  # room for an overlapping call to show
+            try:
+                return super().put_encoded(chunk_id, blob, base, raw_size)
+            finally:
+                with lock:
+                    active[0] -= 1
 
     st = open_store(tmp_path / "s", "always")
     st.chunks = Ordered(st.backend, st.chunks.policy, st.chunks.inventory)
@@ -451,7 +491,9 @@ def test_stores_that_write_in_order_get_every_chunk_from_one_thread(tmp_path: Pa
     save(st, m)
     dense_step(m, 1)
     save(st, m)
-    assert threads == {threading.get_ident()}
+    assert st.last_device_delta.blocks > 0
+    assert active[1] == 1
+    assert not any(name.startswith("apollo-delta_") for name in threads), threads
     loaded = st.load("latest")
     assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in m.items())
 

@@ -1,0 +1,150 @@
+"""Where a full save of device tensors spends its time (a probe, not a benchmark).
+
+Saves one generated bf16 model (``--size``, on ``--device``) into a new format-2 store
+under ``--dir`` while a sampler thread records, every ``--interval`` seconds, the
+innermost frames of every other thread (``sys._current_frames``): a poor man's py-spy
+that shows which Python lines the feeding thread and the encode threads are on (a
+thread waiting for the GIL shows where it resumes). Also the CPU seconds of each
+thread group (from /proc/self/task) and the save's wall and CPU time.
+
+    python benchmarks/probe_full_save.py --size 16GiB --dir /dev/shm/apollo-probe \\
+        --out $OUT/full_save_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dense_gpu import build_model, log, sync
+
+from apollo_cas.cli.common import parse_size
+from apollo_cas.sources.device import DeviceSource
+from apollo_cas.store import Store
+
+GB = 1e9
+
+
+def group(name: str) -> str:
+    """A thread's group: its name without the pool's counter."""
+    return name.rstrip("0123456789").rstrip("_-") or name
+
+
+def task_cpu(tid: int) -> float | None:
+    """CPU seconds of thread ``tid`` of this process (from /proc), None once it is gone."""
+    try:
+        stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Sampler(threading.Thread):
+    def __init__(self, interval: float, depth: int) -> None:
+        super().__init__(name="probe-sampler", daemon=True)
+        self.interval = interval
+        self.depth = depth
+        self.stop = threading.Event()
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
+        self.samples = 0
+        #: thread id -> (group, CPU seconds when first seen, last seen)
+        self.cpu: dict[int, tuple[str, float, float]] = {}
+
+    def cpu_by_group(self) -> dict[str, float]:
+        out: dict[str, float] = collections.defaultdict(float)
+        for g, first, last in self.cpu.values():
+            out[g] += last - first
+        return {g: round(v, 2) for g, v in out.items()}
+
+    def _read_cpu(self) -> None:
+        for t in threading.enumerate():
+            if t.native_id is None or t is self:
+                continue
+            now = task_cpu(t.native_id)
+            if now is None:
+                continue
+            g, first, _ = self.cpu.get(t.native_id, (group(t.name), now, now))
+            self.cpu[t.native_id] = (g, first, now)
+
+    def run(self) -> None:
+        me = threading.get_ident()
+        while not self.stop.wait(self.interval):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                stack: list[str] = []
+                f: Any = frame
+                while f is not None and len(stack) < self.depth:
+                    code = f.f_code
+                    stack.append(f"{Path(code.co_filename).name}:{f.f_lineno}:{code.co_name}")
+                    f = f.f_back
+                self.counts[group(names.get(ident, "?"))][" < ".join(stack)] += 1
+            self.samples += 1
+            if self.samples % 10 == 1:
+                self._read_cpu()  # threads started and gone within 10 samples are missed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="16GiB")
+    ap.add_argument("--dir", default="/dev/shm/apollo-probe")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--interval", type=float, default=0.005)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", default="full_save_probe.json")
+    args = ap.parse_args()
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    model = build_model(parse_size(args.size), args.device)
+    raw = sum(t.nbytes for t in model.values())
+    st = Store.open(work, create=True)
+    sampler = Sampler(args.interval, args.depth)
+    sync(args.device)
+    sampler.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    r = st.save(DeviceSource(model))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    sampler._read_cpu()
+    sampler.stop.set()
+    sampler.join()
+    st.close()
+    shutil.rmtree(work, ignore_errors=True)
+    res: dict[str, Any] = {
+        "raw_bytes": raw,
+        "stored_bytes": r.stats.new_stored_bytes,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 2),
+        "raw_gb_s": round(raw / wall / GB, 2),
+        "samples": sampler.samples,
+        "thread_cpu_s": sampler.cpu_by_group(),
+        "top_frames": {
+            g: [[n, s] for s, n in c.most_common(args.top)] for g, c in sampler.counts.items()
+        },
+    }
+    log(f"full save {raw / GB:.1f} GB: {wall:.2f} s wall, {cpu:.1f} s CPU")
+    log(f"thread CPU: {res['thread_cpu_s']}")
+    for g, rows in res["top_frames"].items():
+        total = sum(sampler.counts[g].values())
+        print(f"-- {g} ({total} samples)")
+        for n, s in rows:
+            print(f"  {n:6d} {s}")
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
