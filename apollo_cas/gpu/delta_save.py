@@ -28,7 +28,7 @@ full chunks, as ``codecs.encode`` does for a base it cannot load). A delta large
 on the host (the live block is fetched for it), as ``codecs.encode`` does.
 
 Memory, independent of model size, with ``batch_bytes = B`` (default 256 MiB, also the
-restore pipeline's batch): device scratch 4 B (parent rows, live rows, planes, packed
+restore pipeline's batch): device scratch 5 B (parent rows in two halves, live rows, planes, packed
 planes) plus the pipeline's (measured 0.58-1.13 GB at 256 MiB, docs/GPU_RESTORE.md);
 pinned host 2 B (two slots) plus the pipeline's (0.63-1.17 GB); deltas waiting for a
 comparison with their full encoding hold at most about B more.

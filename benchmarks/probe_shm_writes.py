@@ -1,0 +1,111 @@
+"""How fast N processes can fill restore outputs on tmpfs (a probe, not a benchmark).
+
+The CPU restore's worker processes copy decoded chunks into shared mappings of the
+output files (``decode_worker.OutputMaps``). This probe times only that write side,
+with no decoding: ``--procs`` processes each write ``--per-proc`` bytes of one
+prepared buffer, in 1 MiB pieces, into
+
+* ``one-file-mmap``: disjoint ranges of one file through a shared mapping (today's
+  restore to one ``weights.bin``);
+* ``one-file-mmap-populate``: the same with ``MADV_POPULATE_WRITE`` on each range first;
+* ``one-file-pwrite``: disjoint ranges of one file with ``pwrite``;
+* ``own-file-mmap``: a file per process (a restore to shards);
+
+and reports GB/s for each, so a restore's rate can be read against what the kernel
+allows for its target.
+
+    python benchmarks/probe_shm_writes.py --dir /dev/shm/apollo-writes --procs 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+GB = 1e9
+#: Linux 5.14's MADV_POPULATE_WRITE (Python's mmap module names it from 3.13 only).
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def _worker(args: tuple[str, str, int, int]) -> float:
+    mode, path, offset, nbytes = args
+    piece = os.urandom(MiB)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if mode == "one-file-pwrite":
+            for off in range(offset, offset + nbytes, MiB):
+                os.pwrite(fd, piece, off)
+        else:
+            m = mmap.mmap(fd, 0)
+            try:
+                if mode == "one-file-mmap-populate":
+                    start = offset - offset % mmap.PAGESIZE
+                    m.madvise(MADV_POPULATE_WRITE, start, nbytes)
+                for off in range(offset, offset + nbytes, MiB):
+                    m[off : off + MiB] = piece
+            finally:
+                m.close()
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def run(mode: str, root: Path, procs: int, per_proc: int) -> dict[str, Any]:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    if mode == "own-file-mmap":
+        jobs = []
+        for i in range(procs):
+            p = root / f"out-{i}"
+            with open(p, "wb") as f:
+                f.truncate(per_proc)
+            jobs.append((mode, str(p), 0, per_proc))
+    else:
+        p = root / "out"
+        with open(p, "wb") as f:
+            f.truncate(per_proc * procs)
+        jobs = [(mode, str(p), i * per_proc, per_proc) for i in range(procs)]
+    with mp.get_context("fork").Pool(procs) as pool:
+        t0 = time.perf_counter()
+        times = pool.map(_worker, jobs)
+        wall = time.perf_counter() - t0
+    shutil.rmtree(root, ignore_errors=True)
+    total = per_proc * procs
+    return {
+        "mode": mode,
+        "procs": procs,
+        "bytes": total,
+        "wall_s": round(wall, 3),
+        "gb_per_s": round(total / wall / GB, 2),
+        "slowest_proc_s": round(max(times), 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/dev/shm/apollo-writes")
+    ap.add_argument("--procs", default="1,16", help="comma-separated process counts")
+    ap.add_argument("--per-proc", type=int, default=1 << 30, help="bytes per process")
+    ap.add_argument("--out", default="shm_writes.json")
+    args = ap.parse_args()
+    modes = ["one-file-mmap", "one-file-mmap-populate", "one-file-pwrite", "own-file-mmap"]
+    rows = []
+    for procs in (int(p) for p in args.procs.split(",")):
+        for mode in modes:
+            row = run(mode, Path(args.dir), procs, args.per_proc)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "runs": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
