@@ -98,7 +98,9 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     )
 
 
-def timed_load(st: Store, model: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
+def timed_load(
+    st: Store, model: dict[str, torch.Tensor], device: str, arenas: int = 2
+) -> dict[str, Any]:
     """``Store.load(device=...)``: on CUDA its own steps (pipeline at LOAD_BATCH_BYTES,
     load_tensors_pipeline) so the phases can be read; elsewhere ``Store.load`` itself."""
     m = st.manifest(st.resolve("latest"))
@@ -106,7 +108,9 @@ def timed_load(st: Store, model: dict[str, torch.Tensor], device: str) -> dict[s
     t0 = time.perf_counter()
     phases = None
     if device.startswith("cuda"):
-        pipe = st.restore_pipeline(m.block_size, device, batch_bytes=LOAD_BATCH_BYTES)
+        pipe = st.restore_pipeline(
+            m.block_size, device, batch_bytes=LOAD_BATCH_BYTES, arenas=arenas
+        )
         try:
             got = load_tensors_pipeline(pipe, m)
             sync(device)
@@ -159,6 +163,12 @@ def main() -> None:
     ap.add_argument("--cpu-target", default="/dev/shm/apollo-cold-restore")
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--more-arenas",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[],
+        help="arena counts to time the loads with too (the default pipeline has 2)",
+    )
     ap.add_argument("--out", default="benchmarks/results/cold_restore.json")
     args = ap.parse_args()
     from safetensors.torch import save_file
@@ -202,6 +212,15 @@ def main() -> None:
     res["load_cold"] = timed_load(st, model, args.device)
     res["load_warm"] = timed_load(st, model, args.device)
     log(f"Store.load cold {res['load_cold']['seconds']} s, warm {res['load_warm']['seconds']} s")
+    for n in args.more_arenas:
+        # The same loads with more arenas (reads further ahead of the device).
+        evict(store_files)
+        res[f"load_cold_{n}_arenas"] = timed_load(st, model, args.device, n)
+        res[f"load_warm_{n}_arenas"] = timed_load(st, model, args.device, n)
+        log(
+            f"  {n} arenas: cold {res[f'load_cold_{n}_arenas']['seconds']} s, "
+            f"warm {res[f'load_warm_{n}_arenas']['seconds']} s"
+        )
     evict([st_file])
     res["safetensors_cold_seconds"] = timed_safetensors(st_file, args.device)
     res["safetensors_warm_seconds"] = timed_safetensors(st_file, args.device)

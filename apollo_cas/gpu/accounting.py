@@ -32,13 +32,18 @@ LOAD_BATCH_BYTES = 1 << 30
 
 
 def memory_bound(
-    batch_bytes: int, block_size: int, max_depth: int = 4, *, direct: bool = False
+    batch_bytes: int,
+    block_size: int,
+    max_depth: int = 4,
+    *,
+    direct: bool = False,
+    arenas: int = 2,
 ) -> dict[str, int]:
     """Upper bounds of the memory the pipeline holds, in bytes, for delta chains of at
     most ``max_depth`` (the store's ``CodecPolicy.max_delta_depth``, 4 by default).
 
     A batch holds at most ``batch_bytes`` of places, and each of them at most
-    ``max_depth`` bases. A staging slot holds every plane slot of its chunks (raw size:
+    ``max_depth`` bases; ``arenas`` is the pipeline's (two by default). A staging slot holds every plane slot of its chunks (raw size:
     the device decodes frames into them) plus the packed frames (at most raw size
     again), plus alignment per chunk. Pinned: two slots. Device: one staging mirror and
     two buffers of decoded rows (every device step runs on one stream; batch k+1 is
@@ -62,14 +67,14 @@ def memory_bound(
     if direct:
         stored = (max_depth + 1) * batch_bytes + rows * (256 + PAD)
         return {
-            "pinned_host": 2 * arena,
+            "pinned_host": arenas * arena,
             "device_scratch": slot + row_bytes + arena + max(0, stored - arena + PAD),
             "host_arenas": 0,
         }
     return {
         "pinned_host": 2 * slot,
         "device_scratch": slot + row_bytes,
-        "host_arenas": 2 * arena,
+        "host_arenas": arenas * arena,
     }
 
 

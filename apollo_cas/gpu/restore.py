@@ -126,6 +126,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         frames: FrameDecoder | str | None = "auto",
         direct: bool | None = None,
+        arenas: int = 2,
     ) -> None:
         self.reader = reader
         self.read_raw = read_raw
@@ -157,8 +158,9 @@ class RestorePipeline(HostStaging, DeviceSteps):
         self._events: list[Events] = []
         self._live: dict[bytes, tuple[int, int, int]] = {}
         self._batch_of: list[int] = []
-        # Reusable host memory the reader may read stored bytes into (two: batch k+1 is
-        # read while batch k is staged); a reader without room returns its own bytes.
+        # Reusable host memory the reader may read stored bytes into (at least two:
+        # batch k+1 is read while batch k is staged; a third lets the reads run a batch
+        # further ahead of the device); a reader without room returns its own bytes.
         self._arena_bytes = (
             2 * self.batch_bytes + (2 * self.batch_bytes // self.block_size + 2) * 256
         )
@@ -167,7 +169,9 @@ class RestorePipeline(HostStaging, DeviceSteps):
         def alloc(n: int) -> torch.Tensor:
             return torch.empty(n, dtype=torch.uint8, pin_memory=pin)
 
-        self._arenas = [Arena(alloc), Arena(alloc)]
+        if int(arenas) < 2:
+            raise ValueError(f"arenas={arenas}: the pipeline needs at least 2")
+        self._arenas = [Arena(alloc) for _ in range(int(arenas))]
         self._pools: dict[str, ThreadPoolExecutor] = {}
         # Host slots handed to the producer and not yet released by the device stage.
         self._free = threading.Semaphore(2)
