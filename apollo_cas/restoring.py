@@ -217,13 +217,15 @@ def load(
     the model's size; smaller batches hold less and load more slowly); elsewhere they
     are decoded on the CPU.
     """
-    from .gpu.accounting import LOAD_BATCH_BYTES
+    from .gpu.accounting import LOAD_BATCH_BYTES, checked_batch_bytes
     from .targets.tensors import load_tensors, load_tensors_pipeline
 
     manifest = store.manifest(store.resolve(ref, series))
     if device is not None and str(device).startswith("cuda"):
         pipe = store.restore_pipeline(
-            manifest.block_size, device, batch_bytes=_batch_bytes(batch_bytes) or LOAD_BATCH_BYTES
+            manifest.block_size,
+            device,
+            batch_bytes=checked_batch_bytes(batch_bytes) or LOAD_BATCH_BYTES,
         )
         try:
             return load_tensors_pipeline(pipe, manifest)
@@ -295,7 +297,9 @@ def restore_into(
             f"tensors on several devices ({', '.join(sorted(devices))})",
             "restore each device's tensors with its own restore_into call",
         )
-    chosen = _batch_bytes(batch_bytes)
+    from .gpu.accounting import checked_batch_bytes
+
+    chosen = checked_batch_bytes(batch_bytes)
     options = {"batch_bytes": chosen} if chosen else {}
     pipe = store.restore_pipeline(manifest.block_size, device, **options)
     try:
@@ -309,15 +313,3 @@ def restore_into(
         )
     finally:
         pipe.close()
-
-
-def _batch_bytes(value: Any) -> int | None:
-    """A caller's ``batch_bytes``: None (the default) or a positive whole number of bytes."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UsageError(
-            f"batch_bytes must be a positive number of bytes, got {value!r}",
-            "pass an int such as 1 << 30 (1 GiB), or leave it out for the default",
-        )
-    return value

@@ -350,7 +350,10 @@ def device_delta_hook(
         or not isinstance(source, device.DeviceSource)
     ):
         return None
+    from .gpu.accounting import checked_batch_bytes
     from .gpu.delta_hook import make_hook
+
+    batch = checked_batch_bytes(store.device_delta_batch_bytes, "Store.device_delta_batch_bytes")
 
     def keep(stats: Any) -> None:
         store.last_device_delta = stats
@@ -361,7 +364,7 @@ def device_delta_hook(
         base_for,
         block_size,
         store.device_delta,
-        batch_bytes=store.device_delta_batch_bytes,
+        batch_bytes=batch,
         on_stats=keep,
     )
 

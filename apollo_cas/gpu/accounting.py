@@ -6,10 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UsageError
 from .chunkplan import ALIGN, align_up
 from .readers import PAD
 
-__all__ = ["DEFAULT_BATCH_BYTES", "LOAD_BATCH_BYTES", "RestoreStats", "memory_bound", "rounded"]
+__all__ = [
+    "DEFAULT_BATCH_BYTES",
+    "LOAD_BATCH_BYTES",
+    "RestoreStats",
+    "checked_batch_bytes",
+    "memory_bound",
+    "rounded",
+]
 
 
 def rounded(stats: Any) -> dict[str, Any]:
@@ -31,6 +39,19 @@ DEFAULT_BATCH_BYTES = 256 << 20
 LOAD_BATCH_BYTES = 1 << 30
 
 
+def checked_batch_bytes(value: Any, name: str = "batch_bytes") -> int | None:
+    """A caller's batch size: None (the default) or a positive whole number of bytes;
+    anything else is a UsageError naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(
+            f"{name} must be a positive number of bytes, got {value!r}",
+            "pass an int such as 1 << 30 (1 GiB), or leave it out for the default",
+        )
+    return value
+
+
 def memory_bound(
     batch_bytes: int,
     block_size: int,
@@ -43,16 +64,16 @@ def memory_bound(
     most ``max_depth`` (the store's ``CodecPolicy.max_delta_depth``, 4 by default).
 
     A batch holds at most ``batch_bytes`` of places, and each of them at most
-    ``max_depth`` bases; ``arenas`` is the pipeline's (two by default). A staging slot holds every plane slot of its chunks (raw size:
+    ``max_depth`` bases. A staging slot holds every plane slot of its chunks (raw size:
     the device decodes frames into them) plus the packed frames (at most raw size
     again), plus alignment per chunk. Pinned: two slots. Device: one staging mirror and
     two buffers of decoded rows (every device step runs on one stream; batch k+1 is
     decoded before batch k's verdict is read and its rows placed). Host arenas (not
-    pinned): two of about twice ``batch_bytes``; a reader without room in them returns
-    bytes of its own instead.
+    pinned): ``arenas`` (the pipeline's, two by default) of about twice
+    ``batch_bytes``; a reader without room in them returns bytes of its own instead.
 
     ``direct`` (the mode with a frame decoder, nvCOMP on a GPU): no staging slots; the
-    two arenas are the pinned memory, and the device holds a mirror of one arena, the
+    arenas are the pinned memory, and the device holds a mirror of one arena, the
     staging layout, two buffers of decoded rows, and a copy of each stored chunk that did not fit
     in the arena (deep delta chains: at most the batch's stored bytes beyond it).
 

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from damage import chunk_file_range, flip_last_byte  # noqa: E402
 
 from apollo_cas import codecs  # noqa: E402
-from apollo_cas.errors import CorruptChunk  # noqa: E402
+from apollo_cas.errors import CorruptChunk, UsageError  # noqa: E402
 from apollo_cas.gpu import delta_ops  # noqa: E402
 from apollo_cas.gpu.blocks import host_block_digests  # noqa: E402
 from apollo_cas.gpu.delta_encode import encode_delta, sparse_wanted, zero_frame  # noqa: E402
@@ -383,6 +383,19 @@ def test_small_batches_through_the_store_give_the_cpu_paths_chunks(tmp_path: Pat
     loaded = stores["always"].load("latest")
     for k, v in m.items():
         assert torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("bad", [0, -BS, "256MiB", 1.5, True])
+def test_a_bad_batch_size_is_refused_before_the_save_writes(tmp_path: Path, bad: Any) -> None:
+    st = open_store(tmp_path / "s", "always")
+    m = model()
+    save(st, m)
+    before = st.checkpoint_ids()
+    dense_step(m, 1)
+    st.device_delta_batch_bytes = bad
+    with pytest.raises(UsageError, match=r"Store\.device_delta_batch_bytes must be a positive"):
+        save(st, m)
+    assert st.checkpoint_ids() == before
 
 
 @pytest.mark.parametrize("batch_bytes", [None, 2 * BS])
