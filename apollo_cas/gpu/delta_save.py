@@ -36,6 +36,7 @@ comparison with their full encoding hold at most about B more.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -263,7 +264,7 @@ class GpuDeltaSaver:
         self._k += 1
         p2 = self._parent[r0 * bs : (r0 + n) * bs].view(n, bs)
         stream = self._stream
-        ctx = torch.cuda.stream(stream) if stream is not None else _Null()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         ev = Events(self.cuda)
         with ctx:
             ev.mark("start")
@@ -447,11 +448,3 @@ class _CallbackError(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

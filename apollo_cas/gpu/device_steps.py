@@ -3,6 +3,7 @@ rearrangement), decode, interleave (and codec 4's scatter), XOR, verify, place."
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ class DeviceSteps:
         queued the next batch: the host never waits for the device between batches
         (reading each batch's verdict at once cost a stream synchronisation per batch,
         0.38 s of a 2.35 s load of 17 GB on the H200, with the device idle meanwhile)."""
-        ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext_()
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
         with ctx:
             ev = Events(self.cuda)
             dev, rows = self._buffers(batch)
@@ -202,7 +203,7 @@ class DeviceSteps:
                 f"its name{more}",
                 HINT,
             )
-        ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext_()
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
         with ctx:
             pending.events.mark("placing")
             self._place(batch, pending.rows, dests)
@@ -411,11 +412,3 @@ class Events:
             out[b] = ea.elapsed_time(eb) / 1e3 if self.cuda else eb - ea
         self._keep = []
         return out
-
-
-class nullcontext_:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
