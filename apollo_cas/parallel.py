@@ -36,16 +36,17 @@ def worker_limit(workers: int) -> Iterator[None]:
         _LIMIT.reset(token)
 
 
-def _capped(n: int) -> int:
+def capped_workers(n: int) -> int:
+    """``n`` threads, or fewer where :func:`worker_limit` caps this context (at least 1)."""
     cap = _LIMIT.get()
-    return n if cap is None else min(n, cap)
+    return max(1, n if cap is None else min(n, cap))
 
 
 def default_workers() -> int:
     threads = settings.threads()  # APOLLO_CAS_THREADS
     if threads is not None:
-        return _capped(threads)
-    return _capped(
+        return capped_workers(threads)
+    return capped_workers(
         max(
             1,
             len(os.sched_getaffinity(0))
@@ -64,7 +65,7 @@ def bounded_map(
     ``items`` is; an exception in any task is raised here, and remaining tasks are
     cancelled.
     """
-    workers = _capped(workers)
+    workers = capped_workers(workers)
     window = window or workers * 4
     if workers <= 1:
         for it in items:

@@ -99,7 +99,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def timed_load(
-    st: Store, model: dict[str, torch.Tensor], device: str, arenas: int = 2
+    st: Store, model: dict[str, torch.Tensor], device: str, arenas: int | None = None
 ) -> dict[str, Any]:
     """``Store.load(device=...)``: on CUDA its own steps (pipeline at LOAD_BATCH_BYTES,
     load_tensors_pipeline) so the phases can be read; elsewhere ``Store.load`` itself."""
@@ -108,9 +108,8 @@ def timed_load(
     t0 = time.perf_counter()
     phases = None
     if device.startswith("cuda"):
-        pipe = st.restore_pipeline(
-            m.block_size, device, batch_bytes=LOAD_BATCH_BYTES, arenas=arenas
-        )
+        opts = {} if arenas is None else {"arenas": arenas}
+        pipe = st.restore_pipeline(m.block_size, device, batch_bytes=LOAD_BATCH_BYTES, **opts)
         try:
             got = load_tensors_pipeline(pipe, m)
             sync(device)
@@ -164,10 +163,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--device", default="cuda")
     ap.add_argument(
-        "--more-arenas",
+        "--arenas",
         type=lambda v: [int(x) for x in v.split(",") if x],
         default=[],
-        help="arena counts to time the loads with too (the default pipeline has 2)",
+        help="arena counts to time the loads with besides the default (3)",
     )
     ap.add_argument("--out", default="benchmarks/results/cold_restore.json")
     args = ap.parse_args()
@@ -212,8 +211,8 @@ def main() -> None:
     res["load_cold"] = timed_load(st, model, args.device)
     res["load_warm"] = timed_load(st, model, args.device)
     log(f"Store.load cold {res['load_cold']['seconds']} s, warm {res['load_warm']['seconds']} s")
-    for n in args.more_arenas:
-        # The same loads with more arenas (reads further ahead of the device).
+    for n in args.arenas:
+        # The same loads with another arena count (2: the default until 2026-12-03).
         evict(store_files)
         res[f"load_cold_{n}_arenas"] = timed_load(st, model, args.device, n)
         res[f"load_warm_{n}_arenas"] = timed_load(st, model, args.device, n)

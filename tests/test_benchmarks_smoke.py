@@ -240,12 +240,12 @@ def test_bench_cold_restore_smoke(tmp_path: Path) -> None:
         tmp_path,
         "bench_cold_restore.py",
         *("--size", "8MiB", "--device", "cpu", "--threads", "2"),
-        *("--cpu-target", str(tmp_path / "t"), "--more-arenas", "3"),
+        *("--cpu-target", str(tmp_path / "t"), "--arenas", "2"),
     )
     assert got["evict_method"] in ("drop_caches", "fadvise")
     assert got["floor_packs_cold"]["bytes"] == got["stored_pack_bytes"] > 0
     assert got["load_cold"]["bit_exact"] and got["load_warm"]["bit_exact"]
-    assert got["load_cold_3_arenas"]["bit_exact"] and got["load_warm_3_arenas"]["bit_exact"]
+    assert got["load_cold_2_arenas"]["bit_exact"] and got["load_warm_2_arenas"]["bit_exact"]
     assert got["safetensors_cold_seconds"] > 0 and got["cold_load_over_disk_read"] > 0
     assert {"safetensors", "flat"} <= set(got["cpu_restore"])
     assert not (tmp_path / "w").exists() and not any((tmp_path / "t").iterdir())

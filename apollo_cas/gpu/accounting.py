@@ -52,13 +52,21 @@ def checked_batch_bytes(value: Any, name: str = "batch_bytes") -> int | None:
     return value
 
 
+#: Host arenas of the restore pipeline. Two left the read thread waiting for a free
+#: arena (batch k+2 waits until batch k is on the device): a cold load of 17.1 GB from
+#: the H200 host's disk (1.75 GB/s) took 9.29 s with two and 6.91 s with three, 0.95 of
+#: the disk's rate (benchmarks/results/h200_2026-12-03/cold_restore.json); warm, 1.32 s
+#: against 1.19 s. The cost: one more arena of pinned memory (about 2x ``batch_bytes``).
+DEFAULT_ARENAS = 3
+
+
 def memory_bound(
     batch_bytes: int,
     block_size: int,
     max_depth: int = 4,
     *,
     direct: bool = False,
-    arenas: int = 2,
+    arenas: int = DEFAULT_ARENAS,
 ) -> dict[str, int]:
     """Upper bounds of the memory the pipeline holds, in bytes, for delta chains of at
     most ``max_depth`` (the store's ``CodecPolicy.max_delta_depth``, 4 by default).
@@ -69,7 +77,7 @@ def memory_bound(
     again), plus alignment per chunk. Pinned: two slots. Device: one staging mirror and
     two buffers of decoded rows (every device step runs on one stream; batch k+1 is
     decoded before batch k's verdict is read and its rows placed). Host arenas (not
-    pinned): ``arenas`` (the pipeline's, two by default) of about twice
+    pinned): ``arenas`` (the pipeline's, :data:`DEFAULT_ARENAS` by default) of about twice
     ``batch_bytes``; a reader without room in them returns bytes of its own instead.
 
     ``direct`` (the mode with a frame decoder, nvCOMP on a GPU): no staging slots; the

@@ -31,7 +31,7 @@ pipeline runs, in batches of at most ``batch_bytes`` of raw output:
 7. **place**: only then are the verified blocks copied into the destinations.
 
 Steps 1-2 of batch k+1 run on host threads while the device runs steps 3-7 of
-batch k. Memory is bounded by ``batch_bytes``, never by the model: two arenas (pinned
+batch k. Memory is bounded by ``batch_bytes``, never by the model: three arenas (pinned
 in direct mode) or two staging slots, and on the device one mirror, one layout and one
 buffer of decoded rows (see :func:`memory_bound`).
 
@@ -63,7 +63,7 @@ import torch
 
 from ..errors import FormatVersionError
 from ..parallel import default_workers
-from .accounting import DEFAULT_BATCH_BYTES, RestoreStats, memory_bound
+from .accounting import DEFAULT_ARENAS, DEFAULT_BATCH_BYTES, RestoreStats, memory_bound
 from .blocks import kernel_module
 from .chunkplan import (
     Batch,
@@ -126,7 +126,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         frames: FrameDecoder | str | None = "auto",
         direct: bool | None = None,
-        arenas: int = 2,
+        arenas: int = DEFAULT_ARENAS,
     ) -> None:
         self.reader = reader
         self.read_raw = read_raw
@@ -171,7 +171,9 @@ class RestorePipeline(HostStaging, DeviceSteps):
 
         if int(arenas) < 2:
             raise ValueError(f"arenas={arenas}: the pipeline needs at least 2")
-        self._arenas = [Arena(alloc) for _ in range(int(arenas))]
+        #: Host arenas stored bytes are read into (pinned in direct mode).
+        self.arenas = int(arenas)
+        self._arenas = [Arena(alloc) for _ in range(self.arenas)]
         self._pools: dict[str, ThreadPoolExecutor] = {}
         # Host slots handed to the producer and not yet released by the device stage.
         self._free = threading.Semaphore(2)

@@ -8,10 +8,10 @@ This is the hot path of a checkpoint of live weights (a handles file, or a
   (:mod:`apollo_cas.gpu.xxh3_kernel`, bit-exact with ``xxhash``), and copies
   only the digests (16 bytes per block) to the host, once, at the end.
 * **Host memory is bounded, never proportional to the model.**
-  :meth:`DeviceSource.fetch` copies the blocks the store lacks through two
-  reusable pinned buffers (``buffer_bytes`` each, 256 MiB by default) on a side
-  CUDA stream: the copy of batch k+1 is in flight while the consumer hashes,
-  compresses and writes batch k. No ``.cpu()`` of whole tensors, no pageable
+  :meth:`DeviceSource.fetch_batches` copies the blocks the store lacks through
+  three reusable pinned buffers (``buffer_bytes`` each, 256 MiB by default) on a
+  side CUDA stream: the copy of batch k+2 is in flight while worker threads hash
+  and compress batches k and k+1 straight out of their buffers (no host copy). No ``.cpu()`` of whole tensors, no pageable
   copies (pageable device-to-host runs at ~1.3 GB/s on an H100, pinned at ~54).
 
 The hashing lives in :mod:`apollo_cas.gpu.blocks` and the pinned buffers in
@@ -41,6 +41,7 @@ save; the pipeline may also re-hash fetched bytes on the host.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,14 +62,21 @@ from ..gpu.blocks import (
 )
 from ..gpu.staging import Stager, device_index
 from ..manifest import SourceInfo
-from .base import BlockRequest, Source, SourceTensor, by_unique_name
+from .base import BlockRequest, FetchedBatch, Source, SourceTensor, by_unique_name
 
-#: Size of each of the two pinned buffers that ``fetch`` streams through.
+#: Size of each of the pinned buffers that ``fetch`` streams through.
 DEFAULT_BUFFER_BYTES = 256 << 20
+#: Pinned buffers a fetch cycles through: two batches being encoded on worker threads
+#: while the third is copied. With two, the save's main thread copied every fetched
+#: byte out of the buffers before the next refill, and that one thread (numpy copy,
+#: ~1.5 GB/s) limited a full save of 17.1 GB on the H200 to 11.4 s (profile in
+#: benchmarks/results/h200_2026-12-03/full_save_probe.json).
+FETCH_SLOTS = 3
 
 __all__ = [
     "DEFAULT_BUFFER_BYTES",
     "DEFAULT_STREAMS",
+    "FETCH_SLOTS",
     "SHORT_INPUT_MAX",
     "DeviceSource",
     "DeviceTensor",
@@ -113,7 +121,7 @@ class DeviceSource(Source):
 
     ``tensors`` maps names to tensors; they are kept alive (and, for a handles
     file, the IPC mappings stay open) until :meth:`close`. ``buffer_bytes`` bounds
-    the host memory ``fetch`` uses: two pinned buffers of at most that size
+    the host memory ``fetch`` uses: three pinned buffers of at most that size
     (smaller when the request is smaller). ``streams`` is kept for callers of
     the older per-tensor hashing; the default path hashes each device's tensors in
     one launch and needs no side streams. ``stage_host`` (tests only) sends
@@ -142,7 +150,7 @@ class DeviceSource(Source):
         self._keepalive = keepalive
         self._stage_host = stage_host
         # Two pinned slots (gpu/staging.py), allocated on the first fetch that needs them.
-        self._stager = Stager(slots=2)
+        self._stager = Stager(slots=FETCH_SLOTS)
         self._fetch_lock = threading.Lock()
         #: Bytes that crossed from the device to the host: fetched blocks plus the
         #: small pieces hashed on the host. Digests themselves are not counted.
@@ -204,20 +212,34 @@ class DeviceSource(Source):
         return out
 
     def fetch(self, requests: Sequence[BlockRequest]) -> Iterator[tuple[int, memoryview]]:
-        """Yield ``(i, bytes)`` for ``requests[i]``, in order.
+        """Yield ``(i, bytes)`` for ``requests[i]``, in order, one block at a time.
 
-        Device blocks are copied in batches of up to ``buffer_bytes`` into two
-        pinned buffers: batch k+1 is copied (on a side stream) while the consumer
-        works on batch k. Every view of batch k stays valid until the consumer asks
-        for the item after the first item of batch k+1 — at least the "next item
-        plus one" the :class:`Source` contract promises, and a whole batch at once.
-        CPU tensors yield zero-copy views. Adjacent blocks of one tensor are copied
-        with one ``cudaMemcpyAsync``.
+        Built on :meth:`fetch_batches`: every view of batch k stays valid until the
+        consumer asks for the item after the first item of batch k+1 — at least the
+        "next item plus one" the :class:`Source` contract promises.
+        """
+        prev: FetchedBatch | None = None
+        for batch in self.fetch_batches(requests):
+            for j, item in enumerate(batch.items):
+                yield item
+                if j == 0 and prev is not None:
+                    prev.release()
+            prev = batch
+
+    def fetch_batches(self, requests: Sequence[BlockRequest]) -> Iterator[FetchedBatch]:
+        """Yield the requested blocks in batches of up to ``buffer_bytes`` device bytes.
+
+        Each batch's views point into one of :data:`FETCH_SLOTS` pinned buffers and
+        stay valid until :meth:`FetchedBatch.release`; releasing batch k queues the
+        copy of batch k+3 into its buffer (on a side stream), so two batches can be
+        encoded on worker threads while the third crosses PCIe. Asking for batch
+        k+3 before batch k is released is an error. CPU tensors yield zero-copy
+        views; adjacent blocks of one tensor are copied with one ``cudaMemcpyAsync``.
         """
         if not requests:
             return
         with self._fetch_lock:  # the buffers are shared: one fetch at a time
-            yield from self._fetch(requests)
+            yield from self._fetch_batches(requests)
 
     def close(self) -> None:
         """Drop the buffers and the tensors (closing a handles file's IPC mappings)."""
@@ -227,7 +249,7 @@ class DeviceSource(Source):
 
     # -- fetch internals ---------------------------------------------------------------
 
-    def _fetch(self, requests: Sequence[BlockRequest]) -> Iterator[tuple[int, memoryview]]:
+    def _fetch_batches(self, requests: Sequence[BlockRequest]) -> Iterator[FetchedBatch]:
         ts = self._tensors
         dev_total = 0
         biggest = 0
@@ -239,20 +261,21 @@ class DeviceSource(Source):
                 dev_total += r.length
                 biggest = max(biggest, r.length)
         # Buffers no bigger than needed: an incremental save fetching 80 MB should not
-        # pay for pinning 512 MiB (pinning costs ~20 ms per GiB).
-        cap = max(biggest, min(self.buffer_bytes, -(-dev_total // 2)), 1)
-        batches = fetch_batches(requests, ts, cap, self._stage_host)
+        # pay for pinning 768 MiB (pinning costs ~20 ms per GiB).
+        cap = max(biggest, min(self.buffer_bytes, -(-dev_total // FETCH_SLOTS)), 1)
+        plans = plan_fetch(requests, ts, cap, self._stage_host)
         if dev_total:
             self._stager.ensure(cap)
         stager = self._stager
-        issued = 0
+        issued = [False] * len(plans)
 
         def issue(k: int) -> None:
-            if not batches[k].copies:
+            issued[k] = True
+            if not plans[k].copies:
                 return  # host views only
             buf = stager.acquire(k)
             used: dict[int, Any] = {}
-            for ti, src_off, length, dst in batches[k].copies:
+            for ti, src_off, length, dst in plans[k].copies:
                 dev_bytes = ts[ti].bytes
                 if not ts[ti].on_device:  # stage_host (tests): same path, no CUDA
                     buf[dst : dst + length].copy_(dev_bytes[src_off : src_off + length])
@@ -268,30 +291,31 @@ class DeviceSource(Source):
                     )
             stager.release(k, used.values())
 
+        def released(k: int) -> None:
+            if k + FETCH_SLOTS < len(plans):
+                issue(k + FETCH_SLOTS)
+
         try:
-            while issued < min(2, len(batches)):
-                issue(issued)
-                issued += 1
-            for k, batch in enumerate(batches):
-                host = stager.acquire(k).numpy().data if batch.copies else None
-                for j, (i, ti, off, length, dst) in enumerate(batch.items):
+            for k in range(min(FETCH_SLOTS, len(plans))):
+                issue(k)
+            for k, plan in enumerate(plans):
+                if not issued[k]:
+                    raise RuntimeError(
+                        f"fetch batch {k} asked for while batch {k - FETCH_SLOTS} still holds "
+                        "its buffer: release a batch before asking for the third after it"
+                    )
+                host = stager.acquire(k).numpy().data if plan.copies else None
+                items: list[tuple[int, memoryview]] = []
+                for i, ti, off, length, dst in plan.items:
                     if dst < 0:
-                        view = _host_view(ts[ti])[off : off + length]
+                        items.append((i, _host_view(ts[ti])[off : off + length]))
                     elif length == 0:
-                        view = memoryview(b"")
+                        items.append((i, memoryview(b"")))
                     else:
                         assert host is not None
-                        view = host[dst : dst + length]
+                        items.append((i, host[dst : dst + length]))
                         self.device_to_host_bytes += length
-                    yield i, view
-                    if j == 0 and k >= 1 and issued < len(batches):
-                        # The consumer asked for the item after batch k's first: no view
-                        # of batch k-1 is live any more, so its buffer takes batch k+1.
-                        issue(issued)
-                        issued += 1
-                while issued < len(batches) and issued <= k + 1:
-                    issue(issued)
-                    issued += 1
+                yield FetchedBatch(items, functools.partial(released, k))
         finally:
             # A consumer that stops early leaves copies in flight into buffers the
             # next fetch reuses: wait for them.
@@ -299,7 +323,7 @@ class DeviceSource(Source):
 
 
 @dataclass
-class FetchBatch:
+class FetchPlan:
     """Requests fetched with one staging buffer: their places and coalesced copies."""
 
     #: (request index, tensor index, offset, length, offset in buffer or -1 for host)
@@ -308,12 +332,12 @@ class FetchBatch:
     copies: list[tuple[int, int, int, int]]
 
 
-def fetch_batches(
+def plan_fetch(
     requests: Sequence[BlockRequest], ts: Sequence[DeviceTensor], cap: int, stage_host: bool = False
-) -> list[FetchBatch]:
+) -> list[FetchPlan]:
     """Group requests, in order, into batches of at most ``cap`` device bytes."""
-    batches: list[FetchBatch] = []
-    cur = FetchBatch([], [])
+    batches: list[FetchPlan] = []
+    cur = FetchPlan([], [])
     used = 0
     for i, r in enumerate(requests):
         t = ts[r.tensor]
@@ -322,7 +346,7 @@ def fetch_batches(
             continue
         if used + r.length > cap and cur.items:
             batches.append(cur)
-            cur, used = FetchBatch([], []), 0
+            cur, used = FetchPlan([], []), 0
         cur.items.append((i, r.tensor, r.offset, r.length, used))
         last = cur.copies[-1] if cur.copies else None
         if (

@@ -219,16 +219,21 @@ def test_nvcomp_round_trip_and_damage_on_cuda(tmp_path: Path) -> None:
         assert bool((dests[ti][bi * BS : (bi + 1) * BS] == 0xAB).all())  # never placed
 
 
-def test_three_arenas_same_bytes_within_their_bound(tmp_path: Path) -> None:
-    """A third arena lets reads run a batch further ahead: same bytes, and the pinned
-    memory stays within the bound for three; fewer than two is refused."""
+@pytest.mark.parametrize("arenas", [None, 2, 4])
+def test_arenas_same_bytes_within_their_bound(tmp_path: Path, arenas: int | None) -> None:
+    """Three arenas by default (reads run a batch further ahead than with two): the
+    same bytes at any count, and the pinned memory within the bound for that count;
+    fewer than two is refused."""
     st = Store.open(tmp_path / "s", create=True)
     m = model(scale=4)
     st.save(m, block_size=BS)
-    pipe = direct(st, batch_bytes=2 * BS, arenas=3)
+    opts = {} if arenas is None else {"arenas": arenas}
+    pipe = direct(st, batch_bytes=2 * BS, **opts)
+    assert pipe.arenas == (arenas or 3)
     assert same(load(st, "latest", pipe), m)
     assert pipe.stats.batches > 3
-    assert pipe.stats.pinned_bytes <= memory_bound(2 * BS, BS, direct=True, arenas=3)["pinned_host"]
+    bound = memory_bound(2 * BS, BS, direct=True, arenas=pipe.arenas)["pinned_host"]
+    assert pipe.stats.pinned_bytes <= bound
     pipe.close()
     with pytest.raises(ValueError, match="at least 2"):
         direct(st, arenas=1)

@@ -21,13 +21,14 @@ torch = pytest.importorskip("torch")
 from apollo_cas.errors import InvalidName  # noqa: E402
 from apollo_cas.sources.base import BlockRequest  # noqa: E402
 from apollo_cas.sources.device import (  # noqa: E402
+    FETCH_SLOTS,
     SHORT_INPUT_MAX,
     DeviceSource,
     byte_view,
     device_block_digests,
-    fetch_batches,
     host_block_digests,
     open_tensors,
+    plan_fetch,
     plan_hashing,
 )
 from apollo_cas.sources.mapping import MappingSource  # noqa: E402
@@ -139,12 +140,68 @@ def test_fetch_batches_and_coalescing() -> None:
         BlockRequest(0, 300, 100),
         BlockRequest(0, 400, 100),
     ]
-    bs = fetch_batches(reqs, src.tensors(), 250, stage_host=True)
+    bs = plan_fetch(reqs, src.tensors(), 250, stage_host=True)
     assert [[it[0] for it in b.items] for b in bs] == [[0, 1, 2], [3, 4]]
     assert bs[0].copies == [(0, 0, 200, 0), (1, 0, 40, 200)]  # adjacent blocks: one copy
     assert bs[1].copies == [(0, 300, 200, 0)]
     with pytest.raises(ValueError, match="out of range"):
         list(src.fetch([BlockRequest(0, 990, 20)]))
+
+
+def test_fetch_batches_views_hold_until_release() -> None:
+    """A held batch keeps its bytes while the next two are handed out; the buffer it
+    holds is refilled only after release, and asking for one batch too many first
+    is an error rather than a silent overwrite."""
+    m = {"a": torch.arange(4096, dtype=torch.int32)}  # 16 KiB: 16 batches of 1 KiB
+    src = DeviceSource(m, buffer_bytes=1024, stage_host=True)
+    reqs = _all_requests(src, 256)
+    want = raw(m["a"])
+
+    def intact(batch: object) -> bool:
+        return all(
+            bytes(v) == want[reqs[i].offset : reqs[i].offset + reqs[i].length]
+            for i, v in batch.items  # type: ignore[attr-defined]
+        )
+
+    gen = src.fetch_batches(reqs)
+    held = [next(gen) for _ in range(FETCH_SLOTS)]
+    assert all(intact(b) for b in held)
+    with pytest.raises(RuntimeError, match="still holds its buffer"):
+        next(gen)
+    gen = src.fetch_batches(reqs)
+    first = next(gen)
+    order = [i for i, _ in first.items]
+    kept = [first, next(gen), next(gen)]
+    first.release()
+    first.release()  # idempotent
+    fourth = next(gen)  # reuses the first batch's buffer
+    assert intact(fourth) and intact(kept[1]) and intact(kept[2])
+    for b in [kept[1], kept[2], fourth]:
+        order += [i for i, _ in b.items]
+        b.release()
+    for b in gen:
+        order += [i for i, _ in b.items]
+        assert intact(b)
+        b.release()
+    assert order == list(range(len(reqs)))
+
+
+def test_default_fetch_batches_copies_out_of_short_lived_views() -> None:
+    """A source with only ``fetch`` (views valid for one step) still gives batches
+    whose bytes survive until release."""
+    m = {"a": torch.arange(1000, dtype=torch.int32)}
+    inner = DeviceSource(m, buffer_bytes=256, stage_host=True)
+
+    class OnlyFetch(MappingSource):
+        def fetch(self, requests):  # type: ignore[no-untyped-def]
+            return inner.fetch(requests)
+
+    src = OnlyFetch({"a": m["a"]})
+    reqs = _all_requests(inner, 64)
+    batches = list(src.fetch_batches(reqs))
+    got = b"".join(bytes(v) for b in batches for _, v in b.items)
+    assert got == raw(m["a"])
+    assert [i for b in batches for i, _ in b.items] == list(range(len(reqs)))
 
 
 def test_fetch_stopped_early_then_again() -> None:

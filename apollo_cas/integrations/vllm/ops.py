@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from ... import layout
 from ...errors import CorruptChunk, RefNotFound, SourceError, TargetError, UsageError
 from ...manifest import DEFAULT_BLOCK_SIZE, SourceInfo
-from ...sources.base import BlockRequest, Source, SourceTensor
+from ...sources.base import BlockRequest, FetchedBatch, Source, SourceTensor
 from ...sources.device import DeviceSource, byte_view, host_block_digests, kernel_accepts
 from ...store import Store
 from .collect import Collected, collect_tensors
@@ -106,8 +106,11 @@ class _SnapshotSource(Source):
                 self.hash_seconds = time.perf_counter() - t0
                 self.guard_seconds += self.hash_seconds
 
-    def fetch(self, requests: list[BlockRequest]) -> Any:  # type: ignore[override]
+    def fetch(self, requests: Sequence[BlockRequest]) -> Iterator[tuple[int, memoryview]]:
         return self.inner.fetch(requests)
+
+    def fetch_batches(self, requests: Sequence[BlockRequest]) -> Iterator[FetchedBatch]:
+        return self.inner.fetch_batches(requests)
 
     def close(self) -> None:
         self.inner.close()
