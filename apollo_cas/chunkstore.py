@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from . import codecs
 from .backends.base import Backend
 from .codecs import chain
+from .codecs.envelope import Blob
 from .errors import CorruptChunk
 from .hashing import digest
 from .inventory import HEADER_PEEK, ChunkInventory, Location, LooseInventory
@@ -36,7 +37,7 @@ class Prepared:
     """A block hashed and, unless the store has it, encoded: ready to be stored."""
 
     chunk_id: bytes
-    blob: bytes | None  # None: already present (or being written by another task)
+    blob: Blob | None  # None: already present (or being written by another task)
     raw_size: int
     base: bytes | None
 
@@ -149,7 +150,7 @@ class ChunkStore:
         self.inventory.discard()
 
     def put_encoded(
-        self, chunk_id: bytes, blob: bytes, base: bytes | None, raw_size: int
+        self, chunk_id: bytes, blob: Blob, base: bytes | None, raw_size: int
     ) -> PutResult:
         """Store a chunk encoded elsewhere (the GPU delta save) unless it is already there.
 

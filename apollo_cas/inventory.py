@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from . import codecs, layout, packs
 from .backends.base import Backend
+from .codecs.envelope import Blob
 from .errors import CorruptChunk, MissingChunk, ObjectNotFound
 from .hashing import digest_hex
 from .parallel import bounded_map
@@ -78,7 +79,7 @@ class ChunkInventory(abc.ABC):
         """Where ``chunk_id`` is; CorruptChunk if the store lacks it."""
 
     @abc.abstractmethod
-    def add(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+    def add(self, chunk_id: bytes, blob: Blob, raw_size: int, base: bytes | None) -> bool:
         """Store one envelope unless present; True if written (durable after :meth:`flush`)."""
 
     @abc.abstractmethod
@@ -160,7 +161,7 @@ class LooseInventory(ChunkInventory):
         sizes = self.stored_sizes(self.ids(), workers)
         return sum(sizes.values()), len(sizes)
 
-    def add(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+    def add(self, chunk_id: bytes, blob: Blob, raw_size: int, base: bytes | None) -> bool:
         return self.backend.put_if_absent(layout.chunk_key(chunk_id.hex()), blob, durable=False)
 
     def flush(self) -> None:
@@ -290,7 +291,7 @@ class PackInventory(ChunkInventory):
         return hit[1].base
 
     # -- writing -------------------------------------------------------------
-    def add(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+    def add(self, chunk_id: bytes, blob: Blob, raw_size: int, base: bytes | None) -> bool:
         if chunk_id in self.index().chunks:
             return False
         if self._writer is None:
@@ -394,7 +395,7 @@ class PackWriter:
         self._done: list[packs.PackInfo] = []
         self._buffers = threading.local()  # one pack buffer per writer thread
 
-    def append(self, chunk_id: bytes, blob: bytes, raw_size: int, base: bytes | None) -> bool:
+    def append(self, chunk_id: bytes, blob: Blob, raw_size: int, base: bytes | None) -> bool:
         if chunk_id in self.pending:
             return False
         self.pending[chunk_id] = base

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import CorruptChunk, CorruptObject, ObjectNotFound, UsageError
 from . import delta, envelope, planes, sparse, zstd_frames
+from .envelope import Blob
 
 RAW = 0
 ZSTD = 1
@@ -200,7 +201,7 @@ def encode(
     policy: CodecPolicy,
     itemsize: int = 1,
     base: Base | None = None,
-) -> bytes:
+) -> Blob:
     """Encode one block into a stored chunk (envelope + params + payload).
 
     ``itemsize`` is the element width of the tensor the block comes from (it
@@ -263,7 +264,7 @@ def encode(
     return _pack(codec, n, params, pieces)
 
 
-def _pack(codec: int, n: int, params: bytes, pieces: Sequence[bytes | memoryview]) -> bytes:
+def _pack(codec: int, n: int, params: bytes, pieces: Sequence[bytes | memoryview]) -> Blob:
     return envelope.pack(codec, n, params, *pieces)
 
 

@@ -22,12 +22,23 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import CorruptChunk, FormatVersionError
 
 MAGIC = b"APCK"
 ENVELOPE_VERSION = 1
 _HEAD = struct.Struct("<4sBBHQI")
 HEADER_SIZE = _HEAD.size  # 20
+
+#: A stored chunk as :func:`pack` returns it: bytes when small, else a read-only-by-
+#: convention view of a numpy buffer (see :func:`pack`). Both have ``len`` and the
+#: buffer protocol, which is all a backend, a pack writer or a hash needs.
+Blob = bytes | memoryview
+
+#: Chunks at least this large are assembled with numpy's copies, which release the
+#: GIL; smaller ones with ``bytes.join`` (microseconds under the GIL).
+_GIL_FREE_MIN = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -45,14 +56,31 @@ def pack(
     raw_size: int,
     params: bytes,
     *payload: bytes | bytearray | memoryview,
-) -> bytes:
+) -> Blob:
     """Build a stored chunk from its parts: the payload is the pieces ``payload`` (a
-    codec's planes or frames) back to back, joined in the one copy that builds the chunk. Joining
-    the pieces first copied every payload twice under the GIL (about 100 us per 1 MiB
-    bf16 block each time on the 2-core CI machine), which is what kept a 16-thread save
-    at 3.8x one thread's rate on the H200."""
+    codec's planes or frames) back to back, in the one copy that builds the chunk.
+
+    Why not ``bytes.join``: CPython holds the GIL through a join under 1 MiB (a 1 MiB
+    bf16 block's chunk is ~0.7 MB), and the copy page-faults a fresh allocation, so
+    16 encoding threads queued behind each other's joins: ``codecs.encode`` ran 3.8x
+    one thread's rate on 16 cores of the H200 host, where its parts (plane split,
+    zstd) scaled 9-11x (benchmarks/results/h200_2026-12-02_packsave/encode_scaling.json).
+    numpy's copy into ``np.empty`` releases the GIL; on the 2-core CI machine two
+    threads encode 2.02 GB/s this way against 1.83 GB/s with the join.
+    """
     head = _HEAD.pack(MAGIC, ENVELOPE_VERSION, codec, 0, raw_size, len(params))
-    return b"".join((head, params, *payload))
+    sizes = [memoryview(p).nbytes for p in payload]
+    total = len(head) + len(params) + sum(sizes)
+    if total < _GIL_FREE_MIN:
+        return b"".join((head, params, *payload))
+    out = np.empty(total, np.uint8)
+    pos = len(head) + len(params)
+    out[: len(head)] = np.frombuffer(head, np.uint8)
+    out[len(head) : pos] = np.frombuffer(params, np.uint8)
+    for piece, n in zip(payload, sizes, strict=True):
+        out[pos : pos + n] = np.frombuffer(piece, np.uint8)
+        pos += n
+    return out.data
 
 
 def unpack(blob: bytes | bytearray | memoryview, name: str = "chunk") -> Envelope:

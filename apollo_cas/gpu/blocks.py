@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import xxhash
 
+from .staging import Uploads
+
 log = logging.getLogger(__name__)
 
 #: CUDA streams a per-tensor ``kernel`` of :func:`device_block_digests` is spread over
@@ -368,3 +370,27 @@ def _digests_via_host(views: Sequence[torch.Tensor], block_size: int) -> list[li
             ds += host_block_digests([host.data], block_size)[0]
         out.append(ds)
     return out
+
+
+def mismatches_later(
+    got: torch.Tensor, ids: Sequence[bytes], uploads: Uploads | None = None
+) -> Callable[[], list[int]]:
+    """Compare the ``(n, 16)`` device digests ``got`` with the chunk ids ``ids``, queued
+    on the current stream; returns the verdict: a function giving the indices that
+    differ, which waits for the device only when called (so the host goes on queueing
+    the next steps instead of idling through a round trip per batch)."""
+    want = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16)
+    if got.device.type != "cuda":
+        bad = (got != want).any(dim=1).nonzero().flatten().tolist()
+        return lambda: [int(i) for i in bad]
+    dev_want = (uploads or Uploads(1)).to_device(want, got.device)
+    flags = torch.empty(len(ids), dtype=torch.bool, pin_memory=True)
+    flags.copy_((got != dev_want).any(dim=1), non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def verdict() -> list[int]:
+        done.synchronize()
+        return [int(i) for i in flags.nonzero().flatten().tolist()]
+
+    return verdict

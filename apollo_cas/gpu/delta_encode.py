@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import codecs
 from ..codecs import delta, envelope, planes, zstd_frames
+from ..codecs.envelope import Blob
 from ..codecs.sparse import byte_planes
 
 # The planes parameter layout of docs/CODECS.md (codec 2): w, flags, then per plane
@@ -51,7 +52,7 @@ def zero_frame(m: int, level: int, plane: bool = True) -> bytes:
 class DeltaBlob:
     """An encoded delta chunk, or the verdict that its XOR does not compress."""
 
-    blob: bytes | None  # None: the XOR does not compress (a full chunk will win)
+    blob: Blob | None  # None: the XOR does not compress (a full chunk will win)
     size: int  # params + payload, as codecs.encode compares them (0 when blob is None)
     raw_size: int
 
@@ -239,7 +240,7 @@ def encode_delta(
     return _blob(best[0], raw_size, best[1], best[2], dsize)
 
 
-def choose(d: DeltaBlob, raw: memoryview, policy: codecs.CodecPolicy, itemsize: int) -> bytes:
+def choose(d: DeltaBlob, raw: memoryview, policy: codecs.CodecPolicy, itemsize: int) -> Blob:
     """The chunk to store for a delta that was not accepted outright: the delta if it is
     below ``policy.delta_max_ratio`` of the full encoding of ``raw``, else the full one."""
     full = codecs.encode(raw, policy, itemsize)

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from ..errors import CorruptChunk
-from .blocks import host_block_digests
+from .blocks import host_block_digests, mismatches_later
 from .chunkplan import COPY, FRAME, HINT, Batch, ChunkPlan, align_up, corrupt
 from .readers import PAD, BlobReader
 from .segments import Segments
 from .sparse_steps import scatter_sparse
-from .staging import Stager
+from .staging import Stager, Uploads
 from .zstd import FrameDecoder
 
 
@@ -40,6 +40,8 @@ class DeviceSteps:
     _rows: list[torch.Tensor | None]
     _events: list[Events]
     _free: Any
+    #: Pinned buffers for the small tables each batch sends to the device.
+    uploads: Uploads
 
     def _buffers(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         own = self.cuda or self.direct  # else the host slot is the device buffer
@@ -140,7 +142,7 @@ class DeviceSteps:
         if pos != batch.used:
             raise AssertionError(f"staging layout ends at {pos}, the batch uses {batch.used}")
         for t, segs in bulk:
-            segs.copy(t, dev)
+            segs.copy(t, dev, uploads=self.uploads)
         self.stats.frames += len(batch.frames)
 
     def _device_stage(self, batch: Batch, dests: Sequence[torch.Tensor]) -> Pending:
@@ -301,24 +303,7 @@ class DeviceSteps:
             else:
                 views = [r2[c.row, : c.size] for c in batch.rows]
                 got = self._kernel.block_digests_many(views, self.block_size)
-            want = torch.frombuffer(
-                bytearray(b"".join(c.cid for c in batch.rows)), dtype=torch.uint8
-            ).view(-1, 16)
-            if self.cuda:
-                want = want.pin_memory()
-            mismatch = (got != want.to(self.device, non_blocking=True)).any(dim=1)
-            flags = torch.empty(n, dtype=torch.bool, pin_memory=self.cuda)
-            flags.copy_(mismatch, non_blocking=True)
-            done = torch.cuda.Event() if self.cuda else None
-            if done is not None:
-                done.record()
-
-            def verdict() -> list[int]:
-                if done is not None:
-                    done.synchronize()
-                return [int(i) for i in flags.nonzero().flatten().tolist()]
-
-            return verdict
+            return mismatches_later(got, [c.cid for c in batch.rows], self.uploads)
         views = [r2[c.row, : c.size] for c in batch.rows]
         if self.cuda:
             host = [v.cpu().numpy().data for v in views]

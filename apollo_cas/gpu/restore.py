@@ -87,7 +87,7 @@ from .readers import (
     object_reader,
     pack_reader,
 )
-from .staging import Stager
+from .staging import Stager, Uploads
 from .zstd import FrameDecoder, open_frames
 
 __all__ = [
@@ -149,6 +149,7 @@ class RestorePipeline(HostStaging, DeviceSteps):
         if self.direct and self.frames is None:
             raise ValueError("direct restore needs a frame decoder (frames=...)")
         self.stager = Stager(slots=2, pin=self.cuda)
+        self.uploads = Uploads()
         # One device mirror of the staging layout and two buffers of decoded rows (by
         # batch parity): every device step runs on one stream, so batches reuse them in
         # stream order.

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .staging import Uploads
+
 #: Bytes one program copies; a range is cut into pieces of at most this size.
 PIECE = 16384
 
@@ -44,13 +46,20 @@ class Segments:
     def __len__(self) -> int:
         return len(self._len)
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, kernel: bool | None = None) -> None:
+    def copy(
+        self,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        kernel: bool | None = None,
+        uploads: Uploads | None = None,
+    ) -> None:
         """Copy every range from ``src`` to ``dst`` (1-D uint8, one device), queued on
         the current stream. Raises ValueError for a range outside either buffer.
 
         ``kernel``: True forces the Triton launch (on CPU tensors under
         ``TRITON_INTERPRET=1``, for tests), False the range-by-range copy; by default
-        the kernel runs on CUDA tensors where Triton is installed."""
+        the kernel runs on CUDA tensors where Triton is installed. ``uploads``: the
+        reusable pinned buffers the copy table travels through (else one is pinned)."""
         if not self._len:
             return
         s = np.asarray(self._src, dtype=np.int64)
@@ -69,7 +78,7 @@ class Segments:
             return
         table = torch.from_numpy(pieces(s, d, n))
         if src.is_cuda:
-            table = table.pin_memory().to(src.device, non_blocking=True)
+            table = (uploads or Uploads(1)).to_device(table, src.device)
         count = int(table.shape[1])
         fn[(count,)](src, dst, table, count, PIECE=PIECE)
 

@@ -157,3 +157,19 @@ def test_levels_change_the_encoding_not_the_reading() -> None:
             blob = codecs.encode(raw, codecs.CodecPolicy(codec=codec, level=level), 4)
             assert codecs.decode(blob) == raw
             assert reference_decode(blob) == raw
+
+
+@pytest.mark.parametrize("size", [0, 1000, (64 << 10) - 40, 64 << 10, 700_000])
+def test_envelope_pack_is_the_parts_back_to_back(size: int) -> None:
+    """Small chunks are joined, large ones assembled by numpy (which releases the
+    GIL): either way the bytes are header, parameters and pieces in order."""
+    from apollo_cas.codecs import envelope
+
+    rng = __import__("random").Random(size)
+    pieces = [rng.randbytes(size // 3), memoryview(rng.randbytes(size - size // 3))]
+    blob = envelope.pack(2, 123_456, b"params", *pieces)
+    head = struct.pack("<4sBBHQI", b"APCK", 1, 2, 0, 123_456, 6)
+    assert bytes(blob) == head + b"params" + b"".join(bytes(p) for p in pieces)
+    env = envelope.unpack(blob)
+    assert (env.codec, env.raw_size, bytes(env.params)) == (2, 123_456, b"params")
+    assert bytes(env.payload) == b"".join(bytes(p) for p in pieces)

@@ -114,14 +114,26 @@ def test_gather_runs_coalesce_adjacent_blocks() -> None:
     assert torch.equal(rows[1], srcs[0][BS : 2 * BS]) and torch.equal(rows[2], srcs[1])
 
 
-def test_check_rows_names_a_block_that_changed() -> None:
+class HostKernel:
+    """The Triton kernel's ``block_digests`` contract, computed with xxhash on CPU tensors."""
+
+    @staticmethod
+    def block_digests(data: torch.Tensor, block_size: int) -> torch.Tensor:
+        ds = host_block_digests([data.numpy().data], block_size)[0]
+        return torch.frombuffer(bytearray(b"".join(ds)), dtype=torch.uint8).view(-1, 16)
+
+
+@pytest.mark.parametrize("kernel", [None, HostKernel()])
+def test_check_rows_names_a_block_that_changed(kernel: object) -> None:
     rows = torch.zeros(2, BS, dtype=torch.uint8)
     ids = host_block_digests([rows.view(-1).numpy().data], BS)[0]
-    delta_ops.check_rows(rows, ids, BS, None)
+    delta_ops.check_rows(rows, ids, BS, kernel)()  # type: ignore[arg-type]
     rows[1, 0] = 1
+    verdict = delta_ops.check_rows(rows, ids, BS, kernel)  # type: ignore[arg-type]
     with pytest.raises(CorruptChunk) as e:
-        delta_ops.check_rows(rows, ids, BS, None)
+        verdict()  # the check is queued; its verdict raises
     assert ids[1].hex() in str(e.value) and "changed during the save" in str(e.value)
+    assert delta_ops.check_rows(rows, [], BS, kernel)() is None  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ host encoding
@@ -162,7 +174,7 @@ def test_sparse_rows_finds_the_changed_elements_of_the_selected_rows() -> None:
     take = [True, False, True, True]
     idx = torch.empty(64, dtype=torch.int32)
     val = torch.empty(64 * 8, dtype=torch.uint8)
-    k = delta_ops.sparse_rows(rows, 2, take, idx, val)
+    k = delta_ops.sparse_rows(rows, 2, take, idx, val, counts)
     want = [np.flatnonzero(xv[r].numpy()) for r in range(4) if take[r]]
     assert k == sum(len(w) for w in want)
     assert idx[:k].tolist() == np.concatenate(want).tolist()
@@ -561,7 +573,7 @@ def test_sparse_planes_are_the_host_split_of_each_rows_changes(ws: int) -> None:
     counts = delta_ops.changed_elements(rows, ws).tolist()
     idx = torch.empty(256, dtype=torch.int32)
     val = torch.empty(256 * 8, dtype=torch.uint8)
-    n = delta_ops.sparse_rows(rows, ws, take, idx, val)
+    n = delta_ops.sparse_rows(rows, ws, take, idx, val, counts)
     taken = [c for c, t in zip(counts, take, strict=True) if t]
     out = torch.full((12 * 256,), 0xAA, dtype=torch.uint8)
     got = delta_ops.sparse_planes(idx, val, taken, ws, out).numpy().tobytes()

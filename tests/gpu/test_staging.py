@@ -1,0 +1,46 @@
+"""Pinned staging: the reusable buffers of :class:`Uploads` (CUDA) and their CPU twin."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from apollo_cas.gpu.blocks import mismatches_later  # noqa: E402
+from apollo_cas.gpu.staging import Uploads  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_uploads_on_the_cpu_are_the_tensor() -> None:
+    t = torch.arange(10, dtype=torch.int64)
+    assert torch.equal(Uploads().to_device(t, torch.device("cpu")), t)
+
+
+def test_mismatches_on_the_cpu() -> None:
+    ids = [bytes([i]) * 16 for i in range(4)]
+    got = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16).clone()
+    got[2, 5] ^= 1
+    assert mismatches_later(got, ids)() == [2]
+
+
+@cuda
+def test_uploads_reuse_their_buffers_without_overwriting_copies_in_flight() -> None:
+    up = Uploads(slots=2)
+    dev = torch.device("cuda")
+    outs = []
+    for i in range(12):  # more tables than slots, sizes growing past each buffer
+        t = torch.arange(1000 * (i + 1), dtype=torch.int64) * (i + 3)
+        outs.append((t, up.to_device(t, dev)))
+    torch.cuda.synchronize()
+    for t, d in outs:
+        assert d.device.type == "cuda" and torch.equal(d.cpu(), t)
+
+
+@cuda
+def test_mismatches_later_on_the_device() -> None:
+    ids = [bytes([i]) * 16 for i in range(300)]
+    got = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16).cuda()
+    got[7, 0] ^= 0xFF
+    got[299, 15] ^= 1
+    assert mismatches_later(got, ids, Uploads())() == [7, 299]
