@@ -39,7 +39,7 @@ def test_uploads_reuse_their_buffers_without_overwriting_copies_in_flight() -> N
 
 @cuda
 def test_mismatches_later_on_the_device() -> None:
-    ids = [bytes([i]) * 16 for i in range(300)]
+    ids = [bytes([i % 256, i // 256]) * 8 for i in range(300)]
     got = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16).cuda()
     got[7, 0] ^= 0xFF
     got[299, 15] ^= 1
