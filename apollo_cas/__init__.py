@@ -15,6 +15,7 @@ handles sources, the GPU path).
 
 from __future__ import annotations
 
+from .allocator import keep_freed_memory
 from .codecs import CodecPolicy
 from .errors import ApolloError
 from .manifest import Manifest, SaveStats, SourceInfo, TensorEntry
@@ -34,4 +35,5 @@ __all__ = [
     "Store",
     "TensorEntry",
     "__version__",
+    "keep_freed_memory",
 ]

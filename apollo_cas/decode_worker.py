@@ -98,7 +98,7 @@ class OutputMaps:
 
 
 if __name__ == "__main__":
-    from .cli.allocator import keep_freed_memory
+    from .allocator import keep_freed_memory
 
     keep_freed_memory()
     serve(sys.argv[1])

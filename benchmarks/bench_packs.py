@@ -49,6 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import apollo_cas  # noqa: E402
 from apollo_cas import examples  # noqa: E402
 from apollo_cas.cli.common import parse_size  # noqa: E402
 from apollo_cas.decoding import read_span, spans  # noqa: E402
@@ -384,8 +385,15 @@ def main() -> None:
     )
     ap.add_argument("--source", choices=("numpy", "torch"), default="numpy")
     ap.add_argument("--device", default="cpu", help="torch device of --source torch")
+    ap.add_argument("--formats", default="1,2", help="store formats of --full-save-only")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="tune the allocator first, as the command line does (apollo_cas.keep_freed_memory)",
+    )
     ap.add_argument("--out", default="benchmarks/results/packs.json")
     args = ap.parse_args()
+    tuned = apollo_cas.keep_freed_memory() if args.keep_freed_memory else False
     size = parse_size(args.size)
     work = Path(args.dir or tempfile.mkdtemp(prefix="apollo-packs-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -400,7 +408,10 @@ def main() -> None:
             "source": args.source if args.source == "numpy" else f"torch on {args.device}",
             "size_bytes": sum(int(a.nbytes) for a in w.values()),
             "work_dir": str(work),
-            "full_save_vs_disk": full_save_vs_disk(work, w, args.repeat),
+            "allocator_tuned": tuned,
+            "full_save_vs_disk": full_save_vs_disk(
+                work, w, args.repeat, tuple(int(f) for f in args.formats.split(","))
+            ),
         }
         print(json.dumps(res, indent=1))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dense_gpu import build_model, log, sync
 
+import apollo_cas
 from apollo_cas.cli.common import parse_size
 from apollo_cas.sources.device import DeviceSource
 from apollo_cas.store import Store
@@ -107,7 +108,13 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", default="full_save_probe.json")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="tune the allocator first, as the command line does (apollo_cas.keep_freed_memory)",
+    )
     args = ap.parse_args()
+    tuned = apollo_cas.keep_freed_memory() if args.keep_freed_memory else False
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
     model = build_model(parse_size(args.size), args.device)
@@ -125,6 +132,7 @@ def main() -> None:
     st.close()
     shutil.rmtree(work, ignore_errors=True)
     res: dict[str, Any] = {
+        "allocator_tuned": tuned,
         "raw_bytes": raw,
         "stored_bytes": r.stats.new_stored_bytes,
         "wall_s": round(wall, 3),

@@ -24,9 +24,9 @@ from typing import Any
 import click
 
 from .. import frontend, settings
+from ..allocator import keep_freed_memory
 from ..errors import ApolloError
 from . import demo, exits, maintenance, migrate, report, restore, save
-from .allocator import keep_freed_memory
 from .common import emit_json
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import click
 
 from .. import frontend
+from ..allocator import keep_freed_memory
 from ..history import resume_history, series_block_size
 from ..opening import open_for_save
 from ..save_paths import SaveOptions, check_sources
 from ..store import Store
-from .allocator import keep_freed_memory
 from .common import F, human_bytes, human_time, note
 from .history import Shown
 from .main import run

@@ -5,8 +5,13 @@ allocations that large with mmap and unmaps them on free, so every chunk costs
 256 page faults to map and zero its memory again: one 1 GiB restore made
 743,000 faults. Keeping freed memory in the heap cut that to 14,700 and the
 restore from 2.53 s to 1.08 s; a 1 GiB save went from 3.9 s to 3.0 s
-(benchmarks/results/compare.md, 2-core VM). Only the command-line processes do
-this: a library must not retune the allocator of the program that imports it.
+(benchmarks/results/compare.md, 2-core VM); a full save of 17.1 GB from an H200
+took 8.49 s with these settings against 10.49 s without, same run, because the
+encoding threads no longer queue on page faults of fresh 1 MiB buffers
+(benchmarks/results/h200_2026-12-03b/README.md). The command-line processes do
+this at start-up. A library must not retune the allocator of the program that
+imports it, so in-process callers (a trainer saving through :class:`~apollo_cas.Store`)
+opt in: ``apollo_cas.keep_freed_memory()`` once, early.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ _M_MMAP_THRESHOLD = -3
 
 
 def keep_freed_memory() -> bool:
-    """Tune glibc (if that is the C library) for block-sized buffers; True if applied."""
+    """Tune glibc (if that is the C library) for block-sized buffers; True if applied.
+
+    Freed memory up to 1 GiB per allocation stays in the process's heap (no mmap and
+    munmap per buffer, no page faults to map it again), at the cost of the process
+    keeping its high-water mark of heap memory."""
     name = ctypes.util.find_library("c")
     if not name:
         return False
