@@ -177,20 +177,23 @@ def run_size(size: int, args: argparse.Namespace, with_cpu: bool) -> dict[str, A
     if with_cpu:
         subprocess.run(["cp", "-al", str(work / "gpu"), str(work / "cpu")], check=True)
     batches = [parse_size(b) for b in args.batch_bytes.split(",") if b]
-    for b in batches[1:]:
-        subprocess.run(["cp", "-al", str(work / "gpu"), str(work / f"gpu-{b}")], check=True)
+    # One copy per extra batch size, by position: a size given twice (its first step as
+    # the process's warm-up) gets a parent of its own each time.
+    for i, _b in enumerate(batches[1:]):
+        subprocess.run(["cp", "-al", str(work / "gpu"), str(work / f"gpu-{i}")], check=True)
     dense_step(model, args.device)
     mode = "always" if args.device == "cpu" else "auto"
-    for b in batches[1:]:
+    for i, b in enumerate(batches[1:]):
         log(f"dense step 1, GPU delta path, batches of {b >> 20} MiB")
-        other = Store.open(work / f"gpu-{b}")
+        other = Store.open(work / f"gpu-{i}")
         other.device_delta_batch_bytes = b
         row = timed_save(other, model, args.device, mode)
         row["batch_bytes"] = b
         row["sample_decodes_bit_exact"] = check_sample(other, model)
-        out[f"dense_gpu_batch_{b >> 20}MiB"] = row
+        key = f"dense_gpu_batch_{b >> 20}MiB"
+        out[key if key not in out else f"{key}_again"] = row
         other.close()
-        shutil.rmtree(work / f"gpu-{b}", ignore_errors=True)
+        shutil.rmtree(work / f"gpu-{i}", ignore_errors=True)
     log("dense step 1, GPU delta path")
     gpu_store.device_delta_batch_bytes = batches[0] if batches else None
     out["dense_gpu"] = timed_save(gpu_store, model, args.device, mode)

@@ -26,7 +26,7 @@ def test_bench_dense_gpu_small_on_cpu(tmp_path: Path) -> None:
         sys.path.remove(str(BENCH))
     out = tmp_path / "dense.json"
     argv = ["bench_dense_gpu.py", "--device", "cpu", "--sizes", "12MiB"]
-    argv += ["--batch-bytes", "4MiB,1MiB"]
+    argv += ["--batch-bytes", "4MiB,1MiB,1MiB"]  # a size twice: its first run a warm-up
     argv += ["--dir", str(tmp_path / "work"), "--out", str(out)]
     old = sys.argv
     sys.argv = argv
@@ -46,5 +46,6 @@ def test_bench_dense_gpu_small_on_cpu(tmp_path: Path) -> None:
     assert small["batch_bytes"] == 1 << 20 and small["sample_decodes_bit_exact"]
     assert small["stored_bytes"] == gpu["stored_bytes"]
     assert small["gpu_delta"]["batches"] > gpu["gpu_delta"]["batches"]
+    assert run["dense_gpu_batch_1MiB_again"]["stored_bytes"] == gpu["stored_bytes"]
     assert {"gather", "check", "xor_planes", "to_host"} <= set(gpu["gpu_delta"]["steps"])
     assert not (tmp_path / "work").exists()

@@ -52,11 +52,13 @@ def checked_batch_bytes(value: Any, name: str = "batch_bytes") -> int | None:
     return value
 
 
-#: Host arenas of the restore pipeline. Two left the read thread waiting for a free
-#: arena (batch k+2 waits until batch k is on the device): a cold load of 17.1 GB from
-#: the H200 host's disk (1.75 GB/s) took 9.29 s with two and 6.91 s with three, 0.95 of
-#: the disk's rate (benchmarks/results/h200_2026-12-03/cold_restore.json); warm, 1.32 s
-#: against 1.19 s. The cost: one more arena of pinned memory (about 2x ``batch_bytes``).
+#: Host arenas of the restore pipeline. With two, the read thread of a cold load of
+#: 17.1 GB from the H200 host's disk spent 2.02 s of 7.25 s waiting for a free arena
+#: (batch k+2 waits until batch k is on the device; results/h200_2026-12-02c); a
+#: third lets reads run a batch further ahead, for one more arena of pinned memory
+#: (about 2x ``batch_bytes``). The same-run timings of two against three so far put the
+#: first load of the process first, which pays one-time set-up (9.3-9.7 s against
+#: 5.7-6.9 s for the second, whichever count it had): bench_cold_restore now warms up first.
 DEFAULT_ARENAS = 3
 
 
