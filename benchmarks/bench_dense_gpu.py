@@ -135,7 +135,8 @@ def timed_save(st: Store, model: dict[str, torch.Tensor], device: str, mode: str
         p = d.get("pipeline", {})
         log(
             f"  GPU path: decode {d['decode_s']:.2f} s, callback {d['device_s']:.2f} s, "
-            f"slot wait {d['wait_s']:.2f} s; steps {d['steps']}; pipeline read "
+            f"slot wait {d['wait_s']:.2f} s; steps {d['steps']}; host "
+            f"{d.get('steps_host')}; pipeline read "
             f"{p.get('read_s', 0):.2f} s, queue {p.get('queue_s', 0):.2f} s, copy "
             f"{p.get('copy_s', 0):.2f} s, decode {p.get('decode_s', 0):.2f} s"
         )

@@ -63,6 +63,8 @@ class DeltaSaveStats:
     #: sparse_rows, pack, slot_wait, to_host. A step that reads a result on the host
     #: (count, sparse_rows, pack) includes the wait for the device work before it.
     steps: dict[str, float] = field(default_factory=dict)
+    #: The host's seconds between the same marks (queueing each step, plus waits).
+    steps_host: dict[str, float] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
     #: Set when the path failed and the CPU path stored its blocks instead.
     error: str | None = None
@@ -70,6 +72,7 @@ class DeltaSaveStats:
     def to_dict(self) -> dict[str, Any]:
         out = rounded(self)
         out["steps"] = {k: round(v, 5) for k, v in self.steps.items()}
+        out["steps_host"] = {k: round(v, 5) for k, v in self.steps_host.items()}
         return out
 
 

@@ -339,6 +339,8 @@ class GpuDeltaSaver:
         self.stats.device_s += time.perf_counter() - t1
         for name, sec in ev.elapsed().items():
             self.stats.steps[name] = self.stats.steps.get(name, 0.0) + sec
+        for name, sec in ev.host_elapsed().items():
+            self.stats.steps_host[name] = self.stats.steps_host.get(name, 0.0) + sec
         self.stats.d2h_bytes += kept + nsparse * (4 + ws)
         self.stats.planes_total += w * n
         self.stats.planes_nonzero += len(packed_q)

@@ -373,20 +373,27 @@ class Pending:
 
 
 class Events:
-    """CUDA events between phases (host clock on the CPU), read once the work is done."""
+    """CUDA events between phases (host clock on the CPU), read once the work is done.
+
+    Each mark also records the host clock, so a phase's device interval can be set
+    beside the time the host took to queue it (:meth:`host_elapsed`): where the two
+    match, the device waited for the host."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.marks: list[tuple[str, Any]] = []
+        self.host: list[float] = []
         self._keep: list[Any] = []
 
     def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.host.append(now)
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             self.marks.append((name, e))
         else:
-            self.marks.append((name, time.perf_counter()))
+            self.marks.append((name, now))
 
     def keep(self, obj: Any) -> None:
         self._keep.append(obj)
@@ -397,3 +404,10 @@ class Events:
             out[b] = ea.elapsed_time(eb) / 1e3 if self.cuda else eb - ea
         self._keep = []
         return out
+
+    def host_elapsed(self) -> dict[str, float]:
+        """Host seconds between the marks (the time to queue each phase, plus any wait)."""
+        return {
+            b: tb - ta
+            for (b, _), ta, tb in zip(self.marks[1:], self.host, self.host[1:], strict=False)
+        }
