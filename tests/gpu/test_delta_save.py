@@ -584,3 +584,9 @@ def test_sparse_planes_are_the_host_split_of_each_rows_changes(ws: int) -> None:
         want += bytes(sp.gaps) + bytes(sp.values)
         e += c
     assert got == want
+
+
+def test_dense_steps_use_half_the_save_threads() -> None:
+    from apollo_cas.gpu.delta_hook import dense_workers
+
+    assert [dense_workers(w) for w in (1, 2, 3, 4, 16, 17)] == [1, 2, 2, 2, 8, 8]
