@@ -101,6 +101,7 @@ class SavingStore(Protocol):
     #: "auto", "always" or "never": see ``Store.device_delta``.
     device_delta: str
     device_delta_batch_bytes: int | None
+    device_delta_timing: bool
     last_device_delta: Any
 
     @property

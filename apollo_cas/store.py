@@ -80,6 +80,11 @@ class Store:
         #: Changed blocks per batch of that path, in bytes (device scratch and pinned
         #: memory grow with it, docs/GPU_DELTA.md); None: its default, 256 MiB.
         self.device_delta_batch_bytes: int | None = None
+        #: Time that path's device steps with CUDA events too (``DeltaSaveStats.steps``).
+        #: Off by default: the events are 16 of the ~90 operations the one device thread
+        #: queues per batch, and that thread is what limits the step (docs/GPU_DELTA.md);
+        #: the host's intervals (``steps_host``) matched the events' within a few percent.
+        self.device_delta_timing = False
         #: What the last save's GPU delta path did (a DeltaSaveStats), None if unused.
         self.last_device_delta: Any = None
 

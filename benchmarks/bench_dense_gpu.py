@@ -171,6 +171,8 @@ def run_size(size: int, args: argparse.Namespace, with_cpu: bool) -> dict[str, A
     log(f"model {logical / GB:.2f} GB bf16, {len(model)} tensors on {args.device}")
     out: dict[str, Any] = {"model_bytes": logical, "tensors": len(model)}
     gpu_store = Store.open(work / "gpu", create=True)
+    gpu_store.device_delta_timing = args.device_timing
+    out["device_timing"] = args.device_timing
     log("full save")
     out["full"] = timed_save(gpu_store, model, args.device, "auto")
     # Same parent for every dense save of step 1: chunk and pack files are write-once,
@@ -188,6 +190,7 @@ def run_size(size: int, args: argparse.Namespace, with_cpu: bool) -> dict[str, A
         log(f"dense step 1, GPU delta path, batches of {b >> 20} MiB")
         other = Store.open(work / f"gpu-{i}")
         other.device_delta_batch_bytes = b
+        other.device_delta_timing = args.device_timing
         row = timed_save(other, model, args.device, mode)
         row["batch_bytes"] = b
         row["sample_decodes_bit_exact"] = check_sample(other, model)
@@ -253,6 +256,11 @@ def main() -> None:
         "each other for step 1 only, from the same parent",
     )
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--device-timing",
+        action="store_true",
+        help="CUDA events between the GPU path's steps too (Store.device_delta_timing)",
+    )
     ap.add_argument("--dir", default="/root/apollo-dense")
     ap.add_argument("--out", default="benchmarks/results/dense_gpu.json")
     args = ap.parse_args()

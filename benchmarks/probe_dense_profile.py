@@ -72,6 +72,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
     st.device_delta = "auto" if cuda else "always"
+    st.device_delta_timing = True  # the event intervals, to set beside the profile
     for label in ("plain", "profiled"):
         dense_step(model, dev)  # a new step each time: the same one again would dedup
         sync(dev)

@@ -101,6 +101,7 @@ def make_hook(
                 dev,
                 workers=workers,
                 batch_bytes=batch,
+                device_timing=store.device_delta_timing,
                 fetch=source.fetch,
             )
             try:

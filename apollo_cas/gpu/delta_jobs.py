@@ -59,7 +59,8 @@ class DeltaSaveStats:
     pinned_bytes: int = 0
     device_scratch_bytes: int = 0
     #: Seconds between the device steps of every batch, summed (CUDA events on the
-    #: device, the host clock on the CPU): gather, check, xor_planes, count,
+    #: device, with ``Store.device_delta_timing``; the host clock on the CPU; else
+    #: empty): gather, check, xor_planes, count,
     #: sparse_rows, pack, slot_wait, to_host. A step that reads a result on the host
     #: (count, sparse_rows, pack) includes the wait for the device work before it.
     steps: dict[str, float] = field(default_factory=dict)

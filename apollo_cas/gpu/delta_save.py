@@ -91,6 +91,7 @@ class GpuDeltaSaver:
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         fetch: Callable[[Sequence[BlockRequest]], Any] | None = None,
         sparse: bool | None = None,
+        device_timing: bool = False,
     ) -> None:
         self.chunks = chunks
         self.policy = chunks.policy
@@ -102,6 +103,8 @@ class GpuDeltaSaver:
         self.workers = max(1, workers)
         self.rows = max(1, int(batch_bytes) // self.block_size)
         self.fetch = fetch
+        # CUDA events between the steps (else the host clock alone; on the CPU that is both).
+        self.device_timing = bool(device_timing) or not self.cuda
         self.kernel = kernel_module() if self.cuda else None
         self.stats = DeltaSaveStats()
         #: Also try codec 4 (a release with it and a policy that tries it).
@@ -268,7 +271,7 @@ class GpuDeltaSaver:
         p2 = self._parent[r0 * bs : (r0 + n) * bs].view(n, bs)
         stream = self._stream
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        ev = Events(self.cuda)
+        ev = Events(self.cuda and self.device_timing)
         with ctx:
             ev.mark("start")
             l2 = self._live[: n * bs].view(n, bs)
@@ -337,8 +340,9 @@ class GpuDeltaSaver:
                 stream.synchronize()  # the pipeline may place another batch in these rows now
         verdict()  # before anything of this piece is stored
         self.stats.device_s += time.perf_counter() - t1
-        for name, sec in ev.elapsed().items():
-            self.stats.steps[name] = self.stats.steps.get(name, 0.0) + sec
+        if self.device_timing:
+            for name, sec in ev.elapsed().items():
+                self.stats.steps[name] = self.stats.steps.get(name, 0.0) + sec
         for name, sec in ev.host_elapsed().items():
             self.stats.steps_host[name] = self.stats.steps_host.get(name, 0.0) + sec
         self.stats.d2h_bytes += kept + nsparse * (4 + ws)
