@@ -67,15 +67,21 @@ def _import_kernel_module() -> Any:
 
         return xxh3_kernel
     except ImportError:
-        import importlib.util
+        return load_kernel_by_path()
 
-        path = _REPO / "apollo_cas" / "gpu" / "xxh3_kernel.py"
-        spec = importlib.util.spec_from_file_location("apollo_cas_gpu_xxh3_kernel", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses and triton look the module up
-        spec.loader.exec_module(module)
-        return module
+
+def load_kernel_by_path() -> Any:
+    """The kernel modules (xxh3_kernel and the xxh3_device it imports) as submodules of a
+    stand-in package over apollo_cas/gpu, so apollo_cas/__init__ and its imports never run."""
+    import importlib
+    import types
+
+    name = "apollo_cas_gpu_kernels"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(_REPO / "apollo_cas" / "gpu")]
+        sys.modules[name] = pkg
+    return importlib.import_module(f"{name}.xxh3_kernel")
 
 
 xk = _import_kernel_module()

@@ -249,3 +249,27 @@ def test_bench_cold_restore_smoke(tmp_path: Path) -> None:
     assert got["safetensors_cold_seconds"] > 0 and got["cold_load_over_disk_read"] > 0
     assert {"safetensors", "flat"} <= set(got["cpu_restore"])
     assert not (tmp_path / "w").exists() and not any((tmp_path / "t").iterdir())
+
+
+def test_bench_gpu_hash_loads_the_kernel_modules_without_the_package(tmp_path: Path) -> None:
+    """On a bare GPU box (torch and triton only) bench_gpu_hash.py loads xxh3_kernel and
+    the xxh3_device it imports by path; the digests still match xxhash."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench_gpu_hash as b; "
+        "m = b.load_kernel_by_path(); import torch, xxhash; "
+        "d = torch.arange(1000, dtype=torch.int32).view(torch.uint8); "
+        "got = [bytes(r.numpy()) for r in m.block_digests(d, 256)]; "
+        "want = [xxhash.xxh3_128_digest(bytes(d[i:i + 256].numpy())) for i in range(0, 4000, 256)]; "
+        "assert got == want, 'digests differ'; "
+        "assert m.__name__ == 'apollo_cas_gpu_kernels.xxh3_kernel', m.__name__; "
+        "print('ok')"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
