@@ -5,9 +5,10 @@ allocations that large with mmap and unmaps them on free, so every chunk costs
 256 page faults to map and zero its memory again: one 1 GiB restore made
 743,000 faults. Keeping freed memory in the heap cut that to 14,700 and the
 restore from 2.53 s to 1.08 s; a 1 GiB save went from 3.9 s to 3.0 s
-(benchmarks/results/compare.md, 2-core VM); a full save of 17.1 GB from an H200
-took 8.49 s with these settings against 10.49 s without, same run, because the
-encoding threads no longer queue on page faults of fresh 1 MiB buffers
+(benchmarks/results/compare.md, 2-core VM; a later 1 GiB save there showed no
+difference, 0.75 s both ways). On the H200 its effect on saves is not shown: the one
+same-host comparison (8.49 s against 10.49 s for 17.1 GB) ran its tuned process second,
+with Triton's kernels already compiled into the on-disk cache by the first
 (benchmarks/results/h200_2026-12-03b/README.md). The command-line processes do
 this at start-up. A library must not retune the allocator of the program that
 imports it, so in-process callers (a trainer saving through :class:`~apollo_cas.Store`)
