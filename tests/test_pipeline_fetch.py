@@ -79,7 +79,17 @@ def test_batches_are_released_only_after_their_blocks_are_encoded(tmp_path: Path
 
 
 def test_a_block_that_differs_from_its_digest_fails_the_save(tmp_path: Path) -> None:
+    """The failing task stops the save with nothing committed, and leaves the source
+    usable: its fetch lock released and its buffers drained, so the next save works."""
+    w = weights()
     st = Store.open(tmp_path / "s", create=True, workers=2)
+    src = Scribbling(w, fail_at=5)
     with pytest.raises(CorruptChunk, match="changed during the save"):
-        st.save(Scribbling(weights(), fail_at=5), block_size=BS)
+        st.save(src, block_size=BS)
     assert st.checkpoint_ids() == []
+    src.fail_at = None
+    src.released = 0
+    st.save(src, block_size=BS)
+    got = st.load()
+    for k, v in w.items():
+        assert torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
