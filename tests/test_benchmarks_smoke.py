@@ -273,3 +273,20 @@ def test_bench_gpu_hash_loads_the_kernel_modules_without_the_package(tmp_path: P
         [sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_probe_full_save_smoke_on_cpu(tmp_path: Path) -> None:
+    """The full-save probe warms up first (its own store, removed) and samples the save."""
+    import json
+    import subprocess
+
+    out = tmp_path / "probe.json"
+    args = ["--size", "8MiB", "--device", "cpu", "--dir", str(tmp_path / "w"), "--out", str(out)]
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "probe_full_save.py"), *args], capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["warm_up_seconds"] is not None and got["wall_s"] > 0
+    assert got["stored_bytes"] > 0 and "MainThread" in got["thread_cpu_s"]
+    assert not (tmp_path / "w").exists()
