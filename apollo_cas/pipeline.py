@@ -209,20 +209,22 @@ def _encode_fetched(
     ~1.5 GB/s (benchmarks/results/h200_2026-12-03/full_save_probe.json).
     """
     pending: deque[tuple[FetchedBatch, list[Future[Prepared]]]] = deque()
+
+    def finish_oldest() -> Iterator[Prepared]:
+        done, futures = pending.popleft()
+        for f in futures:
+            yield f.result()
+        done.release()
+
     batches = source.fetch_batches(wanted)
     pool = ThreadPoolExecutor(max_workers=capped_workers(workers), thread_name_prefix="apollo")
     try:
         for batch in batches:
             pending.append((batch, [pool.submit(task, item) for item in batch.items]))
             if len(pending) == 2:
-                done, futures = pending.popleft()
-                for f in futures:
-                    yield f.result()
-                done.release()
-        for done, futures in pending:
-            for f in futures:
-                yield f.result()
-            done.release()
+                yield from finish_oldest()
+        while pending:
+            yield from finish_oldest()
     finally:
         # Nothing may still read a view when the source's buffers are reused or freed.
         pool.shutdown(wait=True, cancel_futures=True)

@@ -11,8 +11,9 @@ This is the hot path of a checkpoint of live weights (a handles file, or a
   :meth:`DeviceSource.fetch_batches` copies the blocks the store lacks through
   three reusable pinned buffers (``buffer_bytes`` each, 256 MiB by default) on a
   side CUDA stream: the copy of batch k+2 is in flight while worker threads hash
-  and compress batches k and k+1 straight out of their buffers (no host copy). No ``.cpu()`` of whole tensors, no pageable
-  copies (pageable device-to-host runs at ~1.3 GB/s on an H100, pinned at ~54).
+  and compress batches k and k+1 straight out of their buffers (no host copy). No
+  ``.cpu()`` of whole tensors, no pageable copies (pageable device-to-host runs at
+  ~1.3 GB/s on an H100, pinned at ~54).
 
 The hashing lives in :mod:`apollo_cas.gpu.blocks` and the pinned buffers in
 :mod:`apollo_cas.gpu.staging` (shared with the restore side). Why all tensors go to one launch: XXH3 is sequential inside a block, so the
@@ -149,7 +150,7 @@ class DeviceSource(Source):
         self.streams = int(streams)
         self._keepalive = keepalive
         self._stage_host = stage_host
-        # Two pinned slots (gpu/staging.py), allocated on the first fetch that needs them.
+        # FETCH_SLOTS pinned slots (gpu/staging.py), allocated by the first fetch needing them.
         self._stager = Stager(slots=FETCH_SLOTS)
         self._fetch_lock = threading.Lock()
         #: Bytes that crossed from the device to the host: fetched blocks plus the
