@@ -355,6 +355,11 @@ def device_delta_hook(
     from .gpu.delta_hook import make_hook
 
     batch = checked_batch_bytes(store.device_delta_batch_bytes, "Store.device_delta_batch_bytes")
+    if not isinstance(store.device_delta_timing, bool):
+        raise UsageError(
+            f"Store.device_delta_timing must be True or False, got {store.device_delta_timing!r}",
+            "set it to True to time the GPU delta path's steps with CUDA events",
+        )
 
     def keep(stats: Any) -> None:
         store.last_device_delta = stats

@@ -410,6 +410,24 @@ def test_a_bad_batch_size_is_refused_before_the_save_writes(tmp_path: Path, bad:
     assert st.checkpoint_ids() == before
 
 
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_a_timing_flag_that_is_not_a_bool_is_refused_before_the_save_writes(
+    tmp_path: Path, bad: Any
+) -> None:
+    st = open_store(tmp_path / "s", "always")
+    m = model()
+    save(st, m)
+    before = st.checkpoint_ids()
+    dense_step(m, 1)
+    st.device_delta_timing = bad
+    with pytest.raises(UsageError, match=r"Store\.device_delta_timing must be True or False"):
+        save(st, m)
+    assert st.checkpoint_ids() == before
+    st.device_delta_timing = True  # on CPU tensors: the same steps, timed by the host clock
+    save(st, m)
+    assert set(st.last_device_delta.steps) == set(st.last_device_delta.steps_host)
+
+
 @pytest.mark.parametrize("batch_bytes", [None, 2 * BS])
 def test_weights_changing_mid_save_is_an_error_not_a_chunk(
     tmp_path: Path, batch_bytes: int | None
