@@ -102,6 +102,7 @@ class SavingStore(Protocol):
     device_delta: str
     device_delta_batch_bytes: int | None
     device_delta_timing: bool
+    device_delta_kernels: bool
     last_device_delta: Any
 
     @property
@@ -355,11 +356,13 @@ def device_delta_hook(
     from .gpu.delta_hook import make_hook
 
     batch = checked_batch_bytes(store.device_delta_batch_bytes, "Store.device_delta_batch_bytes")
-    if not isinstance(store.device_delta_timing, bool):
-        raise UsageError(
-            f"Store.device_delta_timing must be True or False, got {store.device_delta_timing!r}",
-            "set it to True to time the GPU delta path's steps with CUDA events",
-        )
+    for name, what in (
+        ("device_delta_timing", "True times the GPU delta path's steps with CUDA events"),
+        ("device_delta_kernels", "False runs the GPU delta path's steps as torch operations"),
+    ):
+        value = getattr(store, name)
+        if not isinstance(value, bool):
+            raise UsageError(f"Store.{name} must be True or False, got {value!r}", what)
 
     def keep(stats: Any) -> None:
         store.last_device_delta = stats

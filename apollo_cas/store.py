@@ -85,6 +85,9 @@ class Store:
         #: queues per batch, and that thread is what limits the step (docs/GPU_DELTA.md);
         #: the host's intervals (``steps_host``) matched the events' within a few percent.
         self.device_delta_timing = False
+        #: Run that path's per-piece steps as two Triton kernels on CUDA
+        #: (gpu/sparse_kernels.py); False: as torch operations (the CPU's way).
+        self.device_delta_kernels = True
         #: What the last save's GPU delta path did (a DeltaSaveStats), None if unused.
         self.last_device_delta: Any = None
 

@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dense_gpu import build_model, log, sync
+from pyspy import group
 
 import apollo_cas
 from apollo_cas.cli.common import parse_size
@@ -34,11 +35,6 @@ from apollo_cas.sources.device import DeviceSource
 from apollo_cas.store import Store
 
 GB = 1e9
-
-
-def group(name: str) -> str:
-    """A thread's group: its name without the pool's counter."""
-    return name.rstrip("0123456789").rstrip("_-") or name
 
 
 def task_cpu(tid: int) -> float | None:

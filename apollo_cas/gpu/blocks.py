@@ -373,19 +373,25 @@ def _digests_via_host(views: Sequence[torch.Tensor], block_size: int) -> list[li
 
 
 def mismatches_later(
-    got: torch.Tensor, ids: Sequence[bytes], uploads: Uploads | None = None
+    got: torch.Tensor,
+    ids: Sequence[bytes],
+    uploads: Uploads | None = None,
+    want: torch.Tensor | None = None,
 ) -> Callable[[], list[int]]:
     """Compare the ``(n, 16)`` device digests ``got`` with the chunk ids ``ids``, queued
     on the current stream; returns the verdict: a function giving the indices that
     differ, which waits for the device only when called (so the host goes on queueing
-    the next steps instead of idling through a round trip per batch)."""
-    want = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16)
+    the next steps instead of idling through a round trip per batch). ``want``: the
+    ids already on the device, as ``(n, 16)`` uint8 (else they are uploaded)."""
     if got.device.type != "cuda":
-        bad = (got != want).any(dim=1).nonzero().flatten().tolist()
+        host = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16)
+        bad = (got != host).any(dim=1).nonzero().flatten().tolist()
         return lambda: [int(i) for i in bad]
-    dev_want = (uploads or Uploads(1)).to_device(want, got.device)
+    if want is None:
+        host = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16)
+        want = (uploads or Uploads(1)).to_device(host, got.device)
     flags = torch.empty(len(ids), dtype=torch.bool, pin_memory=True)
-    flags.copy_((got != dev_want).any(dim=1), non_blocking=True)
+    flags.copy_((got != want).any(dim=1), non_blocking=True)
     done = torch.cuda.Event()
     done.record()
 

@@ -102,6 +102,7 @@ def make_hook(
                 workers=workers,
                 batch_bytes=batch,
                 device_timing=store.device_delta_timing,
+                kernel_steps=store.device_delta_kernels,
                 fetch=source.fetch,
             )
             try:

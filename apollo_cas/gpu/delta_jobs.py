@@ -45,6 +45,9 @@ class DeltaSaveStats:
 
     blocks: int = 0
     batches: int = 0
+    #: Pieces whose device steps ran as the two kernels of gpu.sparse_kernels (the
+    #: rest as torch ops; the kernel pieces have no "gather" step).
+    kernel_pieces: int = 0
     fallback_blocks: int = 0
     damaged_batches: int = 0
     compared_blocks: int = 0

@@ -83,15 +83,20 @@ def check_rows(
             return bad
 
     def verdict() -> None:
-        bad = later()
-        if bad:
-            raise CorruptChunk(
-                f"block with id {ids[bad[0]].hex()} no longer hashes to it on the device "
-                f"({len(bad)} blocks of this batch differ)",
-                "the weights changed during the save (pause training while saving); retry",
-            )
+        raise_for(later(), ids)
 
     return verdict
+
+
+def raise_for(bad: Sequence[int], ids: Sequence[bytes]) -> None:
+    """CorruptChunk naming the first of the live blocks ``bad`` (indices into ``ids``)
+    that no longer hash to the ids the save recorded; nothing when there are none."""
+    if bad:
+        raise CorruptChunk(
+            f"block with id {ids[bad[0]].hex()} no longer hashes to it on the device "
+            f"({len(bad)} blocks of this batch differ)",
+            "the weights changed during the save (pause training while saving); retry",
+        )
 
 
 def xor_rows_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,6 @@ from ..chunkstore import ChunkStore
 from ..codecs.envelope import Blob
 from ..errors import CorruptChunk
 from ..sources.base import BlockRequest
-from . import delta_ops
 from .blocks import kernel_module
 from .delta_encode import (
     SPARSE_MAX_FRACTION,
@@ -63,6 +62,7 @@ from .delta_encode import (
 )
 from .delta_jobs import DEFAULT_BATCH_BYTES, DeltaJob, DeltaSaveStats, TallyFn
 from .device_steps import Events
+from .piece_steps import Buffers, KernelSteps, PieceSteps, TorchSteps
 from .restore import Place, memory_bound
 from .staging import Uploads
 
@@ -92,6 +92,7 @@ class GpuDeltaSaver:
         fetch: Callable[[Sequence[BlockRequest]], Any] | None = None,
         sparse: bool | None = None,
         device_timing: bool = False,
+        kernel_steps: bool = True,
     ) -> None:
         self.chunks = chunks
         self.policy = chunks.policy
@@ -106,6 +107,8 @@ class GpuDeltaSaver:
         # CUDA events between the steps (else the host clock alone; on the CPU that is both).
         self.device_timing = bool(device_timing) or not self.cuda
         self.kernel = kernel_module() if self.cuda else None
+        #: The piece's steps as two Triton kernels where they can run (else torch ops).
+        self.kernel_steps = bool(kernel_steps)
         self.stats = DeltaSaveStats()
         #: Also try codec 4 (a release with it and a policy that tries it).
         self._sparse = sparse_wanted(self.policy) if sparse is None else sparse
@@ -137,27 +140,35 @@ class GpuDeltaSaver:
         halves = 2 if len(jobs) > rows else 1
         dev = self.device
         self._parent = torch.empty(halves * nbytes, dtype=torch.uint8, device=dev)
-        self._live = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        self._planes = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        self._packed = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        self._slots = [
-            torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
-        ]
         # Codec 4 (when the release and policy try it): positions and values of the
         # changed elements, found on the device, for at most `cap` elements per batch
         # (1/32 of its bytes; the benchmark's step changes ~1.2% of bf16 elements).
         self._cap = max(1, nbytes // 32) if self._sparse else 0
         cap = self._cap
-        self._sidx = torch.empty(cap, dtype=torch.int32, device=dev)
-        self._sval = torch.empty(cap * 8, dtype=torch.uint8, device=dev)
-        self._splanes = torch.empty(cap * 12, dtype=torch.uint8, device=dev)
+        bufs = Buffers(
+            live=torch.empty(nbytes, dtype=torch.uint8, device=dev),
+            planes=torch.empty(nbytes, dtype=torch.uint8, device=dev),
+            packed=torch.empty(nbytes, dtype=torch.uint8, device=dev),
+            sidx=torch.empty(cap, dtype=torch.int32, device=dev),
+            sval=torch.empty(cap * 8, dtype=torch.uint8, device=dev),
+            splanes=torch.empty(cap * 12, dtype=torch.uint8, device=dev),
+        )
+        self._slots = [
+            torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
+        ]
         self._sslots = [
             torch.empty(cap * 12, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
         ]
+        self._uploads = Uploads()
+        self._torch_steps = TorchSteps(self.live, bs, self.kernel, self._uploads, bufs)
+        self._kernel_steps = (
+            KernelSteps(self.live, bs, self.kernel, rows, dev, bufs)
+            if self.kernel is not None and self.kernel_steps
+            else None
+        )
         self._in_slot: list[list[Future[Any]]] = [[], []]
         self._k = 0
         self._stream = torch.cuda.Stream(device=dev) if self.cuda else None
-        self._uploads = Uploads()
         self._compare_list: list[tuple[DeltaJob, DeltaBlob]] = []
         self._compare_lock = threading.Lock()
         self._tally = tally
@@ -240,7 +251,8 @@ class GpuDeltaSaver:
         bound = memory_bound(self.pipe.batch_bytes, bs)
         self.stats.pinned_bytes += min(bound["pinned_host"], self.pipe.stats.pinned_bytes)
         self.stats.device_scratch_bytes += self.pipe.stats.device_scratch_bytes
-        self._parent = self._live = self._planes = self._packed = None  # type: ignore[assignment]
+        self._parent = None  # type: ignore[assignment]
+        self._torch_steps = self._kernel_steps = None  # type: ignore[assignment]
         self._slots = []
         self._sslots = []
         return fallback
@@ -272,54 +284,35 @@ class GpuDeltaSaver:
         stream = self._stream
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         ev = Events(self.cuda and self.device_timing)
+        w = batch[0].w
+        ws = batch[0].itemsize if batch[0].itemsize in (1, 2, 4, 8) else 1
+        sparse_ok = self._sparse and bs % ws == 0
+        fused = self._kernel_steps
+        steps: PieceSteps = self._torch_steps
+        if fused is not None and fused.usable(batch, w, ws):
+            steps = fused
+            self.stats.kernel_pieces += 1
         with ctx:
             ev.mark("start")
-            l2 = self._live[: n * bs].view(n, bs)
-            runs = delta_ops.row_runs([(j.tensor, j.offset) for j in batch], bs)
-            delta_ops.gather_rows(self.live, runs, l2, bs)
-            ev.mark("gather")
-            verdict = delta_ops.check_rows(
-                l2, [j.cid for j in batch], bs, self.kernel, self._uploads
-            )
-            ev.mark("check")
-            delta_ops.xor_rows_(p2, l2)
-            w = batch[0].w
-            q = delta_ops.split_planes(p2, w, self._planes)
-            nz = delta_ops.nonzero_planes(q).flatten()
-            ev.mark("xor_planes")
-            ws = batch[0].itemsize if batch[0].itemsize in (1, 2, 4, 8) else 1
-            sparse_ok = self._sparse and bs % ws == 0
-            # One round trip for all the host decides on (which planes are zero, and
-            # for codec 4 how many elements of each row changed); each further one
-            # idled the device (17 GB dense step, H200: ~8 per piece before).
-            small = [nz.to(torch.int64)]
-            if sparse_ok:
-                small.append(delta_ops.changed_elements(p2, ws))
-            got = torch.cat(small).cpu().tolist()
-            nz_host = got[: w * n]
-            counts: list[int] | None = got[w * n :] if sparse_ok else None
-            ev.mark("count")
-            take: list[bool] = []
+            scan = steps.scan(batch, p2, w, ws, sparse_ok, ev.mark)
+            nz_host, counts = scan.nonzero, scan.counts
+            taken: list[int] = []
             dropped: set[int] = set()
-            nsparse = 0
             if counts is not None:
                 limit = SPARSE_MAX_FRACTION * (bs // ws)
                 room = self._cap
-                for c in counts:
-                    ok = c <= limit and c <= room
-                    take.append(ok)
-                    room -= c if ok else 0
-                nsparse = delta_ops.sparse_rows(p2, ws, take, self._sidx, self._sval, counts)
-                ev.mark("sparse_rows")
+                for r, c in enumerate(counts):
+                    if c <= limit and c <= room:
+                        taken.append(r)
+                        room -= c
                 # Rows stored as codec 4 outright never need their planes on the host.
-                dropped = {r for r in range(n) if take[r] and sparse_outright(bs, ws, counts[r])}
+                dropped = {r for r in taken if sparse_outright(bs, ws, counts[r])}
                 for r in dropped:
                     for kk in range(w):
                         nz_host[kk * n + r] = 0
             keep = [i for i, f in enumerate(nz_host) if f]
-            keep_d = self._uploads.to_device(torch.tensor(keep, dtype=torch.int64), p2.device)
-            packed_q = delta_ops.pack_planes(q, keep_d, self._packed)
-            ev.mark("pack")
+            packed_q, planes_d = steps.extract(p2, w, ws, taken, counts or [], keep, ev.mark)
+            nsparse = sum(counts[r] for r in taken) if counts is not None else 0
             m = bs // w
             kept = len(packed_q) * m
             # Slot k % 2 is free once piece k-2's planes are encoded.
@@ -331,14 +324,12 @@ class GpuDeltaSaver:
             host[:kept].copy_(packed_q.reshape(-1), non_blocking=self.cuda)
             splanes_h = self._sslots[k % 2] if self._sslots else None
             if nsparse:
-                assert splanes_h is not None and counts is not None
-                taken = [counts[r] for r in range(n) if take[r]]
-                planes_d = delta_ops.sparse_planes(self._sidx, self._sval, taken, ws, self._splanes)
+                assert splanes_h is not None
                 splanes_h[: len(planes_d)].copy_(planes_d, non_blocking=self.cuda)
             ev.mark("to_host")
             if stream is not None:
                 stream.synchronize()  # the pipeline may place another batch in these rows now
-        verdict()  # before anything of this piece is stored
+        scan.verdict()  # before anything of this piece is stored
         self.stats.device_s += time.perf_counter() - t1
         if self.device_timing:
             for name, sec in ev.elapsed().items():
@@ -361,12 +352,11 @@ class GpuDeltaSaver:
             assert splanes_h is not None and counts is not None
             pv = splanes_h.numpy().data
             pos = 0
-            for r in range(n):
-                if take[r]:
-                    c = counts[r]
-                    g = pos + 4 * c
-                    changes[r] = SparsePlanes(c, pv[pos:g], pv[g : g + ws * c])
-                    pos = g + ws * c
+            for r in taken:
+                c = counts[r]
+                g = pos + 4 * c
+                changes[r] = SparsePlanes(c, pv[pos:g], pv[g : g + ws * c])
+                pos = g + ws * c
         items = [
             (job, per_row[r], changes[r], counts[r] if counts else None, r in dropped)
             for r, job in enumerate(batch)

@@ -186,8 +186,7 @@ def block_digests(
         tail_bytes = buf[n_full * block_size :]
         tail_words = tail_bytes[: tail // 8 * 8].view(torch.int64)
         _xxh3_tail_kernel[(1,)](tail_words, tail_bytes, table, out[n_full:], tail, num_warps=1)
-    # Canonical form: each 64-bit half big-endian, high half first (stored at [i, 0]).
-    digests = out.view(torch.uint8).view(n_blocks, 2, 8).flip(2).reshape(n_blocks, 16)
+    digests = _canonical(out)
     if 0 < tail <= _MIDSIZE_MAX:
         # Short paths (lengths 1-240) on the host: at most 240 bytes cross to the CPU.
         host_tail = buf[n_full * block_size :].cpu().numpy().tobytes()
@@ -453,8 +452,7 @@ def block_digests_many(
         )
     if plan.n_tail and cuda:
         torch.cuda.current_stream(device).wait_stream(_tail_stream(device))
-    # Canonical form: each 64-bit half big-endian, high half first (stored at [i, 0]).
-    digests = out.view(torch.uint8).view(n_int, 2, 8).flip(2).reshape(n_int, 16)
+    digests = _canonical(out)
     if plan.short:
         # Short paths (1-240 bytes) on the host: one gather, one copy each way.
         parts = [bufs[i][o : o + n] for i, o, n in plan.short]
@@ -469,6 +467,42 @@ def block_digests_many(
     if plan.perm is not None:
         digests = digests.index_select(0, plan.perm)
     return digests
+
+
+def _canonical(out: torch.Tensor) -> torch.Tensor:
+    """``(n, 16)`` digests from the kernels' ``(n, 2)`` int64 halves: each 64-bit half
+    big-endian, the high half (stored at ``[i, 0]``) first."""
+    n = int(out.shape[0])
+    return out.view(torch.uint8).view(n, 2, 8).flip(2).reshape(n, 16)
+
+
+def digests_at(
+    base: torch.Tensor, units: torch.Tensor, block_size: int, config: LaunchConfig | None = None
+) -> torch.Tensor:
+    """XXH3-128 of ``len(units)`` full blocks where they lie: block ``i`` starts
+    ``16 * units[i]`` bytes after the first byte of the 1-D uint8 ``base`` (an int64
+    table on its device). Returns ``(n, 16)`` uint8 digests in canonical form, as
+    :func:`block_digests` gives. A dense step hashes its live blocks this way instead
+    of gathering them first."""
+    config = config or DEFAULT_CONFIG
+    check_block_size(block_size)
+    n = int(units.numel())
+    out = torch.empty((n, 2), dtype=torch.int64, device=base.device)
+    if n:
+        _xxh3_many_full_kernel[(triton.cdiv(n, config.group),)](
+            base[:8].view(torch.int64),
+            units,
+            _secret_table(base.device),
+            out,
+            n,
+            BLOCK_WORDS=block_size // 8,
+            GROUP=config.group,
+            UNROLL=config.unroll,
+            EVICTION="evict_first" if config.evict_first else "",
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    return _canonical(out)
 
 
 def _launch_tails(

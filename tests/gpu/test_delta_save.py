@@ -400,7 +400,11 @@ def test_small_batches_through_the_store_give_the_cpu_paths_chunks(tmp_path: Pat
 BAD_KNOBS = [
     ("device_delta_batch_bytes", b, "must be a positive") for b in (0, -BS, "256MiB", 1.5, True)
 ]
-BAD_KNOBS += [("device_delta_timing", b, "must be True or False") for b in ("yes", 1, None)]
+BAD_KNOBS += [
+    (knob, b, "must be True or False")
+    for knob in ("device_delta_timing", "device_delta_kernels")
+    for b in ("yes", 1, None)
+]
 
 
 @pytest.mark.parametrize(("knob", "bad", "says"), BAD_KNOBS)

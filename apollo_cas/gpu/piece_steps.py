@@ -1,0 +1,278 @@
+"""The device work of one piece of a dense step, in two implementations.
+
+A piece is a run of parent rows (decoded by the restore pipeline) whose live blocks
+have one element width. :class:`~apollo_cas.gpu.delta_save.GpuDeltaSaver` asks for:
+
+1. :meth:`scan`: check that every live block still hashes to its recorded id (the
+   verdict is read later), XOR the parent rows with the live blocks in place, and
+   return to the host which byte planes of each row are not all zero and how many
+   elements of each row changed (one round trip);
+2. :meth:`extract`, once the host has chosen each row's encoding: codec 4's gap and
+   value planes of the rows it takes, and the non-zero byte planes of the rows that
+   need codec 3, packed for one device-to-host copy each.
+
+:class:`TorchSteps` does it with :mod:`~apollo_cas.gpu.delta_ops` (any device: the CPU
+path and tests). :class:`KernelSteps` does it on CUDA with the kernels of
+:mod:`~apollo_cas.gpu.sparse_kernels`, hashing the live blocks where they lie: about 30
+host calls per piece instead of about 130, each of which gives up the GIL (see that
+module for the measurement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import delta_ops, sparse_kernels
+from .blocks import mismatches_later
+from .delta_jobs import DeltaJob
+from .staging import Uploads
+
+Mark = Callable[[str], None]
+
+
+@dataclass
+class Scan:
+    """What the host learns from a piece's first round trip."""
+
+    verdict: Callable[[], None]  # raises CorruptChunk if a live block changed
+    nonzero: list[int]  # (w * n) flags, plane-major: plane k of row r at k * n + r
+    counts: list[int] | None  # changed elements of each row, when asked for
+
+
+class PieceSteps(Protocol):
+    """The two stages of a piece's device work (see the module doc)."""
+
+    def scan(
+        self,
+        batch: Sequence[DeltaJob],
+        rows: torch.Tensor,
+        w: int,
+        ws: int,
+        counts: bool,
+        mark: Mark,
+    ) -> Scan: ...
+
+    def extract(
+        self,
+        rows: torch.Tensor,
+        w: int,
+        ws: int,
+        taken: Sequence[int],
+        counts: Sequence[int],
+        keep: Sequence[int],
+        mark: Mark,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed planes (len(keep), m), codec 4's planes of the rows taken)``."""
+        ...
+
+
+@dataclass
+class Buffers:
+    """Device scratch shared by both implementations (sizes: see GpuDeltaSaver.run)."""
+
+    live: torch.Tensor  # gathered live rows (TorchSteps)
+    planes: torch.Tensor  # XOR rows split into byte planes
+    packed: torch.Tensor  # the kept planes, packed
+    sidx: torch.Tensor  # changed elements' indices (TorchSteps)
+    sval: torch.Tensor  # and values (TorchSteps)
+    splanes: torch.Tensor  # codec 4's planes of the rows taken
+
+
+class TorchSteps:
+    """The piece's steps as torch operations (:mod:`~apollo_cas.gpu.delta_ops`)."""
+
+    def __init__(
+        self,
+        live: Sequence[torch.Tensor],
+        block_size: int,
+        kernel: ModuleType | None,
+        uploads: Uploads,
+        bufs: Buffers,
+    ) -> None:
+        self.live = live
+        self.bs = block_size
+        self.kernel = kernel
+        self.uploads = uploads
+        self.bufs = bufs
+        self._q: torch.Tensor | None = None
+
+    def scan(
+        self,
+        batch: Sequence[DeltaJob],
+        rows: torch.Tensor,
+        w: int,
+        ws: int,
+        counts: bool,
+        mark: Mark,
+    ) -> Scan:
+        bs, n = self.bs, len(batch)
+        l2 = self.bufs.live[: n * bs].view(n, bs)
+        runs = delta_ops.row_runs([(j.tensor, j.offset) for j in batch], bs)
+        delta_ops.gather_rows(self.live, runs, l2, bs)
+        mark("gather")
+        verdict = delta_ops.check_rows(l2, [j.cid for j in batch], bs, self.kernel, self.uploads)
+        mark("check")
+        delta_ops.xor_rows_(rows, l2)
+        self._q = q = delta_ops.split_planes(rows, w, self.bufs.planes)
+        nz = delta_ops.nonzero_planes(q).flatten()
+        mark("xor_planes")
+        # One round trip for all the host decides on; each further one idled the
+        # device (17 GB dense step, H200: ~8 per piece before).
+        small = [nz.to(torch.int64)]
+        if counts:
+            small.append(delta_ops.changed_elements(rows, ws))
+        got = torch.cat(small).cpu().tolist()
+        mark("count")
+        return Scan(verdict, got[: w * n], got[w * n :] if counts else None)
+
+    def extract(
+        self,
+        rows: torch.Tensor,
+        w: int,
+        ws: int,
+        taken: Sequence[int],
+        counts: Sequence[int],
+        keep: Sequence[int],
+        mark: Mark,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.bufs
+        n = int(rows.shape[0])
+        take = [False] * n
+        for r in taken:
+            take[r] = True
+        delta_ops.sparse_rows(rows, ws, take, b.sidx, b.sval, counts)
+        planes = delta_ops.sparse_planes(b.sidx, b.sval, [counts[r] for r in taken], ws, b.splanes)
+        mark("sparse_rows")
+        assert self._q is not None
+        keep_d = self.uploads.to_device(torch.tensor(list(keep), dtype=torch.int64), rows.device)
+        packed = delta_ops.pack_planes(self._q, keep_d, b.packed)
+        mark("pack")
+        return packed, planes
+
+
+class KernelSteps:
+    """The piece's steps as two Triton kernels on CUDA (:mod:`sparse_kernels`).
+
+    Live blocks are read where they lie, addressed from one 16-byte aligned live
+    tensor: a piece whose blocks are not all 16-byte aligned from there (or whose
+    plane width is neither its element width nor 1) is for :class:`TorchSteps`
+    (:meth:`usable`).
+    """
+
+    def __init__(
+        self,
+        live: Sequence[torch.Tensor],
+        block_size: int,
+        kernel: ModuleType,
+        rows: int,
+        device: torch.device,
+        bufs: Buffers,
+    ) -> None:
+        self.bs = block_size
+        self.kernel = kernel
+        self.bufs = bufs
+        self.device = device
+        # Any aligned tensor serves as the base: offsets may be negative.
+        aligned = [v for v in live if v.numel() >= 8 and v.data_ptr() % 16 == 0]
+        self.base = min(aligned, key=lambda v: v.data_ptr()) if aligned else None
+        base_ptr = self.base.data_ptr() if self.base is not None else 0
+        self.starts = [v.data_ptr() - base_ptr for v in live]
+        t = max(sparse_kernels.tiles(block_size // ws) for ws in (1, 2, 4, 8))
+        n_stats = rows * t * sparse_kernels.STAT_FIELDS
+        self.cuda = device.type == "cuda"  # else CPU tensors, under TRITON_INTERPRET=1 (tests)
+        self.stats = torch.empty(n_stats, dtype=torch.int64, device=device)
+        self.stats_host = torch.empty(n_stats, dtype=torch.int64, pin_memory=self.cuda)
+        # Tables to the device: offsets and 16-byte units of the live blocks, the ids to
+        # check, then the taken rows and kept planes. Rewritten once per piece, after
+        # the piece before has synchronised, so no event guards them.
+        self.tables = torch.empty(rows * 8 + 64, dtype=torch.int64, pin_memory=self.cuda)
+        self.tables_np = self.tables.numpy()
+        self._stats: torch.Tensor | None = None
+
+    def usable(self, batch: Sequence[DeltaJob], w: int, ws: int) -> bool:
+        if self.base is None or self.bs % 8 or w not in (1, ws):
+            return False
+        return all((self.starts[j.tensor] + j.offset) % 16 == 0 for j in batch)
+
+    def _upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """int64 tables to the device through the pinned table buffer, in one copy."""
+        sizes = [int(a.size) for a in arrays]
+        total = sum(sizes)
+        pos = 0
+        for a, k in zip(arrays, sizes, strict=True):
+            self.tables_np[pos : pos + k] = a.reshape(-1)
+            pos += k
+        dev = torch.empty(total, dtype=torch.int64, device=self.device)
+        dev.copy_(self.tables[:total], non_blocking=self.cuda)
+        out, pos = [], 0
+        for k in sizes:
+            out.append(dev[pos : pos + k])
+            pos += k
+        return out
+
+    def scan(
+        self,
+        batch: Sequence[DeltaJob],
+        rows: torch.Tensor,
+        w: int,
+        ws: int,
+        counts: bool,
+        mark: Mark,
+    ) -> Scan:
+        n = len(batch)
+        assert self.base is not None
+        byte = np.fromiter((self.starts[j.tensor] + j.offset for j in batch), np.int64, n)
+        ids = np.frombuffer(b"".join(j.cid for j in batch), dtype=np.int64)
+        offsets, units, want = self._upload([byte // ws, byte // 16, ids])
+        got = self.kernel.digests_at(self.base, units, self.bs)
+        later = mismatches_later(
+            got, [j.cid for j in batch], want=want.view(torch.uint8).view(n, 16)
+        )
+        mark("check")
+        self._stats = stats = sparse_kernels.xor_stats(rows, self.base, offsets, ws, self.stats)
+        mark("xor_planes")
+        k = int(stats.numel())
+        self.stats_host[:k].copy_(stats.view(-1), non_blocking=self.cuda)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        host = self.stats_host.numpy()[:k].reshape(stats.shape)
+        per_row, flags = sparse_kernels.row_summary(host, w, ws)
+        mark("count")
+
+        def verdict() -> None:
+            delta_ops.raise_for(later(), [j.cid for j in batch])
+
+        return Scan(verdict, flags.reshape(-1).astype(int).tolist(), per_row.tolist())
+
+    def extract(
+        self,
+        rows: torch.Tensor,
+        w: int,
+        ws: int,
+        taken: Sequence[int],
+        counts: Sequence[int],
+        keep: Sequence[int],
+        mark: Mark,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.bufs
+        assert self._stats is not None
+        bs = int(rows.shape[1])
+        table = sparse_kernels.row_table(list(taken), [counts[r] for r in taken])
+        table_d, keep_d = self._upload([table, np.asarray(keep, dtype=np.int64)])
+        sparse_kernels.sparse_extract(rows, self._stats, table_d.view(-1, 3), ws, b.splanes)
+        used = (4 + ws) * int(sum(counts[r] for r in taken))
+        mark("sparse_rows")
+        m = bs // w
+        if keep:
+            q = delta_ops.split_planes(rows, w, b.planes)
+            packed = delta_ops.pack_planes(q, keep_d, b.packed)
+        else:
+            packed = b.packed[:0].view(0, m)
+        mark("pack")
+        return packed, b.splanes[:used]

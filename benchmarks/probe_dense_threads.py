@@ -1,0 +1,201 @@
+"""Which thread limits a dense step's GPU delta save, and who holds the GIL (a probe).
+
+Builds a generated bf16 model on the GPU (``--size``), saves it in full into a new
+store under ``--dir``, takes one dense step through the GPU delta path as a warm-up,
+then one more dense step per mode:
+
+- ``plain``: no profiler (the wall time to set the others beside);
+- ``idle``: under ``py-spy record --idle --native``: where every thread is, running or
+  waiting (a thread waiting for the GIL shows ``take_gil``);
+- ``gil``: under ``py-spy record --gil``: only the thread holding the GIL;
+- ``native``: ``--idle --native`` (C frames: ``take_gil``, CUDA calls, zstd); py-spy
+  then pauses the process for every sample, so this step runs slower.
+
+Each mode's JSON has the save's wall and CPU time, the CPU seconds of each thread
+group (from /proc), the GPU delta path's own timings, and per thread group the most
+common innermost frames. Without ``--py-spy`` only ``plain`` runs.
+
+    python benchmarks/probe_dense_threads.py --size 16GiB --py-spy /tmp/site/bin/py-spy \\
+        --out $OUT/dense_threads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dense_gpu import HostHashed, build_model, dense_step, log, sync
+from probe_full_save import task_cpu
+from pyspy import Recording, group, summarize
+
+from apollo_cas.cli.common import parse_size
+from apollo_cas.sources.device import DeviceSource
+from apollo_cas.store import Store
+
+
+class ThreadCpu(threading.Thread):
+    """CPU seconds per thread group over a stretch, read from /proc every 50 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(name="probe-cpu", daemon=True)
+        self.stop = threading.Event()
+        self.seen: dict[int, tuple[str, float, float]] = {}
+
+    def poll(self) -> None:
+        for t in threading.enumerate():
+            if t.native_id is None or t is self:
+                continue
+            now = task_cpu(t.native_id)
+            if now is not None:
+                g, first, _ = self.seen.get(t.native_id, (group(t.name), now, now))
+                self.seen[t.native_id] = (g, first, now)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.poll()
+
+    def by_group(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for g, first, last in self.seen.values():
+            out[g] = round(out.get(g, 0.0) + last - first, 2)
+        return out
+
+
+def one_step(st: Store, model: dict[str, Any], dev: str, rec: Recording | None) -> dict[str, Any]:
+    dense_step(model, dev)
+    sync(dev)
+    src = (DeviceSource if dev.startswith("cuda") else HostHashed)(model)
+    cpu = ThreadCpu()
+    cpu.start()
+    ctx = rec if rec is not None else _Nothing()
+    with ctx:
+        c0, t0 = time.process_time(), time.perf_counter()
+        r = st.save(src, force=True)
+        wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        cpu.poll()
+    cpu.stop.set()
+    cpu.join()
+    src.close()
+    d = st.last_device_delta.to_dict() if st.last_device_delta else {}
+    pipe = d.get("pipeline") or {}
+    row: dict[str, Any] = {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu_s, 2),
+        "thread_cpu_s": cpu.by_group(),
+        "device_s": d.get("device_s"),
+        "kernel_pieces": d.get("kernel_pieces"),
+        "stored_bytes": r.stats.new_stored_bytes,
+        "steps_host": d.get("steps_host"),
+        "pipeline": {k: pipe.get(k) for k in ("read_s", "arena_wait_s", "queue_s", "finish_s")},
+        "error": d.get("error"),
+    }
+    if rec is not None:
+        row["py_spy_error"] = rec.error
+        if rec.error is None:
+            row["threads"] = summarize(rec.path)
+    return row
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="16GiB")
+    ap.add_argument("--dir", default="/dev/shm/apollo-threads")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the same code")
+    ap.add_argument("--py-spy", default=None, help="py-spy's binary (none: plain only)")
+    ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    ap.add_argument("--modes", default="plain,idle,gil,native", help="of plain,idle,gil,native")
+    ap.add_argument(
+        "--switch-intervals",
+        default="",
+        help="also plain steps under each sys.setswitchinterval (seconds, comma-separated), "
+        "in --rounds alternating rounds after the modes",
+    )
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--kernel-ab",
+        action="store_true",
+        help="also plain steps with Store.device_delta_kernels on and off, in --rounds rounds",
+    )
+    ap.add_argument("--out", default="dense_threads.json")
+    args = ap.parse_args()
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    model = build_model(parse_size(args.size), dev)
+    st = Store.open(work / "store", create=True)
+    st.save((DeviceSource if cuda else HostHashed)(model))
+    st.device_delta = "auto" if cuda else "always"
+    res: dict[str, Any] = {"size": args.size, "device": dev}
+    res["warm_up"] = one_step(st, model, dev, None)
+    log(f"warm-up dense step: {res['warm_up']['wall_s']} s")
+    options = {
+        "plain": {},
+        "idle": {"idle": True},
+        "gil": {"gil": True},
+        "native": {"idle": True, "native": True},
+    }
+    modes = [m for m in args.modes.split(",") if m]
+    for label in modes:
+        if label not in options:
+            ap.error(f"--modes: {label!r} is not one of {', '.join(options)}")
+    for label in modes:
+        opts = options[label]
+        if opts and not args.py_spy:
+            log(f"{label}: skipped (no --py-spy)")
+            continue
+        rec = None
+        if opts:
+            rate = args.rate // 2 if opts.get("native") else args.rate
+            rec = Recording(args.py_spy, work / f"{label}.txt", rate=rate, **opts)
+        res[label] = row = one_step(st, model, dev, rec)
+        log(f"{label}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, {row['thread_cpu_s']}")
+        for g, s in (row.get("threads") or {}).items():
+            log(f"-- {g} ({s['threads']} threads, {s['samples']} samples)")
+            for n, f in s["top"][:8]:
+                log(f"  {n:6d} {f}")
+        if row.get("py_spy_error"):
+            log(f"py-spy: {row['py_spy_error']}")
+    intervals = [float(x) for x in args.switch_intervals.split(",") if x]
+    default_interval = sys.getswitchinterval()
+    for rnd in range(args.rounds if intervals else 0):
+        for iv in intervals:
+            sys.setswitchinterval(iv)
+            try:
+                row = one_step(st, model, dev, None)
+            finally:
+                sys.setswitchinterval(default_interval)
+            row["switch_interval_s"] = iv
+            res.setdefault("switch_intervals", []).append(row)
+            log(f"switch interval {iv * 1e3:g} ms, round {rnd}: {row['wall_s']} s wall")
+    for rnd in range(args.rounds if args.kernel_ab else 0):
+        for kernels in (True, False):
+            st.device_delta_kernels = kernels
+            row = one_step(st, model, dev, None)
+            row["kernels"] = kernels
+            res.setdefault("kernel_ab", []).append(row)
+            log(f"kernels {kernels}, round {rnd}: {row['wall_s']} s wall, {row['cpu_s']} CPU s")
+        st.device_delta_kernels = True
+    st.close()
+    shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
