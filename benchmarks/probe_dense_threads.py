@@ -22,6 +22,7 @@ common innermost frames. Without ``--py-spy`` only ``plain`` runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -37,6 +38,7 @@ from probe_full_save import task_cpu
 from pyspy import Recording, group, summarize
 
 from apollo_cas.cli.common import parse_size
+from apollo_cas.codecs import CodecPolicy
 from apollo_cas.sources.device import DeviceSource
 from apollo_cas.store import Store
 
@@ -127,6 +129,7 @@ def main() -> None:
         "in --rounds alternating rounds after the modes",
     )
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-depth", type=int, default=1, help="the store's delta chain depth")
     ap.add_argument(
         "--kernel-ab",
         action="store_true",
@@ -139,7 +142,11 @@ def main() -> None:
     dev = args.device
     cuda = dev.startswith("cuda")
     model = build_model(parse_size(args.size), dev)
-    st = Store.open(work / "store", create=True)
+    # Every step's parent at the same depth (1: a delta on the full save), so steps
+    # compare alike: with the default depth 4 each step decodes a longer chain than
+    # the one before until the chain restarts from its root.
+    policy = dataclasses.replace(CodecPolicy(), max_delta_depth=args.max_depth)
+    st = Store.open(work / "store", create=True, policy=policy)
     st.save((DeviceSource if cuda else HostHashed)(model))
     st.device_delta = "auto" if cuda else "always"
     res: dict[str, Any] = {"size": args.size, "device": dev}

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from . import delta_ops, sparse_kernels
-from .blocks import mismatches_later
 from .delta_jobs import DeltaJob
 from .staging import Uploads
 
@@ -193,6 +192,8 @@ class KernelSteps:
         # the piece before has synchronised, so no event guards them.
         self.tables = torch.empty(rows * 8 + 64, dtype=torch.int64, pin_memory=self.cuda)
         self.tables_np = self.tables.numpy()
+        # Which live blocks no longer hash to their ids: copied back with the statistics.
+        self.bad_host = torch.empty(rows, dtype=torch.bool, pin_memory=self.cuda)
         self._stats: torch.Tensor | None = None
 
     def usable(self, batch: Sequence[DeltaJob], w: int, ws: int) -> bool:
@@ -228,12 +229,13 @@ class KernelSteps:
         n = len(batch)
         assert self.base is not None
         byte = np.fromiter((self.starts[j.tensor] + j.offset for j in batch), np.int64, n)
-        ids = np.frombuffer(b"".join(j.cid for j in batch), dtype=np.int64)
+        # Ids as the kernel's halves (two big-endian int64 each): compared as they come,
+        # without the byte flip of the canonical form (a host call saved is a GIL
+        # hand-over saved: see sparse_kernels).
+        ids = np.frombuffer(b"".join(j.cid for j in batch), dtype=">i8").astype(np.int64)
         offsets, units, want = self._upload([byte // ws, byte // 16, ids])
-        got = self.kernel.digests_at(self.base, units, self.bs)
-        later = mismatches_later(
-            got, [j.cid for j in batch], want=want.view(torch.uint8).view(n, 16)
-        )
+        got = self.kernel.digests_at(self.base, units, self.bs, canonical=False)
+        self.bad_host[:n].copy_((got != want.view(n, 2)).any(dim=1), non_blocking=self.cuda)
         mark("check")
         self._stats = stats = sparse_kernels.xor_stats(rows, self.base, offsets, ws, self.stats)
         mark("xor_planes")
@@ -243,12 +245,14 @@ class KernelSteps:
             torch.cuda.current_stream(self.device).synchronize()
         host = self.stats_host.numpy()[:k].reshape(stats.shape)
         per_row, flags = sparse_kernels.row_summary(host, w, ws)
+        bad = np.flatnonzero(self.bad_host.numpy()[:n]).tolist()
         mark("count")
-
-        def verdict() -> None:
-            delta_ops.raise_for(later(), [j.cid for j in batch])
-
-        return Scan(verdict, flags.reshape(-1).astype(int).tolist(), per_row.tolist())
+        cids = [j.cid for j in batch]
+        return Scan(
+            lambda: delta_ops.raise_for(bad, cids),
+            flags.reshape(-1).astype(int).tolist(),
+            per_row.tolist(),
+        )
 
     def extract(
         self,

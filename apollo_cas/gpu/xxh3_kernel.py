@@ -477,13 +477,18 @@ def _canonical(out: torch.Tensor) -> torch.Tensor:
 
 
 def digests_at(
-    base: torch.Tensor, units: torch.Tensor, block_size: int, config: LaunchConfig | None = None
+    base: torch.Tensor,
+    units: torch.Tensor,
+    block_size: int,
+    config: LaunchConfig | None = None,
+    canonical: bool = True,
 ) -> torch.Tensor:
     """XXH3-128 of ``len(units)`` full blocks where they lie: block ``i`` starts
     ``16 * units[i]`` bytes after the first byte of the 1-D uint8 ``base`` (an int64
     table on its device). Returns ``(n, 16)`` uint8 digests in canonical form, as
-    :func:`block_digests` gives. A dense step hashes its live blocks this way instead
-    of gathering them first."""
+    :func:`block_digests` gives; with ``canonical=False`` the kernel's ``(n, 2)``
+    int64 halves (high, low: an id read as two big-endian int64). A dense step hashes
+    its live blocks this way instead of gathering them first."""
     config = config or DEFAULT_CONFIG
     check_block_size(block_size)
     n = int(units.numel())
@@ -502,7 +507,7 @@ def digests_at(
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-    return _canonical(out)
+    return _canonical(out) if canonical else out
 
 
 def _launch_tails(

@@ -182,3 +182,21 @@ def test_kernel_steps_leave_unaligned_or_mixed_width_pieces_to_torch() -> None:
     assert kern.usable(jobs, 1, 2)
     odd = [j.__class__(**{**j.__dict__, "offset": j.offset + 8}) for j in jobs]
     assert not kern.usable(odd, 2, 2)
+
+
+def test_digests_at_hashes_blocks_where_they_lie() -> None:
+    import xxhash
+
+    from apollo_cas.gpu import xxh3_kernel
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(0, 256, (4 * 1024,), dtype=torch.uint8, generator=g).to(DEV)
+    starts = [2048, 0, 1024 + 16 * 3]  # out of order, one off the block grid
+    units = torch.tensor([s // 16 for s in starts], dtype=torch.int64, device=DEV)
+    want = [xxhash.xxh3_128_digest(base[s : s + 1024].cpu().numpy().tobytes()) for s in starts]
+    got = xxh3_kernel.digests_at(base, units, 1024)
+    assert [bytes(r) for r in got.cpu().numpy()] == want
+    halves = xxh3_kernel.digests_at(base, units, 1024, canonical=False)
+    assert (
+        halves.cpu().numpy().tolist() == np.frombuffer(b"".join(want), ">i8").reshape(3, 2).tolist()
+    )
