@@ -27,6 +27,7 @@ import torch
 import xxhash
 
 from apollo_cas.gpu import xxh3_kernel as xk
+from apollo_cas.gpu import xxh3_plans as xp
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -251,7 +252,7 @@ def test_many_only_short_views() -> None:
 def test_many_single_view_needs_no_reordering() -> None:
     view = _random_bytes(4 * 256 + 250, 3).to(DEVICE)
     _check_many([view], 256)
-    plan = xk.plan_for([view], 256, view.device, cache=False)
+    plan = xp.plan_for([view], 256, view.device, cache=False)
     assert plan.perm is None and plan.n_full == 4 and plan.n_tail == 1
 
 
@@ -287,29 +288,29 @@ def test_many_other_dtypes_and_shapes() -> None:
 def test_many_unaligned_view_is_copied_and_not_cached() -> None:
     data = _random_bytes(3 * 512 + 300, 11).to(DEVICE)
     other = _random_bytes(1000, 12).to(DEVICE)
-    xk.PLANS.clear()
+    xp.PLANS.clear()
     _check_many([other, data[3:]], 512)
-    assert len(xk.PLANS) == 0  # the copy's address changes every call
+    assert len(xp.PLANS) == 0  # the copy's address changes every call
     _check_many([other, data[16:]], 512)
-    assert len(xk.PLANS) == 1
+    assert len(xp.PLANS) == 1
 
 
 def test_many_plan_is_cached_and_sees_new_contents(monkeypatch: pytest.MonkeyPatch) -> None:
-    xk.PLANS.clear()
+    xp.PLANS.clear()
     views = [_random_bytes(n, n).to(DEVICE) for n in (1024 + 300, 2048, 600)]
     _check_many(views, 256)
-    plan = next(iter(xk.PLANS.values()))
+    plan = next(iter(xp.PLANS.values()))
     # Same tensors, new bytes (a training step): same plan, new digests.
     for v in views:
         v.copy_(_random_bytes(v.numel(), v.numel() + 1).to(DEVICE))
     _check_many(views, 256)
-    assert len(xk.PLANS) == 1 and next(iter(xk.PLANS.values())) is plan
+    assert len(xp.PLANS) == 1 and next(iter(xp.PLANS.values())) is plan
     # Another block size is another plan; the cache stays bounded (block sizes the
     # other tests use, so a compiled run compiles nothing new here).
-    monkeypatch.setattr(xk, "PLAN_CACHE_SIZE", 2)
+    monkeypatch.setattr(xp, "PLAN_CACHE_SIZE", 2)
     for bs in (512, 1024, 256):
         _check_many(views, bs)
-    assert [k[1] for k in xk.PLANS] == [1024, 256]
+    assert [k[1] for k in xp.PLANS] == [1024, 256]
 
 
 def test_many_base_not_viewable_as_words_falls_back() -> None:
