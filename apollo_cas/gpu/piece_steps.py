@@ -149,7 +149,7 @@ class TorchSteps:
         planes = delta_ops.sparse_planes(b.sidx, b.sval, [counts[r] for r in taken], ws, b.splanes)
         mark("sparse_rows")
         assert self._q is not None
-        keep_d = self.uploads.to_device(torch.tensor(list(keep), dtype=torch.int64), rows.device)
+        keep_d = self.uploads.from_numpy(np.asarray(keep, dtype=np.int64), rows.device)
         packed = delta_ops.pack_planes(self._q, keep_d, b.packed)
         mark("pack")
         return packed, planes

@@ -76,9 +76,7 @@ class Segments:
             for a, b, k in zip(self._src, self._dst, self._len, strict=True):
                 dst[b : b + k].copy_(src[a : a + k], non_blocking=True)
             return
-        table = torch.from_numpy(pieces(s, d, n))
-        if src.is_cuda:
-            table = (uploads or Uploads(1)).to_device(table, src.device)
+        table = (uploads or Uploads(1)).from_numpy(pieces(s, d, n), src.device)
         count = int(table.shape[1])
         fn[(count,)](src, dst, table, count, PIECE=PIECE)
 

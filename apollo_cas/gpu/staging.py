@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["Stager", "Uploads"]
@@ -134,6 +135,7 @@ class Uploads:
     def __init__(self, slots: int = 4) -> None:
         self.slots = slots
         self._bufs: list[torch.Tensor | None] = [None] * slots
+        self._arrays: list[np.ndarray | None] = [None] * slots  # numpy views of _bufs
         self._events: list[Any] = [None] * slots
         self._next = 0
 
@@ -142,25 +144,38 @@ class Uploads:
         (``host`` itself where ``device`` is the CPU)."""
         if device.type != "cuda":
             return host.to(device)
-        src = host.contiguous().view(-1).view(torch.uint8)
-        n = int(src.numel())
+        return self.from_numpy(host.contiguous().numpy(), device)
+
+    def from_numpy(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
+        """A copy of ``arr`` on ``device`` (on CUDA queued on its current stream).
+
+        The host side is numpy (into the pinned buffer's array view): six torch calls
+        per table instead of thirteen. Each torch call gives up the GIL, and under a
+        dense step's load taking it back cost the calling thread ~1-2 ms (py-spy on
+        the H200, benchmarks/results/h200_2026-12-03c)."""
+        if device.type != "cuda":
+            return torch.from_numpy(np.array(arr))
+        raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        n = int(raw.size)
         k = self._next
         self._next = (k + 1) % self.slots
         if self._events[k] is not None:
             self._events[k].synchronize()
-        buf = self._bufs[k]
-        if buf is None or buf.numel() < n:
-            old = 0 if buf is None else int(buf.numel())
-            buf = self._bufs[k] = torch.empty(
-                max(n, 2 * old, 4096), dtype=torch.uint8, pin_memory=True
-            )
-        buf[:n].copy_(src)
-        out = torch.empty(n, dtype=torch.uint8, device=device)
-        out.copy_(buf[:n], non_blocking=True)
+        buf = self._arrays[k]
+        if buf is None or buf.size < n:
+            old = 0 if buf is None else int(buf.size)
+            pinned = torch.empty(max(n, 2 * old, 4096), dtype=torch.uint8, pin_memory=True)
+            self._bufs[k] = pinned
+            buf = self._arrays[k] = pinned.numpy()
+        buf[:n] = raw
+        # A view of pinned memory: the copy below stays asynchronous.
+        src = torch.from_numpy(buf[:n].view(arr.dtype).reshape(arr.shape))
+        out = torch.empty(arr.shape, dtype=src.dtype, device=device)
+        out.copy_(src, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
         self._events[k] = ev
-        return out.view(host.dtype).view(host.shape)
+        return out
 
 
 def device_index(device: torch.device) -> int:

@@ -17,6 +17,22 @@ def test_uploads_on_the_cpu_are_the_tensor() -> None:
     assert torch.equal(Uploads().to_device(t, torch.device("cpu")), t)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_numpy_tables_arrive_with_their_dtype_and_shape(device: str) -> None:
+    import numpy as np
+
+    up = Uploads(slots=2)
+    tables = [
+        np.arange(12, dtype=np.int64).reshape(3, 4),
+        np.array([True, False, True]),
+        np.frombuffer(bytes(range(32)), dtype=np.uint8).reshape(2, 16),
+    ]
+    outs = [up.from_numpy(t, torch.device(device)) for t in tables]
+    for t, d in zip(tables, outs, strict=True):
+        assert d.device.type == device and d.cpu().numpy().tolist() == t.tolist()
+        assert d.cpu().numpy().dtype == t.dtype
+
+
 def test_mismatches_on_the_cpu() -> None:
     ids = [bytes([i]) * 16 for i in range(4)]
     got = torch.frombuffer(bytearray(b"".join(ids)), dtype=torch.uint8).view(-1, 16).clone()
