@@ -269,7 +269,7 @@ class DeviceSteps:
         if batch.sparse:
             # Codec 4: its row becomes block XOR base (zero but at the changed
             # elements), then the chains below XOR the base in like codec 3's.
-            scatter_sparse(batch.sparse, dev, r2)
+            scatter_sparse(batch.sparse, dev, r2, self.uploads)
         # XOR chains, shallowest first: a base's row is final before its deltas use it.
         by_depth: dict[int, list[ChunkPlan]] = {}
         for c in batch.rows:

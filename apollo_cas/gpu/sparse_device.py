@@ -74,3 +74,54 @@ def sparse_extract_kernel(
     v = x.to(tl.int64)
     for k in tl.static_range(WS):
         tl.store(out + base + (4 + k) * c, ((v >> (8 * k)) & 0xFF).to(tl.uint8), mask=nz)
+
+
+@triton.jit
+def _gaps(dev, g, n, e, inside):
+    """Codec 4's u32 gaps of elements ``e`` from their 4 byte planes at ``dev + g``."""
+    b0 = tl.load(dev + g + e, mask=inside, other=0).to(tl.int64)
+    b1 = tl.load(dev + g + n + e, mask=inside, other=0).to(tl.int64)
+    b2 = tl.load(dev + g + 2 * n + e, mask=inside, other=0).to(tl.int64)
+    b3 = tl.load(dev + g + 3 * n + e, mask=inside, other=0).to(tl.int64)
+    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
+
+@triton.jit
+def gap_sums_kernel(dev, chunks, tiles, sums, TILE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    ci = tl.load(tiles + 2 * t)
+    j = tl.load(tiles + 2 * t + 1)
+    n = tl.load(chunks + 6 * ci)
+    g = tl.load(chunks + 6 * ci + 1)
+    e = j * TILE + tl.arange(0, TILE)
+    inside = e < n
+    step = tl.where(inside, _gaps(dev, g, n, e, inside) + 1, 0)
+    tl.store(sums + t, tl.sum(step, axis=0))
+
+
+@triton.jit
+def scatter_kernel(
+    dev, chunks, tiles, sums, target, TILE: tl.constexpr, TPOW: tl.constexpr, W: tl.constexpr
+):
+    t = tl.program_id(0).to(tl.int64)
+    ci = tl.load(tiles + 2 * t)
+    j = tl.load(tiles + 2 * t + 1)
+    n = tl.load(chunks + 6 * ci)
+    g = tl.load(chunks + 6 * ci + 1)
+    v = tl.load(chunks + 6 * ci + 2)
+    base = tl.load(chunks + 6 * ci + 3)
+    m = tl.load(chunks + 6 * ci + 4)
+    first = tl.load(chunks + 6 * ci + 5)
+    before = tl.arange(0, TPOW)
+    prefix = tl.sum(tl.load(sums + first + before, mask=before < j, other=0), axis=0)
+    e = j * TILE + tl.arange(0, TILE)
+    inside = e < n
+    step = tl.where(inside, _gaps(dev, g, n, e, inside) + 1, 0)
+    # Element k of a chunk sits at sum(gap[0..k] + 1) - 1; past the block (a damaged
+    # chunk) it is clamped to the last element, which then fails the hash check.
+    idx = tl.minimum(tl.cumsum(step, axis=0) + prefix - 1, m - 1)
+    val = tl.zeros((TILE,), dtype=tl.int64)
+    for k in tl.static_range(W):
+        byte = tl.load(dev + v + k * n + e, mask=inside, other=0).to(tl.int64)
+        val = val | (byte << (8 * k))
+    tl.store(target + base + idx, val.to(target.dtype.element_ty), mask=inside)

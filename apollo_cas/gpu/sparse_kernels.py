@@ -1,4 +1,5 @@
-"""Two Triton kernels for a dense step's piece: XOR with statistics, and codec 4's planes.
+"""Triton kernels for codec 4 on the device: a dense step's piece (XOR with statistics,
+codec 4's planes) and the restore's scatter of codec-4 chunks into their rows.
 
 A dense step's device thread queued ~130 torch operations per 256 MiB piece (gather,
 XOR, plane split, counts, ``nonzero``, the gap and value planes). Each releases and
@@ -133,9 +134,62 @@ def row_table(rows: list[int], counts: list[int]) -> np.ndarray:
     return out
 
 
-@functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """The two kernels (importing Triton only when a kernel runs)."""
-    from . import sparse_device
+def scatter(
+    dev: torch.Tensor,
+    rows: torch.Tensor,
+    w: int,
+    chunks: np.ndarray,
+    uploads: Any,
+) -> None:
+    """Codec 4's decode on the device: each chunk's values written into its row.
 
-    return sparse_device.xor_stats_kernel, sparse_device.sparse_extract_kernel
+    ``dev``: the staging buffer (uint8) the chunks' gap and value frames decoded into;
+    ``rows``: ``(r, row_bytes)`` uint8, the chunks' rows already zeroed; ``chunks``:
+    ``(k, 5)`` int64 per chunk of element width ``w``: changed elements, gaps' and
+    values' offsets in ``dev``, row, raw size. Element ``i`` of a chunk goes to
+    ``sum(gap[0..i] + 1) - 1``, clamped into the chunk's own row (a damaged chunk
+    then fails its hash check). Two launches per call, whatever the number of chunks:
+    the torch version (``gpu/sparse_steps.py``) is about 25 operations per part.
+    ``uploads``: the :class:`~apollo_cas.gpu.staging.Uploads` the tables travel by.
+    """
+    n = chunks[:, 0]
+    chunks = chunks[n > 0]
+    if not len(chunks):
+        return
+    n = chunks[:, 0]
+    per = -(-n // TILE)
+    first = np.cumsum(per) - per
+    total = int(per.sum())
+    table = np.empty((len(chunks), 6), dtype=np.int64)
+    table[:, :3] = chunks[:, :3]
+    table[:, 3] = chunks[:, 3] * (rows.shape[1] // w)  # first element of the row
+    table[:, 4] = chunks[:, 4] // w
+    table[:, 5] = first
+    tiles_t = np.empty((total, 2), dtype=np.int64)
+    tiles_t[:, 0] = np.repeat(np.arange(len(chunks)), per)
+    tiles_t[:, 1] = np.arange(total) - np.repeat(first, per)
+    both = uploads.from_numpy(np.concatenate([table.ravel(), tiles_t.ravel()]), dev.device)
+    chunk_d, tile_d = both[: table.size], both[table.size :]
+    sums = torch.empty(total, dtype=torch.int64, device=dev.device)
+    gap_sums, scatter_k = _kernels()[2:]
+    gap_sums[(total,)](dev, chunk_d, tile_d, sums, TILE=TILE)
+    target = rows.view(-1) if w == 1 else rows.view(-1).view(_INT[w])
+    tpow = max(2, 1 << (int(per.max()) - 1).bit_length())
+    scatter_k[(total,)](dev, chunk_d, tile_d, sums, target, TILE=TILE, TPOW=tpow, W=w)
+
+
+def available() -> bool:
+    """Whether Triton is installed (the kernels' launchers need it)."""
+    try:
+        _kernels()
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any, Any, Any]:
+    """The kernels (importing Triton only when a kernel runs)."""
+    from . import sparse_device as d
+
+    return d.xor_stats_kernel, d.sparse_extract_kernel, d.gap_sums_kernel, d.scatter_kernel

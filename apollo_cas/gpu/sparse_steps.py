@@ -21,9 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from . import sparse_kernels
 from .chunkplan import ChunkPlan, runs_within
+from .staging import Uploads
 
 #: Changed elements scattered per round: bounds the index temporaries (about 80 bytes
 #: per element: ~160 MiB), whatever the batch size.
@@ -32,9 +35,19 @@ SUB_ELEMENTS = 1 << 21
 _DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def scatter_sparse(chunks: Sequence[ChunkPlan], dev: torch.Tensor, r2: torch.Tensor) -> None:
+def scatter_sparse(
+    chunks: Sequence[ChunkPlan],
+    dev: torch.Tensor,
+    r2: torch.Tensor,
+    uploads: Uploads | None = None,
+    kernel: bool | None = None,
+) -> None:
     """Fill the rows of codec-4 ``chunks`` (consecutive rows of ``r2``) with their XOR
-    against the base, from their decoded slots in ``dev``."""
+    against the base, from their decoded slots in ``dev``.
+
+    ``kernel``: True runs the two Triton launches of ``sparse_kernels.scatter`` (on CPU
+    tensors under ``TRITON_INTERPRET=1``, for tests), False the torch operations below;
+    by default the kernels on CUDA where Triton is installed."""
     lo, hi = chunks[0].row, chunks[-1].row + 1
     if [c.row for c in chunks] != list(range(lo, hi)):
         raise AssertionError("codec-4 rows must be consecutive")
@@ -43,7 +56,15 @@ def scatter_sparse(chunks: Sequence[ChunkPlan], dev: torch.Tensor, r2: torch.Ten
     for c in chunks:
         if c.nchanged:
             by_w.setdefault(c.w, []).append(c)
+    if kernel is None:
+        kernel = r2.is_cuda and sparse_kernels.available()
     for w, cs in by_w.items():
+        if kernel:
+            table = np.array(
+                [(c.nchanged, c.slots[0], c.slots[1], c.row, c.size) for c in cs], dtype=np.int64
+            )
+            sparse_kernels.scatter(dev, r2, w, table, uploads or Uploads(1))
+            continue
         for part in runs_within(cs, lambda c: c.nchanged, SUB_ELEMENTS):
             _scatter(part, w, dev, r2)
 

@@ -200,3 +200,54 @@ def test_digests_at_hashes_blocks_where_they_lie() -> None:
     assert (
         halves.cpu().numpy().tolist() == np.frombuffer(b"".join(want), ">i8").reshape(3, 2).tolist()
     )
+
+
+# -------------------------------------------------------------- the restore's scatter
+
+
+def _sparse_chunks(w: int, counts: list[int], size: int, damaged: int | None = None):  # type: ignore[no-untyped-def]
+    """Codec-4 chunks as the restore lays them out: gap planes and value planes of each
+    in one staging buffer; chunk ``damaged`` has a gap that runs past its block."""
+    from apollo_cas.gpu.chunkplan import ChunkPlan
+
+    rng = np.random.default_rng(w * 100 + len(counts))
+    m = size // w
+    dev = bytearray()
+    chunks = []
+    for r, c in enumerate(counts):
+        idx = np.sort(rng.choice(m, c, replace=False)).astype(np.int64)
+        gaps = (np.diff(idx, prepend=-1) - 1).astype("<u4")
+        if r == damaged and c:
+            gaps[-1] = m  # the last element lands past the block
+        vals = rng.integers(1, 256, c * w, dtype=np.uint8)
+        g = len(dev)
+        dev += gaps.view(np.uint8).reshape(c, 4).T.tobytes()
+        v = len(dev)
+        dev += vals.reshape(c, w).T.tobytes()
+        ch = ChunkPlan(bytes(16), size)
+        ch.w, ch.nchanged, ch.slots, ch.row = w, c, (g, v), r
+        chunks.append(ch)
+    buf = torch.frombuffer(bytearray(dev) or bytearray(1), dtype=torch.uint8).to(DEV)
+    return chunks, buf
+
+
+@pytest.mark.parametrize(
+    ("w", "counts", "size"),
+    [
+        (2, [3, 0, 5000, 9000, 1], 32768),
+        (1, [17, 4100], 16384),
+        (4, [300, 1], 8192),
+        (8, [2, 6], 4096),
+    ],
+)
+def test_the_scatter_kernel_writes_what_the_torch_scatter_writes(
+    w: int, counts: list[int], size: int
+) -> None:
+    from apollo_cas.gpu.sparse_steps import scatter_sparse
+
+    chunks, dev = _sparse_chunks(w, counts, size, damaged=1 if counts[1] else None)
+    rows = [torch.full((len(counts), size), 0x5A, dtype=torch.uint8, device=DEV) for _ in range(2)]
+    scatter_sparse(chunks, dev, rows[0], Uploads(), kernel=False)
+    scatter_sparse(chunks, dev, rows[1], Uploads(), kernel=True)
+    assert torch.equal(rows[0], rows[1])
+    assert int(rows[1][1].ne(0).sum()) <= counts[1] * w  # nothing outside the chunk's row
