@@ -150,6 +150,9 @@ def main() -> None:
     st.save((DeviceSource if cuda else HostHashed)(model))
     st.device_delta = "auto" if cuda else "always"
     res: dict[str, Any] = {"size": args.size, "device": dev}
+    def dump() -> None:  # after every step, so a run cut short keeps what it measured
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
     res["warm_up"] = one_step(st, model, dev, None)
     log(f"warm-up dense step: {res['warm_up']['wall_s']} s")
     options = {
@@ -179,6 +182,7 @@ def main() -> None:
                 log(f"  {n:6d} {f}")
         if row.get("py_spy_error"):
             log(f"py-spy: {row['py_spy_error']}")
+        dump()
     intervals = [float(x) for x in args.switch_intervals.split(",") if x]
     default_interval = sys.getswitchinterval()
     for rnd in range(args.rounds if intervals else 0):
@@ -191,6 +195,7 @@ def main() -> None:
             row["switch_interval_s"] = iv
             res.setdefault("switch_intervals", []).append(row)
             log(f"switch interval {iv * 1e3:g} ms, round {rnd}: {row['wall_s']} s wall")
+            dump()
     for rnd in range(args.rounds if args.kernel_ab else 0):
         for kernels in (True, False):
             st.device_delta_kernels = kernels
@@ -198,6 +203,7 @@ def main() -> None:
             row["kernels"] = kernels
             res.setdefault("kernel_ab", []).append(row)
             log(f"kernels {kernels}, round {rnd}: {row['wall_s']} s wall, {row['cpu_s']} CPU s")
+            dump()
         st.device_delta_kernels = True
     st.close()
     shutil.rmtree(work, ignore_errors=True)
