@@ -150,6 +150,7 @@ def main() -> None:
     st.save((DeviceSource if cuda else HostHashed)(model))
     st.device_delta = "auto" if cuda else "always"
     res: dict[str, Any] = {"size": args.size, "device": dev}
+
     def dump() -> None:  # after every step, so a run cut short keeps what it measured
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 
