@@ -290,3 +290,29 @@ def test_probe_full_save_smoke_on_cpu(tmp_path: Path) -> None:
     assert got["warm_up_seconds"] is not None and got["wall_s"] > 0
     assert got["stored_bytes"] > 0 and "MainThread" in got["thread_cpu_s"]
     assert not (tmp_path / "w").exists()
+
+
+def test_probe_dense_threads_steps_compare_alike(tmp_path: Path) -> None:
+    """Every step of the dense-step probe starts from the full save's weights, so each
+    A/B row stores about what the warm-up stored (stepping on from the last step, the
+    deltas grew every step and later rows ran with more work than earlier ones)."""
+    import json
+    import subprocess
+
+    out = tmp_path / "probe.json"
+    args = ["--size", "8MiB", "--device", "cpu", "--modes", "plain", "--kernel-ab"]
+    args += ["--rounds", "1", "--switch-intervals", "0.005", "--dir", str(tmp_path / "w")]
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "probe_dense_threads.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(out.read_text())
+    rows = [got["warm_up"], got["plain"], *got["switch_intervals"], *got["kernel_ab"]]
+    assert len(rows) == 5 and all(r["error"] is None for r in rows)
+    first = rows[0]["stored_bytes"]
+    assert first > 0
+    assert all(abs(r["stored_bytes"] - first) < 0.05 * first for r in rows), rows
+    assert [r["kernels"] for r in got["kernel_ab"]] == [True, False]
+    assert not (tmp_path / "w").exists()
