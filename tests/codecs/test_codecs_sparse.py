@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from codec_helpers import f32_to_bf16
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from apollo_cas import codecs
@@ -51,12 +51,23 @@ def test_roundtrip_of_the_sparse_encoding(pair: tuple[bytes, bytes, int], level:
 
 @settings(max_examples=150, deadline=None)
 @given(pair=sparse_pairs())
+# A block that compresses to almost nothing on its own (one changed element of zeros):
+# with the sparse codec its 70-byte sparse delta is accepted outright (within
+# DELTA_ACCEPT_FRACTION of raw), without it the 68-byte full chunk beats the planes XOR.
+@example(pair=(bytes(500), b"\x01" + bytes(499), 2))
 def test_encode_keeps_the_smaller_delta_and_decodes(pair: tuple[bytes, bytes, int]) -> None:
     base, raw, w = pair
     b = codecs.Base(digest(base), base, depth=2)
     on = codecs.encode(raw, codecs.CodecPolicy(max_delta_depth=8), w, base=b)
     off = codecs.encode(raw, codecs.CodecPolicy(max_delta_depth=8, sparse=False), w, base=b)
-    assert len(on) <= len(off)
+    env = envelope.unpack(on)
+    accepted = len(env.params) + len(env.payload) <= codecs.DELTA_ACCEPT_FRACTION * len(raw)
+    # Never larger, except where encode() keeps a small delta by design without
+    # computing the full encoding (DELTA_ACCEPT_FRACTION), and then only when the
+    # sparse-off result is that full encoding, not a smaller delta.
+    assert len(on) <= len(off) or (
+        accepted and env.codec == codecs.SPARSE and codecs.info(off)[0] not in ("delta", "sparse")
+    ), (codecs.info(on), codecs.info(off))
     for blob in (on, off):
         assert codecs.decode(blob, "t", load_base=lambda h: base) == raw
     if codecs.info(on)[0] == "sparse":
