@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import CorruptChunk
@@ -282,12 +283,15 @@ class DeviceSteps:
             cs = by_depth[d]
             idx = [c.row for c in cs]
             bidx = [batch.chunks[c.base].row for c in cs if c.base is not None]
-            bases = wide.index_select(0, torch.tensor(bidx, device=r2.device))
+            # The row tables go by the pinned uploads: ``torch.tensor(..., device=cuda)``
+            # is a pageable copy, which waits for everything queued on the stream, so
+            # the host stopped running ahead of the device at every batch with deltas.
+            bases = wide.index_select(0, self.uploads.from_numpy(np.array(bidx), r2.device))
             lo, hi = idx[0], idx[-1] + 1
             if idx == list(range(lo, hi)):
                 wide[lo:hi].bitwise_xor_(bases)
             else:
-                it = torch.tensor(idx, device=r2.device)
+                it = self.uploads.from_numpy(np.array(idx), r2.device)
                 wide.index_copy_(0, it, wide.index_select(0, it).bitwise_xor_(bases))
 
     def _verify(self, batch: Batch, r2: torch.Tensor) -> Callable[[], list[int]]:
