@@ -28,9 +28,22 @@ def test_gpu_restore_bench_smoke_runs_both_formats(tmp_path: Path) -> None:
     assert list(size["formats"]) == ["2", "1"]
     for fmt, f in size["formats"].items():
         assert f["format"] == int(fmt)
-        for key in ("load_full", "load_dense"):
+        for key in ("load_full_first_call", "load_full", "load_dense_first_call", "load_dense"):
             assert f[key]["bit_exact"] is True, (fmt, key)
             assert f[key]["phases"]["stored_bytes_read"] > 0
         assert f["hot_every_block_back"]["bit_exact"] and f["hot_forward_dense"]["bit_exact"]
     assert size["formats"]["2"]["read_floor_packs"]["chunks"] > 0
     assert size["formats"]["1"]["read_floor_files"]["chunks"] > 0
+
+
+def test_gpu_restore_bench_without_safetensors(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_gpu_restore", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    args = ["--smoke", "--no-safetensors", "--formats", "2", "--dir", str(tmp_path / "w")]
+    mod.main([*args, "--out", str(out)])
+    (size,) = json.loads(out.read_text())["sizes"].values()
+    assert "safetensors_load_file_seconds" not in size
+    assert size["formats"]["2"]["load_dense"]["bit_exact"] is True
