@@ -100,9 +100,7 @@ def gap_sums_kernel(dev, chunks, tiles, sums, TILE: tl.constexpr):
 
 
 @triton.jit
-def scatter_kernel(
-    dev, chunks, tiles, sums, target, TILE: tl.constexpr, TPOW: tl.constexpr, W: tl.constexpr
-):
+def scatter_kernel(dev, chunks, tiles, starts, target, TILE: tl.constexpr, W: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     ci = tl.load(tiles + 2 * t)
     j = tl.load(tiles + 2 * t + 1)
@@ -112,8 +110,10 @@ def scatter_kernel(
     base = tl.load(chunks + 6 * ci + 3)
     m = tl.load(chunks + 6 * ci + 4)
     first = tl.load(chunks + 6 * ci + 5)
-    before = tl.arange(0, TPOW)
-    prefix = tl.sum(tl.load(sums + first + before, mask=before < j, other=0), axis=0)
+    # What the chunk's earlier tiles add up to: ``starts`` is the running sum of every
+    # tile's ``gap + 1`` over the whole call, exclusive, so the difference from the
+    # chunk's first tile is the sum over its own tiles before this one.
+    prefix = tl.load(starts + t) - tl.load(starts + first)
     e = j * TILE + tl.arange(0, TILE)
     inside = e < n
     step = tl.where(inside, _gaps(dev, g, n, e, inside) + 1, 0)

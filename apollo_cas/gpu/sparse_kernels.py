@@ -148,8 +148,9 @@ def scatter(
     ``(k, 5)`` int64 per chunk of element width ``w``: changed elements, gaps' and
     values' offsets in ``dev``, row, raw size. Element ``i`` of a chunk goes to
     ``sum(gap[0..i] + 1) - 1``, clamped into the chunk's own row (a damaged chunk
-    then fails its hash check). Two launches per call, whatever the number of chunks:
-    the torch version (``gpu/sparse_steps.py``) is about 25 operations per part.
+    then fails its hash check). Two launches and a running sum per call, whatever the
+    number of chunks: the torch version (``gpu/sparse_steps.py``) is about 25
+    operations per part.
     ``uploads``: the :class:`~apollo_cas.gpu.staging.Uploads` the tables travel by.
     """
     n = chunks[:, 0]
@@ -173,9 +174,17 @@ def scatter(
     sums = torch.empty(total, dtype=torch.int64, device=dev.device)
     gap_sums, scatter_k = _kernels()[2:]
     gap_sums[(total,)](dev, chunk_d, tile_d, sums, TILE=TILE)
+    # Exclusive running sum over all tiles, by torch: the scatter kernel takes the
+    # difference from its chunk's first tile. Before, each program summed its chunk's
+    # earlier tiles over a constexpr power of two sized by the batch's longest chunk,
+    # so every new size compiled the kernel again, and a restore after a crash is the
+    # first call of its process. (The first load of deltas in run 2 of
+    # benchmarks/results/h200_2026-12-03d spent 1.6 s of device time in the phase these
+    # kernels run in, against 0.05 s for a load of full chunks; how much of it was
+    # compiling was not measured.)
+    starts = torch.cumsum(sums, 0).sub_(sums)
     target = rows.view(-1) if w == 1 else rows.view(-1).view(_INT[w])
-    tpow = max(2, 1 << (int(per.max()) - 1).bit_length())
-    scatter_k[(total,)](dev, chunk_d, tile_d, sums, target, TILE=TILE, TPOW=tpow, W=w)
+    scatter_k[(total,)](dev, chunk_d, tile_d, starts, target, TILE=TILE, W=w)
 
 
 def available() -> bool:
