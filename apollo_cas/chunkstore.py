@@ -169,7 +169,7 @@ class ChunkStore:
     def locate(self, chunk_id: bytes) -> Location:
         return self.inventory.locate(chunk_id)
 
-    def read(self, chunk_id: bytes, size: int | None = None) -> bytes:
+    def read(self, chunk_id: bytes, size: int | None = None) -> Blob:
         """The raw bytes of a chunk, decoded (delta bases resolved) and verified.
 
         ``size`` is the length the caller's place needs (its block of a tensor):
@@ -179,19 +179,20 @@ class ChunkStore:
         """
         return chain.read_verified(chunk_id, size, self.get_blob, self.backend.location)
 
-    def decode(self, chunk_id: bytes, blob: bytes | memoryview, size: int | None = None) -> bytes:
+    def decode(self, chunk_id: bytes, blob: bytes | memoryview, size: int | None = None) -> Blob:
         """Decode and verify one envelope read elsewhere (a range of a pack), with
-        the same checks as :meth:`read`; its delta bases are read from the store."""
-        first = bytes(blob)
+        the same checks as :meth:`read`; its delta bases are read from the store.
+        The result shares no memory with ``blob`` (``codecs.decode``), so ``blob`` is
+        read where it lies, not copied first."""
 
-        def get(cid: bytes) -> bytes:
-            return first if cid == chunk_id else self.get_blob(cid)
+        def get(cid: bytes) -> Blob:
+            return blob if cid == chunk_id else self.get_blob(cid)
 
         return chain.read_verified(chunk_id, size, get, self.backend.location)
 
     def read_span(
         self, key: str, offset: int, items: list[tuple[bytes, int, int, int | None]]
-    ) -> list[bytes]:
+    ) -> list[Blob]:
         """Several chunks that lie back to back in one object, in one ranged read.
 
         ``items`` are ``(chunk id, offset, length, size)`` with absolute offsets

@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import errors as errors_module
 from . import settings
+from .codecs.envelope import Blob
 from .errors import ApolloError, CorruptChunk, TargetError
 from .fsio import destination_error
 from .parallel import bounded_map
@@ -61,7 +62,7 @@ Span = tuple[str, int, list[SpanItem]]
 class ChunkReader(Protocol):
     """Verified chunks, for restores (``ChunkStore`` implements it)."""
 
-    def read(self, chunk_id: bytes, size: int | None = None) -> bytes:
+    def read(self, chunk_id: bytes, size: int | None = None) -> Blob:
         """A chunk's raw bytes, re-hashed (and of length ``size`` if given)."""
         ...
 
@@ -71,7 +72,7 @@ class ChunkReader(Protocol):
 
     def read_span(
         self, key: str, offset: int, items: list[tuple[bytes, int, int, int | None]]
-    ) -> list[bytes]:
+    ) -> list[Blob]:
         """Chunks back to back in one object, in one ranged read, each verified."""
         ...
 
@@ -103,7 +104,7 @@ def spans(reader: ChunkReader, jobs: Iterable[Job]) -> Iterator[Span]:
         yield cur
 
 
-def read_span(reader: ChunkReader, span: Span) -> list[bytes]:
+def read_span(reader: ChunkReader, span: Span) -> list[Blob]:
     """The verified bytes of every chunk of ``span``, in order."""
     key, first, items = span
     if items[0][4] < 0:  # a whole object (format 1)
@@ -140,10 +141,10 @@ class _ReaderLike(Protocol):
 class _CallableReader:
     """A ``read_chunk(chunk_id)`` function as a :class:`ChunkReader` (one read per chunk)."""
 
-    def __init__(self, read_chunk: Callable[[bytes], bytes]) -> None:
+    def __init__(self, read_chunk: Callable[[bytes], Blob]) -> None:
         self._read = read_chunk
 
-    def read(self, chunk_id: bytes, size: int | None = None) -> bytes:
+    def read(self, chunk_id: bytes, size: int | None = None) -> Blob:
         data = self._read(chunk_id)
         if size is not None and len(data) != size:
             raise CorruptChunk(
@@ -159,7 +160,7 @@ class _CallableReader:
 
     def read_span(
         self, key: str, offset: int, items: list[tuple[bytes, int, int, int | None]]
-    ) -> list[bytes]:
+    ) -> list[Blob]:
         return [self.read(cid, size) for cid, _o, _n, size in items]
 
 
@@ -183,7 +184,7 @@ class Decoder:
 
     def __init__(
         self,
-        reader: ChunkReader | Callable[[bytes], bytes],
+        reader: ChunkReader | Callable[[bytes], Blob],
         workers: int,
         location: str | None = None,
         processes: bool = False,
@@ -197,7 +198,7 @@ class Decoder:
         self.location = location
         self.processes = processes and location is not None
 
-    def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:
+    def read_chunk(self, chunk_id: bytes, size: int | None = None) -> Blob:
         return self.reader.read(chunk_id, size)
 
     @classmethod

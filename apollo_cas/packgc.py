@@ -238,7 +238,9 @@ def plan(
     return out, idx
 
 
-def copy_live(inv: PackInventory, read: Callable[[bytes, bytes], bytes], p: PackPlan) -> str | None:
+def copy_live(
+    inv: PackInventory, read: Callable[[bytes, bytes], object], p: PackPlan
+) -> str | None:
     """Step 1: copy the live chunks of repacked packs into new packs; write their
     index. ``read(chunk id, envelope)`` decodes and verifies a chunk (a corrupt
     chunk stops gc: copying it would hide nothing, deleting it loses data)."""

@@ -211,7 +211,8 @@ class Store:
 
     def read_chunk(self, chunk_id: bytes, size: int | None = None) -> bytes:
         """Verified raw bytes of one chunk (of decoded length ``size``, if given)."""
-        return self.chunks.read(chunk_id, size)
+        raw = self.chunks.read(chunk_id, size)
+        return raw if isinstance(raw, bytes) else bytes(raw)
 
     restore = restoring.restore
     restore_files = restoring.restore_files

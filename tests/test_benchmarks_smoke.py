@@ -316,3 +316,27 @@ def test_probe_dense_threads_steps_compare_alike(tmp_path: Path) -> None:
     assert all(abs(r["stored_bytes"] - first) < 0.05 * first for r in rows), rows
     assert [r["kernels"] for r in got["kernel_ab"]] == [True, False]
     assert not (tmp_path / "w").exists()
+
+
+def test_cpu_restore_ab_runs_each_tree_and_format(tmp_path: Path) -> None:
+    """bench_cpu_restore_ab with this checkout twice at a tiny size: every tree and
+    format has its rounds, and the figures are positive."""
+    import json
+    import subprocess
+
+    out = tmp_path / "ab.json"
+    here = str(BENCH.parent)
+    args = ["--trees", f"{here},{here}", "--size", "4MiB", "--rounds", "1"]
+    args += ["--dir", str(tmp_path / "w"), "--out", str(out)]
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "bench_cpu_restore_ab.py"), *args],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(out.read_text())
+    (tree,) = got["trees"]  # the same checkout twice is one tree
+    assert tree == here and set(got["trees"][tree]) == {"flat", "safetensors"}
+    for fmt in got["trees"][tree].values():
+        assert len(fmt["runs"]) == 2 and fmt["wall_median_s"] > 0 and fmt["gb_per_s"] > 0
+    assert not (tmp_path / "w").exists()

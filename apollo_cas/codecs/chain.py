@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ..errors import CorruptChunk, MissingChunk, ObjectNotFound
 from ..hashing import digest
 from . import delta
+from .envelope import Blob
 
 #: No chunk decodes to more than this: the store's largest block size
 #: (``store.MAX_BLOCK_SIZE``). A claim above it is refused before decoding, so a
@@ -66,8 +67,8 @@ def walk(
 
 
 def read_verified(
-    chunk_id: bytes, size: int | None, get_blob: Callable[[bytes], bytes], where: str
-) -> bytes:
+    chunk_id: bytes, size: int | None, get_blob: Callable[[bytes], Blob], where: str
+) -> Blob:
     """The raw bytes of ``chunk_id`` (``size`` long if given), bases resolved, every
     link hashed. ``get_blob`` returns a stored chunk or raises ``ObjectNotFound``;
     ``where`` names the store in errors. Raises :class:`CorruptChunk` naming the
@@ -77,7 +78,7 @@ def read_verified(
     from . import _unpack, base_of, decode  # the package's public codec API
 
     hex_id = chunk_id.hex()
-    links: list[tuple[bytes, bytes]] = []  # (chunk id, blob), the asked-for chunk first
+    links: list[tuple[bytes, Blob]] = []  # (chunk id, blob), the asked-for chunk first
     seen: set[bytes] = set()
     cid, want = chunk_id, size
     while True:
@@ -133,7 +134,7 @@ def read_verified(
                 f"chunk {hex_id}: its delta chain is longer than {delta.MAX_DEPTH} links", _HINT
             )
         cid, want = base, env.raw_size
-    raw: bytes | None = None
+    raw: Blob | None = None
     for i in range(len(links) - 1, -1, -1):
         cid, blob = links[i]
         prev = raw
@@ -153,10 +154,10 @@ def read_verified(
     return raw
 
 
-def _loader(raw: bytes | None) -> Callable[[str], bytes]:
+def _loader(raw: Blob | None) -> Callable[[str], Blob]:
     """The base loader for one link: the base decoded (and verified) just before."""
 
-    def load(_hex_id: str) -> bytes:
+    def load(_hex_id: str) -> Blob:
         if raw is None:  # only a chunk with no base is decoded without one
             raise KeyError(_hex_id)
         return raw

@@ -111,6 +111,11 @@ def decode(params: memoryview | bytes, payload: memoryview, base: memoryview) ->
     ``base`` is the verified base block (its length is the chunk's raw size).
     Nothing is allocated beyond ``n`` entries, bounded by the raw size.
     """
+    return decode_array(params, payload, base).tobytes()
+
+
+def decode_array(params: memoryview | bytes, payload: memoryview, base: memoryview) -> np.ndarray:
+    """:func:`decode` into a new uint8 array (no copy into ``bytes``)."""
     _base_id, _depth, w, n, glen = parse_params(params)
     size = len(base)
     if size % w:
@@ -128,4 +133,4 @@ def decode(params: memoryview | bytes, payload: memoryview, base: memoryview) ->
     out = np.frombuffer(base, dtype=np.uint8).copy()
     ov = out.view(_UINT[w])
     ov[idx] ^= values
-    return out.tobytes()
+    return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..codecs import DELTA, PLANES, RAW, SPARSE, ZSTD, delta, envelope, planes, sparse
+from ..codecs.envelope import Blob
 from ..errors import CorruptChunk
 
 __all__ = ["Batch", "ChunkPlan", "Place", "PlaneGroup", "parse_chunk", "places_of"]
@@ -55,7 +56,7 @@ class ChunkPlan:
     depth: int = 0
     blob: Any = None
     #: raw bytes decoded on the CPU (codec unknown here), or None
-    fallback: bytes | None = None
+    fallback: Blob | None = None
     #: a live destination block that already holds these bytes: (dest, offset)
     live: tuple[int, int] | None = None
     row: int = -1

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..codecs.envelope import Blob
 from ..errors import CorruptChunk, ObjectNotFound
 from ..parallel import bounded_map
 from .chunkplan import HINT, align_up, corrupt
@@ -35,7 +36,7 @@ PAD = 64
 #: and return views of it, or return bytes of its own.
 BlobReader = Callable[[Sequence[bytes], "Arena | None"], Sequence[Any]]
 #: The CPU decoder: a chunk's verified raw bytes (``ChunkStore.read``).
-RawReader = Callable[[bytes], bytes]
+RawReader = Callable[[bytes], Blob]
 
 
 class Arena:

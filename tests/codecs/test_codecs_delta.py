@@ -85,6 +85,12 @@ def test_delta_roundtrip_property(
         assert codecs.delta_depth(blob) == 4
         assert codecs.base_of(blob) == digest(base).hex()
     assert codecs.decode(blob, load_base=lambda h: base) == bytes(new)
+    # Nor does the result share memory with the blob or the base it was given.
+    buf, base_buf = bytearray(blob), bytearray(base)
+    out = codecs.decode(memoryview(buf), load_base=lambda h: memoryview(base_buf))
+    buf[:] = bytes(len(buf))
+    base_buf[:] = bytes(len(base_buf))
+    assert out == bytes(new)
 
 
 def test_identical_and_sparse_blocks_delta_to_almost_nothing() -> None:
