@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,14 +16,20 @@ pytest.importorskip("safetensors")
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu_restore.py"
 
 
-def test_gpu_restore_bench_smoke_runs_both_formats(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """The benchmark's main() on ``args`` (after --smoke), and the JSON it wrote."""
     spec = importlib.util.spec_from_file_location("bench_gpu_restore", BENCH)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "r.json"
-    mod.main(["--smoke", "--dir", str(tmp_path / "w"), "--out", str(out)])
-    res = json.loads(out.read_text())
+    mod.main(["--smoke", *args, "--dir", str(tmp_path / "w"), "--out", str(out)])
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def test_gpu_restore_bench_smoke_runs_both_formats(tmp_path: Path) -> None:
+    res = run_bench(tmp_path)
     (size,) = res["sizes"].values()
     assert size["safetensors_load_file_seconds"] > 0
     assert list(size["formats"]) == ["2", "1"]
@@ -37,13 +44,6 @@ def test_gpu_restore_bench_smoke_runs_both_formats(tmp_path: Path) -> None:
 
 
 def test_gpu_restore_bench_without_safetensors(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_gpu_restore", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = tmp_path / "r.json"
-    args = ["--smoke", "--no-safetensors", "--formats", "2", "--dir", str(tmp_path / "w")]
-    mod.main([*args, "--out", str(out)])
-    (size,) = json.loads(out.read_text())["sizes"].values()
+    (size,) = run_bench(tmp_path, "--no-safetensors", "--formats", "2")["sizes"].values()
     assert "safetensors_load_file_seconds" not in size
     assert size["formats"]["2"]["load_dense"]["bit_exact"] is True
