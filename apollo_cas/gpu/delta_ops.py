@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from ..errors import CorruptChunk
@@ -191,7 +192,12 @@ def sparse_rows(
 
 
 def sparse_planes(
-    idx: torch.Tensor, val: torch.Tensor, counts: Sequence[int], ws: int, out: torch.Tensor
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    counts: Sequence[int],
+    ws: int,
+    out: torch.Tensor,
+    uploads: Uploads | None = None,
 ) -> torch.Tensor:
     """Codec 4's byte planes of the changed elements :func:`sparse_rows` found, row by row.
 
@@ -202,14 +208,19 @@ def sparse_planes(
     first index), then the ``ws`` byte planes of its values: the bytes codec 4
     compresses, so the host only runs zstd (splitting them there cost ~0.5 ms of CPU
     per block, under the GIL, and starved the pipeline's thread: H200, 17 GB dense step).
-    Returns ``out``'s used prefix.
+    ``uploads``: the pinned :class:`~apollo_cas.gpu.staging.Uploads` the counts travel
+    by (without, a pageable copy). Returns ``out``'s used prefix.
     """
     n = int(sum(counts))
     used = out[: (4 + ws) * n]
     if n == 0:
         return used
     dev = idx.device
-    c = torch.tensor(list(counts), dtype=torch.int64, device=dev)
+    counts_np = np.asarray(counts, dtype=np.int64)
+    if uploads is not None:
+        c = uploads.from_numpy(counts_np, dev)
+    else:  # a pageable copy: on a GPU it waits for the work queued on the stream
+        c = torch.from_numpy(counts_np).to(dev)
     # output_size and torch.where keep this free of host synchronisations.
     row = torch.repeat_interleave(torch.arange(len(counts), device=dev), c, output_size=n)
     start = (torch.cumsum(c, 0) - c)[row]  # first element of each element's row

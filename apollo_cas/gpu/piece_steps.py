@@ -146,7 +146,8 @@ class TorchSteps:
         for r in taken:
             take[r] = True
         delta_ops.sparse_rows(rows, ws, take, b.sidx, b.sval, counts)
-        planes = delta_ops.sparse_planes(b.sidx, b.sval, [counts[r] for r in taken], ws, b.splanes)
+        taken_counts = [counts[r] for r in taken]
+        planes = delta_ops.sparse_planes(b.sidx, b.sval, taken_counts, ws, b.splanes, self.uploads)
         mark("sparse_rows")
         assert self._q is not None
         keep_d = self.uploads.from_numpy(np.asarray(keep, dtype=np.int64), rows.device)

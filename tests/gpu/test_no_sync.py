@@ -7,13 +7,17 @@ which warns at every synchronising call and names the Python line that made it.
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from apollo_cas.gpu import delta_ops  # noqa: E402
+from apollo_cas.sources.device import DeviceSource  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 from tests.gpu.test_restore import BS, same  # noqa: E402
 from tests.gpu.test_restore_sparse import model, sparse_step  # noqa: E402
@@ -36,13 +40,48 @@ def test_chains_of_deltas_are_queued_without_a_stream_sync(tmp_path: Path) -> No
         st.save(m, block_size=BS)
     st.load("latest", device="cuda")  # warm-up: Triton compiles, nvCOMP loads
     torch.cuda.synchronize()
+    got, where = syncs_of(lambda: st.load("latest", device="cuda"))
+    assert same({k: v.cpu() for k, v in got.items()}, ms[-1])
+    assert not [x for x in where if x[0] in QUEUED], where
+
+
+def syncs_of(fn: Callable[[], object]) -> tuple[object, list[tuple[str, int]]]:
+    """``fn()``'s result, and the (file name, line) of each synchronising call in it."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            got = st.load("latest", device="cuda")
+            got = fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert same({k: v.cpu() for k, v in got.items()}, ms[-1])
-    where = [f"{Path(w.filename).name}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
-    assert not [x for x in where if x.split(":")[0] in QUEUED], where
+    where = [(Path(w.filename).name, w.lineno) for w in seen if "synchroniz" in str(w.message)]
+    return got, where
+
+
+def test_torch_steps_send_the_sparse_counts_without_a_stream_sync(tmp_path: Path) -> None:
+    """A dense save through the torch steps (the path where the kernels cannot run)
+    sends codec 4's row counts by the pinned uploads, not by a pageable copy."""
+    st = Store.open(tmp_path / "s", create=True, workers=2)
+    st.device_delta = "always"
+    st.device_delta_kernels = False
+    ms = [model()]
+    for i in (1, 2, 3):
+        ms.append(sparse_step(ms[-1], i))
+
+    def save(m: dict[str, torch.Tensor]) -> None:
+        src = DeviceSource({k: v.cuda() for k, v in m.items()})
+        try:
+            st.save(src, block_size=BS, force=True)
+        finally:
+            src.close()
+
+    save(ms[0])
+    save(ms[1])  # warm-up of the delta path
+    _, where = syncs_of(lambda: save(ms[2]))
+    stats = st.last_device_delta
+    assert stats is not None and stats.error is None and stats.kernel_pieces == 0
+    assert stats.blocks > 0
+    lines, first = inspect.getsourcelines(delta_ops.sparse_planes)
+    inside = [x for x in where if x[0] == "delta_ops.py" and first <= x[1] < first + len(lines)]
+    assert not inside, where
+    assert same(st.load("latest"), ms[2])
