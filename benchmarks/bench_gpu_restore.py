@@ -388,8 +388,8 @@ def run_store(
         flush=True,
     )
     # The first load of deltas in a process compiles and loads what a load of full
-    # chunks never runs (codec 4's scatter kernels, one per element width and tile
-    # count): timed apart, as the full load's first call is.
+    # chunks never runs (codec 4's scatter kernels, one per element
+    # width): timed apart, as the full load's first call is.
     res["load_dense_first_call"] = first = timed_load(st, dense, dev)
     res["load_dense"] = timed_load(st, dense, dev)
     res["dense_over_full"] = round(res["load_dense"]["seconds"] / res["load_full"]["seconds"], 3)

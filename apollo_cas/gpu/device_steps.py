@@ -286,12 +286,14 @@ class DeviceSteps:
             # The row tables go by the pinned uploads: ``torch.tensor(..., device=cuda)``
             # is a pageable copy, which waits for everything queued on the stream, so
             # the host stopped running ahead of the device at every batch with deltas.
-            bases = wide.index_select(0, self.uploads.from_numpy(np.array(bidx), r2.device))
+            bases = wide.index_select(
+                0, self.uploads.from_numpy(np.asarray(bidx, dtype=np.int64), r2.device)
+            )
             lo, hi = idx[0], idx[-1] + 1
             if idx == list(range(lo, hi)):
                 wide[lo:hi].bitwise_xor_(bases)
             else:
-                it = self.uploads.from_numpy(np.array(idx), r2.device)
+                it = self.uploads.from_numpy(np.asarray(idx, dtype=np.int64), r2.device)
                 wide.index_copy_(0, it, wide.index_select(0, it).bitwise_xor_(bases))
 
     def _verify(self, batch: Batch, r2: torch.Tensor) -> Callable[[], list[int]]:

@@ -58,18 +58,21 @@ def scatter_sparse(
             by_w.setdefault(c.w, []).append(c)
     if kernel is None:
         kernel = r2.is_cuda and sparse_kernels.available()
+    uploads = uploads or Uploads(1)
     for w, cs in by_w.items():
         if kernel:
             table = np.array(
                 [(c.nchanged, c.slots[0], c.slots[1], c.row, c.size) for c in cs], dtype=np.int64
             )
-            sparse_kernels.scatter(dev, r2, w, table, uploads or Uploads(1))
+            sparse_kernels.scatter(dev, r2, w, table, uploads)
             continue
         for part in runs_within(cs, lambda c: c.nchanged, SUB_ELEMENTS):
-            _scatter(part, w, dev, r2)
+            _scatter(part, w, dev, r2, uploads)
 
 
-def _scatter(cs: list[ChunkPlan], w: int, dev: torch.Tensor, r2: torch.Tensor) -> None:
+def _scatter(
+    cs: list[ChunkPlan], w: int, dev: torch.Tensor, r2: torch.Tensor, uploads: Uploads
+) -> None:
     device = r2.device
     epr = r2.shape[1] // w  # elements per row (row_bytes is a multiple of 64)
     meta_rows = []
@@ -78,8 +81,9 @@ def _scatter(cs: list[ChunkPlan], w: int, dev: torch.Tensor, r2: torch.Tensor) -
         meta_rows.append([c.nchanged, c.slots[0], c.slots[1], start, c.row * epr, c.size // w])
         start += c.nchanged
     total = start
-    # One small copy; a field per row, so each is a contiguous 1-D tensor.
-    meta = torch.tensor(list(zip(*meta_rows, strict=True)), dtype=torch.int64).to(device)
+    # One small copy, by the pinned uploads (a pageable copy to a GPU waits for the
+    # stream); a field per row, so each is a contiguous 1-D tensor.
+    meta = uploads.from_numpy(np.array(meta_rows, dtype=np.int64).T.copy(), device)
     n_, g_, v_, s_, r_, m_ = meta.unbind(0)
     seg = torch.repeat_interleave(torch.arange(len(cs), device=device), n_, output_size=total)
     nseg = n_[seg]
