@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="cpu_restore_ab.json")
     args = ap.parse_args(argv)
     trees = [str(Path(t).resolve()) for t in args.trees.split(",") if t]
+    for t in trees:
+        if not (Path(t) / "apollo_cas" / "__init__.py").is_file():
+            ap.error(f"--trees: {t} is not a checkout of apollo_cas (no apollo_cas/__init__.py)")
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
     weights = examples.generate(examples.ModelShape.for_bytes(parse_size(args.size)))

@@ -340,3 +340,14 @@ def test_cpu_restore_ab_runs_each_tree_and_format(tmp_path: Path) -> None:
     for fmt in got["trees"][tree].values():
         assert len(fmt["runs"]) == 2 and fmt["wall_median_s"] > 0 and fmt["gb_per_s"] > 0
     assert not (tmp_path / "w").exists()
+
+
+def test_cpu_restore_ab_refuses_a_tree_that_is_not_a_checkout(tmp_path: Path) -> None:
+    import subprocess
+
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "bench_cpu_restore_ab.py"), "--trees", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "is not a checkout of apollo_cas" in p.stderr, p.stderr
