@@ -83,7 +83,7 @@ def memory_bound(
     ``batch_bytes``; a reader without room in them returns bytes of its own instead.
 
     ``direct`` (the mode with a frame decoder, nvCOMP on a GPU): no staging slots; the
-    arenas are the pinned memory, and the device holds a mirror of one arena, the
+    arenas are the pinned memory, and the device holds two mirrors of arenas, the
     staging layout, two buffers of decoded rows, and a copy of each stored chunk that did not fit
     in the arena (deep delta chains: at most the batch's stored bytes beyond it).
 
@@ -99,7 +99,7 @@ def memory_bound(
         stored = (max_depth + 1) * batch_bytes + rows * (256 + PAD)
         return {
             "pinned_host": arenas * arena,
-            "device_scratch": slot + row_bytes + arena + max(0, stored - arena + PAD),
+            "device_scratch": slot + row_bytes + 2 * arena + max(0, stored - arena + PAD),
             "host_arenas": 0,
         }
     return {

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..codecs import DELTA, PLANES, RAW, SPARSE, ZSTD, delta, envelope, planes, sparse
+import zstandard
+
+from ..codecs import DELTA, PLANES, RAW, SPARSE, ZSTD, delta, envelope, planes, sparse, zstd_frames
 from ..codecs.envelope import Blob
 from ..errors import CorruptChunk
 
@@ -76,12 +78,8 @@ def corrupt(cid: bytes, what: str) -> CorruptChunk:
 
 
 def _frame_size_ok(blob: memoryview, cid: bytes, off: int, n: int, size: int) -> None:
-    from ..codecs import zstd_frames
-
     frame = blob[off : off + n]
     try:
-        import zstandard
-
         declared = zstandard.frame_content_size(frame)
     except Exception as exc:
         raise corrupt(cid, f"bad zstd frame header ({exc})") from exc

@@ -36,7 +36,11 @@ class DeviceSteps:
     stats: Any
     _kernel: Any
     _dev: torch.Tensor | None
-    _mirror: torch.Tensor | None
+    #: two device mirrors of arenas (by batch parity), and after each the event of the
+    #: last read of it (the layout built from it) on ``stream``
+    _mirrors: list[torch.Tensor | None]
+    _mirror_read: list[Any]
+    copy_stream: Any
     direct: bool
     _rows: list[torch.Tensor | None]
     _events: list[Events]
@@ -62,26 +66,50 @@ class DeviceSteps:
         rows = have
         scratch = sum(int(r.numel()) for r in self._rows if r is not None)
         scratch += int(dev.numel()) if own else 0
-        if self.cuda and self._mirror is not None:
-            scratch += int(self._mirror.numel())
+        if self.cuda:
+            scratch += sum(int(m.numel()) for m in self._mirrors if m is not None)
         self.stats.device_scratch_bytes = max(self.stats.device_scratch_bytes, scratch)
         return dev, rows
 
     def _mirror_of(self, batch: Batch) -> torch.Tensor:
         """The batch's stored bytes on the device: its arena copied as is (one copy of
-        the claimed prefix), or on the CPU the arena itself."""
+        the claimed prefix), or on the CPU the arena itself.
+
+        The copy runs on ``copy_stream``, into the mirror of the batch's parity, so
+        batch k+1 crosses PCIe while batch k is decoded on ``stream`` (on one stream the
+        copy, 0.21 s of 11.5 GB at 55 GB/s for 17 GB, added to the decode's time). A
+        mirror is rewritten only after ``stream`` has built the layout out of it."""
         arena = batch.arena
         n = min(arena.used + PAD, arena.nbytes)
         if not self.cuda:
             return arena.tensor
-        if self._mirror is None or self._mirror.numel() < arena.nbytes:
-            self._mirror = torch.empty(arena.nbytes, dtype=torch.uint8, device=self.device)
-        self._mirror[:n].copy_(arena.tensor[:n], non_blocking=True)
-        self.stats.h2d_bytes += n
+        slot = batch.k % 2
+        mirror = self._mirrors[slot]
+        if mirror is None or mirror.numel() < arena.nbytes:
+            with torch.cuda.stream(self.copy_stream):
+                # Allocated on the copy stream, which writes it first; ``stream`` reads it
+                # after waiting for that copy (and it lives as long as the pipeline).
+                mirror = self._mirrors[slot] = torch.empty(
+                    arena.nbytes, dtype=torch.uint8, device=self.device
+                )
+        if self._mirror_read[slot] is not None:
+            self.copy_stream.wait_event(self._mirror_read[slot])
         ev = torch.cuda.Event()
-        ev.record(self.stream)
+        with torch.cuda.stream(self.copy_stream):
+            mirror[:n].copy_(arena.tensor[:n], non_blocking=True)
+            ev.record(self.copy_stream)
+        self.stats.h2d_bytes += n
         arena.copied = ev  # the reader waits for it before it reuses the arena
-        return self._mirror
+        self.stream.wait_event(ev)
+        return mirror
+
+    def _mirror_done(self, batch: Batch) -> None:
+        """Batch ``batch``'s mirror has been read (queued on ``stream``): the copy of the
+        batch two on may overwrite it once ``stream`` gets here."""
+        if self.cuda and self.direct:
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+            self._mirror_read[batch.k % 2] = ev
 
     def _fill_on_device(self, batch: Batch, dev: torch.Tensor) -> None:
         """Direct mode: the staging layout built on the device from the verbatim stored
@@ -144,6 +172,7 @@ class DeviceSteps:
             raise AssertionError(f"staging layout ends at {pos}, the batch uses {batch.used}")
         for t, segs in bulk:
             segs.copy(t, dev, uploads=self.uploads)
+        self._mirror_done(batch)
         self.stats.frames += len(batch.frames)
 
     def _device_stage(self, batch: Batch, dests: Sequence[torch.Tensor]) -> Pending:

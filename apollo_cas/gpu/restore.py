@@ -32,7 +32,7 @@ pipeline runs, in batches of at most ``batch_bytes`` of raw output:
 
 Steps 1-2 of batch k+1 run on host threads while the device runs steps 3-7 of
 batch k. Memory is bounded by ``batch_bytes``, never by the model: three arenas (pinned
-in direct mode) or two staging slots, and on the device one mirror, one layout and one
+in direct mode) or two staging slots, and on the device two mirrors of arenas, one layout and two
 buffer of decoded rows (see :func:`memory_bound`).
 
 Chunks of codecs this pipeline does not know (any id but raw, zstd, planes, delta
@@ -51,6 +51,7 @@ Imports torch; nvCOMP and triton only when a GPU is there.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -61,7 +62,6 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatVersionError
 from ..parallel import default_workers
 from .accounting import DEFAULT_ARENAS, DEFAULT_BATCH_BYTES, RestoreStats, memory_bound
 from .blocks import kernel_module
@@ -69,13 +69,12 @@ from .chunkplan import (
     Batch,
     ChunkPlan,
     Place,
-    corrupt,
     parse_chunk,
     places_of,
     runs_within,
-    slices,
 )
 from .device_steps import DeviceSteps, Events, Pending
+from .gather import READ_AHEAD, ChunkGather, Reading, settle
 from .host_steps import HostStaging
 from .readers import (
     PAD,
@@ -83,7 +82,6 @@ from .readers import (
     BlobReader,
     RawReader,
     file_reader,
-    into_arena,
     object_reader,
     pack_reader,
 )
@@ -106,7 +104,7 @@ __all__ = [
 ]
 
 
-class RestorePipeline(HostStaging, DeviceSteps):
+class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
     """Runs batches of places through read, stage, copy, decode, interleave, verify, place.
 
     ``reader`` gives stored bytes (:data:`BlobReader`); ``read_raw`` is the CPU
@@ -150,11 +148,14 @@ class RestorePipeline(HostStaging, DeviceSteps):
             raise ValueError("direct restore needs a frame decoder (frames=...)")
         self.stager = Stager(slots=2, pin=self.cuda)
         self.uploads = Uploads()
-        # One device mirror of the staging layout and two buffers of decoded rows (by
-        # batch parity): every device step runs on one stream, so batches reuse them in
-        # stream order.
+        # One device buffer of the staging layout and two of decoded rows (by batch
+        # parity): every device step but the arena's copy runs on one stream, so batches
+        # reuse them in stream order. Two mirrors of arenas (by parity), written on
+        # their own stream (see DeviceSteps._mirror_of).
         self._dev: torch.Tensor | None = None
-        self._mirror: torch.Tensor | None = None
+        self._mirrors: list[torch.Tensor | None] = [None, None]
+        self._mirror_read: list[Any] = [None, None]
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self._rows: list[torch.Tensor | None] = [None, None]
         self._events: list[Events] = []
         self._live: dict[bytes, tuple[int, int, int]] = {}
@@ -229,7 +230,16 @@ class RestorePipeline(HostStaging, DeviceSteps):
             arena_bytes = (1 << ((arena_bytes + PAD).bit_length() - 1)) - PAD
 
         def gather() -> None:
-            # Batch k+1's chunks are read while batch k is staged and batch k-1 decoded.
+            # Batch k+1's reads are on the pool while batch k's are collected (no idle
+            # threads at a batch's end), while batch k-1 is staged and k-2 decoded.
+            inflight: collections.deque[tuple[int, list[Place], Arena, Reading]] = (
+                collections.deque()
+            )
+
+            def hand_on() -> None:
+                k, ps, arena, reading = inflight.popleft()
+                self._put(gathered, (k, ps, arena, self._gather_finish(reading)))
+
             try:
                 for k, ps in enumerate(batches):
                     ta = time.perf_counter()
@@ -237,13 +247,20 @@ class RestorePipeline(HostStaging, DeviceSteps):
                     arena = self._arenas[k % len(self._arenas)]
                     arena.reset(arena_bytes)
                     self.stats.arena_wait_s += time.perf_counter() - ta
-                    self._put(gathered, (k, ps, arena, self._gather(k, ps, arena)))
+                    inflight.append((k, ps, arena, self._gather_start(k, ps, arena)))
+                    if len(inflight) > READ_AHEAD:
+                        hand_on()
+                while inflight:
+                    hand_on()
                 self._put(gathered, None)
             except _Stopped:
                 return
             except BaseException as exc:
                 with contextlib.suppress(_Stopped):
                     self._put(gathered, exc)
+            finally:
+                for *_, reading in inflight:  # nothing may write into an arena after this
+                    settle(reading.futures)
 
         def stage() -> None:
             try:
@@ -334,80 +351,24 @@ class RestorePipeline(HostStaging, DeviceSteps):
 
     def close(self) -> None:
         """Release the staging buffers, device scratch and threads."""
+        if self.cuda:
+            # The mirrors are written on copy_stream and read on stream: both done
+            # before the memory goes back to the allocator.
+            self.copy_stream.synchronize()
+            self.stream.synchronize()
         for pool in self._pools.values():
             pool.shutdown()
         self._pools = {}
         self.stager.close()
         self._dev = None
-        self._mirror = None
+        self._mirrors = [None, None]
+        self._mirror_read = [None, None]
         self._rows = [None, None]
         for a in self._arenas:
             a.wait()
         self._arenas = [Arena(a._alloc) for a in self._arenas]
 
     # -- batching and host staging (producer thread) -----------------------------------
-
-    def _pool(self, name: str) -> ThreadPoolExecutor:
-        """A pool kept for the pipeline's life (one for reads, one for staging), fed
-        contiguous groups of work: a future per chunk or piece cost 23.5 us of held GIL
-        each here (bounded_map, 16 threads, 2 cores), ~65k of them for 17 GB."""
-        pool = self._pools.get(name)
-        if pool is None:
-            pool = self._pools[name] = ThreadPoolExecutor(self.workers, f"apollo-{name}")
-        return pool
-
-    def _read(self, want: list[tuple[bytes, int]], arena: Arena | None) -> list[ChunkPlan]:
-        ids = [cid for cid, _ in want]
-
-        def parse(cid: bytes, size: int, blob: Any) -> ChunkPlan:
-            try:
-                c = parse_chunk(blob, cid, size)
-            except FormatVersionError:
-                c = None  # a newer envelope: the CPU decoder says what to do
-            if c is None:
-                c = self._fallback(cid, size)
-            return c
-
-        # The reader is called from the pool's threads, one contiguous group of ids each;
-        # the same thread parses what it read, so one group's parsing overlaps another's
-        # reads (a barrier between reading and parsing the whole batch cost read time).
-        def read_group(sl: slice) -> tuple[int, list[ChunkPlan], float]:
-            # CPU seconds go back with the result: pool threads adding to the stats
-            # themselves could lose updates.
-            tc = time.thread_time()
-            nbytes, plans = read_parse(sl)
-            return nbytes, plans, time.thread_time() - tc
-
-        def read_parse(sl: slice) -> tuple[int, list[ChunkPlan]]:
-            got = self.reader(ids[sl], arena)
-            if self.direct and arena is not None:
-                # Direct mode copies the arena to the device as is: bring stored bytes
-                # a reader returned as its own (one object per chunk) into it.
-                got = [into_arena(arena, b) for b in got]
-            if len(got) != len(ids[sl]):
-                raise RuntimeError(f"blob reader returned {len(got)} chunks for {len(ids[sl])} ids")
-            nbytes = sum(len(b) for b in got)
-            return nbytes, [
-                parse(cid, size, b) for (cid, size), b in zip(want[sl], got, strict=True)
-            ]
-
-        out: list[ChunkPlan] = []
-        for nbytes, plans, cpu in self._pool("read").map(
-            read_group, slices(len(ids), self.workers)
-        ):
-            self.stats.stored_bytes_read += nbytes
-            self.stats.read_cpu_s += cpu
-            out.extend(plans)
-        return out
-
-    def _fallback(self, cid: bytes, size: int) -> ChunkPlan:
-        raw = self.read_raw(cid)
-        if len(raw) != size:
-            raise corrupt(cid, f"decoded to {len(raw)} bytes, its place needs {size}")
-        self.stats.cpu_fallback_chunks += 1
-        c = ChunkPlan(cid, size, fallback=raw)
-        c.pieces = [(0, size)]
-        return c
 
     def _acquire(self, sem: threading.Semaphore) -> None:
         while not sem.acquire(timeout=0.05):
@@ -430,44 +391,6 @@ class RestorePipeline(HostStaging, DeviceSteps):
             except queue.Empty:
                 if self._stopping.is_set():
                     raise _Stopped() from None
-
-    def _gather(
-        self, k: int, ps: list[Place], arena: Arena
-    ) -> tuple[dict[bytes, ChunkPlan], list[bytes]]:
-        """Read and parse the batch's chunks and, round by round, their delta bases."""
-        t0 = time.perf_counter()
-        chunks: dict[bytes, ChunkPlan] = {}
-        want: list[tuple[bytes, int]] = []
-        asked: set[bytes] = set()
-        for p in ps:
-            if p.chunk_id not in asked:
-                asked.add(p.chunk_id)
-                want.append((p.chunk_id, p.size))
-        order: list[bytes] = []
-        n_places = len(want)
-        while want:
-            for c in self._read(want, arena):
-                chunks[c.cid] = c
-                order.append(c.cid)
-            want = []
-            seen: set[bytes] = set()
-            for cid in order:
-                c = chunks[cid]
-                b = c.base
-                if b is None or b in chunks or b in seen:
-                    continue
-                lv = self._live.get(b)
-                if lv is not None and (lv[2] < 0 or self._batch_of[lv[2]] >= k):
-                    # Not overwritten before this batch places its blocks.
-                    chunks[b] = ChunkPlan(b, c.size, live=(lv[0], lv[1]))
-                    order.append(b)
-                    continue
-                seen.add(b)
-                want.append((b, c.size))
-        self.stats.chunks_decoded += n_places
-        self.stats.bases_decoded += len(order) - n_places
-        self.stats.read_s += time.perf_counter() - t0
-        return chunks, order
 
     def _stage(
         self,

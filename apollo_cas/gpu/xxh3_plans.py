@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from .staging import Uploads
 from .xxh3_device import _MIDSIZE_MAX
 
 # A model is hundreds of separate tensors. One launch per tensor gives each launch only
@@ -65,8 +67,9 @@ def _build_plan(
 ) -> ManyPlan:
     """The tables of :class:`ManyPlan` for views at ``ptrs`` of ``lens`` bytes.
 
-    Built with a few vectorised torch ops on ``device`` (not a Python loop per block),
-    so a 16 GiB model in 4 KiB blocks (4M blocks) still plans in milliseconds.
+    Built with a few vectorised numpy ops (not a Python loop per block), so a 16 GiB
+    model in 4 KiB blocks (4M blocks) still plans in milliseconds, and sent to
+    ``device`` in one copy queued on its current stream.
     """
     unit = block_size // 16
     on_kernel = [i for i, n in enumerate(lens) if n > _MIDSIZE_MAX]
@@ -99,28 +102,41 @@ def _build_plan(
             short_rows.append(row)
             row += 1
 
-    def dev(values: list[int] | list[tuple[int, int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
-    addr = None
-    perm = None
+    # The tables are built on the host (numpy) and sent in one pinned copy: built on
+    # the device from Python lists they were five pageable copies, and each made the
+    # host wait for the stream. A restore verifies every batch with a new plan (its
+    # row buffers are laid out anew), so that stopped the host from queueing ahead at
+    # every batch (10 syncs in a 1 GiB load, benchmarks/probe_syncs.py, H200).
     extra = tail_rows + short_rows
     # Internal rows are already in view order when every tail belongs to the last views
     # (a single view, or tails only at the end): then no gather is needed.
     reorder = extra != list(range(n_full, row))
+    counts_a = np.asarray(counts, dtype=np.int64)
+    blocks = np.arange(n_full, dtype=np.int64)
+    parts: list[np.ndarray] = []
     if n_full:
-        counts_t = dev(counts)
-        blocks = torch.arange(n_full, dtype=torch.int64, device=device)
-        addr = torch.repeat_interleave(dev(starts), counts_t, output_size=n_full) + blocks * unit
-        if reorder:
-            perm = torch.empty(row, dtype=torch.int64, device=device)
-            shift = torch.repeat_interleave(dev(shifts), counts_t, output_size=n_full)
-            perm[blocks + shift] = blocks
-    elif reorder:
-        perm = torch.empty(row, dtype=torch.int64, device=device)
-    if perm is not None:
-        perm[dev(extra)] = torch.arange(n_full, n_full + len(extra), device=device)
+        parts.append(np.repeat(np.asarray(starts, dtype=np.int64), counts_a) + blocks * unit)
+    if reorder:
+        perm_h = np.empty(row, dtype=np.int64)
+        if n_full:
+            perm_h[blocks + np.repeat(np.asarray(shifts, dtype=np.int64), counts_a)] = blocks
+        perm_h[np.asarray(extra, dtype=np.int64)] = np.arange(
+            n_full, n_full + len(extra), dtype=np.int64
+        )
+        parts.append(perm_h)
+    if tails:
+        parts.append(np.asarray(tails, dtype=np.int64).reshape(-1))
+    addr = perm = tails_t = None
     ready = None
+    if parts:
+        table = _upload(np.concatenate(parts), device)
+        pos = 0
+        if n_full:
+            addr, pos = table[:n_full], n_full
+        if reorder:
+            perm, pos = table[pos : pos + row], pos + row
+        if tails:
+            tails_t = table[pos : pos + 2 * len(tails)].view(len(tails), 2)
     if device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record()
@@ -130,11 +146,25 @@ def _build_plan(
         n_tail=len(tails),
         base=base,
         addr=addr,
-        tails=dev(tails) if tails else None,
+        tails=tails_t,
         short=tuple(short),
         perm=perm,
         ready=ready,
     )
+
+
+#: One set of pinned upload buffers per thread (an ``Uploads`` serves one thread).
+_LOCAL = threading.local()
+
+
+def _upload(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``table`` on ``device``, by a pinned buffer on CUDA (no stream sync)."""
+    if device.type != "cuda":
+        return torch.from_numpy(table).to(device)
+    uploads = getattr(_LOCAL, "uploads", None)
+    if uploads is None:
+        uploads = _LOCAL.uploads = Uploads()
+    return uploads.from_numpy(table, device)
 
 
 def plan_for(

@@ -385,3 +385,71 @@ def test_a_bad_batch_size_is_a_usage_error(tmp_path: Path, bad: Any) -> None:
     with pytest.raises(UsageError, match="batch_bytes"):
         st.restore_into("latest", {k: torch.zeros_like(v) for k, v in m0.items()}, batch_bytes=bad)
     assert st.built == []  # refused before any pipeline was built
+
+
+class Holding:
+    """A blob reader that holds the group reading ``held`` until a group of a later
+    batch (any id of ``later``) has started, or ``patience`` seconds have passed."""
+
+    def __init__(self, st: Store, held: bytes, later: set[bytes], patience: float) -> None:
+        import threading
+
+        self.inner = object_reader(st.chunks.get_blob, 1)
+        self.held, self.later, self.patience = held, later, patience
+        self.later_started = threading.Event()
+        self.overlapped: bool | None = None
+
+    def __call__(self, ids: Sequence[bytes], arena: Any = None) -> Sequence[Any]:
+        if self.later.intersection(ids):
+            self.later_started.set()
+        if self.held in ids:
+            self.overlapped = self.later_started.wait(self.patience)
+        return self.inner(ids, arena)
+
+
+def test_the_next_batch_is_read_while_a_batch_waits_for_its_last_group(store: Store) -> None:
+    """Batch k+1's reads are on the pool before batch k's slowest group is done: the
+    threads were idle at every batch's end (a barrier per batch) before."""
+    m = model(scale=4)
+    store.save(m, block_size=BS)
+    man = store.manifest(store.resolve("latest"))
+    places = places_of(man.tensors, BS)
+    batch = 8 * BS
+    first = [p.chunk_id for p in places if p.dest == 0][:8]  # "embed" starts batch 0
+    later = {p.chunk_id for p in places if p.dest == 0} - set(first)
+    reader = Holding(store, first[-1], later, patience=10.0)
+    pipe = pipeline(store, reader, batch_bytes=batch, workers=4)
+    got = load(store, "latest", pipe)
+    assert reader.overlapped is True
+    assert same(got, m)
+
+
+def test_a_failed_read_stops_every_group_before_the_error_is_raised(store: Store) -> None:
+    """No read may still write into an arena once the caller has the error."""
+    import threading
+    import time
+
+    store.save(model(scale=4), block_size=BS)
+    inner = object_reader(store.chunks.get_blob, 1)
+    running = 0
+    lock = threading.Lock()
+    calls = [0]
+
+    def reader(ids: Sequence[bytes], arena: Any = None) -> Sequence[Any]:
+        nonlocal running
+        with lock:
+            running += 1
+            calls[0] += 1
+            n = calls[0]
+        try:
+            if n == 3:
+                raise CorruptChunk("chunk x: the reader failed", "a test")
+            time.sleep(0.05)
+            return inner(ids, arena)
+        finally:
+            with lock:
+                running -= 1
+
+    with pytest.raises(CorruptChunk, match="the reader failed"):
+        load(store, "latest", pipeline(store, reader, batch_bytes=8 * BS, workers=4))
+    assert running == 0
