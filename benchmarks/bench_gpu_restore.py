@@ -53,7 +53,6 @@ from apollo_cas.gpu.blocks import byte_view, tensor_digests
 from apollo_cas.gpu.chunkplan import slices
 from apollo_cas.gpu.restore import Arena, file_reader, object_reader, pack_reader
 from apollo_cas.gpu.zstd import HostFrames
-from apollo_cas.parallel import bounded_map
 from apollo_cas.store import Store
 from apollo_cas.targets.tensors import load_tensors, load_tensors_pipeline
 
@@ -135,10 +134,14 @@ def free(dev: str) -> None:
 
 
 def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
-    """Every chunk of ``ref`` read the way the pipeline reads it: windows of 512 chunks
-    split into ``workers`` contiguous groups, one reader call per group on ``workers``
-    threads. ``kind``: "packs" (format 2, ranges into the arena), "files" (format 1,
-    chunk files into the arena) or "objects" (one object per chunk as new bytes)."""
+    """Every chunk of ``ref`` read the way the pipeline reads it: windows of one
+    ``Store.load`` batch of chunks split into 2 x ``workers`` contiguous groups on a pool
+    of ``workers`` threads kept for the run, the next window's groups submitted before
+    the last window's are collected (the pipeline's read-ahead), into two reused arenas.
+    ``kind``: "packs" (format 2, ranges into the arena), "files" (format 1, chunk files
+    into the arena) or "objects" (one object per chunk as new bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     m = st.manifest(st.resolve(ref))
     ids = list(dict.fromkeys(c for e in m.tensors for c in e.chunks))
     root = st.backend.root  # type: ignore[attr-defined]
@@ -148,21 +151,30 @@ def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
         reader = file_reader(root, 1)
     else:
         reader = object_reader(st.chunks.get_blob, 1)
-    arena = Arena()
-    t0 = time.perf_counter()
+    window = max(1, LOAD_BATCH_BYTES // m.block_size)
+    arenas = [Arena(), Arena()]
+    for a in arenas:
+        a.reset(2 * LOAD_BATCH_BYTES)
+        a.reset(2 * LOAD_BATCH_BYTES)
     n = 0
-    for i in range(0, len(ids), 512):
-        win = ids[i : i + 512]
-        arena.reset(600 << 20)
-        use = arena if kind != "objects" else None
-        for got in bounded_map(
-            lambda sl, w=win, a=use: reader(w[sl], a), slices(len(win), workers), workers
-        ):
-            n += sum(len(b) for b in got)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        inflight: list[list[Any]] = []
+        for k, i in enumerate(range(0, len(ids), window)):
+            win = ids[i : i + window]
+            use = arenas[k % 2] if kind != "objects" else None
+            if use is not None:
+                use.reset(2 * LOAD_BATCH_BYTES)
+            inflight.append([pool.submit(reader, win[sl], use) for sl in slices(len(win), workers)])
+            if len(inflight) > 1:
+                n += sum(len(b) for f in inflight.pop(0) for b in f.result())
+        for futs in inflight:
+            n += sum(len(b) for f in futs for b in f.result())
     dt = time.perf_counter() - t0
     return {
         "kind": kind,
         "chunks": len(ids),
+        "window_chunks": window,
         "bytes": n,
         "seconds": round(dt, 4),
         "gb_per_s": round(n / dt / GB, 2),
