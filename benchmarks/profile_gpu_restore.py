@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_gpu_restore as bgr  # noqa: E402
 
 from apollo_cas.cli.common import parse_size  # noqa: E402
+from apollo_cas.gpu import gather as gather_mod  # noqa: E402
 from apollo_cas.gpu import restore as restore_mod  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 from apollo_cas.targets.tensors import load_tensors_pipeline  # noqa: E402
@@ -92,15 +93,22 @@ def instrument_dense() -> None:
     cs = chunkstore.ChunkStore
     cs.put_encoded = cputimed("put_encoded", cs.put_encoded)  # type: ignore[method-assign]
     rp = restore_mod.RestorePipeline
-    for name in ("_gather", "_layout", "_fill_on_device", "_verify"):
+    for name in ("_gather_finish", "_layout", "_fill_on_device", "_verify"):
         setattr(rp, name, cputimed("pipeline" + name, getattr(rp, name)))
 
 
 def instrument() -> None:
     """Host time of each step: a profile script's wrappers, never the library's code."""
-    restore_mod.parse_chunk = timed("parse_chunk", restore_mod.parse_chunk)
+    gather_mod.parse_chunk = timed("parse_chunk", gather_mod.parse_chunk)
     cls = restore_mod.RestorePipeline
-    for name in ("_layout", "_fill_on_device", "_interleave", "_verify", "_place", "_gather"):
+    for name in (
+        "_layout",
+        "_fill_on_device",
+        "_interleave",
+        "_verify",
+        "_place",
+        "_gather_finish",
+    ):
         setattr(cls, name, timed(name, getattr(cls, name)))
     from apollo_cas.gpu import zstd
 

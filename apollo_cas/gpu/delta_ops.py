@@ -227,8 +227,9 @@ def sparse_planes(
     j = torch.arange(n, device=dev) - start  # position within its row
     crow = c[row]
     ix = idx[:n].to(torch.int64)
-    prev = torch.empty_like(ix)
-    prev[0] = -1
+    # full_like is a fill kernel; ``prev[0] = -1`` was a pageable copy of a scalar,
+    # a stream sync per piece (tests/gpu/test_no_sync.py, on the H200).
+    prev = torch.full_like(ix, -1)
     prev[1:] = ix[:-1]
     prev = torch.where(j == 0, -1, prev)
     gaps = (ix - prev - 1).to(torch.int32).view(torch.uint8).view(n, 4)
