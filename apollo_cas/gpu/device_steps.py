@@ -16,7 +16,7 @@ from ..errors import CorruptChunk
 from .blocks import host_block_digests, mismatches_later
 from .chunkplan import COPY, FRAME, HINT, Batch, ChunkPlan, align_up, corrupt
 from .readers import PAD, BlobReader
-from .segments import Segments
+from .segments import Segments, copy_into_many
 from .sparse_steps import scatter_sparse
 from .staging import Stager, Uploads
 from .zstd import FrameDecoder
@@ -357,9 +357,12 @@ class DeviceSteps:
         return True
 
     def _place(self, batch: Batch, r2: torch.Tensor, dests: Sequence[torch.Tensor]) -> None:
-        flat = r2.view(-1)
+        """Queue the copies of the batch's verified rows into the destinations: runs of
+        places that lie back to back in both, all in one launch on CUDA
+        (:func:`~apollo_cas.gpu.segments.copy_into_many`)."""
         rb = batch.row_bytes
-        run: list[int] | None = None  # [dest, dest offset, flat offset, length]
+        runs: list[list[int]] = []  # [dest, dest offset, flat offset, length]
+        run: list[int] | None = None
         for p in batch.places:
             c = batch.chunks[p.chunk_id]
             src = c.row * rb
@@ -371,14 +374,11 @@ class DeviceSteps:
             ):
                 run[3] += p.size
                 continue
-            if run is not None:
-                _copy(dests, flat, run)
             run = [p.dest, p.offset, src, p.size]
+            runs.append(run)
             if p.size != rb:
-                _copy(dests, flat, run)
                 run = None
-        if run is not None:
-            _copy(dests, flat, run)
+        copy_into_many(r2.view(-1), list(dests), runs, uploads=self.uploads)
 
     def _sum_events(self) -> None:
         for ev in self._events:
@@ -390,11 +390,6 @@ class DeviceSteps:
             # "placing" spans the next batch's work, queued before this one's verdict.
             self.stats.place_s += t.get("placed", 0.0)
         self._events = []
-
-
-def _copy(dests: Sequence[torch.Tensor], flat: torch.Tensor, run: list[int]) -> None:
-    d, o, s, n = run
-    dests[d][o : o + n].copy_(flat[s : s + n], non_blocking=True)
 
 
 @dataclass

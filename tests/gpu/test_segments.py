@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from apollo_cas.gpu.segments import Segments, pieces  # noqa: E402
+from apollo_cas.gpu.segments import Segments, copy_into_many, pieces  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -83,3 +83,40 @@ def test_a_range_outside_a_buffer_is_refused_before_anything_is_copied() -> None
     with pytest.raises(ValueError, match="past its buffer"):
         segs.copy(src, dst)
     assert int(dst.sum()) == 0
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_copy_into_many_places_every_run_in_its_own_destination(kernel: bool) -> None:
+    """Runs into separate tensors (separate allocations, any address order), one launch."""
+    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+    if kernel and dev == "cpu" and not INTERPRET:
+        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    if kernel:
+        pytest.importorskip("triton")
+    rng = np.random.default_rng(11)
+    src = torch.from_numpy(rng.integers(0, 256, 300_000, dtype=np.uint8)).to(dev)
+    sizes = [70_000, 5, 0, 123_457, 40_000]
+    dests = [torch.zeros(n, dtype=torch.uint8, device=dev) for n in sizes]
+    want = [d.cpu().numpy().copy() for d in dests]
+    runs: list[list[int]] = []
+    for i, n in enumerate(sizes):
+        pos = 0
+        while n and pos < n:
+            k = min(int(rng.integers(1, 50_000)), n - pos)
+            a = int(rng.integers(0, src.numel() - k))
+            runs.append([i, pos, a, k])
+            want[i][pos : pos + k] = src[a : a + k].cpu().numpy()
+            pos += k + int(rng.integers(0, 3))
+    rng.shuffle(runs)  # type: ignore[arg-type]
+    copy_into_many(src, dests, runs, kernel=kernel)
+    for d, w in zip(dests, want, strict=True):
+        assert np.array_equal(d.cpu().numpy(), w)
+
+
+@pytest.mark.parametrize("bad", [[0, 8, 0, 3], [1, -1, 0, 2], [0, 0, 9, 2], [1, 0, -1, 1]], ids=str)
+def test_copy_into_many_refuses_a_run_outside_its_destination(bad: list[int]) -> None:
+    src = torch.arange(10, dtype=torch.uint8)
+    dests = [torch.zeros(10, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="run"):
+        copy_into_many(src, dests, [[0, 0, 0, 2], bad])
+    assert not any(bool(d.any()) for d in dests)  # nothing copied
