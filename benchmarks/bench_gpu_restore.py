@@ -51,6 +51,7 @@ from apollo_cas.cli.common import parse_size
 from apollo_cas.gpu.accounting import LOAD_BATCH_BYTES
 from apollo_cas.gpu.blocks import byte_view, tensor_digests
 from apollo_cas.gpu.chunkplan import slices
+from apollo_cas.gpu.gather import READ_GROUPS_PER_WORKER
 from apollo_cas.gpu.restore import Arena, file_reader, object_reader, pack_reader
 from apollo_cas.gpu.zstd import HostFrames
 from apollo_cas.store import Store
@@ -135,9 +136,10 @@ def free(dev: str) -> None:
 
 def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
     """Every chunk of ``ref`` read the way the pipeline reads it: windows of one
-    ``Store.load`` batch of chunks split into 2 x ``workers`` contiguous groups on a pool
-    of ``workers`` threads kept for the run, the next window's groups submitted before
-    the last window's are collected (the pipeline's read-ahead), into two reused arenas.
+    ``Store.load`` batch of chunks split into contiguous groups (as many per thread as
+    the pipeline) on a pool of ``workers`` threads kept for the run, the next window's
+    groups submitted before the last window's are collected (the pipeline's
+    read-ahead), into two reused arenas.
     ``kind``: "packs" (format 2, ranges into the arena), "files" (format 1, chunk files
     into the arena) or "objects" (one object per chunk as new bytes)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -165,7 +167,12 @@ def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
             use = arenas[k % 2] if kind != "objects" else None
             if use is not None:
                 use.reset(2 * LOAD_BATCH_BYTES)
-            inflight.append([pool.submit(reader, win[sl], use) for sl in slices(len(win), workers)])
+            inflight.append(
+                [
+                    pool.submit(reader, win[sl], use)
+                    for sl in slices(len(win), workers, READ_GROUPS_PER_WORKER)
+                ]
+            )
             if len(inflight) > 1:
                 n += sum(len(b) for f in inflight.pop(0) for b in f.result())
         for futs in inflight:

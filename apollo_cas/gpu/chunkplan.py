@@ -227,9 +227,9 @@ class Batch:
     stage_s: float = 0.0
 
 
-def slices(n: int, workers: int) -> list[slice]:
-    """About 2 contiguous slices of ``range(n)`` per worker (fewer for small n)."""
-    parts = max(1, min(n, 2 * workers))
+def slices(n: int, workers: int, per_worker: int = 2) -> list[slice]:
+    """About ``per_worker`` contiguous slices of ``range(n)`` per worker (fewer for small n)."""
+    parts = max(1, min(n, per_worker * workers))
     step = -(-n // parts) if n else 1
     return [slice(a, min(n, a + step)) for a in range(0, n, step)] or [slice(0, 0)]
 
