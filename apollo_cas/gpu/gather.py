@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import FormatVersionError
 from .accounting import RestoreStats
 from .chunkplan import ChunkPlan, Place, corrupt, parse_chunk, slices
+from .envelopes import parse_planes
 from .readers import Arena, BlobReader, RawReader, into_arena
 
 __all__ = ["READ_AHEAD", "READ_GROUPS_PER_WORKER", "ChunkGather", "Reading", "settle"]
@@ -44,7 +45,7 @@ class Reading:
 
     k: int
     want: list[tuple[bytes, int]]
-    futures: list[Future[tuple[int, list[ChunkPlan], float]]]
+    futures: list[Future[tuple[int, list[ChunkPlan], float, int]]]
     arena: Arena | None
     busy_s: float
 
@@ -56,6 +57,9 @@ class ChunkGather:
     read_raw: RawReader
     workers: int
     direct: bool
+    #: parse the 2-byte byte-plane chunks of a read group together (numpy,
+    #: :mod:`apollo_cas.gpu.envelopes`); False: every chunk by ``parse_chunk``
+    vector_parse: bool
     stats: RestoreStats
     _pools: dict[str, ThreadPoolExecutor]
     _live: dict[bytes, tuple[int, int, int]]
@@ -72,7 +76,7 @@ class ChunkGather:
 
     def _submit(
         self, want: list[tuple[bytes, int]], arena: Arena | None
-    ) -> list[Future[tuple[int, list[ChunkPlan], float]]]:
+    ) -> list[Future[tuple[int, list[ChunkPlan], float, int]]]:
         """Hand ``want``'s reads to the pool, one contiguous group of ids per task."""
         ids = [cid for cid, _ in want]
 
@@ -89,18 +93,36 @@ class ChunkGather:
         # reads (a barrier between reading and parsing the whole batch cost read time).
         # CPU seconds go back with the result: pool threads adding to the stats
         # themselves could lose updates.
-        def read_group(sl: slice) -> tuple[int, list[ChunkPlan], float]:
+        def read_group(sl: slice) -> tuple[int, list[ChunkPlan], float, int]:
             tc = time.thread_time()
-            got = self.reader(ids[sl], arena)
-            if self.direct and arena is not None:
-                # Direct mode copies the arena to the device as is: bring stored bytes
-                # a reader returned as its own (one object per chunk) into it.
-                got = [into_arena(arena, b) for b in got]
+            got = list(self.reader(ids[sl], arena))
             if len(got) != len(ids[sl]):
                 raise RuntimeError(f"blob reader returned {len(got)} chunks for {len(ids[sl])} ids")
-            nbytes = sum(len(b) for b in got)
-            plans = [parse(cid, size, b) for (cid, size), b in zip(want[sl], got, strict=True)]
-            return nbytes, plans, time.thread_time() - tc
+            where: list[int | None] = [None] * len(got)
+            if arena is not None:
+                where = [arena.offset_of(b) for b in got]
+                if self.direct:
+                    # Direct mode copies the arena to the device as is: bring stored
+                    # bytes a reader returned as its own (one object per chunk) into it.
+                    for i, at in enumerate(where):
+                        if at is None:
+                            got[i] = into_arena(arena, got[i])
+                            where[i] = arena.offset_of(got[i])
+            group = want[sl]
+            lengths = [len(b) for b in got]
+            fast: list[ChunkPlan | None] = [None] * len(got)
+            if self.vector_parse and arena is not None and arena.array is not None:
+                fast = parse_planes(
+                    arena.array, where, lengths, got, ids[sl], [size for _, size in group]
+                )
+            plans = [
+                c if c is not None else parse(cid, size, b)
+                for c, (cid, size), b in zip(fast, group, got, strict=True)
+            ]
+            for c, at in zip(plans, where, strict=True):
+                c.at = at
+            together = sum(c is not None for c in fast)
+            return sum(lengths), plans, time.thread_time() - tc, together
 
         pool = self._pool("read")
         return [
@@ -109,15 +131,16 @@ class ChunkGather:
         ]
 
     def _collect(
-        self, futures: list[Future[tuple[int, list[ChunkPlan], float]]]
+        self, futures: list[Future[tuple[int, list[ChunkPlan], float, int]]]
     ) -> list[ChunkPlan]:
         """The plans of submitted reads, in the order asked; the first error is raised
         once every group has stopped (none may still write into the arena then)."""
         out: list[ChunkPlan] = []
         try:
             for fut in futures:
-                nbytes, plans, cpu = fut.result()
+                nbytes, plans, cpu, together = fut.result()
                 self.stats.stored_bytes_read += nbytes
+                self.stats.parsed_together += together
                 self.stats.read_cpu_s += cpu
                 out.extend(plans)
         except BaseException:

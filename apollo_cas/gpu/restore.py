@@ -111,6 +111,9 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
     decoder used for chunks of codecs not handled here. ``device`` is where the
     destinations live ("cuda", "cuda:1" or "cpu"). ``frames`` overrides the zstd
     decoder (None: nvCOMP when it runs on ``device``, else decode while staging).
+    ``vector_parse`` (default on): the envelopes of a read group's 2-byte byte-plane
+    chunks are checked together with numpy (:mod:`apollo_cas.gpu.envelopes`), every
+    other chunk one by one; off, every chunk one by one (benchmarks compare both).
     """
 
     def __init__(
@@ -125,8 +128,10 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
         frames: FrameDecoder | str | None = "auto",
         direct: bool | None = None,
         arenas: int = DEFAULT_ARENAS,
+        vector_parse: bool = True,
     ) -> None:
         self.reader = reader
+        self.vector_parse = bool(vector_parse)
         self.read_raw = read_raw
         self.block_size = int(block_size)
         self.device = torch.device(device)
