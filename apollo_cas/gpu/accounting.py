@@ -117,8 +117,6 @@ class RestoreStats:
     chunks_decoded: int = 0
     bases_decoded: int = 0
     cpu_fallback_chunks: int = 0
-    #: chunks whose envelopes were checked together (numpy), not one by one
-    parsed_together: int = 0
     raw_bytes: int = 0
     stored_bytes_read: int = 0
     h2d_bytes: int = 0

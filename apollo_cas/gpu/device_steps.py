@@ -132,9 +132,7 @@ class DeviceSteps:
             got = srcs.get(c.cid)
             if got is None:
                 data = c.fallback if c.fallback is not None else c.blob
-                off = None if c.fallback is not None else c.at
-                if off is None and c.fallback is None:
-                    off = arena.offset_of(data)
+                off = None if c.fallback is not None else arena.offset_of(data)
                 if off is not None:
                     got = (from_mirror, off)
                 else:

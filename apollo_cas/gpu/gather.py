@@ -23,10 +23,17 @@ from typing import Any
 from ..errors import FormatVersionError
 from .accounting import RestoreStats
 from .chunkplan import ChunkPlan, Place, corrupt, parse_chunk, slices
-from .envelopes import parse_planes
 from .readers import Arena, BlobReader, RawReader, into_arena
 
-__all__ = ["READ_AHEAD", "READ_GROUPS_PER_WORKER", "ChunkGather", "Reading", "settle"]
+__all__ = [
+    "GPU_READ_THREADS",
+    "READ_AHEAD",
+    "READ_GROUPS_PER_WORKER",
+    "ChunkGather",
+    "Reading",
+    "read_threads",
+    "settle",
+]
 
 #: Batches whose reads are on the pool beyond the one being collected. One is enough
 #: to keep every thread busy, and each holds an arena (the pipeline has three).
@@ -37,6 +44,20 @@ READ_AHEAD = 1
 #: host where calls of 32 read 29.7 (run1_pack_reads.json, 16 threads), and each
 #: call is Python work under the GIL.
 READ_GROUPS_PER_WORKER = 1
+#: The most read threads of a pipeline on a GPU. Its reads no longer limit a load (they
+#: wait for free arenas), the interpreter lock does: every read thread parses under it
+#: and the thread that feeds the device waits to take it back. With 8 instead of 16 on
+#: the H200 host, a warm 17.1 GB load took 1.18 / 1.02 s against 1.23-1.36 / 1.09-1.22 s,
+#: after a dense step 2.04 / 1.74 s against 1.99-2.14 / 2.15-2.25 s (two runs of
+#: benchmarks/probe_restore_threads.py: h200_2026-12-03e run3 and run6). With 4 the
+#: reads limit again (1.11 s reading).
+GPU_READ_THREADS = 8
+
+
+def read_threads(workers: int, on_gpu: bool) -> int:
+    """The read pool's default size: ``workers``, at most :data:`GPU_READ_THREADS` for a
+    pipeline on a GPU (on the CPU the decode is the host's work: no evidence yet)."""
+    return max(1, min(workers, GPU_READ_THREADS) if on_gpu else workers)
 
 
 @dataclass
@@ -45,7 +66,7 @@ class Reading:
 
     k: int
     want: list[tuple[bytes, int]]
-    futures: list[Future[tuple[int, list[ChunkPlan], float, int]]]
+    futures: list[Future[tuple[int, list[ChunkPlan], float]]]
     arena: Arena | None
     busy_s: float
 
@@ -56,27 +77,27 @@ class ChunkGather:
     reader: BlobReader
     read_raw: RawReader
     workers: int
+    #: threads of the read pool (``workers``, at most :data:`GPU_READ_THREADS` on a GPU)
+    read_workers: int
     direct: bool
-    #: parse the 2-byte byte-plane chunks of a read group together (numpy,
-    #: :mod:`apollo_cas.gpu.envelopes`); False: every chunk by ``parse_chunk``
-    vector_parse: bool
     stats: RestoreStats
     _pools: dict[str, ThreadPoolExecutor]
     _live: dict[bytes, tuple[int, int, int]]
     _batch_of: list[int]
 
-    def _pool(self, name: str) -> ThreadPoolExecutor:
+    def _pool(self, name: str, threads: int | None = None) -> ThreadPoolExecutor:
         """A pool kept for the pipeline's life (one for reads, one for staging), fed
         contiguous groups of work: a future per chunk or piece cost 23.5 us of held GIL
         each here (bounded_map, 16 threads, 2 cores), ~65k of them for 17 GB."""
         pool = self._pools.get(name)
         if pool is None:
-            pool = self._pools[name] = ThreadPoolExecutor(self.workers, f"apollo-{name}")
+            n = threads or self.workers
+            pool = self._pools[name] = ThreadPoolExecutor(n, f"apollo-{name}")
         return pool
 
     def _submit(
         self, want: list[tuple[bytes, int]], arena: Arena | None
-    ) -> list[Future[tuple[int, list[ChunkPlan], float, int]]]:
+    ) -> list[Future[tuple[int, list[ChunkPlan], float]]]:
         """Hand ``want``'s reads to the pool, one contiguous group of ids per task."""
         ids = [cid for cid, _ in want]
 
@@ -93,54 +114,35 @@ class ChunkGather:
         # reads (a barrier between reading and parsing the whole batch cost read time).
         # CPU seconds go back with the result: pool threads adding to the stats
         # themselves could lose updates.
-        def read_group(sl: slice) -> tuple[int, list[ChunkPlan], float, int]:
+        def read_group(sl: slice) -> tuple[int, list[ChunkPlan], float]:
             tc = time.thread_time()
-            got = list(self.reader(ids[sl], arena))
+            got = self.reader(ids[sl], arena)
+            if self.direct and arena is not None:
+                # Direct mode copies the arena to the device as is: bring stored bytes
+                # a reader returned as its own (one object per chunk) into it.
+                got = [into_arena(arena, b) for b in got]
             if len(got) != len(ids[sl]):
                 raise RuntimeError(f"blob reader returned {len(got)} chunks for {len(ids[sl])} ids")
-            where: list[int | None] = [None] * len(got)
-            if arena is not None:
-                where = [arena.offset_of(b) for b in got]
-                if self.direct:
-                    # Direct mode copies the arena to the device as is: bring stored
-                    # bytes a reader returned as its own (one object per chunk) into it.
-                    for i, at in enumerate(where):
-                        if at is None:
-                            got[i] = into_arena(arena, got[i])
-                            where[i] = arena.offset_of(got[i])
-            group = want[sl]
-            lengths = [len(b) for b in got]
-            fast: list[ChunkPlan | None] = [None] * len(got)
-            if self.vector_parse and arena is not None and arena.array is not None:
-                fast = parse_planes(
-                    arena.array, where, lengths, got, ids[sl], [size for _, size in group]
-                )
-            plans = [
-                c if c is not None else parse(cid, size, b)
-                for c, (cid, size), b in zip(fast, group, got, strict=True)
-            ]
-            for c, at in zip(plans, where, strict=True):
-                c.at = at
-            together = sum(c is not None for c in fast)
-            return sum(lengths), plans, time.thread_time() - tc, together
+            nbytes = sum(len(b) for b in got)
+            plans = [parse(cid, size, b) for (cid, size), b in zip(want[sl], got, strict=True)]
+            return nbytes, plans, time.thread_time() - tc
 
-        pool = self._pool("read")
+        pool = self._pool("read", self.read_workers)
         return [
             pool.submit(read_group, sl)
-            for sl in slices(len(ids), self.workers, READ_GROUPS_PER_WORKER)
+            for sl in slices(len(ids), self.read_workers, READ_GROUPS_PER_WORKER)
         ]
 
     def _collect(
-        self, futures: list[Future[tuple[int, list[ChunkPlan], float, int]]]
+        self, futures: list[Future[tuple[int, list[ChunkPlan], float]]]
     ) -> list[ChunkPlan]:
         """The plans of submitted reads, in the order asked; the first error is raised
         once every group has stopped (none may still write into the arena then)."""
         out: list[ChunkPlan] = []
         try:
             for fut in futures:
-                nbytes, plans, cpu, together = fut.result()
+                nbytes, plans, cpu = fut.result()
                 self.stats.stored_bytes_read += nbytes
-                self.stats.parsed_together += together
                 self.stats.read_cpu_s += cpu
                 out.extend(plans)
         except BaseException:

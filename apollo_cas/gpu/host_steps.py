@@ -45,7 +45,7 @@ class HostStaging:
     stats: Any
     direct: bool
 
-    def _pool(self, name: str) -> ThreadPoolExecutor:
+    def _pool(self, name: str, threads: int | None = None) -> ThreadPoolExecutor:
         raise NotImplementedError
 
     def _layout(

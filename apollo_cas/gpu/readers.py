@@ -78,11 +78,6 @@ class Arena:
             ev.synchronize()
 
     @property
-    def array(self) -> np.ndarray | None:
-        """The arena's bytes (a 1-D uint8 array; None before the first reset)."""
-        return self._buf
-
-    @property
     def used(self) -> int:
         """Bytes claimed since the last reset (claims are 64-byte aligned)."""
         return self._pos

@@ -74,7 +74,7 @@ from .chunkplan import (
     runs_within,
 )
 from .device_steps import DeviceSteps, Events, Pending
-from .gather import READ_AHEAD, ChunkGather, Reading, settle
+from .gather import READ_AHEAD, ChunkGather, Reading, read_threads, settle
 from .host_steps import HostStaging
 from .readers import (
     PAD,
@@ -111,9 +111,8 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
     decoder used for chunks of codecs not handled here. ``device`` is where the
     destinations live ("cuda", "cuda:1" or "cpu"). ``frames`` overrides the zstd
     decoder (None: nvCOMP when it runs on ``device``, else decode while staging).
-    ``vector_parse`` (default on): the envelopes of a read group's 2-byte byte-plane
-    chunks are checked together with numpy (:mod:`apollo_cas.gpu.envelopes`), every
-    other chunk one by one; off, every chunk one by one (benchmarks compare both).
+    ``read_workers``: threads that read and parse stored chunks (default ``workers``,
+    at most :data:`~apollo_cas.gpu.gather.GPU_READ_THREADS` on a GPU).
     """
 
     def __init__(
@@ -128,10 +127,9 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
         frames: FrameDecoder | str | None = "auto",
         direct: bool | None = None,
         arenas: int = DEFAULT_ARENAS,
-        vector_parse: bool = True,
+        read_workers: int | None = None,
     ) -> None:
         self.reader = reader
-        self.vector_parse = bool(vector_parse)
         self.read_raw = read_raw
         self.block_size = int(block_size)
         self.device = torch.device(device)
@@ -139,6 +137,7 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda = self.device.type == "cuda"
         self.workers = workers or default_workers()
+        self.read_workers = max(1, int(read_workers or read_threads(self.workers, self.cuda)))
         self.batch_bytes = max(int(batch_bytes), self.block_size)
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         if frames == "auto":

@@ -453,3 +453,32 @@ def test_a_failed_read_stops_every_group_before_the_error_is_raised(store: Store
     with pytest.raises(CorruptChunk, match="the reader failed"):
         load(store, "latest", pipeline(store, reader, batch_bytes=8 * BS, workers=4))
     assert running == 0
+
+
+def test_read_threads_are_capped_on_a_gpu_only() -> None:
+    from apollo_cas.gpu.gather import GPU_READ_THREADS, read_threads
+
+    assert read_threads(16, on_gpu=True) == GPU_READ_THREADS
+    assert read_threads(4, on_gpu=True) == 4
+    assert read_threads(16, on_gpu=False) == 16
+    assert read_threads(0, on_gpu=True) == 1
+
+
+def test_read_workers_sets_the_read_pool(store: Store) -> None:
+    import threading
+
+    m = model(scale=4)
+    store.save(m, block_size=BS)
+    inner = object_reader(store.chunks.get_blob, 1)
+    names: set[str] = set()
+
+    def reader(ids: Sequence[bytes], arena: Any = None) -> Sequence[Any]:
+        names.add(threading.current_thread().name)
+        return inner(ids, arena)
+
+    pipe = pipeline(store, reader, batch_bytes=8 * BS, workers=4, read_workers=1)
+    assert pipe.read_workers == 1
+    assert same(load(store, "latest", pipe), m)
+    assert len(names) == 1
+    pipe = pipeline(store, reader, batch_bytes=8 * BS, workers=4)
+    assert pipe.read_workers == 4  # on the CPU: every worker

@@ -77,25 +77,6 @@ def test_direct_mode_round_trips_full_chunks_and_chains(store: Store) -> None:
         pipe.close()
 
 
-@pytest.mark.parametrize("vector_parse", [True, False])
-def test_byte_plane_envelopes_are_parsed_together_or_one_by_one(
-    store: Store, vector_parse: bool
-) -> None:
-    """Both parses restore the same bytes; the vector one takes the byte-plane chunks
-    (the stats say how many), the other none."""
-    ms = [model(scale=3)]
-    ms.append(step(ms[-1], 1))
-    refs = [store.save(m, block_size=BS).checkpoint_id or "" for m in ms]
-    for ref, want in zip(refs, ms, strict=True):
-        pipe = direct(store, vector_parse=vector_parse)
-        assert same(load(store, ref, pipe), want)
-        if vector_parse:
-            assert 0 < pipe.stats.parsed_together <= pipe.stats.chunks_decoded
-        else:
-            assert pipe.stats.parsed_together == 0
-        pipe.close()
-
-
 def test_direct_buffers_do_not_grow_with_the_model(tmp_path: Path) -> None:
     seen = []
     for scale in (1, 8):
