@@ -51,7 +51,7 @@ from apollo_cas.cli.common import parse_size
 from apollo_cas.gpu.accounting import LOAD_BATCH_BYTES
 from apollo_cas.gpu.blocks import byte_view, tensor_digests
 from apollo_cas.gpu.chunkplan import slices
-from apollo_cas.gpu.gather import READ_GROUPS_PER_WORKER
+from apollo_cas.gpu.gather import READ_GROUPS_PER_WORKER, read_threads
 from apollo_cas.gpu.restore import Arena, file_reader, object_reader, pack_reader
 from apollo_cas.gpu.zstd import HostFrames
 from apollo_cas.store import Store
@@ -182,6 +182,7 @@ def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
         "kind": kind,
         "chunks": len(ids),
         "window_chunks": window,
+        "threads": workers,
         "bytes": n,
         "seconds": round(dt, 4),
         "gb_per_s": round(n / dt / GB, 2),
@@ -369,7 +370,9 @@ def run_store(
     )
     kinds = ["packs" if fmt == 2 else "files"] + (["objects"] if args.objects else [])
     for kind in kinds:
-        res[f"read_floor_{kind}"] = floor = read_floor(st, full, st.workers, kind)
+        res[f"read_floor_{kind}"] = floor = read_floor(
+            st, full, read_threads(st.workers, dev.startswith("cuda")), kind
+        )
         print(f"read floor ({kind}): {floor}", flush=True)
     first = timed_load(st, full, dev)
     res["load_full_first_call"] = first
