@@ -189,6 +189,17 @@ def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
     }
 
 
+def threads_timed(work: Any, threads: int) -> float:
+    """Seconds for ``threads`` threads running ``work(i)`` (i = 0..threads-1) to finish."""
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def file_read_floor(path: Path, threads: int = 16) -> dict[str, Any]:
     size = path.stat().st_size
     piece = 64 << 20
@@ -206,13 +217,7 @@ def file_read_floor(path: Path, threads: int = 16) -> dict[str, Any]:
                 o = offs.pop()
             os.preadv(fd, [buf[: min(piece, size - o)]], o)
 
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    dt = time.perf_counter() - t0
+    dt = threads_timed(work, threads)
     os.close(fd)
     return {
         "bytes": size,

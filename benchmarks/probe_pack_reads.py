@@ -34,6 +34,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu_restore import threads_timed
+
 from apollo_cas import examples
 from apollo_cas.cli.common import parse_size
 from apollo_cas.gpu.chunkplan import slices
@@ -91,13 +95,8 @@ def pieces_read(
         with lock:
             total[0] += n
 
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return total[0], time.perf_counter() - t0
+    dt = threads_timed(work, threads)
+    return total[0], dt
 
 
 def reader_read(
@@ -178,7 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     if "device" in res:  # generating 17 GB on the GPU takes seconds, numpy a minute
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_gpu_restore import build_model
 
         w: Any = build_model(parse_size(a.size), "cuda")

@@ -233,6 +233,28 @@ def test_probe_restore_threads_smoke(tmp_path: Path) -> None:
     assert got["dense_saves"] and all(s["stored_bytes"] > 0 for s in got["dense_saves"])
 
 
+def test_probe_pack_reads_smoke(tmp_path: Path) -> None:
+    """benchmarks/probe_pack_reads.py at a tiny size: every row read every stored byte."""
+    got = run_script(
+        tmp_path,
+        "probe_pack_reads.py",
+        "--size",
+        "8MiB",
+        "--threads",
+        "2",
+        "--windows",
+        "16",
+        "--repeat",
+        "1",
+    )
+    rows = got["rows"]
+    assert {"one_file_t2", "packs_whole_t2", "reader_w16_numpy_t2", "locate_w16_t2"} <= set(rows)
+    whole = rows["packs_whole_t2"]["bytes"]
+    assert rows["one_file_t2"]["bytes"] == whole > 0
+    # the reader returns the chunks' bytes (the packs less their trailers)
+    assert 0.9 * whole < rows["reader_w16_numpy_newpool_t2"]["bytes"] <= whole
+
+
 def test_bench_cold_restore_smoke(tmp_path: Path) -> None:
     """benchmarks/bench_cold_restore.py on a tiny CPU model: the floors, cold and warm
     loads (bit-exact), safetensors beside them and both CPU restore targets."""
