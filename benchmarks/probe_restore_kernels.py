@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="kernels.json")
     a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device: it profiles the GPU's kernels and copies")
     root = Path(a.dir)
     shutil.rmtree(root, ignore_errors=True)
     res: dict[str, Any] = {"size": a.size, "device": torch.cuda.get_device_name()}

@@ -255,6 +255,17 @@ def test_probe_pack_reads_smoke(tmp_path: Path) -> None:
     assert 0.9 * whole < rows["reader_w16_numpy_newpool_t2"]["bytes"] <= whole
 
 
+def test_probe_restore_kernels_refuses_to_run_without_cuda(tmp_path: Path) -> None:
+    import subprocess
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cmd = [sys.executable, str(BENCH / "probe_restore_kernels.py"), "--dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr
+
+
 def test_bench_cold_restore_smoke(tmp_path: Path) -> None:
     """benchmarks/bench_cold_restore.py on a tiny CPU model: the floors, cold and warm
     loads (bit-exact), safetensors beside them and both CPU restore targets."""
