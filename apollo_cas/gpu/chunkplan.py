@@ -61,6 +61,8 @@ class ChunkPlan:
     fallback: Blob | None = None
     #: a live destination block that already holds these bytes: (dest, offset)
     live: tuple[int, int] | None = None
+    #: where ``blob`` starts in the arena it was read into (None: unknown)
+    at: int | None = None
     row: int = -1
     #: codec 4: number of changed elements (``w`` is their width), else -1; its
     #: pieces are the gaps frame and the values frame (none when it is 0)

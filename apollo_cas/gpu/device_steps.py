@@ -132,7 +132,9 @@ class DeviceSteps:
             got = srcs.get(c.cid)
             if got is None:
                 data = c.fallback if c.fallback is not None else c.blob
-                off = None if c.fallback is not None else arena.offset_of(data)
+                off = None
+                if c.fallback is None:
+                    off = c.at if c.at is not None else arena.offset_of(data)
                 if off is not None:
                     got = (from_mirror, off)
                 else:
@@ -329,12 +331,10 @@ class DeviceSteps:
         """Hash every row against its chunk id; returns the verdict: a function giving
         the rows that failed (on a GPU it waits for the device only when called)."""
         if self._kernel is not None and self._kernel_ok():
-            n = len(batch.rows)
-            if all(c.size == batch.row_bytes for c in batch.rows):
-                # Every row a whole block: one buffer, one launch, no view per row.
-                got = self._kernel.block_digests(
-                    r2.reshape(-1)[: n * batch.row_bytes], batch.row_bytes
-                )
+            sizes = [c.size for c in batch.rows]
+            if batch.row_bytes == self.block_size:
+                # Full rows in one launch over the buffer, short ones by a view each.
+                got = self._kernel.row_digests(r2, sizes, self.block_size, self.uploads.from_numpy)
             else:
                 views = [r2[c.row, : c.size] for c in batch.rows]
                 got = self._kernel.block_digests_many(views, self.block_size)

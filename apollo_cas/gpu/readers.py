@@ -109,15 +109,17 @@ class Arena:
         return addr - base if base <= addr < base + self._cap else None
 
 
-def into_arena(arena: Arena, blob: Any) -> Any:
-    """``blob`` if it lies in ``arena``, else a copy in it (or ``blob`` when it is full)."""
-    if arena.offset_of(blob) is not None:
-        return blob
+def into_arena(arena: Arena, blob: Any) -> tuple[Any, int | None]:
+    """``blob`` if it lies in ``arena``, else a copy in it (or ``blob`` when it is
+    full), with where it starts in the arena (None: not in it)."""
+    at = arena.offset_of(blob)
+    if at is not None:
+        return blob, at
     view = arena.claim(len(blob))
     if view is None:
-        return blob
+        return blob, None
     view[:] = memoryview(blob).cast("B")
-    return view
+    return view, arena.offset_of(view)
 
 
 def object_reader(get_blob: Callable[[bytes], Any], workers: int) -> BlobReader:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 import xxhash
@@ -312,6 +313,46 @@ def block_digests_many(
     if plan.perm is not None:
         digests = digests.index_select(0, plan.perm)
     return digests
+
+
+def row_digests(
+    rows: torch.Tensor,
+    sizes: Sequence[int],
+    block_size: int,
+    to_device: Any = None,
+) -> torch.Tensor:
+    """XXH3-128 of ``rows[i, :sizes[i]]`` for every row i: ``(n, 16)`` uint8 on the
+    rows' device (what :func:`block_digests_many` gives for those views).
+
+    ``rows`` is ``(n, block_size)`` contiguous uint8 (the restore's decoded rows; each
+    size at most ``block_size``). Every row is hashed as a full block by one launch
+    over the buffer, and only the short rows (a tensor's last block) get a view each
+    and a second launch whose digests replace theirs. The restore built a view per row
+    for :func:`block_digests_many` before: about 1,000 torch calls per 1 GiB batch on
+    the thread that feeds the GPU, the line py-spy found that thread holding the GIL on
+    most (17.1 GB loads on the H200, benchmarks/results/h200_2026-12-03e, run 3).
+    ``to_device(array)``: how the short rows' int64 index reaches the device (e.g.
+    ``Uploads.from_numpy``, no stream sync); by default a copy.
+    """
+    n = int(rows.shape[0])
+    if n == 0:
+        return torch.empty((0, 16), dtype=torch.uint8, device=rows.device)
+    if rows.dim() != 2 or int(rows.shape[1]) != block_size or not rows.is_contiguous():
+        raise ValueError(f"rows must be contiguous (n, {block_size}) bytes")
+    short = [i for i, s in enumerate(sizes) if s != block_size]
+    if len(short) * 2 > n:  # mostly short rows: hash each once
+        return block_digests_many([rows[i, : sizes[i]] for i in range(n)], block_size)
+    got = block_digests(rows.reshape(-1), block_size)
+    if short:
+        part = block_digests_many([rows[i, : sizes[i]] for i in short], block_size)
+        where = np.asarray(short, dtype=np.int64)
+        idx = (
+            to_device(where, rows.device)
+            if to_device is not None
+            else torch.from_numpy(where).to(rows.device)
+        )
+        got.index_copy_(0, idx, part)
+    return got
 
 
 def _canonical(out: torch.Tensor) -> torch.Tensor:

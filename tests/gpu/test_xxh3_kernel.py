@@ -349,3 +349,38 @@ def test_many_refuses_mixed_devices() -> None:  # pragma: no cover - GPU only
             ],
             256,
         )
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [256] * 5,  # every row full: one launch
+        [256, 256, 100, 256, 17, 256, 256, 255],  # a few short rows (>240 and <=240)
+        [3, 250, 256, 1],  # mostly short: a view each
+        [],
+    ],
+    ids=["full", "some-short", "mostly-short", "none"],
+)
+def test_row_digests_hash_each_rows_prefix(sizes: list[int]) -> None:
+    bs = 256
+    rows = _random_bytes(len(sizes) * bs, 5).to(DEVICE).view(len(sizes), bs)
+    got = xk.row_digests(rows, sizes, bs)
+    host = rows.cpu().numpy()
+    want = [xxhash.xxh3_128_digest(host[i, :n].tobytes()) for i, n in enumerate(sizes)]
+    assert _rows(got) == want
+
+
+def test_row_digests_take_the_callers_upload() -> None:
+    bs = 256
+    rows = _random_bytes(3 * bs, 6).to(DEVICE).view(3, bs)
+    seen: list[list[int]] = []
+
+    def upload(arr: object, device: object) -> torch.Tensor:
+        seen.append(list(arr))  # type: ignore[call-overload]
+        return torch.as_tensor(arr).to(device)  # type: ignore[arg-type]
+
+    got = xk.row_digests(rows, [bs, 40, bs], bs, upload)
+    assert seen == [[1]]
+    assert _rows(got)[1] == xxhash.xxh3_128_digest(rows[1, :40].cpu().numpy().tobytes())
+    with pytest.raises(ValueError, match="contiguous"):
+        xk.row_digests(rows[:, :128], [128] * 3, bs)
