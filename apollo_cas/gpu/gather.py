@@ -7,7 +7,7 @@ the pool always has queued work: waiting for every group of one batch before the
 batch's groups were handed out left threads idle at each batch's slowest group. On the
 H200 host the same reader read a 17 GB checkpoint's 11.5 GB of packs at 29.7 GB/s in
 windows of 512 chunks and 33-36 GB/s in windows of 2,048, against 40.5 GB/s for the
-packs read whole (benchmarks/results/h200_2026-12-03e/pack_reads.json): the cost is
+packs read whole (benchmarks/results/h200_2026-12-03e/run1_pack_reads.json): the cost is
 the barrier per window, not the reads.
 """
 
