@@ -378,7 +378,7 @@ class DeviceSteps:
             runs.append(run)
             if p.size != rb:
                 run = None
-        copy_into_many(r2.view(-1), list(dests), runs, uploads=self.uploads)
+        copy_into_many(r2.view(-1), dests, runs, uploads=self.uploads)
 
     def _sum_events(self) -> None:
         for ev in self._events:

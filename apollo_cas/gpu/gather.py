@@ -130,9 +130,10 @@ class ChunkGather:
                 where = [at for _, at in placed]
             nbytes = sum(len(b) for b in got)
             plans = [parse(cid, size, b) for (cid, size), b in zip(want[sl], got, strict=True)]
-            for c, at in zip(plans, where, strict=False):
-                if c.fallback is None:
-                    c.at = at
+            if where:
+                for c, at in zip(plans, where, strict=True):
+                    if c.fallback is None:
+                        c.at = at
             return nbytes, plans, time.thread_time() - tc
 
         pool = self._pool("read", self.read_workers)

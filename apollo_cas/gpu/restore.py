@@ -32,8 +32,8 @@ pipeline runs, in batches of at most ``batch_bytes`` of raw output:
 
 Steps 1-2 of batch k+1 run on host threads while the device runs steps 3-7 of
 batch k. Memory is bounded by ``batch_bytes``, never by the model: three arenas (pinned
-in direct mode) or two staging slots, and on the device two mirrors of arenas, one layout and two
-buffer of decoded rows (see :func:`memory_bound`).
+in direct mode) or two staging slots, and on the device two mirrors of arenas (direct
+mode), one layout and two buffers of decoded rows (see :func:`memory_bound`).
 
 Chunks of codecs this pipeline does not know (any id but raw, zstd, planes, delta
 and sparse), and sparse chunks whose decoded gaps and values would outgrow their

@@ -12,6 +12,7 @@ Triton launch; without Triton or on the CPU the same table is copied range by ra
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -83,7 +84,7 @@ class Segments:
 
 def copy_into_many(
     src: torch.Tensor,
-    dests: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    dests: Sequence[torch.Tensor],
     runs: list[list[int]],
     kernel: bool | None = None,
     uploads: Uploads | None = None,
@@ -103,10 +104,12 @@ def copy_into_many(
     if not runs:
         return
     r = np.asarray(runs, dtype=np.int64).reshape(-1, 4)
-    used = sorted(set(r[:, 0].tolist()))
+    used = set(r[:, 0].tolist())
     sizes = np.zeros(len(dests), dtype=np.int64)
+    ptrs = np.zeros(len(dests), dtype=np.int64)
     for i in used:
         sizes[i] = dests[i].numel()
+        ptrs[i] = dests[i].data_ptr()
     if int(r[:, 1].min()) < 0 or int(r[:, 2].min()) < 0:
         raise ValueError("a run starts before its buffer")
     if bool((r[:, 1] + r[:, 3] > sizes[r[:, 0]]).any()) or int((r[:, 2] + r[:, 3]).max()) > (
@@ -120,9 +123,8 @@ def copy_into_many(
         for d, o, a, k in runs:
             dests[d][o : o + k].copy_(src[a : a + k], non_blocking=True)
         return
-    base = min(used, key=lambda i: dests[i].data_ptr())
-    ptrs = np.asarray([dests[i].data_ptr() if sizes[i] else 0 for i in range(len(dests))])
-    dst_off = ptrs[r[:, 0]] - dests[base].data_ptr() + r[:, 1]
+    base = min(used, key=lambda i: int(ptrs[i]))
+    dst_off = ptrs[r[:, 0]] - ptrs[base] + r[:, 1]
     table = (uploads or Uploads(1)).from_numpy(pieces(r[:, 2], dst_off, r[:, 3]), src.device)
     count = int(table.shape[1])
     fn[(count,)](src, dests[base], table, count, PIECE=PIECE)

@@ -158,9 +158,7 @@ _LOCAL = threading.local()
 
 
 def _upload(table: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``table`` on ``device``, by a pinned buffer on CUDA (no stream sync)."""
-    if device.type != "cuda":
-        return torch.from_numpy(table).to(device)
+    """``table`` on ``device``, by this thread's pinned buffers on CUDA (no stream sync)."""
     uploads = getattr(_LOCAL, "uploads", None)
     if uploads is None:
         uploads = _LOCAL.uploads = Uploads()
