@@ -155,9 +155,6 @@ def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
         reader = object_reader(st.chunks.get_blob, 1)
     window = max(1, LOAD_BATCH_BYTES // m.block_size)
     arenas = [Arena(), Arena()]
-    for a in arenas:
-        a.reset(2 * LOAD_BATCH_BYTES)
-        a.reset(2 * LOAD_BATCH_BYTES)
     n = 0
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:

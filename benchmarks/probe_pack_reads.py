@@ -114,9 +114,10 @@ def reader_read(
     for i in range(0, len(ids), window):
         cap = max(cap, sum(st.chunks.locate(c).length for c in ids[i : i + window]))
     arena.reset(cap + window * 64 + (1 << 20))
-    arena.reset(cap + window * 64 + (1 << 20))
-    if arena._buf is not None:  # fault the arena in once, as the pipeline's stays
-        arena._buf[:] = 0
+    # Fault the arena in once, as the pipeline's stays: claim all of it and zero it.
+    whole = arena.claim(cap + window * 64 + (1 << 20))
+    assert whole is not None
+    np.frombuffer(whole, dtype=np.uint8)[:] = 0
     pool = ThreadPoolExecutor(threads) if keep_pool else None
 
     def group(win: list[bytes], sl: slice) -> int:
