@@ -9,6 +9,7 @@ wrong weights).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import codecs
@@ -168,6 +169,9 @@ class ChunkStore:
 
     def locate(self, chunk_id: bytes) -> Location:
         return self.inventory.locate(chunk_id)
+
+    def locate_many(self, ids: Sequence[bytes]) -> list[Location]:
+        return self.inventory.locate_many(ids)
 
     def read(self, chunk_id: bytes, size: int | None = None) -> Blob:
         """The raw bytes of a chunk, decoded (delta bases resolved) and verified.

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import codecs, layout, packs
 from .backends.base import Backend
@@ -34,9 +34,11 @@ HEADER_PEEK = 512
 _MISSING_HINT = "run 'apollo-cas verify' to see which checkpoints it breaks; restore another one"
 
 
-@dataclass(frozen=True)
-class Location:
-    """Where one envelope lies: an object key and a byte range (``length`` -1: all of it)."""
+class Location(NamedTuple):
+    """Where one envelope lies: an object key and a byte range (``length`` -1: all of it).
+
+    A tuple: a GPU restore locates every chunk of a checkpoint (~16k per 17 GB) on
+    threads that share the GIL, and a frozen dataclass is 5x slower to build."""
 
     key: str
     offset: int
@@ -77,6 +79,10 @@ class ChunkInventory(abc.ABC):
     @abc.abstractmethod
     def locate(self, chunk_id: bytes) -> Location:
         """Where ``chunk_id`` is; CorruptChunk if the store lacks it."""
+
+    def locate_many(self, ids: Sequence[bytes]) -> list[Location]:
+        """:meth:`locate` of each id, in order."""
+        return [self.locate(c) for c in ids]
 
     @abc.abstractmethod
     def add(self, chunk_id: bytes, blob: Blob, raw_size: int, base: bytes | None) -> bool:
@@ -273,6 +279,32 @@ class PackInventory(ChunkInventory):
                 "run 'apollo-cas verify --read-data' to see which checkpoints it breaks",
             )
         return Location(layout.pack_key(pack_id), e.offset, e.length, e.raw_size)
+
+    def locate_many(self, ids: Sequence[bytes]) -> list[Location]:
+        """:meth:`locate` of each id with the index looked up once and each pack's key
+        and bounds once per call (the restore's read threads locate a few hundred ids
+        per call under the GIL). Any id it cannot place goes through :meth:`locate`,
+        which refreshes the index or raises the error naming it."""
+        idx = self.index()
+        where, infos = idx.chunks, idx.packs
+        seen: dict[str, tuple[str, int]] = {}
+        out: list[Location] = []
+        for cid in ids:
+            hit = where.get(cid)
+            if hit is None:
+                return [self.locate(c) for c in ids]
+            pack_id, e = hit
+            known = seen.get(pack_id)
+            if known is None:
+                info = infos[pack_id]
+                known = seen[pack_id] = (
+                    layout.pack_key(pack_id),
+                    info.size - packs.trailer_size(len(info.entries)),
+                )
+            if e.offset + e.length > known[1]:
+                return [self.locate(c) for c in ids]
+            out.append(Location(known[0], e.offset, e.length, e.raw_size))
+        return out
 
     def read_envelope(self, chunk_id: bytes) -> bytes:
         try:

@@ -251,7 +251,7 @@ def restore_pipeline(
     # Format 2: chunks located in packs, adjacent ones read as one range.
     if store.format >= 2:
         reader = pack_reader(
-            store.chunks.locate, store.backend.get_range, root, store.inventory.refresh
+            store.chunks.locate_many, store.backend.get_range, root, store.inventory.refresh
         )
     elif root is not None:
         reader = file_reader(root, 1)

@@ -148,7 +148,7 @@ def read_floor(st: Store, ref: str, workers: int, kind: str) -> dict[str, Any]:
     ids = list(dict.fromkeys(c for e in m.tensors for c in e.chunks))
     root = st.backend.root  # type: ignore[attr-defined]
     if kind == "packs":
-        reader = pack_reader(st.chunks.locate, st.backend.get_range, root)
+        reader = pack_reader(st.chunks.locate_many, st.backend.get_range, root)
     elif kind == "files":
         reader = file_reader(root, 1)
     else:

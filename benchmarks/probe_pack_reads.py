@@ -108,7 +108,7 @@ def reader_read(
     keep_pool: bool,
     locate_only: bool = False,
 ) -> tuple[int, float]:
-    reader = pack_reader(st.chunks.locate, st.backend.get_range, st.backend.root)  # type: ignore[attr-defined]
+    reader = pack_reader(st.chunks.locate_many, st.backend.get_range, st.backend.root)  # type: ignore[attr-defined]
     arena = Arena(alloc)
     cap = 0
     for i in range(0, len(ids), window):

@@ -47,6 +47,7 @@ KEYS = (
     "queue_s",
     "finish_s",
     "main_cpu_s",
+    "upload_wait_s",
     "copy_s",
     "decode_s",
     "verify_s",

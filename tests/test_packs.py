@@ -300,6 +300,19 @@ def test_an_index_naming_a_range_outside_its_pack(st: Store, tmp_store: str) -> 
         assert b"".join(fresh.read_chunk(c) for t in m.tensors for c in t.chunks) == flat(b)
 
 
+def test_locate_many_answers_as_locate_does(st: Store, tmp_store: str) -> None:
+    ia, ib, _, _ = two_checkpoints(st)
+    ids = [c for ref in (ib, ia) for t in st.manifest(ref).tensors for c in t.chunks]
+    assert st.chunks.locate_many(ids) == [st.chunks.locate(c) for c in ids]
+    missing = bytes(16)
+    with pytest.raises(CorruptChunk, match=f"chunk {missing.hex()} is missing"):
+        st.chunks.locate_many([*ids[:3], missing])
+    victim = st.manifest(ia).tensors[0].chunks[0]
+    point_outside_its_pack(st, victim)
+    with Store.open(tmp_store) as fresh, pytest.raises(CorruptChunk, match="outside"):
+        fresh.chunks.locate_many([*ids[:3], victim])
+
+
 # ---------------------------------------------------------------------------
 # S3-like backends: a pack is one create-only PUT
 

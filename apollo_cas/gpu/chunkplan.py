@@ -102,7 +102,7 @@ def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
     needs) before anything is decoded, and every piece's length against the payload.
     """
     view = memoryview(blob)
-    env = envelope.unpack(view, f"chunk {cid.hex()}")
+    env = envelope.unpack(view, cid)
     if env.raw_size != size:
         raise corrupt(cid, f"its header says {env.raw_size} raw bytes, its place needs {size}")
     codec, params = env.codec, env.params

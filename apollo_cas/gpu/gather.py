@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import FormatVersionError
 from .accounting import RestoreStats
 from .chunkplan import ChunkPlan, Place, corrupt, parse_chunk, slices
-from .readers import Arena, BlobReader, RawReader, into_arena
+from .readers import Arena, ArenaViews, BlobReader, RawReader, into_arena
 
 __all__ = [
     "GPU_READ_THREADS",
@@ -125,9 +125,13 @@ class ChunkGather:
                 # a reader returned as its own (one object per chunk) into it. Where
                 # each lies goes with its plan: the thread that feeds the device looked
                 # it up again per chunk (9% of its GIL time in py-spy, H200, run 3).
-                placed = [into_arena(arena, b) for b in got]
-                got = [b for b, _ in placed]
-                where = [at for _, at in placed]
+                known = got.at if isinstance(got, ArenaViews) else None
+                if known is not None and None not in known:
+                    where = known  # the pack reader read them there
+                else:
+                    placed = [into_arena(arena, b) for b in got]
+                    got = [b for b, _ in placed]
+                    where = [at for _, at in placed]
             nbytes = sum(len(b) for b in got)
             plans = [parse(cid, size, b) for (cid, size), b in zip(want[sl], got, strict=True)]
             if where:

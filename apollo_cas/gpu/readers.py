@@ -23,7 +23,15 @@ from ..errors import CorruptChunk, ObjectNotFound
 from ..parallel import bounded_map
 from .chunkplan import HINT, align_up, corrupt
 
-__all__ = ["Arena", "BlobReader", "RawReader", "file_reader", "object_reader", "pack_reader"]
+__all__ = [
+    "Arena",
+    "ArenaViews",
+    "BlobReader",
+    "RawReader",
+    "file_reader",
+    "object_reader",
+    "pack_reader",
+]
 
 #: The longest single ranged read of a pack: one call's group is a few MiB anyway
 #: (a 256 MiB batch over 2 x 16 groups), this only caps a reader called with more.
@@ -88,12 +96,17 @@ class Arena:
 
     def claim(self, n: int) -> memoryview | None:
         """A writable view of ``n`` bytes, or None when the arena is full."""
+        got = self.claim_at(n)
+        return None if got is None else got[0]
+
+    def claim_at(self, n: int) -> tuple[memoryview, int] | None:
+        """:meth:`claim`, with where the view starts in the arena."""
         with self._lock:
             if self._buf is None or self._pos + n > self._cap:
                 return None
             a = self._pos
             self._pos = align_up(a + n, 64)
-        return self._buf.data[a : a + n]
+        return self._buf.data[a : a + n], a
 
     def offset_of(self, piece: Any) -> int | None:
         """Where ``piece`` (a view a reader returned) starts in the arena, or None."""
@@ -107,6 +120,16 @@ class Arena:
             addr = np.frombuffer(piece, dtype=np.uint8).ctypes.data
         base = self._buf.ctypes.data
         return addr - base if base <= addr < base + self._cap else None
+
+
+class ArenaViews(list[Any]):
+    """What a reader returns when it knows where each buffer lies in the arena it
+    was given: the buffers, and ``at[i]`` the offset of buffer i in it (None: not in
+    it). The read stage then need not ask :meth:`Arena.offset_of` per chunk."""
+
+    def __init__(self, views: list[Any], at: list[int | None]) -> None:
+        super().__init__(views)
+        self.at = at
 
 
 def into_arena(arena: Arena, blob: Any) -> tuple[Any, int | None]:
@@ -179,7 +202,7 @@ def file_reader(root: Any, workers: int) -> BlobReader:
 
 
 def pack_reader(
-    locate: Callable[[bytes], Any],
+    locate_many: Callable[[Sequence[bytes]], Sequence[Any]],
     get_range: Callable[[str, int, int], bytes],
     root: Any | None = None,
     refresh: Callable[[], None] | None = None,
@@ -187,13 +210,15 @@ def pack_reader(
 ) -> BlobReader:
     """Chunks of a format-2 store: located in packs, adjacent ones read as one range.
 
-    ``locate`` is ``ChunkStore.locate`` (an :class:`~apollo_cas.inventory.Location` per
-    id; CorruptChunk for an id no index names or a range outside its pack). The ids of
+    ``locate_many`` is ``ChunkStore.locate_many`` (an
+    :class:`~apollo_cas.inventory.Location` per id; CorruptChunk for an id no index
+    names or a range outside its pack). The ids of
     one call are sorted by (pack, offset) and cut into runs of chunks that lie back to
     back in one pack (a restore of latest is mostly sequential: packs are written in
     tensor order), each run read with one ``os.preadv`` into the arena when ``root``
     (``LocalBackend.root``) is given, else with ``get_range`` (``Backend.get_range``)
-    and copied into the arena. Chunks are handed out as views, in the order asked. A
+    and copied into the arena. Chunks are handed out as views, in the order asked
+    (an :class:`ArenaViews`: with their offsets in the arena). A
     pack shorter than the index says is CorruptChunk naming the first chunk it cuts
     off; a missing pack (gc repacked it since the index was loaded: restores take no
     lock) makes the reader ``refresh`` the index and locate once more.
@@ -203,7 +228,7 @@ def pack_reader(
     base = Path(root) if root is not None else None
 
     def runs(ids: Sequence[bytes]) -> list[tuple[str, int, int, list[tuple[int, int, int]]]]:
-        locs = [locate(cid) for cid in ids]
+        locs = locate_many(ids)
         order = sorted(range(len(ids)), key=lambda i: (locs[i].key, locs[i].offset))
         out: list[tuple[str, int, int, list[tuple[int, int, int]]]] = []
         for i in order:
@@ -241,13 +266,16 @@ def pack_reader(
         finally:
             os.close(fd)
 
-    def read_once(ids: Sequence[bytes], arena: Arena | None) -> list[Any]:
+    def read_once(ids: Sequence[bytes], arena: Arena | None) -> ArenaViews:
         out: list[Any] = [None] * len(ids)
+        at: list[int | None] = [None] * len(ids)
         for key, first, end, items in runs(ids):
             n = end - first
-            view = arena.claim(n) if arena is not None else None
-            if view is None:
-                view = memoryview(bytearray(n))
+            got_at = arena.claim_at(n) if arena is not None else None
+            if got_at is None:
+                view, start = memoryview(bytearray(n)), None
+            else:
+                view, start = got_at
             try:
                 got = fill(key, first, view)
             except FileNotFoundError:
@@ -260,7 +288,9 @@ def pack_reader(
                         HINT,
                     )
                 out[i] = view[off : off + length]
-        return out
+                if start is not None:
+                    at[i] = start + off
+        return ArenaViews(out, at)
 
     def read(ids: Sequence[bytes], arena: Arena | None = None) -> list[Any]:
         try:

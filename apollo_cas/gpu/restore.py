@@ -104,6 +104,12 @@ __all__ = [
 ]
 
 
+#: Pinned upload buffers of a pipeline: enough for three batches' tables, so a buffer is
+#: rewritten only after its batch's copies are long done (each holds at most a few
+#: hundred KiB: 32 cost a few MiB of pinned memory).
+UPLOAD_SLOTS = 32
+
+
 class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
     """Runs batches of places through read, stage, copy, decode, interleave, verify, place.
 
@@ -151,7 +157,11 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
         if self.direct and self.frames is None:
             raise ValueError("direct restore needs a frame decoder (frames=...)")
         self.stager = Stager(slots=2, pin=self.cuda)
-        self.uploads = Uploads()
+        # A batch sends four to eight small tables (copy segments, short rows, chunk
+        # ids, place runs, XOR rows); with the default four slots a batch's tables
+        # waited for the copies of the batch before it, so the feeding thread could not
+        # queue batch k+1 until the device had nearly finished batch k.
+        self.uploads = Uploads(slots=UPLOAD_SLOTS)
         # One device buffer of the staging layout and two of decoded rows (by batch
         # parity): every device step but the arena's copy runs on one stream, so batches
         # reuse them in stream order. Two mirrors of arenas (by parity), written on
@@ -305,6 +315,7 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
             # behind it, so the device always has the next batch's work.
             pending: Pending | None = None
             main_cpu = time.thread_time()
+            waited = self._upload_waits()
             while True:
                 tw = time.perf_counter()
                 item = staged.get()
@@ -336,6 +347,7 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
             if pending is not None:
                 finish(pending)
             self.stats.main_cpu_s += time.thread_time() - main_cpu
+            self.stats.upload_wait_s += self._upload_waits() - waited
             if self.cuda:
                 assert self.stream is not None
                 torch.cuda.current_stream(self.device).wait_stream(self.stream)
@@ -371,6 +383,16 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
         for a in self._arenas:
             a.wait()
         self._arenas = [Arena(a._alloc) for a in self._arenas]
+
+    def _upload_waits(self) -> float:
+        """Seconds this thread has waited for free pinned upload buffers: the pipeline's
+        and, on CUDA, the verification plans' (imported only there: they need Triton)."""
+        waited = self.uploads.waited_s
+        if self._kernel is not None:
+            from . import xxh3_plans
+
+            waited += xxh3_plans.upload_wait_s()
+        return waited
 
     # -- batching and host staging (producer thread) -----------------------------------
 

@@ -21,6 +21,7 @@ same bookkeeping.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,10 @@ class Uploads:
         self._arrays: list[np.ndarray | None] = [None] * slots  # numpy views of _bufs
         self._events: list[Any] = [None] * slots
         self._next = 0
+        #: host seconds spent waiting for a buffer's previous copy to complete: a
+        #: caller that sends more tables per round than there are slots waits for
+        #: the device here, and stops running ahead of it
+        self.waited_s = 0.0
 
     def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A copy of the CPU tensor ``host`` on ``device``, queued on its current stream
@@ -159,8 +164,11 @@ class Uploads:
         n = int(raw.size)
         k = self._next
         self._next = (k + 1) % self.slots
-        if self._events[k] is not None:
-            self._events[k].synchronize()
+        ev = self._events[k]
+        if ev is not None and not ev.query():
+            t0 = time.perf_counter()
+            ev.synchronize()
+            self.waited_s += time.perf_counter() - t0
         buf = self._arrays[k]
         if buf is None or buf.size < n:
             old = 0 if buf is None else int(buf.size)

@@ -157,12 +157,24 @@ def _build_plan(
 _LOCAL = threading.local()
 
 
-def _upload(table: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``table`` on ``device``, by this thread's pinned buffers on CUDA (no stream sync)."""
+def _uploads() -> Uploads:
     uploads = getattr(_LOCAL, "uploads", None)
     if uploads is None:
-        uploads = _LOCAL.uploads = Uploads()
-    return uploads.from_numpy(table, device)
+        # A restore builds a plan per batch for its short rows (new addresses each
+        # time), a few tables each: with 16 slots a buffer's last copy is batches old.
+        uploads = _LOCAL.uploads = Uploads(slots=16)
+    return uploads
+
+
+def _upload(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``table`` on ``device``, by this thread's pinned buffers on CUDA (no stream sync)."""
+    return _uploads().from_numpy(table, device)
+
+
+def upload_wait_s() -> float:
+    """Seconds this thread has waited for a free upload buffer of its plans (see
+    :attr:`~apollo_cas.gpu.staging.Uploads.waited_s`)."""
+    return _uploads().waited_s
 
 
 def plan_for(

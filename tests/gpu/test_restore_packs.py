@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from damage import chunk_file_range, flip_last_byte, point_outside_its_pack  # noqa: E402
 
 from apollo_cas.errors import CorruptChunk  # noqa: E402
+from apollo_cas.gpu.readers import ArenaViews  # noqa: E402
 from apollo_cas.gpu.restore import Arena, pack_reader  # noqa: E402
 from apollo_cas.gpu.zstd import HostFrames  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
@@ -88,7 +89,7 @@ def test_pack_reader_coalesces_adjacent_chunks_into_ranged_reads(tmp_path: Path)
     ids = list(dict.fromkeys(c for e in parent.tensors for c in e.chunks))
     want = [st.chunks.get_blob(c) for c in ids]
     ranges = Ranges(st)
-    remote = pack_reader(st.chunks.locate, ranges)
+    remote = pack_reader(st.chunks.locate_many, ranges)
     arena = Arena()
     arena.reset(sum(len(b) for b in want) + 64 * len(want))
     assert [bytes(b) for b in remote(ids, arena)] == want
@@ -96,13 +97,27 @@ def test_pack_reader_coalesces_adjacent_chunks_into_ranged_reads(tmp_path: Path)
     npacks = len({st.chunks.locate(c).key for c in ids})
     assert ranges.calls == npacks < len(ids)
     # Local: preadv into the arena; out of order and with no arena room, own bytes.
-    local = pack_reader(st.chunks.locate, ranges, st.backend.root)  # type: ignore[attr-defined]
+    local = pack_reader(st.chunks.locate_many, ranges, st.backend.root)  # type: ignore[attr-defined]
     small = Arena()
     small.reset(len(want[-1]) + 64)
     rev = ids[::-1]
     assert [bytes(b) for b in local(rev, small)] == want[::-1]
     assert [bytes(b) for b in local(ids, None)] == want
     assert ranges.calls == npacks  # the local reader never called get_range
+
+
+def test_pack_reader_says_where_each_chunk_lies_in_the_arena(tmp_path: Path) -> None:
+    st, _ = saved(tmp_path, 2)
+    man = st.manifest(st.resolve("latest"))
+    ids = list(dict.fromkeys(c for e in man.tensors for c in e.chunks))
+    reader = pack_reader(st.chunks.locate_many, st.backend.get_range, st.backend.root)  # type: ignore[attr-defined]
+    arena = Arena()
+    arena.reset(sum(st.chunks.locate(c).length for c in ids) // 2)  # room for about half
+    got = reader(ids[::-1], arena)
+    assert isinstance(got, ArenaViews)
+    assert got.at == [arena.offset_of(b) for b in got]
+    assert 0 < sum(a is not None for a in got.at) < len(ids)  # the rest: bytes of their own
+    assert [bytes(b) for b in got] == [st.chunks.get_blob(c) for c in ids[::-1]]
 
 
 def victim_of(st: Store) -> bytes:

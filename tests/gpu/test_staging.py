@@ -60,3 +60,20 @@ def test_mismatches_later_on_the_device() -> None:
     got[7, 0] ^= 0xFF
     got[299, 15] ^= 1
     assert mismatches_later(got, ids, Uploads())() == [7, 299]
+
+
+@cuda
+def test_uploads_count_the_wait_for_a_busy_buffer() -> None:
+    """A table sent while its slot's last copy is queued behind device work waits for
+    that work (``waited_s`` grows); with a free slot it does not wait."""
+    dev = torch.device("cuda")
+    t = torch.arange(64, dtype=torch.int64)
+    one, spare = Uploads(slots=1), Uploads(slots=2)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of device work, queued before the copies
+    one.to_device(t, dev)
+    spare.to_device(t, dev)
+    spare.to_device(t, dev)  # its own second slot: no wait
+    one.to_device(t, dev)  # the only slot's copy is still queued: waits
+    torch.cuda.synchronize()
+    assert spare.waited_s == 0.0
+    assert one.waited_s > 0.0
