@@ -253,6 +253,8 @@ def restore_pipeline(
         reader = pack_reader(
             store.chunks.locate_many, store.backend.get_range, root, store.inventory.refresh
         )
+        # The index knows every chunk's delta base: a batch reads its bases with it.
+        options.setdefault("base_of", store.chunks.base_of)
     elif root is not None:
         reader = file_reader(root, 1)
     else:

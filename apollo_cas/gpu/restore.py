@@ -74,7 +74,7 @@ from .chunkplan import (
     runs_within,
 )
 from .device_steps import DeviceSteps, Events, Pending
-from .gather import READ_AHEAD, ChunkGather, Reading, read_threads, settle
+from .gather import READ_AHEAD, BaseOf, ChunkGather, Reading, read_threads, settle
 from .host_steps import HostStaging
 from .readers import (
     PAD,
@@ -118,7 +118,9 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
     destinations live ("cuda", "cuda:1" or "cpu"). ``frames`` overrides the zstd
     decoder (None: nvCOMP when it runs on ``device``, else decode while staging).
     ``read_workers``: threads that read and parse stored chunks (default ``workers``,
-    at most :data:`~apollo_cas.gpu.gather.GPU_READ_THREADS` on a GPU).
+    at most :data:`~apollo_cas.gpu.gather.GPU_READ_THREADS` on a GPU). ``base_of``: a
+    chunk's delta base from the store's index without reading it (format 2's
+    ``ChunkStore.base_of``), so a batch's bases are read with its chunks.
     """
 
     def __init__(
@@ -134,9 +136,11 @@ class RestorePipeline(ChunkGather, HostStaging, DeviceSteps):
         direct: bool | None = None,
         arenas: int = DEFAULT_ARENAS,
         read_workers: int | None = None,
+        base_of: BaseOf | None = None,
     ) -> None:
         self.reader = reader
         self.read_raw = read_raw
+        self.base_of = base_of
         self.block_size = int(block_size)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:

@@ -482,3 +482,47 @@ def test_read_workers_sets_the_read_pool(store: Store) -> None:
     assert len(names) == 1
     pipe = pipeline(store, reader, batch_bytes=8 * BS, workers=4)
     assert pipe.read_workers == 4  # on the CPU: every worker
+
+
+class Counting:
+    """A blob reader that counts its calls."""
+
+    def __init__(self, st: Store) -> None:
+        self.inner = object_reader(st.chunks.get_blob, 1)
+        self.calls = 0
+
+    def __call__(self, ids: Sequence[bytes], arena: Any = None) -> Sequence[Any]:
+        self.calls += 1
+        return self.inner(ids, arena)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_delta_bases_the_index_names_are_read_with_their_batch(tmp_path: Path, fmt: int) -> None:
+    """With ``base_of`` a batch's deltas and their bases are one round of reads (one
+    call with one read thread); without it the bases are a second round, found by
+    parsing the deltas. A wrong answer from the index costs a read, never the bytes."""
+    st = Store.open(tmp_path / "s", create=True, format=fmt)
+    m0 = model()
+    m1 = step(m0, 1)
+    st.save(m0, block_size=BS)
+    st.save(m1, block_size=BS)
+    options = {"batch_bytes": 1 << 20, "read_workers": 1}
+    plain = Counting(st)
+    got = load(st, "latest", pipeline(st, plain, **options))
+    assert same(got, m1) and plain.calls == 2
+    if fmt == 2:
+        indexed = Counting(st)
+        pipe = pipeline(st, indexed, base_of=st.chunks.base_of, **options)
+        assert same(load(st, "latest", pipe), m1) and indexed.calls == 1
+        assert pipe.stats.bases_decoded == plain_bases(st)
+    some_chunk = st.manifest(st.resolve("latest")).tensors[0].chunks[0]
+    wrong = Counting(st)
+    pipe = pipeline(st, wrong, base_of=lambda c: some_chunk if c != some_chunk else None, **options)
+    assert same(load(st, "latest", pipe), m1)
+
+
+def plain_bases(st: Store) -> int:
+    """Distinct delta bases of latest's chunks (one level: the test's chains are)."""
+    man = st.manifest(st.resolve("latest"))
+    ids = {c for e in man.tensors for c in e.chunks}
+    return len({b for c in ids if (b := st.chunks.base_of(c)) is not None} - ids)
