@@ -384,3 +384,69 @@ def test_cpu_restore_ab_refuses_a_tree_that_is_not_a_checkout(tmp_path: Path) ->
         text=True,
     )
     assert p.returncode == 2 and "is not a checkout of apollo_cas" in p.stderr, p.stderr
+
+
+def _bench_restore(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "restore.json"
+    cmd = [sys.executable, str(BENCH / "bench_restore.py"), "--dir", str(tmp_path / "w")]
+    p = subprocess.run(
+        [*cmd, "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("processes", ["0", "1"], ids=["threads", "processes"])
+def test_bench_restore_puts_one_shard_beside_several(tmp_path: Path, processes: str) -> None:
+    """--only-shards --max-shard-size: one row per size, in the order given, each
+    with its shard count and one wall time per round."""
+    got = _bench_restore(
+        tmp_path,
+        *["--size", "4MiB", "--only-shards", "--max-shard-size", "1TB,1MiB", "--shard-rounds", "2"],
+        env={"APOLLO_CAS_PROCESSES": processes},
+    )
+    rows = got["safetensors_by_shard_size"]
+    assert [r["max_shard_size"] for r in rows] == ["1TB", "1MiB"]
+    assert rows[0]["shards"] == 1 and rows[1]["shards"] > 2
+    for r in rows:
+        assert len(r["walls_s"]) == 2 and r["best_gb_s"] > 0
+        assert r["bytes"] == got["logical_bytes"]
+        assert r["processes"] is (processes == "1")
+    assert "read_chunk_full_gb_s" not in got  # --only-shards skips the thread scaling
+
+
+def test_bench_restore_runs_every_stage_on_a_packed_store(tmp_path: Path) -> None:
+    """The whole benchmark at a tiny size, shard sizes included: its chunk reads
+    find chunks in packs (the default store format)."""
+    got = _bench_restore(
+        tmp_path, *["--size", "2MiB", "--max-shard-size", "512KiB", "--shard-rounds", "1"]
+    )
+    assert got["safetensors_by_shard_size"][0]["shards"] > 1
+    for key in ("read_chunk_full_gb_s", "read_chunk_delta_processes_gb_s", "stage_file_read_gb_s"):
+        assert all(v > 0 for v in got[key].values()), key
+    assert got["restore_flat_delta_gb_s"]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--max-shard-size", "1MiB,lots"], "not a positive size"),
+        (["--max-shard-size", "0"], "not a positive size"),
+        (["--only-shards"], "needs --max-shard-size"),
+    ],
+)
+def test_bench_restore_refuses_bad_shard_options(args: list[str], match: str) -> None:
+    import subprocess
+
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "bench_restore.py"), *args], capture_output=True, text=True
+    )
+    assert p.returncode == 2 and match in p.stderr, p.stderr

@@ -33,6 +33,20 @@ def chunk_jobs(placements: Iterable[Placement], block_size: int) -> Iterator[Job
             yield p.output, p.offset + i * block_size, cid, block_length(p.tensor, i, block_size)
 
 
+def jobs_by_output(
+    placements: Iterable[Placement], outputs: int, block_size: int
+) -> list[Iterator[Job]]:
+    """:func:`chunk_jobs` split by output file, each in the placements' order.
+
+    Only the placements (one per tensor) are grouped; each output's jobs (one
+    per chunk) are still generated as the decoder asks for them.
+    """
+    groups: list[list[Placement]] = [[] for _ in range(outputs)]
+    for p in placements:
+        groups[p.output].append(p)
+    return [chunk_jobs(g, block_size) for g in groups]
+
+
 def write_chunks(
     decoder: Decoder,
     outputs: list[Output],
@@ -40,8 +54,13 @@ def write_chunks(
     block_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Decode every chunk of the placed tensors into ``outputs``; returns bytes written."""
-    return decoder.write(outputs, chunk_jobs(placements, block_size), progress)
+    """Decode every chunk of the placed tensors into ``outputs``; returns bytes written.
+
+    The outputs are filled side by side, not one after another: workers in
+    one file wait on each other (see :func:`apollo_cas.decoding.interleave_outputs`).
+    """
+    jobs = jobs_by_output(placements, len(outputs), block_size)
+    return decoder.write_each(outputs, jobs, progress)
 
 
 def total_bytes(manifest: Manifest) -> int:

@@ -133,6 +133,32 @@ def test_shards_and_index(store, model, tmp_path, assert_same_tensors, tensor_by
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("processes", ["0", "1"], ids=["threads", "processes"])
+def test_shards_filled_side_by_side_are_byte_identical(
+    store, model, tmp_path, monkeypatch, tensor_bytes, processes
+):
+    """Shards are written in turn, a few chunks at a time (short spans here, so
+    every shard takes many turns): each still holds exactly its header and
+    its tensors' bytes, back to back."""
+    from apollo_cas import decoding
+
+    monkeypatch.setattr(decoding, "SPAN_BYTES", 2 * BS)
+    monkeypatch.setenv("APOLLO_CAS_PROCESSES", processes)
+    store.save(model, block_size=BS)
+    assert store.decoder(1).processes == (processes == "1")
+    files = store.restore(None, tmp_path / "out", max_shard_size=30_000)
+    shards = [Path(f) for f in files if not f.endswith(".json")]
+    assert len(shards) > 3
+    for shard in shards:
+        header, data_start = raw_header(shard)
+        header.pop("__metadata__")
+        names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+        assert names == sorted(header)
+        want = b"".join(tensor_bytes(model[k]) for k in names)
+        assert header[names[-1]]["data_offsets"][1] == len(want)
+        assert shard.read_bytes()[data_start:] == want
+
+
 def test_stale_shards_and_index_are_replaced(store, model, make_model, tmp_path, tensor_bytes):
     out = tmp_path / "out"
     out.mkdir()
