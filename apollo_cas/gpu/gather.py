@@ -75,7 +75,7 @@ class Reading:
     busy_s: float
     #: how many of ``want`` are the batch's own chunks (the rest: delta bases the
     #: index named, read in the same round)
-    n_chunks: int = -1
+    n_chunks: int
 
 
 class ChunkGather:
@@ -223,7 +223,7 @@ class ChunkGather:
         k, arena = r.k, r.arena
         chunks: dict[bytes, ChunkPlan] = {}
         order: list[bytes] = []
-        n_places = r.n_chunks if r.n_chunks >= 0 else len(r.want)
+        n_places = r.n_chunks
         plans = self._collect(r.futures)
         while plans:
             for c in plans:

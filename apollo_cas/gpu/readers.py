@@ -138,11 +138,12 @@ def into_arena(arena: Arena, blob: Any) -> tuple[Any, int | None]:
     at = arena.offset_of(blob)
     if at is not None:
         return blob, at
-    view = arena.claim(len(blob))
-    if view is None:
+    got = arena.claim_at(len(blob))
+    if got is None:
         return blob, None
+    view, at = got
     view[:] = memoryview(blob).cast("B")
-    return view, arena.offset_of(view)
+    return view, at
 
 
 def object_reader(get_blob: Callable[[bytes], Any], workers: int) -> BlobReader:
