@@ -31,6 +31,7 @@ from . import zstd_frames
 WIDTHS = (2, 4, 8)
 PLANE_RAW = 0
 PLANE_ZSTD = 1
+_KINDS = frozenset((PLANE_RAW, PLANE_ZSTD))
 _HEAD = struct.Struct("<BB")
 _PLANE = struct.Struct("<BI")
 #: every plane's (kind, length) of a width, as one struct
@@ -98,11 +99,11 @@ def parse_params(params: memoryview | bytes) -> tuple[int, list[tuple[int, int]]
     # One unpack of every plane's (kind, length): a restore parses ~16k of these per
     # 17 GB under the GIL, and one struct call per plane was a third of the parse.
     flat = _LAYOUTS[w].unpack_from(params, _HEAD.size)
-    layout = list(zip(flat[::2], flat[1::2], strict=True))
-    for k, (kind, _length) in enumerate(layout):
-        if kind not in (PLANE_RAW, PLANE_ZSTD):
-            raise ValueError(f"plane {k} has unknown kind {kind}")
-    return w, layout
+    kinds = flat[::2]
+    if not _KINDS.issuperset(kinds):
+        k = next(k for k, kind in enumerate(kinds) if kind not in _KINDS)
+        raise ValueError(f"plane {k} has unknown kind {kinds[k]}")
+    return w, list(zip(kinds, flat[1::2], strict=True))
 
 
 def decode(params: memoryview | bytes, payload: memoryview, raw_size: int) -> np.ndarray:

@@ -4,9 +4,10 @@ The GPU restore builds each batch's staging layout from the stored bytes already
 device: every plane and frame of every chunk is one range (about 50,000 per 17 GB
 checkpoint). As one ``torch.cat`` per plane group, slicing a tensor per range, this took
 1.28 s of the host thread of a 2.35 s warm load on the H200 (profile of 2026-12-02):
-the device copy itself is a few milliseconds. Here the ranges are cut into pieces of at
-most :data:`PIECE` bytes on the host with numpy, uploaded as one table, and copied by one
-Triton launch; without Triton or on the CPU the same table is copied range by range.
+the device copy itself is a few milliseconds. Here the ranges go up as one table (cut on
+the host only where one is longer than :data:`SPAN`), and one Triton launch copies them:
+program (i, j) copies piece j, of at most :data:`PIECE` bytes, of range i. Without Triton
+or on the CPU the same ranges are copied one by one.
 """
 
 from __future__ import annotations
@@ -21,8 +22,16 @@ import torch
 
 from .staging import Uploads
 
-#: Bytes one program copies; a range is cut into pieces of at most this size.
+#: Bytes one program copies.
 PIECE = 16384
+#: The longest range of the table: the launch's second grid axis is the pieces of the
+#: longest range, so one long range would make every short one launch as many programs
+#: (mostly idle). Ranges are restore pieces (planes and frames of 1 MiB blocks, or runs
+#: of rows), so nearly every table goes up as it is. The table used to be cut into
+#: 16 KiB pieces on the host: about 65,000 rows per 1 GiB batch, made by eight numpy
+#: calls over them, which py-spy found in 40% of the feeding thread's samples of a load
+#: after a dense step (H200, benchmarks/results/h200_2026-12-03f/run2_threads.json).
+SPAN = 1 << 20
 
 
 class Segments:
@@ -77,9 +86,7 @@ class Segments:
             for a, b, k in zip(self._src, self._dst, self._len, strict=True):
                 dst[b : b + k].copy_(src[a : a + k], non_blocking=True)
             return
-        table = (uploads or Uploads(1)).from_numpy(pieces(s, d, n), src.device)
-        count = int(table.shape[1])
-        fn[(count,)](src, dst, table, count, PIECE=PIECE)
+        _launch(fn, src, dst, spans(s, d, n), uploads)
 
 
 def copy_into_many(
@@ -125,24 +132,29 @@ def copy_into_many(
         return
     base = min(used, key=lambda i: int(ptrs[i]))
     dst_off = ptrs[r[:, 0]] - ptrs[base] + r[:, 1]
-    table = (uploads or Uploads(1)).from_numpy(pieces(r[:, 2], dst_off, r[:, 3]), src.device)
+    _launch(fn, src, dests[base], spans(r[:, 2], dst_off, r[:, 3]), uploads)
+
+
+def _launch(fn: Any, src: torch.Tensor, dst: torch.Tensor, table: np.ndarray, up: Any) -> None:
     count = int(table.shape[1])
-    fn[(count,)](src, dests[base], table, count, PIECE=PIECE)
+    per = -(-int(table[2].max()) // PIECE)
+    dev_table = (up or Uploads(1)).from_numpy(table, src.device)
+    fn[(count, per)](src, dst, dev_table, count, PIECE=PIECE)
 
 
-def pieces(s: np.ndarray, d: np.ndarray, n: np.ndarray, piece: int = PIECE) -> np.ndarray:
-    """The ranges cut into pieces of at most ``piece`` bytes: a (3, count) int64 table
-    of source offsets, destination offsets and lengths."""
-    per = (n + piece - 1) // piece
+def spans(s: np.ndarray, d: np.ndarray, n: np.ndarray, span: int = SPAN) -> np.ndarray:
+    """The ranges as a (3, count) int64 table of source offsets, destination offsets and
+    lengths, each range longer than ``span`` bytes cut into ranges of at most ``span``."""
+    if not len(n) or int(n.max()) <= span:
+        return np.stack((s, d, n)).astype(np.int64, copy=False)
+    per = (n + span - 1) // span
     total = int(per.sum())
     first = np.repeat(np.cumsum(per) - per, per)
-    j = np.arange(total, dtype=np.int64) - first  # piece number within its range
-    start = j * piece
-    owner_n = np.repeat(n, per)
+    start = (np.arange(total, dtype=np.int64) - first) * span  # offset within its range
     out = np.empty((3, total), dtype=np.int64)
     out[0] = np.repeat(s, per) + start
     out[1] = np.repeat(d, per) + start
-    out[2] = np.minimum(piece, owner_n - start)
+    out[2] = np.minimum(span, np.repeat(n, per) - start)
     return out
 
 
@@ -157,9 +169,10 @@ def _kernel() -> Any:
     @triton.jit
     def copy_pieces(src, dst, table, count, PIECE: tl.constexpr):  # type: ignore[no-untyped-def]
         pid = tl.program_id(0)
-        a = tl.load(table + pid)
-        b = tl.load(table + count + pid)
-        k = tl.load(table + 2 * count + pid)
+        start = tl.program_id(1).to(tl.int64) * PIECE
+        a = tl.load(table + pid) + start
+        b = tl.load(table + count + pid) + start
+        k = tl.load(table + 2 * count + pid) - start
         offs = tl.arange(0, PIECE)
         mask = offs < k
         x = tl.load(src + a + offs, mask=mask)

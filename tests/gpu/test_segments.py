@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from apollo_cas.gpu.segments import Segments, copy_into_many, pieces  # noqa: E402
+from apollo_cas.gpu.segments import PIECE, Segments, copy_into_many, spans  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -31,12 +31,14 @@ def _expected(src: np.ndarray, dst: np.ndarray, ranges: list[tuple[int, int, int
     st.lists(st.integers(0, 3 * 37 + 5), min_size=1, max_size=12),
     st.integers(1, 37),
 )
-def test_pieces_cover_every_byte_of_every_range_once(lengths: list[int], piece: int) -> None:
+def test_spans_cover_every_byte_of_every_range_once(lengths: list[int], span: int) -> None:
     n = np.asarray(lengths, dtype=np.int64)
     s = np.cumsum(n) - n + 1000
     d = np.cumsum(n) - n
-    t = pieces(s, d, n, piece)
-    assert (t[2] <= piece).all() and (t[2] > 0).all()
+    t = spans(s, d, n, span)
+    assert (t[2] <= span).all()
+    if int(n.max()) <= span:  # nothing to cut: the ranges as they are
+        assert np.array_equal(t, np.stack((s, d, n)))
     covered = sorted((int(b), int(b + k)) for b, k in zip(t[1], t[2], strict=True) if k)
     want = sorted((int(b), int(b + k)) for b, k in zip(d, n, strict=True) if k)
     # the pieces of a range tile it: same bytes, no overlap
@@ -120,3 +122,27 @@ def test_copy_into_many_refuses_a_run_outside_its_destination(bad: list[int]) ->
     with pytest.raises(ValueError, match="run"):
         copy_into_many(src, dests, [[0, 0, 0, 2], bad])
     assert not any(bool(d.any()) for d in dests)  # nothing copied
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_ranges_longer_than_a_span_are_cut_and_still_copied_whole(kernel: bool) -> None:
+    """A range over SPAN goes up cut (the launch's second axis covers one span), beside a
+    range shorter than a piece: the short one is not stretched, the long one not cut off."""
+    from apollo_cas.gpu.segments import SPAN
+
+    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+    if kernel and dev == "cpu" and not INTERPRET:
+        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    if kernel:
+        pytest.importorskip("triton")
+    rng = np.random.default_rng(3)
+    long_n = 2 * SPAN + PIECE + 5
+    src = rng.integers(0, 256, long_n + 100, dtype=np.uint8)
+    dst = np.zeros(long_n + 200, dtype=np.uint8)
+    ranges = [(7, 0, long_n), (1, long_n + 50, 9)]
+    segs = Segments()
+    for r in ranges:
+        segs.add(*r)
+    out = torch.from_numpy(dst.copy()).to(dev)
+    segs.copy(torch.from_numpy(src).to(dev), out, kernel=kernel)
+    assert np.array_equal(out.cpu().numpy(), _expected(src, dst, ranges))
