@@ -14,9 +14,10 @@ memory we allocated, carved with ``nvcomp.as_arrays(buffer, offsets, sizes)``.
   writing into the same output buffer (a CPU tensor). It runs the very same batch
   layout in CI, which has neither a GPU nor nvCOMP.
 
-Frames are checked on the host before they are queued (declared content size equal to
-the capacity, no bytes after the frame), and every decoded block is hashed before it
-is handed out, so a frame nvCOMP mis-decodes cannot reach a tensor.
+Each frame's declared content size is checked against its slot on the host before it
+is queued; its length is checked by the host decoder (``decompress_exact``), and on the
+GPU every decoded block is hashed before it is handed out, so a frame nvCOMP
+mis-decodes (short, damaged, or with bytes after it) cannot reach a tensor.
 """
 
 from __future__ import annotations

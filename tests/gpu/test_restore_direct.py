@@ -140,6 +140,90 @@ def test_a_damaged_zstd_frame_is_named(store: Store) -> None:
         load(store, "latest", direct(store, Faulty(store, break_frame)))
 
 
+def _nvcomp_on_cuda() -> bool:
+    from apollo_cas.gpu.zstd import nvcomp_available
+
+    return nvcomp_available()
+
+
+def reframe(blob: bytes, stray: bytes = b"", cut: int = 0) -> bytes:
+    """``blob`` (a planes chunk) with its first zstd plane followed by ``stray`` bytes or
+    shortened by ``cut``, the plane's stored length changed to match: the envelope and
+    the frame's declared size stay valid, only the frame's length is wrong."""
+    from apollo_cas.codecs import PLANES, envelope, planes
+
+    env = envelope.unpack(blob)
+    w, layout = planes.parse_params(env.params)
+    k = next(k for k, (kind, _n) in enumerate(layout) if kind == planes.PLANE_ZSTD)
+    start = sum(n for _kind, n in layout[:k])
+    n = layout[k][1]
+    pay = bytes(env.payload)
+    frame = pay[start : start + n - cut] + stray
+    layout[k] = (planes.PLANE_ZSTD, len(frame))
+    params = bytes([w, 0]) + b"".join(bytes([kd]) + ln.to_bytes(4, "little") for kd, ln in layout)
+    return bytes(envelope.pack(PLANES, env.raw_size, params, pay[:start], frame, pay[start + n :]))
+
+
+def _frame_length_damage(st: Store, device: str, stray: bytes, cut: int) -> bool:
+    """Load through a reader whose first planes chunk has a frame of the wrong length:
+    CorruptChunk naming it with nothing of its batch placed, or (only where ``stray``
+    bytes follow a frame that still decodes right) the exact bytes. Never wrong bytes.
+    Returns whether it was CorruptChunk."""
+    m = model()
+    st.save(m, block_size=BS)
+    man = st.manifest(st.resolve("latest"))
+    victim = next(
+        c
+        for e in man.tensors
+        for c in e.chunks
+        if "planes" in codecs.info(st.chunks.get_blob(c))[0]
+    )
+    reader = Faulty(st, lambda cid, b: reframe(b, stray, cut) if cid == victim else None)
+    if device == "cpu":
+        pipe = RestorePipeline(reader, st.chunks.read, BS, device="cpu", frames=HostFrames(2))
+    else:
+        pipe = RestorePipeline(reader, st.chunks.read, BS, device=device, batch_bytes=2 * BS)
+    dests = [torch.full((e.nbytes,), 0xAB, dtype=torch.uint8, device=device) for e in man.tensors]
+    try:
+        pipe.run(places_of(man.tensors, BS), dests)
+    except CorruptChunk as exc:
+        assert victim.hex() in str(exc)
+        ti, bi = next(
+            (ti, bi)
+            for ti, e in enumerate(man.tensors)
+            for bi, c in enumerate(e.chunks)
+            if c == victim
+        )
+        assert bool((dests[ti][bi * BS : (bi + 1) * BS] == 0xAB).all())  # never placed
+        return True
+    assert victim in reader.hits
+    for e, d in zip(man.tensors, dests, strict=True):
+        assert torch.equal(d.cpu(), raw(m[e.name]))  # the exact bytes, or an error
+    return False
+
+
+@pytest.mark.parametrize(("stray", "cut"), [(b"\0" * 7, 0), (b"", 5)], ids=["stray", "short"])
+def test_a_frame_of_the_wrong_length_is_named_on_the_host(
+    tmp_path: Path, stray: bytes, cut: int
+) -> None:
+    """The host decoder checks each frame's length (the read threads check only its
+    declared size): bytes after a frame, or a frame cut short, are CorruptChunk."""
+    st = Store.open(tmp_path / "s", create=True, format=2)
+    assert _frame_length_damage(st, "cpu", stray, cut)
+
+
+@pytest.mark.skipif(not _nvcomp_on_cuda(), reason="needs CUDA and nvCOMP (the [gpu] extra)")
+@pytest.mark.parametrize(("stray", "cut"), [(b"\0" * 7, 0), (b"", 5)], ids=["stray", "short"])
+def test_a_frame_of_the_wrong_length_never_gives_wrong_bytes_on_cuda(
+    tmp_path: Path, stray: bytes, cut: int
+) -> None:
+    """nvCOMP gets the frame as stored: a short one cannot fill its slot, so its block
+    fails its hash (CorruptChunk, nothing placed); bytes after a frame may decode right,
+    and then the load is exact."""
+    st = Store.open(tmp_path / "s", create=True, format=2)
+    assert _frame_length_damage(st, "cuda", stray, cut) or not cut
+
+
 def test_unknown_codec_falls_back_per_chunk_in_direct_mode(store: Store) -> None:
     m = model()
     store.save(m, block_size=BS)
@@ -165,12 +249,6 @@ def test_restore_into_in_direct_mode_uses_live_bases(store: Store) -> None:
     pipe = direct(store)
     restore_into(pipe, live, store.manifest(store.resolve("latest")))
     assert same(live, step(m0, 1)) and pipe.stats.bases_decoded > 0
-
-
-def _nvcomp_on_cuda() -> bool:
-    from apollo_cas.gpu.zstd import nvcomp_available
-
-    return nvcomp_available()
 
 
 @pytest.mark.skipif(not _nvcomp_on_cuda(), reason="needs CUDA and nvCOMP (the [gpu] extra)")
