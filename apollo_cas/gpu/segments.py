@@ -139,7 +139,24 @@ def _launch(fn: Any, src: torch.Tensor, dst: torch.Tensor, table: np.ndarray, up
     count = int(table.shape[1])
     per = -(-int(table[2].max()) // PIECE)
     dev_table = (up or Uploads(1)).from_numpy(table, src.device)
-    fn[(count, per)](src, dst, dev_table, count, PIECE=PIECE)
+    src_ok, dst_ok = alignment(table, src.data_ptr(), dst.data_ptr())
+    fn[(count, per)](
+        src, dst, dev_table, count, PIECE=PIECE, SRC_ALIGNED=src_ok, DST_ALIGNED=dst_ok
+    )
+
+
+def alignment(table: np.ndarray, src_ptr: int, dst_ptr: int) -> tuple[bool, bool]:
+    """Whether the source side and the destination side of every range of ``table`` (its
+    base pointer, offset and length) are multiples of 16 bytes, so the kernel may be told
+    so and move 16 bytes per access on that side instead of one.
+
+    The restore's placement is aligned on both sides (rows 64-byte aligned into tensors
+    at block offsets); its staging fill on the destination side only (chunks lie at any
+    offset of a pack, and are copied into 16-byte aligned slots, padded)."""
+    lengths = not int(np.bitwise_or.reduce(table[2])) & 15
+    src_ok = lengths and not src_ptr & 15 and not int(np.bitwise_or.reduce(table[0])) & 15
+    dst_ok = lengths and not dst_ptr & 15 and not int(np.bitwise_or.reduce(table[1])) & 15
+    return src_ok, dst_ok
 
 
 def spans(s: np.ndarray, d: np.ndarray, n: np.ndarray, span: int = SPAN) -> np.ndarray:
@@ -167,12 +184,27 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def copy_pieces(src, dst, table, count, PIECE: tl.constexpr):  # type: ignore[no-untyped-def]
+    def copy_pieces(  # type: ignore[no-untyped-def]
+        src,
+        dst,
+        table,
+        count,
+        PIECE: tl.constexpr,
+        SRC_ALIGNED: tl.constexpr,
+        DST_ALIGNED: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         start = tl.program_id(1).to(tl.int64) * PIECE
         a = tl.load(table + pid) + start
         b = tl.load(table + count + pid) + start
         k = tl.load(table + 2 * count + pid) - start
+        # True by alignment(): lets the compiler move 16 bytes per access on that side.
+        if SRC_ALIGNED or DST_ALIGNED:
+            k = tl.multiple_of(k, 16)
+        if SRC_ALIGNED:
+            a = tl.multiple_of(a, 16)
+        if DST_ALIGNED:
+            b = tl.multiple_of(b, 16)
         offs = tl.arange(0, PIECE)
         mask = offs < k
         x = tl.load(src + a + offs, mask=mask)

@@ -146,3 +146,42 @@ def test_ranges_longer_than_a_span_are_cut_and_still_copied_whole(kernel: bool) 
     out = torch.from_numpy(dst.copy()).to(dev)
     segs.copy(torch.from_numpy(src).to(dev), out, kernel=kernel)
     assert np.array_equal(out.cpu().numpy(), _expected(src, dst, ranges))
+
+
+def test_alignment_of_each_side_needs_its_pointer_offsets_and_the_lengths() -> None:
+    from apollo_cas.gpu.segments import alignment
+
+    t = np.array([[0, 32], [16, 4096], [48, 16]], dtype=np.int64)
+    assert alignment(t, 0, 1 << 20) == (True, True)
+    assert alignment(t, 8, 1 << 20) == (False, True)  # the source's base pointer
+    assert alignment(t, 0, 4) == (True, False)
+    u = t.copy()
+    u[0, 1] += 1  # a source offset
+    assert alignment(u, 0, 0) == (False, True)
+    u = t.copy()
+    u[1, 0] += 3  # a destination offset
+    assert alignment(u, 0, 0) == (True, False)
+    u = t.copy()
+    u[2, 1] += 1  # a length: neither side
+    assert alignment(u, 0, 0) == (False, False)
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, 0, 0), (0, 0, 1), (0, 16, 0)], ids=str)
+def test_kernel_copies_aligned_and_unaligned_tables_alike(shift: tuple[int, int, int]) -> None:
+    """The kernel's aligned variant (every offset and length a multiple of 16) and its
+    byte variant give the same bytes."""
+    pytest.importorskip("triton")
+    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+    if dev == "cpu" and not INTERPRET:
+        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 256, 3 * PIECE + 4096, dtype=np.uint8)
+    dst = np.zeros(4 * PIECE, dtype=np.uint8)
+    ds, dd, dn = shift
+    ranges = [(16 + ds, dd, 2 * PIECE + 48), (4096, 3 * PIECE + dd, 160 + dn)]
+    segs = Segments()
+    for r in ranges:
+        segs.add(*r)
+    out = torch.from_numpy(dst.copy()).to(dev)
+    segs.copy(torch.from_numpy(src).to(dev), out, kernel=True)
+    assert np.array_equal(out.cpu().numpy(), _expected(src, dst, ranges))
