@@ -20,12 +20,9 @@ patching module internals.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
-import functools
 import os
-import sys
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import suppress
@@ -68,16 +65,6 @@ Data = Bytes | Iterable[Bytes] | Callable[[IO[bytes]], object]
 _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
-#: A write of a file larger than twice this goes in slices of this size, and the kernel
-#: is asked to start writing each slice back to the disk at once (``sync_file_range``,
-#: Linux), so the fsync that follows waits only for the rest. Without it, nothing of a
-#: 64 MiB pack reaches the disk before its fsync (dirty-page writeback starts at a tenth
-#: of memory), and the disk idles while a save's encoders fill the next packs. RocksDB's
-#: ``bytes_per_sync`` and PostgreSQL's ``pg_flush_data`` do the same. 0 turns it off
-#: (benchmarks/bench_packs.py ``--full-save-only`` compares both in one run).
-WRITEBACK_SLICE = 8 << 20
-
-
 class FileSystem:
     """The os calls this module makes, looked up on :mod:`os` at call time.
 
@@ -97,13 +84,6 @@ class FileSystem:
     def close(self, fd: int) -> None:
         os.close(fd)
 
-    def start_writeback(self, fd: int, offset: int, length: int) -> None:
-        """Ask the kernel to start writing ``length`` bytes at ``offset`` back to the
-        disk without waiting (a hint: where the call is missing or fails, nothing)."""
-        fn = _sync_file_range()
-        if fn is not None:
-            fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
     def rename(self, src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
@@ -116,22 +96,6 @@ class FileSystem:
 
 #: The real filesystem.
 REAL = FileSystem()
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux only; ctypes releases the GIL around it)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn
 
 
 # -- temporary names ------------------------------------------------------
@@ -175,7 +139,6 @@ class Temporary:
         self.path = path or temp_path(final)
         # O_EXCL: the name is unique, and a link planted under it is not followed.
         self.fd = fs.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        self._written = 0
 
     def write(self, data: Data) -> None:
         """Write all of ``data`` at the current position."""
@@ -187,16 +150,8 @@ class Temporary:
         pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         for piece in pieces:
             view = memoryview(piece).cast("B")
-            step = WRITEBACK_SLICE if WRITEBACK_SLICE and len(view) >= 2 * WRITEBACK_SLICE else 0
             while view:
-                part, view = (view[:step], view[step:]) if step else (view, view[:0])
-                start = self._written
-                while part:
-                    n = self.fs.write(self.fd, part)
-                    part = part[n:]
-                    self._written += n
-                if step:
-                    self.fs.start_writeback(self.fd, start, self._written - start)
+                view = view[self.fs.write(self.fd, view) :]
 
     def sync(self) -> None:
         self.fs.fsync(self.fd)

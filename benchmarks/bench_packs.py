@@ -20,8 +20,7 @@ For a generated bf16 model (default 256 MiB, 1 MiB blocks):
 saves into a fresh store of format 1 and of format 2 (``--repeat`` times each,
 alternating), and one sequential write of as many bytes as the save stored, with
 an fsync, into the same directory; each save's stored bytes per second over that
-bandwidth (issue 18's target: at least 0.85). ``--writeback-ab`` adds each format's
-saves without the early writeback of pack slices (``fsio.WRITEBACK_SLICE``), alternating. ``--source torch`` saves torch
+bandwidth (issue 18's target: at least 0.85). ``--source torch`` saves torch
 tensors (``--device cuda``: on the GPU, through the device path).
 
     python benchmarks/bench_packs.py --full-save-only --size 2GiB --dir /tmp/apollo-packs \
@@ -151,69 +150,45 @@ def torch_weights(w: dict[str, np.ndarray], device: str) -> dict[str, Any]:
 
 
 def full_save_vs_disk(
-    work: Path,
-    weights: dict[str, Any],
-    repeat: int,
-    formats: tuple[int, ...] = (1, 2),
-    writeback_ab: bool = False,
+    work: Path, weights: dict[str, Any], repeat: int, formats: tuple[int, ...] = (1, 2)
 ) -> dict[str, Any]:
     """Full saves of ``weights`` into fresh stores of each format under ``work``,
-    alternating, beside the fsync'd sequential write bandwidth of ``work``.
-    ``writeback_ab``: each format also without the early writeback of pack slices
-    (``fsio.WRITEBACK_SLICE = 0``), alternating with it."""
-    from apollo_cas import fsio
-
+    alternating, beside the fsync'd sequential write bandwidth of ``work``."""
     workers = default_workers()
-    default_slice = fsio.WRITEBACK_SLICE
-    variants = {"": default_slice}
-    if writeback_ab:
-        variants["_no_writeback"] = 0
-    saves: dict[str, list[dict[str, Any]]] = {
-        f"format_{f}{v}": [] for f in formats for v in variants
-    }
+    saves: dict[int, list[dict[str, Any]]] = {f: [] for f in formats}
     stored = 0
     for _ in range(max(1, repeat)):
         for fmt in formats:
-            for suffix, slice_ in variants.items():
-                key = f"format_{fmt}{suffix}"
-                root = work / f"full-f{fmt}"
-                shutil.rmtree(root, ignore_errors=True)
-                fsio.WRITEBACK_SLICE = slice_
-                try:
-                    with Store.open(root, create=True, format=fmt, workers=workers) as st:
-                        c0, t0 = time.process_time(), time.perf_counter()
-                        r = st.save(weights, block_size=MiB)
-                        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-                finally:
-                    fsio.WRITEBACK_SLICE = default_slice
-                shutil.rmtree(root, ignore_errors=True)
-                stored = r.stats.new_stored_bytes
-                saves[key].append(
-                    {
-                        "seconds": round(dt, 3),
-                        "cpu_seconds": round(cpu, 2),
-                        "logical_bytes": r.stats.logical_bytes,
-                        "stored_bytes": stored,
-                        "stored_gb_s": round(stored / dt / 1e9, 3),
-                    }
-                )
-                print(f"full save {key}: {saves[key][-1]}", flush=True)
+            root = work / f"full-f{fmt}"
+            shutil.rmtree(root, ignore_errors=True)
+            with Store.open(root, create=True, format=fmt, workers=workers) as st:
+                c0, t0 = time.process_time(), time.perf_counter()
+                r = st.save(weights, block_size=MiB)
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            shutil.rmtree(root, ignore_errors=True)
+            stored = r.stats.new_stored_bytes
+            saves[fmt].append(
+                {
+                    "seconds": round(dt, 3),
+                    "cpu_seconds": round(cpu, 2),
+                    "logical_bytes": r.stats.logical_bytes,
+                    "stored_bytes": stored,
+                    "stored_gb_s": round(stored / dt / 1e9, 3),
+                }
+            )
+            print(f"full save format {fmt}: {saves[fmt][-1]}", flush=True)
     probe = fsync_probe(work, max(stored, 256 * MiB), repeat)
     print(f"fsync'd sequential write: {probe}", flush=True)
-    out: dict[str, Any] = {
-        "threads": workers,
-        "fsync_write": probe,
-        "writeback_slice": default_slice,
-    }
-    for key, rows in saves.items():
+    out: dict[str, Any] = {"threads": workers, "fsync_write": probe}
+    for fmt, rows in saves.items():
         best = min(rows, key=lambda r: r["seconds"])
-        out[key] = {
+        out[f"format_{fmt}"] = {
             "runs": rows,
             "best_seconds": best["seconds"],
             "best_stored_gb_s": best["stored_gb_s"],
             "stored_vs_fsync_write": round(best["stored_gb_s"] / probe["gb_s"], 3),
         }
-    if "format_1" in out and "format_2" in out:
+    if 1 in saves and 2 in saves:
         out["format_2_over_format_1_seconds"] = round(
             out["format_2"]["best_seconds"] / out["format_1"]["best_seconds"], 3
         )
@@ -412,11 +387,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="torch device of --source torch")
     ap.add_argument("--formats", default="1,2", help="store formats of --full-save-only")
     ap.add_argument(
-        "--writeback-ab",
-        action="store_true",
-        help="--full-save-only: each format also without the early writeback of pack slices",
-    )
-    ap.add_argument(
         "--keep-freed-memory",
         action="store_true",
         help="tune the allocator first, as the command line does (apollo_cas.keep_freed_memory)",
@@ -440,11 +410,7 @@ def main() -> None:
             "work_dir": str(work),
             "allocator_tuned": tuned,
             "full_save_vs_disk": full_save_vs_disk(
-                work,
-                w,
-                args.repeat,
-                tuple(int(f) for f in args.formats.split(",")),
-                writeback_ab=args.writeback_ab,
+                work, w, args.repeat, tuple(int(f) for f in args.formats.split(","))
             ),
         }
         print(json.dumps(res, indent=1))

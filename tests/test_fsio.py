@@ -51,11 +51,6 @@ class Recorder(fsio.FileSystem):
         self.dirs: dict[int, Path] = {}
         self.synced_dirs: list[Path] = []
         self.writes: list[int] = []
-        self.writebacks: list[tuple[int, int]] = []
-
-    def start_writeback(self, fd: int, offset: int, length: int) -> None:
-        self.writebacks.append((offset, length))
-        super().start_writeback(fd, offset, length)
 
     def open(self, path: Path, flags: int, mode: int) -> int:
         fd = super().open(path, flags, mode)
@@ -110,30 +105,6 @@ def test_atomic_write_writes_large_pieces_whole(tmp_path: Path) -> None:
     fsio.atomic_write(tmp_path / "big", [data, memoryview(data)[:5]], fs=rec)
     assert (tmp_path / "big").read_bytes() == data + data[:5]
     assert sum(rec.writes) == len(data) + 5
-
-
-def test_a_large_write_starts_writeback_slice_by_slice(tmp_path: Path) -> None:
-    """A piece of at least two slices goes in slices, each handed to the kernel's
-    writeback as it is written (the last one short); smaller pieces go whole, without."""
-    slice_ = fsio.WRITEBACK_SLICE
-    big = os.urandom(2 * slice_ + 12345)
-    small = os.urandom(slice_)
-    rec = Recorder()
-    fsio.atomic_write(tmp_path / "pack", [small, big], fs=rec)
-    assert (tmp_path / "pack").read_bytes() == small + big
-    assert rec.writebacks == [
-        (slice_, slice_),
-        (2 * slice_, slice_),
-        (3 * slice_, 12345),
-    ]
-
-
-def test_writeback_hint_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fsio, "WRITEBACK_SLICE", 0)
-    rec = Recorder()
-    data = os.urandom(3 << 20)
-    fsio.atomic_write(tmp_path / "f", data, fs=rec)
-    assert (tmp_path / "f").read_bytes() == data and rec.writebacks == []
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
