@@ -116,16 +116,29 @@ def test_a_corrupt_chunk_is_named_and_its_batch_not_placed(store: Store) -> None
     assert bool((dests[ei][2 * BS :] == 0xAB).all())
 
 
+def first_planes_chunk(st: Store, man: Any) -> bytes:
+    """The first chunk of manifest ``man`` stored with byte planes."""
+    return next(
+        c
+        for e in man.tensors
+        for c in e.chunks
+        if "planes" in codecs.info(st.chunks.get_blob(c))[0]
+    )
+
+
+def never_placed(man: Any, dests: list[torch.Tensor], victim: bytes) -> bool:
+    """Whether the block of ``victim`` in ``dests`` (filled with 0xAB) is untouched."""
+    ti, bi = next(
+        (ti, bi) for ti, e in enumerate(man.tensors) for bi, c in enumerate(e.chunks) if c == victim
+    )
+    return bool((dests[ti][bi * BS : (bi + 1) * BS] == 0xAB).all())
+
+
 def test_a_damaged_zstd_frame_is_named(store: Store) -> None:
     m = model()
     store.save(m, block_size=BS)
     man = store.manifest(store.resolve("latest"))
-    target = next(
-        c
-        for e in man.tensors
-        for c in e.chunks
-        if "planes" in codecs.info(store.chunks.get_blob(c))[0]
-    )
+    target = first_planes_chunk(store, man)
 
     def break_frame(cid: bytes, blob: bytes) -> bytes | None:
         if cid != target:
@@ -172,12 +185,7 @@ def _frame_length_damage(st: Store, device: str, stray: bytes, cut: int) -> bool
     m = model()
     st.save(m, block_size=BS)
     man = st.manifest(st.resolve("latest"))
-    victim = next(
-        c
-        for e in man.tensors
-        for c in e.chunks
-        if "planes" in codecs.info(st.chunks.get_blob(c))[0]
-    )
+    victim = first_planes_chunk(st, man)
     reader = Faulty(st, lambda cid, b: reframe(b, stray, cut) if cid == victim else None)
     if device == "cpu":
         pipe = RestorePipeline(reader, st.chunks.read, BS, device="cpu", frames=HostFrames(2))
@@ -188,13 +196,7 @@ def _frame_length_damage(st: Store, device: str, stray: bytes, cut: int) -> bool
         pipe.run(places_of(man.tensors, BS), dests)
     except CorruptChunk as exc:
         assert victim.hex() in str(exc)
-        ti, bi = next(
-            (ti, bi)
-            for ti, e in enumerate(man.tensors)
-            for bi, c in enumerate(e.chunks)
-            if c == victim
-        )
-        assert bool((dests[ti][bi * BS : (bi + 1) * BS] == 0xAB).all())  # never placed
+        assert never_placed(man, dests, victim)
         return True
     assert victim in reader.hits
     for e, d in zip(man.tensors, dests, strict=True):
@@ -288,13 +290,7 @@ def test_nvcomp_round_trip_and_damage_on_cuda(tmp_path: Path) -> None:
         ]
         with pytest.raises(CorruptChunk, match=victim.hex()):
             bad.run(places_of(man.tensors, BS), dests)
-        ti, bi = next(
-            (ti, bi)
-            for ti, e in enumerate(man.tensors)
-            for bi, c in enumerate(e.chunks)
-            if c == victim
-        )
-        assert bool((dests[ti][bi * BS : (bi + 1) * BS] == 0xAB).all())  # never placed
+        assert never_placed(man, dests, victim)
 
 
 @pytest.mark.parametrize("arenas", [None, 2, 4])

@@ -46,6 +46,29 @@ def test_spans_cover_every_byte_of_every_range_once(lengths: list[int], span: in
     assert (t[0] - t[1] == 1000).all()
 
 
+def device_for(kernel: bool) -> str:
+    """Where a copy test runs: CUDA if there, else the CPU (the kernel then only under
+    TRITON_INTERPRET=1, else the test is skipped)."""
+    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+    if kernel and dev == "cpu" and not INTERPRET:
+        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    if kernel:
+        pytest.importorskip("triton")
+    return dev
+
+
+def copied(
+    src: np.ndarray, dst: np.ndarray, ranges: list[tuple[int, int, int]], dev: str, kernel: bool
+) -> np.ndarray:
+    """``dst`` after a Segments copy of ``ranges`` from ``src`` on ``dev``."""
+    segs = Segments()
+    for r in ranges:
+        segs.add(*r)
+    out = torch.from_numpy(dst.copy()).to(dev)
+    segs.copy(torch.from_numpy(src).to(dev), out, kernel=kernel)
+    return out.cpu().numpy()
+
+
 def _ranges(rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
     out, pos = [], 0
     while True:
@@ -58,11 +81,7 @@ def _ranges(rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize("kernel", [False, True])
 def test_copy_places_every_range(kernel: bool) -> None:
-    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-    if kernel and dev == "cpu" and not INTERPRET:
-        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
-    if kernel:
-        pytest.importorskip("triton")
+    dev = device_for(kernel)
     rng = np.random.default_rng(7)
     src = rng.integers(0, 256, 200_000, dtype=np.uint8)
     dst = np.zeros(150_000, dtype=np.uint8)
@@ -90,11 +109,7 @@ def test_a_range_outside_a_buffer_is_refused_before_anything_is_copied() -> None
 @pytest.mark.parametrize("kernel", [False, True])
 def test_copy_into_many_places_every_run_in_its_own_destination(kernel: bool) -> None:
     """Runs into separate tensors (separate allocations, any address order), one launch."""
-    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-    if kernel and dev == "cpu" and not INTERPRET:
-        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
-    if kernel:
-        pytest.importorskip("triton")
+    dev = device_for(kernel)
     rng = np.random.default_rng(11)
     src = torch.from_numpy(rng.integers(0, 256, 300_000, dtype=np.uint8)).to(dev)
     sizes = [70_000, 5, 0, 123_457, 40_000]
@@ -130,22 +145,13 @@ def test_ranges_longer_than_a_span_are_cut_and_still_copied_whole(kernel: bool) 
     range shorter than a piece: the short one is not stretched, the long one not cut off."""
     from apollo_cas.gpu.segments import SPAN
 
-    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-    if kernel and dev == "cpu" and not INTERPRET:
-        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
-    if kernel:
-        pytest.importorskip("triton")
+    dev = device_for(kernel)
     rng = np.random.default_rng(3)
     long_n = 2 * SPAN + PIECE + 5
     src = rng.integers(0, 256, long_n + 100, dtype=np.uint8)
     dst = np.zeros(long_n + 200, dtype=np.uint8)
     ranges = [(7, 0, long_n), (1, long_n + 50, 9)]
-    segs = Segments()
-    for r in ranges:
-        segs.add(*r)
-    out = torch.from_numpy(dst.copy()).to(dev)
-    segs.copy(torch.from_numpy(src).to(dev), out, kernel=kernel)
-    assert np.array_equal(out.cpu().numpy(), _expected(src, dst, ranges))
+    assert np.array_equal(copied(src, dst, ranges, dev, kernel), _expected(src, dst, ranges))
 
 
 def test_alignment_of_each_side_needs_its_pointer_offsets_and_the_lengths() -> None:
@@ -170,18 +176,10 @@ def test_alignment_of_each_side_needs_its_pointer_offsets_and_the_lengths() -> N
 def test_kernel_copies_aligned_and_unaligned_tables_alike(shift: tuple[int, int, int]) -> None:
     """The kernel's aligned variant (every offset and length a multiple of 16) and its
     byte variant give the same bytes."""
-    pytest.importorskip("triton")
-    dev = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-    if dev == "cpu" and not INTERPRET:
-        pytest.skip("the kernel runs on the CPU only under TRITON_INTERPRET=1")
+    dev = device_for(True)
     rng = np.random.default_rng(5)
     src = rng.integers(0, 256, 3 * PIECE + 4096, dtype=np.uint8)
     dst = np.zeros(4 * PIECE, dtype=np.uint8)
     ds, dd, dn = shift
     ranges = [(16 + ds, dd, 2 * PIECE + 48), (4096, 3 * PIECE + dd, 160 + dn)]
-    segs = Segments()
-    for r in ranges:
-        segs.add(*r)
-    out = torch.from_numpy(dst.copy()).to(dev)
-    segs.copy(torch.from_numpy(src).to(dev), out, kernel=True)
-    assert np.array_equal(out.cpu().numpy(), _expected(src, dst, ranges))
+    assert np.array_equal(copied(src, dst, ranges, dev, True), _expected(src, dst, ranges))
