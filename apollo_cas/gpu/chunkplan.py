@@ -82,7 +82,7 @@ def corrupt(cid: bytes, what: str) -> CorruptChunk:
     return CorruptChunk(f"chunk {cid.hex()}: {what}", HINT)
 
 
-def _frame_size_ok(blob: memoryview, cid: bytes, off: int, n: int, size: int) -> None:
+def _declares_size(blob: memoryview, cid: bytes, off: int, n: int, size: int) -> None:
     """The frame at ``off`` declares ``size`` bytes of content.
 
     Its length is left to the decoder that reads it, which is cheaper than walking its
@@ -132,7 +132,7 @@ def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
             raise corrupt(cid, f"raw payload is {n} bytes, header says {size}")
         c.kinds, c.pieces = (COPY,), [(start, n)]
     elif codec == ZSTD:
-        _frame_size_ok(view, cid, start, n, size)
+        _declares_size(view, cid, start, n, size)
         c.kinds, c.pieces = (FRAME,), [(start, n)]
     else:
         try:
@@ -153,7 +153,7 @@ def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
                     raise corrupt(cid, f"raw plane {k} is {length} bytes, expected {m}")
                 kinds.append(COPY)
             else:
-                _frame_size_ok(view, cid, pos, length, m)
+                _declares_size(view, cid, pos, length, m)
                 kinds.append(FRAME)
             c.pieces.append((pos, length))
             pos += length
@@ -180,8 +180,8 @@ def _parse_sparse(c: ChunkPlan, view: memoryview, params: Any, start: int) -> Ch
         # layout (memory_bound counts raw size per chunk): the CPU decodes it. The
         # writer keeps codec 4 only up to 25% changed, so only w=1 can get here.
         return None
-    _frame_size_ok(view, cid, start, glen, 4 * n)
-    _frame_size_ok(view, cid, start + glen, payload - glen, w * n)
+    _declares_size(view, cid, start, glen, 4 * n)
+    _declares_size(view, cid, start + glen, payload - glen, w * n)
     c.base, c.depth, c.w, c.nchanged = base, depth, w, n
     if n:
         c.kinds = (FRAME, FRAME)
