@@ -153,9 +153,10 @@ def alignment(table: np.ndarray, src_ptr: int, dst_ptr: int) -> tuple[bool, bool
     The restore's placement is aligned on both sides (rows 64-byte aligned into tensors
     at block offsets); its staging fill on the destination side only (chunks lie at any
     offset of a pack, and are copied into 16-byte aligned slots, padded)."""
-    lengths = not int(np.bitwise_or.reduce(table[2])) & 15
-    src_ok = lengths and not src_ptr & 15 and not int(np.bitwise_or.reduce(table[0])) & 15
-    dst_ok = lengths and not dst_ptr & 15 and not int(np.bitwise_or.reduce(table[1])) & 15
+    # One reduction for all three rows: this runs on the thread that feeds the device.
+    src_bits, dst_bits, len_bits = (int(x) & 15 for x in np.bitwise_or.reduce(table, axis=1))
+    src_ok = not (len_bits or src_bits or src_ptr & 15)
+    dst_ok = not (len_bits or dst_bits or dst_ptr & 15)
     return src_ok, dst_ok
 
 

@@ -187,10 +187,10 @@ def _frame_length_damage(st: Store, device: str, stray: bytes, cut: int) -> bool
     man = st.manifest(st.resolve("latest"))
     victim = first_planes_chunk(st, man)
     reader = Faulty(st, lambda cid, b: reframe(b, stray, cut) if cid == victim else None)
-    if device == "cpu":
-        pipe = RestorePipeline(reader, st.chunks.read, BS, device="cpu", frames=HostFrames(2))
-    else:
-        pipe = RestorePipeline(reader, st.chunks.read, BS, device=device, batch_bytes=2 * BS)
+    frames = HostFrames(2) if device == "cpu" else "auto"
+    pipe = RestorePipeline(
+        reader, st.chunks.read, BS, device=device, frames=frames, batch_bytes=2 * BS
+    )
     dests = [torch.full((e.nbytes,), 0xAB, dtype=torch.uint8, device=device) for e in man.tensors]
     try:
         pipe.run(places_of(man.tensors, BS), dests)

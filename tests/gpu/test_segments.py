@@ -39,6 +39,8 @@ def test_spans_cover_every_byte_of_every_range_once(lengths: list[int], span: in
     assert (t[2] <= span).all()
     if int(n.max()) <= span:  # nothing to cut: the ranges as they are
         assert np.array_equal(t, np.stack((s, d, n)))
+    else:  # cut: every piece holds bytes
+        assert (t[2] > 0).all()
     covered = sorted((int(b), int(b + k)) for b, k in zip(t[1], t[2], strict=True) if k)
     want = sorted((int(b), int(b + k)) for b, k in zip(d, n, strict=True) if k)
     # the pieces of a range tile it: same bytes, no overlap
