@@ -7,6 +7,8 @@ the same function, so ids from either side are interchangeable.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import xxhash
 
 DIGEST_SIZE = 16
@@ -20,3 +22,11 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
 def digest_hex(data: bytes | bytearray | memoryview) -> str:
     """The chunk id of ``data`` as 32 lowercase hex characters."""
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def digest_hex_parts(parts: Iterable[bytes | bytearray | memoryview]) -> str:
+    """:func:`digest_hex` of the concatenation of ``parts``, without making it."""
+    h = xxhash.xxh3_128()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()

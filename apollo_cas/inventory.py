@@ -409,10 +409,11 @@ class PackWriter:
     One caller thread appends; sealed packs are written by ``writers``
     background threads while the caller fills the next. A save's packs are
     independent objects (the index names them all, after every one is
-    durable), so several can be assembled, written and fsynced at once: with
-    one writer, the save waited on it (H200, docs/BENCHMARKS.md). At most
-    ``writers + 1`` sealed packs wait, and each writer keeps one reusable pack
-    buffer, so memory stays below ``2 * writers + 2`` packs.
+    durable), so several can be written and fsynced at once: with one writer,
+    the save waited on it (H200, docs/BENCHMARKS.md). A pack is written as its
+    pieces (``Backend.put_parts_if_absent``), never assembled, so memory is the
+    envelopes of at most ``2 * writers + 2`` packs (the open one, ``writers + 1``
+    sealed and waiting, ``writers`` being written), which the encoders made.
     """
 
     def __init__(self, backend: Backend, pack_size: int, writers: int = 1) -> None:
@@ -425,7 +426,6 @@ class PackWriter:
         self._pool = ThreadPoolExecutor(max_workers=self._writers, thread_name_prefix="apollo-pack")
         self._waiting: list[Future[packs.PackInfo]] = []
         self._done: list[packs.PackInfo] = []
-        self._buffers = threading.local()  # one pack buffer per writer thread
 
     def append(self, chunk_id: bytes, blob: Blob, raw_size: int, base: bytes | None) -> bool:
         if chunk_id in self.pending:
@@ -448,18 +448,11 @@ class PackWriter:
     def _write(
         self, items: list[tuple[bytes, bytes | memoryview, int, bytes | None]]
     ) -> packs.PackInfo:
-        need = packs.packed_size(items)
-        buf: bytearray | None = getattr(self._buffers, "buf", None)
-        if buf is None or len(buf) < need:
-            # Room for a pack a little larger than this one: packs differ by up
-            # to one envelope, and a regrown buffer is page-faulted again.
-            buf = self._buffers.buf = bytearray(need + need // 16)
-        pack_id, view, entries = packs.seal(items, buf)
+        pack_id, pieces, entries = packs.seal(items)
         # A create-only write: temp + fsync + rename locally (directory fsync at
-        # the store's sync()), a PUT with Content-MD5 on S3. Every backend is
-        # done with ``view`` when the call returns, so the buffer can be reused.
-        self.backend.put_if_absent(layout.pack_key(pack_id), view, durable=False)
-        return packs.PackInfo(pack_id, len(view), entries)
+        # the store's sync()), a PUT with Content-MD5 on S3.
+        self.backend.put_parts_if_absent(layout.pack_key(pack_id), pieces, durable=False)
+        return packs.PackInfo(pack_id, sum(memoryview(p).nbytes for p in pieces), entries)
 
     def close(self) -> list[packs.PackInfo]:
         """Seal the open pack, wait for every write; the packs written, in order."""
@@ -469,14 +462,12 @@ class PackWriter:
                 self._done.append(self._waiting.pop(0).result())
         finally:
             self._pool.shutdown(wait=True)
-            self._buffers = threading.local()
         return self._done
 
     def abandon(self) -> None:
         for f in self._waiting:
             f.cancel()
         self._pool.shutdown(wait=True)
-        self._buffers = threading.local()
 
 
 def iter_pack_keys(backend: Backend) -> Iterator[tuple[str, str]]:

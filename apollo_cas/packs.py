@@ -13,10 +13,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from .errors import CorruptChunk
-from .hashing import digest_hex
+from .hashing import digest_hex, digest_hex_parts
 
 PACK_MAGIC = b"APCKPAK2"
 PACK_VERSION = 1
@@ -82,41 +80,29 @@ def check_entries(entries: Sequence[PackEntry], body_size: int, where: str) -> N
 
 def seal(
     envelopes: Sequence[tuple[bytes, bytes | memoryview, int, bytes | None]],
-    buf: bytearray | None = None,
-) -> tuple[str, memoryview, tuple[PackEntry, ...]]:
-    """Build a pack from ``(chunk id, envelope, raw size, base)`` in order.
+) -> tuple[str, list[bytes | memoryview], tuple[PackEntry, ...]]:
+    """A pack of ``(chunk id, envelope, raw size, base)`` in order, as its pieces.
 
-    The pack is assembled in ``buf`` (a fresh buffer when None or too small:
-    :func:`packed_size` says how big it must be) and returned as a view of it,
-    with its id and entries. A writer reuses one buffer for all its packs: a
-    fresh 64 MiB allocation per pack costs more in page faults than the copy
-    itself (measured on the development VM: ``b"".join`` of a pack's envelopes
-    0.8 GB/s, a copy into a reused buffer 5 GB/s), and numpy's copy releases
-    the GIL, which a slice assignment would hold.
+    Returns the pack's id, its bytes as a list of pieces (the envelopes where
+    they lie, then the trailer) and its entries. The pack is never assembled:
+    the local backend writes the pieces one after the other, and the id is
+    hashed over them as a stream. Assembling it cost each pack a copy of all
+    its bytes (a quarter to two thirds of the pack writer's samples in a full
+    save, benchmarks/results/h200_2026-12-03b/run1_full_save_probe.json).
     """
     entries = []
     offset = 0
+    pieces: list[bytes | memoryview] = []
     for cid, blob, raw, base in envelopes:
         n = memoryview(blob).nbytes
         entries.append(PackEntry(cid, offset, n, raw, base))
         offset += n
+        pieces.append(blob)
     tail = b"".join(e.encode() for e in entries) + _FOOTER.pack(
         len(entries), PACK_VERSION, PACK_MAGIC
     )
-    size = offset + len(tail)
-    if buf is None or len(buf) < size:
-        buf = bytearray(size)
-    out = np.frombuffer(buf, np.uint8, size)
-    for e, (_, blob, _, _) in zip(entries, envelopes, strict=True):
-        out[e.offset : e.offset + e.length] = np.frombuffer(blob, np.uint8)
-    out[offset:] = np.frombuffer(tail, np.uint8)
-    view = memoryview(buf)[:size]
-    return digest_hex(view), view, tuple(entries)
-
-
-def packed_size(envelopes: Sequence[tuple[bytes, bytes | memoryview, int, bytes | None]]) -> int:
-    """The byte size of the pack :func:`seal` makes of ``envelopes``."""
-    return sum(memoryview(b).nbytes for _, b, _, _ in envelopes) + trailer_size(len(envelopes))
+    pieces.append(tail)
+    return digest_hex_parts(pieces), pieces, tuple(entries)
 
 
 def parse_footer(tail: bytes | memoryview, size: int, where: str) -> int:

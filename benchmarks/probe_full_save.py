@@ -21,15 +21,18 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dense_gpu import build_model, log, sync
+from probe_pack_writes import AssemblingBackend
 from pyspy import group
 
 import apollo_cas
+from apollo_cas.backends.local import LocalBackend
 from apollo_cas.cli.common import parse_size
 from apollo_cas.sources.device import DeviceSource
 from apollo_cas.store import Store
@@ -45,6 +48,55 @@ def task_cpu(tid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class TimedBackend(AssemblingBackend):
+    """A local backend that records when each pack write starts and ends; with
+    ``assemble``, packs are assembled first as before 2026-12-04 (A/B runs)."""
+
+    def __init__(self, root: Path, assemble: bool = False) -> None:
+        super().__init__(root)
+        self.assemble = assemble
+        self.t0 = time.perf_counter()
+        self.puts: list[tuple[str, float, float, int]] = []
+        self._plock = threading.Lock()
+
+    def put_parts_if_absent(
+        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
+    ) -> bool:
+        start = time.perf_counter()
+        write = super().put_parts_if_absent if self.assemble else self.plain_put_parts
+        done = write(key, parts, durable=durable)
+        end = time.perf_counter()
+        n = sum(memoryview(p).nbytes for p in parts)
+        with self._plock:
+            self.puts.append((key.split("/", 1)[0], start - self.t0, end - self.t0, n))
+        return done
+
+    def plain_put_parts(
+        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
+    ) -> bool:
+        return LocalBackend.put_parts_if_absent(self, key, parts, durable=durable)
+
+    def timeline(self, wall: float) -> dict[str, Any]:
+        """When pack writes ran: first start, last end, and the share of the save's
+        wall time in which at least one, and how many on average, were in flight."""
+        packs = sorted((s, e, n) for kind, s, e, n in self.puts if kind == "packs")
+        if not packs:
+            return {}
+        busy, last_end = 0.0, 0.0
+        for s, e, _ in packs:
+            busy += max(0.0, e - max(s, last_end))
+            last_end = max(last_end, e)
+        return {
+            "packs": len(packs),
+            "first_start_s": round(packs[0][0], 3),
+            "last_end_s": round(last_end, 3),
+            "any_in_flight_s": round(busy, 3),
+            "mean_in_flight": round(sum(e - s for s, e, _ in packs) / wall, 2),
+            "mean_put_ms": round(1000 * sum(e - s for s, e, _ in packs) / len(packs), 1),
+            "puts": [[round(s, 3), round(e, 3), n] for s, e, n in packs],
+        }
 
 
 class Sampler(threading.Thread):
@@ -114,6 +166,11 @@ def main() -> None:
         action="store_true",
         help="tune the allocator first, as the command line does (apollo_cas.keep_freed_memory)",
     )
+    ap.add_argument(
+        "--assembled-packs",
+        action="store_true",
+        help="assemble each pack before writing it, as before 2026-12-04 (A/B)",
+    )
     args = ap.parse_args()
     tuned = apollo_cas.keep_freed_memory() if args.keep_freed_memory else False
     work = Path(args.dir)
@@ -133,7 +190,9 @@ def main() -> None:
         shutil.rmtree(work / "warm-up", ignore_errors=True)
         warm_s = round(time.perf_counter() - t0, 3)
         log(f"warm-up save of {len(few)} tensors: {warm_s} s")
-    st = Store.open(work / "store", create=True)
+    backend = TimedBackend(work / "store", assemble=args.assembled_packs)
+    st = Store.from_backend(backend, create=True)
+    backend.t0 = time.perf_counter()
     sampler = Sampler(args.interval, args.depth)
     sync(args.device)
     sampler.start()
@@ -147,6 +206,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     res: dict[str, Any] = {
         "allocator_tuned": tuned,
+        "assembled_packs": args.assembled_packs,
+        "dir": str(work),
         "warm_up_seconds": warm_s,
         "raw_bytes": raw,
         "stored_bytes": r.stats.new_stored_bytes,
@@ -154,6 +215,7 @@ def main() -> None:
         "cpu_s": round(cpu, 2),
         "raw_gb_s": round(raw / wall / GB, 2),
         "samples": sampler.samples,
+        "pack_writes": backend.timeline(wall),
         "thread_cpu_s": sampler.cpu_by_group(),
         "top_frames": {
             g: [[n, s] for s, n in c.most_common(args.top)] for g, c in sampler.counts.items()
@@ -161,6 +223,7 @@ def main() -> None:
     }
     log(f"full save {raw / GB:.1f} GB: {wall:.2f} s wall, {cpu:.1f} s CPU")
     log(f"thread CPU: {res['thread_cpu_s']}")
+    log(f"pack writes: { {k: v for k, v in res['pack_writes'].items() if k != 'puts'} }")
     for g, rows in res["top_frames"].items():
         total = sum(sampler.counts[g].values())
         print(f"-- {g} ({total} samples)")

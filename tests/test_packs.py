@@ -107,9 +107,10 @@ def test_packs_written_at_once_keep_tensor_order(tmp_store: str) -> None:
         assert restored(s, cid, Path(tmp_store) / "out") == flat(m)
 
 
-def test_a_pack_writer_reusing_its_buffers_never_mixes_packs(tmp_path: Path) -> None:
-    """Writers assemble packs in buffers they reuse (and regrow for a larger
-    pack): every envelope reads back from its pack exactly as appended."""
+def test_packs_written_as_their_pieces_hold_every_envelope_as_appended(tmp_path: Path) -> None:
+    """Three writers write packs as their pieces (never assembled): every pack
+    hashes to its name, its trailer is its entries, every envelope reads back
+    from its pack exactly as appended, in order."""
     backend = LocalBackend(tmp_path / "s")
     rng = np.random.default_rng(5)
     writer = PackWriter(backend, 50_000, writers=3)

@@ -19,7 +19,7 @@ Contract (checked for every backend by ``tests/backends/contract.py``):
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 #: No leftover of an interrupted write younger than this (seconds) is removed,
@@ -93,6 +93,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
         """Create ``key`` unless it exists. Returns True if this call wrote it."""
+
+    def put_parts_if_absent(
+        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
+    ) -> bool:
+        """:meth:`put_if_absent` of the concatenation of ``parts`` (a pack: its
+        envelopes where they lie, then its trailer). This default joins them; a
+        backend that can write the pieces as they are (the local one) overrides it."""
+        return self.put_if_absent(key, b"".join(parts), durable=durable)
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:

@@ -17,7 +17,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -187,8 +187,11 @@ class LocalBackend(Backend):
         return done
 
     def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        self._put_pieces(key, [data], durable)
+
+    def _put_pieces(self, key: str, pieces: Sequence[bytes | memoryview], durable: bool) -> None:
         # write_file_atomic is looked up at each call: see its import.
-        self._write(key, lambda p: write_file_atomic(p, [data], sync_dir=durable), durable)
+        self._write(key, lambda p: write_file_atomic(p, pieces, sync_dir=durable), durable)
 
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
         if self.exists(key):
@@ -201,6 +204,18 @@ class LocalBackend(Backend):
         # Any other key (the config): racing writers write different bytes, and
         # exactly one of them may be told it created the object.
         return self._write(key, lambda p: fsio.create_exclusive(p, data, sync_dir=durable), durable)
+
+    def put_parts_if_absent(
+        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
+    ) -> bool:
+        if not layout.is_hex_id(key.rsplit("/", 1)[-1]):
+            return super().put_parts_if_absent(key, parts, durable=durable)
+        if self.exists(key):
+            return False
+        # Written piece by piece into the temporary: a pack is never assembled
+        # (its envelopes stay where the encoders left them).
+        self._put_pieces(key, parts, durable)
+        return True
 
     def exists(self, key: str) -> bool:
         try:

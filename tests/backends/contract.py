@@ -180,6 +180,20 @@ class BackendContract:
         assert backend.put_if_absent(f"manifests/{HEX_B}", memoryview(b"m")) is True
         assert backend.get(f"manifests/{HEX_B}") == b"m"
 
+    def test_put_parts_if_absent_writes_the_pieces_back_to_back(self, backend: Backend) -> None:
+        """A pack goes to the backend as its pieces (envelopes where they lie, then
+        the trailer): the object is their concatenation, created once."""
+        key = f"packs/ab/{HEX_A}"
+        big = os.urandom(300_000)
+        parts = [b"head", memoryview(big)[1000:250_000], bytearray(b"mid"), b"", b"tail"]
+        assert backend.put_parts_if_absent(key, parts, durable=False) is True
+        backend.sync()
+        assert backend.get(key) == b"".join(bytes(p) for p in parts)
+        assert backend.put_parts_if_absent(key, [b"other"]) is False
+        assert backend.get(key) == b"".join(bytes(p) for p in parts)
+        assert backend.put_parts_if_absent(f"manifests/{HEX_B}", [b"a", b"b"]) is True
+        assert backend.get(f"manifests/{HEX_B}") == b"ab"
+
     def test_put_if_absent_concurrent_writers_of_one_chunk(
         self, make_backend: Callable[[], Backend]
     ) -> None:
