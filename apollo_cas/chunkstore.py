@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import codecs
 from .backends.base import Backend
 from .codecs import chain
+from .codecs.batch import encode_many
 from .codecs.envelope import Blob
 from .errors import CorruptChunk
 from .hashing import digest
@@ -104,22 +105,46 @@ class ChunkStore:
         ``chunk_id``, when given (computed on the GPU), is checked against the
         bytes, so a device/host disagreement can never name a chunk wrongly.
         """
+        return self.prepare_many([(data, itemsize, chunk_id, base)])[0]
+
+    def prepare_many(
+        self,
+        items: Sequence[tuple[bytes | memoryview, int, bytes | None, codecs.Base | None]],
+    ) -> list[Prepared]:
+        """:meth:`prepare` of each ``(data, itemsize, chunk_id, base)``, in order.
+
+        The full encodings (no base) are made together (``codecs.batch``: one zstd
+        call for all their planes), the same bytes block by block as one at a time.
+        """
+        out: list[Prepared] = []
+        full: list[tuple[int, bytes | memoryview, int]] = []
+        for data, itemsize, chunk_id, base in items:
+            actual = self._checked_id(data, chunk_id)
+            n = memoryview(data).nbytes
+            if not self._claim(actual) or self.exists(actual):
+                out.append(Prepared(actual, None, n, None))
+            elif base is None:
+                full.append((len(out), data, itemsize))
+                out.append(Prepared(actual, None, n, None))  # its blob comes below
+            else:
+                blob = codecs.encode(data, self.policy, itemsize, base=base)
+                base_hex = codecs.base_of(blob)
+                out.append(Prepared(actual, blob, n, bytes.fromhex(base_hex) if base_hex else None))
+        if full:
+            blobs = encode_many([(d, w) for _, d, w in full], self.policy)
+            for (i, _, _), blob in zip(full, blobs, strict=True):
+                out[i] = replace(out[i], blob=blob)
+        return out
+
+    @staticmethod
+    def _checked_id(data: bytes | memoryview, chunk_id: bytes | None) -> bytes:
         actual = digest(data)
         if chunk_id is not None and actual != chunk_id:
             raise CorruptChunk(
                 f"block hashed to {actual.hex()} on the host but {chunk_id.hex()} on the device",
                 "the weights changed during the save (pause training) or the GPU hash is wrong; retry",
             )
-        n = memoryview(data).nbytes
-        if not self._claim(actual) or self.exists(actual):
-            return Prepared(actual, None, n, None)
-        blob = (
-            codecs.encode(data, self.policy, itemsize, base=base)
-            if base is not None
-            else codecs.encode(data, self.policy, itemsize)
-        )
-        base_hex = codecs.base_of(blob)
-        return Prepared(actual, blob, n, bytes.fromhex(base_hex) if base_hex else None)
+        return actual
 
     def commit(self, p: Prepared) -> PutResult:
         """Store a prepared block (in tensor order when :attr:`ordered_writes`)."""

@@ -24,7 +24,7 @@ import enum
 import errno
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import IO
@@ -60,6 +60,9 @@ Bytes = bytes | bytearray | memoryview
 #: callback that writes into the open file (``torch.save``).
 Data = Bytes | Iterable[Bytes] | Callable[[IO[bytes]], object]
 
+#: Pieces per writev (the kernel's limit, 1024 on Linux).
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
+
 # errno values that say "this filesystem makes no hard links" (vfat, some FUSE
 # and network filesystems), for which an exclusive create falls back to rename.
 _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
@@ -68,15 +71,17 @@ _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSY
 class FileSystem:
     """The os calls this module makes, looked up on :mod:`os` at call time.
 
-    The seam for tests: a subclass whose ``write`` raises ENOSPC is a full disk,
+    The seam for tests: a subclass whose ``writev`` raises ENOSPC is a full disk,
     one whose ``link`` raises EPERM a filesystem without hard links.
     """
 
     def open(self, path: Path, flags: int, mode: int) -> int:
         return os.open(path, flags, mode)
 
-    def write(self, fd: int, data: memoryview) -> int:
-        return os.write(fd, data)
+    def writev(self, fd: int, pieces: Sequence[memoryview]) -> int:
+        """Write ``pieces`` in order with one call; returns the bytes written
+        (possibly fewer than all, as ``write`` may)."""
+        return os.writev(fd, pieces)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -148,10 +153,23 @@ class Temporary:
             return
         # A bytes-like object is one piece, not an iterable of ints.
         pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-        for piece in pieces:
-            view = memoryview(piece).cast("B")
-            while view:
-                view = view[self.fs.write(self.fd, view) :]
+        views = [v for v in (memoryview(p).cast("B") for p in pieces) if v.nbytes]
+        # One writev per IOV_MAX pieces, not a write per piece: a pack is ~100
+        # envelopes, and its writer thread re-took the GIL after every write
+        # while 16 encoding threads held it (a full save's pack writes took
+        # 235 ms each against 175 ms alone, h200_2026-12-04/run1).
+        i = 0
+        while i < len(views):
+            n = self.fs.writev(self.fd, views[i : i + _IOV_MAX])
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress", str(self.path))
+            while n:
+                k = views[i].nbytes
+                if n < k:
+                    views[i] = views[i][n:]
+                    break
+                n -= k
+                i += 1
 
     def sync(self) -> None:
         self.fs.fsync(self.fd)

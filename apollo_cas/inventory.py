@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 from . import codecs, layout, packs
@@ -424,8 +424,10 @@ class PackWriter:
         self._open_bytes = 0
         self._writers = max(1, writers)
         self._pool = ThreadPoolExecutor(max_workers=self._writers, thread_name_prefix="apollo-pack")
-        self._waiting: list[Future[packs.PackInfo]] = []
-        self._done: list[packs.PackInfo] = []
+        #: (seal order, pack) of each write, waiting and done: writes end in any order.
+        self._waiting: list[Future[tuple[int, packs.PackInfo]]] = []
+        self._done: list[tuple[int, packs.PackInfo]] = []
+        self._sealed = 0
 
     def append(self, chunk_id: bytes, blob: Blob, raw_size: int, base: bytes | None) -> bool:
         if chunk_id in self.pending:
@@ -441,28 +443,42 @@ class PackWriter:
         if not self._open:
             return
         items, self._open, self._open_bytes = self._open, [], 0
-        while len(self._waiting) > self._writers:
-            self._done.append(self._waiting.pop(0).result())
-        self._waiting.append(self._pool.submit(self._write, items))
+        if len(self._waiting) > self._writers:
+            # Wait for whichever write ends first, not the oldest: waiting on the
+            # oldest left writers that had finished idle behind it (2.6 of 4 writes
+            # in flight on average in a full save, h200_2026-12-04/run1).
+            wait(self._waiting, return_when=FIRST_COMPLETED)
+            self._collect(lambda f: f.done())
+        self._waiting.append(self._pool.submit(self._write, self._sealed, items))
+        self._sealed += 1
+
+    def _collect(self, take: Callable[[Future[tuple[int, packs.PackInfo]]], bool]) -> None:
+        """Move the writes ``take`` picks from waiting to done (their errors raise)."""
+        keep = []
+        for f in self._waiting:
+            if take(f):
+                self._done.append(f.result())
+            else:
+                keep.append(f)
+        self._waiting = keep
 
     def _write(
-        self, items: list[tuple[bytes, bytes | memoryview, int, bytes | None]]
-    ) -> packs.PackInfo:
+        self, order: int, items: list[tuple[bytes, bytes | memoryview, int, bytes | None]]
+    ) -> tuple[int, packs.PackInfo]:
         pack_id, pieces, entries = packs.seal(items)
         # A create-only write: temp + fsync + rename locally (directory fsync at
         # the store's sync()), a PUT with Content-MD5 on S3.
         self.backend.put_parts_if_absent(layout.pack_key(pack_id), pieces, durable=False)
-        return packs.PackInfo(pack_id, sum(memoryview(p).nbytes for p in pieces), entries)
+        return order, packs.PackInfo(pack_id, sum(memoryview(p).nbytes for p in pieces), entries)
 
     def close(self) -> list[packs.PackInfo]:
         """Seal the open pack, wait for every write; the packs written, in order."""
         try:
             self._seal()
-            while self._waiting:
-                self._done.append(self._waiting.pop(0).result())
+            self._collect(lambda f: True)
         finally:
             self._pool.shutdown(wait=True)
-        return self._done
+        return [info for _, info in sorted(self._done, key=lambda d: d[0])]
 
     def abandon(self) -> None:
         for f in self._waiting:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from itertools import islice
+from typing import TYPE_CHECKING, TypeVar
 
 from .chunkstore import ChunkStore, Prepared, PutResult
 from .manifest import Manifest, SaveStats, TensorEntry
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from . import codecs
 
 ProgressFn = Callable[[int], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,25 +121,29 @@ def write_source(
 
     if device_ids is None:
 
-        def host_task(job: tuple[int, int]) -> Prepared:
-            ti, bi = job
-            t = tensors[ti]
-            off, length = spans[ti][bi]
-            base = base_for(ti, bi) if base_for else None
-            p = chunks.prepare(t.read(off, length), t.dtype.itemsize, base=base)
-            ids[ti][bi] = p.chunk_id
-            if not ordered:
-                store(p)  # format 1: each task writes its own chunk object
-            return p
+        def host_task(group: list[tuple[int, int]]) -> list[Prepared]:
+            items = []
+            for ti, bi in group:
+                t = tensors[ti]
+                off, length = spans[ti][bi]
+                base = base_for(ti, bi) if base_for else None
+                items.append((t.read(off, length), t.dtype.itemsize, None, base))
+            out = chunks.prepare_many(items)
+            for (ti, bi), p in zip(group, out, strict=True):
+                ids[ti][bi] = p.chunk_id
+                if not ordered:
+                    store(p)  # format 1: each task writes its own chunk object
+            return out
 
-        jobs: Iterator[tuple[int, int]] = (
-            (ti, bi) for ti, s in enumerate(spans) for bi in range(len(s))
-        )
-        for p in bounded_map(host_task, jobs, workers):
-            if ordered:
-                store(p)
-            if progress:
-                progress(p.raw_size)
+        per = group_size(block_size)
+        jobs = groups(((ti, bi) for ti, s in enumerate(spans) for bi in range(len(s))), per)
+        # At most workers + 2 groups in flight: memory of ~(workers + 2) * GROUP_BYTES.
+        for group in bounded_map(host_task, jobs, workers, window=capped_workers(workers) + 2):
+            for p in group:
+                if ordered:
+                    store(p)
+                if progress:
+                    progress(p.raw_size)
     else:
         wanted: list[BlockRequest] = []
         where: list[tuple[int, int]] = []
@@ -164,16 +170,19 @@ def write_source(
             if progress:
                 progress(before - sum(r.length for r in wanted))
 
-        def device_task(job: tuple[int, memoryview]) -> Prepared:
-            i, data = job
-            ti, bi = where[i]
-            base = base_for(ti, bi) if base_for else None
-            p = chunks.prepare(data, tensors[ti].dtype.itemsize, ids[ti][bi], base)
+        def device_task(group: list[tuple[int, memoryview]]) -> list[Prepared]:
+            items = []
+            for i, data in group:
+                ti, bi = where[i]
+                base = base_for(ti, bi) if base_for else None
+                items.append((data, tensors[ti].dtype.itemsize, ids[ti][bi], base))
+            out = chunks.prepare_many(items)
             if not ordered:
-                store(p)
-            return p
+                for p in out:
+                    store(p)
+            return out
 
-        for p in _encode_fetched(source, wanted, device_task, workers):
+        for p in _encode_fetched(source, wanted, device_task, workers, group_size(block_size)):
             if ordered:
                 store(p)
             fetched += p.raw_size
@@ -194,13 +203,36 @@ def write_source(
     return WriteResult(entries, stats, tally.bases, fetched)
 
 
+#: Bytes of blocks per encoding task (``ChunkStore.prepare_many``), at most
+#: :data:`GROUP_BLOCKS` blocks: their zstd frames are made in one call, so an
+#: encoding thread takes the GIL a few times per group instead of a few times per
+#: block (codecs/batch.py says why that matters); small enough that a 256 MiB fetch
+#: batch of 1 MiB blocks still gives each of 16 threads a task.
+GROUP_BYTES = 16 << 20
+GROUP_BLOCKS = 16
+
+
+def group_size(block_size: int) -> int:
+    """Blocks per encoding task for blocks of ``block_size`` bytes."""
+    return max(1, min(GROUP_BLOCKS, GROUP_BYTES // max(1, block_size)))
+
+
+def groups(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in consecutive lists of ``size`` (the last may be shorter)."""
+    it = iter(items)
+    while group := list(islice(it, size)):
+        yield group
+
+
 def _encode_fetched(
     source: Source,
     wanted: list[BlockRequest],
-    task: Callable[[tuple[int, memoryview]], Prepared],
+    task: Callable[[list[tuple[int, memoryview]]], list[Prepared]],
     workers: int,
+    per_task: int,
 ) -> Iterator[Prepared]:
-    """``task`` on every fetched block, on ``workers`` threads, results in request order.
+    """``task`` on the fetched blocks, ``per_task`` at a time, on ``workers``
+    threads; results in request order.
 
     Tasks read the source's batch views in place: a batch is released (and its
     buffer refilled) only once every task on it has finished, and at most two
@@ -208,19 +240,20 @@ def _encode_fetched(
     out first, on this one thread, capped a full save of 17.1 GB from an H200 at
     ~1.5 GB/s (benchmarks/results/h200_2026-12-03/full_save_probe.json).
     """
-    pending: deque[tuple[FetchedBatch, list[Future[Prepared]]]] = deque()
+    pending: deque[tuple[FetchedBatch, list[Future[list[Prepared]]]]] = deque()
 
     def finish_oldest() -> Iterator[Prepared]:
         done, futures = pending.popleft()
         for f in futures:
-            yield f.result()
+            yield from f.result()
         done.release()
 
     batches = source.fetch_batches(wanted)
     pool = ThreadPoolExecutor(max_workers=capped_workers(workers), thread_name_prefix="apollo")
     try:
         for batch in batches:
-            pending.append((batch, [pool.submit(task, item) for item in batch.items]))
+            tasks = [pool.submit(task, g) for g in groups(batch.items, per_task)]
+            pending.append((batch, tasks))
             if len(pending) == 2:
                 yield from finish_oldest()
         while pending:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,44 @@ def test_cli_save_without_block_size_keeps_the_series_block_size(
     assert out["new_chunks"] == 1
     with Store.open(store) as s:
         assert s.manifest(out["checkpoint"]).block_size == BS
+
+
+class FirstPackWaits(LocalBackend):
+    """The first pack's write ends only after the fourth pack is written."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.fourth = threading.Event()
+        self.puts = 0
+        self.lock = threading.Lock()
+
+    def put_parts_if_absent(
+        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
+    ) -> bool:
+        with self.lock:
+            n, self.puts = self.puts, self.puts + 1
+        if n == 0 and not self.fourth.wait(10):
+            raise TimeoutError("the writer waited for the first pack before writing the fourth")
+        done = super().put_parts_if_absent(key, parts, durable=durable)
+        if n == 3:
+            self.fourth.set()
+        return done
+
+
+def test_a_slow_pack_write_never_holds_up_the_others(tmp_path: Path) -> None:
+    """Writes end in any order: the writer hands a sealed pack to whichever writer
+    is free (waiting on the oldest would deadlock here, and idled writers on a
+    disk), and still lists its packs in the order they were sealed."""
+    backend = FirstPackWaits(tmp_path / "s")
+    writer = PackWriter(backend, 1000, writers=2)
+    ids = []
+    for i in range(8):
+        blob = bytes([i]) * 1000
+        ids.append(xxhash.xxh3_128_digest(blob))
+        writer.append(ids[-1], blob, 1000, None)
+    infos = writer.close()
+    assert [e.chunk_id for info in infos for e in info.entries] == ids
+    assert backend.puts == 8
 
 
 # ---------------------------------------------------------------------------

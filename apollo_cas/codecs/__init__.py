@@ -174,16 +174,23 @@ def _encode_as(
     method: int, data: memoryview, level: int, itemsize: int
 ) -> tuple[int, bytes, Pieces, int]:
     """(codec id, params, payload pieces, params+payload size); RAW if nothing pays."""
-    n = len(data)
     if method == PLANES:
         params, pieces = planes.encode(data, itemsize, level)
     elif method == ZSTD:
         params, pieces = b"", [zstd_frames.compress(data, level)]
     else:
-        return RAW, b"", [data], n
+        return RAW, b"", [data], len(data)
+    return keep_or_raw(method, params, pieces, data)
+
+
+def keep_or_raw(
+    method: int, params: bytes, pieces: Pieces, data: memoryview
+) -> tuple[int, bytes, Pieces, int]:
+    """The encoding ``method`` made of ``data``, or RAW if it saves too little
+    (:data:`MIN_SAVING`): (codec id, params, payload pieces, params+payload size)."""
     size = len(params) + sum(len(p) for p in pieces)
-    if size > n * (1 - MIN_SAVING):
-        return RAW, b"", [data], n
+    if size > len(data) * (1 - MIN_SAVING):
+        return RAW, b"", [data], len(data)
     return method, params, pieces, size
 
 

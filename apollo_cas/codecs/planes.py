@@ -23,6 +23,7 @@ then the tail: the last ``raw_size % w`` bytes of the block, raw.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,13 +68,22 @@ def split(raw: bytes | memoryview, w: int) -> tuple[np.ndarray, memoryview]:
 def encode(raw: bytes | memoryview, w: int, level: int) -> tuple[bytes, list[bytes | memoryview]]:
     """Plane-code a block: (parameters, payload pieces). Requires ``usable(len, w)``."""
     planes, tail = split(raw, w)
-    m = planes.shape[1]
+    return assemble(planes, tail, [zstd_frames.compress_plane(p, level) for p in planes])
+
+
+def assemble(
+    planes: np.ndarray, tail: memoryview, frames: Sequence[bytes | memoryview]
+) -> tuple[bytes, list[bytes | memoryview]]:
+    """(parameters, payload pieces) of a block from its planes (:func:`split`) and
+    each plane's zstd frame: a frame is kept where it saves enough, else the plane
+    is stored raw. :func:`encode` and the batched encoder share it."""
+    w, m = planes.shape
     params = [_HEAD.pack(w, 0)]
     pieces: list[bytes | memoryview] = []
     limit = m * (1 - PLANE_MIN_SAVING)
     for k in range(w):
         plane = planes[k]
-        frame = zstd_frames.compress_plane(plane, level)
+        frame = frames[k]
         if len(frame) < limit:
             params.append(_PLANE.pack(PLANE_ZSTD, len(frame)))
             pieces.append(frame)
