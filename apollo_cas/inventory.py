@@ -411,9 +411,9 @@ class PackWriter:
     independent objects (the index names them all, after every one is
     durable), so several can be written and fsynced at once: with one writer,
     the save waited on it (H200, docs/BENCHMARKS.md). A pack is written as its
-    pieces (``Backend.put_parts_if_absent``), never assembled, so memory is the
-    envelopes of at most ``2 * writers + 2`` packs (the open one, ``writers + 1``
-    sealed and waiting, ``writers`` being written), which the encoders made.
+    pieces (``Backend.put_by_digest``), never assembled, so memory is the
+    envelopes of at most ``2 * writers + 1`` packs (the open one, ``writers``
+    sealed and queued, ``writers`` being written), which the encoders made.
     """
 
     def __init__(self, backend: Backend, pack_size: int, writers: int = 1) -> None:
@@ -443,10 +443,13 @@ class PackWriter:
         if not self._open:
             return
         items, self._open, self._open_bytes = self._open, [], 0
-        if len(self._waiting) > self._writers:
-            # Wait for whichever write ends first, not the oldest: waiting on the
-            # oldest left writers that had finished idle behind it (2.6 of 4 writes
-            # in flight on average in a full save, h200_2026-12-04/run1).
+        if len(self._waiting) >= 2 * self._writers:
+            # As many sealed packs queued as being written: a local disk finishes
+            # concurrent fsyncs together (one journal commit), so writes end in
+            # waves, and with one pack queued the next wave waited ~55 ms each time
+            # for the encoders to fill it (27% of a full save with no write in
+            # flight, h200_2026-12-04/run2). Wait for whichever write ends first,
+            # not the oldest: waiting on the oldest left finished writers idle.
             wait(self._waiting, return_when=FIRST_COMPLETED)
             self._collect(lambda f: f.done())
         self._waiting.append(self._pool.submit(self._write, self._sealed, items))
@@ -465,10 +468,10 @@ class PackWriter:
     def _write(
         self, order: int, items: list[tuple[bytes, bytes | memoryview, int, bytes | None]]
     ) -> tuple[int, packs.PackInfo]:
-        pack_id, pieces, entries = packs.seal(items)
+        pieces, entries = packs.seal(items)
         # A create-only write: temp + fsync + rename locally (directory fsync at
         # the store's sync()), a PUT with Content-MD5 on S3.
-        self.backend.put_parts_if_absent(layout.pack_key(pack_id), pieces, durable=False)
+        pack_id = self.backend.put_by_digest(layout.pack_key, pieces, durable=False)
         return order, packs.PackInfo(pack_id, sum(memoryview(p).nbytes for p in pieces), entries)
 
     def close(self) -> list[packs.PackInfo]:

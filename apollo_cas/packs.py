@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import CorruptChunk
-from .hashing import digest_hex, digest_hex_parts
+from .hashing import digest_hex
 
 PACK_MAGIC = b"APCKPAK2"
 PACK_VERSION = 1
@@ -80,15 +80,15 @@ def check_entries(entries: Sequence[PackEntry], body_size: int, where: str) -> N
 
 def seal(
     envelopes: Sequence[tuple[bytes, bytes | memoryview, int, bytes | None]],
-) -> tuple[str, list[bytes | memoryview], tuple[PackEntry, ...]]:
+) -> tuple[list[bytes | memoryview], tuple[PackEntry, ...]]:
     """A pack of ``(chunk id, envelope, raw size, base)`` in order, as its pieces.
 
-    Returns the pack's id, its bytes as a list of pieces (the envelopes where
-    they lie, then the trailer) and its entries. The pack is never assembled:
-    the local backend writes the pieces one after the other, and the id is
-    hashed over them as a stream. Assembling it cost each pack a copy of all
-    its bytes (a quarter to two thirds of the pack writer's samples in a full
-    save, benchmarks/results/h200_2026-12-03b/run1_full_save_probe.json).
+    Returns the pack's bytes as a list of pieces (the envelopes where they lie,
+    then the trailer) and its entries. The pack is never assembled: the local
+    backend writes the pieces one after the other and names the file by its
+    hash (``Backend.put_by_digest``). Assembling it cost each pack a copy of
+    all its bytes (a quarter to two thirds of the pack writer's samples in a
+    full save, benchmarks/results/h200_2026-12-03b/run1_full_save_probe.json).
     """
     entries = []
     offset = 0
@@ -98,11 +98,10 @@ def seal(
         entries.append(PackEntry(cid, offset, n, raw, base))
         offset += n
         pieces.append(blob)
-    tail = b"".join(e.encode() for e in entries) + _FOOTER.pack(
-        len(entries), PACK_VERSION, PACK_MAGIC
+    pieces.append(
+        b"".join(e.encode() for e in entries) + _FOOTER.pack(len(entries), PACK_VERSION, PACK_MAGIC)
     )
-    pieces.append(tail)
-    return digest_hex_parts(pieces), pieces, tuple(entries)
+    return pieces, tuple(entries)
 
 
 def parse_footer(tail: bytes | memoryview, size: int, where: str) -> int:

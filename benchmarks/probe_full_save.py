@@ -21,7 +21,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +61,30 @@ class TimedBackend(AssemblingBackend):
         self.puts: list[tuple[str, float, float, int]] = []
         self._plock = threading.Lock()
 
-    def put_parts_if_absent(
-        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
-    ) -> bool:
+    def put_by_digest(
+        self,
+        key_for: Callable[[str], str],
+        parts: Sequence[bytes | memoryview],
+        *,
+        durable: bool = True,
+    ) -> str:
         start = time.perf_counter()
-        write = super().put_parts_if_absent if self.assemble else self.plain_put_parts
-        done = write(key, parts, durable=durable)
+        write = super().put_by_digest if self.assemble else self.plain_put_by_digest
+        done = write(key_for, parts, durable=durable)
         end = time.perf_counter()
         n = sum(memoryview(p).nbytes for p in parts)
         with self._plock:
-            self.puts.append((key.split("/", 1)[0], start - self.t0, end - self.t0, n))
+            self.puts.append((key_for(done).split("/", 1)[0], start - self.t0, end - self.t0, n))
         return done
 
-    def plain_put_parts(
-        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
-    ) -> bool:
-        return LocalBackend.put_parts_if_absent(self, key, parts, durable=durable)
+    def plain_put_by_digest(
+        self,
+        key_for: Callable[[str], str],
+        parts: Sequence[bytes | memoryview],
+        *,
+        durable: bool = True,
+    ) -> str:
+        return LocalBackend.put_by_digest(self, key_for, parts, durable=durable)
 
     def timeline(self, wall: float) -> dict[str, Any]:
         """When pack writes ran: first start, last end, and the share of the save's
@@ -221,7 +229,7 @@ def main() -> None:
             g: [[n, s] for s, n in c.most_common(args.top)] for g, c in sampler.counts.items()
         },
     }
-    log(f"full save {raw / GB:.1f} GB: {wall:.2f} s wall, {cpu:.1f} s CPU")
+    log(f"full save {raw / GB:.1f} GB: {wall:.2f} s wall, {cpu:.1f} s CPU ({apollo_cas.__file__})")
     log(f"thread CPU: {res['thread_cpu_s']}")
     log(f"pack writes: { {k: v for k, v in res['pack_writes'].items() if k != 'puts'} }")
     for g, rows in res["top_frames"].items():

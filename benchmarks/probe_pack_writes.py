@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from bench_packs import fsync_write_bandwidth
 
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.cli.common import parse_size
+from apollo_cas.hashing import digest_hex
 from apollo_cas.inventory import PackWriter
 
 MiB = 1 << 20
@@ -75,15 +76,20 @@ def disk_description(where: Path) -> dict[str, Any]:
 
 class AssemblingBackend(LocalBackend):
     """The pack write path before 2026-12-04, for A/B runs: each pack assembled by
-    numpy copies into its writer thread's reused buffer, then written as one piece."""
+    numpy copies into its writer thread's reused buffer, hashed, then written as
+    one piece."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self._buffers = threading.local()
 
-    def put_parts_if_absent(
-        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
-    ) -> bool:
+    def put_by_digest(
+        self,
+        key_for: Callable[[str], str],
+        parts: Sequence[bytes | memoryview],
+        *,
+        durable: bool = True,
+    ) -> str:
         need = sum(memoryview(p).nbytes for p in parts)
         buf: bytearray | None = getattr(self._buffers, "buf", None)
         if buf is None or len(buf) < need:
@@ -94,7 +100,10 @@ class AssemblingBackend(LocalBackend):
             n = memoryview(p).nbytes
             out[pos : pos + n] = np.frombuffer(p, np.uint8)
             pos += n
-        return super().put_parts_if_absent(key, [memoryview(buf)[:need]], durable=durable)
+        view = memoryview(buf)[:need]
+        digest = digest_hex(view)
+        self.put(key_for(digest), view, durable=durable)
+        return digest
 
 
 def envelopes(total: int, pool: memoryview) -> list[tuple[bytes, memoryview]]:

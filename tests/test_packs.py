@@ -195,14 +195,18 @@ class FirstPackWaits(LocalBackend):
         self.puts = 0
         self.lock = threading.Lock()
 
-    def put_parts_if_absent(
-        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
-    ) -> bool:
+    def put_by_digest(
+        self,
+        key_for: Callable[[str], str],
+        parts: Sequence[bytes | memoryview],
+        *,
+        durable: bool = True,
+    ) -> str:
         with self.lock:
             n, self.puts = self.puts, self.puts + 1
         if n == 0 and not self.fourth.wait(10):
             raise TimeoutError("the writer waited for the first pack before writing the fourth")
-        done = super().put_parts_if_absent(key, parts, durable=durable)
+        done = super().put_by_digest(key_for, parts, durable=durable)
         if n == 3:
             self.fourth.set()
         return done

@@ -19,8 +19,10 @@ Contract (checked for every backend by ``tests/backends/contract.py``):
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+from ..hashing import digest_hex_parts
 
 #: No leftover of an interrupted write younger than this (seconds) is removed,
 #: whatever grace gc is given, unless its writer is provably dead: a writer on
@@ -94,13 +96,21 @@ class Backend(abc.ABC):
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
         """Create ``key`` unless it exists. Returns True if this call wrote it."""
 
-    def put_parts_if_absent(
-        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
-    ) -> bool:
-        """:meth:`put_if_absent` of the concatenation of ``parts`` (a pack: its
-        envelopes where they lie, then its trailer). This default joins them; a
-        backend that can write the pieces as they are (the local one) overrides it."""
-        return self.put_if_absent(key, b"".join(parts), durable=durable)
+    def put_by_digest(
+        self,
+        key_for: Callable[[str], str],
+        parts: Sequence[bytes | memoryview],
+        *,
+        durable: bool = True,
+    ) -> str:
+        """Store the concatenation of ``parts`` (a pack: its envelopes where they
+        lie, then its trailer) under ``key_for(its XXH3-128 hex)``, create-only, and
+        return that id. This default hashes the parts, joins them and calls
+        :meth:`put_if_absent`; the local backend writes them first and hashes the
+        file where it lies (``fsio.atomic_write_by_digest``)."""
+        digest = digest_hex_parts(parts)
+        self.put_if_absent(key_for(digest), b"".join(parts), durable=durable)
+        return digest
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:

@@ -25,11 +25,13 @@ from typing import TypeVar
 from .. import fsio, layout, procinfo
 from ..errors import BackendError, CorruptObject, ObjectNotFound
 
-# write_file_atomic (the backend's one write) and temp_path are names of this
-# module too: the fault suite (tests/faults) replaces the first to kill a save
+# write_file_atomic and write_file_by_digest (the backend's writes: objects under
+# a known key, packs under their content's id) and temp_path are names of this
+# module too: the fault suite (tests/faults) replaces the first two to kill a save
 # half-way through a chunk, an index or a pack, and names its temporary with the
-# second.
+# last.
 from ..fsio import atomic_write as write_file_atomic
+from ..fsio import atomic_write_by_digest as write_file_by_digest
 from ..fsio import fsync_dir, os_error
 from ..fsio import temp_path as temp_path
 from ..parallel import bounded_map
@@ -187,11 +189,8 @@ class LocalBackend(Backend):
         return done
 
     def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
-        self._put_pieces(key, [data], durable)
-
-    def _put_pieces(self, key: str, pieces: Sequence[bytes | memoryview], durable: bool) -> None:
         # write_file_atomic is looked up at each call: see its import.
-        self._write(key, lambda p: write_file_atomic(p, pieces, sync_dir=durable), durable)
+        self._write(key, lambda p: write_file_atomic(p, [data], sync_dir=durable), durable)
 
     def put_if_absent(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> bool:
         if self.exists(key):
@@ -205,17 +204,28 @@ class LocalBackend(Backend):
         # exactly one of them may be told it created the object.
         return self._write(key, lambda p: fsio.create_exclusive(p, data, sync_dir=durable), durable)
 
-    def put_parts_if_absent(
-        self, key: str, parts: Sequence[bytes | memoryview], *, durable: bool = True
-    ) -> bool:
-        if not layout.is_hex_id(key.rsplit("/", 1)[-1]):
-            return super().put_parts_if_absent(key, parts, durable=durable)
-        if self.exists(key):
-            return False
-        # Written piece by piece into the temporary: a pack is never assembled
-        # (its envelopes stay where the encoders left them).
-        self._put_pieces(key, parts, durable)
-        return True
+    def put_by_digest(
+        self,
+        key_for: Callable[[str], str],
+        parts: Sequence[bytes | memoryview],
+        *,
+        durable: bool = True,
+    ) -> str:
+        def path_for(digest: str) -> Path:
+            path = self._path(key_for(digest))
+            self._ensure_parent(path)
+            return path
+
+        self._ensure_parent(self.root / "by-digest")  # the temporary's directory
+        # write_file_by_digest is looked up at each call: see its import.
+        try:
+            final = write_file_by_digest(self.root, path_for, parts, sync_dir=durable)
+        except OSError as exc:
+            raise os_error(exc, self.root, "writing") from exc
+        if not durable:
+            with self._lock:
+                self._dirty.add(final.parent)
+        return final.name
 
     def exists(self, key: str) -> bool:
         try:

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from apollo_cas import layout
 from apollo_cas.backends import Backend
 from apollo_cas.backends.base import CAS_METHODS
 from apollo_cas.errors import ObjectNotFound
+from apollo_cas.hashing import digest_hex
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,19 +182,20 @@ class BackendContract:
         assert backend.put_if_absent(f"manifests/{HEX_B}", memoryview(b"m")) is True
         assert backend.get(f"manifests/{HEX_B}") == b"m"
 
-    def test_put_parts_if_absent_writes_the_pieces_back_to_back(self, backend: Backend) -> None:
+    def test_put_by_digest_stores_the_pieces_under_their_hash(self, backend: Backend) -> None:
         """A pack goes to the backend as its pieces (envelopes where they lie, then
-        the trailer): the object is their concatenation, created once."""
-        key = f"packs/ab/{HEX_A}"
+        the trailer): the object is their concatenation, named by its XXH3-128."""
         big = os.urandom(300_000)
         parts = [b"head", memoryview(big)[1000:250_000], bytearray(b"mid"), b"", b"tail"]
-        assert backend.put_parts_if_absent(key, parts, durable=False) is True
+        whole = b"".join(bytes(p) for p in parts)
+        pid = backend.put_by_digest(layout.pack_key, parts, durable=False)
         backend.sync()
-        assert backend.get(key) == b"".join(bytes(p) for p in parts)
-        assert backend.put_parts_if_absent(key, [b"other"]) is False
-        assert backend.get(key) == b"".join(bytes(p) for p in parts)
-        assert backend.put_parts_if_absent(f"manifests/{HEX_B}", [b"a", b"b"]) is True
-        assert backend.get(f"manifests/{HEX_B}") == b"ab"
+        assert pid == digest_hex(whole)
+        assert backend.get(layout.pack_key(pid)) == whole
+        assert list(backend.list("packs/")) == [layout.pack_key(pid)]  # no temporary left
+        assert backend.put_by_digest(layout.pack_key, [whole]) == pid  # same bytes, same object
+        assert backend.get(layout.pack_key(pid)) == whole
+        assert backend.put_by_digest(layout.pack_key, []) == digest_hex(b"")
 
     def test_put_if_absent_concurrent_writers_of_one_chunk(
         self, make_backend: Callable[[], Backend]

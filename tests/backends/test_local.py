@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from apollo_cas import fsio, layout
 from apollo_cas.backends import Backend, open_backend
 from apollo_cas.backends.local import LocalBackend
+from apollo_cas.hashing import digest_hex
 from tests.test_fsio import racing_winners
 
 from .contract import HEX_A, BackendContract
@@ -64,3 +66,31 @@ def test_racing_creates_of_the_config_have_one_winner(tmp_path: Path) -> None:
         assert b.get("config") == f"config of writer {won[0]}".encode()
         assert b.put_if_absent("config", b"late") is False
         assert sorted(p.name for p in root.iterdir()) == ["config"]  # no temporaries left
+
+
+def test_a_write_by_digest_names_the_file_by_its_bytes_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
+    """The pack path: written under a temporary in the root, hashed where it lies,
+    renamed to its id. A write that fails half-way leaves only a reapable
+    temporary, never an object under a name its bytes do not hash to."""
+    root = tmp_path / "store"
+    b = LocalBackend(root)
+    b.put(f"chunks/ab/{HEX_A}", b"x")  # the root exists, as in an open store
+    data = [os.urandom(5000), memoryview(os.urandom(70_000))[3:], b"trailer"]
+    pid = b.put_by_digest(layout.pack_key, data)
+    whole = b"".join(bytes(p) for p in data)
+    assert (root / layout.pack_key(pid)).read_bytes() == whole
+    assert pid == digest_hex(whole)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")] == []
+
+    class Dies(fsio.FileSystem):
+        def fsync(self, fd: int) -> None:
+            raise OSError(5, "I/O error")
+
+    with pytest.raises(OSError):
+        fsio.atomic_write_by_digest(
+            root, lambda d: root / layout.pack_key(d), [b"y" * 10], fs=Dies()
+        )
+    assert list(b.list("packs/")) == [layout.pack_key(pid)]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")] == []

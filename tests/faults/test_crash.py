@@ -503,15 +503,22 @@ if point == "lock-written":
     B.put = put
 elif point == "half-a-chunk":
     real_atomic = local.write_file_atomic
+    real_by_digest = local.write_file_by_digest
+    def half(final, chunks):
+        tmp = local.temp_path(Path(final))  # as the real write names it
+        data = b"".join(bytes(c) for c in chunks)
+        tmp.write_bytes(data[: len(data) // 2])
+        die()
     def atomic(path, chunks, *, sync_dir=True):
-        parts = Path(path).parts
-        if ("chunks" in parts or "packs" in parts) and reached():
-            tmp = local.temp_path(Path(path))  # as the real write names it
-            data = b"".join(bytes(c) for c in chunks)
-            tmp.write_bytes(data[: len(data) // 2])
-            die()
+        if "chunks" in Path(path).parts and reached():
+            half(path, chunks)
         real_atomic(path, chunks, sync_dir=sync_dir)
+    def by_digest(directory, path_for, chunks, *, sync_dir=True):  # packs
+        if reached():
+            half(Path(directory) / "by-digest", chunks)
+        return real_by_digest(directory, path_for, chunks, sync_dir=sync_dir)
     local.write_file_atomic = atomic
+    local.write_file_by_digest = by_digest
 elif point == "chunks-synced":
     real_sync = B.sync
     def sync(self):
@@ -520,14 +527,21 @@ elif point == "chunks-synced":
         if any(Path(self.root).glob("chunks/*/*")) or any(Path(self.root).glob("packs/*/*")):
             die()
     B.sync = sync
-elif point in ("index-written", "repack-written"):
+elif point == "index-written":
     real_atomic = local.write_file_atomic
-    where = "index" if point == "index-written" else "packs"
     def atomic(path, chunks, *, sync_dir=True):
         real_atomic(path, chunks, sync_dir=sync_dir)
-        if where in Path(path).parts and reached():
+        if "index" in Path(path).parts and reached():
             die()
     local.write_file_atomic = atomic
+elif point == "repack-written":
+    real_by_digest = local.write_file_by_digest
+    def by_digest(directory, path_for, chunks, *, sync_dir=True):  # packs
+        final = real_by_digest(directory, path_for, chunks, sync_dir=sync_dir)
+        if reached():
+            die()
+        return final
+    local.write_file_by_digest = by_digest
 elif point in ("manifest-written", "ref-moved"):
     real_cas = B.compare_and_swap
     def cas(self, key, expected, data):
@@ -815,22 +829,33 @@ def _disk_full_injected(
     store = tmp_path / "store"
     assert cli_run(cli, ["save", str(small), "--store", str(store), "--block-size", BLOCK]) == 0
     first = latest_ref(store)
-    real = local.write_file_atomic
+    real, real_by_digest = local.write_file_atomic, local.write_file_by_digest
     budget = {"left": 20 << 20}
 
-    def full_disk(path: Path, chunks: list[Any], *, sync_dir: bool = True) -> None:
+    def take(path: Path, chunks: list[Any]) -> None:
         size = sum(len(c) for c in chunks)
         if size > budget["left"]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         budget["left"] -= size
+
+    def full_disk(path: Path, chunks: list[Any], *, sync_dir: bool = True) -> None:
+        take(path, chunks)
         real(path, chunks, sync_dir=sync_dir)
 
+    def full_disk_packs(
+        directory: Path, path_for: Any, chunks: list[Any], *, sync_dir: bool = True
+    ) -> Path:
+        take(directory, chunks)
+        return real_by_digest(directory, path_for, chunks, sync_dir=sync_dir)
+
     monkeypatch.setattr(local, "write_file_atomic", full_disk)
+    monkeypatch.setattr(local, "write_file_by_digest", full_disk_packs)
     capsys.readouterr()
     assert cli_run(cli, ["save", str(big), "--store", str(store), "--block-size", BLOCK]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: no space left")
     monkeypatch.setattr(local, "write_file_atomic", real)
+    monkeypatch.setattr(local, "write_file_by_digest", real_by_digest)
     assert latest_ref(store) == first
     assert_verifies(store)
     assert_restores(store, "latest", small_digest, tmp_path)
