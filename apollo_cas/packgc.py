@@ -429,4 +429,4 @@ def _delete_packs(
         if step is not None:
             step("sweep", done, len(victims))
     inv.backend.sync()
-    inv.refresh()
+    inv.refresh(reread=True)

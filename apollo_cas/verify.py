@@ -349,7 +349,7 @@ def _verify(
             for i, c in enumerate(t.chunks):
                 sizes.setdefault(c, set()).add(block_length(t, i, m.block_size))
     inventory = store.inventory
-    inventory.refresh()  # what is there now, under our lock, not what this process saw
+    inventory.refresh(reread=True)  # what is there now, under our lock, not what this process saw
     present = inventory.ids()
     report.chunks_referenced = len(needed)
     report.chunks_present = len(present & needed)

@@ -115,6 +115,9 @@ def one_step(st: Store, steps: Steps, rec: Recording | None) -> dict[str, Any]:
         "cpu_s": round(cpu_s, 2),
         "thread_cpu_s": cpu.by_group(),
         "device_s": d.get("device_s"),
+        # The GPU path's own span (its pipeline run); the rest of wall_s is the save's
+        # own work before and after it (block ids, index, manifest, commit).
+        "delta_path_s": d.get("decode_s"),
         "kernel_pieces": d.get("kernel_pieces"),
         "stored_bytes": r.stats.new_stored_bytes,
         "steps_host": d.get("steps_host"),
@@ -161,6 +164,17 @@ def main() -> None:
         "--kernel-ab",
         action="store_true",
         help="also plain steps with Store.device_delta_kernels on and off, in --rounds rounds",
+    )
+    ap.add_argument(
+        "--batch-ab",
+        default="",
+        help="also plain steps at each Store.device_delta_batch_bytes (sizes, comma-separated), "
+        "in --rounds alternating rounds",
+    )
+    ap.add_argument(
+        "--workers-ab",
+        default="",
+        help="also plain steps with each Store.workers (comma-separated), in --rounds rounds",
     )
     ap.add_argument("--out", default="dense_threads.json")
     args = ap.parse_args()
@@ -234,6 +248,24 @@ def main() -> None:
             log(f"kernels {kernels}, round {rnd}: {row['wall_s']} s wall, {row['cpu_s']} CPU s")
             dump()
         st.device_delta_kernels = True
+    variants = [
+        ("batch_bytes", "device_delta_batch_bytes", parse_size(x))
+        for x in args.batch_ab.split(",")
+        if x
+    ]
+    variants += [("workers", "workers", int(x)) for x in args.workers_ab.split(",") if x]
+    for rnd in range(args.rounds if variants else 0):
+        for key, attr, value in variants:
+            old = getattr(st, attr)
+            setattr(st, attr, value)
+            try:
+                row = one_step(st, steps, None)
+            finally:
+                setattr(st, attr, old)
+            row[key] = value
+            res.setdefault("variants", []).append(row)
+            log(f"{key} {value}, round {rnd}: {row['wall_s']} s wall, {row['cpu_s']} CPU s")
+            dump()
     st.close()
     shutil.rmtree(work, ignore_errors=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

@@ -25,7 +25,7 @@ from apollo_cas.backends.base import Backend
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.errors import CorruptChunk, StoreError
 from apollo_cas.hashing import digest_hex
-from apollo_cas.inventory import PackWriter, read_trailer
+from apollo_cas.inventory import PackIndex, PackWriter, read_trailer
 from apollo_cas.store import Store
 from apollo_cas.verify import verify
 from tests.backends.wrappers import ForwardingBackend
@@ -523,6 +523,71 @@ def test_a_long_lived_store_reads_what_another_process_saved_since(
         newer = other.save(model(21), block_size=BS).checkpoint_id or ""
     assert restored(st, newer, tmp_path / "out") == flat(model(21))
     assert verify(st, read_data=True).ok
+
+
+class IndexReads(LocalBackend):
+    """A local backend that records which index objects it reads (a seam)."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.index_reads: list[str] = []
+
+    def get(self, key: str) -> bytes:
+        if key.startswith(layout.INDEX_PREFIX):
+            self.index_reads.append(key)
+        return super().get(key)
+
+
+def index_keys(root: str) -> set[str]:
+    return {f"{layout.INDEX_PREFIX}{p.name}" for p in (Path(root) / "index").iterdir()}
+
+
+def test_a_long_lived_store_reads_only_the_index_objects_new_since_its_last_save(
+    tmp_store: str,
+) -> None:
+    backend = IndexReads(tmp_store)
+    with Store.from_backend(backend, create=True, workers=2) as st:
+        st.save(model(50), block_size=BS)
+        first = index_keys(tmp_store)
+        with Store.open(tmp_store) as other:
+            other.save(model(51), block_size=BS)
+        theirs = index_keys(tmp_store) - first
+        backend.index_reads.clear()
+        st.save(model(52), block_size=BS)  # dedups against what the other saved too
+        assert set(backend.index_reads) == theirs
+        assert st.inventory.index().chunks == PackIndex.load(backend).chunks
+        backend.index_reads.clear()
+        assert verify(st).ok  # verify reads and checks every index object again
+        assert set(backend.index_reads) == index_keys(tmp_store)
+
+
+def test_a_long_lived_store_sees_the_indexes_gc_replaced(tmp_store: str, tmp_path: Path) -> None:
+    from apollo_cas.gc import gc
+    from apollo_cas.retention import RetentionPolicy
+
+    with Store.open(tmp_store, create=True, format=2, pack_size=PACK, workers=2) as st:
+        for seed in (60, 61, 62):
+            st.save(model(seed), block_size=BS, created=float(seed))
+        before = index_keys(tmp_store)
+        with Store.open(tmp_store) as other:
+            gc(other, RetentionPolicy(keep_last=1), grace=0.0, max_unused=0.0)
+        assert index_keys(tmp_store) != before  # gc replaced the indexes it read
+        latest = st.save(model(63), block_size=BS).checkpoint_id or ""
+        fresh = PackIndex.load(LocalBackend(tmp_store))
+        assert st.inventory.index().chunks == fresh.chunks
+        assert set(st.inventory.index().indexes) == set(fresh.indexes)
+        assert restored(st, latest, tmp_path / "out") == flat(model(63))
+        assert verify(st, read_data=True).ok
+
+
+def test_verify_finds_an_index_damaged_after_this_process_read_it(tmp_store: str) -> None:
+    with Store.open(tmp_store, create=True, format=2, pack_size=PACK, workers=2) as st:
+        st.save(model(70), block_size=BS)
+        assert verify(st).ok
+        [index] = list((Path(tmp_store) / "index").iterdir())
+        index.write_bytes(index.read_bytes()[:-7])
+        with pytest.raises(StoreError, match=r"index .* is damaged"):
+            verify(st)
 
 
 def test_a_damaged_index_is_one_clear_error_and_gc_rebuilds_it(

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 import zstandard
 
 #: Levels at or above this use zstd's own parameters for planes too (their
@@ -88,11 +88,12 @@ def compress_plane(data: bytes | bytearray | memoryview, level: int) -> bytes:
     return plane_compressor(level).compress(data)
 
 
-def compress_planes(planes: Sequence[np.ndarray], level: int) -> list[memoryview]:
+def compress_planes(planes: Sequence[Any], level: int) -> list[memoryview]:
     """:func:`compress_plane` of every plane, byte for byte, in one call.
 
     One call into python-zstandard (``multi_compress_to_buffer``, on this
-    thread) instead of one per plane: the GIL is released once for all of
+    thread) instead of one per plane (``planes``: arrays or buffers, each
+    contiguous): the GIL is released once for all of
     them, where 16 encoding threads compressing plane by plane re-took it
     after every frame and starved the threads that write packs (a full save
     of 17 GB: h200_2026-12-04/run1). The views share one buffer, alive as
@@ -100,7 +101,7 @@ def compress_planes(planes: Sequence[np.ndarray], level: int) -> list[memoryview
     lacks the call (its cffi backend).
     """
     c = plane_compressor(level)
-    views = [p.data for p in planes]
+    views = [memoryview(p).cast("B") for p in planes]
     many = getattr(c, "multi_compress_to_buffer", None)
     if many is None or not views:
         return [memoryview(c.compress(v)) for v in views]

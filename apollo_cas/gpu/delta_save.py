@@ -57,6 +57,7 @@ from .delta_encode import (
     SparsePlanes,
     choose,
     encode_delta,
+    outright_many,
     sparse_outright,
     sparse_wanted,
 )
@@ -394,6 +395,12 @@ class GpuDeltaSaver:
             changed,
             dropped,
         )
+        return self._keep(job, d)
+
+    def _keep(self, job: DeltaJob, d: DeltaBlob) -> tuple[DeltaJob, Blob] | None:
+        """Store an encoded delta (or queue it for comparison with the full encoding);
+        returns it instead where the caller's thread stores chunks in order."""
+        bs = self.block_size
         if not d.accepted:
             with self._compare_lock:
                 self._compare_list.append((job, d))
@@ -405,10 +412,21 @@ class GpuDeltaSaver:
         return None
 
     def _encode_many(self, items: Sequence[tuple[Any, ...]]) -> list[tuple[DeltaJob, Blob]]:
-        """:meth:`_encode` of each item; the chunks left for the caller to store in order."""
+        """:meth:`_encode` of each item; the chunks left for the caller to store in order.
+
+        Blocks taken as codec 4 outright have their frames made together
+        (:func:`~apollo_cas.gpu.delta_encode.outright_many`), the same bytes."""
+        outright = [it for it in items if it[4] and isinstance(it[2], SparsePlanes)]
+        made = outright_many(
+            [(ch, job.itemsize, job.base, job.depth) for job, _, ch, _, _ in outright],
+            self.block_size,
+            self.policy.level,
+        )
+        ready = {id(it): d for it, d in zip(outright, made, strict=True) if d is not None}
         out = []
         for item in items:
-            got = self._encode(*item)
+            d = ready.get(id(item))
+            got = self._encode(*item) if d is None else self._keep(item[0], d)
             if got is not None:
                 out.append(got)
         return out

@@ -14,12 +14,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 torch = pytest.importorskip("torch")
 
 from damage import chunk_file_range, flip_last_byte  # noqa: E402
 
 from apollo_cas import codecs  # noqa: E402
+from apollo_cas.codecs import envelope  # noqa: E402
 from apollo_cas.errors import CorruptChunk, UsageError  # noqa: E402
 from apollo_cas.gpu import delta_ops  # noqa: E402
 from apollo_cas.gpu.blocks import host_block_digests  # noqa: E402
@@ -217,6 +220,42 @@ def test_encode_sparse_is_byte_identical_to_the_sparse_codec() -> None:
     want = codecs.sparse.encode(x.view(np.uint8), 2, 1, bytes(16), 2)
     got = encode_sparse(idx.astype(np.int32), x[idx].tobytes(), 2, 1, bytes(16), 2)
     assert want is not None and got[0] == want[0] and got[1] == list(want[1])
+
+
+@pytest.mark.skipif(not hasattr(codecs, "SPARSE"), reason="this release has no codec 4")
+@settings(max_examples=25, deadline=None)
+@given(
+    blocks=hst.lists(
+        hst.tuples(hst.sampled_from([1, 2, 3, 4, 8]), hst.integers(1, 9000), hst.integers(0, 99)),
+        min_size=0,
+        max_size=6,
+    )
+)
+def test_outright_sparse_blocks_of_a_group_are_encode_deltas_bytes(
+    blocks: list[tuple[int, int, int]],
+) -> None:
+    """A group's codec-4-outright chunks, with their frames made in one call, are the
+    bytes encode_delta makes block by block; a block over the outright fraction (5% of
+    its elements) is left to encode_delta (None)."""
+    from apollo_cas.gpu.delta_encode import outright_many, sparse_planes_of
+
+    raw = 64 << 10
+    items, want = [], []
+    for itemsize, changed, seed in blocks:
+        ws = codecs.sparse.width_for(itemsize)
+        g = np.random.default_rng(seed)
+        idx = np.sort(g.choice(raw // ws, min(changed, raw // ws), replace=False))
+        vals = g.integers(1, 256, len(idx) * ws, dtype=np.uint8)
+        vals[::ws] |= 1  # every changed element has a non-zero byte
+        sp = sparse_planes_of(idx, vals.tobytes(), ws)
+        base, depth = bytes([seed]) * 16, 1 + seed % 3
+        items.append((sp, itemsize, base, depth))
+        outright = len(idx) <= 0.05 * (raw // ws)
+        d = encode_delta([None], 1, raw, base, depth, 1, itemsize, True, sp, len(idx), outright)
+        want.append(d.blob if outright else None)
+    got = outright_many(items, raw, 1)
+    assert [None if d is None else d.blob for d in got] == want
+    assert all(d is None or d.size == len(d.blob) - envelope.HEADER_SIZE for d in got)
 
 
 def test_zero_plane_frame_is_the_compressors() -> None:
