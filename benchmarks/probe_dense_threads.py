@@ -191,7 +191,9 @@ def main() -> None:
     st.save((DeviceSource if cuda else HostHashed)(model))
     st.device_delta = "auto" if cuda else "always"
     steps = Steps(model, dev, args.drift)
-    res: dict[str, Any] = {"size": args.size, "device": dev}
+    import apollo_cas
+
+    res: dict[str, Any] = {"size": args.size, "device": dev, "apollo_cas": apollo_cas.__file__}
 
     def dump() -> None:  # after every step, so a run cut short keeps what it measured
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
