@@ -15,7 +15,7 @@ import itertools
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from . import codecs, layout, unborn
@@ -59,6 +59,10 @@ class SaveResult:
     fetched_bytes: int = 0
     #: CPU seconds of this process during the save (all threads), beside ``seconds``
     cpu_seconds: float = 0.0
+    #: Wall seconds of each phase (``open``: locks, parent, checks; ``write``: block
+    #: ids and new chunks; ``flush``: packs and index durable; ``commit``: manifest
+    #: and ref), so a benchmark can say which one a save spends its time in.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         st = self.stats
@@ -75,7 +79,22 @@ class SaveResult:
             "new_raw_bytes": st.new_raw_bytes,
             "new_stored_bytes": st.new_stored_bytes,
             "device_to_host_bytes": self.fetched_bytes,
+            "phases": {k: round(v, 4) for k, v in self.phases.items()},
         }
+
+
+class _Phases:
+    """Wall seconds between marks, each named for the phase it ends."""
+
+    def __init__(self, t0: float) -> None:
+        self.last = t0
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, name: str) -> dict[str, float]:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.last
+        self.last = now
+        return self.seconds
 
 
 def check_block_size(block_size: int) -> int:
@@ -157,6 +176,7 @@ def save(
     """
     new_format, new_pack_size = store.new_format, store.new_pack_size
     t0, cpu0 = time.perf_counter(), time.process_time()
+    phases = _Phases(t0)
     layout.check_name(series, "series")
     for name in (tag, group):
         if name is not None:
@@ -194,6 +214,7 @@ def save(
         if parent is not None and parent.block_size == block_size:
             store.chunks.known.update(parent.chunk_ids())
         base_for = base_finder(store, source, parent, block_size)
+        phases.mark("open")
         try:
             res = write_source(
                 store.chunks,
@@ -204,6 +225,7 @@ def save(
                 progress,
                 device_delta_hook(store, source, base_for, block_size),
             )
+            phases.mark("write")
             saved_files = put_saved_files(store, source)
             # Every new chunk durable and findable (format 2: packs, then
             # their index) before the manifest that names them.
@@ -212,6 +234,7 @@ def save(
             store.chunks.discard()
             raise
         source.check_unchanged()  # bytes read from a file rewritten meanwhile are torn
+        phases.mark("flush")
         elapsed = time.perf_counter() - t0
         if same_content(res.tensors, parent) and same_files(saved_files, parent) and not force:
             cid, manifest, unchanged = parent_id, parent, True
@@ -265,6 +288,7 @@ def save(
         time.perf_counter() - t0,
         res.fetched_bytes,
         time.process_time() - cpu0,
+        phases.mark("commit"),
     )
 
 

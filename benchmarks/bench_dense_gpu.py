@@ -129,6 +129,7 @@ def timed_save(st: Store, model: dict[str, torch.Tensor], device: str, mode: str
         "device_to_host_bytes": r.fetched_bytes,
         "host_rss_gb_after": round(rss_gb(), 3),
         "host_peak_rss_gb": round(peak_rss_gb(), 3),
+        "phases": {k: round(v, 3) for k, v in r.phases.items()},
     }
     if st.last_device_delta is not None:
         row["gpu_delta"] = d = st.last_device_delta.to_dict()

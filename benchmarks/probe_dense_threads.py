@@ -118,6 +118,7 @@ def one_step(st: Store, steps: Steps, rec: Recording | None) -> dict[str, Any]:
         # The GPU path's own span (its pipeline run); the rest of wall_s is the save's
         # own work before and after it (block ids, index, manifest, commit).
         "delta_path_s": d.get("decode_s"),
+        "phases": {k: round(v, 3) for k, v in r.phases.items()},
         "kernel_pieces": d.get("kernel_pieces"),
         "stored_bytes": r.stats.new_stored_bytes,
         "steps_host": d.get("steps_host"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from apollo_cas.backends.local import LocalBackend
 from apollo_cas.parallel import bounded_map, default_workers, worker_limit
 from apollo_cas.sources import open_mapping
 from apollo_cas.sources.base import BlockRequest, Source, SourceTensor
@@ -105,3 +107,20 @@ def test_cli_save_workers_and_cpu_seconds(
     p = run_cli("save", src, "--store", store, "--workers", "0")
     assert p.returncode == 2 and "--workers" in p.stderr
     assert "--workers" in run_cli("save", "--help").stdout
+
+
+class SlowSync(LocalBackend):
+    """A local backend whose durability barrier takes 0.3 s (a seam)."""
+
+    def sync(self) -> None:
+        time.sleep(0.3)
+        super().sync()
+
+
+def test_a_save_reports_the_seconds_of_each_phase(tmp_path: Path) -> None:
+    st = Store.from_backend(SlowSync(str(tmp_path / "s")), create=True)
+    r = st.save({"w": np.arange(100_000, dtype=np.float32)})
+    assert list(r.phases) == ["open", "write", "flush", "commit"]
+    assert r.phases["flush"] >= 0.3  # the slow barrier is where the packs go durable
+    assert abs(sum(r.phases.values()) - r.seconds) < 0.05
+    assert r.to_json()["phases"].keys() == r.phases.keys()
