@@ -19,6 +19,7 @@ packs hold its chunks in the order a restore reads them.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,10 @@ class WriteResult:
     bases: dict[bytes, bytes] = field(default_factory=dict)
     #: Bytes that crossed from the device to the host (device sources).
     fetched_bytes: int = 0
+    #: Wall seconds of its steps: ``ids`` (a device source's block ids and the
+    #: lookup of each), ``gpu_delta`` (the GPU delta path), ``encode`` (every other
+    #: block read, encoded and handed to the store).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def block_spans(nbytes: int, block_size: int) -> list[tuple[int, int]]:
@@ -106,6 +111,8 @@ def write_source(
     ``device_delta``, for a source that hashes on its device, stores what it can of
     the changed blocks first (deltas computed on the GPU); the rest take this path.
     """
+    t0 = time.perf_counter()
+    phases: dict[str, float] = {}
     tensors = source.tensors()
     spans = [block_spans(t.nbytes, block_size) for t in tensors]
     ids: list[list[bytes]] = [[b""] * len(s) for s in spans]
@@ -161,6 +168,7 @@ def write_source(
                 where.append((ti, bi))
         if progress:
             progress(sum(t.nbytes for t in tensors) - sum(r.length for r in wanted))
+        t0 = _lap(phases, "ids", t0)
         if device_delta is not None and wanted:
             before = sum(r.length for r in wanted)
             rest, moved = device_delta(wanted, where, ids, tally.add)
@@ -169,6 +177,7 @@ def write_source(
             where = [where[i] for i in rest]
             if progress:
                 progress(before - sum(r.length for r in wanted))
+            t0 = _lap(phases, "gpu_delta", t0)
 
         def device_task(group: list[tuple[int, memoryview]]) -> list[Prepared]:
             items = []
@@ -189,6 +198,7 @@ def write_source(
             if progress:
                 progress(p.raw_size)
 
+    _lap(phases, "encode", t0)
     entries = tuple(
         TensorEntry(t.name, t.dtype.name, tuple(t.shape), t.nbytes, tuple(ids[ti]))
         for ti, t in enumerate(tensors)
@@ -200,7 +210,14 @@ def write_source(
         new_raw_bytes=tally.new_raw,
         new_stored_bytes=tally.new_stored,
     )
-    return WriteResult(entries, stats, tally.bases, fetched)
+    return WriteResult(entries, stats, tally.bases, fetched, phases)
+
+
+def _lap(phases: dict[str, float], name: str, since: float) -> float:
+    """Record the seconds since ``since`` as phase ``name``; returns now."""
+    now = time.perf_counter()
+    phases[name] = now - since
+    return now
 
 
 #: Bytes of blocks per encoding task (``ChunkStore.prepare_many``), at most

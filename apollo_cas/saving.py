@@ -59,9 +59,10 @@ class SaveResult:
     fetched_bytes: int = 0
     #: CPU seconds of this process during the save (all threads), beside ``seconds``
     cpu_seconds: float = 0.0
-    #: Wall seconds of each phase (``open``: locks, parent, checks; ``write``: block
-    #: ids and new chunks; ``flush``: packs and index durable; ``commit``: manifest
-    #: and ref), so a benchmark can say which one a save spends its time in.
+    #: Wall seconds of each phase, in order: ``open`` (locks, parent, checks), the
+    #: steps of writing the new chunks (``ids``, ``gpu_delta``, ``encode``: see
+    #: ``pipeline.WriteResult.phases``), ``flush`` (packs and index durable),
+    #: ``commit`` (manifest and ref), so a benchmark can say where a save's time goes.
     phases: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -95,6 +96,11 @@ class _Phases:
         self.seconds[name] = now - self.last
         self.last = now
         return self.seconds
+
+    def split(self, name: str, parts: dict[str, float]) -> None:
+        """Mark ``name``, recorded as the phases ``parts`` it was made of, if any."""
+        total = self.mark(name).pop(name)
+        self.seconds.update(parts or {name: total})
 
 
 def check_block_size(block_size: int) -> int:
@@ -225,7 +231,7 @@ def save(
                 progress,
                 device_delta_hook(store, source, base_for, block_size),
             )
-            phases.mark("write")
+            phases.split("write", res.phases)
             saved_files = put_saved_files(store, source)
             # Every new chunk durable and findable (format 2: packs, then
             # their index) before the manifest that names them.

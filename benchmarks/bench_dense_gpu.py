@@ -262,9 +262,17 @@ def main() -> None:
         action="store_true",
         help="CUDA events between the GPU path's steps too (Store.device_delta_timing)",
     )
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the whole run (seconds; default: Python's 5 ms)",
+    )
     ap.add_argument("--dir", default="/root/apollo-dense")
     ap.add_argument("--out", default="benchmarks/results/dense_gpu.json")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     cpu_sizes = (
         {parse_size(s) for s in args.cpu_sizes.split(",") if s}
@@ -274,6 +282,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "cpus": os.cpu_count(),
+        "switch_interval_s": sys.getswitchinterval(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "targets": {"dense_17GB_s": 2.0, "dense_54GB_s": 6.0, "cpu_seconds_ratio": 0.25},

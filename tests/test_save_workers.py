@@ -120,7 +120,26 @@ class SlowSync(LocalBackend):
 def test_a_save_reports_the_seconds_of_each_phase(tmp_path: Path) -> None:
     st = Store.from_backend(SlowSync(str(tmp_path / "s")), create=True)
     r = st.save({"w": np.arange(100_000, dtype=np.float32)})
-    assert list(r.phases) == ["open", "write", "flush", "commit"]
+    assert list(r.phases) == ["open", "encode", "flush", "commit"]
     assert r.phases["flush"] >= 0.3  # the slow barrier is where the packs go durable
     assert abs(sum(r.phases.values()) - r.seconds) < 0.05
     assert r.to_json()["phases"].keys() == r.phases.keys()
+
+
+def test_a_device_source_save_reports_its_ids_and_gpu_delta_phases(tmp_path: Path) -> None:
+    from apollo_cas.sources.device import DeviceSource
+
+    class HostHashed(DeviceSource):  # CPU tensors hashed all at once, as on a GPU
+        def block_digests(self, block_size: int) -> list[list[bytes]] | None:
+            from apollo_cas.gpu.blocks import host_block_digests
+
+            return host_block_digests([t.bytes.numpy().data for t in self.tensors()], block_size)
+
+    st = Store.open(tmp_path / "s", create=True)
+    st.device_delta = "always"
+    w = {"w": torch.randn(4 * 65536 + 100).to(torch.bfloat16)}
+    st.save(HostHashed(w), block_size=65536)
+    w["w"].mul_(1.01)
+    r = st.save(HostHashed(w), block_size=65536)
+    assert list(r.phases) == ["open", "ids", "gpu_delta", "encode", "flush", "commit"]
+    assert st.last_device_delta is not None and st.last_device_delta.blocks == 8
