@@ -7,6 +7,7 @@ cores without the cost of moving blocks between processes.
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,21 @@ def worker_limit(workers: int) -> Iterator[None]:
         yield
     finally:
         _LIMIT.reset(token)
+
+
+@contextmanager
+def switch_interval(seconds: float | None) -> Iterator[None]:
+    """``sys.setswitchinterval(seconds)`` in this context, the old interval after it
+    (None: leave it). Process-wide: every thread hands the GIL over that often."""
+    if seconds is None:
+        yield
+        return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 def capped_workers(n: int) -> int:

@@ -128,6 +128,7 @@ class SavingStore(Protocol):
     device_delta_batch_bytes: int | None
     device_delta_timing: bool
     device_delta_kernels: bool
+    device_delta_switch_interval: float | None
     last_device_delta: Any
 
     @property
@@ -393,6 +394,14 @@ def device_delta_hook(
         value = getattr(store, name)
         if not isinstance(value, bool):
             raise UsageError(f"Store.{name} must be True or False, got {value!r}", what)
+    switch = store.device_delta_switch_interval
+    if switch is not None and (
+        isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch <= 1
+    ):
+        raise UsageError(
+            f"Store.device_delta_switch_interval must be None or seconds in (0, 1], got {switch!r}",
+            "None leaves Python's switch interval as it is; 0.001 hands the GIL over every ms",
+        )
 
     def keep(stats: Any) -> None:
         store.last_device_delta = stats
@@ -405,6 +414,7 @@ def device_delta_hook(
         store.device_delta,
         batch_bytes=batch,
         on_stats=keep,
+        switch=None if switch is None else float(switch),
     )
 
 

@@ -88,6 +88,12 @@ class Store:
         #: Run that path's per-piece steps as two Triton kernels on CUDA
         #: (gpu/sparse_kernels.py); False: as torch operations (the CPU's way).
         self.device_delta_kernels = True
+        #: The interpreter's switch interval (seconds) while that path runs, restored
+        #: after it; None leaves it as it is. The path is bound by one thread that
+        #: queues the device's work and gives up the GIL at every torch call: the
+        #: shorter the interval, the sooner it gets the GIL back from the threads
+        #: reading and encoding beside it (docs/GPU_DELTA.md has the measurements).
+        self.device_delta_switch_interval: float | None = None
         #: What the last save's GPU delta path did (a DeltaSaveStats), None if unused.
         self.last_device_delta: Any = None
 

@@ -109,8 +109,13 @@ def dense_step(model: dict[str, torch.Tensor], device: str, seed: int = 1) -> No
     sync(device)
 
 
+#: Store.device_delta_switch_interval of every save (``--delta-switch-interval``).
+DELTA_SWITCH: list[float | None] = [None]
+
+
 def timed_save(st: Store, model: dict[str, torch.Tensor], device: str, mode: str) -> dict[str, Any]:
     st.device_delta = mode
+    st.device_delta_switch_interval = DELTA_SWITCH[0]
     src = (HostHashed if device == "cpu" else DeviceSource)(model)
     sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
@@ -268,11 +273,18 @@ def main() -> None:
         default=None,
         help="sys.setswitchinterval for the whole run (seconds; default: Python's 5 ms)",
     )
+    ap.add_argument(
+        "--delta-switch-interval",
+        type=float,
+        default=None,
+        help="Store.device_delta_switch_interval of every dense step (seconds)",
+    )
     ap.add_argument("--dir", default="/root/apollo-dense")
     ap.add_argument("--out", default="benchmarks/results/dense_gpu.json")
     args = ap.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
+    DELTA_SWITCH[0] = args.delta_switch_interval
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     cpu_sizes = (
         {parse_size(s) for s in args.cpu_sizes.split(",") if s}
@@ -283,6 +295,7 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "cpus": os.cpu_count(),
         "switch_interval_s": sys.getswitchinterval(),
+        "delta_switch_interval_s": args.delta_switch_interval,
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "targets": {"dense_17GB_s": 2.0, "dense_54GB_s": 6.0, "cpu_seconds_ratio": 0.25},

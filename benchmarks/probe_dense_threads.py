@@ -151,8 +151,8 @@ def main() -> None:
     ap.add_argument(
         "--switch-intervals",
         default="",
-        help="also plain steps under each sys.setswitchinterval (seconds, comma-separated), "
-        "in --rounds alternating rounds after the modes",
+        help="also plain steps with each Store.device_delta_switch_interval (seconds, "
+        "comma-separated; 0: None, Python's own), in --rounds alternating rounds after the modes",
     )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-depth", type=int, default=1, help="the store's delta chain depth")
@@ -230,15 +230,14 @@ def main() -> None:
             log(f"py-spy: {row['py_spy_error']}")
         dump()
     intervals = [float(x) for x in args.switch_intervals.split(",") if x]
-    default_interval = sys.getswitchinterval()
     for rnd in range(args.rounds if intervals else 0):
         for iv in intervals:
-            sys.setswitchinterval(iv)
+            st.device_delta_switch_interval = iv or None
             try:
                 row = one_step(st, steps, None)
             finally:
-                sys.setswitchinterval(default_interval)
-            row["switch_interval_s"] = iv
+                st.device_delta_switch_interval = None
+            row["switch_interval_s"] = iv or sys.getswitchinterval()
             res.setdefault("switch_intervals", []).append(row)
             log(f"switch interval {iv * 1e3:g} ms, round {rnd}: {row['wall_s']} s wall")
             dump()

@@ -4,12 +4,14 @@ save pipeline calls for a device source (docs/GPU_DELTA.md)."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import ApolloError
+from ..parallel import switch_interval
 from ..sources.base import BlockRequest
 from .delta_jobs import DEFAULT_BATCH_BYTES, BaseFor, DeltaSaveStats, TallyFn, plan_jobs
 from .delta_save import GpuDeltaSaver
@@ -68,8 +70,12 @@ def make_hook(
     mode: str = "auto",
     batch_bytes: int | None = None,
     on_stats: Callable[[DeltaSaveStats], None] | None = None,
+    switch: float | None = None,
 ) -> DeviceDeltaHook | None:
-    """The GPU delta hook for a save of ``source`` into ``store`` (None: not usable here)."""
+    """The GPU delta hook for a save of ``source`` into ``store`` (None: not usable here).
+
+    ``switch``: the interpreter's switch interval while the path runs (None: as it is).
+    """
     dev = delta_device(source, mode)
     if dev is None:
         return None
@@ -106,7 +112,9 @@ def make_hook(
                 fetch=source.fetch,
             )
             try:
-                rest += saver.run(jobs, tally)
+                with switch_interval(switch):
+                    saver.stats.switch_interval_s = sys.getswitchinterval()
+                    rest += saver.run(jobs, tally)
             except ApolloError:
                 raise  # a clear error (weights changed mid-save, disk full): the save fails
             except Exception as exc:

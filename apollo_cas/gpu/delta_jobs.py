@@ -61,6 +61,8 @@ class DeltaSaveStats:
     compare_s: float = 0.0
     pinned_bytes: int = 0
     device_scratch_bytes: int = 0
+    #: The interpreter's switch interval while the path ran (``sys.getswitchinterval``).
+    switch_interval_s: float = 0.0
     #: Seconds between the device steps of every batch, summed (CUDA events on the
     #: device, with ``Store.device_delta_timing``; the host clock on the CPU; else
     #: empty): gather, check, xor_planes, count,

@@ -444,6 +444,10 @@ BAD_KNOBS += [
     for knob in ("device_delta_timing", "device_delta_kernels")
     for b in ("yes", 1, None)
 ]
+BAD_KNOBS += [
+    ("device_delta_switch_interval", b, "must be None or seconds")
+    for b in (0, -1e-3, 2, "1ms", True)
+]
 
 
 @pytest.mark.parametrize(("knob", "bad", "says"), BAD_KNOBS)
@@ -459,6 +463,26 @@ def test_a_bad_delta_setting_is_refused_before_the_save_writes(
     with pytest.raises(UsageError, match=rf"Store\.{knob} {says}"):
         save(st, m)
     assert st.checkpoint_ids() == before
+
+
+def test_the_switch_interval_is_set_while_the_path_runs_and_restored_after(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    st = open_store(tmp_path / "s", "always")
+    m = model()
+    save(st, m)
+    before = sys.getswitchinterval()
+    st.device_delta_switch_interval = 0.00125
+    dense_step(m, 1)
+    save(st, m)
+    assert st.last_device_delta.switch_interval_s == 0.00125
+    assert sys.getswitchinterval() == before
+    st.device_delta_switch_interval = None
+    dense_step(m, 2)
+    save(st, m)
+    assert st.last_device_delta.switch_interval_s == before
 
 
 def test_timed_steps_on_cpu_tensors_use_the_host_clock(tmp_path: Path) -> None:
