@@ -9,7 +9,10 @@ then one more dense step per mode:
   waiting (a thread waiting for the GIL shows ``take_gil``);
 - ``gil``: under ``py-spy record --gil``: only the thread holding the GIL;
 - ``native``: ``--idle --native`` (C frames: ``take_gil``, CUDA calls, zstd); py-spy
-  then pauses the process for every sample, so this step runs slower.
+  then pauses the process for every sample, so this step runs slower;
+- ``torch``: under ``torch.profiler`` (CUDA): how long the GPU was busy (the union of
+  its kernels' and copies' intervals, and per stream), and the kernels by total time,
+  to set the GPU's own work beside the step's wall time.
 
 Each mode's JSON has the save's wall and CPU time, the CPU seconds of each thread
 group (from /proc), the GPU delta path's own timings, and per thread group the most
@@ -93,7 +96,7 @@ class Steps:
         sync(self.dev)
 
 
-def one_step(st: Store, steps: Steps, rec: Recording | None) -> dict[str, Any]:
+def one_step(st: Store, steps: Steps, rec: Recording | TorchTrace | None) -> dict[str, Any]:
     steps.next()
     model, dev = steps.model, steps.dev
     src = (DeviceSource if dev.startswith("cuda") else HostHashed)(model)
@@ -122,14 +125,75 @@ def one_step(st: Store, steps: Steps, rec: Recording | None) -> dict[str, Any]:
         "kernel_pieces": d.get("kernel_pieces"),
         "stored_bytes": r.stats.new_stored_bytes,
         "steps_host": d.get("steps_host"),
+        "steps": d.get("steps"),
         "pipeline": {k: pipe.get(k) for k in ("read_s", "arena_wait_s", "queue_s", "finish_s")},
         "error": d.get("error"),
     }
-    if rec is not None:
+    if isinstance(rec, TorchTrace):
+        row["gpu"] = rec.summary()
+    elif rec is not None:
         row["py_spy_error"] = rec.error
         if rec.error is None:
             row["threads"] = summarize(rec.path)
     return row
+
+
+class TorchTrace:
+    """One step under ``torch.profiler``: the GPU's busy time, per stream and by kernel."""
+
+    def __init__(self, trace: Path | None) -> None:
+        self.trace = trace
+        self.prof: Any = None
+        self.error: str | None = None
+
+    def __enter__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.prof.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.prof.__exit__(*exc)
+
+    def summary(self) -> dict[str, Any]:
+        try:
+            evs = [
+                e
+                for e in self.prof.profiler.kineto_results.events()
+                if "cuda" in str(e.device_type()).lower() and e.duration_ns() > 0
+            ]
+        except Exception as exc:  # an API of this torch that differs: say so, keep the run
+            return {"error": repr(exc)}
+        if self.trace is not None:
+            self.prof.export_chrome_trace(str(self.trace))
+
+        def union(spans: list[tuple[int, int]]) -> float:
+            busy, end = 0, -1
+            for a, b in sorted(spans):
+                if b <= end:
+                    continue
+                busy += b - max(a, end)
+                end = b
+            return busy / 1e9
+
+        spans = [(e.start_ns(), e.end_ns()) for e in evs]
+        streams: dict[str, list[tuple[int, int]]] = {}
+        names: dict[str, list[float]] = {}
+        for e in evs:
+            sid = str(getattr(e, "device_resource_id", lambda: -1)())
+            streams.setdefault(sid, []).append((e.start_ns(), e.end_ns()))
+            got = names.setdefault(e.name()[:90], [0.0, 0])
+            got[0] += e.duration_ns() / 1e9
+            got[1] += 1
+        first = min(a for a, _ in spans) if spans else 0
+        last = max(b for _, b in spans) if spans else 0
+        top = sorted(names.items(), key=lambda kv: -kv[1][0])[:30]
+        return {
+            "gpu_span_s": round((last - first) / 1e9, 4),
+            "gpu_busy_s": round(union(spans), 4),
+            "busy_by_stream_s": {k: round(union(v), 4) for k, v in streams.items()},
+            "by_name": [[n, round(t, 4), c] for n, (t, c) in top],
+        }
 
 
 class _Nothing:
@@ -155,6 +219,12 @@ def main() -> None:
         "comma-separated; 0: None, Python's own), in --rounds alternating rounds after the modes",
     )
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--trace", type=Path, default=None, help="torch mode: a chrome trace here")
+    ap.add_argument(
+        "--device-timing",
+        action="store_true",
+        help="Store.device_delta_timing: CUDA events between the steps of every piece",
+    )
     ap.add_argument("--max-depth", type=int, default=1, help="the store's delta chain depth")
     ap.add_argument(
         "--drift",
@@ -191,6 +261,7 @@ def main() -> None:
     st = Store.open(work / "store", create=True, policy=policy)
     st.save((DeviceSource if cuda else HostHashed)(model))
     st.device_delta = "auto" if cuda else "always"
+    st.device_delta_timing = args.device_timing
     steps = Steps(model, dev, args.drift)
     import apollo_cas
 
@@ -206,6 +277,7 @@ def main() -> None:
         "idle": {"idle": True},
         "gil": {"gil": True},
         "native": {"idle": True, "native": True},
+        "torch": {"torch": True},
     }
     modes = [m for m in args.modes.split(",") if m]
     for label in modes:
@@ -213,6 +285,11 @@ def main() -> None:
             ap.error(f"--modes: {label!r} is not one of {', '.join(options)}")
     for label in modes:
         opts = options[label]
+        if opts.get("torch"):
+            res[label] = row = one_step(st, steps, TorchTrace(args.trace))
+            log(f"{label}: {row['wall_s']} s wall, GPU {json.dumps(row['gpu'])[:2000]}")
+            dump()
+            continue
         if opts and not args.py_spy:
             log(f"{label}: skipped (no --py-spy)")
             continue
