@@ -69,7 +69,10 @@ class DeltaSaveStats:
     #: sparse_rows, pack, slot_wait, to_host. A step that reads a result on the host
     #: (count, sparse_rows, pack) includes the wait for the device work before it.
     steps: dict[str, float] = field(default_factory=dict)
-    #: The host's seconds between the same marks (queueing each step, plus waits).
+    #: The host's seconds between the same marks (queueing each step, plus waits),
+    #: and the device thread's other work per piece: setup (before the first mark),
+    #: sync (the last copy's wait and the verdict), assemble (the rows' host views),
+    #: submit (handing them to the encoders).
     steps_host: dict[str, float] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
     #: Set when the path failed and the CPU path stored its blocks instead.

@@ -331,12 +331,16 @@ class GpuDeltaSaver:
             if stream is not None:
                 stream.synchronize()  # the pipeline may place another batch in these rows now
         scan.verdict()  # before anything of this piece is stored
-        self.stats.device_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.stats.device_s += t2 - t1
         if self.device_timing:
             for name, sec in ev.elapsed().items():
                 self.stats.steps[name] = self.stats.steps.get(name, 0.0) + sec
+        host_steps = self.stats.steps_host
         for name, sec in ev.host_elapsed().items():
-            self.stats.steps_host[name] = self.stats.steps_host.get(name, 0.0) + sec
+            host_steps[name] = host_steps.get(name, 0.0) + sec
+        host_steps["setup"] = host_steps.get("setup", 0.0) + ev.host[0] - t1
+        host_steps["sync"] = host_steps.get("sync", 0.0) + t2 - ev.host[-1]
         self.stats.d2h_bytes += kept + nsparse * (4 + ws)
         self.stats.planes_total += w * n
         self.stats.planes_nonzero += len(packed_q)
@@ -362,6 +366,8 @@ class GpuDeltaSaver:
             (job, per_row[r], changes[r], counts[r] if counts else None, r in dropped)
             for r, job in enumerate(batch)
         ]
+        t3 = time.perf_counter()
+        host_steps["assemble"] = host_steps.get("assemble", 0.0) + t3 - t2
         # A task per group of blocks, not per block: a submit is ~28 us of the pipeline
         # thread's time (24,602 of them: 0.68 s of a 17 GB dense step on the H200).
         step = max(1, -(-n // (4 * self.workers)))
@@ -372,6 +378,7 @@ class GpuDeltaSaver:
         self.stats.blocks += n
         if len(self._compare_list) >= self.rows:
             self._compare(self._compare_list, self._compare_lock, self._tally)
+        host_steps["submit"] = host_steps.get("submit", 0.0) + time.perf_counter() - t3
 
     def _encode(
         self,

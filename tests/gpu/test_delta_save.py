@@ -492,9 +492,14 @@ def test_timed_steps_on_cpu_tensors_use_the_host_clock(tmp_path: Path) -> None:
     dense_step(m, 1)
     st.device_delta_timing = True
     save(st, m)
-    assert st.last_device_delta.steps and set(st.last_device_delta.steps) == set(
-        st.last_device_delta.steps_host
-    )
+    stats = st.last_device_delta
+    # The host also times the device thread's work outside the marked steps.
+    assert stats.steps and set(stats.steps_host) == set(stats.steps) | {
+        "setup",
+        "sync",
+        "assemble",
+        "submit",
+    }
 
 
 @pytest.mark.parametrize("batch_bytes", [None, 2 * BS])
