@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -163,6 +163,12 @@ class KernelSteps:
     tensor: a piece whose blocks are not all 16-byte aligned from there (or whose
     plane width is neither its element width nor 1) is for :class:`TorchSteps`
     (:meth:`usable`).
+
+    Every tensor view, buffer and table a piece needs is made once here, not per
+    piece: each torch call gives up the GIL, and with the parent's readers and the
+    encoders running, taking it back is most of what the device thread spends a piece
+    on (see :mod:`~apollo_cas.gpu.sparse_kernels`). ``parent``: the ``(rows, block_size)``
+    scratch the pieces' rows are slices of (others are viewed per piece).
     """
 
     def __init__(
@@ -173,30 +179,60 @@ class KernelSteps:
         rows: int,
         device: torch.device,
         bufs: Buffers,
+        parent: torch.Tensor | None = None,
     ) -> None:
         self.bs = block_size
         self.kernel = kernel
         self.bufs = bufs
         self.device = device
+        self.rows = rows
         # Any aligned tensor serves as the base: offsets may be negative.
         aligned = [v for v in live if v.numel() >= 8 and v.data_ptr() % 16 == 0]
         self.base = min(aligned, key=lambda v: v.data_ptr()) if aligned else None
         base_ptr = self.base.data_ptr() if self.base is not None else 0
         self.starts = [v.data_ptr() - base_ptr for v in live]
-        t = max(sparse_kernels.tiles(block_size // ws) for ws in (1, 2, 4, 8))
-        n_stats = rows * t * sparse_kernels.STAT_FIELDS
         self.cuda = device.type == "cuda"  # else CPU tensors, under TRITON_INTERPRET=1 (tests)
-        self.stats = torch.empty(n_stats, dtype=torch.int64, device=device)
-        self.stats_host = torch.empty(n_stats, dtype=torch.int64, pin_memory=self.cuda)
-        # Tables to the device: offsets and 16-byte units of the live blocks, the ids to
-        # check, then the taken rows and kept planes. Rewritten once per piece, after
-        # the piece before has synchronised, so no event guards them.
-        self.tables = torch.empty(rows * 8 + 64, dtype=torch.int64, pin_memory=self.cuda)
+        t = max(sparse_kernels.tiles(block_size // ws) for ws in (1, 2, 4, 8))
+        # What comes back after the scan, in one copy: the live blocks' digests (the
+        # kernel's int64 halves, compared with the ids on the host), then the statistics.
+        n_back = 2 * rows + rows * t * sparse_kernels.STAT_FIELDS
+        self.back = torch.empty(n_back, dtype=torch.int64, device=device)
+        self.back_host = torch.empty(n_back, dtype=torch.int64, pin_memory=self.cuda)
+        self.back_np = self.back_host.numpy()
+        self.digests = self.back[: 2 * rows].view(rows, 2)
+        # Tables to the device: offsets and 16-byte units of the live blocks, then the
+        # taken rows and kept planes. Rewritten once per stage, after the stage before
+        # has synchronised, so no event guards them.
+        n_tables = 3 * (rows * 8 + 64)
+        self.tables = torch.empty(n_tables, dtype=torch.int64, pin_memory=self.cuda)
         self.tables_np = self.tables.numpy()
-        # The live blocks' digests (the kernel's int64 halves), copied back with the
-        # statistics and compared with the ids on the host after that copy's wait.
-        self.got_host = torch.empty((rows, 2), dtype=torch.int64, pin_memory=self.cuda)
+        self.tables_dev = torch.empty(n_tables, dtype=torch.int64, device=device)
+        self.tables3 = self.tables_dev.view(-1, 3)
+        self.words = self.base[:8].view(torch.int64) if self.base is not None else None
+        self.parent = parent
+        self._views: dict[tuple[Any, ...], torch.Tensor] = {}
         self._stats: torch.Tensor | None = None
+
+    def _view(self, key: tuple[Any, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = make()
+        return v
+
+    def _typed(self, rows: torch.Tensor, ws: int) -> torch.Tensor:
+        """``rows`` as ``(n, m)`` elements of ``ws`` bytes: a slice of a view made once
+        where ``rows`` are whole rows of the parent scratch (pointer arithmetic, no
+        torch call), else a view of its own."""
+        typed = sparse_kernels.INT_TYPES[ws]
+        n = int(rows.shape[0])
+        p = self.parent
+        if p is not None:
+            row_bytes = int(p.shape[1])
+            off = rows.data_ptr() - p.data_ptr()
+            r0 = off // row_bytes
+            if off % row_bytes == 0 and 0 <= r0 <= int(p.shape[0]) - n:
+                return self._view(("parent", ws), lambda: p.view(typed))[r0 : r0 + n]
+        return rows.view(typed)
 
     def usable(self, batch: Sequence[DeltaJob], w: int, ws: int) -> bool:
         if self.base is None or self.bs % 8 or w not in (1, ws):
@@ -204,20 +240,16 @@ class KernelSteps:
         return all((self.starts[j.tensor] + j.offset) % 16 == 0 for j in batch)
 
     def _upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """int64 tables to the device through the pinned table buffer, in one copy."""
-        sizes = [int(a.size) for a in arrays]
-        total = sum(sizes)
-        pos = 0
-        for a, k in zip(arrays, sizes, strict=True):
+        """int64 tables to the device through the pinned table buffer, in one copy;
+        each starts at a multiple of 3 elements (so the first may be viewed as rows of 3)."""
+        pos, starts = 0, []
+        for a in arrays:
+            k = int(a.size)
+            starts.append((pos, k))
             self.tables_np[pos : pos + k] = a.reshape(-1)
-            pos += k
-        dev = torch.empty(total, dtype=torch.int64, device=self.device)
-        dev.copy_(self.tables[:total], non_blocking=self.cuda)
-        out, pos = [], 0
-        for k in sizes:
-            out.append(dev[pos : pos + k])
-            pos += k
-        return out
+            pos += -(-k // 3) * 3
+        self.tables_dev[:pos].copy_(self.tables[:pos], non_blocking=self.cuda)
+        return [self.tables_dev[a : a + k] for a, k in starts]
 
     def scan(
         self,
@@ -229,29 +261,39 @@ class KernelSteps:
         mark: Mark,
     ) -> Scan:
         n = len(batch)
-        assert self.base is not None
+        base = self.base
+        assert base is not None
         byte = np.fromiter((self.starts[j.tensor] + j.offset for j in batch), np.int64, n)
         # Ids as the kernel's halves (two big-endian int64 each): compared as they come,
         # without the byte flip of the canonical form (a host call saved is a GIL
         # hand-over saved: see sparse_kernels).
         ids = np.frombuffer(b"".join(j.cid for j in batch), dtype=">i8").reshape(n, 2)
         offsets, units = self._upload([byte // ws, byte // 16])
-        got = self.kernel.digests_at(self.base, units, self.bs, canonical=False)
         # Compared on the host once the statistics are back, not by three more device
         # operations: each torch call gives up the GIL, and taking it back is what
         # this thread waits on (the check was ~9 ms of a ~27 ms piece; H200,
         # 2026-12-04 session 2, runs 2-4).
-        self.got_host[:n].copy_(got, non_blocking=self.cuda)
+        self.kernel.digests_at(
+            base, units, self.bs, canonical=False, out=self.digests[:n], words=self.words
+        )
         mark("check")
-        self._stats = stats = sparse_kernels.xor_stats(rows, self.base, offsets, ws, self.stats)
+        t = sparse_kernels.tiles(self.bs // ws)
+        k = n * t * sparse_kernels.STAT_FIELDS
+        r2 = 2 * self.rows
+        stats_view = self._view(
+            ("stats", n, t),
+            lambda: self.back[r2 : r2 + k].view(n, t, sparse_kernels.STAT_FIELDS),
+        )
+        live = self._view(("live", ws), lambda: base[:8].view(sparse_kernels.INT_TYPES[ws]))
+        typed = self._typed(rows, ws)
+        self._stats = sparse_kernels.xor_stats(typed, live, offsets, ws, stats_view)
         mark("xor_planes")
-        k = int(stats.numel())
-        self.stats_host[:k].copy_(stats.view(-1), non_blocking=self.cuda)
+        self.back_host[: r2 + k].copy_(self.back[: r2 + k], non_blocking=self.cuda)
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
-        host = self.stats_host.numpy()[:k].reshape(stats.shape)
+        host = self.back_np[r2 : r2 + k].reshape(n, t, sparse_kernels.STAT_FIELDS)
         per_row, flags = sparse_kernels.row_summary(host, w, ws)
-        bad = np.flatnonzero((self.got_host.numpy()[:n] != ids).any(axis=1)).tolist()
+        bad = np.flatnonzero((self.back_np[: 2 * n].reshape(n, 2) != ids).any(axis=1)).tolist()
         mark("count")
         cids = [j.cid for j in batch]
         return Scan(
@@ -273,16 +315,18 @@ class KernelSteps:
         b = self.bufs
         assert self._stats is not None
         bs = int(rows.shape[1])
+        m = bs // w
         table = sparse_kernels.row_table(list(taken), [counts[r] for r in taken])
-        table_d, keep_d = self._upload([table, np.asarray(keep, dtype=np.int64)])
-        sparse_kernels.sparse_extract(rows, self._stats, table_d.view(-1, 3), ws, b.splanes)
+        _, keep_d = self._upload([table, np.asarray(keep, dtype=np.int64)])
+        sparse_kernels.sparse_extract(
+            self._typed(rows, ws), self._stats, self.tables3[: len(taken)], ws, b.splanes
+        )
         used = (4 + ws) * int(sum(counts[r] for r in taken))
         mark("sparse_rows")
-        m = bs // w
         if keep:
             q = delta_ops.split_planes(rows, w, b.planes)
             packed = delta_ops.pack_planes(q, keep_d, b.packed)
         else:
-            packed = b.packed[:0].view(0, m)
+            packed = self._view(("none", m), lambda: b.packed[:0].view(0, m))
         mark("pack")
         return packed, b.splanes[:used]

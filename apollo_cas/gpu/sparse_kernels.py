@@ -33,7 +33,8 @@ import torch
 #: so a 256 MiB piece is 32,768 programs.
 TILE = 4096
 
-_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: The signed integer type of each element width (the kernels read elements as these).
+INT_TYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 #: Fields per tile in the statistics table: changed elements, last changed index, OR.
 STAT_FIELDS = 3
@@ -59,16 +60,25 @@ def xor_stats(
     device, row r's live block starts ``offsets[r]`` elements of ``ws`` bytes after it.
     Returns ``out``'s ``(n, tiles, 3)`` int64 view: per tile the changed elements, the
     index in its row of the last one (-1: none), and the OR of its XOR values.
+
+    A caller may pass ``parent`` already as ``(n, m)`` elements of ``ws`` bytes, the
+    live base as its first 8 bytes in that type, and ``out`` already as that view:
+    each view made here is a torch call, which gives up the GIL (see the module doc).
     """
-    n, bs = parent.shape
-    m = bs // ws
+    typed = INT_TYPES[ws]
+    n, m = parent.shape
+    if parent.dtype != typed:
+        m //= ws
+        parent = parent.view(typed)
     t = tiles(m)
-    stats = out[: n * t * STAT_FIELDS].view(n, t, STAT_FIELDS)
+    stats = out if out.dim() == 3 else out[: n * t * STAT_FIELDS].view(n, t, STAT_FIELDS)
+    if tuple(stats.shape) != (n, t, STAT_FIELDS):
+        raise ValueError(f"statistics of shape {tuple(stats.shape)} for {n} rows of {t} tiles")
     if n:
         mask = -1 if ws == 8 else (1 << (8 * ws)) - 1
         _kernels()[0][(n, t)](
-            parent.view(_INT[ws]),
-            live_base[:8].view(_INT[ws]),
+            parent,
+            live_base if live_base.dtype == typed else live_base[:8].view(typed),
             offsets,
             stats,
             m,
@@ -91,14 +101,18 @@ def sparse_extract(
     ``parent``: the XOR rows :func:`xor_stats` left; ``stats``: its table; ``table``:
     ``(k, 3)`` int64 on the device, per taken row (row, first element among the taken
     rows' elements, its changed elements), as :func:`row_table` builds. Row r's planes
-    take ``(4 + ws) * count`` bytes of ``out`` at ``(4 + ws) * first``.
+    take ``(4 + ws) * count`` bytes of ``out`` at ``(4 + ws) * first``; ``parent`` may
+    be passed already typed, as for :func:`xor_stats`.
     """
     k = int(table.shape[0])
-    m = int(parent.shape[1]) // ws
+    m = int(parent.shape[1])
+    if parent.dtype != INT_TYPES[ws]:
+        m //= ws
+        parent = parent.view(INT_TYPES[ws])
     t = int(stats.shape[1])
     if k:
         _kernels()[1][(k, t)](
-            parent.view(_INT[ws]),
+            parent,
             stats,
             table,
             out,
@@ -183,7 +197,7 @@ def scatter(
     # kernels run in, against 0.05 s for a load of full chunks; how much of it was
     # compiling was not measured.)
     starts = torch.cumsum(sums, 0).sub_(sums)
-    target = rows.view(-1) if w == 1 else rows.view(-1).view(_INT[w])
+    target = rows.view(-1) if w == 1 else rows.view(-1).view(INT_TYPES[w])
     scatter_k[(total,)](dev, chunk_d, tile_d, starts, target, TILE=TILE, W=w)
 
 

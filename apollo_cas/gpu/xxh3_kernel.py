@@ -368,19 +368,30 @@ def digests_at(
     block_size: int,
     config: LaunchConfig | None = None,
     canonical: bool = True,
+    out: torch.Tensor | None = None,
+    words: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """XXH3-128 of ``len(units)`` full blocks where they lie: block ``i`` starts
     ``16 * units[i]`` bytes after the first byte of the 1-D uint8 ``base`` (an int64
     table on its device). Returns ``(n, 16)`` uint8 digests in canonical form, as
     :func:`block_digests` gives; with ``canonical=False`` the kernel's ``(n, 2)``
     int64 halves (high, low: an id read as two big-endian int64). A dense step hashes
-    its live blocks this way instead of gathering them first."""
+    its live blocks this way instead of gathering them first.
+
+    A caller that launches this for every piece may pass ``out`` (``(n, 2)`` int64, with
+    ``canonical=False``) and ``words`` (``base[:8].view(torch.int64)``), made once:
+    every torch call gives up the GIL, and taking it back is what a dense step's device
+    thread waits on (see :mod:`apollo_cas.gpu.sparse_kernels`)."""
     config = config or DEFAULT_CONFIG
     check_block_size(block_size)
     n = int(units.numel())
-    out = torch.empty((n, 2), dtype=torch.int64, device=base.device)
+    if out is None:
+        out = torch.empty((n, 2), dtype=torch.int64, device=base.device)
+    elif canonical or tuple(out.shape) != (n, 2) or out.dtype != torch.int64:
+        raise ValueError(f"out must be ({n}, 2) int64 digest halves, with canonical=False")
     if n:
-        words = base[:8].view(torch.int64)
+        if words is None:
+            words = base[:8].view(torch.int64)
         _launch_many_full(words, units, _secret_table(base.device), out, n, block_size, config)
     return _canonical(out) if canonical else out
 

@@ -166,6 +166,43 @@ def test_kernel_steps_give_what_the_torch_steps_give() -> None:
     assert none.shape == (0, BS // 2)
 
 
+def test_kernel_steps_on_slices_of_their_parent_scratch() -> None:
+    """Pieces as the saver hands them: slices of the scratch the steps were made with
+    (viewed once, reached by pointer), of fewer rows than it, one after the other;
+    and rows that are not part of it."""
+    from apollo_cas.gpu import xxh3_kernel
+
+    changes = [4, 0, 2000, 31, 8000, 7]
+    live, jobs, parent = _piece(changes)
+    scratch = torch.zeros((8, BS), dtype=torch.uint8, device=DEV)
+    kern = KernelSteps(live, BS, xxh3_kernel, 8, torch.device(DEV), _bufs(8), scratch)
+    ref = TorchSteps(live, BS, xxh3_kernel if DEV == "cuda" else None, Uploads(), _bufs(8))
+    for r0, a, b in [(2, 0, 3), (0, 3, 5), (5, 5, 6)]:
+        n = b - a
+        rows_k = scratch[r0 : r0 + n]
+        rows_k.copy_(parent[a:b])
+        rows_t = parent[a:b].clone()
+        sk = kern.scan(jobs[a:b], rows_k, 2, 2, True, lambda _m: None)
+        st = ref.scan(jobs[a:b], rows_t, 2, 2, True, lambda _m: None)
+        sk.verdict()
+        assert torch.equal(rows_k, rows_t) and sk.counts == st.counts == changes[a:b]
+        taken = [r for r in range(n) if changes[a + r] <= 2000]
+        _, sp_k = kern.extract(rows_k, 2, 2, taken, sk.counts, [], lambda _m: None)
+        _, sp_t = ref.extract(rows_t, 2, 2, taken, st.counts, [], lambda _m: None)
+        assert torch.equal(sp_k, sp_t)
+    # Rows of another tensor: viewed on their own, the same results.
+    other = parent[:2].clone()
+    sk = kern.scan(jobs[:2], other, 2, 2, True, lambda _m: None)
+    assert sk.counts == changes[:2] and torch.equal(other, ref_xor(parent[:2], live, jobs[:2]))
+
+
+def ref_xor(parent: torch.Tensor, live: list[torch.Tensor], jobs: list[DeltaJob]) -> torch.Tensor:
+    out = parent.clone()
+    for r, j in enumerate(jobs):
+        out[r] ^= live[j.tensor][j.offset : j.offset + BS]
+    return out
+
+
 def test_kernel_steps_name_a_live_block_that_changed() -> None:
     live, jobs, parent = _piece([3, 3])
     kern, _ = _both(live, 2)
