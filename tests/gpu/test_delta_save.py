@@ -583,6 +583,7 @@ def test_stores_that_write_in_order_never_get_two_writes_at_once(tmp_path: Path)
 
     threads: set[str] = set()
     active = [0, 0]  # now, most at once
+    order: list[bytes] = []
     lock = threading.Lock()
 
     class Ordered(ChunkStore):
@@ -595,6 +596,7 @@ def test_stores_that_write_in_order_never_get_two_writes_at_once(tmp_path: Path)
                 threads.add(threading.current_thread().name)
                 active[0] += 1
                 active[1] = max(active)
+                order.append(chunk_id)
             time.sleep(0.001)  # room for an overlapping call to show
             try:
                 return super().put_encoded(chunk_id, blob, base, raw_size)
@@ -611,8 +613,56 @@ def test_stores_that_write_in_order_never_get_two_writes_at_once(tmp_path: Path)
     assert st.last_device_delta.blocks > 0
     assert active[1] == 1
     assert not any(name.startswith("apollo-delta_") for name in threads), threads
+    # In the saver's order: by plane width and element size, then tensor and block
+    # (packs hold a save's chunks in the order a restore reads them); the deltas that
+    # waited for a comparison with their full encoding come after.
+    from apollo_cas.gpu.delta_jobs import inner_width
+
+    src = HostHashed(m)
+    sizes = [t.dtype.itemsize for t in src.tensors()]  # the source's order, not the dict's
+    key = {
+        cid: (inner_width(st.chunks.policy, sizes[ti], BS), sizes[ti], ti, bi)
+        for ti, ids in enumerate(src.block_digests(BS) or [])
+        for bi, cid in enumerate(ids)
+    }
+    src.close()
+    stats = st.last_device_delta
+    placed = [key[c] for c in order if c in key]
+    direct = placed[: stats.blocks - stats.compared_blocks]
+    assert len(placed) == stats.blocks and direct == sorted(direct) and len(direct) > 4
     loaded = st.load("latest")
     assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in m.items())
+
+
+def test_a_failed_write_fails_the_save_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    """A write that fails mid-path (a full disk) is the save's error, not a fall back
+    to the CPU path, and nothing of the failed save is committed."""
+    from apollo_cas.chunkstore import ChunkStore, PutResult
+    from apollo_cas.errors import DiskFull
+
+    class FillsUp(ChunkStore):
+        ordered_writes = True
+        left = -1  # writes until the one that fails (only that one: space comes back)
+
+        def put_encoded(
+            self, chunk_id: bytes, blob: bytes, base: bytes | None, raw_size: int
+        ) -> PutResult:
+            self.left -= 1
+            if self.left == 0:
+                raise DiskFull("no space left on the test's device", "free some space")
+            return super().put_encoded(chunk_id, blob, base, raw_size)
+
+    st = open_store(tmp_path / "s", "always")
+    st.chunks = FillsUp(st.backend, st.chunks.policy, st.chunks.inventory)
+    m = model()
+    save(st, m)
+    before = st.resolve("latest")
+    dense_step(m, 1)
+    st.chunks.left = 3  # FillsUp: the third chunk of the GPU path fails
+    with pytest.raises(DiskFull, match="no space left"):
+        save(st, m)
+    assert st.resolve("latest") == before
+    assert len(st.checkpoint_ids()) == 1
 
 
 def test_large_blocks_same_chunks_as_cpu_path(tmp_path: Path) -> None:
