@@ -48,5 +48,5 @@ def test_bench_dense_gpu_small_on_cpu(tmp_path: Path) -> None:
     assert small["gpu_delta"]["batches"] > gpu["gpu_delta"]["batches"]
     assert run["dense_gpu_batch_1MiB_again"]["stored_bytes"] == gpu["stored_bytes"]
     assert {"gather", "check", "xor_planes", "to_host"} <= set(gpu["gpu_delta"]["steps"])
-    assert set(gpu["gpu_delta"]["steps_host"]) == set(gpu["gpu_delta"]["steps"])
+    assert set(gpu["gpu_delta"]["steps_host"]) >= set(gpu["gpu_delta"]["steps"])
     assert not (tmp_path / "work").exists()
