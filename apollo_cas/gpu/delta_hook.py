@@ -13,7 +13,7 @@ import torch
 from ..errors import ApolloError
 from ..parallel import switch_interval
 from ..sources.base import BlockRequest
-from .delta_jobs import DEFAULT_BATCH_BYTES, BaseFor, DeltaSaveStats, TallyFn, plan_jobs
+from .delta_jobs import DEFAULT_BATCH_BYTES, BaseIds, DeltaSaveStats, TallyFn, plan_jobs
 from .delta_save import GpuDeltaSaver
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def delta_device(source: Any, mode: str) -> torch.device | None:
 def make_hook(
     store: Any,
     source: Any,
-    base_for: BaseFor,
+    base_for: BaseIds,
     block_size: int,
     mode: str = "auto",
     batch_bytes: int | None = None,

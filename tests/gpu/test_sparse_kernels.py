@@ -217,7 +217,7 @@ def test_kernel_steps_leave_unaligned_or_mixed_width_pieces_to_torch() -> None:
     kern, _ = _both(live, 2)
     assert not kern.usable(jobs, 4, 2)  # planes neither the element width nor one
     assert kern.usable(jobs, 1, 2)
-    odd = [j.__class__(**{**j.__dict__, "offset": j.offset + 8}) for j in jobs]
+    odd = [j._replace(offset=j.offset + 8) for j in jobs]
     assert not kern.usable(odd, 2, 2)
 
 
