@@ -1,7 +1,7 @@
 """The save orchestration behind ``Store.save``: locks, parent, delta bases, fencing, commit.
 
 :func:`save` runs one save under the store's shared lock: it finds the series'
-parent, offers its blocks as delta bases (:func:`base_finder`), lets the save
+parent, offers its blocks as delta bases (:func:`~apollo_cas.delta_bases.base_finder`), lets the save
 path write the new chunks (:mod:`apollo_cas.pipeline` does the blocks, hashes
 and codecs), builds the manifest with every delta edge it needs
 (:func:`bases_closure`), proves its lease was held without a gap
@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from . import codecs, layout, unborn
+from . import layout, unborn
 from .backends import Backend
 from .chunkstore import ChunkStore
 from .codecs import chain
+from .delta_bases import BaseFinder, base_finder
 from .errors import ConcurrentUpdate, CorruptChunk, Refused, UsageError
 from .filesets import same_files
 from .inventory import ChunkInventory
@@ -32,7 +33,6 @@ from .manifest import (
     SavedFilesRef,
     SaveStats,
     SourceInfo,
-    TensorEntry,
 )
 from .parallel import worker_limit
 from .pipeline import ProgressFn, WriteResult, same_content, write_source
@@ -320,71 +320,6 @@ def series_for(series: str, info: SourceInfo, group: str | None) -> str:
             "a group joins the checkpoints of several ranks",
         )
     return series
-
-
-def base_finder(
-    store: SavingStore, source: Source, parent: Manifest | None, block_size: int
-) -> BaseFinder | None:
-    """Delta bases: the parent's block at the same place of the same tensor."""
-    policy = store.chunks.policy
-    if (
-        parent is None
-        or not policy.delta
-        or policy.max_delta_depth == 0
-        or parent.block_size != block_size
-    ):
-        return None
-    by_name = {t.name: t for t in parent.tensors}
-    matches: list[TensorEntry | None] = []
-    for t in source.tensors():
-        p = by_name.get(t.name)
-        ok = p is not None and p.dtype == t.dtype.name and p.shape == tuple(t.shape)
-        matches.append(p if ok else None)
-    return BaseFinder(store, matches, parent.bases)
-
-
-class BaseFinder:
-    """The delta base of each block of a save (see :func:`base_finder`): called with a
-    (tensor index, block index), a :class:`codecs.Base` or None."""
-
-    def __init__(
-        self, store: SavingStore, matches: list[TensorEntry | None], bases: dict[bytes, bytes]
-    ) -> None:
-        self.store = store
-        self.matches = matches
-        self.bases = bases
-
-    def ids(self, ti: int, bi: int) -> tuple[bytes, int, bytes] | None:
-        """(base id, its chain depth, its chain's root id), or None, without making a
-        :class:`codecs.Base`: the GPU path plans every block of a dense step this way
-        (a Base and its loaders were ~4 us a block on the thread the step waits for,
-        ~60 ms at 17 GB)."""
-        p = self.matches[ti]
-        if p is None:
-            return None
-        cid = p.chunks[bi]
-        if cid not in self.bases:
-            return cid, 0, cid  # a full chunk
-        try:
-            links = chain.walk(cid, self.bases.get)
-        except chain.ChainError:
-            # The parent's bases loop (or run on past the format's bound): a
-            # delta against it could not be restored; store the block in full.
-            return None
-        return cid, len(links) - 1, links[-1]
-
-    def __call__(self, ti: int, bi: int) -> codecs.Base | None:
-        got = self.ids(ti, bi)
-        if got is None:
-            return None
-        cid, d, root = got
-        chunks = self.store.chunks
-        # When the parent's chain is at the depth limit the codec deltas
-        # against the chain's full root instead of storing a full chunk.
-        root_base = (
-            codecs.Base(chunk_id=root, raw=lambda: chunks.read(root), depth=0) if d else None
-        )
-        return codecs.Base(chunk_id=cid, raw=lambda: chunks.read(cid), depth=d, root=root_base)
 
 
 def device_delta_hook(

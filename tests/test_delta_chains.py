@@ -2,7 +2,7 @@
 
 A manifest's ``bases`` is a cache of the chunks' own headers. Before, a loop
 in the parent's ``bases`` made the next save spin forever finding the root of
-a chain (``saving.base_finder``).
+a chain (``delta_bases.base_finder``).
 """
 
 from __future__ import annotations

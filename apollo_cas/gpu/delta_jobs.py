@@ -31,7 +31,7 @@ TallyFn = Callable[[PutResult, int], None]
 
 
 class BaseIds(Protocol):
-    """The delta bases of a save's blocks, as the GPU path plans them (saving.BaseFinder)."""
+    """The delta bases of a save's blocks, as the GPU path plans them (delta_bases.BaseFinder)."""
 
     def ids(self, ti: int, bi: int) -> tuple[bytes, int, bytes] | None:
         """(base id, its chain depth, its chain's root id) of tensor ``ti``'s block ``bi``."""

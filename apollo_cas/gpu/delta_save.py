@@ -5,7 +5,7 @@ After a dense optimizer step every block changed, and the CPU delta path
 host to XOR against (24.9 s for 17.1 GB on the H200, benchmarks/results/gpu.md).
 Here, per batch of at most ``batch_bytes`` of changed blocks:
 
-1. the parent's blocks at the same places (the bases ``saving.base_finder`` offers,
+1. the parent's blocks at the same places (the bases ``delta_bases.base_finder`` offers,
    with the same depth and root rules as ``codecs.encode``) are decoded **on the
    device** by the restore pipeline (:class:`~apollo_cas.gpu.restore.RestorePipeline`)
    into a scratch buffer; the pipeline checks each decoded block's XXH3-128 against
@@ -453,8 +453,8 @@ class GpuDeltaSaver:
         return out
 
     def _collect(self, futs: list[Future[Any]]) -> None:
-        """Wait for one piece's encodings (their errors raise here); with a store thread
-        it stores them, else they were stored where they were made."""
+        """Wait for one piece's encodings (their errors raise here). The store thread
+        stores them where writes are in order; else the encoders did."""
         for f in futs:
             f.result()
         futs.clear()

@@ -1,5 +1,5 @@
 """The GPU delta path's plan (gpu/delta_jobs.plan_jobs) against the CPU path's rules:
-the same base, depth and fallbacks as ``saving.BaseFinder``'s Base objects give
+the same base, depth and fallbacks as ``delta_bases.BaseFinder``'s Base objects give
 ``codecs.encode`` (a base at the depth limit is replaced by its chain's root)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 from apollo_cas.codecs import CodecPolicy
+from apollo_cas.delta_bases import BaseFinder
 from apollo_cas.gpu.delta_jobs import plan_jobs
-from apollo_cas.saving import BaseFinder
 from apollo_cas.sources.base import BlockRequest
 
 BS = 1 << 20

@@ -23,12 +23,12 @@ from damage import chunk_file_range, flip_last_byte  # noqa: E402
 
 from apollo_cas import codecs  # noqa: E402
 from apollo_cas.codecs import envelope  # noqa: E402
+from apollo_cas.delta_bases import base_finder  # noqa: E402
 from apollo_cas.errors import CorruptChunk, UsageError  # noqa: E402
 from apollo_cas.gpu import delta_ops  # noqa: E402
 from apollo_cas.gpu.blocks import host_block_digests  # noqa: E402
 from apollo_cas.gpu.delta_encode import encode_delta, sparse_wanted, zero_frame  # noqa: E402
 from apollo_cas.gpu.delta_hook import delta_device  # noqa: E402
-from apollo_cas.saving import base_finder  # noqa: E402
 from apollo_cas.sources.device import DeviceSource  # noqa: E402
 from apollo_cas.store import Store  # noqa: E402
 
