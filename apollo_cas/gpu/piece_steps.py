@@ -78,7 +78,7 @@ class Buffers:
     live: torch.Tensor  # gathered live rows (TorchSteps)
     planes: torch.Tensor  # XOR rows split into byte planes
     packed: torch.Tensor  # the kept planes, packed
-    sidx: torch.Tensor  # changed elements' indices (TorchSteps)
+    sidx: torch.Tensor  # changed elements' indices (both: KernelSteps between its passes)
     sval: torch.Tensor  # and values (TorchSteps)
     splanes: torch.Tensor  # codec 4's planes of the rows taken
 
@@ -318,10 +318,17 @@ class KernelSteps:
         m = bs // w
         table = sparse_kernels.row_table(list(taken), [counts[r] for r in taken])
         _, keep_d = self._upload([table, np.asarray(keep, dtype=np.int64)])
+        taken_counts = [counts[r] for r in taken]
         sparse_kernels.sparse_extract(
-            self._typed(rows, ws), self._stats, self.tables3[: len(taken)], ws, b.splanes
+            self._typed(rows, ws),
+            self._stats,
+            self.tables3[: len(taken)],
+            ws,
+            b.splanes,
+            taken_counts,
+            b.sidx,
         )
-        used = (4 + ws) * int(sum(counts[r] for r in taken))
+        used = (4 + ws) * sum(taken_counts)
         mark("sparse_rows")
         if keep:
             q = delta_ops.split_planes(rows, w, b.planes)

@@ -14,11 +14,6 @@ def _or(a, b):
 
 
 @triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def xor_stats_kernel(par, live, offs, stats, m, t, TILE: tl.constexpr, MASK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1).to(tl.int64)
@@ -40,40 +35,51 @@ def xor_stats_kernel(par, live, offs, stats, m, t, TILE: tl.constexpr, MASK: tl.
 
 
 @triton.jit
-def sparse_extract_kernel(
-    par, stats, table, out, m, t, TILE: tl.constexpr, TPOW: tl.constexpr, WS: tl.constexpr
+def sparse_values_kernel(
+    par, stats, table, idx, out, m, t, TILE: tl.constexpr, TPOW: tl.constexpr, WS: tl.constexpr
 ):
+    # Pass 1 of codec 4's planes: each changed element's index (into ``idx``, in
+    # order) and its value's byte planes. The gaps come in pass 2 from consecutive
+    # indices: the running maximum this kernel took for them, in int64, was most of a
+    # dense step's device time (0.65 s of 0.75 s on the saver's stream, 17.1 GB, H100,
+    # benchmarks/results/h100_2026-12-07 run 1).
     i = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1).to(tl.int64)
     r = tl.load(table + i * 3)
     first = tl.load(table + i * 3 + 1)
     c = tl.load(table + i * 3 + 2)
-    # What the row's earlier tiles hold: elements before this tile's, and the index
-    # of the last of them (-1: none), from xor_stats' table.
+    # Elements of the row's earlier tiles, from xor_stats' table.
     before = tl.arange(0, TPOW)
-    earlier = before < j
-    at = (r * t + before) * 3
-    prefix = tl.sum(tl.load(stats + at, mask=earlier, other=0), axis=0)
-    carry = tl.max(tl.load(stats + at + 1, mask=earlier, other=-1), axis=0)
-    col = j * TILE + tl.arange(0, TILE)
+    prefix = tl.sum(tl.load(stats + (r * t + before) * 3, mask=before < j, other=0), axis=0)
+    lane = tl.arange(0, TILE)
+    col = j * TILE + lane
     inside = col < m
     x = tl.load(par + r * m + col, mask=inside, other=0)
     nz = (x != 0) & inside
-    rank = tl.cumsum(nz.to(tl.int64), axis=0) - 1
-    # The previous changed element of each one: an inclusive running maximum over
-    # the element before each position (loaded shifted by one), then the carry.
-    shifted = inside & (col > j * TILE)
-    xp = tl.load(par + r * m + col - 1, mask=shifted, other=0)
-    prev = tl.associative_scan(tl.where(shifted & (xp != 0), col - 1, -1), 0, _max)
-    prev = tl.maximum(prev, carry)
-    gap = col - prev - 1
-    pos = prefix + rank
+    pos = prefix + (tl.cumsum(nz.to(tl.int32), axis=0) - 1)
+    tl.store(idx + first + pos, (j * TILE).to(tl.int32) + lane, mask=nz)
     base = (4 + WS) * first + pos
-    for k in tl.static_range(4):
-        tl.store(out + base + k * c, ((gap >> (8 * k)) & 0xFF).to(tl.uint8), mask=nz)
     v = x.to(tl.int64)
     for k in tl.static_range(WS):
         tl.store(out + base + (4 + k) * c, ((v >> (8 * k)) & 0xFF).to(tl.uint8), mask=nz)
+
+
+@triton.jit
+def sparse_gaps_kernel(table, idx, out, TILE: tl.constexpr, WS: tl.constexpr):
+    # Pass 2: the gap before each changed element (its index less the previous one's,
+    # less one; the row's first counts from -1), as four byte planes.
+    i = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    first = tl.load(table + i * 3 + 1)
+    c = tl.load(table + i * 3 + 2)
+    e = j * TILE + tl.arange(0, TILE)
+    inside = e < c
+    cur = tl.load(idx + first + e, mask=inside, other=0)
+    prv = tl.load(idx + first + e - 1, mask=inside & (e > 0), other=-1)
+    gap = cur - prv - 1
+    base = (4 + WS) * first + e
+    for k in tl.static_range(4):
+        tl.store(out + base + k * c, ((gap >> (8 * k)) & 0xFF).to(tl.uint8), mask=inside)
 
 
 @triton.jit

@@ -13,7 +13,8 @@ the CPU (0.66 CPU s in a 2.6 s callback). These kernels do that work in two laun
   elements, the index of the last one, and the OR of the XOR values (which of its byte
   planes are not all zero);
 - :func:`sparse_extract`: for the rows the host takes as codec 4, the byte planes of
-  the gaps and values of their changed elements, written straight into the layout
+  the gaps and values of their changed elements (in two passes: indices and values,
+  then gaps from consecutive indices), written straight into the layout
   :func:`apollo_cas.gpu.delta_ops.sparse_planes` builds (the torch version, which
   stays the reference and the CPU path).
 
@@ -24,6 +25,7 @@ torch steps there).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -95,14 +97,18 @@ def sparse_extract(
     table: torch.Tensor,
     ws: int,
     out: torch.Tensor,
+    counts: Sequence[int],
+    scratch: torch.Tensor | None = None,
 ) -> None:
     """Codec 4's gap and value planes of the rows ``table`` lists, into ``out``.
 
     ``parent``: the XOR rows :func:`xor_stats` left; ``stats``: its table; ``table``:
     ``(k, 3)`` int64 on the device, per taken row (row, first element among the taken
-    rows' elements, its changed elements), as :func:`row_table` builds. Row r's planes
-    take ``(4 + ws) * count`` bytes of ``out`` at ``(4 + ws) * first``; ``parent`` may
-    be passed already typed, as for :func:`xor_stats`.
+    rows' elements, its changed elements), as :func:`row_table` builds, and ``counts``
+    the same changed elements on the host. Row r's planes take ``(4 + ws) * count``
+    bytes of ``out`` at ``(4 + ws) * first``; ``parent`` may be passed already typed, as
+    for :func:`xor_stats`. ``scratch``: int32, at least ``sum(counts)`` elements (the
+    changed elements' indices between the two passes), else made here.
     """
     k = int(table.shape[0])
     m = int(parent.shape[1])
@@ -110,18 +116,27 @@ def sparse_extract(
         m //= ws
         parent = parent.view(INT_TYPES[ws])
     t = int(stats.shape[1])
-    if k:
-        _kernels()[1][(k, t)](
-            parent,
-            stats,
-            table,
-            out,
-            m,
-            t,
-            TILE=TILE,
-            TPOW=max(2, 1 << (t - 1).bit_length()),
-            WS=ws,
-        )
+    if not k:
+        return
+    total = sum(counts)
+    if scratch is None:
+        scratch = torch.empty(max(1, total), dtype=torch.int32, device=parent.device)
+    elif int(scratch.shape[0]) < total:
+        raise ValueError(f"scratch of {int(scratch.shape[0])} indices for {total} elements")
+    values, gaps = _kernels()[1]
+    values[(k, t)](
+        parent,
+        stats,
+        table,
+        scratch,
+        out,
+        m,
+        t,
+        TILE=TILE,
+        TPOW=max(2, 1 << (t - 1).bit_length()),
+        WS=ws,
+    )
+    gaps[(k, max(1, -(-max(counts) // TILE)))](table, scratch, out, TILE=TILE, WS=ws)
 
 
 def row_summary(stats: np.ndarray, w: int, ws: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,4 +230,9 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
     """The kernels (importing Triton only when a kernel runs)."""
     from . import sparse_device as d
 
-    return d.xor_stats_kernel, d.sparse_extract_kernel, d.gap_sums_kernel, d.scatter_kernel
+    return (
+        d.xor_stats_kernel,
+        (d.sparse_values_kernel, d.sparse_gaps_kernel),
+        d.gap_sums_kernel,
+        d.scatter_kernel,
+    )

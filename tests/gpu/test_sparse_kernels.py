@@ -51,6 +51,8 @@ def _xor_rows(bs: int, ws: int, changes: list[int], seed: int = 0) -> tuple[torc
 # Rows of one and of several tiles, the last tile short (bf16: 4096 elements a tile).
 CASES = [(2, 16384, [0, 5, 300, 1]), (2, 2 * 8192 + 1024, [7, 0, 900]), (4, 16384, [3, 40])]
 CASES += [(1, 8192, [2, 0, 77]), (8, 65536, [9, 1000])]
+# A row with more changes than a tile's elements: the gaps' pass runs over it in pieces.
+CASES += [(2, 65536, [9000, 3])]
 
 
 @pytest.mark.parametrize(("ws", "bs", "changes"), CASES)
@@ -81,7 +83,7 @@ def test_sparse_extract_writes_the_torch_planes(ws: int, bs: int, changes: list[
     total = sum(counts)
     got = torch.full(((4 + ws) * total + 8,), 0xEE, dtype=torch.uint8, device=DEV)
     table = torch.from_numpy(sparse_kernels.row_table(taken, counts)).to(DEV)
-    sparse_kernels.sparse_extract(parent, stats, table, ws, got)
+    sparse_kernels.sparse_extract(parent, stats, table, ws, got, counts)
     idx = torch.empty(total, dtype=torch.int32, device=DEV)
     val = torch.empty(total * 8, dtype=torch.uint8, device=DEV)
     take = [r in taken for r in range(n)]
