@@ -316,9 +316,9 @@ class KernelSteps:
         assert self._stats is not None
         bs = int(rows.shape[1])
         m = bs // w
-        table = sparse_kernels.row_table(list(taken), [counts[r] for r in taken])
-        _, keep_d = self._upload([table, np.asarray(keep, dtype=np.int64)])
         taken_counts = [counts[r] for r in taken]
+        table = sparse_kernels.row_table(list(taken), taken_counts)
+        _, keep_d = self._upload([table, np.asarray(keep, dtype=np.int64)])
         sparse_kernels.sparse_extract(
             self._typed(rows, ws),
             self._stats,

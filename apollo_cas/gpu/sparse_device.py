@@ -26,12 +26,10 @@ def xor_stats_kernel(par, live, offs, stats, m, t, TILE: tl.constexpr, MASK: tl.
     tl.store(par + r * m + col, x, mask=inside)
     nz = (x != 0) & inside
     cnt = tl.sum(nz.to(tl.int64), axis=0)
-    last = tl.max(tl.where(nz, col, -1), axis=0)
     bits = tl.reduce(x.to(tl.int64) & MASK, 0, _or)
-    at = (r * t + j) * 3
+    at = (r * t + j) * 2
     tl.store(stats + at, cnt)
-    tl.store(stats + at + 1, last)
-    tl.store(stats + at + 2, bits)
+    tl.store(stats + at + 1, bits)
 
 
 @triton.jit
@@ -50,7 +48,7 @@ def sparse_values_kernel(
     c = tl.load(table + i * 3 + 2)
     # Elements of the row's earlier tiles, from xor_stats' table.
     before = tl.arange(0, TPOW)
-    prefix = tl.sum(tl.load(stats + (r * t + before) * 3, mask=before < j, other=0), axis=0)
+    prefix = tl.sum(tl.load(stats + (r * t + before) * 2, mask=before < j, other=0), axis=0)
     lane = tl.arange(0, TILE)
     col = j * TILE + lane
     inside = col < m

@@ -6,12 +6,11 @@ XOR, plane split, counts, ``nonzero``, the gap and value planes). Each releases 
 retakes the GIL, and with the parent's readers and the encoders running the retake
 is what the thread waited on: py-spy on the H200 (17.1 GB step,
 benchmarks/results/h200_2026-12-03c/) put the thread on ordinary torch calls, off
-the CPU (0.66 CPU s in a 2.6 s callback). These kernels do that work in two launches:
+the CPU (0.66 CPU s in a 2.6 s callback). These kernels do that work in three launches:
 
 - :func:`xor_stats`: ``parent[r] ^= live block r`` (read in place through a table of
   element offsets, no gather), and per tile of ``TILE`` elements the count of changed
-  elements, the index of the last one, and the OR of the XOR values (which of its byte
-  planes are not all zero);
+  elements and the OR of the XOR values (which of its byte planes are not all zero);
 - :func:`sparse_extract`: for the rows the host takes as codec 4, the byte planes of
   the gaps and values of their changed elements (in two passes: indices and values,
   then gaps from consecutive indices), written straight into the layout
@@ -38,8 +37,9 @@ TILE = 4096
 #: The signed integer type of each element width (the kernels read elements as these).
 INT_TYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-#: Fields per tile in the statistics table: changed elements, last changed index, OR.
-STAT_FIELDS = 3
+#: Fields per tile in the statistics table: changed elements, OR of the XOR values
+#: (the kernels in sparse_device index it by this width).
+STAT_FIELDS = 2
 
 
 def tiles(elements: int) -> int:
@@ -60,8 +60,8 @@ def xor_stats(
     uint8 tensor of at least 8 bytes from whose first byte every live block is
     addressed (blocks may lie before it, in other tensors); ``offsets``: ``(n,)`` int64 on the
     device, row r's live block starts ``offsets[r]`` elements of ``ws`` bytes after it.
-    Returns ``out``'s ``(n, tiles, 3)`` int64 view: per tile the changed elements, the
-    index in its row of the last one (-1: none), and the OR of its XOR values.
+    Returns ``out``'s ``(n, tiles, STAT_FIELDS)`` int64 view: per tile the changed
+    elements and the OR of its XOR values.
 
     A caller may pass ``parent`` already as ``(n, m)`` elements of ``ws`` bytes, the
     live base as its first 8 bytes in that type, and ``out`` already as that view:
@@ -148,7 +148,7 @@ def row_summary(stats: np.ndarray, w: int, ws: int) -> tuple[np.ndarray, np.ndar
         return counts, (counts > 0)[None, :]
     if w != ws:
         raise ValueError(f"plane width {w} with elements of {ws} bytes")
-    bits = np.bitwise_or.reduce(stats[:, :, 2], axis=1)
+    bits = np.bitwise_or.reduce(stats[:, :, 1], axis=1)
     flags = np.stack([(bits >> (8 * k)) & 0xFF for k in range(w)]) != 0
     return counts, flags
 

@@ -58,7 +58,10 @@ CASES += [(2, 65536, [9000, 3])]
 @pytest.mark.parametrize(("ws", "bs", "changes"), CASES)
 def test_xor_stats_matches_the_torch_steps(ws: int, bs: int, changes: list[int]) -> None:
     parent, base, offsets, want = _xor_rows(bs, ws, changes)
-    out = torch.empty(len(changes) * sparse_kernels.tiles(bs // ws) * 3, dtype=torch.int64)
+    out = torch.empty(
+        len(changes) * sparse_kernels.tiles(bs // ws) * sparse_kernels.STAT_FIELDS,
+        dtype=torch.int64,
+    )
     stats = sparse_kernels.xor_stats(parent, base, offsets, ws, out.to(DEV))
     assert torch.equal(parent, want)
     counts, flags = sparse_kernels.row_summary(stats.cpu().numpy(), ws, ws)
@@ -76,7 +79,11 @@ def test_xor_stats_matches_the_torch_steps(ws: int, bs: int, changes: list[int])
 def test_sparse_extract_writes_the_torch_planes(ws: int, bs: int, changes: list[int]) -> None:
     parent, base, offsets, want = _xor_rows(bs, ws, changes, seed=1)
     n = len(changes)
-    out = torch.empty(n * sparse_kernels.tiles(bs // ws) * 3, dtype=torch.int64, device=DEV)
+    out = torch.empty(
+        n * sparse_kernels.tiles(bs // ws) * sparse_kernels.STAT_FIELDS,
+        dtype=torch.int64,
+        device=DEV,
+    )
     stats = sparse_kernels.xor_stats(parent, base, offsets, ws, out)
     taken = [r for r in range(n) if r != 1]  # a row left out keeps its place out of the layout
     counts = [changes[r] for r in taken]
@@ -93,9 +100,35 @@ def test_sparse_extract_writes_the_torch_planes(ws: int, bs: int, changes: list[
     assert (got[len(ref) :] == 0xEE).all()  # nothing written past the rows' planes
 
 
+def test_buffers_made_once_are_checked_before_a_launch() -> None:
+    """The buffers a dense step makes once and passes in (statistics view, index
+    scratch, digest halves) are refused when they do not fit, before any kernel runs."""
+    from apollo_cas.gpu import xxh3_kernel
+
+    parent, base, offsets, _ = _xor_rows(16384, 2, [3, 4])
+    t = sparse_kernels.tiles(16384 // 2)
+    wrong = torch.empty((2, t + 1, sparse_kernels.STAT_FIELDS), dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="statistics of shape"):
+        sparse_kernels.xor_stats(parent, base, offsets, 2, wrong)
+    stats = torch.zeros((2, t, sparse_kernels.STAT_FIELDS), dtype=torch.int64, device=DEV)
+    table = torch.from_numpy(sparse_kernels.row_table([0, 1], [3, 4])).to(DEV)
+    small = torch.empty(6, dtype=torch.int32, device=DEV)
+    out = torch.empty(64, dtype=torch.uint8, device=DEV)
+    with pytest.raises(ValueError, match="scratch of 6 indices for 7 elements"):
+        sparse_kernels.sparse_extract(parent, stats, table, 2, out, [3, 4], small)
+    units = torch.zeros(3, dtype=torch.int64, device=DEV)
+    halves = torch.empty((2, 2), dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match=r"out must be \(3, 2\) int64"):
+        xxh3_kernel.digests_at(base, units, 1024, canonical=False, out=halves)
+    with pytest.raises(ValueError, match="with canonical=False"):
+        xxh3_kernel.digests_at(base, units, 1024, out=halves[:0])
+
+
 def test_row_summary_refuses_a_plane_width_it_cannot_derive() -> None:
     with pytest.raises(ValueError, match="plane width 4 with elements of 2 bytes"):
-        sparse_kernels.row_summary(np.zeros((1, 1, 3), dtype=np.int64), 4, 2)
+        sparse_kernels.row_summary(
+            np.zeros((1, 1, sparse_kernels.STAT_FIELDS), dtype=np.int64), 4, 2
+        )
 
 
 # -------------------------------------------------------------- a piece, both ways
