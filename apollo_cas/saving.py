@@ -129,6 +129,7 @@ class SavingStore(Protocol):
     device_delta_timing: bool
     device_delta_kernels: bool
     device_delta_switch_interval: float | None
+    device_delta_read_threads: int | None
     last_device_delta: Any
 
     @property
@@ -356,6 +357,15 @@ def device_delta_hook(
         raise UsageError(
             f"Store.device_delta_switch_interval must be None or seconds in (0, 1], got {switch!r}",
             "None leaves Python's switch interval as it is; 0.001 hands the GIL over every ms",
+        )
+
+    threads = store.device_delta_read_threads
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise UsageError(
+            f"Store.device_delta_read_threads must be None or a positive int, got {threads!r}",
+            "None keeps the restore pipeline's default (at most 8 threads on a GPU)",
         )
 
     def keep(stats: Any) -> None:

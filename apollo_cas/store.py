@@ -97,6 +97,11 @@ class Store:
         #: one process), 53.6 GB 6.26 s against 7.18 s (docs/GPU_DELTA.md); 0.5 ms
         #: was no better than 1 ms.
         self.device_delta_switch_interval: float | None = 0.001
+        #: Threads that read and parse the parent's chunks for that path (the restore
+        #: pipeline's read pool); None: the pipeline's default (at most 8 on a GPU).
+        #: They hold the GIL while they parse, beside the thread that feeds the
+        #: device, which is what bounds a dense step since the 2026-12-07 kernels.
+        self.device_delta_read_threads: int | None = None
         #: What the last save's GPU delta path did (a DeltaSaveStats), None if unused.
         self.last_device_delta: Any = None
 

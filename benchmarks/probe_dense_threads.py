@@ -247,6 +247,12 @@ def main() -> None:
         default="",
         help="also plain steps with each Store.workers (comma-separated), in --rounds rounds",
     )
+    ap.add_argument(
+        "--read-threads-ab",
+        default="",
+        help="also plain steps with each Store.device_delta_read_threads (comma-separated; "
+        "0: the pipeline's default), in --rounds rounds",
+    )
     ap.add_argument("--out", default="dense_threads.json")
     args = ap.parse_args()
     work = Path(args.dir)
@@ -333,6 +339,11 @@ def main() -> None:
         if x
     ]
     variants += [("workers", "workers", int(x)) for x in args.workers_ab.split(",") if x]
+    variants += [
+        ("read_threads", "device_delta_read_threads", int(x) or None)
+        for x in args.read_threads_ab.split(",")
+        if x
+    ]
     for rnd in range(args.rounds if variants else 0):
         for key, attr, value in variants:
             old = getattr(st, attr)

@@ -96,7 +96,11 @@ def make_hook(
             return rest, 0
         workers = dense_workers(store.workers)
         pipe = store.restore_pipeline(
-            block_size, dev, batch_bytes=max(block_size, batch), workers=workers
+            block_size,
+            dev,
+            batch_bytes=max(block_size, batch),
+            workers=workers,
+            read_workers=store.device_delta_read_threads,
         )
         try:
             saver = GpuDeltaSaver(

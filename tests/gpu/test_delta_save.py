@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -448,6 +448,10 @@ BAD_KNOBS += [
     ("device_delta_switch_interval", b, "must be None or seconds")
     for b in (0, -1e-3, 2, "1ms", True)
 ]
+BAD_KNOBS += [
+    ("device_delta_read_threads", b, "must be None or a positive int")
+    for b in (0, -2, 1.5, "4", True)
+]
 
 
 @pytest.mark.parametrize(("knob", "bad", "says"), BAD_KNOBS)
@@ -483,6 +487,33 @@ def test_the_switch_interval_is_set_while_the_path_runs_and_restored_after(
     dense_step(m, 2)
     save(st, m)
     assert st.last_device_delta.switch_interval_s == before
+
+
+def test_the_read_threads_setting_sizes_the_parents_read_pool(tmp_path: Path) -> None:
+    class Recorded(Store):
+        """A store that keeps the restore pipelines it makes, to look at afterwards."""
+
+        made: ClassVar[list[Any]] = []
+
+        def restore_pipeline(self, block_size: int, device: Any = "cuda", **options: Any) -> Any:
+            pipe = super().restore_pipeline(block_size, device, **options)
+            self.made.append(pipe)
+            return pipe
+
+    st = Recorded.open(tmp_path / "s", create=True, workers=4)
+    st.device_delta = "always"
+    m = model()
+    save(st, m)
+    # None: the pipeline's default, dense_workers(4) = 2 here
+    for step, threads, want in ((1, None, 2), (2, 1, 1), (3, 3, 3)):
+        st.device_delta_read_threads = threads
+        dense_step(m, step)
+        save(st, m)
+        assert st.last_device_delta.fallback_blocks == 0
+        assert st.made[-1].read_workers == want
+    loaded = st.load("latest")
+    for k, v in m.items():
+        assert torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)), k
 
 
 def test_timed_steps_on_cpu_tensors_use_the_host_clock(tmp_path: Path) -> None:
