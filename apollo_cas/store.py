@@ -99,8 +99,9 @@ class Store:
         self.device_delta_switch_interval: float | None = 0.001
         #: Threads that read and parse the parent's chunks for that path (the restore
         #: pipeline's read pool); None: the pipeline's default (at most 8 on a GPU).
-        #: They hold the GIL while they parse, beside the thread that feeds the
-        #: device, which is what bounds a dense step since the 2026-12-07 kernels.
+        #: They parse under the GIL beside the threads that bound a dense step, yet
+        #: 8, 4 and 2 of them gave 1.93-2.07, 1.94-2.19 and 1.95-2.11 s per 17.1 GB
+        #: step on an H100 host (results/h200_2026-12-07, run 2): the default stays.
         self.device_delta_read_threads: int | None = None
         #: What the last save's GPU delta path did (a DeltaSaveStats), None if unused.
         self.last_device_delta: Any = None
