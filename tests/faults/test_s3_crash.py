@@ -51,6 +51,7 @@ from .test_crash import apollo, cli_env
 
 MODEL_MB = int(os.environ.get("APOLLO_CAS_S3_FAULT_MODEL_MB", "4"))
 KILLS = int(os.environ.get("APOLLO_CAS_S3_FAULT_KILLS", "6"))
+MAX_KILLS = 3 * KILLS  # rounds go on past KILLS until one kill lands among the uploads
 GC_KILLS = 2
 SEED = int(os.environ.get("APOLLO_CAS_FAULT_SEED", str(int(time.time()) % 100_000)))
 BLOCK = "64KiB"  # many objects per save: kills land between uploads
@@ -105,6 +106,31 @@ def run_killed(at: float, *args: object) -> tuple[bool, float]:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return True, at
+
+
+class KillWindow:
+    """Where kill instants are drawn: from about the end of start-up to the end of a save.
+
+    The first timings can mislead: on a loaded 2-core CI machine the upload phase
+    of a 4 MiB save is a small tail of a start-up of seconds, and six kills drawn
+    from fixed bounds all landed before the first upload (CI of 2026-12-07). So
+    the window learns: a kill that came before any upload raises its start to
+    that instant, a save that finished first lowers its end to the time it took,
+    and a save run to completion widens the end again (the machine's load varies).
+    """
+
+    def __init__(self, start: float, end: float) -> None:
+        self.start, self.end = start, max(end, start + 0.05)
+        self.hit_uploads = False  # a kill landed after the first chunk was written
+
+    def draw(self, rng: random.Random) -> float:
+        return rng.uniform(self.start, self.end)
+
+    def too_early(self, at: float) -> None:
+        self.start = min(max(self.start, at), self.end - 0.05)
+
+    def finished(self, took: float, *, grow: bool = False) -> None:
+        self.end = max(self.end, took) if grow else max(self.start + 0.05, min(self.end, took))
 
 
 class Versions:
@@ -215,29 +241,32 @@ def test_kill_save_and_gc_on_s3(
     v.write(1, src)
     full = timed(*save)
     start_up = timed(*save)
-    prev = 1
-    for i in range(KILLS):
+    window = KillWindow(0.5 * start_up, full)
+    prev, i = 1, 0
+    while i < KILLS or (not window.hit_uploads and i < MAX_KILLS):
         k = i + 2
         v.write(k, src)
         before = backend.get("refs/series/default")
         m0, c0 = object_counts(backend)
-        killed, ran = run_killed(rng.uniform(0.5 * start_up, full), *save)
+        at = window.draw(rng)
+        killed, ran = run_killed(at, *save)
         committed = backend.get("refs/series/default") != before
         m1, c1 = object_counts(backend)
         if not killed:
             save_stats["finished before the kill"] += 1
-            # The first timings ran on a busier machine than this save: the window
-            # shrinks to what a save takes now, so later kills land inside it (on a
-            # loaded 3-worker run every kill of format 1 came too late).
-            full = max(0.5 * start_up + 0.05, min(full, ran))
+            window.finished(ran)
         elif committed:
             save_stats["killed after its ref moved"] += 1
+            window.hit_uploads = True
         elif m1 > m0:
             save_stats["killed between manifest and ref"] += 1
+            window.hit_uploads = True
         elif c1 > c0:
             save_stats["killed while uploading chunks"] += 1
+            window.hit_uploads = True
         else:
             save_stats["killed before uploading"] += 1
+            window.too_early(at)
         check_no_empty_object(inspect, loc)
         assert_verifies(loc)
         prev = k if committed else prev
@@ -248,9 +277,10 @@ def test_kill_save_and_gc_on_s3(
             # Its time is the next window: the machine's load varies.
             t0 = time.monotonic()
             run_ok(*save)
-            full = max(full, time.monotonic() - t0)
+            window.finished(time.monotonic() - t0, grow=True)
             prev = k
-    assert save_stats["killed while uploading chunks"] + save_stats["killed after its ref moved"]
+        i += 1
+    assert window.hit_uploads, f"no kill of {i} landed after the first upload: {save_stats}"
 
     # gc --keep-last 1 after a fresh save forgets the previous version and sweeps
     # all its chunks. First clear what the kills above left, then time one such
