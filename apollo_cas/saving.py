@@ -126,6 +126,7 @@ class SavingStore(Protocol):
     #: "auto", "always" or "never": see ``Store.device_delta``.
     device_delta: str
     device_delta_batch_bytes: int | None
+    device_delta_parent_batch_bytes: int | None
     device_delta_timing: bool
     device_delta_kernels: bool
     device_delta_switch_interval: float | None
@@ -343,6 +344,9 @@ def device_delta_hook(
     from .gpu.delta_hook import make_hook
 
     batch = checked_batch_bytes(store.device_delta_batch_bytes, "Store.device_delta_batch_bytes")
+    parent_batch = checked_batch_bytes(
+        store.device_delta_parent_batch_bytes, "Store.device_delta_parent_batch_bytes"
+    )
     for name, what in (
         ("device_delta_timing", "True times the GPU delta path's steps with CUDA events"),
         ("device_delta_kernels", "False runs the GPU delta path's steps as torch operations"),
@@ -378,6 +382,7 @@ def device_delta_hook(
         block_size,
         store.device_delta,
         batch_bytes=batch,
+        parent_batch_bytes=parent_batch,
         on_stats=keep,
         switch=None if switch is None else float(switch),
     )

@@ -80,6 +80,10 @@ class Store:
         #: Changed blocks per batch of that path, in bytes (device scratch and pinned
         #: memory grow with it, docs/GPU_DELTA.md); None: its default, 256 MiB.
         self.device_delta_batch_bytes: int | None = None
+        #: Parent blocks the restore pipeline decodes per batch for that path, in bytes
+        #: (at least one batch of changed blocks; a batch is then used as several
+        #: pieces); None: one batch of changed blocks.
+        self.device_delta_parent_batch_bytes: int | None = None
         #: Time that path's device steps with CUDA events too (``DeltaSaveStats.steps``).
         #: Off by default: the events are 16 of the ~90 operations the one device thread
         #: queues per batch, and that thread is what limits the step (docs/GPU_DELTA.md);

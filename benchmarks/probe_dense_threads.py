@@ -253,6 +253,12 @@ def main() -> None:
         help="also plain steps with each Store.device_delta_read_threads (comma-separated; "
         "0: the pipeline's default), in --rounds rounds",
     )
+    ap.add_argument(
+        "--parent-batch-ab",
+        default="",
+        help="also plain steps at each Store.device_delta_parent_batch_bytes (sizes, "
+        "comma-separated; 0: one piece), in --rounds alternating rounds",
+    )
     ap.add_argument("--out", default="dense_threads.json")
     args = ap.parse_args()
     work = Path(args.dir)
@@ -342,6 +348,11 @@ def main() -> None:
     variants += [
         ("read_threads", "device_delta_read_threads", int(x) or None)
         for x in args.read_threads_ab.split(",")
+        if x
+    ]
+    variants += [
+        ("parent_batch_bytes", "device_delta_parent_batch_bytes", parse_size(x) or None)
+        for x in args.parent_batch_ab.split(",")
         if x
     ]
     for rnd in range(args.rounds if variants else 0):

@@ -69,18 +69,23 @@ def make_hook(
     block_size: int,
     mode: str = "auto",
     batch_bytes: int | None = None,
+    parent_batch_bytes: int | None = None,
     on_stats: Callable[[DeltaSaveStats], None] | None = None,
     switch: float | None = None,
 ) -> DeviceDeltaHook | None:
     """The GPU delta hook for a save of ``source`` into ``store`` (None: not usable here).
 
-    ``switch``: the interpreter's switch interval while the path runs (None: as it is).
+    ``batch_bytes``: changed blocks per piece (the saver's scratch); ``parent_batch_bytes``:
+    parent blocks per batch of the restore pipeline that decodes them (at least a piece;
+    None: one piece). ``switch``: the interpreter's switch interval while the path runs
+    (None: as it is).
     """
     dev = delta_device(source, mode)
     if dev is None:
         return None
     tensors = source.tensors()
     batch = DEFAULT_BATCH_BYTES if batch_bytes is None else int(batch_bytes)
+    parent_batch = max(block_size, batch, parent_batch_bytes or 0)
 
     def hook(
         wanted: Sequence[BlockRequest],
@@ -98,7 +103,7 @@ def make_hook(
         pipe = store.restore_pipeline(
             block_size,
             dev,
-            batch_bytes=max(block_size, batch),
+            batch_bytes=parent_batch,
             workers=workers,
             read_workers=store.device_delta_read_threads,
         )

@@ -27,11 +27,13 @@ full chunks, as ``codecs.encode`` does for a base it cannot load). A delta large
 ``DELTA_ACCEPT_FRACTION`` of the block is compared against the block's full encoding
 on the host (the live block is fetched for it), as ``codecs.encode`` does.
 
-Memory, independent of model size, with ``batch_bytes = B`` (default 256 MiB, also the
-restore pipeline's batch): device scratch 5 B (parent rows in two halves, live rows, planes, packed
-planes) plus the pipeline's (measured 0.58-1.13 GB at 256 MiB, docs/GPU_RESTORE.md);
-pinned host 2 B (two slots) plus the pipeline's (0.63-1.17 GB); deltas waiting for a
-comparison with their full encoding hold at most about B more.
+Memory, independent of model size, with ``batch_bytes = B`` per piece (default 256 MiB)
+and ``P`` per batch of the restore pipeline (``Store.device_delta_parent_batch_bytes``,
+at least B; default B): device scratch 3 B + 2 P (live rows, planes, packed planes; parent
+rows in two halves) plus the pipeline's (measured 0.58-1.13 GB at 256 MiB,
+docs/GPU_RESTORE.md); pinned host 2 B (two slots) plus the pipeline's (0.63-1.17 GB at
+256 MiB); deltas waiting for a comparison with their full encoding hold at most about B
+more.
 """
 
 from __future__ import annotations
@@ -135,12 +137,16 @@ class GpuDeltaSaver:
             return fallback
         jobs = sorted(jobs, key=lambda j: (j.w, j.itemsize))  # one width per piece of a batch
         bs = self.block_size
+        # Parent rows per pipeline batch, and live rows per piece: a pipeline batch may
+        # be larger than a piece (Store.device_delta_parent_batch_bytes), then it is
+        # used as several pieces one after the other.
         rows = max(1, self.pipe.batch_bytes // bs)
-        self.rows = rows
-        nbytes = min(rows, len(jobs)) * bs
+        piece = self._piece_rows = min(self.rows, rows)
+        nbytes = min(piece, len(jobs)) * bs
         halves = 2 if len(jobs) > rows else 1
         dev = self.device
-        self._parent = torch.empty(halves * nbytes, dtype=torch.uint8, device=dev)
+        parent_bytes = halves * min(rows, len(jobs)) * bs
+        self._parent = torch.empty(parent_bytes, dtype=torch.uint8, device=dev)
         # Codec 4 (when the release and policy try it): positions and values of the
         # changed elements, found on the device, for at most `cap` elements per batch
         # (1/32 of its bytes; the benchmark's step changes ~1.2% of bf16 elements).
@@ -165,7 +171,7 @@ class GpuDeltaSaver:
         # Whole rows, viewed once: a piece's rows are a slice of it (no torch call).
         self._parent_rows = self._parent.view(-1, bs)
         self._kernel_steps = (
-            KernelSteps(self.live, bs, self.kernel, rows, dev, bufs, self._parent_rows)
+            KernelSteps(self.live, bs, self.kernel, piece, dev, bufs, self._parent_rows)
             if self.kernel is not None and self.kernel_steps
             else None
         )
@@ -177,7 +183,7 @@ class GpuDeltaSaver:
         self._tally = tally
         self.stats.pinned_bytes = 2 * nbytes + 2 * 12 * cap
         # + the planes' 12 bytes per element and sparse_planes' index temporaries
-        self.stats.device_scratch_bytes = (3 + halves) * nbytes + 12 * cap + 12 * cap + 48 * cap
+        self.stats.device_scratch_bytes = 3 * nbytes + parent_bytes + 12 * cap + 12 * cap + 48 * cap
         with (
             ThreadPoolExecutor(self.workers, thread_name_prefix="apollo-delta") as pool,
             ThreadPoolExecutor(1, thread_name_prefix="apollo-delta-device") as device_thread,
@@ -266,7 +272,8 @@ class GpuDeltaSaver:
 
     def _use_batch(self, batch: Sequence[DeltaJob], rows: Sequence[int], ready: Any) -> None:
         """Split one decoded pipeline batch into contiguous pieces of one element width
-        (on the device thread; ``ready``: the CUDA event after its rows were placed)."""
+        and at most a piece's rows (on the device thread; ``ready``: the CUDA event after
+        its rows were placed)."""
         if self._stream is not None:
             self._stream.wait_event(ready)
         start = 0
@@ -274,6 +281,7 @@ class GpuDeltaSaver:
             b = batch[start]
             if (
                 r == len(batch)
+                or r - start == self._piece_rows
                 or rows[r] != rows[r - 1] + 1
                 or (batch[r].w, batch[r].itemsize) != (b.w, b.itemsize)
             ):

@@ -436,8 +436,46 @@ def test_small_batches_through_the_store_give_the_cpu_paths_chunks(tmp_path: Pat
         assert torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)), k
 
 
+def test_parent_batches_larger_than_a_piece_are_used_as_pieces(tmp_path: Path) -> None:
+    """``Store.device_delta_parent_batch_bytes`` of six blocks beside pieces of two: the
+    pipeline decodes three batches, each used as pieces of at most two rows (its rows
+    in the halves of a larger parent scratch); the chunks are the CPU path's, byte for
+    byte, and a damaged parent chunk sends only its pipeline batch to the CPU path."""
+    stores = {mode: open_store(tmp_path / mode, mode) for mode in ("always", "never")}
+    fast = stores["always"]
+    fast.device_delta_batch_bytes = 2 * BS
+    fast.device_delta_parent_batch_bytes = 6 * BS
+    m = model()
+    for st in stores.values():
+        save(st, m)
+    for step in (1, 2):
+        dense_step(m, step)
+        for st in stores.values():
+            save(st, m)
+        stats = fast.last_device_delta
+        assert stats.pipeline["batches"] == 3 and stats.fallback_blocks == 0
+        assert stats.batches >= 7  # 14 blocks in pieces of at most 2
+        assert chunk_files(tmp_path / "always") == chunk_files(tmp_path / "never")
+    from apollo_cas.gpu.restore import memory_bound
+
+    bound = memory_bound(6 * BS, BS)["device_scratch"]
+    # live rows, planes, packed planes of a piece; two halves of a pipeline batch
+    assert stats.device_scratch_bytes <= 3 * 2 * BS + 2 * 6 * BS + bound
+    parent = fast.manifest(fast.resolve("latest"))
+    flip_last_byte(fast, {t.name: t for t in parent.tensors}["w32"].chunks[2])
+    dense_step(m, 3)
+    save(fast, m)
+    stats = fast.last_device_delta
+    assert stats.damaged_batches == 1 and 2 <= stats.fallback_blocks <= 6
+    loaded = fast.load("latest")
+    for k, v in m.items():
+        assert torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
 BAD_KNOBS = [
-    ("device_delta_batch_bytes", b, "must be a positive") for b in (0, -BS, "256MiB", 1.5, True)
+    (knob, b, "must be a positive")
+    for knob in ("device_delta_batch_bytes", "device_delta_parent_batch_bytes")
+    for b in (0, -BS, "256MiB", 1.5, True)
 ]
 BAD_KNOBS += [
     (knob, b, "must be True or False")
