@@ -45,6 +45,19 @@ def test_cli_start_up_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_a_restore_worker_imports_only_the_chunk_reader() -> None:
+    """A restore starts one decode worker process per core; each imports what reads
+    chunks, not the whole API (the store, the save path): ``apollo_cas`` imports its
+    public names on first use."""
+    code = (
+        "import sys, apollo_cas.decode_worker; "
+        "print(sorted(m for m in ('apollo_cas.store', 'apollo_cas.saving', "
+        "'apollo_cas.restoring', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_ci_runs_exactly_the_readmes_test_command() -> None:
     """`.ci/run`'s last command is the README's step 2, word for word."""
     readme = (ROOT / "README.md").read_text().splitlines()
