@@ -10,6 +10,10 @@ prepared buffer, in 1 MiB pieces, into
 * ``one-file-mmap-populate``: the same with ``MADV_POPULATE_WRITE`` on each range first;
 * ``one-file-pwrite``: disjoint ranges of one file with ``pwrite``;
 * ``own-file-mmap``: a file per process (a restore to shards);
+* ``one-file-fallocated-mmap``: one file whose pages the parent allocates first with
+  ``posix_fallocate`` (timed apart, and in the wall time), then ``one-file-mmap``'s
+  writes: whether one process allocating tmpfs pages, with the writers only mapping
+  them, beats writers that each allocate (16 of them share one inode's page cache);
 
 and reports GB/s for each, so a restore's rate can be read against what the kernel
 allows for its target.
@@ -74,8 +78,16 @@ def run(mode: str, root: Path, procs: int, per_proc: int) -> dict[str, Any]:
         with open(p, "wb") as f:
             f.truncate(per_proc * procs)
         jobs = [(mode, str(p), i * per_proc, per_proc) for i in range(procs)]
+    alloc = 0.0
     with mp.get_context("fork").Pool(procs) as pool:
         t0 = time.perf_counter()
+        if mode == "one-file-fallocated-mmap":
+            fd = os.open(root / "out", os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, per_proc * procs)
+            finally:
+                os.close(fd)
+            alloc = time.perf_counter() - t0
         times = pool.map(_worker, jobs)
         wall = time.perf_counter() - t0
     shutil.rmtree(root, ignore_errors=True)
@@ -87,6 +99,7 @@ def run(mode: str, root: Path, procs: int, per_proc: int) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "gb_per_s": round(total / wall / GB, 2),
         "slowest_proc_s": round(max(times), 3),
+        "fallocate_s": round(alloc, 3),
     }
 
 
@@ -97,7 +110,13 @@ def main() -> None:
     ap.add_argument("--per-proc", type=int, default=1 << 30, help="bytes per process")
     ap.add_argument("--out", default="shm_writes.json")
     args = ap.parse_args()
-    modes = ["one-file-mmap", "one-file-mmap-populate", "one-file-pwrite", "own-file-mmap"]
+    modes = [
+        "one-file-mmap",
+        "one-file-mmap-populate",
+        "one-file-pwrite",
+        "own-file-mmap",
+        "one-file-fallocated-mmap",
+    ]
     rows = []
     for procs in (int(p) for p in args.procs.split(",")):
         for mode in modes:
