@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import codecs, layout
-from .inventory import LooseInventory, PackIndex, PackWriter, write_index
+from .inventory import LooseInventory, PackIndex
 from .manifest import DEFAULT_PACK_SIZE, StoreConfig
+from .pack_objects import PackWriter, write_index
 from .parallel import bounded_map
 from .store import Store
 

@@ -30,14 +30,8 @@ from dataclasses import dataclass, field
 from . import layout, packs
 from .backends.base import ObjectInfo
 from .errors import ApolloError, ObjectNotFound
-from .inventory import (
-    PackIndex,
-    PackInventory,
-    PackWriter,
-    iter_pack_keys,
-    read_trailer,
-    write_index,
-)
+from .inventory import PackIndex, PackInventory
+from .pack_objects import PackWriter, iter_pack_keys, read_trailer, write_index
 from .parallel import bounded_map
 
 #: Default of ``gc --max-unused``: a pack with more than this fraction of its
@@ -69,7 +63,7 @@ class PackPlan:
 
     def _new_packs(self) -> list[tuple[int, int]]:
         """(size, entry count) of each pack the copy writes, as
-        :class:`~apollo_cas.inventory.PackWriter` seals them."""
+        :class:`~apollo_cas.pack_objects.PackWriter` seals them."""
         out = []
         n = open_bytes = 0
         for _, _, e in self.copy:

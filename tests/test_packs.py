@@ -25,7 +25,8 @@ from apollo_cas.backends.base import Backend
 from apollo_cas.backends.local import LocalBackend
 from apollo_cas.errors import CorruptChunk, StoreError
 from apollo_cas.hashing import digest_hex
-from apollo_cas.inventory import PackIndex, PackWriter, read_trailer
+from apollo_cas.inventory import PackIndex
+from apollo_cas.pack_objects import PackWriter, read_trailer
 from apollo_cas.store import Store
 from apollo_cas.verify import verify
 from tests.backends.wrappers import ForwardingBackend
