@@ -17,7 +17,8 @@ Here, per batch of at most ``batch_bytes`` of changed blocks:
    and copied to a pinned host slot;
 4. host threads zstd-compress those planes (an all-zero plane's frame is a constant)
    and write codec-3 chunks (:mod:`apollo_cas.gpu.delta_encode`) that today's decoder
-   reads unchanged, while the device works on the next batch.
+   reads unchanged, while the device works on the next batch
+   (:mod:`apollo_cas.gpu.delta_writer`).
 
 Fallbacks to the CPU path (``write_source``'s ordinary device branch), per block: a
 block shorter than ``block_size`` (tensor tails), a block without a usable base (new
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,21 +49,17 @@ from typing import Any
 import torch
 
 from ..chunkstore import ChunkStore
-from ..codecs.envelope import Blob
 from ..errors import CorruptChunk
 from ..sources.base import BlockRequest
 from .blocks import kernel_module
 from .delta_encode import (
     SPARSE_MAX_FRACTION,
-    DeltaBlob,
     SparsePlanes,
-    choose,
-    encode_delta,
-    outright_many,
     sparse_outright,
     sparse_wanted,
 )
 from .delta_jobs import DEFAULT_BATCH_BYTES, DeltaJob, DeltaSaveStats, TallyFn
+from .delta_writer import DeltaWriter, collect
 from .device_steps import Events
 from .piece_steps import Buffers, KernelSteps, PieceSteps, TorchSteps
 from .restore import Place, memory_bound
@@ -115,9 +111,6 @@ class GpuDeltaSaver:
         self.stats = DeltaSaveStats()
         #: Also try codec 4 (a release with it and a policy that tries it).
         self._sparse = sparse_wanted(self.policy) if sparse is None else sparse
-        # A store that writes chunks in order from one thread (pack files, store format
-        # 2) gets them from the caller's thread; one object per chunk: from the pool.
-        self._ordered = bool(getattr(chunks, "ordered_writes", False))
 
     def run(self, jobs: Sequence[DeltaJob], tally: TallyFn) -> list[int]:
         """Store every job; returns the wanted-indices the CPU path must still store.
@@ -178,9 +171,6 @@ class GpuDeltaSaver:
         self._in_slot: list[list[Future[Any]]] = [[], []]
         self._k = 0
         self._stream = torch.cuda.Stream(device=dev) if self.cuda else None
-        self._compare_list: list[tuple[DeltaJob, DeltaBlob]] = []
-        self._compare_lock = threading.Lock()
-        self._tally = tally
         self.stats.pinned_bytes = 2 * nbytes + 2 * 12 * cap
         # + the planes' 12 bytes per element and sparse_planes' index temporaries
         self.stats.device_scratch_bytes = 3 * nbytes + parent_bytes + 12 * cap + 12 * cap + 48 * cap
@@ -189,9 +179,17 @@ class GpuDeltaSaver:
             ThreadPoolExecutor(1, thread_name_prefix="apollo-delta-device") as device_thread,
             ThreadPoolExecutor(1, thread_name_prefix="apollo-delta-store") as store_thread,
         ):
-            self._pool = pool
-            self._store_thread = store_thread if self._ordered else None
-            self._stored: list[Future[None]] = []
+            self._writer = DeltaWriter(
+                self.chunks,
+                self.block_size,
+                self.stats,
+                tally,
+                pool,
+                store_thread,
+                sparse=self._sparse,
+                fetch=self.fetch,
+                compare_every=self.rows,
+            )
             inflight: list[Future[None]] = []
 
             def drain() -> None:
@@ -256,9 +254,8 @@ class GpuDeltaSaver:
                 i += len(seg)
                 probe = False
             for slot in self._in_slot:
-                self._collect(slot)
-            self._stored_done(wait_all=True)
-        self._compare(self._compare_list, self._compare_lock, tally)
+                collect(slot)
+            self._writer.finish()
         self.stats.fallback_blocks = len(fallback)
         self.stats.pipeline = self.pipe.stats.to_dict()
         bound = memory_bound(self.pipe.batch_bytes, bs)
@@ -332,7 +329,7 @@ class GpuDeltaSaver:
             kept = len(packed_q) * m
             # Slot k % 2 is free once piece k-2's planes are encoded.
             tw = time.perf_counter()
-            self._collect(self._in_slot[k % 2])
+            collect(self._in_slot[k % 2])
             self.stats.wait_s += time.perf_counter() - tw
             host = self._slots[k % 2]
             ev.mark("slot_wait")
@@ -383,134 +380,10 @@ class GpuDeltaSaver:
         ]
         t3 = time.perf_counter()
         host_steps["assemble"] = host_steps.get("assemble", 0.0) + t3 - t2
-        # A task per group of blocks, not per block: a submit is ~28 us of the pipeline
-        # thread's time (24,602 of them: 0.68 s of a 17 GB dense step on the H200).
-        step = max(1, -(-n // (4 * self.workers)))
-        futs = [
-            self._pool.submit(self._encode_many, items[a : a + step]) for a in range(0, n, step)
-        ]
-        self._in_slot[k % 2] = futs
+        self._in_slot[k % 2] = self._writer.piece(items, self.workers)
         self.stats.batches += 1
         self.stats.blocks += n
-        compare = len(self._compare_list) >= self.rows
-        if self._store_thread is not None:
-            # Stored in order by the store thread, not here: ~9 us of Python per chunk
-            # (256 per piece) on the thread every piece waits for.
-            self._stored_done(wait_all=False)
-            self._stored.append(self._store_thread.submit(self._store, list(futs), compare))
-        elif compare:
-            self._compare(self._compare_list, self._compare_lock, self._tally)
         host_steps["submit"] = host_steps.get("submit", 0.0) + time.perf_counter() - t3
-
-    def _encode(
-        self,
-        job: DeltaJob,
-        views: list[Any],
-        changes: Any = None,
-        changed: int | None = None,
-        dropped: bool = False,
-    ) -> tuple[DeltaJob, Blob] | None:
-        bs = self.block_size
-        d = encode_delta(
-            views,
-            job.w,
-            bs,
-            job.base,
-            job.depth,
-            self.policy.level,
-            job.itemsize,
-            self._sparse,
-            changes,
-            changed,
-            dropped,
-        )
-        return self._keep(job, d)
-
-    def _keep(self, job: DeltaJob, d: DeltaBlob) -> tuple[DeltaJob, Blob] | None:
-        """Store an encoded delta (or queue it for comparison with the full encoding);
-        returns it instead where the caller's thread stores chunks in order."""
-        bs = self.block_size
-        if not d.accepted:
-            with self._compare_lock:
-                self._compare_list.append((job, d))
-            return None
-        assert d.blob is not None
-        if self._ordered:
-            return job, d.blob  # stored by the caller's thread, in order
-        self._tally(self.chunks.put_encoded(job.cid, d.blob, job.base, bs), bs)
-        return None
-
-    def _encode_many(self, items: Sequence[tuple[Any, ...]]) -> list[tuple[DeltaJob, Blob]]:
-        """:meth:`_encode` of each item; the chunks left for the caller to store in order.
-
-        Blocks taken as codec 4 outright have their frames made together
-        (:func:`~apollo_cas.gpu.delta_encode.outright_many`), the same bytes."""
-        outright = [it for it in items if it[4] and isinstance(it[2], SparsePlanes)]
-        made = outright_many(
-            [(ch, job.itemsize, job.base, job.depth) for job, _, ch, _, _ in outright],
-            self.block_size,
-            self.policy.level,
-        )
-        ready = {id(it): d for it, d in zip(outright, made, strict=True) if d is not None}
-        out = []
-        for item in items:
-            d = ready.get(id(item))
-            got = self._encode(*item) if d is None else self._keep(item[0], d)
-            if got is not None:
-                out.append(got)
-        return out
-
-    def _collect(self, futs: list[Future[Any]]) -> None:
-        """Wait for one piece's encodings (their errors raise here). The store thread
-        stores them where writes are in order; else the encoders did."""
-        for f in futs:
-            f.result()
-        futs.clear()
-
-    def _store(self, futs: Sequence[Future[Any]], compare: bool) -> None:
-        """On the store thread: one piece's chunks, in order, once encoded; then the
-        deltas waiting for a comparison, when the piece asked for it."""
-        bs = self.block_size
-        for f in futs:
-            for job, blob in f.result():
-                self._tally(self.chunks.put_encoded(job.cid, blob, job.base, bs), bs)
-        if compare:
-            self._compare(self._compare_list, self._compare_lock, self._tally)
-
-    def _stored_done(self, wait_all: bool) -> None:
-        """Raise the store thread's first error, if any; bound what it has queued (at most
-        four pieces' chunks wait for it), or wait for all of it."""
-        while self._stored and (wait_all or len(self._stored) > 4 or self._stored[0].done()):
-            self._stored.pop(0).result()
-
-    def _compare(
-        self,
-        compare: list[tuple[DeltaJob, DeltaBlob]],
-        lock: threading.Lock,
-        tally: TallyFn,
-    ) -> None:
-        """Deltas above the accept fraction against the full encoding of the live block."""
-        with lock:
-            todo = list(compare)
-            compare.clear()
-        if not todo:
-            return
-        t0 = time.perf_counter()
-        bs = self.block_size
-        reqs = [BlockRequest(j.tensor, j.offset, bs) for j, _ in todo]
-        if self.fetch is None:
-            raise RuntimeError("a delta needs its full encoding to compare, and no fetch was given")
-        for i, view in self.fetch(reqs):
-            job, d = todo[i]
-            blob = choose(d, view, self.policy, job.itemsize)
-            self.stats.d2h_bytes += bs
-            self.stats.compared_blocks += 1
-            is_delta = blob is d.blob
-            if not is_delta:
-                self.stats.full_chunks += 1
-            base = job.base if is_delta else None
-            tally(self.chunks.put_encoded(job.cid, blob, base, bs), bs)
-        self.stats.compare_s += time.perf_counter() - t0
 
 
 class _CallbackError(Exception):
