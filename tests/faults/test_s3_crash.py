@@ -294,17 +294,23 @@ def test_kill_save_and_gc_on_s3(
     marking = timed(*gc, "--dry-run")
     duration = timed(*gc)
     sweep_from = 0.9 * marking if marking < duration else 0.5 * start_up
+    # The sweep's window learns like the saves' (a loaded run had every gc finish first).
+    sweeps = KillWindow(sweep_from, duration)
     for j in range(GC_KILLS):
         k = KILLS + 3 + j
         v.write(k, src)
         run_ok(*save)
         m0, c0 = object_counts(backend)
-        killed, _ = run_killed(rng.uniform(0.5 * start_up if j == 0 else sweep_from, duration), *gc)
+        at = rng.uniform(0.5 * start_up, duration) if j == 0 else sweeps.draw(rng)
+        killed, ran = run_killed(at, *gc)
         m1, c1 = object_counts(backend)
         if not killed:
             gc_stats["finished before the kill"] += 1
+            sweeps.finished(ran)
         elif (m1, c1) == (m0, c0):
             gc_stats["killed before deleting"] += 1
+            if j:
+                sweeps.too_early(at)
         elif c1 == c0:
             gc_stats["killed after forgetting, before the sweep"] += 1
         else:
