@@ -484,6 +484,18 @@ def test_save_checkpoint_dir_without_source_imports(seed_root, run_cli):
     assert "nothing new to import" in again.stdout
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (Linux: ``SigCgt`` in its status)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
 def test_sigterm_prints_one_line_exits_143_and_releases_its_lock(three, files, run_cli):
     store, _ = three
     # An exclusive lock of this (live) process makes the save wait: a quiet moment
@@ -498,10 +510,15 @@ def test_sigterm_prints_one_line_exits_143_and_releases_its_lock(three, files, r
             text=True,
             env=env,
         )
-        # Deliver it once the save is waiting: its lock attempts come and go in
-        # locks/ (startup takes a second or two; allow a loaded machine 20 s).
-        deadline = time.time() + 20
-        while time.time() < deadline and p.poll() is None:
+        # Deliver it once the save is waiting: its SIGTERM handler is installed (the
+        # kernel lists the signal as caught; before that a signal kills Python without a
+        # word) and a lock attempt came and went in locks/ (start-up takes a second or
+        # two; on a loaded machine much longer, and its lock wait gives up after 60 s).
+        deadline = time.time() + 50
+        while time.time() < deadline and p.poll() is None and not catches_sigterm(p.pid):
+            time.sleep(0.01)
+        seen_by = time.time() + 5
+        while time.time() < seen_by and p.poll() is None:
             if set(os.listdir(store / "locks")) - set(before):
                 break
             time.sleep(0.002)
