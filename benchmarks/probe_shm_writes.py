@@ -99,7 +99,7 @@ def run(mode: str, root: Path, procs: int, per_proc: int) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "gb_per_s": round(total / wall / GB, 2),
         "slowest_proc_s": round(max(times), 3),
-        "fallocate_s": round(alloc, 3),
+        "fallocate_s": round(alloc, 6),
     }
 
 

@@ -450,3 +450,44 @@ def test_bench_restore_refuses_bad_shard_options(args: list[str], match: str) ->
         [sys.executable, str(BENCH / "bench_restore.py"), *args], capture_output=True, text=True
     )
     assert p.returncode == 2 and match in p.stderr, p.stderr
+
+
+def test_probe_cpu_restore_smoke(tmp_path: Path) -> None:
+    """benchmarks/probe_cpu_restore.py at a tiny size: both decoders restore both forms,
+    each form's bytes alike across decoders, with the workers' CPU where they are processes."""
+    got = run_script(
+        tmp_path,
+        "probe_cpu_restore.py",
+        "--size",
+        "4MiB",
+        "--workers",
+        "2",
+        "--rounds",
+        "1",
+        "--shard-size",
+        "1MiB",
+    )
+    rows = {(r["format"], r["decoder"]): r for r in got["restores"]}
+    assert set(rows) == {(f, d) for f in ("flat", "safetensors") for d in ("processes", "threads")}
+    assert rows["safetensors", "threads"]["files"] > 2  # shards and their index
+    assert rows["flat", "processes"]["workers_cpu_user_s"] > 0
+    assert rows["flat", "threads"]["workers_cpu_user_s"] == 0
+    assert got["start_up"][0]["workers"] == 2 and got["start_up"][0]["wall_s"] > 0
+
+
+def test_probe_shm_writes_smoke(tmp_path: Path) -> None:
+    """benchmarks/probe_shm_writes.py with 2 MiB per process: every mode writes every byte,
+    and only the fallocated mode spends time allocating first."""
+    import json
+    import subprocess
+
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(BENCH / "probe_shm_writes.py"), "--dir", str(tmp_path / "w")]
+    cmd += ["--procs", "2", "--per-proc", str(2 << 20), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = {row["mode"]: row for row in json.loads(out.read_text())["runs"]}
+    assert "one-file-fallocated-mmap" in runs and len(runs) == 5
+    assert all(row["bytes"] == 4 << 20 for row in runs.values())
+    assert runs["one-file-fallocated-mmap"]["fallocate_s"] > 0
+    assert runs["one-file-mmap"]["fallocate_s"] == 0
