@@ -491,3 +491,27 @@ def test_probe_shm_writes_smoke(tmp_path: Path) -> None:
     assert all(row["bytes"] == 4 << 20 for row in runs.values())
     assert runs["one-file-fallocated-mmap"]["fallocate_s"] > 0
     assert runs["one-file-mmap"]["fallocate_s"] == 0
+
+
+def test_probe_dense_threads_parent_batch_ab_smoke(tmp_path: Path) -> None:
+    """benchmarks/probe_dense_threads.py on the CPU: the parent-batch A/B's steps run the
+    GPU delta path's code (no error) at each setting, 0 being the default. (At this size
+    no setting exceeds a piece; tests/gpu/test_delta_save.py tests batches that do.)"""
+    got = run_script(
+        tmp_path,
+        "probe_dense_threads.py",
+        "--size",
+        "8MiB",
+        "--device",
+        "cpu",
+        "--modes",
+        "plain",
+        "--rounds",
+        "1",
+        "--parent-batch-ab",
+        "0,4MiB",
+    )
+    rows = got["variants"]
+    assert [r["parent_batch_bytes"] for r in rows] == [None, 4 << 20]
+    for r in rows:
+        assert r["error"] is None and r["stored_bytes"] > 0
