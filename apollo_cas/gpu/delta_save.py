@@ -185,6 +185,7 @@ class GpuDeltaSaver:
                 self.stats,
                 tally,
                 pool,
+                self.workers,
                 store_thread,
                 sparse=self._sparse,
                 fetch=self.fetch,
@@ -380,7 +381,7 @@ class GpuDeltaSaver:
         ]
         t3 = time.perf_counter()
         host_steps["assemble"] = host_steps.get("assemble", 0.0) + t3 - t2
-        self._in_slot[k % 2] = self._writer.piece(items, self.workers)
+        self._in_slot[k % 2] = self._writer.piece(items)
         self.stats.batches += 1
         self.stats.blocks += n
         host_steps["submit"] = host_steps.get("submit", 0.0) + time.perf_counter() - t3

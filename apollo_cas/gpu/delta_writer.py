@@ -38,7 +38,7 @@ def collect(futs: list[Future[Any]]) -> None:
 class DeltaWriter:
     """Encodes and stores the pieces of one saver run.
 
-    ``pool`` runs the encoders; ``store_thread`` stores a piece's chunks in order where
+    ``pool`` runs the encoders (``workers`` threads); ``store_thread`` stores a piece's chunks in order where
     ``chunks`` writes in order (pack files, store format 2), else the encoders store
     them as they finish. Deltas queued for a comparison with their full encoding are
     compared once ``compare_every`` of them wait, and at :meth:`finish`.
@@ -51,6 +51,7 @@ class DeltaWriter:
         stats: DeltaSaveStats,
         tally: TallyFn,
         pool: ThreadPoolExecutor,
+        workers: int,
         store_thread: ThreadPoolExecutor,
         *,
         sparse: bool,
@@ -63,6 +64,7 @@ class DeltaWriter:
         self.stats = stats
         self.tally = tally
         self.pool = pool
+        self.workers = workers
         self.sparse = sparse
         self.fetch = fetch
         self.compare_every = compare_every
@@ -72,13 +74,13 @@ class DeltaWriter:
         self._compare_list: list[tuple[DeltaJob, DeltaBlob]] = []
         self._compare_lock = threading.Lock()
 
-    def piece(self, items: Sequence[Item], workers: int) -> list[Future[Any]]:
+    def piece(self, items: Sequence[Item]) -> list[Future[Any]]:
         """Queue one piece's blocks for encoding; returns the encoders' futures (the
         piece's pinned slot is free once they are done: :func:`collect`)."""
         n = len(items)
         # A task per group of blocks, not per block: a submit is ~28 us of the pipeline
         # thread's time (24,602 of them: 0.68 s of a 17 GB dense step on the H200).
-        step = max(1, -(-n // (4 * workers)))
+        step = max(1, -(-n // (4 * self.workers)))
         futs = [self.pool.submit(self._encode_many, items[a : a + step]) for a in range(0, n, step)]
         compare = len(self._compare_list) >= self.compare_every
         if self.store_thread is not None:
