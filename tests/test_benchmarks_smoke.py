@@ -478,15 +478,8 @@ def test_probe_cpu_restore_smoke(tmp_path: Path) -> None:
 def test_probe_shm_writes_smoke(tmp_path: Path) -> None:
     """benchmarks/probe_shm_writes.py with 2 MiB per process: every mode writes every byte,
     and only the fallocated mode spends time allocating first."""
-    import json
-    import subprocess
-
-    out = tmp_path / "out.json"
-    cmd = [sys.executable, str(BENCH / "probe_shm_writes.py"), "--dir", str(tmp_path / "w")]
-    cmd += ["--procs", "2", "--per-proc", str(2 << 20), "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    runs = {row["mode"]: row for row in json.loads(out.read_text())["runs"]}
+    got = run_script(tmp_path, "probe_shm_writes.py", "--procs", "2", "--per-proc", str(2 << 20))
+    runs = {row["mode"]: row for row in got["runs"]}
     assert "one-file-fallocated-mmap" in runs and len(runs) == 5
     assert all(row["bytes"] == 4 << 20 for row in runs.values())
     assert runs["one-file-fallocated-mmap"]["fallocate_s"] > 0

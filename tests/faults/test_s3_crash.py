@@ -129,8 +129,13 @@ class KillWindow:
     def too_early(self, at: float) -> None:
         self.start = min(max(self.start, at), self.end - 0.05)
 
-    def finished(self, took: float, *, grow: bool = False) -> None:
-        self.end = max(self.end, took) if grow else max(self.start + 0.05, min(self.end, took))
+    def finished_first(self, took: float) -> None:
+        """The command ended before its kill, after ``took`` seconds."""
+        self.end = max(self.start + 0.05, min(self.end, took))
+
+    def completed(self, took: float) -> None:
+        """An uninterrupted run took ``took`` seconds: the window reaches that far."""
+        self.end = max(self.end, took)
 
 
 class Versions:
@@ -254,7 +259,7 @@ def test_kill_save_and_gc_on_s3(
         m1, c1 = object_counts(backend)
         if not killed:
             save_stats["finished before the kill"] += 1
-            window.finished(ran)
+            window.finished_first(ran)
         elif committed:
             save_stats["killed after its ref moved"] += 1
             window.hit_uploads = True
@@ -277,7 +282,7 @@ def test_kill_save_and_gc_on_s3(
             # Its time is the next window: the machine's load varies.
             t0 = time.monotonic()
             run_ok(*save)
-            window.finished(time.monotonic() - t0, grow=True)
+            window.completed(time.monotonic() - t0)
             prev = k
         i += 1
     assert window.hit_uploads, f"no kill of {i} landed after the first upload: {save_stats}"
@@ -306,7 +311,7 @@ def test_kill_save_and_gc_on_s3(
         m1, c1 = object_counts(backend)
         if not killed:
             gc_stats["finished before the kill"] += 1
-            sweeps.finished(ran)
+            sweeps.finished_first(ran)
         elif (m1, c1) == (m0, c0):
             gc_stats["killed before deleting"] += 1
             if j:
