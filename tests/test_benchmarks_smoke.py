@@ -193,14 +193,16 @@ def test_targets_are_judged_as_stated(bench: tuple[ModuleType, ...]) -> None:
     assert "| save | s | restic |" in "\n".join(compare.target_lines(rows))
 
 
-def run_script(tmp_path: Path, script: str, *args: str) -> Any:
-    """Run ``benchmarks/<script>`` in a subprocess with a work dir and a JSON output
-    under ``tmp_path``; the JSON it wrote."""
+def run_script(tmp_path: Path, script: str, *args: str, work_dir: bool = True) -> Any:
+    """Run ``benchmarks/<script>`` in a subprocess with a work dir (``--dir``, unless
+    ``work_dir`` is false) and a JSON output under ``tmp_path``; the JSON it wrote."""
     import json
     import subprocess
 
     out = tmp_path / "out.json"
-    cmd = [sys.executable, str(BENCH / script), *args, "--dir", str(tmp_path / "w")]
+    cmd = [sys.executable, str(BENCH / script), *args]
+    if work_dir:
+        cmd += ["--dir", str(tmp_path / "w")]
     r = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(out.read_text())
@@ -484,6 +486,30 @@ def test_probe_shm_writes_smoke(tmp_path: Path) -> None:
     assert all(row["bytes"] == 4 << 20 for row in runs.values())
     assert runs["one-file-fallocated-mmap"]["fallocate_s"] > 0
     assert runs["one-file-mmap"]["fallocate_s"] == 0
+
+
+def test_probe_frame_sizes_smoke(tmp_path: Path) -> None:
+    """benchmarks/probe_frame_sizes.py at 4 MiB on the CPU: each frame size cuts the
+    planes into the frames it should, and every frame size stores within 1% of one
+    frame per plane (the frames decode: the probe decompresses them exactly)."""
+    got = run_script(
+        tmp_path,
+        "probe_frame_sizes.py",
+        "--size",
+        "4MiB",
+        "--frame-sizes",
+        "512KiB,64KiB",
+        "--threads",
+        "2",
+        work_dir=False,
+    )
+    rows = {(r["planes"], r["frame_bytes"]): r for r in got["runs"]}
+    assert len(rows) == 4
+    for (_, frame), row in rows.items():
+        assert row["frames"] >= row["raw_bytes"] / frame
+        assert 0.99 < row["stored_vs_first"] < 1.01
+    full = [r for (kind, _), r in rows.items() if kind.startswith("full")]
+    assert full[1]["frames"] > full[0]["frames"]
 
 
 def test_probe_dense_threads_parent_batch_ab_smoke(tmp_path: Path) -> None:
