@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from apollo_cas.cli.common import parse_size  # noqa: E402
-from apollo_cas.codecs import zstd_frames  # noqa: E402
+from apollo_cas.cli.common import parse_size
+from apollo_cas.codecs import zstd_frames
 
 MiB = 1 << 20
 GB = 1e9
@@ -93,7 +93,7 @@ def nvcomp_rate(frames: list[bytes], sizes: list[int], batch: int, repeats: int)
         raw += sizes[n]
         n += 1
     src_off = np.cumsum([0] + [len(f) for f in frames[:n]]).tolist()
-    out_off = np.cumsum([0] + sizes[:n]).tolist()
+    out_off = np.cumsum([0, *sizes[:n]]).tolist()
     dev = torch.device("cuda")
     src = torch.frombuffer(bytearray(b"".join(frames[:n])), dtype=torch.uint8).to(dev)
     out = torch.empty(out_off[-1], dtype=torch.uint8, device=dev)
@@ -104,14 +104,18 @@ def nvcomp_rate(frames: list[bytes], sizes: list[int], batch: int, repeats: int)
         for _ in range(repeats + 1):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record(stream)
-            keep = dec.decode(src, src_off[:-1], [len(f) for f in frames[:n]], out, out_off[:-1], sizes[:n])
+            keep = dec.decode(
+                src, src_off[:-1], [len(f) for f in frames[:n]], out, out_off[:-1], sizes[:n]
+            )
             b.record(stream)
             b.synchronize()
             del keep
             times.append(a.elapsed_time(b) / 1e3)
     times = times[1:]  # the first call pays nvCOMP's set-up
     # Bit-exact against the host's decode of the same frames.
-    want = b"".join(zstd_frames.decompress_exact(f, s) for f, s in zip(frames[:n], sizes[:n], strict=True))
+    want = b"".join(
+        zstd_frames.decompress_exact(f, s) for f, s in zip(frames[:n], sizes[:n], strict=True)
+    )
     ok = bytes(out.cpu().numpy()) == want
     med = statistics.median(times)
     return {
@@ -133,7 +137,6 @@ def main() -> None:
     ap.add_argument("--out", default="frame_sizes.json")
     args = ap.parse_args()
     import torch
-
     from bench_dense_gpu import build_model, dense_step
 
     gpu = torch.cuda.is_available()
@@ -152,7 +155,10 @@ def main() -> None:
     delta = planes_of(model, MiB)
     del before, model
     rows = []
-    for kind, planes, keep in (("full, exponent planes", full, 1), ("dense-step XOR, both planes", delta, None)):
+    for kind, planes, keep in (
+        ("full, exponent planes", full, 1),
+        ("dense-step XOR, both planes", delta, None),
+    ):
         chosen = planes[keep::2] if keep is not None else planes
         base = None
         for fs in args.frame_sizes.split(","):
