@@ -52,7 +52,12 @@ def odd_tensors(name: str, random_tensor, seed: int = 0) -> dict[str, torch.Tens
 
 
 def chunk_files(store: str) -> set[str]:
-    return {p.name for p in (Path(store) / "chunks").rglob("*") if p.is_file()}
+    """Ids (hex) of every chunk stored at ``store``, in either format (chunk files, or
+    chunks in packs as the index lists them); never empty."""
+    with Store.open(store) as st:
+        got = {cid.hex() for cid in st.inventory.ids()}
+    assert got, f"no chunks in {store}"
+    return got
 
 
 def manifest_files(store: str) -> set[str]:
