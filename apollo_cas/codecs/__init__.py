@@ -94,10 +94,6 @@ class CodecPolicy:
     max_delta_depth: int = DEFAULT_MAX_DELTA_DEPTH
     delta_max_ratio: float = DELTA_MAX_RATIO
     sparse: bool = True
-    #: 0: each byte plane is one zstd frame; else planes longer than this are cut
-    #: into frames of this many decoded bytes ("framed planes", docs/CODECS.md), for
-    #: GPU decoders that want many short frames (a multiple of 4 KiB, >= 64 KiB).
-    plane_frame_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.codec not in POLICY_CODECS:
@@ -113,17 +109,6 @@ class CodecPolicy:
             )
         if not 0.0 < self.delta_max_ratio <= 1.0:
             raise UsageError(f"delta ratio {self.delta_max_ratio} out of range", "use (0, 1]")
-        if isinstance(self.plane_frame_bytes, bool) or not isinstance(self.plane_frame_bytes, int):
-            raise UsageError(
-                f"plane_frame_bytes {self.plane_frame_bytes!r} is not a whole number of bytes",
-                "pass an int: 0, or a multiple of 4096 of at least 65536",
-            )
-        try:
-            planes.check_frame_bytes(self.plane_frame_bytes)
-        except ValueError as exc:
-            raise UsageError(
-                str(exc), "set CodecPolicy.plane_frame_bytes to 0 or, e.g., 131072"
-            ) from None
 
 
 @dataclass(frozen=True)
@@ -186,12 +171,11 @@ Pieces = list[bytes | memoryview]
 
 
 def _encode_as(
-    method: int, data: memoryview, policy: CodecPolicy, itemsize: int
+    method: int, data: memoryview, level: int, itemsize: int
 ) -> tuple[int, bytes, Pieces, int]:
     """(codec id, params, payload pieces, params+payload size); RAW if nothing pays."""
-    level = policy.level
     if method == PLANES:
-        params, pieces = planes.encode(data, itemsize, level, policy.plane_frame_bytes)
+        params, pieces = planes.encode(data, itemsize, level)
     elif method == ZSTD:
         params, pieces = b"", [zstd_frames.compress(data, level)]
     else:
@@ -267,7 +251,7 @@ def encode(
                 dcodec, dparams, ipieces = SPARSE, got[0], list[bytes | memoryview](got[1])
                 dsize = len(dparams) + sum(len(p) for p in ipieces)
             else:
-                inner, iparams, ipieces, isize = _encode_as(method, x.data, policy, itemsize)
+                inner, iparams, ipieces, isize = _encode_as(method, x.data, policy.level, itemsize)
                 dcodec = DELTA
                 dparams = delta.pack_params(base.chunk_id, base.depth + 1, inner, iparams)
                 dsize = len(dparams) + isize - len(iparams)
@@ -279,11 +263,11 @@ def encode(
                 # Small enough to take without the full encoding (which would
                 # cost as much again): see DELTA_ACCEPT_FRACTION.
                 return _pack(dcodec, n, dparams, ipieces)
-            codec, params, pieces, size = _encode_as(method, view, policy, itemsize)
+            codec, params, pieces, size = _encode_as(method, view, policy.level, itemsize)
             if dsize < policy.delta_max_ratio * size:
                 return _pack(dcodec, n, dparams, ipieces)
             return _pack(codec, n, params, pieces)
-    codec, params, pieces, size = _encode_as(method, view, policy, itemsize)
+    codec, params, pieces, size = _encode_as(method, view, policy.level, itemsize)
     return _pack(codec, n, params, pieces)
 
 

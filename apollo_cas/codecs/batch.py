@@ -15,7 +15,8 @@ makes (tests compare them), so nothing on disk changes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+
+import numpy as np
 
 from . import (
     PLANES,
@@ -36,26 +37,22 @@ def encode_many(blocks: Sequence[tuple[Buffer, int]], policy: CodecPolicy) -> li
     """``[codecs.encode(raw, policy, itemsize) for raw, itemsize in blocks]``, with
     the zstd frames of every plane-coded block made in one call."""
     out: list[Blob | None] = [None] * len(blocks)
-    fb = policy.plane_frame_bytes
     todo = []
-    inputs: list[Any] = []
+    inputs: list[np.ndarray] = []
     for i, (raw, itemsize) in enumerate(blocks):
         view = _bytes_view(raw)
         if not len(view) or _method(policy, itemsize, len(view)) != PLANES:
             out[i] = encode(view, policy, itemsize)
             continue
         split, tail = plane_codec.split(view, itemsize)
-        cuts = [plane_codec.cut(p, fb) for p in split]
-        todo.append((i, view, split, tail, [len(c) for c in cuts]))
-        inputs.extend(x for c in cuts for x in c)
+        todo.append((i, view, split, tail))
+        inputs.extend(split)
     frames = zstd_frames.compress_planes(inputs, policy.level)
     pos = 0
-    for i, view, split, tail, counts in todo:
-        per_plane = []
-        for n in counts:
-            per_plane.append(frames[pos : pos + n])
-            pos += n
-        params, pieces = plane_codec.assemble(split, tail, per_plane, fb)
+    for i, view, split, tail in todo:
+        w = split.shape[0]
+        params, pieces = plane_codec.assemble(split, tail, frames[pos : pos + w])
+        pos += w
         codec, params, pieces, _ = keep_or_raw(PLANES, params, pieces, view)
         out[i] = _pack(codec, len(view), params, pieces)
     return [b for b in out if b is not None]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..codecs.planes import MIN_FRAME_BYTES
 from ..errors import UsageError
 from .chunkplan import ALIGN, align_up
 from .readers import PAD
@@ -77,7 +76,7 @@ def memory_bound(
     A batch holds at most ``batch_bytes`` of places, and each of them at most
     ``max_depth`` bases. A staging slot holds every plane slot of its chunks (raw size:
     the device decodes frames into them) plus the packed frames (at most raw size
-    again), plus alignment per chunk and per frame. Pinned: two slots. Device: one staging mirror and
+    again), plus alignment per chunk. Pinned: two slots. Device: one staging mirror and
     two buffers of decoded rows (every device step runs on one stream; batch k+1 is
     decoded before batch k's verdict is read and its rows placed). Host arenas (not
     pinned): ``arenas`` (the pipeline's, :data:`DEFAULT_ARENAS` by default) of about twice
@@ -93,10 +92,7 @@ def memory_bound(
     (about 160 MiB), transient and not counted here.
     """
     rows = (max_depth + 1) * (batch_bytes // block_size + 1)
-    # Alignment: 16 pieces per row, plus one more frame per MIN_FRAME_BYTES of raw
-    # bytes where planes are framed (docs/CODECS.md).
-    frames = (max_depth + 1) * batch_bytes // MIN_FRAME_BYTES
-    slot = 2 * (max_depth + 1) * batch_bytes + (rows * 16 + frames) * ALIGN
+    slot = 2 * (max_depth + 1) * batch_bytes + rows * 16 * ALIGN
     arena = 2 * batch_bytes + (2 * batch_bytes // block_size + 2) * 256 + PAD
     row_bytes = 2 * rows * align_up(block_size, 64)  # two buffers of rows
     if direct:

@@ -21,7 +21,7 @@ from ..codecs import DELTA, PLANES, RAW, SPARSE, ZSTD, delta, envelope, planes, 
 from ..codecs.envelope import Blob
 from ..errors import CorruptChunk
 
-__all__ = ["Batch", "ChunkPlan", "Place", "PlaneGroup", "parse_chunk", "places_of", "plane_frames"]
+__all__ = ["Batch", "ChunkPlan", "Place", "PlaneGroup", "parse_chunk", "places_of"]
 
 T = TypeVar("T")
 HINT = "run 'apollo-cas verify --read-data' to see which checkpoints it breaks"
@@ -72,23 +72,10 @@ class ChunkPlan:
     nchanged: int = -1
     #: codec 4: staging offsets the gaps (``4*n`` bytes) and values (``w*n``) decode to
     slots: tuple[int, int] = (0, 0)
-    #: framed planes (docs/CODECS.md): per plane of several frames, each frame's
-    #: (offset in blob, stored length, offset in the plane, decoded length); None when
-    #: every zstd plane is one frame (:func:`plane_frames` covers both)
-    subframes: dict[int, list[tuple[int, int, int, int]]] | None = None
 
     @property
     def is_sparse(self) -> bool:
         return self.nchanged >= 0
-
-
-def plane_frames(c: ChunkPlan, k: int, m: int) -> list[tuple[int, int, int, int]]:
-    """The zstd frames of plane ``k`` (a FRAME plane of ``m`` bytes) of ``c``: (offset
-    in blob, stored length, offset in the plane, decoded length) of each."""
-    if c.subframes is not None and k in c.subframes:
-        return c.subframes[k]
-    off, n = c.pieces[k]
-    return [(off, n, 0, m)]
 
 
 def corrupt(cid: bytes, what: str) -> CorruptChunk:
@@ -148,12 +135,11 @@ def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
         _declares_size(view, cid, start, n, size)
         c.kinds, c.pieces = (FRAME,), [(start, n)]
     else:
-        w = params[0] if len(params) else 0
-        m, tail = divmod(size, w) if w in planes.WIDTHS else (0, 0)
         try:
-            w, layout, frames = planes.parse_params(params, m)
+            w, layout = planes.parse_params(params)
         except ValueError as exc:
             raise corrupt(cid, str(exc)) from exc
+        m, tail = divmod(size, w)
         if m == 0:
             raise corrupt(cid, f"raw size {size} is smaller than one {w}-byte element")
         stored = sum(length for _k, length in layout)
@@ -166,32 +152,13 @@ def parse_chunk(blob: Any, cid: bytes, size: int) -> ChunkPlan | None:
                 if length != m:
                     raise corrupt(cid, f"raw plane {k} is {length} bytes, expected {m}")
                 kinds.append(COPY)
-            elif kind == planes.PLANE_ZSTD:
-                _declares_size(view, cid, pos, length, m)
-                kinds.append(FRAME)
             else:
-                _subframes(c, view, k, pos, frames[k], planes.frame_size_of(params), m)
+                _declares_size(view, cid, pos, length, m)
                 kinds.append(FRAME)
             c.pieces.append((pos, length))
             pos += length
         c.w, c.kinds, c.tail = w, tuple(kinds), (pos, tail)
     return c
-
-
-def _subframes(
-    c: ChunkPlan, view: memoryview, k: int, pos: int, lengths: tuple[int, ...], f: int, m: int
-) -> None:
-    """Plane ``k`` of ``c`` is framed: its frames (at ``pos`` in ``view``, back to back),
-    each checked to declare its share of the plane."""
-    out = []
-    for j, n in enumerate(lengths):
-        size = min(f, m - j * f)
-        _declares_size(view, c.cid, pos, n, size)
-        out.append((pos, n, j * f, size))
-        pos += n
-    if c.subframes is None:
-        c.subframes = {}
-    c.subframes[k] = out
 
 
 def _parse_sparse(c: ChunkPlan, view: memoryview, params: Any, start: int) -> ChunkPlan | None:

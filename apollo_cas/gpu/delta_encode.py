@@ -35,6 +35,11 @@ from ..codecs import delta, envelope, planes, zstd_frames
 from ..codecs.envelope import Blob
 from ..codecs.sparse import byte_planes
 
+# The planes parameter layout of docs/CODECS.md (codec 2): w, flags, then per plane
+# (kind u8, stored length u32).
+_PLANES_HEAD = struct.Struct("<BB")
+_PLANE = struct.Struct("<BI")
+
 
 @functools.lru_cache(maxsize=64)
 def zero_frame(m: int, level: int, plane: bool = True) -> bytes:
@@ -198,7 +203,6 @@ def encode_delta(
     changes: SparsePlanes | tuple[np.ndarray, Any] | None = None,
     changed: int | None = None,
     planes_dropped: bool = False,
-    frame_bytes: int = 0,
 ) -> DeltaBlob:
     """The delta chunk of a block whose XOR against ``base_id`` has these planes.
 
@@ -214,7 +218,6 @@ def encode_delta(
     known) skips the scan of a block with too many changes. ``planes_dropped``: the
     caller left the planes on the device because codec 4 is taken outright; anything
     else is an error (never a codec-3 chunk of planes that were not there).
-    ``frame_bytes``: the policy's ``plane_frame_bytes`` (framed inner planes).
     """
     if raw_size % w:
         raise ValueError(f"raw size {raw_size} is not a multiple of {w}")
@@ -244,17 +247,22 @@ def encode_delta(
     if w == 1:
         p = planes_[0]
         frame = zero_frame(m, level, plane=False) if p is None else zstd_frames.compress(p, level)
-        pieces: list[bytes | memoryview] = [frame]
-        inner, iparams = codecs.ZSTD, b""
+        inner, iparams, pieces = codecs.ZSTD, b"", [frame]
     else:
-        frames = [
-            [zero_frame(n, level) for _a, n in planes.frame_spans(m, frame_bytes)]
-            if p is None
-            else [zstd_frames.compress_plane(x, level) for x in planes.cut(p, frame_bytes)]
-            for p in planes_[:w]
-        ]
-        iparams, pieces = planes.assemble(planes_[:w], b"", frames, frame_bytes, m)
-        inner = codecs.PLANES
+        heads = [_PLANES_HEAD.pack(w, 0)]
+        pieces = []
+        limit = m * (1 - planes.PLANE_MIN_SAVING)
+        for k in range(w):
+            p = planes_[k]
+            frame = zero_frame(m, level) if p is None else zstd_frames.compress_plane(p, level)
+            if len(frame) < limit:
+                heads.append(_PLANE.pack(planes.PLANE_ZSTD, len(frame)))
+                pieces.append(frame)
+            else:
+                assert p is not None  # a zero plane always compresses
+                heads.append(_PLANE.pack(planes.PLANE_RAW, m))
+                pieces.append(bytes(p))
+        inner, iparams = codecs.PLANES, b"".join(heads)
     isize = len(iparams) + sum(len(x) for x in pieces)
     # codecs.encode stores an XOR that does not compress raw; such a codec-3 delta never
     # beats the block's full encoding (at most raw_size) by the 0.8 factor.

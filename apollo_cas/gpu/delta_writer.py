@@ -117,7 +117,6 @@ class DeltaWriter:
             changes,
             changed,
             dropped,
-            self.policy.plane_frame_bytes,
         )
         return self._keep(job, d)
 

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CorruptChunk
 from .blocks import host_block_digests, mismatches_later
-from .chunkplan import COPY, FRAME, HINT, Batch, ChunkPlan, align_up, corrupt, plane_frames
+from .chunkplan import COPY, FRAME, HINT, Batch, ChunkPlan, align_up, corrupt
 from .readers import PAD, BlobReader
 from .segments import Segments, copy_into_many
 from .sparse_steps import scatter_sparse
@@ -159,9 +159,9 @@ class DeviceSteps:
             for (segs, b), c in zip(where, g.chunks, strict=True):
                 for kk, kind in enumerate(g.kinds):
                     if kind == FRAME:
-                        for off, ln, _at, _size in plane_frames(c, kk, g.m):
-                            segs.add(b + off, pos, align_up(ln))
-                            pos += align_up(ln)
+                        off, ln = c.pieces[kk]
+                        segs.add(b + off, pos, align_up(ln))
+                        pos += align_up(ln)
                 if c.tail[1]:
                     segs.add(b + c.tail[0], pos, align_up(c.tail[1]))
                     pos += align_up(c.tail[1])
@@ -267,16 +267,15 @@ class DeviceSteps:
                 for kk, kind in enumerate(g.kinds):
                     if kind != FRAME:
                         continue
-                    slot = g.slot(kk, j)
-                    for off, n, at, size in plane_frames(c, kk, g.m):
-                        try:
-                            raw = zstd_frames.decompress_exact(
-                                memoryview(blobs[c.cid])[off : off + n], size
-                            )
-                        except zstd_frames.FrameError as exc:
-                            raise corrupt(c.cid, str(exc)) from exc
-                        a = slot + at
-                        dev[a : a + size].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+                    off, n = c.pieces[kk]
+                    try:
+                        raw = zstd_frames.decompress_exact(
+                            memoryview(blobs[c.cid])[off : off + n], g.m
+                        )
+                    except zstd_frames.FrameError as exc:
+                        raise corrupt(c.cid, str(exc)) from exc
+                    a = g.slot(kk, j)
+                    dev[a : a + g.m].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
     def _interleave(
         self, batch: Batch, dev: torch.Tensor, r2: torch.Tensor, dests: Sequence[torch.Tensor]

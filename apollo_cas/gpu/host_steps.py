@@ -24,7 +24,6 @@ from .chunkplan import (
     add_range,
     align_up,
     corrupt,
-    plane_frames,
     slices,
 )
 from .staging import Stager
@@ -108,10 +107,9 @@ class HostStaging:
             for j, c in enumerate(g.chunks):
                 for kk, kind in enumerate(g.kinds):
                     if kind == FRAME:
-                        slot = g.slot(kk, j)
-                        for _off, n, at, size in plane_frames(c, kk, g.m):
-                            batch.frames.append((fpos, n, slot + at, size))
-                            fpos = align_up(fpos + n)
+                        n = c.pieces[kk][1]
+                        batch.frames.append((fpos, n, g.slot(kk, j), g.m))
+                        fpos = align_up(fpos + n)
                 if c.tail[1]:
                     batch.tails.append((c.row, fpos, c.tail[1]))
                     fpos = align_up(fpos + c.tail[1])
@@ -140,17 +138,15 @@ class HostStaging:
             for j, c in enumerate(g.chunks):
                 src = memoryview(c.fallback) if c.fallback is not None else c.blob
                 for kk, kind in enumerate(c.kinds):
-                    if kind != FRAME:
-                        off, n = c.pieces[kk]
-                        jobs.append((src[off : off + n], g.slot(kk, j), n, -1, c.cid))
-                        continue
-                    for off, n, at, size in plane_frames(c, kk, g.m):
-                        piece = src[off : off + n]
-                        if self.frames is not None:
-                            fsrc, fn, _out, _m = next(frames)
-                            jobs.append((piece, fsrc, fn, -1, c.cid))
-                        else:
-                            jobs.append((piece, g.slot(kk, j) + at, size, size, c.cid))
+                    off, n = c.pieces[kk]
+                    piece = src[off : off + n]
+                    if kind == FRAME and self.frames is not None:
+                        fsrc, fn, _out, _m = next(frames)
+                        jobs.append((piece, fsrc, fn, -1, c.cid))
+                    elif kind == FRAME:
+                        jobs.append((piece, g.slot(kk, j), g.m, g.m, c.cid))
+                    else:
+                        jobs.append((piece, g.slot(kk, j), n, -1, c.cid))
                 if c.tail[1]:
                     _row, tdst, tn = next(tails)
                     jobs.append((src[c.tail[0] : c.tail[0] + tn], tdst, tn, -1, c.cid))

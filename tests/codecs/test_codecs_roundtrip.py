@@ -113,7 +113,7 @@ def test_planes_beat_zstd_on_bf16_weights() -> None:
     assert len(raw) / len(p) > 1.10 * len(raw) / len(z)
     assert len(raw) / len(p) > 1.4
     # The mantissa plane of bf16 does not compress: stored raw, not as a frame.
-    w, layout, _frames = planes.parse_params(envelope.unpack(p).params)
+    w, layout = planes.parse_params(envelope.unpack(p).params)
     assert w == 2
     assert layout[0] == (planes.PLANE_RAW, len(raw) // 2)
     assert layout[1][0] == planes.PLANE_ZSTD

@@ -166,7 +166,7 @@ def reframe(blob: bytes, stray: bytes = b"", cut: int = 0) -> bytes:
     from apollo_cas.codecs import PLANES, envelope, planes
 
     env = envelope.unpack(blob)
-    w, layout, _frames = planes.parse_params(env.params)
+    w, layout = planes.parse_params(env.params)
     k = next(k for k, (kind, _n) in enumerate(layout) if kind == planes.PLANE_ZSTD)
     start = sum(n for _kind, n in layout[:k])
     n = layout[k][1]
