@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -237,59 +236,6 @@ def packed_frames(frames: list[bytes]) -> tuple[torch.Tensor, list[int]]:
     return torch.from_numpy(host).cuda(), offs
 
 
-def frames_experiment(st: Store, ref: str, n_chunks: int) -> dict[str, Any]:
-    """Exponent planes of real chunks: one 512 KiB frame vs 128 / 64 KiB frames on nvCOMP."""
-    from apollo_cas.codecs import planes, zstd_frames
-    from apollo_cas.gpu.zstd import NvcompFrames, nvcomp_available
-
-    if not nvcomp_available():
-        return {"skipped": "no nvCOMP"}
-    m = st.manifest(st.resolve(ref))
-    ids = [c for e in m.tensors for c in e.chunks if e.nbytes >= m.block_size][:n_chunks]
-    exps = [planes.split(st.chunks.read(c), 2)[0][1] for c in ids]
-    plane = len(exps[0])
-    stream = torch.cuda.Stream()
-    dec = NvcompFrames(torch.device("cuda", 0), stream)
-    out: dict[str, Any] = {"chunks": len(ids), "plane_bytes": plane}
-    for frame in (plane, 128 << 10, 64 << 10):
-        frames = [
-            zstd_frames.compress_plane(p[o : o + frame], 1)
-            for p in exps
-            for o in range(0, plane, frame)
-        ]
-        src, offs = packed_frames(frames)
-        sizes = [min(frame, plane - o) for _ in exps for o in range(0, plane, frame)]
-        outs = torch.empty(len(exps) * plane, dtype=torch.uint8, device="cuda")
-        o_offs = [i * plane + o for i in range(len(exps)) for o in range(0, plane, frame)]
-        times = []
-        for _ in range(6):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.cuda.stream(stream):
-                keep = dec.decode(src, offs, [len(f) for f in frames], outs, o_offs, sizes)
-            stream.synchronize()
-            times.append(time.perf_counter() - t0)
-            del keep
-        ok = all(
-            torch.equal(
-                outs[i * plane : (i + 1) * plane].cpu(), torch.from_numpy(np.asarray(exps[i]))
-            )
-            for i in (0, len(exps) - 1)
-        )
-        stored = sum(len(f) for f in frames)
-        med = statistics.median(times[1:])
-        out[f"frame_{frame >> 10}KiB"] = {
-            "frames": len(frames),
-            "ratio": round(len(exps) * plane / stored, 4),
-            "seconds_median": round(med, 5),
-            "first_call_seconds": round(times[0], 5),
-            "output_gb_per_s": round(len(exps) * plane / med / GB, 1),
-            "exact": ok,
-        }
-        print(f"  frames {frame >> 10:4d} KiB: {out[f'frame_{frame >> 10}KiB']}", flush=True)
-    return out
-
-
 def safetensors_file(model: dict[str, Any], root: Path) -> Path:
     """The same weights written by safetensors (the library) into ``root``."""
     from safetensors.torch import save_file
@@ -456,8 +402,6 @@ def run_store(
             f"{label}: {dt:.3f} s, {rep.blocks_written} blocks, exact {res[label]['bit_exact']}",
             flush=True,
         )
-    if args.frames:
-        res["frames"] = frames_experiment(st, full, args.frames)
     del model
     free(dev)
     st.close()
@@ -471,7 +415,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dir", default="/dev/shm/apollo-bench-restore")
     ap.add_argument("--out", default="benchmarks/results/gpu_restore.json")
     ap.add_argument("--old", action="store_true", help="also time the previous CPU-decoding load")
-    ap.add_argument("--frames", type=int, default=0, help="chunks for the frame-size experiment")
     ap.add_argument("--batch-sweep", action="store_true")
     ap.add_argument("--formats", default="2,1", help="store formats, in order (2: packs)")
     ap.add_argument("--objects", action="store_true", help="also read chunks as new bytes")

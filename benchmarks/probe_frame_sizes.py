@@ -1,7 +1,11 @@
 """Whether smaller zstd frames per byte plane pay (a probe, not a benchmark).
 
 Today each plane of a block is one zstd frame: a 1 MiB bf16 block has one 512 KiB
-exponent frame. NVIDIA recommends 64-128 KiB frames for nvCOMP's batched zstd decode,
+exponent frame. The old ``bench_gpu_restore.py --frames`` timed 1,000 real exponent planes
+on the H200 with the host's clock (each call's descriptors included): 37.4 GB/s of
+output at 512 KiB frames, 35.3 at 128 KiB, 41.3 at 64 KiB (``results/gpu_restore.md``).
+This probe also times the device alone (CUDA events), which is what a writer change
+(framed planes: branch ``framed-planes``) would have to lower. NVIDIA recommends 64-128 KiB frames for nvCOMP's batched zstd decode,
 and nvCOMP's rate grew with the frames per call in our runs (13.1 GB/s of output at
 256 frames, 38.8 at 1,024, 65 at 4,096; docs/GPU_RESTORE.md). Cutting every plane into
 frames of ``F`` decoded bytes gives ``plane / F`` times the frames per call at the
@@ -92,26 +96,32 @@ def nvcomp_rate(frames: list[bytes], sizes: list[int], batch: int, repeats: int)
     while n < len(frames) and raw + sizes[n] <= batch:
         raw += sizes[n]
         n += 1
-    src_off = np.cumsum([0] + [len(f) for f in frames[:n]]).tolist()
-    out_off = np.cumsum([0, *sizes[:n]]).tolist()
+    from bench_gpu_restore import packed_frames
+
+    src, src_off = packed_frames(frames[:n])  # each 16-byte aligned, as nvCOMP wants
+    out_off = np.cumsum([0, *sizes[:n]]).tolist()  # F is a multiple of 16: aligned too
     dev = torch.device("cuda")
-    src = torch.frombuffer(bytearray(b"".join(frames[:n])), dtype=torch.uint8).to(dev)
     out = torch.empty(out_off[-1], dtype=torch.uint8, device=dev)
     stream = torch.cuda.Stream(dev)
     dec = NvcompFrames(dev, stream)
-    times = []
+    lengths = [len(f) for f in frames[:n]]
+    times, walls = [], []
     with torch.cuda.stream(stream):
         for _ in range(repeats + 1):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            stream.synchronize()
+            t0 = time.perf_counter()
             a.record(stream)
-            keep = dec.decode(
-                src, src_off[:-1], [len(f) for f in frames[:n]], out, out_off[:-1], sizes[:n]
-            )
+            keep = dec.decode(src, src_off, lengths, out, out_off[:-1], sizes[:n])
             b.record(stream)
             b.synchronize()
+            walls.append(time.perf_counter() - t0)
             del keep
             times.append(a.elapsed_time(b) / 1e3)
-    times = times[1:]  # the first call pays nvCOMP's set-up
+    # The first call pays nvCOMP's set-up. Device time (CUDA events) is what the
+    # pipeline's device spends; the host's wall time also has the call's descriptors
+    # built, which the pipeline's feeding thread pays.
+    times, walls = times[1:], walls[1:]
     # Bit-exact against the host's decode of the same frames.
     want = b"".join(
         zstd_frames.decompress_exact(f, s) for f, s in zip(frames[:n], sizes[:n], strict=True)
@@ -121,8 +131,9 @@ def nvcomp_rate(frames: list[bytes], sizes: list[int], batch: int, repeats: int)
     return {
         "frames_per_call": n,
         "decoded_bytes": raw,
-        "nvcomp_s_median": round(med, 5),
-        "nvcomp_gb_per_s": round(raw / med / GB, 1),
+        "nvcomp_device_s_median": round(med, 5),
+        "nvcomp_device_gb_per_s": round(raw / med / GB, 1),
+        "host_wall_s_median": round(statistics.median(walls), 5),
         "bit_exact": ok,
     }
 
