@@ -1,7 +1,7 @@
 """A restore worker process: decodes chunks and writes them into output files.
 
 Started by :mod:`apollo_cas.decoding` as ``python -m apollo_cas.decode_worker
-STORE``. Protocol on stdin/stdout, length-prefixed msgpack frames: request
+STORE [mmap|pwrite]`` (how it writes the outputs: ``APOLLO_CAS_WORKER_WRITES``). Protocol on stdin/stdout, length-prefixed msgpack frames: request
 ``[paths, [span, ...]]`` where a span is ``[key, offset, [[out, out_offset,
 chunk_id, offset_in_key, length, size], ...]]`` (:data:`apollo_cas.decoding.Span`);
 reply ``[[out, offset, length], ...]`` or, on an error, ``{"type": error class
@@ -18,7 +18,7 @@ import os
 import sys
 
 from .chunkstore import ChunkStore
-from .decoding import read_span, recv_frame, send_frame
+from .decoding import pwrite_all, read_span, recv_frame, send_frame
 from .errors import ApolloError, StoreNotFound
 
 
@@ -39,10 +39,10 @@ def open_reader(location: str) -> ChunkStore:
     return ChunkStore(backend, codecs.CodecPolicy(), inventory)
 
 
-def serve(location: str) -> None:
+def serve(location: str, writes: str = "mmap") -> None:
     reader = open_reader(location)
     out, inp = sys.stdout.buffer, sys.stdin.buffer
-    maps = OutputMaps()
+    maps: OutputMaps | OutputFiles = OutputFiles() if writes == "pwrite" else OutputMaps()
     while True:
         try:
             paths, batch = recv_frame(inp)
@@ -54,7 +54,7 @@ def serve(location: str) -> None:
             for key, first, items in batch:
                 span = (key, first, [(o, off, bytes(c), at, n, s) for o, off, c, at, n, s in items])
                 for (o, offset, *_), data in zip(span[2], read_span(reader, span), strict=True):
-                    maps.get(paths[o])[offset : offset + len(data)] = data
+                    maps.write(paths[o], offset, data)
                     done.append((o, offset, len(data)))
             reply: object = done
         except ApolloError as exc:
@@ -91,14 +91,39 @@ class OutputMaps:
                 os.close(fd)
         return m
 
+    def write(self, path: str, offset: int, data: bytes | memoryview) -> None:
+        self.get(path)[offset : offset + len(data)] = data
+
     def close(self) -> None:
         for m in self._maps.values():
             m.close()
         self._maps.clear()
 
 
+class OutputFiles:
+    """The outputs written with ``pwrite``, one descriptor per path kept open.
+
+    The other way of :class:`OutputMaps` (``APOLLO_CAS_WORKER_WRITES=pwrite``): no page
+    faults, but writers of one file share its inode's lock (16 processes wrote one
+    tmpfs file at 2.81 GB/s this way and 4.69 mapped, H200 host)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def write(self, path: str, offset: int, data: bytes | memoryview) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_WRONLY)
+        pwrite_all(fd, data, offset)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 if __name__ == "__main__":
     from .allocator import keep_freed_memory
 
     keep_freed_memory()
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "mmap")

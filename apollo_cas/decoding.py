@@ -345,7 +345,8 @@ class Decoder:
         # has threads and perhaps CUDA state; not multiprocessing's spawn, which
         # re-imports the user's __main__). One thread per worker only waits on
         # its pipe, so the GIL is not in the way.
-        workers = [_Worker(self.location) for _ in range(self.workers)]
+        writes = "pwrite" if settings.worker_writes() == "pwrite" else "mmap"
+        workers = [_Worker(self.location, writes) for _ in range(self.workers)]
         try:
             threads = [threading.Thread(target=drive, args=(w,), daemon=True) for w in workers]
             for t in threads:
@@ -363,9 +364,9 @@ class Decoder:
 class _Worker:
     """One decode worker process speaking msgpack over its stdin/stdout."""
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, writes: str = "mmap") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "apollo_cas.decode_worker", location],
+            [sys.executable, "-m", "apollo_cas.decode_worker", location, writes],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )

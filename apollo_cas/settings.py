@@ -26,6 +26,7 @@ PACK_SIZE = "APOLLO_CAS_PACK_SIZE"
 LOCK_TTL = "APOLLO_CAS_LOCK_TTL"
 THREADS = "APOLLO_CAS_THREADS"
 PROCESSES = "APOLLO_CAS_PROCESSES"
+WORKER_WRITES = "APOLLO_CAS_WORKER_WRITES"
 DEBUG = "APOLLO_CAS_DEBUG"
 NO_PROGRESS = "APOLLO_CAS_NO_PROGRESS"
 S3_ENDPOINT = "APOLLO_CAS_S3_ENDPOINT"
@@ -42,6 +43,7 @@ _FLAG_OFF = ("0", "false", "no", "off")
 _FLAG_VALUES = "1/true/yes/on or 0/false/no/off"
 S3_CAS_MODES = ("auto", "conditional", "lock")
 PROCESS_MODES = ("auto", "0", "1")
+WRITE_MODES = ("auto", "mmap", "pwrite")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,12 @@ VARIABLES: tuple[Variable, ...] = (
         "auto, 0 or 1",
         "auto",
         "restore decoding in worker processes: when large, never, always",
+    ),
+    Variable(
+        WORKER_WRITES,
+        "auto, mmap or pwrite",
+        "auto",
+        "how restore worker processes write outputs: a shared mapping (auto, mmap) or pwrite",
     ),
     Variable(DEBUG, _FLAG_VALUES, "off", "a traceback after an error message"),
     Variable(NO_PROGRESS, _FLAG_VALUES, "off", "no progress bars, even on a terminal"),
@@ -200,6 +208,20 @@ def processes() -> str:
         return "auto"
     if value.lower() not in PROCESS_MODES:
         raise _bad(PROCESSES, value, "auto, 0 or 1")
+    return value.lower()
+
+
+def worker_writes() -> str:
+    """``APOLLO_CAS_WORKER_WRITES``: how a restore's worker processes write the outputs,
+    ``mmap`` (through a shared mapping; ``auto`` is this for now) or ``pwrite``. An A/B
+    knob: on the H200 host 16 processes wrote one tmpfs file at 4.69 GB/s mapped and
+    2.81 with pwrite, while on the 2-core CI machine pwrite took half the system CPU
+    per byte (benchmarks/probe_shm_writes.py)."""
+    value = _raw(WORKER_WRITES)
+    if value is None:
+        return "auto"
+    if value.lower() not in WRITE_MODES:
+        raise _bad(WORKER_WRITES, value, "auto, mmap or pwrite")
     return value.lower()
 
 

@@ -4,7 +4,8 @@ Issue 13 asks for restores to safetensors or flat into /dev/shm at 10 GB/s on th
 16-core host; 4.3 GB went at 2.06 GB/s (one file) and 2.46 GB/s (five shards) on
 2026-12-03 (results/h200_2026-12-03g). This probe builds a store of a generated bf16
 model (``--size``) under ``--dir`` and, over ``--rounds`` alternating rounds, restores
-latest with each decoder (worker processes, threads) and worker count of
+latest with each decoder (worker processes writing through mappings or with
+``pwrite``, threads) and worker count of
 ``--workers`` into flat and into safetensors shards of ``--shard-size``. Per restore it
 records the wall time and CPU seconds of the parent and of its worker processes
 (user and system apart: a worker's system time is mostly page faults on the output
@@ -74,10 +75,18 @@ def digest_dir(path: Path) -> str:
     return h.hexdigest()
 
 
+#: ``--decoders`` -> (APOLLO_CAS_PROCESSES, APOLLO_CAS_WORKER_WRITES)
+DECODERS = {
+    "processes": ("1", "mmap"),
+    "processes-pwrite": ("1", "pwrite"),
+    "threads": ("0", "auto"),
+}
+
+
 def one_restore(
-    location: Path, out: Path, fmt: str, processes: bool, workers: int, shard: int | None
+    location: Path, out: Path, fmt: str, decoder: str, workers: int, shard: int | None
 ) -> dict[str, Any]:
-    os.environ["APOLLO_CAS_PROCESSES"] = "1" if processes else "0"
+    os.environ["APOLLO_CAS_PROCESSES"], os.environ["APOLLO_CAS_WORKER_WRITES"] = DECODERS[decoder]
     with Store.open(location, workers=workers) as st:
         u0, s0 = children_cpu()
         c0, t0 = time.process_time(), time.perf_counter()
@@ -88,7 +97,7 @@ def one_restore(
     files = sorted(p for p in out.rglob("*") if p.is_file())
     return {
         "format": fmt,
-        "decoder": "processes" if processes else "threads",
+        "decoder": decoder,
         "workers": workers,
         "files": len(files),
         "bytes": sum(p.stat().st_size for p in files),
@@ -104,7 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="4GiB")
     ap.add_argument("--dir", default="/dev/shm/apollo-cpu-restore")
     ap.add_argument("--workers", default="16", help="worker counts, comma-separated")
-    ap.add_argument("--decoders", default="processes,threads", help="of processes,threads")
+    ap.add_argument(
+        "--decoders",
+        default="processes,threads",
+        help="of " + ",".join(DECODERS) + " (processes-pwrite: APOLLO_CAS_WORKER_WRITES=pwrite)",
+    )
     ap.add_argument("--formats", default="flat,safetensors")
     ap.add_argument("--shard-size", default="1GiB", help="safetensors shards of at most this")
     ap.add_argument("--rounds", type=int, default=2)
@@ -116,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     counts = [int(x) for x in args.workers.split(",") if x]
     decoders = [d for d in args.decoders.split(",") if d]
     for d in decoders:
-        if d not in ("processes", "threads"):
-            ap.error(f"--decoders: {d!r} is neither processes nor threads")
+        if d not in DECODERS:
+            ap.error(f"--decoders: {d!r} is none of " + ", ".join(DECODERS))
     formats = [f for f in args.formats.split(",") if f]
     shard = parse_size(args.shard_size)
     weights = examples.generate(examples.ModelShape.for_bytes(parse_size(args.size)))
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             for decoder in decoders:
                 for n in counts:
                     out = work / "out"
-                    row = one_restore(location, out, fmt, decoder == "processes", n, shard)
+                    row = one_restore(location, out, fmt, decoder, n, shard)
                     got = digest_dir(out)
                     if want.setdefault(fmt, got) != got:
                         raise SystemExit(f"{fmt} restore by {decoder} x{n}: different bytes")

@@ -455,8 +455,9 @@ def test_bench_restore_refuses_bad_shard_options(args: list[str], match: str) ->
 
 
 def test_probe_cpu_restore_smoke(tmp_path: Path) -> None:
-    """benchmarks/probe_cpu_restore.py at a tiny size: both decoders restore both forms,
-    each form's bytes alike across decoders, with the workers' CPU where they are processes."""
+    """benchmarks/probe_cpu_restore.py at a tiny size: every decoder (processes writing
+    mapped or with pwrite, threads) restores both forms, each form's bytes alike across
+    decoders, with the workers' CPU where they are processes."""
     got = run_script(
         tmp_path,
         "probe_cpu_restore.py",
@@ -468,9 +469,13 @@ def test_probe_cpu_restore_smoke(tmp_path: Path) -> None:
         "1",
         "--shard-size",
         "1MiB",
+        "--decoders",
+        "processes,processes-pwrite,threads",
     )
     rows = {(r["format"], r["decoder"]): r for r in got["restores"]}
-    assert set(rows) == {(f, d) for f in ("flat", "safetensors") for d in ("processes", "threads")}
+    decoders = ("processes", "processes-pwrite", "threads")
+    assert set(rows) == {(f, d) for f in ("flat", "safetensors") for d in decoders}
+    assert rows["flat", "processes-pwrite"]["workers_cpu_user_s"] > 0
     assert rows["safetensors", "threads"]["files"] > 2  # shards and their index
     assert rows["flat", "processes"]["workers_cpu_user_s"] > 0
     assert rows["flat", "threads"]["workers_cpu_user_s"] == 0
@@ -482,7 +487,8 @@ def test_probe_shm_writes_smoke(tmp_path: Path) -> None:
     and only the fallocated mode spends time allocating first."""
     got = run_script(tmp_path, "probe_shm_writes.py", "--procs", "2", "--per-proc", str(2 << 20))
     runs = {row["mode"]: row for row in got["runs"]}
-    assert "one-file-fallocated-mmap" in runs and len(runs) == 5
+    assert "one-file-fallocated-mmap" in runs and "own-file-pwrite" in runs and len(runs) == 7
+    assert all(row["writers_sys_s"] + row["writers_user_s"] > 0 for row in runs.values())
     assert all(row["bytes"] == 4 << 20 for row in runs.values())
     assert runs["one-file-fallocated-mmap"]["fallocate_s"] > 0
     assert runs["one-file-mmap"]["fallocate_s"] == 0

@@ -15,7 +15,7 @@ from hypothesis import strategies as hst
 
 from apollo_cas import Store, decoding
 from apollo_cas.decoding import Decoder, Output, interleave_outputs, pwrite_all
-from apollo_cas.errors import CorruptChunk
+from apollo_cas.errors import CorruptChunk, UsageError
 from apollo_cas.inventory import Location
 from apollo_cas.manifest import TensorEntry
 from apollo_cas.targets.assemble import Placement, write_chunks
@@ -31,15 +31,17 @@ def _store(tmp_path: Path, fmt: int = 1) -> Store:
     return st
 
 
+@pytest.mark.parametrize("writes", ["auto", "pwrite"])
 @pytest.mark.parametrize("store_format", [1, 2])
 @pytest.mark.parametrize("fmt", ["flat", "safetensors"])
 def test_processes_restore_the_same_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, store_format: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, store_format: int, writes: str
 ) -> None:
     st = _store(tmp_path, store_format)
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "0")
     a = st.restore("latest", tmp_path / "threads", format=fmt)
     monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
+    monkeypatch.setenv("APOLLO_CAS_WORKER_WRITES", writes)
     assert st.decoder(1).processes
     b = st.restore("latest", tmp_path / "procs", format=fmt)
     assert [Path(p).name for p in a] == [Path(p).name for p in b]
@@ -55,6 +57,33 @@ def test_worker_errors_reach_the_caller(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(CorruptChunk, match=cid):
         st.restore("latest", tmp_path / "out", format="flat")
     assert not (tmp_path / "out" / "weights.bin").exists()
+
+
+def test_a_bad_worker_writes_value_is_refused_before_any_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = _store(tmp_path)
+    monkeypatch.setenv("APOLLO_CAS_PROCESSES", "1")
+    monkeypatch.setenv("APOLLO_CAS_WORKER_WRITES", "fast")
+    with pytest.raises(UsageError, match="APOLLO_CAS_WORKER_WRITES"):
+        st.restore("latest", tmp_path / "out", format="flat")
+    assert not (tmp_path / "out" / "weights.bin").exists()
+
+
+@pytest.mark.parametrize("kind", ["maps", "files"])
+def test_worker_outputs_write_at_their_offsets(tmp_path: Path, kind: str) -> None:
+    from apollo_cas.decode_worker import OutputFiles, OutputMaps
+
+    paths = [tmp_path / "a", tmp_path / "b"]
+    for p in paths:
+        p.write_bytes(bytes(64))
+    out = OutputMaps() if kind == "maps" else OutputFiles()
+    out.write(str(paths[0]), 8, b"x" * 8)
+    out.write(str(paths[1]), 60, memoryview(b"yyyy"))
+    out.write(str(paths[0]), 0, b"z")
+    out.close()
+    assert paths[0].read_bytes() == b"z" + bytes(7) + b"x" * 8 + bytes(48)
+    assert paths[1].read_bytes() == bytes(60) + b"yyyy"
 
 
 def test_memory_stores_stay_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,7 +177,7 @@ class FakeWorker:
 
     reader: PackReader
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, writes: str = "mmap") -> None:
         pass
 
     def call(self, paths: list[str], batch: list[decoding.Span]) -> list[tuple[int, int, int]]:

@@ -33,6 +33,7 @@ BAD = [
     (settings.THREADS, settings.threads, "2.5", "integer above 0"),
     (settings.PROCESSES, settings.processes, "2", "auto, 0 or 1"),
     (settings.PROCESSES, settings.processes, "yes", "auto, 0 or 1"),
+    (settings.WORKER_WRITES, settings.worker_writes, "write", "auto, mmap or pwrite"),
     (settings.DEBUG, settings.debug, "maybe", "true"),
     (settings.NO_PROGRESS, settings.no_progress, "sometimes", "true"),
     (settings.S3_ENDPOINT, settings.s3_endpoint, "10.0.0.5:8333", "scheme"),
@@ -84,6 +85,7 @@ def test_good_values_are_read_typed(monkeypatch: pytest.MonkeyPatch) -> None:
         settings.LOCK_TTL: " 4.5 ",
         settings.THREADS: "3",
         settings.PROCESSES: "0",
+        settings.WORKER_WRITES: "PWrite",
         settings.DEBUG: "1",
         settings.NO_PROGRESS: "off",
         settings.S3_ENDPOINT: "http://127.0.0.1:8333/",
@@ -99,6 +101,7 @@ def test_good_values_are_read_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.threads() == 3
     assert default_workers() == 3
     assert settings.processes() == "0"
+    assert settings.worker_writes() == "pwrite"
     assert settings.debug() is True
     assert settings.no_progress() is False
     assert settings.s3_endpoint() == "http://127.0.0.1:8333"
