@@ -5,7 +5,7 @@ exponent frame. The old ``bench_gpu_restore.py --frames`` timed 1,000 real expon
 on the H200 with the host's clock (each call's descriptors included): 37.4 GB/s of
 output at 512 KiB frames, 35.3 at 128 KiB, 41.3 at 64 KiB (``results/gpu_restore.md``).
 This probe also times the device alone (CUDA events), which is what a writer change
-(framed planes: branch ``framed-planes``) would have to lower. NVIDIA recommends 64-128 KiB frames for nvCOMP's batched zstd decode,
+(framed planes: commits a27e914 and 5b1178d, taken out by 248766f) would have to lower. NVIDIA recommends 64-128 KiB frames for nvCOMP's batched zstd decode,
 and nvCOMP's rate grew with the frames per call in our runs (13.1 GB/s of output at
 256 frames, 38.8 at 1,024, 65 at 4,096; docs/GPU_RESTORE.md). Cutting every plane into
 frames of ``F`` decoded bytes gives ``plane / F`` times the frames per call at the
