@@ -195,6 +195,16 @@ def lock_ttl() -> float | None:
     return ttl
 
 
+def _choice(name: str, modes: tuple[str, ...]) -> str | None:
+    """The variable's value, one of ``modes`` (any case), or None when unset."""
+    value = _raw(name)
+    if value is None:
+        return None
+    if value.lower() not in modes:
+        raise _bad(name, value, ", ".join(modes[:-1]) + " or " + modes[-1])
+    return value.lower()
+
+
 def threads() -> int | None:
     """``APOLLO_CAS_THREADS``: the threads of every pool, None for all cores."""
     return _positive_int(THREADS)
@@ -203,12 +213,7 @@ def threads() -> int | None:
 def processes() -> str:
     """``APOLLO_CAS_PROCESSES``: ``auto`` (worker processes for large restores),
     ``0`` (threads only) or ``1`` (processes whenever the backend allows)."""
-    value = _raw(PROCESSES)
-    if value is None:
-        return "auto"
-    if value.lower() not in PROCESS_MODES:
-        raise _bad(PROCESSES, value, "auto, 0 or 1")
-    return value.lower()
+    return _choice(PROCESSES, PROCESS_MODES) or "auto"
 
 
 def worker_writes() -> str:
@@ -217,12 +222,7 @@ def worker_writes() -> str:
     knob: on the H200 host 16 processes wrote one tmpfs file at 4.69 GB/s mapped and
     2.81 with pwrite, while on the 2-core CI machine pwrite took half the system CPU
     per byte (benchmarks/probe_shm_writes.py)."""
-    value = _raw(WORKER_WRITES)
-    if value is None:
-        return "auto"
-    if value.lower() not in WRITE_MODES:
-        raise _bad(WORKER_WRITES, value, "auto, mmap or pwrite")
-    return value.lower()
+    return _choice(WORKER_WRITES, WRITE_MODES) or "auto"
 
 
 def debug() -> bool:
@@ -252,12 +252,7 @@ def s3_endpoint() -> str | None:
 
 def s3_cas() -> str | None:
     """``APOLLO_CAS_S3_CAS``: ``auto``, ``conditional`` or ``lock``; None when unset."""
-    value = _raw(S3_CAS)
-    if value is None:
-        return None
-    if value.lower() not in S3_CAS_MODES:
-        raise _bad(S3_CAS, value, "auto, conditional or lock")
-    return value.lower()
+    return _choice(S3_CAS, S3_CAS_MODES)
 
 
 def s3_connect_timeout() -> float | None:
