@@ -1,8 +1,9 @@
 """A restore worker process: decodes chunks and writes them into output files.
 
 Started by :mod:`apollo_cas.decoding` as ``python -m apollo_cas.decode_worker
-STORE [mmap|pwrite]`` (how it writes the outputs: ``APOLLO_CAS_WORKER_WRITES``). Protocol on stdin/stdout, length-prefixed msgpack frames: request
-``[paths, [span, ...]]`` where a span is ``[key, offset, [[out, out_offset,
+STORE [mmap|pwrite]`` (how it writes the outputs: ``APOLLO_CAS_WORKER_WRITES``).
+Protocol on stdin/stdout, length-prefixed msgpack frames: request ``[paths, [span,
+...]]`` where a span is ``[key, offset, [[out, out_offset,
 chunk_id, offset_in_key, length, size], ...]]`` (:data:`apollo_cas.decoding.Span`);
 reply ``[[out, offset, length], ...]`` or, on an error, ``{"type": error class
 name, "message": ..., "hint": ...}``. Exits at EOF.
