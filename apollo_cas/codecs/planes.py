@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,24 +73,31 @@ def encode(raw: bytes | memoryview, w: int, level: int) -> tuple[bytes, list[byt
 
 
 def assemble(
-    planes: np.ndarray, tail: memoryview, frames: Sequence[bytes | memoryview]
+    planes: np.ndarray | Sequence[Any],
+    tail: memoryview | bytes,
+    frames: Sequence[bytes | memoryview],
+    m: int | None = None,
 ) -> tuple[bytes, list[bytes | memoryview]]:
     """(parameters, payload pieces) of a block from its planes (:func:`split`) and
     each plane's zstd frame: a frame is kept where it saves enough, else the plane
-    is stored raw. :func:`encode` and the batched encoder share it."""
-    w, m = planes.shape
+    is stored raw. :func:`encode`, the batched encoder and the GPU delta encoder
+    share it; the last passes ``m`` (the plane length) and None for a plane it knows
+    is all zero (whose frame always saves enough)."""
+    w = len(planes)
+    if m is None:
+        m = len(memoryview(planes[0]).cast("B"))
     params = [_HEAD.pack(w, 0)]
     pieces: list[bytes | memoryview] = []
     limit = m * (1 - PLANE_MIN_SAVING)
-    for k in range(w):
-        plane = planes[k]
-        frame = frames[k]
+    for plane, frame in zip(planes, frames, strict=True):
         if len(frame) < limit:
             params.append(_PLANE.pack(PLANE_ZSTD, len(frame)))
             pieces.append(frame)
+        elif plane is None:
+            raise ValueError("an all-zero plane whose frame does not compress")
         else:
             params.append(_PLANE.pack(PLANE_RAW, m))
-            pieces.append(plane.data)
+            pieces.append(memoryview(plane).cast("B"))
     if len(tail):
         pieces.append(tail)
     return b"".join(params), pieces

@@ -35,11 +35,6 @@ from ..codecs import delta, envelope, planes, zstd_frames
 from ..codecs.envelope import Blob
 from ..codecs.sparse import byte_planes
 
-# The planes parameter layout of docs/CODECS.md (codec 2): w, flags, then per plane
-# (kind u8, stored length u32).
-_PLANES_HEAD = struct.Struct("<BB")
-_PLANE = struct.Struct("<BI")
-
 
 @functools.lru_cache(maxsize=64)
 def zero_frame(m: int, level: int, plane: bool = True) -> bytes:
@@ -247,22 +242,15 @@ def encode_delta(
     if w == 1:
         p = planes_[0]
         frame = zero_frame(m, level, plane=False) if p is None else zstd_frames.compress(p, level)
-        inner, iparams, pieces = codecs.ZSTD, b"", [frame]
+        pieces: list[bytes | memoryview] = [frame]
+        inner, iparams = codecs.ZSTD, b""
     else:
-        heads = [_PLANES_HEAD.pack(w, 0)]
-        pieces = []
-        limit = m * (1 - planes.PLANE_MIN_SAVING)
-        for k in range(w):
-            p = planes_[k]
-            frame = zero_frame(m, level) if p is None else zstd_frames.compress_plane(p, level)
-            if len(frame) < limit:
-                heads.append(_PLANE.pack(planes.PLANE_ZSTD, len(frame)))
-                pieces.append(frame)
-            else:
-                assert p is not None  # a zero plane always compresses
-                heads.append(_PLANE.pack(planes.PLANE_RAW, m))
-                pieces.append(bytes(p))
-        inner, iparams = codecs.PLANES, b"".join(heads)
+        frames = [
+            zero_frame(m, level) if p is None else zstd_frames.compress_plane(p, level)
+            for p in planes_[:w]
+        ]
+        iparams, pieces = planes.assemble(planes_[:w], b"", frames, m)
+        inner = codecs.PLANES
     isize = len(iparams) + sum(len(x) for x in pieces)
     # codecs.encode stores an XOR that does not compress raw; such a codec-3 delta never
     # beats the block's full encoding (at most raw_size) by the 0.8 factor.
