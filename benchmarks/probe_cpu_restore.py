@@ -21,7 +21,6 @@ restore of each output form gives the bytes that every later one must match.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -31,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tools import digest_file
 
 from apollo_cas import examples
 from apollo_cas.cli.common import parse_size
@@ -64,15 +65,11 @@ def start_up(location: Path, n: int) -> dict[str, float]:
     }
 
 
-def digest_dir(path: Path) -> str:
-    """One digest of every file's bytes under ``path``, in name order."""
-    h = hashlib.blake2b(digest_size=16)
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            while piece := fh.read(64 << 20):
-                h.update(piece)
-    return h.hexdigest()
+def digest_dir(path: Path) -> dict[str, str]:
+    """Every file under ``path`` (its path relative to it) -> a digest of its bytes."""
+    return {
+        str(f.relative_to(path)): digest_file(f) for f in sorted(path.rglob("*")) if f.is_file()
+    }
 
 
 #: ``--decoders`` -> (APOLLO_CAS_PROCESSES, APOLLO_CAS_WORKER_WRITES)
@@ -150,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     def dump() -> None:  # after every restore: a run cut short keeps what it measured
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 
-    want: dict[str, str] = {}
+    want: dict[str, dict[str, str]] = {}
     for n in counts:
         res["start_up"].append(row := start_up(location, n))
         print(f"{n} workers start and exit: {row}", flush=True)

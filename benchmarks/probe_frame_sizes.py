@@ -1,15 +1,17 @@
 """Whether smaller zstd frames per byte plane pay (a probe, not a benchmark).
 
 Today each plane of a block is one zstd frame: a 1 MiB bf16 block has one 512 KiB
-exponent frame. The old ``bench_gpu_restore.py --frames`` timed 1,000 real exponent planes
-on the H200 with the host's clock (each call's descriptors included): 37.4 GB/s of
-output at 512 KiB frames, 35.3 at 128 KiB, 41.3 at 64 KiB (``results/gpu_restore.md``).
-This probe also times the device alone (CUDA events), which is what a writer change
-(framed planes: commits a27e914 and 5b1178d, taken out by 248766f) would have to lower. NVIDIA recommends 64-128 KiB frames for nvCOMP's batched zstd decode,
+exponent frame. NVIDIA recommends 64-128 KiB frames for nvCOMP's batched zstd decode,
 and nvCOMP's rate grew with the frames per call in our runs (13.1 GB/s of output at
 256 frames, 38.8 at 1,024, 65 at 4,096; docs/GPU_RESTORE.md). Cutting every plane into
 frames of ``F`` decoded bytes gives ``plane / F`` times the frames per call at the
 cost of one frame header and one entropy table each.
+
+The old ``bench_gpu_restore.py --frames`` timed 1,000 real exponent planes on the H200
+with the host's clock (each call's descriptors included): 37.4 GB/s of output at
+512 KiB frames, 35.3 at 128 KiB, 41.3 at 64 KiB (``results/gpu_restore.md``). This
+probe also times the device alone (CUDA events), which is what a writer change (framed
+planes: commits a27e914 and 5b1178d, taken out by 248766f) would have to lower.
 
 For each ``--frame-sizes`` F, over ``--size`` bytes of bf16 weights (the benchmarks'
 recipe, ``bench_dense_gpu.build_model``) in 1 MiB blocks, and over the XOR of those
@@ -20,8 +22,8 @@ reports
   as a fraction of the same planes in one frame each;
 * host compress and decompress rates (python-zstandard, ``--threads`` threads);
 * with a CUDA device and nvCOMP: the decode, in one call, of the frames of ``--batch``
-  bytes of blocks (``Store.load``'s 1 GiB batch: 512 MiB of exponent planes), median of ``--repeats``, in GB/s
-  of decoded output, timed with CUDA events.
+  bytes of blocks (``Store.load``'s 1 GiB batch: 512 MiB of exponent planes), median
+  of ``--repeats``, in GB/s of decoded output, timed with CUDA events.
 
     python benchmarks/probe_frame_sizes.py --size 1GiB --frame-sizes 512KiB,128KiB,64KiB
 """
@@ -42,28 +44,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from apollo_cas.cli.common import parse_size
-from apollo_cas.codecs import zstd_frames
+from apollo_cas.codecs import planes, zstd_frames
 
 MiB = 1 << 20
 GB = 1e9
 
 
 def planes_of(model: dict[str, Any], block: int) -> list[np.ndarray]:
-    """Every block's byte planes (2 per bf16 block), as the planes codec cuts them."""
+    """Every block's byte planes (2 per bf16 block), cut by the planes codec itself."""
     import torch
 
     out = []
     for t in model.values():
         raw = t.contiguous().view(-1).view(torch.uint8).cpu().numpy()
         for at in range(0, raw.size - raw.size % 2, block):
-            piece = raw[at : at + block]
-            piece = piece[: piece.size - piece.size % 2].reshape(-1, 2)
-            out.extend(np.ascontiguousarray(piece[:, k]) for k in (0, 1))
+            out.extend(planes.split(raw[at : at + block].data, 2)[0])
     return out
 
 
-def cut(planes: list[np.ndarray], frame: int) -> list[memoryview]:
-    return [p[a : a + frame].data for p in planes for a in range(0, p.size, frame)]
+def cut(plane_list: list[np.ndarray], frame: int) -> list[memoryview]:
+    return [p[a : a + frame].data for p in plane_list for a in range(0, p.size, frame)]
 
 
 def compress_all(pieces: list[memoryview], threads: int) -> tuple[list[bytes], float]:
@@ -142,7 +142,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--frame-sizes", default="512KiB,256KiB,128KiB,64KiB")
-    ap.add_argument("--batch", default="1GiB", help="raw bytes per nvCOMP call")
+    ap.add_argument(
+        "--batch", default="1GiB", help="bytes of blocks whose frames go to one nvCOMP call"
+    )
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="frame_sizes.json")
@@ -150,13 +152,10 @@ def main() -> None:
     import torch
     from bench_dense_gpu import build_model, dense_step
 
-    gpu = torch.cuda.is_available()
-    try:
-        from apollo_cas.gpu.zstd import nvcomp_available
+    from apollo_cas.gpu.zstd import nvcomp_available
 
-        nvcomp = nvcomp_available()
-    except Exception:
-        nvcomp = False
+    gpu = torch.cuda.is_available()
+    nvcomp = nvcomp_available()  # False without the extra or a GPU
     model = build_model(parse_size(args.size), "cpu")
     full = planes_of(model, MiB)
     before = {k: v.clone() for k, v in model.items()}
@@ -166,11 +165,11 @@ def main() -> None:
     delta = planes_of(model, MiB)
     del before, model
     rows = []
-    for kind, planes, keep in (
+    for kind, plane_list, keep in (
         ("full, exponent planes", full, 1),
         ("dense-step XOR, both planes", delta, None),
     ):
-        chosen = planes[keep::2] if keep is not None else planes
+        chosen = plane_list[keep::2] if keep is not None else plane_list
         base = None
         for fs in args.frame_sizes.split(","):
             frame = parse_size(fs)
