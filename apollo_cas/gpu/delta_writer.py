@@ -38,9 +38,9 @@ def collect(futs: list[Future[Any]]) -> None:
 class DeltaWriter:
     """Encodes and stores the pieces of one saver run.
 
-    ``pool`` runs the encoders (``workers`` threads); ``store_thread`` stores a piece's chunks in order where
-    ``chunks`` writes in order (pack files, store format 2), else the encoders store
-    them as they finish. Deltas queued for a comparison with their full encoding are
+    ``pool`` runs the encoders (``workers`` threads); ``store_thread`` stores a piece's
+    chunks in order where ``chunks`` writes in order (pack files, store format 2), else
+    the encoders store them as they finish. Deltas queued for a comparison with their full encoding are
     compared once ``compare_every`` of them wait, and at :meth:`finish`.
     """
 
